@@ -1,0 +1,25 @@
+# The two commands a new user runs on a fresh machine (see README.md).
+#   make demo   set up .venv and run the main job
+#   make test   set up .venv and run the test suite (offline, CPU)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench-divergence clean
+
+# Re-install whenever pyproject.toml changes, so the environment follows the project's own files.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) benchmarks/divergence.py --json divergence_bench.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,153 @@
+"""Cross-likelihood L[i, j] (model i on task j's probe examples) and the PMI affinity.
+
+    acc = CrossLikelihood(num_models=T)
+    state = acc.init()
+    for scores, task_ids in batches:   # [T, B] per-example target log-likelihood sums, [B]
+        state = acc.update(state, scores, task_ids)
+    L = acc.result(state)              # [T, T] mean over task j's examples of log p_i(y | x)
+    S = pmi_affinity(L)                # DESIGN.md 4
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from taskpgm_jax.divergence._kernel import kahan_add
+from taskpgm_jax.divergence._validate import check_positive_int, is_traced
+
+
+class CrossLikState(NamedTuple):
+    """Running sums of the cross-likelihood accumulator (Kahan-compensated).
+
+    sums:   [M, T] float32, sum over task j's seen examples of model i's score.
+    carry:  [M, T] float32, Kahan compensation of `sums`.
+    counts: [T] float32, examples seen per task.
+    """
+
+    sums: jax.Array
+    carry: jax.Array
+    counts: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames="num_tasks")
+def _update_impl(state: CrossLikState, scores, task_ids, *, num_tasks: int) -> CrossLikState:
+    # One-hot over tasks (padding id -1 matches no task): [M, B] @ [B, T] sums per task.
+    onehot = (task_ids[:, None] == jnp.arange(num_tasks)[None, :]).astype(jnp.float32)
+    batch_sums = jnp.dot(scores, onehot, precision=jax.lax.Precision.HIGHEST)
+    sums, carry = kahan_add(state.sums, state.carry, batch_sums)
+    return CrossLikState(sums, carry, state.counts + onehot.sum(axis=0))
+
+
+class CrossLikelihood:
+    """Accumulates L[i, j] = mean over task j's probe examples (x, y) of model i's score of y.
+
+    The score of one example is sum_t log p_i(y_t | x, y_<t) over its target tokens (DESIGN.md 4)
+    or, with `per_token=True`, that sum divided by the number of target tokens.
+
+    Args:
+      num_models: M, the models scored (rows of L).
+      num_tasks: T, the tasks whose examples are scored (columns); default M (model i was trained
+        on task i, which `pmi_affinity` requires).
+      per_token: normalise each example's score by its number of target tokens.
+    """
+
+    def __init__(self, num_models: int, num_tasks: int | None = None, *,
+                 per_token: bool = False):
+        self.num_models = check_positive_int(num_models, "num_models")
+        self.num_tasks = check_positive_int(num_tasks if num_tasks is not None else num_models,
+                                            "num_tasks")
+        self.per_token = bool(per_token)
+
+    def init(self) -> CrossLikState:
+        zeros = jnp.zeros((self.num_models, self.num_tasks), jnp.float32)
+        return CrossLikState(zeros, zeros, jnp.zeros((self.num_tasks,), jnp.float32))
+
+    def update(self, state: CrossLikState, scores, task_ids, num_tokens=None) -> CrossLikState:
+        """Add one batch of B examples.
+
+        Args:
+          state: from `init` or a previous `update`.
+          scores: [M, B] each model's summed target log-likelihood of each example (<= 0).
+          task_ids: [B] integer task of each example; -1 marks padding (ignored).
+          num_tokens: [B] target-token counts; required with `per_token=True`.
+        """
+        scores = jnp.asarray(scores)
+        task_ids = jnp.asarray(task_ids)
+        if scores.ndim != 2 or scores.shape[0] != self.num_models:
+            raise ValueError(f"scores: expected shape ({self.num_models}, B), got "
+                             f"{tuple(scores.shape)}.")
+        if not jnp.issubdtype(scores.dtype, jnp.floating):
+            raise ValueError(f"scores: expected floating log-likelihoods, got {scores.dtype}.")
+        batch = scores.shape[1]
+        if task_ids.shape != (batch,) or not jnp.issubdtype(task_ids.dtype, jnp.integer):
+            raise ValueError(f"task_ids: expected integer shape ({batch},), got "
+                             f"{tuple(task_ids.shape)} {task_ids.dtype}.")
+        if self.per_token:
+            if num_tokens is None:
+                raise ValueError("num_tokens: required when per_token=True.")
+            num_tokens = jnp.asarray(num_tokens)
+            if num_tokens.shape != (batch,):
+                raise ValueError(f"num_tokens: expected shape ({batch},), got "
+                                 f"{tuple(num_tokens.shape)}.")
+        if not is_traced(scores) and not is_traced(task_ids):
+            ids = np.asarray(task_ids)
+            if np.any(ids < -1) or np.any(ids >= self.num_tasks):
+                raise ValueError(f"task_ids: ids must lie in [0, {self.num_tasks}) or be -1 for "
+                                 f"padding; got range [{ids.min()}, {ids.max()}].")
+            vals = np.asarray(scores, np.float64)[:, ids >= 0]
+            if not np.all(np.isfinite(vals)):
+                raise ValueError("scores: contains NaN or inf for a non-padding example.")
+            if np.any(vals > 1e-3 * max(1.0, np.abs(vals).max(initial=0.0))):
+                raise ValueError("scores: log-likelihoods must be <= 0; got positive values "
+                                 "(did you pass losses? negate them).")
+            if self.per_token and np.any(np.asarray(num_tokens)[ids >= 0] <= 0):
+                raise ValueError("num_tokens: every non-padding example needs >= 1 target token.")
+        scores = scores.astype(jnp.float32)
+        # Padding columns may hold anything (even NaN): zero them before the one-hot product.
+        scores = jnp.where(task_ids[None, :] >= 0, scores, 0.0)
+        if self.per_token:
+            scores = scores / jnp.maximum(num_tokens.astype(jnp.float32), 1.0)[None, :]
+        return _update_impl(state, scores, task_ids, num_tasks=self.num_tasks)
+
+    def result(self, state: CrossLikState):
+        """[M, T] float32 matrix L. Raises when a task has no examples (outside a jit)."""
+        if not is_traced(state.counts):
+            missing = np.flatnonzero(np.asarray(state.counts) == 0)
+            if missing.size:
+                raise ValueError(f"state: tasks {missing.tolist()} have no scored examples; "
+                                 "L[:, j] is undefined for them.")
+        return state.sums / jnp.maximum(state.counts, 1.0)[None, :]
+
+
+def pmi_affinity(cross_likelihood):
+    """The authors' PMI task affinity from a square cross-likelihood matrix (DESIGN.md 4):
+
+        S[i, j] = 1/2 [(L[i, j] - L[j, j]) + (L[j, i] - L[i, i])],   S[i, i] = 0.
+
+    Symmetric and usually indefinite. The result keeps the input's float dtype (float64 under
+    `jax.experimental.enable_x64`).
+
+    Args:
+      cross_likelihood: [T, T] L, with model i trained on task i.
+
+    Returns:
+      [T, T] symmetric matrix with zero diagonal.
+    """
+    L = cross_likelihood
+    if not hasattr(L, "shape"):
+        L = np.asarray(L)
+    if L.ndim != 2 or L.shape[0] != L.shape[1]:
+        raise ValueError(f"cross_likelihood: expected a square [T, T] matrix (model i trained on "
+                         f"task i), got shape {tuple(L.shape)}.")
+    if not jnp.issubdtype(L.dtype, jnp.floating):
+        L = L.astype(np.float32)
+    if not is_traced(L) and not np.all(np.isfinite(np.asarray(L))):
+        raise ValueError("cross_likelihood: contains NaN or inf.")
+    L = jnp.asarray(L)
+    gain = L - jnp.diagonal(L)[None, :]  # L[i, j] - L[j, j]
+    return 0.5 * (gain + gain.T)

@@ -1,0 +1,225 @@
+"""All-pairs JSD accumulated over evaluation batches, so a probe loop never stores all logits.
+
+    acc = StreamingJSD(num_models=T)
+    state = acc.init()
+    for logprobs, weights in batches:          # [T, B, V], [B]
+        state = acc.update(state, logprobs, weights)
+    D = acc.result(state)                      # [T, T] weighted mean JSD, zero diagonal
+
+`update` validates at the Python boundary, then runs one jitted kernel (the blocked pair kernel of
+`_kernel.py`, vectorised over task pairs and the batch). Batches of the same shape reuse one
+compiled program. With a `mesh`, the pair blocks are spread over all of its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from taskpgm_jax.divergence import _kernel
+from taskpgm_jax.divergence._validate import (check_distribution, check_positive_int,
+                                              check_weights, is_traced)
+
+DEFAULT_PAIR_BLOCK = 1024
+DEFAULT_POSITION_BLOCK = 1
+DEFAULT_VOCAB_CHUNK = 2048
+
+
+class JSDState(NamedTuple):
+    """Running sums of the streaming JSD accumulator (Kahan-compensated, so thousands of batches
+    lose no float32 digits).
+
+    pair_sums:    [K] float32, sum over seen positions of w_n * JSD_n, one entry per padded pair.
+    pair_carry:   [K] float32, Kahan compensation of `pair_sums`.
+    weight:       []  float32, sum of seen position weights.
+    weight_carry: []  float32, Kahan compensation of `weight`.
+    """
+
+    pair_sums: jax.Array
+    pair_carry: jax.Array
+    weight: jax.Array
+    weight_carry: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelConfig:
+    """Everything static about one accumulator: hashable, so it is a static jit argument."""
+
+    num_models: int
+    pair_block: int
+    position_block: int
+    vocab_chunk: int
+    from_logits: bool
+    mesh: Mesh | None
+
+    @functools.cached_property
+    def layout(self):
+        """(pair_i, pair_j, num_pairs, pair_block): the upper triangle padded so that every
+        device gets the same whole number of pair blocks."""
+        devices = 1 if self.mesh is None else self.mesh.size
+        num_pairs = self.num_models * (self.num_models - 1) // 2
+        per_device = max(1, -(-num_pairs // devices))
+        block = min(self.pair_block, per_device)
+        per_device = -(-per_device // block) * block
+        i, j, _ = _kernel.upper_triangle_pairs(self.num_models, per_device * devices)
+        return i, j, num_pairs, block
+
+
+def _pair_sums(logprobs, weights, config: _KernelConfig):
+    pair_i, pair_j, _, block = config.layout
+    offset = None
+    if config.from_logits:
+        offset = jax.nn.logsumexp(logprobs.astype(jnp.float32), axis=-1)
+    kernel = functools.partial(_kernel.pair_weighted_sums, position_block=config.position_block,
+                               vocab_chunk=config.vocab_chunk, pair_block=block)
+    if config.mesh is None:
+        return kernel(logprobs, weights, pair_i, pair_j, offset)
+    # Every device sees all models (replicated) and evaluates its own slice of the pair list.
+    axes = tuple(config.mesh.axis_names)
+    sharded = jax.shard_map(
+        lambda lp, w, i, j, off: kernel(lp, w, i, j, off), mesh=config.mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(axes), PartitionSpec(axes),
+                  PartitionSpec()),
+        out_specs=PartitionSpec(axes),
+        # The kernel's scan carries start as replicated zeros and become per-device values;
+        # no collective is involved, so the varying-axes check has nothing to protect here.
+        check_vma=False)
+    return sharded(logprobs, weights, jnp.asarray(pair_i), jnp.asarray(pair_j), offset)
+
+
+def _update_impl(state: JSDState, logprobs, weights, *, config: _KernelConfig) -> JSDState:
+    weights = weights.astype(jnp.float32)
+    sums = _pair_sums(logprobs, weights, config)
+    pair_sums, pair_carry = _kernel.kahan_add(state.pair_sums, state.pair_carry, sums)
+    weight, weight_carry = _kernel.kahan_add(state.weight, state.weight_carry, jnp.sum(weights))
+    return JSDState(pair_sums, pair_carry, weight, weight_carry)
+
+
+# Module level so every accumulator with the same static config shares one compiled program.
+_update_jit = jax.jit(_update_impl, static_argnames="config")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _result_impl(state: JSDState, *, config: _KernelConfig):
+    pair_i, pair_j, num_pairs, _ = config.layout
+    mean = state.pair_sums / jnp.maximum(state.weight, jnp.finfo(jnp.float32).tiny)
+    return _kernel.scatter_symmetric(mean, pair_i, pair_j, num_pairs, config.num_models)
+
+
+class StreamingJSD:
+    """Accumulates the [T, T] weighted mean JSD between T models over batches of probe positions.
+
+    Args:
+      num_models: T, the number of models (tasks) compared.
+      from_logits: batches are logits; each row is normalised (in float32) inside the kernel.
+      pair_block: pairs evaluated together in one fused step.
+      position_block, vocab_chunk: the tile of positions x tokens read per step (all T models);
+        one tile of the input plus one pair block's partial sums is all the kernel holds.
+      mesh: a `jax.sharding.Mesh`; pair blocks are spread over all of its devices.
+
+    `init`, `update` and `result` are pure: the state is a small pytree (`JSDState`) that can be
+    carried through a caller's own `jax.jit` or `lax.scan` (value checks are skipped on tracers).
+    """
+
+    def __init__(self, num_models: int, *, from_logits: bool = False,
+                 pair_block: int = DEFAULT_PAIR_BLOCK,
+                 position_block: int = DEFAULT_POSITION_BLOCK,
+                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, mesh: Mesh | None = None):
+        num_models = check_positive_int(num_models, "num_models")
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
+        self.config = _KernelConfig(
+            num_models=num_models,
+            pair_block=check_positive_int(pair_block, "pair_block"),
+            position_block=check_positive_int(position_block, "position_block"),
+            vocab_chunk=check_positive_int(vocab_chunk, "vocab_chunk"),
+            from_logits=bool(from_logits), mesh=mesh)
+
+    @property
+    def num_models(self) -> int:
+        return self.config.num_models
+
+    def init(self) -> JSDState:
+        k = len(self.config.layout[0])
+        zeros = jnp.zeros((k,), jnp.float32)
+        scalar = jnp.zeros((), jnp.float32)
+        return JSDState(zeros, zeros, scalar, scalar)
+
+    def update(self, state: JSDState, logprobs, weights=None) -> JSDState:
+        """Add one batch.
+
+        Args:
+          state: from `init` or a previous `update`.
+          logprobs: [T, B, V] log-probabilities (logits if `from_logits`) of the T models at
+            the same B probe positions; any float dtype, computed in float32.
+          weights: [B] non-negative position weights (0 for padding); default all ones. A
+            batch that is entirely padding (all zeros) is allowed and changes nothing.
+
+        Returns:
+          The new state.
+        """
+        logprobs = check_distribution(logprobs, "logprobs", rank=3,
+                                      from_logits=self.config.from_logits)
+        if logprobs.shape[0] != self.num_models:
+            raise ValueError(f"logprobs: axis 0 has {logprobs.shape[0]} models, the "
+                             f"accumulator was built for num_models={self.num_models}.")
+        batch = logprobs.shape[1]
+        if batch == 0:
+            raise ValueError("logprobs: the batch (positions) axis is empty.")
+        if weights is None:
+            weights = jnp.ones((batch,), jnp.float32)
+        weights = check_weights(weights, "weights", batch, allow_all_zero=True)
+        if not isinstance(state, JSDState) or (
+                not is_traced(state.pair_sums)
+                and state.pair_sums.shape != (len(self.config.layout[0]),)):
+            raise ValueError("state: expected the JSDState returned by this accumulator's "
+                             "init() or update().")
+        return _update_jit(state, jnp.asarray(logprobs), jnp.asarray(weights),
+                           config=self.config)
+
+    def result(self, state: JSDState):
+        """[T, T] float32 symmetric matrix of weighted mean JSD (nats), zero diagonal.
+
+        Raises ValueError when no position with positive weight has been seen (checked only
+        outside a jit).
+        """
+        if not is_traced(state.weight) and float(state.weight) <= 0:
+            raise ValueError("state: no position with positive weight has been accumulated; "
+                             "call update() with at least one weighted position first.")
+        return _result_impl(state, config=self.config)
+
+
+def task_balanced_weights(task_ids, num_tasks: int | None = None):
+    """Position weights that give each task's probe positions equal total weight (DESIGN.md 4),
+    so large tasks do not dominate the mean. Padding positions carry task id -1 and weight 0.
+
+    Args:
+      task_ids: [N] integer task index of each probe position (-1 for padding).
+      num_tasks: number of tasks (default: max id + 1).
+
+    Returns:
+      [N] float32 weights summing to 1 (each present task's positions sum to 1 / tasks present).
+    """
+    ids = np.asarray(task_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"task_ids: expected a 1-D integer array, got shape {ids.shape} "
+                         f"dtype {ids.dtype}.")
+    if np.any(ids < -1):
+        raise ValueError("task_ids: ids must be >= 0 (or -1 for padding).")
+    valid = ids >= 0
+    if not np.any(valid):
+        raise ValueError("task_ids: every position is padding (-1); nothing to weight.")
+    num_tasks = int(ids.max()) + 1 if num_tasks is None else int(num_tasks)
+    if ids.max() >= num_tasks:
+        raise ValueError(f"task_ids: id {ids.max()} is out of range for num_tasks={num_tasks}.")
+    counts = np.bincount(ids[valid], minlength=num_tasks)
+    present = np.count_nonzero(counts)
+    w = np.zeros(ids.shape, np.float64)
+    w[valid] = 1.0 / (present * counts[ids[valid]])
+    return jnp.asarray(w, jnp.float32)
