@@ -109,6 +109,8 @@ _update_jit = jax.jit(_update_impl, static_argnames="config")
 def _result_impl(state: JSDState, *, config: _KernelConfig):
     pair_i, pair_j, num_pairs, _ = config.layout
     mean = state.pair_sums / jnp.maximum(state.weight, jnp.finfo(jnp.float32).tiny)
+    # A weighted mean of values in [0, ln 2] lies there too; only float32 rounding can leave it.
+    mean = jnp.clip(mean, 0.0, _kernel.LN2)
     return _kernel.scatter_symmetric(mean, pair_i, pair_j, num_pairs, config.num_models)
 
 

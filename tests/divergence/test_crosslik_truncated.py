@@ -1,0 +1,113 @@
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskpgm_jax.divergence import CrossLikelihood, pmi_affinity, truncated_pairwise_jsd
+from tests.divergence.distributions import KINDS, random_logprobs, reference_pairwise
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _examples(rng, num_models, num_tasks, n):
+    scores = -rng.gamma(2.0, 5.0, size=(num_models, n)).astype(np.float32)
+    task_ids = rng.integers(0, num_tasks, size=n)
+    task_ids[: num_tasks] = np.arange(num_tasks)  # every task has at least one example
+    tokens = rng.integers(1, 9, size=n)
+    return scores, task_ids, tokens
+
+
+@given(seed=seeds, per_token=st.booleans())
+def test_cross_likelihood_matches_numpy_in_uneven_batches(seed, per_token):
+    rng = np.random.default_rng(seed)
+    m, t, n = 5, 5, 40
+    scores, ids, tokens = _examples(rng, m, t, n)
+    acc = CrossLikelihood(m, per_token=per_token)
+    state = acc.init()
+    for a, b in [(0, 7), (7, 8), (8, 31), (31, 40)]:
+        # Pad every batch to 24 with junk columns marked -1: shapes stay fixed, junk ignored.
+        pad = 24 - (b - a)
+        s = np.concatenate([scores[:, a:b], np.full((m, pad), np.nan, np.float32)], 1)
+        i = np.concatenate([ids[a:b], -np.ones(pad, int)])
+        k = np.concatenate([tokens[a:b], np.zeros(pad, int)])
+        state = acc.update(state, s, i, k)
+    per_example = scores.astype(np.float64) / (tokens if per_token else 1)
+    ref = np.stack([[per_example[mi, ids == tj].mean() for tj in range(t)] for mi in range(m)])
+    np.testing.assert_allclose(np.asarray(acc.result(state)), ref, rtol=1e-6, atol=1e-5)
+
+
+def test_pmi_affinity_matches_the_formula(rng):
+    L = rng.normal(size=(7, 7)) * 3 - 20
+    S = np.asarray(pmi_affinity(L))
+    for i in range(7):
+        for j in range(7):
+            expect = 0.0 if i == j else 0.5 * ((L[i, j] - L[j, j]) + (L[j, i] - L[i, i]))
+            assert S[i, j] == pytest.approx(expect, abs=1e-4)
+    np.testing.assert_array_equal(S, S.T)
+
+
+def test_cross_likelihood_errors():
+    acc = CrossLikelihood(3)
+    state = acc.init()
+    with pytest.raises(ValueError, match="task_ids"):
+        acc.update(state, -np.ones((3, 2), np.float32), np.array([0, 3]))
+    with pytest.raises(ValueError, match="scores"):
+        acc.update(state, -np.ones((2, 2), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match="<= 0"):
+        acc.update(state, np.ones((3, 2), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(state, np.full((3, 2), np.nan, np.float32), np.array([0, 1]))
+    state = acc.update(state, -np.ones((3, 2), np.float32), np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"tasks \[2\]"):
+        acc.result(state)
+    with pytest.raises(ValueError, match="num_tokens"):
+        CrossLikelihood(3, per_token=True).update(state, -np.ones((3, 2), np.float32),
+                                                  np.array([0, 1]))
+    with pytest.raises(ValueError, match="square"):
+        pmi_affinity(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pmi_affinity(np.full((3, 3), np.inf))
+
+
+T, N, V = 6, 24, 50
+
+
+@given(seed=seeds, kind=st.sampled_from(KINDS), top_k=st.sampled_from([1, 3, 8]))
+def test_truncated_bounds_bracket_the_exact_value(seed, kind, top_k):
+    rng = np.random.default_rng(seed)
+    lp = random_logprobs(rng, (T, N, V), kind)
+    w = rng.random(N).astype(np.float32)
+    exact = reference_pairwise(lp, w)
+    out = truncated_pairwise_jsd(lp, w, top_k=top_k)
+    lower, upper = np.asarray(out.lower, np.float64), np.asarray(out.upper, np.float64)
+    slack = 1e-6  # float32 rounding of the bounds themselves
+    assert np.all(lower <= exact + slack), np.max(lower - exact)
+    assert np.all(exact <= upper + slack), np.max(exact - upper)
+    # The gap is what the tail masses say it can be at most.
+    tail = np.asarray(out.tail_mass, np.float64)
+    gap_bound = 0.5 * math.log(2) * (tail[:, None] + tail[None, :])
+    assert np.all(upper - lower <= gap_bound + slack)
+    # The tail mass is model i's mean probability outside the union of top-k sets.
+    assert np.all((tail >= 0) & (tail <= 1))
+
+
+def test_truncated_is_exact_when_the_union_covers_the_vocabulary(rng):
+    lp = random_logprobs(rng, (T, N, V), "sparse")
+    out = truncated_pairwise_jsd(lp, top_k=V)
+    exact = reference_pairwise(lp)
+    np.testing.assert_allclose(np.asarray(out.lower), exact, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.upper), exact, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.tail_mass), 0.0, atol=1e-6)
+
+
+def test_truncated_peaked_models_are_tight(rng):
+    """Fine-tuned LMs are peaked: with k = 8 of 50 tokens the bounds pin the value down."""
+    lp = random_logprobs(rng, (T, N, V), "peaked")
+    out = truncated_pairwise_jsd(lp, top_k=8)
+    assert float(np.max(np.asarray(out.upper - out.lower))) < 1e-3
+    with pytest.raises(ValueError, match="top_k"):
+        truncated_pairwise_jsd(lp, top_k=V + 1)
+    assert jax.numpy.asarray(out.lower).shape == (T, T)

@@ -1,0 +1,145 @@
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import Mesh
+
+from taskpgm_jax.divergence import (StreamingJSD, pairwise_jsd, streaming,
+                                    task_balanced_weights)
+from tests.divergence.distributions import (KINDS, assert_close_to_reference, random_logprobs,
+                                            reference_pairwise)
+
+LN2 = math.log(2.0)
+LN2_F32 = np.float32(LN2)  # the bound as float32 can represent it (just above ln 2)
+# One fixed problem shape for the property tests (every new shape is a compile); the tile
+# options below deliberately do not divide it.
+T, N, V = 6, 24, 50
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _weights(rng, n):
+    w = rng.random(n).astype(np.float32)
+    w[rng.random(n) < 0.3] = 0.0
+    w[rng.integers(n)] = 1.0
+    return w
+
+
+@given(seed=seeds, kind=st.sampled_from(KINDS), weighted=st.booleans())
+def test_pairwise_matches_float64_reference(seed, kind, weighted):
+    rng = np.random.default_rng(seed)
+    lp = random_logprobs(rng, (T, N, V), kind)
+    w = _weights(rng, N) if weighted else None
+    ours = np.asarray(pairwise_jsd(lp, w))
+    ref = reference_pairwise(lp, w)
+    assert_close_to_reference(ours, ref, "pairwise_jsd")
+    np.testing.assert_array_equal(ours, ours.T)
+    np.testing.assert_array_equal(np.diag(ours), 0.0)
+    assert np.all(ours >= 0) and np.all(ours <= LN2_F32)
+
+
+@pytest.mark.parametrize("options", [
+    dict(pair_block=4, position_block=5, vocab_chunk=16),   # nothing divides: ragged last tiles
+    dict(pair_block=1, position_block=24, vocab_chunk=50),  # one tile, pair by pair
+    dict(pair_block=1000, position_block=7, vocab_chunk=7),
+])
+def test_tiling_does_not_change_the_result(rng, options):
+    lp = random_logprobs(rng, (T, N, V))
+    w = _weights(rng, N)
+    ref = reference_pairwise(lp, w)
+    assert_close_to_reference(pairwise_jsd(lp, w, **options), ref, str(options))
+
+
+def test_weights_are_honoured(rng):
+    lp = random_logprobs(rng, (T, N, V))
+    w = np.zeros(N, np.float32)
+    w[:5] = [3.0, 1.0, 0.5, 2.0, 1.0]
+    # Zero weight must mean ignored: positions 5.. are replaced by garbage distributions.
+    other = lp.copy()
+    other[:, 5:] = random_logprobs(rng, (T, N - 5, V), "one_hot")
+    ours = np.asarray(pairwise_jsd(other, w))
+    assert_close_to_reference(ours, reference_pairwise(lp[:, :5], w[:5]), "weighted")
+
+
+@given(seed=seeds, cuts=st.lists(st.integers(1, N - 1), min_size=1, max_size=4, unique=True))
+def test_streaming_uneven_batches_equal_pairwise(seed, cuts):
+    rng = np.random.default_rng(seed)
+    lp = random_logprobs(rng, (T, N, V))
+    w = _weights(rng, N)
+    acc = StreamingJSD(T)
+    state = acc.init()
+    bounds = [0, *sorted(cuts), N]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        state = acc.update(state, lp[:, a:b], w[a:b])
+    streamed = np.asarray(acc.result(state))
+    ref = reference_pairwise(lp, w)
+    assert_close_to_reference(streamed, ref, "streaming")
+    np.testing.assert_allclose(streamed, np.asarray(pairwise_jsd(lp, w)), atol=1e-6, rtol=0)
+
+
+def test_streaming_is_jittable_and_scannable(rng):
+    """The state is a plain pytree: a caller can run the whole probe loop inside one jit."""
+    batches = jnp.asarray(random_logprobs(rng, (4, T, 6, V)))
+    acc = StreamingJSD(T)
+
+    @jax.jit
+    def run(batches):
+        def step(state, lp):
+            return acc.update(state, lp), None
+        state, _ = jax.lax.scan(step, acc.init(), batches)
+        return acc.result(state)
+
+    lp = np.concatenate(list(np.asarray(batches)), axis=1)
+    assert_close_to_reference(run(batches), reference_pairwise(lp), "scan")
+
+
+def test_no_recompilation_across_batches_of_one_shape(rng, monkeypatch):
+    chex.clear_trace_counter()
+    counted = jax.jit(chex.assert_max_traces(streaming._update_impl, n=1),
+                      static_argnames="config")
+    monkeypatch.setattr(streaming, "_update_jit", counted)
+    acc = StreamingJSD(T, vocab_chunk=32)
+    state = acc.init()
+    for _ in range(4):  # fresh data, fresh weights, same shapes: one trace
+        state = acc.update(state, random_logprobs(rng, (T, 8, V)), _weights(rng, 8))
+    # A second accumulator with the same settings shares the compiled program.
+    other = StreamingJSD(T, vocab_chunk=32)
+    other.update(other.init(), random_logprobs(rng, (T, 8, V)))
+    assert np.isfinite(np.asarray(acc.result(state))).all()
+
+
+def test_from_logits_and_bf16(rng):
+    lp = random_logprobs(rng, (T, N, V), "flat")
+    logits = lp * 1.0 + rng.normal(size=(T, N, 1)).astype(np.float32) * 5
+    ref = reference_pairwise(lp)
+    assert_close_to_reference(pairwise_jsd(logits, from_logits=True), ref, "from_logits")
+    lp16 = jnp.asarray(lp, jnp.bfloat16)
+    ref16 = reference_pairwise(np.asarray(lp16, np.float32))
+    np.testing.assert_allclose(np.asarray(pairwise_jsd(lp16)), ref16, atol=4 * 2**-8 * LN2)
+
+
+def test_sharded_equals_unsharded(rng):
+    lp = random_logprobs(rng, (T, N, V))
+    w = _weights(rng, N)
+    single = np.asarray(pairwise_jsd(lp, w, pair_block=2))
+    devices = np.array(jax.devices()[:8]).reshape(2, 4)
+    mesh = Mesh(devices, ("data", "fsdp"))
+    sharded = np.asarray(pairwise_jsd(lp, w, pair_block=2, mesh=mesh))
+    np.testing.assert_allclose(sharded, single, atol=1e-6, rtol=0)
+    acc = StreamingJSD(T, mesh=mesh)
+    state = acc.update(acc.init(), lp[:, :10], w[:10])
+    state = acc.update(state, lp[:, 10:], w[10:])
+    np.testing.assert_allclose(np.asarray(acc.result(state)), single, atol=1e-6, rtol=0)
+
+
+def test_single_model_and_task_balanced_weights(rng):
+    lp = random_logprobs(rng, (1, 4, V))
+    np.testing.assert_array_equal(np.asarray(pairwise_jsd(lp)), np.zeros((1, 1)))
+    ids = np.array([0, 0, 0, 1, -1, 2, 2])
+    w = np.asarray(task_balanced_weights(ids))
+    np.testing.assert_allclose([w[ids == k].sum() for k in range(3)], [1 / 3] * 3, rtol=1e-6)
+    assert w[4] == 0.0
