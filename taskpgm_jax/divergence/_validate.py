@@ -8,6 +8,8 @@ run, and the caller is responsible for the values.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,15 +42,27 @@ def _as_float_array(x, name: str):
 
 
 @jax.jit
-def _value_stats(x):
+def _worst_log_mass(x):
+    """max over rows of |log sum exp(x)|, in one fused pass for log-probs (entries <= ~0, so
+    exp cannot overflow). NaN or inf in the result means something is wrong somewhere, and
+    `_diagnose` then finds out what: the slow path runs only on bad input."""
+    return jnp.max(jnp.abs(jnp.log(jnp.sum(jnp.exp(x.astype(jnp.float32)), axis=-1))))
+
+
+@jax.jit
+def _worst_logsumexp(x):
+    """For logits: NaN or inf anywhere makes the result non-finite."""
+    return jnp.max(jnp.abs(jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)))
+
+
+@jax.jit
+def _diagnose(x):
     x = x.astype(jnp.float32)
     any_nan = jnp.any(jnp.isnan(x))
     any_posinf = jnp.any(x == jnp.inf)
     # A row with no finite entry has no mass at all: neither log-probs nor usable logits.
     empty_row = jnp.any(jnp.all(x == -jnp.inf, axis=-1))
-    lse = jax.nn.logsumexp(jnp.where(jnp.isnan(x) | (x == jnp.inf), 0.0, x), axis=-1)
-    worst = jnp.max(jnp.where(jnp.isfinite(lse), jnp.abs(lse), 0.0))
-    return any_nan, any_posinf, empty_row, worst
+    return any_nan, any_posinf, empty_row
 
 
 def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = None,
@@ -69,7 +83,20 @@ def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = No
         raise ValueError(f"{name}: the vocabulary (last) axis is empty.")
     if is_traced(x) or x.size == 0:
         return x
-    any_nan, any_posinf, empty_row, worst = jax.device_get(_value_stats(x))
+    worst = float(_worst_logsumexp(x) if from_logits else _worst_log_mass(x))
+    if not math.isfinite(worst):
+        _raise_bad_values(x, name)
+    tol = normalisation_tolerance(x.dtype)
+    if not from_logits and worst > tol:
+        raise ValueError(
+            f"{name}: rows are not normalised log-probabilities (|logsumexp| up to {worst:.3g}, "
+            f"tolerance {tol:.1g}); pass from_logits=True if these are logits."
+        )
+    return x
+
+
+def _raise_bad_values(x, name: str):
+    any_nan, any_posinf, empty_row = jax.device_get(_diagnose(x))
     if any_nan:
         raise ValueError(f"{name}: contains NaN.")
     if any_posinf:
@@ -78,13 +105,9 @@ def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = No
         raise ValueError(
             f"{name}: a row is -inf everywhere (no token has probability); every row needs mass."
         )
-    tol = normalisation_tolerance(x.dtype)
-    if not from_logits and worst > tol:
-        raise ValueError(
-            f"{name}: rows are not normalised log-probabilities (|logsumexp| up to {worst:.3g}, "
-            f"tolerance {tol:.1g}); pass from_logits=True if these are logits."
-        )
-    return x
+    # Only large positive entries remain: exp overflowed, so these cannot be log-probs.
+    raise ValueError(f"{name}: rows are not normalised log-probabilities (entries far above 0); "
+                     "pass from_logits=True if these are logits.")
 
 
 def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False):

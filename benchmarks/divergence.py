@@ -1,0 +1,225 @@
+"""Benchmark of the all-pairs JSD kernel against its references, measured in one run.
+
+    python benchmarks/divergence.py [--sizes 16x256x4096 32x512x32000] [--repeats 5] [--json PATH]
+
+For each (T, N, V) it times, on whatever backend JAX runs on (CPU here, unchanged on GPU/TPU):
+  ours     `pairwise_jsd` (the public call, value checks included): compile time reported apart
+           from the steady state, median of `--repeats` runs;
+  scipy    a float64 loop of `scipy.spatial.distance.jensenshannon(p, q, axis=-1) ** 2` over the
+           pairs (on a subset of pairs, scaled per pair, when the whole loop would pass a minute);
+  naive    the jitted JAX broadcast that materialises [T, T, N, V] (only where it fits in memory);
+  ceiling  the machine's elementwise-log throughput measured now: a jitted sum(log(x)) over an
+           input-sized array, scaled to the T(T-1)/2 * N * V elements that all pairs touch.
+It prints a table and, with --json, writes the figures with a top-level `ratios` object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
+from taskpgm_jax.divergence import streaming  # noqa: E402
+
+SCIPY_BUDGET_S = 60.0
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), (min(times), max(times))
+
+
+def _available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _make_inputs(t, n, v, seed=0):
+    key = jax.random.PRNGKey(seed)
+    logits = 2.0 * jax.random.normal(key, (t, n, v), jnp.float32)
+    return jax.block_until_ready(jax.nn.log_softmax(logits, axis=-1))
+
+
+def _naive(lp):
+    """The textbook broadcast: every pair at once, [T, T, N, V] intermediates."""
+    p = jnp.exp(lp)
+    a, b = p[:, None], p[None, :]
+    la, lb = lp[:, None], lp[None, :]
+    lm = jnp.log(0.5 * (a + b))
+    terms = jnp.where(a > 0, a * (la - lm), 0.0) + jnp.where(b > 0, b * (lb - lm), 0.0)
+    return jnp.mean(0.5 * jnp.sum(terms, -1), -1)
+
+
+def _scipy_loop(lp, pairs):
+    from scipy.spatial.distance import jensenshannon
+
+    out = []
+    for i, j in pairs:
+        out.append(np.mean(jensenshannon(lp[i], lp[j], axis=-1) ** 2))
+    return out
+
+
+def bench_size(t, n, v, repeats):
+    lp = _make_inputs(t, n, v)
+    num_pairs = t * (t - 1) // 2
+    pair_elements = num_pairs * n * v
+    input_bytes = lp.size * lp.dtype.itemsize
+    row = {"T": t, "N": n, "V": v, "pairs": num_pairs, "input_bytes": input_bytes}
+
+    # ours: first call = compile + run; compile time = first call minus a steady run.
+    start = time.perf_counter()
+    ours_out = jax.block_until_ready(pairwise_jsd(lp))
+    first = time.perf_counter() - start
+    ours_s, ours_range = _median_time(lambda: pairwise_jsd(lp), repeats)
+    row.update(ours_s=ours_s, ours_range_s=ours_range, ours_compile_s=max(first - ours_s, 0.0),
+               elements_per_s=pair_elements / ours_s)
+
+    # Peak memory of the compiled kernel program (arguments + temporaries + outputs).
+    acc = streaming.StreamingJSD(t)
+    compiled = streaming._update_jit.lower(acc.init(), lp, jnp.ones((n,), jnp.float32),
+                                           config=acc.config).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+        row.update(peak_bytes=int(peak), temp_bytes=int(mem.temp_size_in_bytes),
+                   peak_over_input=peak / input_bytes)
+    block = (min(acc.config.pair_block, num_pairs) * acc.config.position_block
+             * min(acc.config.vocab_chunk, v) * 4)
+    row["block_bytes"] = block
+
+    # ceiling: sum(log(x)) over an input-sized array, at the measured rate, over all pair elements.
+    x = jax.block_until_ready(jnp.exp(lp))
+    ceil_fn = jax.jit(lambda a: jnp.sum(jnp.log(a), axis=-1))
+    jax.block_until_ready(ceil_fn(x))
+    ceil_s, _ = _median_time(lambda: ceil_fn(x), repeats)
+    del x
+    row["ceiling_s"] = ceil_s * num_pairs / t  # T*N*V elements per call -> pairs*N*V elements
+    row["ceiling_elements_per_s"] = lp.size / ceil_s
+
+    # naive broadcast, where its [T, T, N, V] intermediates fit (about 4 live at once).
+    naive_bytes = 4 * t * t * n * v * 4
+    if naive_bytes < 0.6 * _available_bytes():
+        naive_fn = jax.jit(_naive)
+        naive_out = jax.block_until_ready(naive_fn(lp))
+        naive_s, _ = _median_time(lambda: naive_fn(lp), max(2, repeats // 2))
+        row["naive_s"] = naive_s
+        np.testing.assert_allclose(np.asarray(naive_out), np.asarray(ours_out), atol=1e-5)
+    else:
+        row["naive_s"] = None
+        row["naive_note"] = (f"skipped: [T,T,N,V] intermediates need ~{naive_bytes / 2**30:.0f} "
+                             f"GiB, {_available_bytes() / 2**30:.0f} GiB available")
+
+    # scipy float64 loop; time one pair first to decide whether the whole loop fits the budget.
+    lp64 = np.exp(np.asarray(lp, np.float64))
+    pairs = [(i, j) for i in range(t) for j in range(i + 1, t)]
+    start = time.perf_counter()
+    first_val = _scipy_loop(lp64, pairs[:1])[0]
+    per_pair = time.perf_counter() - start
+    if per_pair * len(pairs) <= SCIPY_BUDGET_S:
+        subset = pairs
+    else:
+        count = max(3, int(SCIPY_BUDGET_S / 4 / per_pair))
+        subset = [pairs[k] for k in np.linspace(0, len(pairs) - 1, count).astype(int)]
+    start = time.perf_counter()
+    vals = _scipy_loop(lp64, subset)
+    scipy_subset_s = time.perf_counter() - start
+    row["scipy_s"] = scipy_subset_s / len(subset) * len(pairs)
+    row["scipy_pairs_timed"] = len(subset)
+    ours_np = np.asarray(ours_out, np.float64)
+    row["max_abs_error_vs_scipy"] = float(max(abs(ours_np[i, j] - val)
+                                              for (i, j), val in zip(subset, vals)))
+    assert abs(ours_np[0, 1] - first_val) < 1e-5
+    del lp64
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["16x256x4096", "32x512x32000"],
+                        help="TxNxV problem sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (>=5)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    args = parser.parse_args(argv)
+    sizes = []
+    for s in args.sizes:
+        try:
+            t, n, v = (int(x) for x in s.lower().split("x"))
+        except ValueError:
+            parser.error(f"--sizes: expected TxNxV such as 16x256x4096, got {s!r}")
+        sizes.append((t, n, v))
+
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+          f"jax={jax.__version__} cpu_count={os.cpu_count()} machine={platform.machine()}")
+    rows, ratios = [], {}
+    header = (f"{'T x N x V':>16} {'ours s':>8} {'compile':>8} {'scipy s':>9} {'naive s':>8} "
+              f"{'ceil s':>7} {'x scipy':>8} {'x naive':>8} {'/ceil':>6} {'Gelem/s':>8} "
+              f"{'peak/in':>8} {'err':>8}")
+    print(header)
+    for t, n, v in sizes:
+        row = bench_size(t, n, v, args.repeats)
+        rows.append(row)
+        tag = f"{t}x{n}x{v}"
+        speed_scipy = row["scipy_s"] / row["ours_s"]
+        speed_naive = row["naive_s"] / row["ours_s"] if row["naive_s"] else None
+        over_ceiling = row["ours_s"] / row["ceiling_s"]
+        ratios[f"scipy_over_ours[{tag}]"] = speed_scipy
+        if speed_naive is not None:
+            ratios[f"naive_over_ours[{tag}]"] = speed_naive
+        ratios[f"ours_over_ceiling[{tag}]"] = over_ceiling
+        if "peak_over_input" in row:
+            ratios[f"peak_memory_over_input[{tag}]"] = row["peak_over_input"]
+        naive_txt = f"{row['naive_s']:8.3f}" if row["naive_s"] else f"{'n/a':>8}"
+        speed_naive_txt = f"{speed_naive:8.1f}" if speed_naive else f"{'n/a':>8}"
+        print(f"{tag:>16} {row['ours_s']:8.3f} {row['ours_compile_s']:8.2f} "
+              f"{row['scipy_s']:9.2f} {naive_txt} {row['ceiling_s']:7.3f} {speed_scipy:8.1f} "
+              f"{speed_naive_txt} {over_ceiling:6.2f} {row['elements_per_s'] / 1e9:8.2f} "
+              f"{row.get('peak_over_input', math.nan):8.2f} "
+              f"{row['max_abs_error_vs_scipy']:8.1e}")
+        if row["scipy_pairs_timed"] < row["pairs"]:
+            print(f"{'':>16} scipy timed on {row['scipy_pairs_timed']} of {row['pairs']} pairs "
+                  f"and scaled per pair (the whole loop would pass {SCIPY_BUDGET_S:.0f} s)")
+        if row.get("naive_note"):
+            print(f"{'':>16} naive {row['naive_note']}")
+        print(f"{'':>16} peak {row.get('peak_bytes', 0) / 2**20:.0f} MiB = input "
+              f"{row['input_bytes'] / 2**20:.0f} MiB + temporaries "
+              f"{row.get('temp_bytes', 0) / 2**20:.1f} MiB (one block: "
+              f"{row['block_bytes'] / 2**20:.2f} MiB)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"process max RSS {rss / 2**30:.2f} GiB (includes the scipy/naive references)")
+    if args.json:
+        payload = {"benchmark": "divergence", "backend": jax.default_backend(),
+                   "devices": jax.device_count(), "jax": jax.__version__,
+                   "repeats": args.repeats, "results": rows, "ratios": ratios,
+                   "max_rss_bytes": rss}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
