@@ -1,0 +1,222 @@
+"""Hugging Face config.json <-> `ModelConfig`, with a whitelist of attributes.
+
+Every key of config.json is either implemented (it changes the computation and we do it), inert
+(metadata with no effect on logits), or refused with its name. Silently ignoring an attribute that
+changes the maths (a new rope type, qk-norm, MLP bias, ...) would load a model that quietly
+computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from taskpgm_jax.models.config import ModelConfig
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+# Keys whose value we read and implement.
+_IMPLEMENTED = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+    "layer_types", "max_position_embeddings", "attention_dropout", "pretraining_tp",
+}
+# Keys with no effect on the forward computation (token ids, bookkeeping, output switches).
+_INERT = {
+    "_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+    "transformers_version", "initializer_range", "use_cache", "id2label", "label2id",
+    "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type",
+    "return_dict", "chunk_size_feed_forward", "tokenizer_class", "task_specific_params",
+    "_attn_implementation_autoset", "use_return_dict", "torchscript", "tie_encoder_decoder",
+    "add_cross_attention", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "cross_attention_hidden_size", "is_decoder", "bad_words_ids", "max_length", "temperature",
+}
+_ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings", "partial_rotary_factor"}
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ValueError(f"no config.json at {file}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
+    """Builds a `ModelConfig` from a Hugging Face config (dict, directory or config.json path).
+
+    Accepts both rope forms: top-level `rope_theta` / `rope_scaling` (transformers 4) and
+    `rope_parameters` (transformers 5).
+
+    Args:
+      hf: the parsed config.json, or where to read it.
+      **overrides: `ModelConfig` fields to set (dtype, param_dtype, scan_layers, remat, ...).
+
+    Returns:
+      The `ModelConfig`.
+
+    Raises:
+      ValueError: unsupported architecture (listing the supported ones) or any attribute that
+        would change the computation and is not implemented (naming it).
+    """
+    if not isinstance(hf, dict):
+        hf = read_hf_config(hf)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"config.json model_type={model_type!r} is not supported; supported: "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+    archs = hf.get("architectures") or [SUPPORTED[model_type]]
+    bad_arch = [a for a in archs if a not in SUPPORTED.values()]
+    if bad_arch:
+        raise ValueError(f"config.json architectures={bad_arch} not supported; supported: "
+                         f"{sorted(SUPPORTED.values())}")
+    unknown = sorted(k for k in hf if k not in _IMPLEMENTED and k not in _INERT)
+    if unknown:
+        raise ValueError(f"config.json attributes not implemented (they may change the model): {unknown}")
+
+    def require(key, ok, value):
+        if not ok:
+            raise ValueError(f"config.json {key}={value!r} is not supported")
+
+    require("hidden_act", hf.get("hidden_act", "silu") == "silu", hf.get("hidden_act"))
+    require("mlp_bias", not hf.get("mlp_bias", False), hf.get("mlp_bias"))
+    require("attention_dropout", not hf.get("attention_dropout", 0.0), hf.get("attention_dropout"))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise ValueError(f"config.json is missing required attribute {key!r}")
+
+    heads = hf["num_attention_heads"]
+    kwargs: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+    )
+    kwargs.update(_rope_from_hf(hf))
+    if model_type == "qwen2":
+        # Qwen2 q/k/v projections always have a bias; o_proj never does.
+        kwargs.update(qkv_bias=True, o_bias=False)
+    else:
+        bias = bool(hf.get("attention_bias", False))
+        kwargs.update(qkv_bias=bias, o_bias=bias)
+    kwargs.update(_window_from_hf(hf, model_type))
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    params = hf.get("rope_parameters")
+    if params is None:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    elif "rope_theta" in hf and "rope_theta" not in params:
+        params = {**params, "rope_theta": hf["rope_theta"]}
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise ValueError(f"config.json rope_parameters keys not implemented: {unknown}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config.json rope_parameters.partial_rotary_factor="
+                         f"{params['partial_rotary_factor']} is not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"config.json rope_parameters.rope_type={rope_type!r} is not supported; "
+                         "supported: default, linear, llama3")
+    out: dict[str, Any] = dict(rope_theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type)
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        out.update(
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_position=int(params.get("original_max_position_embeddings")
+                                           or hf.get("max_position_embeddings", 8192)),
+        )
+    return out
+
+
+def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    n = hf["num_hidden_layers"]
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 only uses its window when use_sliding_window is set.
+    if model_type == "llama" and window is not None:
+        raise ValueError("config.json sliding_window is not part of the llama architecture")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        bad = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if bad or len(layer_types) != n:
+            raise ValueError(f"config.json layer_types must be {n} of full_attention/sliding_attention, "
+                             f"got {bad or len(layer_types)}")
+        layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    elif model_type == "qwen2":
+        layers = tuple(range(hf.get("max_window_layers", n), n))
+    else:
+        layers = tuple(range(n))
+    if window is None:
+        return dict(sliding_window=None, sliding_window_layers=())
+    return dict(sliding_window=int(window), sliding_window_layers=layers)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json of `cfg`, loadable by transformers (v5 `rope_parameters` form).
+
+    Args:
+      cfg: the model config.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    if cfg.rope_type in ("linear", "llama3"):
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    out: dict[str, Any] = dict(
+        architectures=[SUPPORTED[cfg.model_type]],
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters=rope,
+        dtype=jnp.dtype(cfg.param_dtype).name,
+    )
+    n = cfg.num_hidden_layers
+    if cfg.model_type == "llama":
+        if cfg.qkv_bias != cfg.o_bias or cfg.sliding_window is not None:
+            raise ValueError("llama has one attention_bias for q/k/v/o and no sliding window; "
+                             "this ModelConfig cannot be written as llama")
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    elif cfg.model_type == "qwen2":
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   max_window_layers=n,
+                   layer_types=["sliding_attention" if i in cfg.sliding_window_layers else "full_attention"
+                                for i in range(n)])
+    else:
+        if cfg.sliding_window is not None and tuple(cfg.sliding_window_layers) != tuple(range(n)):
+            raise ValueError("mistral applies its sliding window to every layer")
+        out.update(sliding_window=cfg.sliding_window)
+    return out

@@ -1,0 +1,115 @@
+"""Write a model back as a Hugging Face checkpoint (config.json + safetensors, sharded with an index)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from taskpgm_jax.hf.config import config_to_hf
+from taskpgm_jax.hf.keymap import to_hf
+from taskpgm_jax.hf.load import INDEX_FILE, SINGLE_FILE
+from taskpgm_jax.models.lora import merged_kernels
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if not match or (unit or "B") not in _UNITS:
+        raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or an int of bytes")
+    return int(float(match.group(1)) * _UNITS[unit or "B"])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:  # every process writes the same files from the gathered arrays
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
+    """Every parameter of `model` as HF-named NumPy arrays ([out, in] weights, one per layer).
+
+    LoRA adapters, if any, are merged into their kernels (the model is not changed).
+
+    Args:
+      model: a `CausalLM`.
+      dtype: cast to this dtype (default: keep the parameter dtype).
+
+    Returns:
+      {HF tensor name: array}.
+    """
+    cfg = model.config
+    merged = merged_kernels(model)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = merged.get(tuple(path), var[...])
+        arr = _host(value if dtype is None else value.astype(dtype))
+        tmap = to_hf(tuple(path), cfg.num_hidden_layers)
+        blocks = list(arr) if tmap.stacked else [arr]
+        for name, block in zip(tmap.hf_names, blocks):
+            out[name] = np.ascontiguousarray(block.T if tmap.transpose else block)
+    return out
+
+
+def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                       *, dtype=None) -> list[str]:
+    """Writes `model` as a Hugging Face checkpoint loadable by `AutoModelForCausalLM`.
+
+    Args:
+      model: a `CausalLM` (adapters are merged into the written weights).
+      path: output directory (created).
+      max_shard_size: largest safetensors file, bytes or a string like "5GB"; above it the
+        tensors are split over model-0000i-of-0000n.safetensors with an index.
+      dtype: tensor dtype in the files (default: the parameter dtype).
+
+    Returns:
+      The written safetensors file names.
+
+    Example:
+      >>> save_hf_checkpoint(model, "/tmp/export", max_shard_size="2GB", dtype=jnp.bfloat16)
+    """
+    limit = parse_size(max_shard_size)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = hf_tensors(model, dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors.items():
+        if shards[-1] and size + arr.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if jax.process_index() == 0:
+        for stale in (INDEX_FILE, SINGLE_FILE):  # never leave an old layout beside the new one
+            if os.path.exists(os.path.join(path, stale)):
+                os.remove(os.path.join(path, stale))
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
+                     "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+            with open(os.path.join(path, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        hf_cfg = config_to_hf(model.config)
+        if dtype is not None:
+            hf_cfg["dtype"] = jnp.dtype(dtype).name
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    return names

@@ -1,0 +1,148 @@
+"""Load a Hugging Face safetensors checkpoint straight into a (sharded) NNX model.
+
+The model is first built abstractly (`nnx.eval_shape`: no memory), each parameter gets its
+`NamedSharding` from its logical axes, then each array is created with
+`jax.make_array_from_callback`: the callback reads only the block a device owns from
+`safe_open(...).get_slice`, so no device (and, on many hosts, no process) ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+from safetensors import safe_open
+
+from taskpgm_jax.hf.config import config_from_hf
+from taskpgm_jax.hf.keymap import IGNORABLE_SUFFIXES, TensorMap, hf_shape, to_hf
+from taskpgm_jax.models.decoder import CausalLM
+from taskpgm_jax.sharding import Rules, named_sharding
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> safetensors file for a checkpoint directory (single file or sharded index).
+
+    Args:
+      path: the checkpoint directory.
+
+    Returns:
+      {tensor name: absolute file path}.
+    """
+    path = os.fspath(path)
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(path, v) for k, v in weight_map.items()}
+    single = os.path.join(path, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+    with safe_open(single, framework="numpy") as f:
+        return {k: single for k in f.keys()}
+
+
+def _read_block(handles, tmap: TensorMap, index: tuple, dtype) -> np.ndarray:
+    """The block `index` (into our array) of a parameter, read from its HF tensor(s)."""
+
+    def one(name, inner):
+        sl = handles[name].get_slice(name)
+        block = np.asarray(sl[tuple(inner[::-1])] if tmap.transpose else sl[tuple(inner)])
+        return (block.T if tmap.transpose else block).astype(dtype)
+
+    if not tmap.stacked:
+        return one(tmap.hf_names[0], index)
+    layers = range(*index[0].indices(len(tmap.hf_names)))
+    return np.stack([one(tmap.hf_names[i], index[1:]) for i in layers])
+
+
+def load_hf_checkpoint(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    dtype=jnp.bfloat16,
+    *,
+    param_dtype=jnp.float32,
+    scan_layers: bool = True,
+    remat: bool = False,
+) -> CausalLM:
+    """Loads a Llama / Qwen2 / Mistral checkpoint directory as a `CausalLM`.
+
+    Args:
+      path: directory with config.json and model.safetensors or a sharded
+        model.safetensors.index.json.
+      mesh: place every parameter on this mesh by its logical axes (default: one device).
+      rules: logical -> mesh axis rules (default `taskpgm_jax.sharding.DEFAULT_RULES`).
+      dtype: compute dtype (logits, softmax and norms stay float32).
+      param_dtype: storage dtype of the parameters (cast while reading).
+      scan_layers: stack layers for `lax.scan`.
+      remat: recompute layer activations in the backward pass.
+
+    Returns:
+      The model; `model(input_ids, attention_mask)` gives float32 logits [B, S, V].
+
+    Raises:
+      ValueError: unsupported config attribute, or (all listed at once) tensors missing from the
+        checkpoint, tensors the model does not use, and tensors of the wrong shape.
+
+    Example:
+      >>> mesh = make_mesh(data=1, fsdp=4, tensor=2)
+      >>> model = load_hf_checkpoint("/ckpt/Llama-2-7b-hf", mesh=mesh)
+    """
+    cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
+    files = checkpoint_files(path)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+
+    with contextlib.ExitStack() as stack:
+        opened = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+        handles = {name: opened[f] for name, f in files.items()}
+        missing, misshaped, used = [], [], set()
+        plan = []
+        for path_, var in flat:
+            tmap = to_hf(path_, cfg.num_hidden_layers)
+            want = hf_shape(var.shape, tmap)
+            for name in tmap.hf_names:
+                if name not in handles:
+                    missing.append(name)
+                    continue
+                used.add(name)
+                got = tuple(handles[name].get_slice(name).get_shape())
+                if got != want:
+                    misshaped.append(f"{name}: checkpoint {list(got)}, model expects {list(want)}")
+            plan.append((path_, var, tmap))
+        ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        unexpected = sorted(n for n in files if n not in used and n not in ignorable
+                            and not n.endswith(IGNORABLE_SUFFIXES))
+        if missing or unexpected or misshaped:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+            if misshaped:
+                parts.append(f"wrong shapes ({len(misshaped)}): {'; '.join(misshaped)}")
+            raise ValueError(f"checkpoint {os.fspath(path)} does not match the model:\n  " + "\n  ".join(parts))
+
+        for path_, var, tmap in plan:
+            if mesh is not None:
+                axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+                sharding = named_sharding(mesh, axes, var.shape, rules)
+            else:
+                sharding = SingleDeviceSharding(jax.devices()[0])
+            dtype_ = var.dtype
+
+            def callback(index, tmap=tmap, dtype_=dtype_):
+                return _read_block(handles, tmap, index, dtype_)
+
+            var.set_value(jax.make_array_from_callback(tuple(var.shape), sharding, callback))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

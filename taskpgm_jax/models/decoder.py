@@ -1,0 +1,240 @@
+"""The decoder-only language model shared by Llama 1/2/3, Qwen2 and Mistral.
+
+Structure and names mirror Hugging Face's `*ForCausalLM`: `model.embed_tokens`, `model.layers`,
+`model.norm`, `lm_head`, so the checkpoint key map is a rename plus a transpose.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from taskpgm_jax.models.config import ModelConfig
+from taskpgm_jax.models.layers import DecoderLayer, Dense, RMSNorm, rope_angles, rope_inv_freq
+from taskpgm_jax.sharding import Rules, shard
+
+# Window of a layer without sliding-window attention: larger than any sequence.
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache for incremental decoding (M = maximum length).
+
+    k, v:   [L, B, M, K, H], compute dtype.
+    valid:  [B, M] bool, slot holds a real (non-padding) token.
+    pos:    [B, M] int32, RoPE position of the token in each slot.
+    index:  [] int32, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    pos: jax.Array
+    index: jax.Array
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embedding = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
+                                   logical_axes=("vocab", "embed"))
+        self.dtype = cfg.dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class DecoderModel(nnx.Module):
+    """Embedding, the stack of decoder layers and the final norm (HF's `model`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rules: Rules | None = None, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg, rngs=rngs)
+        if cfg.scan_layers:
+            self.layers = DecoderLayer(cfg, lead=(cfg.num_hidden_layers,), rules=rules, rngs=rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rules=rules, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+            )
+        self.norm = RMSNorm(cfg)
+
+
+def _segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its segment: index minus the index where the segment began."""
+    s = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM: `model(input_ids, attention_mask)` -> float32 logits [B, S, V].
+
+    Args:
+      cfg: the model config.
+      rngs: random streams for initialisation.
+      rules: logical -> mesh sharding rules for activation constraints (default rules if None).
+
+    Example:
+      >>> cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+      ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+      >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> logits = model(jnp.zeros((2, 8), jnp.int32))   # [2, 8, 128] float32
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: Rules | None = None):
+        self.config = cfg
+        self.rules = rules
+        self.model = DecoderModel(cfg, rules=rules, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else Dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+        )
+        windows = np.full(cfg.num_hidden_layers, _NO_WINDOW, np.int32)
+        windows[list(cfg.sliding_window_layers)] = cfg.sliding_window or _NO_WINDOW
+        self._windows = tuple(int(w) for w in windows)  # static: hashable, not a parameter
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Logits of the next token at every position.
+
+        Args:
+          input_ids: int [B, S].
+          attention_mask: optional [B, S], 1 for real tokens and 0 for padding (left or right).
+          segment_ids: optional int [B, S] for packed rows: a token attends only to earlier tokens
+            of its own segment; 0 marks padding.
+          positions: optional int [B, S] RoPE positions. Default: the index inside the segment
+            (with segment_ids), else the count of earlier real tokens (with attention_mask), else
+            0..S-1.
+
+        Returns:
+          float32 logits [B, S, V]. Rows of padding positions are meaningless.
+        """
+        input_ids = self._check_ids(input_ids)
+        b, s = input_ids.shape
+        if segment_ids is None:
+            seg = jnp.ones((b, s), jnp.int32) if attention_mask is None else self._check_2d(
+                attention_mask, "attention_mask", (b, s)).astype(jnp.int32)
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0) if attention_mask is not None \
+                    else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        else:
+            seg = self._check_2d(segment_ids, "segment_ids", (b, s)).astype(jnp.int32)
+            if attention_mask is not None:
+                seg = seg * self._check_2d(attention_mask, "attention_mask", (b, s)).astype(jnp.int32)
+            if positions is None:
+                positions = _segment_positions(seg)
+        positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
+        slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) \
+            & (slots[:, None, :] <= slots[:, :, None])
+        logits, _ = self._run(input_ids, positions, allowed, positions, None, None)
+        return logits
+
+    def decode(self, input_ids: jax.Array, cache: KVCache, *, token_mask: jax.Array | None = None,
+               positions: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Runs S new tokens against the cache (prefill: S = prompt length; decode: S = 1).
+
+        Args:
+          input_ids: int [B, S], written to cache slots index .. index + S - 1.
+          cache: the `KVCache`.
+          token_mask: optional [B, S], 0 for padding tokens (never attended to).
+          positions: int [B, S] RoPE positions of the new tokens.
+
+        Returns:
+          (float32 logits [B, S, V], updated cache).
+        """
+        input_ids = self._check_ids(input_ids)
+        b, s = input_ids.shape
+        valid_new = jnp.ones((b, s), bool) if token_mask is None else token_mask.astype(bool)
+        positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
+        at = (0, cache.index)
+        valid = jax.lax.dynamic_update_slice(cache.valid, valid_new, at)
+        kpos = jax.lax.dynamic_update_slice(cache.pos, positions, at)
+        m = valid.shape[1]
+        q_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
+        allowed = valid[:, None, :] & (jnp.arange(m, dtype=jnp.int32)[None, None, :] <= q_slot[None, :, None])
+        logits, (k, v) = self._run(input_ids, positions, allowed, kpos, (cache.k, cache.v), cache.index)
+        return logits, KVCache(k, v, valid, kpos, cache.index + s)
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty `KVCache` for `batch` rows of at most `max_length` tokens."""
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
+                       jnp.zeros((batch, max_length), bool), jnp.zeros((batch, max_length), jnp.int32),
+                       jnp.zeros((), jnp.int32))
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _run(self, input_ids, q_pos, allowed, k_pos, cache, cache_index):
+        cfg = self.config
+        cos, sin = rope_angles(q_pos, rope_inv_freq(cfg))
+        windows = jnp.asarray(self._windows, jnp.int32)
+        # Distance in positions, for sliding windows (a query sees keys with distance < W).
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]) if cfg.sliding_window is not None else None
+        h = shard(self.model.embed_tokens(input_ids), ("batch", "seq", "act_embed"), self.rules)
+
+        def layer_fn(layer, h, window, layer_cache):
+            mask = allowed if dist is None else allowed & (dist < window)
+            return layer(h, cos, sin, mask, layer_cache, cache_index)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.model.layers)
+
+            def body(h, xs):
+                st, window, layer_cache = xs
+                return layer_fn(nnx.merge(graphdef, st), h, window, layer_cache)
+
+            if cfg.remat:
+                body = jax.checkpoint(body, prevent_cse=False)
+            h, new_cache = jax.lax.scan(body, h, (state, windows, cache))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.model.layers):
+                layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+                if cfg.remat:
+                    graphdef, st = nnx.split(layer)
+                    h, layer_cache = jax.checkpoint(
+                        lambda st, h, w, c, g=graphdef: layer_fn(nnx.merge(g, st), h, w, c),
+                        prevent_cse=False)(st, h, windows[i], layer_cache)
+                else:
+                    h, layer_cache = layer_fn(layer, h, windows[i], layer_cache)
+                if layer_cache is not None:
+                    ks.append(layer_cache[0])
+                    vs.append(layer_cache[1])
+            new_cache = (jnp.stack(ks), jnp.stack(vs)) if ks else None
+        h = self.model.norm(h)
+        return self._logits(h), new_cache
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        # Logits leave the model in float32 whatever the compute dtype (softmax / CE downstream).
+        if self.lm_head is None:
+            w = self.model.embed_tokens.embedding[...].astype(h.dtype).T
+        else:
+            w = self.lm_head.kernel[...].astype(h.dtype)
+        logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias[...].astype(jnp.float32)
+        return shard(logits, ("batch", "seq", "vocab"), self.rules)
+
+    @staticmethod
+    def _check_ids(input_ids) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an int array [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
+        return input_ids
+
+    @staticmethod
+    def _check_2d(x, name: str, shape: tuple[int, int]) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {list(shape)} like input_ids, got {list(x.shape)}")
+        return x

@@ -1,0 +1,164 @@
+"""LoRA adapters: add, stack T of them, run them side by side over one base model, merge.
+
+Adapters are `LoRAParam` variables (not `nnx.Param`), so
+`nnx.Optimizer(model, tx, wrt=LoRAParam)` trains adapters only and `nnx.state(model, LoRAParam)`
+is the adapter alone (what a per-task checkpoint stores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from taskpgm_jax.models.config import LoraConfig
+from taskpgm_jax.models.layers import Dense, LoRAParam
+from taskpgm_jax.sharding import named_sharding
+
+__all__ = ["LoRAParam", "add_lora", "lora_state", "stack_adapters", "multi_adapter_forward",
+           "merge_lora", "merged_kernels"]
+
+
+def _targets(model: nnx.Module, names: Sequence[str]):
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, Dense) and path and path[-1] in names:
+            yield path, module
+
+
+def _place(value: jax.Array, like: jax.Array, axes: tuple, rules) -> jax.Array:
+    # New adapter arrays follow the mesh of the kernel they adapt (FSDP / tensor-parallel layouts).
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.device_put(value, named_sharding(sharding.mesh, axes, value.shape, rules))
+    return value
+
+
+def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Adds a LoRA adapter to every targeted projection of `model` (in place).
+
+    A: [*lead, in, R] random normal(init_std); B: [*lead, R, out] zeros, so the model's output is
+    unchanged until B is trained. Works for scanned (stacked) and unscanned layers.
+
+    Args:
+      model: a `CausalLM` (or any module built from `Dense`).
+      cfg: rank, alpha and target projection names.
+      rngs: random streams for A.
+
+    Returns:
+      `model`, for chaining.
+
+    Example:
+      >>> model = add_lora(model, LoraConfig(rank=8, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
+      >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=LoRAParam)
+    """
+    rules = getattr(model, "rules", None)
+    found = False
+    for _, dense in _targets(model, cfg.targets):
+        found = True
+        kernel = dense.kernel[...]
+        *lead, d_in, d_out = kernel.shape
+        lead_axes = ("layers",) * len(lead)
+        axes_a = lead_axes + (dense.axes[0], "lora_rank")
+        axes_b = lead_axes + ("lora_rank", dense.axes[1])
+        a = nnx.initializers.normal(cfg.init_std)(rngs.params(), (*lead, d_in, cfg.rank), kernel.dtype)
+        b = jnp.zeros((*lead, cfg.rank, d_out), kernel.dtype)
+        dense.lora_a = LoRAParam(_place(a, kernel, axes_a, rules), logical_axes=axes_a)
+        dense.lora_b = LoRAParam(_place(b, kernel, axes_b, rules), logical_axes=axes_b)
+        dense.lora_scale = float(cfg.scale)
+    if not found:
+        raise ValueError(f"add_lora: no projection named {cfg.targets} in the model")
+    return model
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """The adapter variables of `model` (an `nnx.State` of `LoRAParam`)."""
+    return nnx.state(model, LoRAParam)
+
+
+def stack_adapters(adapters: Sequence[nnx.State]) -> nnx.State:
+    """Stacks T adapter states (same structure) along a new leading axis T.
+
+    Args:
+      adapters: T results of `lora_state`.
+
+    Returns:
+      One state whose arrays have a leading axis of size T.
+    """
+    if not adapters:
+        raise ValueError("stack_adapters: adapters is empty")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax.Array,
+                          attention_mask: jax.Array | None = None, *,
+                          segment_ids: jax.Array | None = None,
+                          positions: jax.Array | None = None) -> jax.Array:
+    """Runs T adapters over one base model in one call.
+
+    `jax.vmap` maps over the adapter axis only: the base weights enter with `in_axes=None`, so
+    they are shared (never copied T times) and each base matmul becomes one large matmul over
+    T x B x S rows. Wrap in `nnx.jit` (the model is an argument).
+
+    Args:
+      model: the base model, with adapters added (their values are ignored).
+      adapters: `stack_adapters(...)` state with leading axis T.
+      input_ids: int [B, S] (the same batch for every adapter) or [T, B, S] (one per adapter).
+      attention_mask, segment_ids, positions: as for `CausalLM.__call__`, shaped like input_ids.
+
+    Returns:
+      float32 logits [T, B, S, V].
+    """
+    graphdef, _, rest = nnx.split(model, LoRAParam, ...)
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim not in (2, 3):
+        raise ValueError(f"input_ids must be [B, S] or [T, B, S], got shape {list(input_ids.shape)}")
+    per_adapter = input_ids.ndim == 3
+
+    def one(lora, ids, mask, seg, pos):
+        return nnx.merge(graphdef, lora, rest)(ids, mask, segment_ids=seg, positions=pos)
+
+    ax = 0 if per_adapter else None
+    return jax.vmap(one, in_axes=(0, ax, ax, ax, ax))(adapters, input_ids, attention_mask,
+                                                       segment_ids, positions)
+
+
+def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
+    """Kernels with their adapter folded in, W + scale * A B, by module path (model unchanged).
+
+    Args:
+      model: a model with adapters.
+
+    Returns:
+      {path of the kernel variable: merged kernel} for every adapted projection.
+    """
+    out = {}
+    for path, dense in nnx.iter_modules(model):
+        if isinstance(dense, Dense) and dense.lora_a is not None:
+            kernel = dense.kernel[...]
+            delta = jnp.einsum("...ir,...ro->...io", dense.lora_a[...].astype(jnp.float32),
+                               dense.lora_b[...].astype(jnp.float32))
+            out[tuple(path) + ("kernel",)] = (kernel.astype(jnp.float32)
+                                               + dense.lora_scale * delta).astype(kernel.dtype)
+    return out
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its base kernel and removes the adapters (in place).
+
+    Args:
+      model: a model with adapters.
+
+    Returns:
+      `model`, now without `LoRAParam` variables and with the same outputs.
+    """
+    merged = merged_kernels(model)
+    for path, dense in list(nnx.iter_modules(model)):
+        key = tuple(path) + ("kernel",)
+        if key in merged:
+            dense.kernel[...] = merged[key]
+            dense.lora_a = None
+            dense.lora_b = None
+            dense.lora_scale = 0.0
+    return model

@@ -1,0 +1,174 @@
+"""Mesh construction, logical-axis rules and the one activation-sharding helper.
+
+Mesh axes (always these three, in this order):
+  - "data":   pure data parallelism; the batch is split, parameters are replicated.
+  - "fsdp":   data parallelism that also splits parameters (ZeRO-3 style); the batch is split too.
+  - "tensor": tensor (model) parallelism; heads and the MLP hidden dimension are split.
+
+Logical axes name what a dimension *is* (embed, mlp, heads, ...); the rules below say which mesh
+axis (if any) it is split over. Models annotate every parameter with its logical axes (a
+`logical_axes` metadata entry on the NNX variable) and constrain activations with `shard()`, so
+changing the parallelism strategy means changing this table only.
+
+Dimension letters used in shapes across the models: B batch, S sequence, D hidden, N query heads,
+K kv heads, H head dim, F MLP hidden, V vocabulary, L layers, T adapters (tasks), R LoRA rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (str), several mesh axes (tuple) or None (replicated).
+# Default: FSDP over the embedding axis of every weight plus tensor parallelism over heads/MLP/vocab;
+# activations are split over the batch on both data axes.
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("adapters", None),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("lora_rank", None),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Builds a ("data", "fsdp", "tensor") mesh with Auto axis types.
+
+    The axis types are stated on purpose: `jax.make_mesh` defaults to Explicit in current JAX,
+    under which every op must agree on shardings; the models here rely on GSPMD propagation
+    (Auto) with `shard()` hints.
+
+    Args:
+      data: size of the "data" axis.
+      fsdp: size of the "fsdp" axis; -1 takes all devices left over.
+      tensor: size of the "tensor" axis.
+      devices: devices to use (default: all of `jax.devices()`).
+
+    Returns:
+      A `jax.sharding.Mesh`.
+
+    Example:
+      >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)   # 8 devices
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("make_mesh: at most one of data/fsdp/tensor may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"make_mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"make_mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices"
+        )
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _mesh_axis_size(mesh_shape: Mapping[str, int], axis: str | tuple[str, ...] | None) -> int:
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else axis
+    return int(np.prod([mesh_shape.get(n, 1) for n in names]))
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Rules | None = None,
+    *,
+    mesh_shape: Mapping[str, int] | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Translates logical axis names into a `PartitionSpec`.
+
+    A mesh axis is used at most once per array (first logical axis wins), and, when `shape` and
+    `mesh_shape` are given, a dimension that the mesh axes do not divide is replicated instead
+    (tiny test models have e.g. one kv head).
+
+    Args:
+      logical_axes: one name (or None) per array dimension.
+      rules: logical -> mesh axis table (default `DEFAULT_RULES`).
+      mesh_shape: mesh axis sizes, e.g. `dict(mesh.shape)`.
+      shape: the array shape, for the divisibility check.
+
+    Returns:
+      The `PartitionSpec`.
+    """
+    table = dict(DEFAULT_RULES if rules is None else rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        axis = None if name is None else table[name]
+        names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        if mesh_shape is not None:
+            names = tuple(n for n in names if n in mesh_shape and mesh_shape[n] > 1)
+        names = tuple(n for n in names if n not in used)
+        if shape is not None and mesh_shape is not None and names:
+            if shape[i] % _mesh_axis_size(mesh_shape, names):
+                names = ()
+        used.update(names)
+        spec.append(None if not names else (names[0] if len(names) == 1 else names))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int], rules: Rules | None = None
+) -> NamedSharding:
+    """The `NamedSharding` of an array with `shape` and `logical_axes` on `mesh`.
+
+    Args:
+      mesh: the mesh.
+      logical_axes: one logical name (or None) per dimension.
+      shape: the array shape.
+      rules: logical -> mesh table (default `DEFAULT_RULES`).
+
+    Returns:
+      A `NamedSharding`.
+    """
+    spec = logical_to_spec(logical_axes, rules, mesh_shape=dict(mesh.shape), shape=shape)
+    return NamedSharding(mesh, spec)
+
+
+def shard(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """Constrains an activation to the sharding its logical axes imply.
+
+    A no-op when no mesh is set (`jax.set_mesh`), so models run unchanged on one device. This is
+    the single place to switch to `jax.sharding.reshard` for Explicit-mode meshes later.
+
+    Args:
+      x: the activation.
+      logical_axes: one logical name (or None) per dimension of `x`.
+      rules: logical -> mesh table (default `DEFAULT_RULES`).
+
+    Returns:
+      `x`, with a sharding constraint when a mesh is active.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, rules, mesh_shape=dict(mesh.shape), shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, spec)
