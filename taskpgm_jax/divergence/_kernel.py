@@ -1,11 +1,12 @@
 """The blocked all-pairs JSD kernel shared by `pairwise_jsd` and the streaming accumulator.
 
 Layout of the work: the [T, N, V] log-probs are cut into tiles of all T models x `position_block`
-positions x `vocab_chunk` tokens. A tile is small enough to stay in cache, and every pair block is
-evaluated against it before the next tile is read: memory traffic is one pass over the input,
-not one pass per pair, so the kernel runs at the speed of its single `log` per element per pair
-rather than at the speed of memory. The probabilities P = exp(log P) are computed per tile (T exps
-against T(T-1)/2 pairs, so nearly free) and are never stored for the whole input.
+positions x `vocab_chunk` tokens, read once each (the input is never copied, padded or
+normalised as a whole). Against each tile, the pairs are evaluated a block at a time: the rows of
+one pair block are gathered from the tile (at most pair_block x position_block x vocab_chunk
+floats, the only sizeable temporary) and reduced over the vocabulary. The probabilities
+P = exp(log P) are computed per tile (T exps against T(T-1)/2 pairs, so nearly free) and never
+stored for the whole input, so peak memory is the input plus one block.
 
 Per element and pair the kernel evaluates the KL form of DESIGN.md 4,
     1/2 P (log P - log M) + 1/2 Q (log Q - log M),   log M = log(P + Q) - ln 2,
@@ -116,7 +117,8 @@ def pair_weighted_sums(logprobs, weights, pair_i, pair_j, row_offset=None, *,
         per_pos, _ = jax.lax.scan(vocab_step, jnp.zeros((k, nb), jnp.float32),
                                   jnp.arange(num_vocab_chunks))
         per_pos = jnp.clip(per_pos, 0.0, LN2)
-        return total + per_pos @ w, None
+        # HIGHEST: on TPU/GPU a default-precision float32 dot may round through bf16.
+        return total + jnp.dot(per_pos, w, precision=jax.lax.Precision.HIGHEST), None
 
     total, _ = jax.lax.scan(position_step, jnp.zeros((k,), jnp.float32),
                             jnp.arange(num_pos_blocks))

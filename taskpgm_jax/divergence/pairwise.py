@@ -7,14 +7,12 @@ from jax.sharding import Mesh
 
 from taskpgm_jax.divergence import streaming
 from taskpgm_jax.divergence._validate import check_distribution, check_weights
-from taskpgm_jax.divergence.streaming import (DEFAULT_PAIR_BLOCK, DEFAULT_POSITION_BLOCK,
-                                              DEFAULT_VOCAB_CHUNK, StreamingJSD)
+from taskpgm_jax.divergence.streaming import StreamingJSD
 
 
 def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
-                 pair_block: int = DEFAULT_PAIR_BLOCK,
-                 position_block: int = DEFAULT_POSITION_BLOCK,
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, mesh: Mesh | None = None):
+                 pair_block: int | None = None, position_block: int | None = None,
+                 vocab_chunk: int | None = None, mesh: Mesh | None = None):
     """Weighted mean JSD between every pair of T models over N shared positions.
 
     D[i, j] = sum_n w_n JSD(P_i(.|n), P_j(.|n)) / sum_n w_n. Each unordered pair is evaluated
@@ -29,6 +27,7 @@ def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
       from_logits: normalise each row (float32 logsumexp) inside the kernel.
       pair_block: pairs evaluated together in one fused step.
       position_block, vocab_chunk: tile of positions x tokens (all T models) per step.
+        Tile options left as `None` take `default_tiles(mesh)` for the platform.
       mesh: spread the pair blocks over all devices of this `jax.sharding.Mesh`.
 
     Returns:

@@ -26,9 +26,20 @@ from taskpgm_jax.divergence import _kernel
 from taskpgm_jax.divergence._validate import (check_distribution, check_positive_int,
                                               check_weights, is_traced)
 
-DEFAULT_PAIR_BLOCK = 1024
-DEFAULT_POSITION_BLOCK = 1
-DEFAULT_VOCAB_CHUNK = 2048
+# Tile sizes per platform. CPU: one position x 2048 tokens keeps a tile of all models in L2 and
+# was fastest on a 2-core EPYC (measured by benchmarks/divergence.py). Accelerators want far more
+# parallel work per step; these sizes bound one block to ~16 MiB and are not yet tuned on hardware.
+_DEFAULT_TILES = {
+    "cpu": dict(pair_block=1024, position_block=1, vocab_chunk=2048),
+    "accelerator": dict(pair_block=128, position_block=8, vocab_chunk=4096),
+}
+
+
+def default_tiles(mesh: Mesh | None = None) -> dict:
+    """The default `pair_block`, `position_block` and `vocab_chunk` for the devices in use."""
+    platform = (mesh.devices.flat[0].platform if mesh is not None
+                else jax.default_backend())
+    return dict(_DEFAULT_TILES["cpu" if platform == "cpu" else "accelerator"])
 
 
 class JSDState(NamedTuple):
@@ -123,6 +134,7 @@ class StreamingJSD:
       pair_block: pairs evaluated together in one fused step.
       position_block, vocab_chunk: the tile of positions x tokens read per step (all T models);
         one tile of the input plus one pair block's partial sums is all the kernel holds.
+        `None` takes `default_tiles(mesh)` for the platform.
       mesh: a `jax.sharding.Mesh`; pair blocks are spread over all of its devices.
 
     `init`, `update` and `result` are pure: the state is a small pytree (`JSDState`) that can be
@@ -130,18 +142,19 @@ class StreamingJSD:
     """
 
     def __init__(self, num_models: int, *, from_logits: bool = False,
-                 pair_block: int = DEFAULT_PAIR_BLOCK,
-                 position_block: int = DEFAULT_POSITION_BLOCK,
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK, mesh: Mesh | None = None):
+                 pair_block: int | None = None, position_block: int | None = None,
+                 vocab_chunk: int | None = None, mesh: Mesh | None = None):
         num_models = check_positive_int(num_models, "num_models")
         if mesh is not None and not isinstance(mesh, Mesh):
             raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
-        self.config = _KernelConfig(
-            num_models=num_models,
-            pair_block=check_positive_int(pair_block, "pair_block"),
-            position_block=check_positive_int(position_block, "position_block"),
-            vocab_chunk=check_positive_int(vocab_chunk, "vocab_chunk"),
-            from_logits=bool(from_logits), mesh=mesh)
+        tiles = default_tiles(mesh)
+        given = dict(pair_block=pair_block, position_block=position_block,
+                     vocab_chunk=vocab_chunk)
+        for name, value in given.items():
+            if value is not None:
+                tiles[name] = check_positive_int(value, name)
+        self.config = _KernelConfig(num_models=num_models, from_logits=bool(from_logits),
+                                    mesh=mesh, **tiles)
 
     @property
     def num_models(self) -> int:
