@@ -1,0 +1,151 @@
+"""A deterministic, resumable, multi-host data iterator over encoded sequences.
+
+Every epoch is a seeded permutation of all sequences (the same on every host); host p of P reads
+only positions p, p + P, p + 2P, ... of it, so hosts never share an example and need no
+communication. Each epoch keeps the largest multiple of P, so every host has the same number of
+sequences per epoch (the few left over are the next epoch's luck: the permutation changes).
+
+The state is (epoch, cursor): the next sequence to read in this host's share. Because batches are
+built in order from that point (in-order packing, no shuffle buffer), restoring the state
+reproduces exactly the batches that would have come next. The stream is endless by default:
+train for a number of steps, so every host takes the same number of batches even when packing
+puts a different number of sequences in each host's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from taskpgm_jax.data.batch import Batch, rows_to_batch
+from taskpgm_jax.data.tokenize import Encoded
+
+__all__ = ["HostIterator", "global_batch"]
+
+
+class HostIterator:
+    """Yields this host's `Batch`es of shape [batch_size, seq_len], forever or for `num_epochs`.
+
+    Args:
+      seqs: every encoded sequence (all hosts pass the same list; each reads its share).
+      batch_size: rows per batch on this host (global batch = batch_size * process_count).
+      seq_len: tokens per row.
+      seed: the shuffle seed.
+      pack: pack several sequences per row (else one per row, padded).
+      shuffle: permute each epoch (else the given order).
+      num_epochs: stop after this many passes (None: endless).
+      process_index, process_count: this host and the number of hosts; default
+        `jax.process_index()` and `jax.process_count()`.
+
+    Example:
+      >>> it = HostIterator(seqs, batch_size=8, seq_len=128, seed=0)
+      >>> batch = next(it); state = it.state()          # save with the checkpoint
+      >>> it2 = HostIterator(seqs, batch_size=8, seq_len=128, seed=0); it2.restore(state)
+    """
+
+    def __init__(self, seqs: Sequence[Encoded], *, batch_size: int, seq_len: int, seed: int = 0,
+                 pack: bool = True, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if len(seqs) < process_count:
+            raise ValueError(f"{len(seqs)} sequences cannot be shared by {process_count} hosts")
+        for s in seqs:
+            if len(s) > seq_len or len(s) == 0:
+                raise ValueError(f"sequence of example {s.example} has {len(s)} tokens; "
+                                 f"need 1..{seq_len}")
+        self._seqs = seqs
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.pack, self.shuffle, self.num_epochs = pack, shuffle, num_epochs
+        self.process_index, self.process_count = process_index, process_count
+        self._per_epoch = len(seqs) // process_count
+        self._epoch, self._cursor, self._step = 0, 0, 0
+        self._share_cache: tuple[int, np.ndarray] | None = None
+
+    def _share(self, epoch: int) -> np.ndarray:
+        """This host's sequence indices for one epoch."""
+        if self._share_cache is None or self._share_cache[0] != epoch:
+            n = len(self._seqs)
+            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                    else np.arange(n))
+            perm = perm[:self._per_epoch * self.process_count]
+            self._share_cache = (epoch, perm[self.process_index::self.process_count])
+        return self._share_cache[1]
+
+    def _peek(self) -> Encoded | None:
+        if self.num_epochs is not None and self._epoch >= self.num_epochs:
+            return None
+        return self._seqs[int(self._share(self._epoch)[self._cursor])]
+
+    def _advance(self) -> None:
+        self._cursor += 1
+        if self._cursor == self._per_epoch:
+            self._epoch, self._cursor = self._epoch + 1, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        rows: list[list[Encoded]] = []
+        used = self.seq_len + 1
+        while True:
+            seq = self._peek()
+            if seq is None:
+                break
+            if not self.pack or used + len(seq) > self.seq_len:
+                if len(rows) == self.batch_size:
+                    break  # leave `seq` for the next batch: the cursor points at it
+                rows.append([])
+                used = 0
+            rows[-1].append(seq)
+            used += len(seq)
+            self._advance()
+        if not rows:
+            raise StopIteration
+        self._step += 1
+        return rows_to_batch(rows, self.seq_len, self.batch_size)
+
+    def _config(self) -> dict[str, Any]:
+        return {"seed": self.seed, "num_sequences": len(self._seqs), "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "pack": self.pack, "shuffle": self.shuffle,
+                "process_index": self.process_index, "process_count": self.process_count}
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-serialisable position: save it with the model checkpoint."""
+        return {"epoch": self._epoch, "cursor": self._cursor, "step": self._step,
+                **self._config()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continues from a saved `state()`; the next batch is the one that came next then.
+
+        Raises:
+          ValueError: the state was saved by an iterator with other data or settings.
+        """
+        mine = self._config()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"iterator state does not match this iterator (saved, now): {diff}")
+        self._epoch, self._cursor, self._step = state["epoch"], state["cursor"], state["step"]
+
+
+def global_batch(batch: Batch, sharding) -> Batch:
+    """Assembles each host's `Batch` into global `jax.Array`s sharded along the batch axis.
+
+    Args:
+      batch: this host's batch (its rows of the global batch).
+      sharding: a `jax.sharding.NamedSharding` for [global_batch, seq] arrays, e.g.
+        `NamedSharding(mesh, P("data", None))`.
+
+    Returns:
+      A `Batch` of global arrays of shape [batch_size * process_count, seq_len].
+    """
+    import jax
+
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,0 +1,125 @@
+"""Write a sampled mixture to JSON Lines with a manifest, so any trainer can consume it.
+
+`mixture.jsonl` holds one example per line in training order (task, id, prompt, target, choices,
+answer); `manifest.json` records what produced it: weights, counts, the seed, the split spec,
+repeated tasks, each task's source and a hash of its content, the file's SHA-256, and every
+benchmark canary string of the tasks inside. Benchmark data (BIG-bench) must stay inside a run
+directory: the canary travels with the file so that crawlers and dedup filters can find it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from taskpgm_jax.data.sampling import MixtureSample
+from taskpgm_jax.data.tasks import TaskPool, _example_key, data_error
+
+__all__ = ["FORMAT", "load_materialized", "materialize_mixture", "task_fingerprint"]
+
+FORMAT = "taskpgm-mixture/1"
+_FIELDS = ("id", "prompt", "target", "choices", "answer")
+
+
+def task_fingerprint(pool: TaskPool, name: str) -> str:
+    """SHA-256 over a task's example contents in order: changes iff the data changes."""
+    h = hashlib.sha256()
+    for ex in pool[name].examples:
+        h.update(_example_key(ex))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os.PathLike, *,
+                        extra: dict[str, Any] | None = None) -> Path:
+    """Writes `mixture.jsonl` and `manifest.json` into `out_dir` (a run directory).
+
+    Args:
+      pool: the pool the sample was drawn from.
+      sample: from `sample_mixture`.
+      out_dir: created if needed; existing mixture files there are replaced.
+      extra: more JSON-serialisable entries for the manifest (e.g. the solver and its config).
+
+    Returns:
+      The path of `manifest.json`.
+
+    Example:
+      >>> s = sample_mixture(pool, weights, budget=25_000, seed=0)
+      >>> materialize_mixture(pool, s, "runs/abc/mixture")
+    """
+    missing = [n for n in sample.names if n not in pool]
+    if missing:
+        raise data_error(f"the sample names tasks that are not in the pool: {missing}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / "mixture.jsonl"
+    tmp = data_path.with_suffix(".jsonl.tmp")
+    digest = hashlib.sha256()
+    n_rows = 0
+    with open(tmp, "wb") as f:
+        for row in sample.rows(pool):
+            line = json.dumps({"task": row["task"], **{k: row[k] for k in _FIELDS}},
+                              ensure_ascii=False).encode("utf-8") + b"\n"
+            f.write(line)
+            digest.update(line)
+            n_rows += 1
+    os.replace(tmp, data_path)  # a reader never sees a half-written file
+
+    drawn = [n for n in sample.names if sample.counts[n]]
+    canaries = sorted({pool[n].canary for n in drawn if pool[n].canary})
+    manifest = {
+        "format": FORMAT,
+        "file": data_path.name,
+        "sha256": digest.hexdigest(),
+        "rows": n_rows,
+        "seed": sample.seed,
+        "split": sample.split,
+        "split_spec": dataclasses.asdict(pool.split_spec),
+        "budget": sample.budget,
+        "weights": dict(zip(sample.names, (float(w) for w in sample.weights))),
+        "counts": sample.counts,
+        "repeated": {n: {"count": c, "available": a} for n, (c, a) in sample.repeated.items()},
+        "tasks": {n: {"source": pool[n].source, "kind": pool[n].kind, "metric": pool[n].metric,
+                      "examples": len(pool[n]),
+                      "available": int(len(pool.indices(n, sample.split))),
+                      "content_sha256": task_fingerprint(pool, n)} for n in sample.names},
+        "canaries": canaries,
+        **(extra or {}),
+    }
+    from taskpgm_jax import __version__
+
+    manifest["created_by"] = f"taskpgm_jax {__version__}"
+    manifest_path = out / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest_path
+
+
+def load_materialized(out_dir: str | os.PathLike):
+    """Reads a materialised mixture back, checking the file against its manifest.
+
+    Returns:
+      (dataset, manifest): a `datasets.Dataset` of the rows in order, and the manifest dict.
+
+    Raises:
+      DataError: the manifest is missing or the data file does not match its SHA-256.
+    """
+    import datasets
+
+    from taskpgm_jax.data.sources.files import read_records
+
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        raise data_error("no manifest.json: not a materialised mixture", source=str(out))
+    manifest = json.loads(manifest_path.read_text())
+    data_path = out / manifest["file"]
+    h = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    if h != manifest["sha256"]:
+        raise data_error(f"file content changed since it was written (sha256 {h[:12]}... != "
+                         f"manifest {manifest['sha256'][:12]}...)", source=str(data_path))
+    records, _ = read_records(data_path)
+    return datasets.Dataset.from_list(records), manifest

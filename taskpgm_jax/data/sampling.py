@@ -1,0 +1,230 @@
+"""Mixture weights -> training examples.
+
+Counts come from the MRF package's largest-remainder rule (one definition for the whole project),
+so the counts sum exactly to the budget. Examples are then drawn per task with a seed: without
+replacement while a task has enough examples; a task smaller than its count is repeated, each
+example ceil- or floor(count / size) times ("balanced", the lowest-variance way to repeat) or,
+with `repeat="iid"`, drawn i.i.d. with replacement; either way the task is listed in `repeated`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from taskpgm_jax.data.tasks import TaskPool, data_error
+
+__all__ = [
+    "MixtureSample", "baseline_weights", "interleave_mixture", "mixture_counts", "sample_mixture",
+]
+
+
+def _largest_remainder(weights: np.ndarray, budget: int) -> np.ndarray:
+    # Placeholder until taskpgm_jax.mrf exposes its own; see mixture_counts.
+    expected = weights / weights.sum() * budget
+    counts = np.floor(expected).astype(np.int64)
+    short = budget - int(counts.sum())
+    order = np.argsort(-(expected - counts), kind="stable")  # ties: lower index first
+    counts[order[:short]] += 1
+    return counts
+
+
+def _as_vector(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
+               names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    if isinstance(weights, Mapping):
+        keys = tuple(weights)
+        if names is not None:
+            unknown = [k for k in keys if k not in set(names)]
+            if unknown:
+                raise data_error(f"weights name tasks that are not in the pool: {unknown}")
+            keys = tuple(names)
+        w = np.array([float(weights.get(k, 0.0)) for k in keys], dtype=np.float64)
+    else:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        keys = tuple(names) if names is not None else None
+        if keys is not None and len(keys) != w.size:
+            raise data_error(f"{w.size} weights for {len(keys)} tasks")
+    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise data_error(f"weights must be finite, non-negative and not all zero; got {w}")
+    return w, keys
+
+
+def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
+                   budget: int) -> dict[str, int] | np.ndarray:
+    """Integer example counts per task, by largest remainder: they sum exactly to `budget`.
+
+    Each task gets floor(w_i / sum(w) * budget); the examples left over go one each to the tasks
+    with the largest fractional parts (ties to the earlier task).
+
+    Args:
+      weights: non-negative weights (normalised here), a mapping name -> weight or an array.
+      budget: total number of examples.
+
+    Returns:
+      The counts, as a dict in the same order when `weights` is a mapping, else an int64 array.
+
+    Example:
+      >>> mixture_counts({"a": 0.5, "b": 0.3, "c": 0.2}, 7)
+      {'a': 4, 'b': 2, 'c': 1}
+    """
+    if int(budget) != budget or budget < 0:
+        raise data_error(f"budget must be a non-negative integer, got {budget!r}")
+    w, keys = _as_vector(weights, None)
+    counts = _largest_remainder(w, int(budget))
+    return dict(zip(keys, (int(c) for c in counts))) if keys is not None else counts
+
+
+def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
+                     temperature: float = 1.0, cap: int | None = None) -> dict[str, float]:
+    """The standard mixtures TaskPGM is compared against.
+
+    Args:
+      sizes: task name -> number of (training) examples, e.g. `pool.split_sizes("train")`.
+      kind: "uniform" (equal weight), "size" (proportional to size) or "temperature"
+        (proportional to size ** (1 / temperature), so temperature 1 is "size" and a large one
+        tends to uniform).
+      temperature: for "temperature".
+      cap: sizes above this count as `cap` (the T5 / seqio examples-proportional cap).
+
+    Returns:
+      Weights on the simplex, name -> weight, in the order of `sizes`.
+    """
+    n = np.array([min(s, cap) if cap is not None else s for s in sizes.values()], np.float64)
+    if kind == "uniform":
+        w = np.ones_like(n)
+    elif kind in ("size", "size_proportional"):
+        w = n
+    elif kind == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        w = n ** (1.0 / temperature)
+    else:
+        raise ValueError(f"unknown baseline {kind!r}; expected uniform, size or temperature")
+    if w.sum() <= 0:
+        raise data_error("every task is empty; no size-based weights exist")
+    return dict(zip(sizes, (float(x) for x in w / w.sum())))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSample:
+    """The examples a mixture selects.
+
+    Attributes:
+      names: task names, in pool order.
+      weights: float64 [tasks], normalised weights.
+      counts: name -> number of examples drawn.
+      indices: name -> int64 [count] row indices into the task's `split` (not its full examples).
+      repeated: name -> (count, available) for every task drawn more times than it has examples.
+      order: int64 [budget, 2] (task index, k): the k-th drawn example of that task; a seeded
+        shuffle across tasks, the order a trainer should read them in.
+      split: which split the examples come from.
+      seed: the sampling seed.
+    """
+
+    names: tuple[str, ...]
+    weights: np.ndarray
+    counts: dict[str, int]
+    indices: dict[str, np.ndarray]
+    repeated: dict[str, tuple[int, int]]
+    order: np.ndarray
+    split: str
+    seed: int
+
+    @property
+    def budget(self) -> int:
+        return int(sum(self.counts.values()))
+
+    def rows(self, pool: TaskPool):
+        """Yields the drawn examples in `order`, each a dict with a `task` key added."""
+        splits = {n: pool.split(n, self.split) for n in self.names if self.counts[n]}
+        for t, k in self.order:
+            name = self.names[t]
+            row = splits[name][int(self.indices[name][k])]
+            yield {"task": name, **row}
+
+
+def _draw(rng: np.random.Generator, available: int, count: int, repeat: str) -> np.ndarray:
+    if count <= available:
+        return rng.choice(available, size=count, replace=False)
+    if repeat == "iid":
+        return rng.integers(0, available, size=count)
+    full, rest = divmod(count, available)
+    picks = np.concatenate([np.tile(np.arange(available), full),
+                            rng.choice(available, size=rest, replace=False)])
+    return rng.permutation(picks)
+
+
+def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float] | np.ndarray,
+                   budget: int, *, seed: int = 0, split: str = "train",
+                   repeat: str = "balanced") -> MixtureSample:
+    """Draws `budget` examples from the pool's `split` following `weights`.
+
+    Args:
+      pool: the tasks.
+      weights: name -> weight (absent names weigh 0) or an array in pool order.
+      budget: total number of examples.
+      seed: the sampling seed (same seed, same pool -> same sample).
+      split: the split to draw from ("train" normally).
+      repeat: how a task smaller than its count is repeated: "balanced" (every example
+        floor/ceil(count / size) times) or "iid" (with replacement).
+
+    Returns:
+      A `MixtureSample`; `repeated` lists the tasks drawn with repetition.
+
+    Raises:
+      DataError: weights on unknown tasks, or a positive count for a task whose split is empty.
+    """
+    if repeat not in ("balanced", "iid"):
+        raise ValueError(f"repeat must be 'balanced' or 'iid', got {repeat!r}")
+    w, names = _as_vector(weights, pool.names)
+    counts_vec = mixture_counts(w, budget)
+    # One generator per task, keyed by (seed, task position and name): a task's draw does not
+    # depend on the tasks after it.
+    counts, indices, repeated = {}, {}, {}
+    for t, (name, c) in enumerate(zip(names, counts_vec)):
+        c = int(c)
+        available = len(pool.indices(name, split))
+        if c and not available:
+            raise data_error(f"{c} examples requested from an empty {split} split",
+                             task=name, source=pool[name].source)
+        rng = np.random.default_rng([seed, t, *name.encode()])
+        indices[name] = _draw(rng, available, c, repeat) if c else np.zeros(0, np.int64)
+        counts[name] = c
+        if c > available:
+            repeated[name] = (c, available)
+    order = np.concatenate([np.stack([np.full(c, t), np.arange(c)], axis=1)
+                            for t, c in enumerate(counts.values())] or [np.zeros((0, 2))])
+    order = np.random.default_rng([seed, len(names)]).permutation(order.astype(np.int64))
+    return MixtureSample(names, w / w.sum(), counts, indices, repeated, order, split, seed)
+
+
+def interleave_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float] | np.ndarray,
+                       *, seed: int = 0, split: str = "train", streaming: bool = False,
+                       stopping_strategy: str = "all_exhausted") -> Any:
+    """The streaming form: `datasets.interleave_datasets` with the weights as probabilities.
+
+    Unlike `sample_mixture` the per-task counts are random (multinomial in expectation), and
+    the stream length depends on `stopping_strategy` ("first_exhausted", "all_exhausted").
+
+    Args:
+      pool, weights, seed, split: as in `sample_mixture` (zero-weight tasks are left out).
+      streaming: return an `IterableDataset` (each task split turned into a stream).
+
+    Returns:
+      A `datasets.Dataset` (or `IterableDataset`) whose rows carry a `task` column.
+    """
+    import datasets
+
+    w, names = _as_vector(weights, pool.names)
+    keep = [i for i in range(len(names)) if w[i] > 0]
+    parts = []
+    for i in keep:
+        ds = pool.split(names[i], split)
+        ds = ds.add_column("task", [names[i]] * ds.num_rows)
+        parts.append(ds.to_iterable_dataset() if streaming else ds)
+    probs = (w[keep] / w[keep].sum()).tolist()
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed,
+                                        stopping_strategy=stopping_strategy)

@@ -1,0 +1,392 @@
+"""BIG-bench tasks, read straight from the `bigbench` source distribution on PyPI.
+
+The JSON tasks ship inside `bigbench-1.0.0.tar.gz` (about 360 MB). `fetch_bigbench` downloads it
+once into a cache directory (verifying its SHA-256) and writes a small index of the archive:
+where each `benchmark_tasks/**/task.json` starts in the uncompressed stream, plus its name,
+keywords and description. Loading then reads only the requested members, in one forward pass
+through the gzip stream, and never unpacks the archive. The package itself is not installed
+(its dependencies are heavy; `pip download` even fails while preparing its metadata), which is
+why the file comes from the package index directly.
+
+Prompt format, as BIG-bench's JSON tasks define it (zero-shot):
+`task_prefix + example_input_prefix + input [+ choice_prefix + choice_prefix.join(choices)]
++ example_output_prefix`, with defaults "\\nQ: ", "\\nA: ", "\\n  choice: " and choices appended
+unless `append_choices_to_input` is false. BIG-bench lists the appended choices in a seeded
+permutation; here they keep the file's order. A multiple-choice example's answer is its first
+highest-scored choice.
+
+Canary: every BIG-bench task carries a canary string. It is kept on each `Task` and written into
+every manifest of data drawn from it; never copy BIG-bench examples outside a run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+import tarfile
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, data_error, make_task
+
+__all__ = [
+    "BBH_MISSING", "BBH_SOURCES", "BIGBENCH_SHA256", "BIGBENCH_VERSION", "archive_index",
+    "bbh_names", "convert_task", "default_cache_dir", "fetch_bigbench", "load_bigbench", "main",
+]
+
+BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+_TASKS_DIR = "bigbench/benchmark_tasks/"
+_INDEX_FORMAT = 1
+
+# BIG-Bench Hard task -> its BIG-bench source task.
+BBH_SOURCES: dict[str, str] = {
+    "boolean_expressions": "boolean_expressions",
+    "causal_judgement": "causal_judgment",
+    "date_understanding": "date_understanding",
+    "disambiguation_qa": "disambiguation_qa",
+    "dyck_languages": "dyck_languages",
+    "formal_fallacies": "formal_fallacies_syllogisms_negation",
+    "geometric_shapes": "geometric_shapes",
+    "hyperbaton": "hyperbaton",
+    "logical_deduction_five_objects": "logical_deduction/five_objects",
+    "logical_deduction_seven_objects": "logical_deduction/seven_objects",
+    "logical_deduction_three_objects": "logical_deduction/three_objects",
+    "movie_recommendation": "movie_recommendation",
+    "multistep_arithmetic_two": "multistep_arithmetic",
+    "navigate": "navigate",
+    "object_counting": "object_counting",
+    "penguins_in_a_table": "penguins_in_a_table",
+    "reasoning_about_colored_objects": "reasoning_about_colored_objects",
+    "ruin_names": "ruin_names",
+    "salient_translation_error_detection": "salient_translation_error_detection",
+    "snarks": "snarks",
+    "sports_understanding": "sports_understanding",
+    "temporal_sequences": "temporal_sequences",
+    "tracking_shuffled_objects_five_objects": "tracking_shuffled_objects/five_objects",
+    "tracking_shuffled_objects_seven_objects": "tracking_shuffled_objects/seven_objects",
+    "tracking_shuffled_objects_three_objects": "tracking_shuffled_objects/three_objects",
+    "web_of_lies": "web_of_lies",
+    "word_sorting": "word_sorting",
+}
+# BBH tasks whose BIG-bench source is a programmatic task (task.py generates the examples), so
+# bigbench 1.0.0 has no JSON for them. `bbh_names` recomputes this from the archive.
+BBH_MISSING: tuple[str, ...] = ("boolean_expressions", "multistep_arithmetic_two", "web_of_lies")
+
+
+def default_cache_dir() -> Path:
+    """`$TASKPGM_CACHE_DIR/bigbench`, else `~/.cache/taskpgm_jax/bigbench`."""
+    root = os.environ.get("TASKPGM_CACHE_DIR") or Path.home() / ".cache" / "taskpgm_jax"
+    return Path(root) / "bigbench"
+
+
+def _archive_name(version: str) -> str:
+    return f"bigbench-{version}.tar.gz"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _index_file_url(index_url: str, filename: str) -> tuple[str, str | None]:
+    """The download URL and SHA-256 of a file, from a PEP 691 (JSON) simple index."""
+    req = urllib.request.Request(f"{index_url.rstrip('/')}/bigbench/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        listing = json.load(resp)
+    for f in listing.get("files", []):
+        if f.get("filename") == filename:
+            return f["url"], f.get("hashes", {}).get("sha256")
+    raise FileNotFoundError(f"{filename} is not listed by {index_url}")
+
+
+def fetch_bigbench(cache_dir: str | os.PathLike | None = None, *, version: str = BIGBENCH_VERSION,
+                   index_url: str | None = None, force: bool = False) -> Path:
+    """Downloads the BIG-bench source archive once into `cache_dir` and indexes it.
+
+    Args:
+      cache_dir: where the archive lives (default `default_cache_dir()`).
+      version: the `bigbench` release (only 1.0.0 is verified against a pinned SHA-256).
+      index_url: a PEP 691 package index (default `$PIP_INDEX_URL` or https://pypi.org/simple).
+      force: download again even when a verified archive is present.
+
+    Returns:
+      The archive's path.
+
+    Raises:
+      OSError / urllib errors: no network; the message says where to put the file by hand.
+      ValueError: the download does not match its SHA-256.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / _archive_name(version)
+    pinned = BIGBENCH_SHA256 if version == BIGBENCH_VERSION else None
+    if target.exists() and not force:
+        if pinned is None or target.stat().st_size and _sha256(target) == pinned:
+            archive_index(target)
+            return target
+    index_url = index_url or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+    try:
+        url, listed = _index_file_url(index_url, target.name)
+        tmp = target.with_suffix(".part")
+        with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as out:
+            for block in iter(lambda: resp.read(1 << 22), b""):
+                out.write(block)
+    except OSError as e:
+        raise OSError(f"could not download {target.name} from {index_url} ({e}); on a machine "
+                      f"with network run `pip download --no-deps --no-build-isolation "
+                      f"bigbench=={version}` (it may fail after the download; the file stays in "
+                      f"pip's cache) or fetch it from PyPI, and place it at {target}") from e
+    got = _sha256(tmp)
+    for want in {listed, pinned} - {None}:
+        if got != want:
+            tmp.unlink()
+            raise ValueError(f"{target.name}: SHA-256 {got} does not match the expected {want}")
+    os.replace(tmp, target)
+    archive_index(target)
+    return target
+
+
+def _members(archive: Path) -> Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar:
+            yield tar, m
+
+
+def _task_path(member_name: str) -> str | None:
+    """'bigbench-1.0.0/bigbench/benchmark_tasks/a/b/task.json' -> 'a/b'."""
+    _, _, rest = member_name.partition("/")
+    if not rest.startswith(_TASKS_DIR) or not rest.endswith("/task.json"):
+        return None
+    return rest[len(_TASKS_DIR):-len("/task.json")]
+
+
+def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
+    """The archive's task index, built by one pass over it and cached beside it as JSON.
+
+    Returns:
+      {"tasks": {path: {"offset", "size", "name", "keywords", "description", "examples"}},
+       "programmatic": [paths with a task.py and no task.json]}. Paths are "navigate" or
+      "logical_deduction/three_objects"; a container task (sub-tasks only) has examples 0.
+    """
+    archive = Path(archive)
+    if not archive.exists():
+        raise FileNotFoundError(f"{archive}: no BIG-bench archive; run `taskpgm data fetch "
+                                f"bigbench` (or fetch_bigbench()) first")
+    side = archive.with_name(archive.name + ".index.json")
+    stat = archive.stat()
+    stamp = [_INDEX_FORMAT, stat.st_size, int(stat.st_mtime)]
+    if side.exists():
+        index = json.loads(side.read_text())
+        if index.get("stamp") == stamp:
+            return index
+    tasks, code = {}, set()
+    for tar, m in _members(archive):
+        _, _, rest = m.name.partition("/")
+        if rest.startswith(_TASKS_DIR) and rest.endswith("/task.py"):
+            code.add(rest[len(_TASKS_DIR):-len("/task.py")])
+        path = _task_path(m.name)
+        if path is None or not m.isfile():
+            continue
+        data = json.loads(tar.extractfile(m).read())
+        tasks[path] = {"offset": m.offset_data, "size": m.size, "name": data.get("name", path),
+                       "keywords": list(data.get("keywords", [])),
+                       "description": data.get("description", ""),
+                       "examples": len(data.get("examples", []))}
+    index = {"stamp": stamp, "tasks": tasks, "programmatic": sorted(code - set(tasks))}
+    side.write_text(json.dumps(index))
+    return index
+
+
+def _read_members(archive: Path, entries: dict[str, dict]) -> dict[str, bytes]:
+    """Reads several members in one forward pass (gzip cannot seek backwards cheaply)."""
+    out = {}
+    with gzip.open(archive, "rb") as f:
+        for path, e in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
+            f.seek(e["offset"])
+            out[path] = f.read(e["size"])
+    return out
+
+
+def _prompt(example: dict, fmt: dict, choices: Sequence[str] | None) -> str:
+    text = example["input"]
+    if choices is not None and fmt["append_choices"]:
+        text = text + fmt["choice_prefix"] + fmt["choice_prefix"].join(choices)
+    return fmt["task_prefix"] + fmt["input_prefix"] + text + fmt["output_prefix"]
+
+
+def convert_task(data: dict, path: str, source: str) -> Task:
+    """Turns one BIG-bench task.json (already parsed) into a `Task`.
+
+    Args:
+      data: the parsed JSON.
+      path: the task's path ("navigate", "logical_deduction/three_objects"): its name.
+      source: provenance for errors and manifests.
+
+    Returns:
+      A multiple-choice task when its preferred score is `multiple_choice_grade` (or it has only
+      `target_scores`), else a generative one.
+
+    Raises:
+      DataError: no examples, an example without input/target/target_scores, or no correct choice.
+    """
+    examples = data.get("examples") or []
+    if not examples:
+        raise data_error("no examples (a container of sub-tasks? name one, e.g. "
+                         f"'{path}/<subtask>')", task=path, source=source, field="examples")
+    fmt = {"task_prefix": str(data.get("task_prefix", "")),
+           "input_prefix": data.get("example_input_prefix", "\nQ: "),
+           "output_prefix": data.get("example_output_prefix", "\nA: "),
+           "choice_prefix": data.get("choice_prefix", "\n  choice: "),
+           "append_choices": data.get("append_choices_to_input", True)}
+    preferred = data.get("preferred_score", "")
+    all_scores = all("target_scores" in ex for ex in examples)
+    all_targets = all("target" in ex for ex in examples)
+    if preferred == "multiple_choice_grade" or (all_scores and not all_targets):
+        kind = "multiple_choice"
+    else:
+        kind = "generate"
+    rows = []
+    for i, ex in enumerate(examples):
+        def fail(msg, field, i=i):
+            return data_error(f"example {i}: {msg}", task=path, source=source, field=field)
+
+        if not isinstance(ex.get("input"), str):
+            raise fail("missing or non-string input", "input")
+        if kind == "multiple_choice":
+            scores = ex.get("target_scores")
+            if not isinstance(scores, dict) or len(scores) < 2:
+                raise fail("a multiple-choice example needs target_scores with 2+ choices",
+                           "target_scores")
+            choices, values = list(scores), [float(v) for v in scores.values()]
+            if max(values) <= min(values):
+                raise fail("no correct choice (all target_scores equal)", "target_scores")
+            rows.append({"prompt": _prompt(ex, fmt, choices), "choices": choices,
+                         "answer": values.index(max(values)), "id": f"{path}:{i}"})
+        else:
+            target = ex.get("target")
+            refs = [target] if isinstance(target, str) else list(target or [])
+            if not refs or not all(isinstance(r, str) for r in refs):
+                raise fail("missing target (a string or a list of strings)", "target")
+            rows.append({"prompt": _prompt(ex, fmt, None), "target": refs[0], "references": refs,
+                         "id": f"{path}:{i}"})
+    return make_task(path, kind, rows, metric=preferred or None, source=source,
+                     description=data.get("description", ""), keywords=data.get("keywords", []),
+                     canary=data.get("canary", ""))
+
+
+def bbh_names(index: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The BIG-bench paths of the BBH suite present as JSON, and the BBH tasks that are not."""
+    present = [BBH_SOURCES[b] for b in BBH_SOURCES if index["tasks"].get(BBH_SOURCES[b], {})
+               .get("examples")]
+    missing = [b for b in BBH_SOURCES if BBH_SOURCES[b] not in present]
+    return present, missing
+
+
+def _resolve(index: dict[str, Any], names: Sequence[str] | None,
+             keywords: Sequence[str] | None, archive: Path) -> list[str]:
+    tasks = index["tasks"]
+    leaves = [p for p, e in tasks.items() if e["examples"]]
+    if names is None:
+        chosen = sorted(leaves)
+    else:
+        chosen = []
+        for n in names:
+            subs = sorted(p for p in leaves if p.startswith(n + "/"))
+            if n in tasks and tasks[n]["examples"]:
+                chosen.append(n)
+            elif subs:  # a container: all of its sub-tasks
+                chosen.extend(subs)
+            elif n in index["programmatic"]:
+                raise data_error("a programmatic BIG-bench task (examples generated by task.py); "
+                                 "it has no JSON to read", task=n, source=str(archive))
+            else:
+                raise data_error("no such BIG-bench JSON task", task=n, source=str(archive))
+    if keywords:
+        want = set(keywords)
+        chosen = [p for p in chosen if want <= set(tasks[p]["keywords"])]
+    return list(dict.fromkeys(chosen))
+
+
+def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
+                  cache_dir: str | os.PathLike | None = None, *,
+                  keywords: Sequence[str] | None = None, archive: str | os.PathLike | None = None,
+                  split: SplitSpec = SplitSpec()) -> TaskPool:
+    """Loads BIG-bench JSON tasks from the cached source archive.
+
+    Args:
+      names_or_suite: "bbh" (the BIG-Bench Hard sources that exist as JSON; see `BBH_MISSING`),
+        a task path ("navigate", "logical_deduction/three_objects"; a container such as
+        "logical_deduction" means all its sub-tasks), a list of them, or None for every JSON task.
+      cache_dir: where `fetch_bigbench` put the archive (default `default_cache_dir()`).
+      keywords: keep only tasks carrying all these BIG-bench keywords.
+      archive: an explicit archive path (overrides `cache_dir`).
+      split: split fractions and seed.
+
+    Returns:
+      A `TaskPool` named by task path, each task's `source` "bigbench:<version>/<path>".
+
+    Raises:
+      FileNotFoundError: the archive is not in the cache (the message says how to fetch it).
+      DataError: an unknown or programmatic task, or a malformed task file.
+
+    Example:
+      >>> pool = load_bigbench(["navigate", "logical_deduction/three_objects"])
+    """
+    archive = (Path(archive) if archive is not None
+               else (Path(cache_dir) if cache_dir is not None else default_cache_dir())
+               / _archive_name(BIGBENCH_VERSION))
+    index = archive_index(archive)
+    if names_or_suite == "bbh":
+        names = bbh_names(index)[0]
+    elif isinstance(names_or_suite, str):
+        names = [names_or_suite]
+    else:
+        names = None if names_or_suite is None else list(names_or_suite)
+    paths = _resolve(index, names, keywords, archive)
+    if not paths:
+        raise data_error(f"no BIG-bench task matches names={names_or_suite!r}, "
+                         f"keywords={keywords!r}", source=str(archive))
+    raw = _read_members(archive, {p: index["tasks"][p] for p in paths})
+    version = archive.name.removeprefix("bigbench-").removesuffix(".tar.gz")
+    tasks = []
+    for p in paths:
+        where = f"{archive}:{_TASKS_DIR}{p}/task.json"
+        try:
+            data = json.loads(raw[p].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise data_error(f"unreadable task.json ({e})", task=p, source=where) from None
+        tasks.append(convert_task(data, p, f"bigbench:{version}/{p}"))
+    return TaskPool(tasks, split)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`taskpgm data fetch bigbench [--cache-dir DIR] [--index-url URL] [--force]`."""
+    parser = argparse.ArgumentParser(prog="taskpgm data fetch bigbench",
+                                     description="Download the BIG-bench source archive once "
+                                                 "into a cache directory and index its tasks.")
+    parser.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
+    parser.add_argument("--index-url", default=None, help="PEP 691 package index")
+    parser.add_argument("--force", action="store_true", help="download even if cached")
+    args = parser.parse_args(argv)
+    path = fetch_bigbench(args.cache_dir, index_url=args.index_url, force=args.force)
+    index = archive_index(path)
+    present, missing = bbh_names(index)
+    n_json = sum(1 for e in index["tasks"].values() if e["examples"])
+    print(f"{path}\n{n_json} JSON tasks; bbh suite: {len(present)} tasks present, missing "
+          f"(generated in code): {', '.join(missing)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

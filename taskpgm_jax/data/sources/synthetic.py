@@ -1,0 +1,212 @@
+"""A planted synthetic task suite: the ground truth for testing whether affinities find structure.
+
+Each *skill* is a small deterministic string function (add two numbers, reverse letters, check
+brackets, ...). A *cluster* is several tasks that apply the same skill to inputs from the same
+distribution and differ only in the surface form of the prompt (instruction word, separator):
+near-duplicates, so an affinity matrix should group them. *Unique* tasks are skills that appear
+once, *noise* tasks pair inputs with random targets (nothing to learn, so they should resemble no
+other task), and *held-out* evaluation tasks use each skill with a prompt form no training task
+uses. Strings are short over small alphabets so that a small decoder trained from scratch on two
+CPU cores learns the skills in minutes.
+
+Every task draws from its own generator seeded by (seed, task name), so changing the number of
+tasks never changes the examples of the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, make_task
+
+__all__ = ["SKILLS", "synthetic_suite"]
+
+_LETTERS = "abcdefgh"
+
+
+def _letters(rng, lo=3, hi=6):
+    return "".join(rng.choice(list(_LETTERS), size=int(rng.integers(lo, hi + 1))))
+
+
+def _digits(rng, lo=3, hi=6):
+    return "".join(str(d) for d in rng.integers(0, 10, size=int(rng.integers(lo, hi + 1))))
+
+
+def _add(rng):
+    a, b = (int(v) for v in rng.integers(0, 50, size=2))
+    return f"{a}+{b}", str(a + b)
+
+
+def _reverse(rng):
+    s = _letters(rng)
+    return s, s[::-1]
+
+
+def _sort(rng):
+    s = _digits(rng)
+    return s, "".join(sorted(s))
+
+
+def _boolean(rng):
+    a, b = (bool(v) for v in rng.integers(0, 2, size=2))
+    op = str(rng.choice(["and", "or", "xor"]))
+    val = {"and": a and b, "or": a or b, "xor": a != b}[op]
+    sym = {True: "T", False: "F"}
+    return f"{sym[a]} {op} {sym[b]}", sym[val]
+
+
+def _brackets(rng):
+    n = int(rng.integers(1, 5))
+    if rng.random() < 0.5:  # build a balanced string half of the time, else the answer is "no"
+        s, depth = "", 0
+        opens = n
+        while opens or depth:
+            if opens and (depth == 0 or rng.random() < 0.5):
+                s, opens, depth = s + "(", opens - 1, depth + 1
+            else:
+                s, depth = s + ")", depth - 1
+    else:
+        s = "".join(rng.choice(["(", ")"], size=2 * n))
+    depth, ok = 0, True
+    for c in s:
+        depth += 1 if c == "(" else -1
+        ok = ok and depth >= 0
+    return s, "yes" if ok and depth == 0 else "no"
+
+
+def _count(rng):
+    s = _letters(rng, 4, 8)
+    c = str(rng.choice(list(s)))
+    return f"{c} in {s}", str(s.count(c))
+
+
+def _lookup(rng):
+    keys = rng.choice(list(_LETTERS), size=3, replace=False)
+    vals = rng.integers(0, 10, size=3)
+    q = int(rng.integers(0, 3))
+    table = " ".join(f"{k}={v}" for k, v in zip(keys, vals))
+    return f"{table} ; {keys[q]}", str(vals[q])
+
+
+def _upper(rng):
+    s = _letters(rng)
+    return s, s.upper()
+
+
+def _maximum(rng):
+    s = _digits(rng)
+    return s, max(s)
+
+
+def _length(rng):
+    s = _letters(rng, 1, 9)
+    return s, str(len(s))
+
+
+# skill -> (input/target generator, instruction words). The last word of each list is reserved
+# for the held-out evaluation task, so its prompt form is never seen in training.
+SKILLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "add": (_add, ("add", "sum", "plus", "total", "addition")),
+    "reverse": (_reverse, ("reverse", "rev", "backwards", "flip", "mirror")),
+    "sort": (_sort, ("sort", "order", "ascending", "arrange", "rank")),
+    "boolean": (_boolean, ("bool", "logic", "truth", "eval", "decide")),
+    "brackets": (_brackets, ("balanced", "brackets", "parens", "matched", "nested")),
+    "count": (_count, ("count", "howmany", "occurs", "tally", "number")),
+    "lookup": (_lookup, ("lookup", "get", "find", "value", "fetch")),
+    "upper": (_upper, ("upper", "caps", "shout", "capital", "big")),
+    "maximum": (_maximum, ("max", "largest", "biggest", "top", "highest")),
+    "length": (_length, ("length", "len", "size", "long", "chars")),
+}
+_SEPARATORS = (" = ", " -> ", ": ", " ? ")
+
+
+def _task_rng(seed: int, name: str) -> np.random.Generator:
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+
+
+def _make(name: str, skill: str, word: str, sep: str, n: int, rng, *, noise: bool) -> Task:
+    gen, _ = SKILLS[skill]
+    rows = []
+    for _ in range(n):
+        x, y = gen(rng)
+        if noise:  # a random target of the same alphabet, independent of the input
+            y = _digits(rng, 1, 3)
+        rows.append({"prompt": f"{word} {x}{sep}", "target": y})
+    return make_task(name, "generate", rows, source="synthetic",
+                     description=f"{'noise over ' if noise else ''}{skill}: '{word} <x>{sep}'",
+                     keywords=(skill, "noise" if noise else "skill"))
+
+
+def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2, 2),
+                    n_unique: int = 2, n_noise: int = 2, examples: tuple[int, int] = (150, 400),
+                    heldout_examples: int = 100, split: SplitSpec = SplitSpec()) -> TaskPool:
+    """Generates the planted suite.
+
+    Args:
+      seed: determines which skills form clusters, every example, and the task order.
+      cluster_sizes: number of near-duplicate tasks in each redundant cluster (each at most 4).
+      n_unique: skills that appear as a single task.
+      n_noise: tasks with random targets (each its own cluster).
+      examples: (min, max) examples per training task; each task's size is drawn in this range,
+        so size-proportional and uniform mixtures differ.
+      heldout_examples: examples per held-out evaluation task.
+      split: split fractions and seed for the pool.
+
+    Returns:
+      A `TaskPool` (tasks in a seeded order) whose `cluster_labels` map each task to its planted
+      cluster (the skill name, or `noise_<j>`), and whose `heldout` pool holds one evaluation
+      task per skill used (`heldout_<skill>`, an unseen prompt form), labelled by skill.
+
+    Example:
+      >>> pool = synthetic_suite(seed=0)
+      >>> pool.cluster_labels["add_0"] == pool.cluster_labels["add_1"]
+      True
+    """
+    n_skills = len(cluster_sizes) + n_unique
+    if n_skills > len(SKILLS):
+        raise ValueError(f"{len(cluster_sizes)} clusters + {n_unique} unique tasks need "
+                         f"{n_skills} skills; there are {len(SKILLS)}")
+    if any(not 1 <= c <= 4 for c in cluster_sizes):
+        raise ValueError(f"cluster sizes must be in [1, 4] (4 prompt forms per skill); got "
+                         f"{tuple(cluster_sizes)}")
+    lo, hi = examples
+    rng = np.random.default_rng(seed)
+    skills = [str(s) for s in rng.permutation(list(SKILLS))[:n_skills]]
+    sizes = list(cluster_sizes) + [1] * n_unique
+
+    tasks, labels = [], {}
+    for skill, size in zip(skills, sizes):
+        words = SKILLS[skill][1]
+        for i in range(size):
+            name = f"{skill}_{i}"
+            trng = _task_rng(seed, name)
+            n = int(trng.integers(lo, hi + 1))
+            tasks.append(_make(name, skill, words[i], _SEPARATORS[i % len(_SEPARATORS)], n, trng,
+                               noise=False))
+            labels[name] = skill
+    for j in range(n_noise):
+        name = f"noise_{j}"
+        trng = _task_rng(seed, name)
+        skill = str(trng.choice(skills))
+        n = int(trng.integers(lo, hi + 1))
+        tasks.append(_make(name, skill, f"noise{j}", " = ", n, trng, noise=True))
+        labels[name] = name
+
+    order = rng.permutation(len(tasks))
+    tasks = [tasks[i] for i in order]
+    held, held_labels = [], {}
+    for skill in skills:
+        name = f"heldout_{skill}"
+        word = SKILLS[skill][1][-1]
+        held.append(_make(name, skill, word, " => ", heldout_examples, _task_rng(seed, name),
+                          noise=False))
+        held_labels[name] = skill
+    # Held-out tasks are evaluation-only: everything is in their eval split.
+    heldout = TaskPool(held, SplitSpec(probe=0.0, eval=1.0, seed=split.seed),
+                       cluster_labels=held_labels)
+    return TaskPool(tasks, split, cluster_labels={t.name: labels[t.name] for t in tasks},
+                    heldout=heldout)

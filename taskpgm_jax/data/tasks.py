@@ -1,0 +1,369 @@
+"""Tasks and task pools: fixed example columns, validation, and seeded-hash splits.
+
+Every source (local files, the Hugging Face hub, BIG-bench, the synthetic suite) produces `Task`
+objects whose examples are a `datasets.Dataset` with the same columns (`EXAMPLE_FEATURES`), so the
+tokenizer, the samplers and the materialiser never care where a task came from.
+
+Splits are decided per example by a seeded hash of its content, not by its index: they never
+overlap, they do not move when examples are reordered or other tasks are added, and exact
+duplicates inside a task always land in the same split (no train/eval leakage through copies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+
+__all__ = [
+    "DataError", "EXAMPLE_FEATURES", "SPLITS", "SplitSpec", "Task", "TaskPool", "make_task",
+    "split_of",
+]
+
+Kind = Literal["generate", "multiple_choice"]
+KINDS = ("generate", "multiple_choice")
+SPLITS = ("train", "probe", "eval")
+
+# The fixed example schema. `answer` is -1 and `choices` empty for generative tasks; for
+# multiple-choice tasks `target` is the correct choice text, so the training text is the same
+# whatever the kind. `references` holds every acceptable answer for exact-match scoring.
+EXAMPLE_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "prompt": datasets.Value("string"),
+    "target": datasets.Value("string"),
+    "choices": datasets.Sequence(datasets.Value("string")),
+    "answer": datasets.Value("int32"),
+    "references": datasets.Sequence(datasets.Value("string")),
+})
+
+
+class DataError(ValueError):
+    """Bad task data. The message names the file, task, field and line where they are known."""
+
+
+def _where(task: str | None = None, source: str | None = None, line: int | None = None,
+           field: str | None = None) -> str:
+    parts = []
+    if source:
+        parts.append(f"{source}" + (f" line {line}" if line is not None else ""))
+    elif line is not None:
+        parts.append(f"line {line}")
+    if task:
+        parts.append(f"task {task!r}")
+    if field:
+        parts.append(f"field {field!r}")
+    return ", ".join(parts)
+
+
+def data_error(message: str, *, task: str | None = None, source: str | None = None,
+               line: int | None = None, field: str | None = None) -> DataError:
+    """Builds a `DataError` whose message starts with where the problem is."""
+    where = _where(task, source, line, field)
+    return DataError(f"{where}: {message}" if where else message)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """How each task's examples are split by hash.
+
+    Attributes:
+      probe: fraction of examples in the probe split (used for the affinities).
+      eval: fraction of examples in the evaluation split.
+      seed: the hash seed; changing it reshuffles every split.
+      min_probe: each task must have at least this many probe examples (0: no check).
+    """
+
+    probe: float = 0.1
+    eval: float = 0.1
+    seed: int = 0
+    min_probe: int = 0
+
+    def __post_init__(self):
+        if not (0.0 <= self.probe and 0.0 <= self.eval and self.probe + self.eval <= 1.0):
+            raise ValueError(
+                f"split fractions must be >= 0 and sum to at most 1 (train keeps the rest); got "
+                f"probe={self.probe}, eval={self.eval}")
+
+
+def _example_key(example: Mapping[str, Any]) -> bytes:
+    # Content only (never the row index or the id, which sources may number by position), with
+    # separators that cannot occur inside the fields' repr.
+    return repr((example["prompt"], example["target"], tuple(example["choices"]),
+                 int(example["answer"]))).encode("utf-8")
+
+
+def _hash_unit(seed: int, task: str, key: bytes) -> float:
+    digest = hashlib.blake2b(f"{seed}\0{task}\0".encode() + key, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def split_of(example: Mapping[str, Any], task: str, spec: SplitSpec) -> str:
+    """The split ("train", "probe" or "eval") of one example of `task` under `spec`.
+
+    Args:
+      example: a mapping with the `EXAMPLE_FEATURES` columns.
+      task: the task name (part of the hash, so two tasks sharing an example split it
+        independently).
+      spec: fractions and seed.
+
+    Returns:
+      The split name.
+    """
+    u = _hash_unit(spec.seed, task, _example_key(example))
+    if u < spec.eval:
+        return "eval"
+    if u < spec.eval + spec.probe:
+        return "probe"
+    return "train"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One task: a name, a kind, a metric and its examples.
+
+    Attributes:
+      name: unique name in its pool (BIG-bench sub-tasks are "parent/sub").
+      kind: "generate" (a target string) or "multiple_choice" (choices and the correct index).
+      metric: how it is scored ("exact_match" or "multiple_choice_grade" by default).
+      examples: a `datasets.Dataset` with the `EXAMPLE_FEATURES` columns.
+      source: where it came from (a path, "hub:...", "bigbench:1.0.0/<task>", "synthetic").
+      description: free text.
+      keywords: tags, e.g. BIG-bench keywords.
+      canary: a benchmark's canary string, carried into every manifest that holds its examples.
+    """
+
+    name: str
+    kind: Kind
+    metric: str
+    examples: datasets.Dataset
+    source: str = ""
+    description: str = ""
+    keywords: tuple[str, ...] = ()
+    canary: str = ""
+
+    def __len__(self) -> int:
+        return self.examples.num_rows
+
+
+def _check_example(ex: Mapping[str, Any], kind: str, task: str, source: str,
+                   line: int | None) -> None:
+    def fail(msg, field):
+        raise data_error(msg, task=task, source=source, line=line, field=field)
+
+    for field in ("prompt", "target"):
+        if not isinstance(ex[field], str):
+            fail(f"expected a string, got {type(ex[field]).__name__}", field)
+    if kind == "multiple_choice":
+        choices = ex["choices"]
+        if len(choices) < 2:
+            fail(f"a multiple-choice example needs at least 2 choices, got {len(choices)}",
+                 "choices")
+        if not 0 <= ex["answer"] < len(choices):
+            fail(f"answer index {ex['answer']} is not among the {len(choices)} choices",
+                 "answer")
+        if ex["target"] != choices[ex["answer"]]:
+            fail("target differs from choices[answer]", "target")
+    elif ex["target"] == "":
+        fail("empty target: a generative example needs text to learn", "target")
+
+
+def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric: str | None = None,
+              source: str = "", description: str = "", keywords: Iterable[str] = (),
+              canary: str = "", lines: Sequence[int] | None = None) -> Task:
+    """Validates rows and builds a `Task` with the fixed columns.
+
+    Args:
+      name: task name.
+      kind: "generate" or "multiple_choice".
+      rows: dicts with `prompt` and `target` (generate), or `prompt`, `choices` and `answer`
+        (an int index, or the correct choice's text); optional `id` and `references`.
+      metric: defaults to "exact_match" / "multiple_choice_grade" by kind.
+      source, description, keywords, canary: provenance, see `Task`.
+      lines: for error messages, the source line (or row) number of each row.
+
+    Returns:
+      The validated `Task`.
+
+    Raises:
+      DataError: empty task, unknown kind, a missing field, or an answer not among the choices;
+        the message names the source, task, field and line.
+    """
+    if kind not in KINDS:
+        raise data_error(f"unknown kind {kind!r}; expected one of {KINDS}", task=name,
+                         source=source, field="kind")
+    if not rows:
+        raise data_error("the task has no examples", task=name, source=source)
+    cols: dict[str, list] = {k: [] for k in EXAMPLE_FEATURES}
+    for i, row in enumerate(rows):
+        line = lines[i] if lines is not None else i + 1
+        ex = _normalise_row(row, kind, name, source, line)
+        _check_example(ex, kind, name, source, line)
+        ex["id"] = str(row["id"]) if row.get("id") is not None else f"{name}:{i}"
+        for k in cols:
+            cols[k].append(ex[k])
+    examples = datasets.Dataset.from_dict(cols, features=EXAMPLE_FEATURES)
+    metric = metric or ("multiple_choice_grade" if kind == "multiple_choice" else "exact_match")
+    return Task(name=name, kind=kind, metric=metric, examples=examples, source=source,
+                description=description, keywords=tuple(keywords), canary=canary)
+
+
+def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
+                   line: int) -> dict[str, Any]:
+    def need(field):
+        if field not in row or row[field] is None:
+            raise data_error("missing required field", task=task, source=source, line=line,
+                             field=field)
+        return row[field]
+
+    prompt = need("prompt")
+    if kind == "generate":
+        target = need("target")
+        refs = row.get("references") or [target]
+        return {"prompt": prompt, "target": target, "choices": [], "answer": -1,
+                "references": list(refs)}
+    choices = need("choices")
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise data_error("choices must be a list of strings", task=task, source=source,
+                         line=line, field="choices")
+    answer = need("answer")
+    if isinstance(answer, str):
+        if answer not in choices:
+            raise data_error(f"answer {answer!r} is not among the choices {list(choices)}",
+                             task=task, source=source, line=line, field="answer")
+        answer = list(choices).index(answer)
+    elif isinstance(answer, (bool, float)) or not isinstance(answer, (int, np.integer)):
+        raise data_error(f"answer must be an index or a choice text, got {answer!r}",
+                         task=task, source=source, line=line, field="answer")
+    answer = int(answer)
+    target = choices[answer] if 0 <= answer < len(choices) else ""
+    return {"prompt": prompt, "target": target, "choices": list(choices), "answer": answer,
+            "references": [target]}
+
+
+class TaskPool:
+    """An ordered set of uniquely named tasks with deterministic train / probe / eval splits.
+
+    Args:
+      tasks: the tasks, in the order every per-task array (weights, sizes, affinities) follows.
+      split: how examples are split (`SplitSpec`).
+      cluster_labels: optional planted cluster of each task (the synthetic suite sets it).
+      heldout: optional pool of evaluation-only tasks that no mixture draws from.
+
+    Raises:
+      DataError: duplicate task names, or a probe split smaller than `split.min_probe`.
+
+    Example:
+      >>> pool = synthetic_suite(seed=0)
+      >>> pool.names[:2], pool.sizes[pool.names[0]]
+      >>> train = pool.train(pool.names[0])     # a datasets.Dataset
+    """
+
+    def __init__(self, tasks: Sequence[Task], split: SplitSpec = SplitSpec(), *,
+                 cluster_labels: Mapping[str, str] | None = None,
+                 heldout: TaskPool | None = None):
+        seen: dict[str, str] = {}
+        for t in tasks:
+            if t.name in seen:
+                also = f" (first from {seen[t.name]})" if seen[t.name] else ""
+                raise data_error(f"duplicate task name{also}", task=t.name, source=t.source)
+            seen[t.name] = t.source
+        self._tasks = {t.name: t for t in tasks}
+        self.split_spec = split
+        self.cluster_labels = dict(cluster_labels) if cluster_labels is not None else None
+        self.heldout = heldout
+        self._split_index: dict[str, dict[str, np.ndarray]] = {}
+        if split.min_probe:
+            for name in self.names:
+                self.probe(name, size=split.min_probe)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Task names in pool order."""
+        return tuple(self._tasks)
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(self._tasks.values())
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of examples of each task (all splits), in pool order."""
+        return {n: len(t) for n, t in self._tasks.items()}
+
+    def split_sizes(self, split: str = "train") -> dict[str, int]:
+        """Number of examples of each task in one split, in pool order."""
+        return {n: len(self.indices(n, split)) for n in self.names}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tasks
+
+    def __getitem__(self, name: str) -> Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise KeyError(f"no task {name!r} in the pool; tasks: {list(self.names)}") from None
+
+    def indices(self, name: str, split: str) -> np.ndarray:
+        """Row indices (into the task's `examples`) of one split, ascending; cached."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if name not in self._split_index:
+            task = self[name]
+            labels = np.array([split_of(ex, name, self.split_spec) for ex in task.examples])
+            self._split_index[name] = {s: np.flatnonzero(labels == s) for s in SPLITS}
+        return self._split_index[name][split]
+
+    def split(self, name: str, split: str) -> datasets.Dataset:
+        """The examples of one task in one split, as a `datasets.Dataset`."""
+        return self[name].examples.select(self.indices(name, split))
+
+    def train(self, name: str) -> datasets.Dataset:
+        return self.split(name, "train")
+
+    def eval(self, name: str) -> datasets.Dataset:
+        return self.split(name, "eval")
+
+    def probe(self, name: str, size: int | None = None) -> datasets.Dataset:
+        """The probe split of a task; with `size`, its first `size` examples.
+
+        Raises:
+          DataError: the probe split holds fewer than `size` examples.
+        """
+        idx = self.indices(name, "probe")
+        if size is not None:
+            if len(idx) < size:
+                task = self[name]
+                raise data_error(
+                    f"probe split too small: {len(idx)} examples, {size} requested (the task has "
+                    f"{len(task)} examples and probe fraction {self.split_spec.probe}); raise the "
+                    f"probe fraction or request fewer", task=name, source=task.source)
+            idx = idx[:size]
+        return self[name].examples.select(idx)
+
+    def select(self, names: Iterable[str]) -> TaskPool:
+        """A sub-pool with the given tasks, in the given order (same splits)."""
+        names = list(names)
+        labels = ({n: self.cluster_labels[n] for n in names}
+                  if self.cluster_labels is not None else None)
+        sub = TaskPool([self[n] for n in names], self.split_spec, cluster_labels=labels,
+                       heldout=self.heldout)
+        sub._split_index = {n: self._split_index[n] for n in names if n in self._split_index}
+        return sub
+
+    def __or__(self, other: TaskPool) -> TaskPool:
+        """Concatenates two pools (names must stay unique); keeps this pool's split spec."""
+        labels = None
+        if self.cluster_labels is not None or other.cluster_labels is not None:
+            labels = {**(self.cluster_labels or {}), **(other.cluster_labels or {})}
+        return TaskPool(self.tasks + other.tasks, self.split_spec, cluster_labels=labels,
+                        heldout=self.heldout or other.heldout)
+
+    def __repr__(self) -> str:
+        return f"TaskPool({len(self)} tasks: {', '.join(self.names[:6])}{', ...' if len(self) > 6 else ''})"

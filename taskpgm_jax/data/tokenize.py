@@ -1,0 +1,213 @@
+"""Tokenization: examples -> token ids with a target-only mask; tokenizers from local directories.
+
+The prompt and the target are tokenized separately and concatenated, so the boundary between
+them is exact (a joint tokenization can merge the prompt's last characters with the target's
+first into one token, and then that token is neither prompt nor target). The paper's recipe
+(`inputs + " " + targets`) is reproduced by ending prompts with a space or passing `separator`.
+
+Truncation keeps the target: the prompt is cut from the left (its end, nearest the answer, is
+what matters), keeping a leading BOS token when the tokenizer adds one. Only when the target alone
+is longer than the limit is the target cut, from the right, and its EOS dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Encoded", "encode_choices", "encode_example", "encode_task", "load_tokenizer",
+    "train_byte_bpe",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One tokenized sequence.
+
+    Attributes:
+      input_ids: int32 [length], prompt tokens then target tokens (then EOS).
+      target_mask: bool [length], True on target tokens (and the EOS): the tokens the loss and
+        the log-likelihood are taken on.
+      example: index of the source example (row in the split it came from).
+      choice: for multiple-choice scoring rows, the choice index; -1 otherwise.
+      truncated: how many prompt tokens were cut from the left (plus target tokens cut, if any).
+    """
+
+    input_ids: np.ndarray
+    target_mask: np.ndarray
+    example: int = -1
+    choice: int = -1
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Loads any `transformers.AutoTokenizer` from a local directory (never the hub).
+
+    Args:
+      path: a directory written by `save_pretrained` (tokenizer.json / tokenizer_config.json).
+
+    Returns:
+      The tokenizer. A missing pad token is set to the EOS token (right padding is ours anyway).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a tokenizer directory (pass a local directory "
+                                f"written by save_pretrained; hub names are not fetched here)")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
+                   min_frequency: int = 2):
+    """Trains a small byte-level BPE tokenizer and saves it as a standard tokenizer directory.
+
+    Args:
+      texts: training text (for example every prompt and target of a synthetic suite).
+      out_dir: where to save; `load_tokenizer(out_dir)` and `AutoTokenizer` load it.
+      vocab_size: target vocabulary size, including the 256 byte symbols and 3 special tokens.
+      min_frequency: minimum pair count for a merge.
+
+    Returns:
+      The loaded `transformers` tokenizer (`<|pad|>` id 0, `<|bos|>` 1, `<|eos|>` 2).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False: a prompt's first word and a target's first word must tokenize the
+    # same way whether they start the text or not.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0],
+                                   bos_token=specials[1], eos_token=specials[2])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _assemble(prompt_ids: list[int], target_ids: list[int], max_length: int | None,
+              keep_first: bool) -> tuple[list[int], list[int], int]:
+    """Concatenates prompt and target, cutting the prompt from the left to fit."""
+    cut = 0
+    if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
+        head = prompt_ids[:1] if keep_first and prompt_ids else []
+        body = prompt_ids[len(head):]
+        room = max_length - len(target_ids) - len(head)
+        if room >= 0:
+            cut = len(body) - room
+            prompt_ids = head + body[cut:]
+        else:  # the target alone does not fit: no prompt left but the head, target cut right
+            cut = len(body) + (len(target_ids) - (max_length - len(head)))
+            prompt_ids = head
+            target_ids = target_ids[:max_length - len(head)]
+    return prompt_ids, target_ids, cut
+
+
+def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | None = None,
+                   add_eos: bool = True, separator: str = "", example: int = -1,
+                   choice: int = -1) -> Encoded:
+    """Tokenizes one (prompt, target) pair with the loss mask on the target only.
+
+    Args:
+      tokenizer: a `transformers` tokenizer; its special tokens (BOS) go on the prompt.
+      prompt: the input text.
+      target: the text to learn / score.
+      max_length: the longest sequence allowed; the prompt is cut from the left to fit.
+      add_eos: append the EOS token to the target (so the model learns to stop). Scoring rows
+        for multiple choice usually pass False.
+      separator: text appended to the prompt (e.g. " " for the paper's `inputs + " " + targets`).
+      example, choice: bookkeeping copied into the result.
+
+    Returns:
+      An `Encoded`.
+
+    Example:
+      >>> enc = encode_example(tok, "add 2+3 = ", "5", max_length=32)
+      >>> tok.decode(enc.input_ids[enc.target_mask])   # '5<|eos|>'
+    """
+    prompt_ids = _ids(tokenizer, prompt + separator, special=True)
+    target_ids = _ids(tokenizer, target, special=False)
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no EOS token")
+        target_ids.append(tokenizer.eos_token_id)
+    keep_first = (tokenizer.bos_token_id is not None and bool(prompt_ids)
+                  and prompt_ids[0] == tokenizer.bos_token_id)
+    p, t, cut = _assemble(prompt_ids, target_ids, max_length, keep_first)
+    ids = np.asarray(p + t, dtype=np.int32)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[len(p):] = True
+    return Encoded(ids, mask, example=example, choice=choice, truncated=cut)
+
+
+def encode_choices(tokenizer, prompt: str, choices: Sequence[str], *,
+                   max_length: int | None = None, add_eos: bool = False, separator: str = "",
+                   example: int = -1) -> list[Encoded]:
+    """One row per choice, for multiple-choice log-likelihood scoring.
+
+    Every row shares the prompt and masks its own choice, so log p(choice | prompt) is the sum
+    of the model's log-probs over that row's target tokens.
+
+    Returns:
+      A list of `Encoded` with `choice` set to 0, 1, ...
+    """
+    return [encode_example(tokenizer, prompt, c, max_length=max_length, add_eos=add_eos,
+                           separator=separator, example=example, choice=i)
+            for i, c in enumerate(choices)]
+
+
+def encode_task(tokenizer, examples: Iterable[Mapping[str, Any]], *, max_length: int | None = None,
+                mode: str = "train", add_eos: bool | None = None,
+                separator: str = "") -> list[Encoded]:
+    """Encodes a split (any iterable of rows with the task columns).
+
+    Args:
+      tokenizer: a `transformers` tokenizer.
+      examples: rows with `prompt`, `target`, `choices` (e.g. `pool.train(name)`).
+      max_length: per-sequence limit.
+      mode: "train": one row per example, target = the target text (for multiple choice the
+        correct choice); "choices": one row per choice of every multiple-choice example
+        (generative examples give one row), for log-likelihood scoring.
+      add_eos: default True in "train" mode and False in "choices" mode.
+      separator: see `encode_example`.
+
+    Returns:
+      A list of `Encoded`, with `example` the row index in `examples`.
+    """
+    if mode not in ("train", "choices"):
+        raise ValueError(f"mode must be 'train' or 'choices', got {mode!r}")
+    add_eos = (mode == "train") if add_eos is None else add_eos
+    out: list[Encoded] = []
+    for i, ex in enumerate(examples):
+        if mode == "choices" and len(ex["choices"]):
+            out.extend(encode_choices(tokenizer, ex["prompt"], ex["choices"],
+                                      max_length=max_length, add_eos=add_eos,
+                                      separator=separator, example=i))
+        else:
+            out.append(encode_example(tokenizer, ex["prompt"], ex["target"],
+                                      max_length=max_length, add_eos=add_eos,
+                                      separator=separator, example=i))
+    return out

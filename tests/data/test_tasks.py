@@ -1,0 +1,121 @@
+"""Tasks, pools and seeded-hash splits."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from taskpgm_jax.data import DataError, SplitSpec, TaskPool, make_task, split_of
+
+
+def _random_rows(rng, n, prefix="q"):
+    return [{"prompt": f"{prefix} {rng.integers(1 << 40)} {i}", "target": str(rng.integers(100))}
+            for i in range(n)]
+
+
+def _mc_rows(rng, n):
+    rows = []
+    for _ in range(n):
+        k = int(rng.integers(2, 5))
+        choices = [f"c{rng.integers(1 << 30)}_{j}" for j in range(k)]
+        rows.append({"prompt": f"pick {rng.integers(1 << 30)}", "choices": choices,
+                     "answer": int(rng.integers(k))})
+    return rows
+
+
+def test_splits_are_disjoint_cover_and_follow_fractions(rng):
+    spec = SplitSpec(probe=0.15, eval=0.2, seed=int(rng.integers(1 << 30)))
+    n = 4000
+    pool = TaskPool([make_task("a", "generate", _random_rows(rng, n))], spec)
+    parts = {s: set(pool.indices("a", s).tolist()) for s in ("train", "probe", "eval")}
+    assert not (parts["train"] & parts["probe"]) and not (parts["train"] & parts["eval"])
+    assert not (parts["probe"] & parts["eval"])
+    assert parts["train"] | parts["probe"] | parts["eval"] == set(range(n))
+    # Binomial: 5 standard deviations.
+    for s, frac in (("probe", 0.15), ("eval", 0.2)):
+        assert abs(len(parts[s]) - frac * n) < 5 * np.sqrt(n * frac * (1 - frac))
+    assert pool.split_sizes("probe")["a"] == len(parts["probe"])
+    assert pool.probe("a").num_rows == len(parts["probe"])
+
+
+def test_split_matches_an_independent_hash(rng):
+    # Recompute the rule from its definition: blake2b over seed, task and the example content.
+    spec = SplitSpec(probe=0.3, eval=0.3, seed=7)
+    task = make_task("t", "generate", _random_rows(rng, 200))
+    for ex in task.examples:
+        key = repr((ex["prompt"], ex["target"], (), -1)).encode()
+        u = int.from_bytes(hashlib.blake2b(b"7\0t\0" + key, digest_size=8).digest(),
+                           "little") / 2.0**64
+        want = "eval" if u < 0.3 else "probe" if u < 0.6 else "train"
+        assert split_of(ex, "t", spec) == want
+
+
+def test_splits_stable_under_added_tasks_and_reordering(rng):
+    rows_a = _random_rows(rng, 300, "a")
+    rows_b = _random_rows(rng, 200, "b")
+    spec = SplitSpec(seed=3)
+    alone = TaskPool([make_task("a", "generate", rows_a)], spec)
+    perm = rng.permutation(len(rows_a))
+    more = TaskPool([make_task("b", "generate", rows_b),
+                     make_task("a", "generate", [rows_a[i] for i in perm])], spec)
+    for split in ("train", "probe", "eval"):
+        got = sorted(more.split("a", split)["prompt"])
+        assert got == sorted(alone.split("a", split)["prompt"])
+    # A different seed moves examples.
+    other = TaskPool([make_task("a", "generate", rows_a)], SplitSpec(seed=4))
+    assert sorted(other.train("a")["prompt"]) != sorted(alone.train("a")["prompt"])
+
+
+def test_duplicates_share_a_split(rng):
+    rows = _random_rows(rng, 50)
+    pool = TaskPool([make_task("d", "generate", rows + rows)], SplitSpec(probe=0.3, eval=0.3))
+    label = {}
+    for split in ("train", "probe", "eval"):
+        for p in pool.split("d", split)["prompt"]:
+            assert label.setdefault(p, split) == split
+
+
+def test_multiple_choice_rows(rng):
+    rows = _mc_rows(rng, 30)
+    rows[0] = {**rows[0], "answer": rows[0]["choices"][1]}  # answer given as the choice text
+    task = make_task("mc", "multiple_choice", rows)
+    assert task.kind == "multiple_choice" and task.metric == "multiple_choice_grade"
+    ex = task.examples
+    assert ex[0]["answer"] == 1
+    for i, row in enumerate(rows[1:], start=1):
+        assert ex[i]["target"] == row["choices"][row["answer"]]
+        assert ex[i]["choices"] == row["choices"]
+
+
+def test_pool_api(rng):
+    tasks = [make_task(f"t{i}", "generate", _random_rows(rng, 20 + i)) for i in range(4)]
+    pool = TaskPool(tasks, cluster_labels={f"t{i}": str(i % 2) for i in range(4)})
+    assert pool.names == ("t0", "t1", "t2", "t3")
+    assert pool.sizes == {f"t{i}": 20 + i for i in range(4)}
+    sub = pool.select(["t3", "t1"])
+    assert sub.names == ("t3", "t1") and sub.cluster_labels == {"t3": "1", "t1": "1"}
+    assert (pool.select(["t0"]) | pool.select(["t2"])).names == ("t0", "t2")
+    with pytest.raises(KeyError, match="t9"):
+        pool["t9"]
+
+
+def test_errors_name_task_and_field(rng):
+    with pytest.raises(DataError, match="task 'x': duplicate task name"):
+        TaskPool([make_task("x", "generate", _random_rows(rng, 3)),
+                  make_task("x", "generate", _random_rows(rng, 3))])
+    with pytest.raises(DataError, match="'empty'.*no examples"):
+        make_task("empty", "generate", [])
+    rows = _mc_rows(rng, 5)
+    rows[3] = {**rows[3], "answer": "not a choice"}
+    with pytest.raises(DataError, match=r"line 4, task 'm', field 'answer'.*not among"):
+        make_task("m", "multiple_choice", rows)
+    rows[3] = {**rows[3], "answer": 9}
+    with pytest.raises(DataError, match=r"line 4.*'answer'.*not among"):
+        make_task("m", "multiple_choice", rows)
+    with pytest.raises(DataError, match=r"line 2, task 'g', field 'target'.*missing"):
+        make_task("g", "generate", [{"prompt": "a", "target": "b"}, {"prompt": "a"}])
+    small = make_task("s", "generate", _random_rows(rng, 20))
+    with pytest.raises(DataError, match=r"task 's'.*probe split too small"):
+        TaskPool([small], SplitSpec(probe=0.1, min_probe=50))
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        SplitSpec(probe=0.6, eval=0.5)
