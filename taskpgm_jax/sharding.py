@@ -39,6 +39,9 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
+    # The embedding table is not split over the vocabulary: a gather from a vocab-split table
+    # forces XLA to rematerialise the whole table on every device.
+    ("embed_vocab", None),
     ("layers", None),
     ("lora_rank", None),
     ("norm", None),

@@ -64,6 +64,20 @@ def _read_block(handles, tmap: TensorMap, index: tuple, dtype) -> np.ndarray:
     return np.stack([one(tmap.hf_names[i], index[1:]) for i in layers])
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint, via `transformers.AutoTokenizer` (local files only).
+
+    Args:
+      path: the checkpoint directory.
+
+    Returns:
+      A `transformers` tokenizer.
+    """
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is wanted
+
+    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+
+
 def load_hf_checkpoint(
     path: str | os.PathLike,
     mesh: Mesh | None = None,

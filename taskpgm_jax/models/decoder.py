@@ -43,11 +43,14 @@ class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(cfg.init_std)
         self.embedding = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype),
-                                   logical_axes=("vocab", "embed"))
+                                   logical_axes=("embed_vocab", "embed"))
         self.dtype = cfg.dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather from an all-gathered table (what FSDP does for every weight at use): a gather from
+        # an embed-split table yields embed-split rows that XLA cannot cheaply turn batch-split.
+        table = shard(self.embedding[...], (None, None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
 class DecoderModel(nnx.Module):

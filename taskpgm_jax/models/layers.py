@@ -59,8 +59,9 @@ class Dense(nnx.Module):
         self.dtype = cfg.dtype
         self.axes = axes
         # Filled by `taskpgm_jax.models.lora.add_lora`.
-        self.lora_a: LoRAParam | None = None
-        self.lora_b: LoRAParam | None = None
+        # nnx.data: these slots hold variables once set, so NNX must treat them as data, not static.
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,75 @@
+"""Creating models: abstract (no memory), or randomly initialised straight into their shardings."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from taskpgm_jax.models.config import ModelConfig
+from taskpgm_jax.models.decoder import CausalLM
+from taskpgm_jax.sharding import Rules, named_sharding
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | None = None):
+    """A `NamedSharding` for every variable of `state`, from its `logical_axes` metadata.
+
+    Args:
+      state: an (abstract or concrete) model state.
+      mesh: the mesh.
+      rules: logical -> mesh rules (default `DEFAULT_RULES`).
+
+    Returns:
+      A pytree like `state` with a `NamedSharding` in place of every variable.
+    """
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        return named_sharding(mesh, axes, var.shape, rules)
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
+               rules: Rules | None = None) -> CausalLM:
+    """A randomly initialised `CausalLM`, created directly in its shardings when `mesh` is given.
+
+    The initialiser runs under `jax.jit(..., out_shardings=...)`, so each device computes only its
+    own block: the full model never exists on one device.
+
+    Args:
+      cfg: the model config.
+      seed: PRNG seed of the initialisation.
+      mesh: optional mesh to shard the parameters over.
+      rules: logical -> mesh rules.
+
+    Returns:
+      The model.
+    """
+    def make():
+        return CausalLM(cfg, rngs=nnx.Rngs(seed), rules=rules)
+
+    if mesh is None:
+        return make()
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def count_params(model_or_state) -> int:
+    """Number of scalars in the `nnx.Param` variables (abstract models count too).
+
+    Args:
+      model_or_state: a module (for example from `nnx.eval_shape`) or a state.
+
+    Returns:
+      The parameter count.
+    """
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state, is_leaf=_is_var)))

@@ -1,0 +1,63 @@
+"""Full-size configurations of the published checkpoints (sizes from their config.json files)."""
+
+from __future__ import annotations
+
+from taskpgm_jax.models.config import ModelConfig
+
+
+def llama2_7b(**overrides) -> ModelConfig:
+    """meta-llama/Llama-2-7b-hf: 32 layers, multi-head attention, 32k vocabulary."""
+    return ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                       **overrides)
+
+
+def llama3_8b(**overrides) -> ModelConfig:
+    """meta-llama/Meta-Llama-3-8B: grouped queries (8 kv heads), 128k vocabulary, theta 5e5."""
+    fields = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def llama31_8b(**overrides) -> ModelConfig:
+    """meta-llama/Llama-3.1-8B: Llama-3-8B with llama3 rope scaling to 128k context."""
+    fields = dict(rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_max_position=8192,
+                  max_position_embeddings=131072)
+    return llama3_8b(**{**fields, **overrides})
+
+
+def qwen2_7b(**overrides) -> ModelConfig:
+    """Qwen/Qwen2-7B: q/k/v biases, 4 kv heads, 152k vocabulary, theta 1e6, no sliding window."""
+    return ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
+                       qkv_bias=True, **overrides)
+
+
+def mistral_7b(**overrides) -> ModelConfig:
+    """mistralai/Mistral-7B-v0.1: 8 kv heads, sliding window 4096 on every layer."""
+    return ModelConfig(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
+                       sliding_window=4096, sliding_window_layers=tuple(range(32)), **overrides)
+
+
+PRESETS = {
+    "llama2_7b": llama2_7b,
+    "llama3_8b": llama3_8b,
+    "llama31_8b": llama31_8b,
+    "qwen2_7b": qwen2_7b,
+    "mistral_7b": mistral_7b,
+}
+
+# Parameter counts published with the checkpoints (safetensors metadata total / model cards).
+PUBLISHED_PARAM_COUNTS = {
+    "llama2_7b": 6_738_415_616,
+    "llama3_8b": 8_030_261_248,
+    "llama31_8b": 8_030_261_248,
+    "qwen2_7b": 7_615_616_512,
+    "mistral_7b": 7_241_732_096,
+}
