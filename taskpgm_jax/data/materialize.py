@@ -28,8 +28,9 @@ _FIELDS = ("id", "prompt", "target", "choices", "answer")
 def task_fingerprint(pool: TaskPool, name: str) -> str:
     """SHA-256 over a task's example contents in order: changes iff the data changes."""
     h = hashlib.sha256()
-    for ex in pool[name].examples:
-        h.update(_example_key(ex))
+    cols = pool[name].examples[:]
+    for values in zip(*(cols[k] for k in ("prompt", "target", "choices", "answer"))):
+        h.update(_example_key(dict(zip(("prompt", "target", "choices", "answer"), values))))
         h.update(b"\n")
     return h.hexdigest()
 

@@ -139,11 +139,12 @@ class MixtureSample:
 
     def rows(self, pool: TaskPool):
         """Yields the drawn examples in `order`, each a dict with a `task` key added."""
-        splits = {n: pool.split(n, self.split) for n in self.names if self.counts[n]}
+        # Whole columns once per task: indexing a Dataset row by row is slow.
+        cols = {n: pool.split(n, self.split)[:] for n in self.names if self.counts[n]}
         for t, k in self.order:
             name = self.names[t]
-            row = splits[name][int(self.indices[name][k])]
-            yield {"task": name, **row}
+            i = int(self.indices[name][k])
+            yield {"task": name, **{c: v[i] for c, v in cols[name].items()}}
 
 
 def _draw(rng: np.random.Generator, available: int, count: int, repeat: str) -> np.ndarray:

@@ -316,7 +316,11 @@ class TaskPool:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if name not in self._split_index:
             task = self[name]
-            labels = np.array([split_of(ex, name, self.split_spec) for ex in task.examples])
+            # Column lists, not row iteration: a Dataset row access costs far more than a hash.
+            ex = task.examples[:]
+            rows = zip(ex["prompt"], ex["target"], ex["choices"], ex["answer"])
+            labels = np.array([split_of({"prompt": p, "target": t, "choices": c, "answer": a},
+                                        name, self.split_spec) for p, t, c, a in rows])
             self._split_index[name] = {s: np.flatnonzero(labels == s) for s in SPLITS}
         return self._split_index[name][split]
 

@@ -148,15 +148,20 @@ def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | Non
       >>> enc = encode_example(tok, "add 2+3 = ", "5", max_length=32)
       >>> tok.decode(enc.input_ids[enc.target_mask])   # '5<|eos|>'
     """
-    prompt_ids = _ids(tokenizer, prompt + separator, special=True)
-    target_ids = _ids(tokenizer, target, special=False)
+    return _build(tokenizer, _ids(tokenizer, prompt + separator, special=True),
+                  _ids(tokenizer, target, special=False), max_length, add_eos, example, choice)
+
+
+def _build(tokenizer, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
+           add_eos: bool, example: int, choice: int) -> Encoded:
+    target_ids = list(target_ids)
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no EOS token")
         target_ids.append(tokenizer.eos_token_id)
     keep_first = (tokenizer.bos_token_id is not None and bool(prompt_ids)
                   and prompt_ids[0] == tokenizer.bos_token_id)
-    p, t, cut = _assemble(prompt_ids, target_ids, max_length, keep_first)
+    p, t, cut = _assemble(list(prompt_ids), target_ids, max_length, keep_first)
     ids = np.asarray(p + t, dtype=np.int32)
     mask = np.zeros(len(ids), dtype=bool)
     mask[len(p):] = True
@@ -200,14 +205,19 @@ def encode_task(tokenizer, examples: Iterable[Mapping[str, Any]], *, max_length:
     if mode not in ("train", "choices"):
         raise ValueError(f"mode must be 'train' or 'choices', got {mode!r}")
     add_eos = (mode == "train") if add_eos is None else add_eos
-    out: list[Encoded] = []
+    # Tokenize every prompt and every target in two batched calls (the fast tokenizer runs them
+    # in Rust), then assemble the rows.
+    jobs: list[tuple[int, int, int, str]] = []  # (example, choice, prompt slot, target text)
+    prompts: list[str] = []
     for i, ex in enumerate(examples):
+        prompts.append(ex["prompt"] + separator)
         if mode == "choices" and len(ex["choices"]):
-            out.extend(encode_choices(tokenizer, ex["prompt"], ex["choices"],
-                                      max_length=max_length, add_eos=add_eos,
-                                      separator=separator, example=i))
+            jobs.extend((i, c, len(prompts) - 1, text) for c, text in enumerate(ex["choices"]))
         else:
-            out.append(encode_example(tokenizer, ex["prompt"], ex["target"],
-                                      max_length=max_length, add_eos=add_eos,
-                                      separator=separator, example=i))
-    return out
+            jobs.append((i, -1, len(prompts) - 1, ex["target"]))
+    if not jobs:
+        return []
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    t_ids = tokenizer([j[3] for j in jobs], add_special_tokens=False)["input_ids"]
+    return [_build(tokenizer, p_ids[slot], t, max_length, add_eos, i, c)
+            for (i, c, slot, _), t in zip(jobs, t_ids)]

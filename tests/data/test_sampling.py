@@ -1,0 +1,136 @@
+"""Mixture weights -> counts -> examples; baselines; streaming interleave; materialisation."""
+
+import collections
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskpgm_jax.data import (
+    DataError, SplitSpec, TaskPool, baseline_weights, interleave_mixture, load_materialized,
+    make_task, materialize_mixture, mixture_counts, sample_mixture,
+)
+
+
+def _pool(rng, sizes, canary=""):
+    tasks = [make_task(f"t{i}", "generate",
+                       [{"prompt": f"t{i} q{j} {rng.integers(1 << 40)}", "target": f"a{j}"}
+                        for j in range(n)], canary=canary if i == 0 else "")
+             for i, n in enumerate(sizes)]
+    return TaskPool(tasks, SplitSpec(probe=0.1, eval=0.1, seed=int(rng.integers(1000))))
+
+
+@given(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=12).filter(lambda w: sum(w) > 1e-3),
+       st.integers(0, 5000))
+def test_counts_sum_to_budget_and_follow_weights(weights, budget):
+    counts = mixture_counts(np.array(weights), budget)
+    expected = np.array(weights) / sum(weights) * budget
+    assert counts.sum() == budget and counts.dtype.kind == "i"
+    # Largest remainder: every count is the floor or the ceiling of its expectation ...
+    assert np.all(counts >= np.floor(expected)) and np.all(counts <= np.floor(expected) + 1)
+    # ... and the extra units went to the largest fractional parts.
+    frac = expected - np.floor(expected)
+    got_extra = counts > np.floor(expected)
+    if got_extra.any() and (~got_extra).any():
+        assert frac[got_extra].min() >= frac[~got_extra].max() - 1e-9
+
+
+def test_counts_keep_names_and_reject_bad_weights():
+    assert mixture_counts({"a": 0.5, "b": 0.3, "c": 0.2}, 7) == {"a": 4, "b": 2, "c": 1}
+    for bad in ([0.0, 0.0], [1.0, -0.1], [np.nan, 1.0]):
+        with pytest.raises(DataError, match="weights"):
+            mixture_counts(bad, 10)
+
+
+def test_baselines(rng):
+    sizes = {f"t{i}": int(n) for i, n in enumerate(rng.integers(1, 1000, size=6))}
+    n = np.array(list(sizes.values()), float)
+    np.testing.assert_allclose(list(baseline_weights(sizes, "uniform").values()), 1 / 6)
+    np.testing.assert_allclose(list(baseline_weights(sizes, "size").values()), n / n.sum())
+    tau = float(rng.uniform(1.5, 4))
+    np.testing.assert_allclose(list(baseline_weights(sizes, "temperature", temperature=tau)
+                                    .values()), n ** (1 / tau) / (n ** (1 / tau)).sum())
+    capped = baseline_weights(sizes, "size", cap=100)
+    m = np.minimum(n, 100)
+    np.testing.assert_allclose(list(capped.values()), m / m.sum())
+
+
+def test_sample_follows_counts_without_needless_replacement(rng):
+    pool = _pool(rng, [300, 40, 200, 5])
+    weights = {"t0": 0.4, "t1": 0.3, "t2": 0.2, "t3": 0.1}
+    budget = 400
+    s = sample_mixture(pool, weights, budget, seed=int(rng.integers(1 << 30)))
+    assert s.counts == mixture_counts(weights, budget)
+    available = pool.split_sizes("train")
+    for name, idx in s.indices.items():
+        assert len(idx) == s.counts[name] and (idx < available[name]).all()
+        if s.counts[name] <= available[name]:
+            assert len(set(idx.tolist())) == len(idx)  # no repeats when not needed
+        else:  # balanced repetition: every example floor or ceil(count / available) times
+            reps = np.bincount(idx, minlength=available[name])
+            q = s.counts[name] // available[name]
+            assert reps.min() >= q and reps.max() <= q + 1
+    assert s.repeated == {n: (s.counts[n], available[n]) for n in pool.names
+                          if s.counts[n] > available[n]}
+    assert set(s.repeated) >= {"t1", "t3"} and "t0" not in s.repeated
+    # order lists every drawn example exactly once.
+    per_task = collections.Counter(int(t) for t, _ in s.order)
+    assert {pool.names[t]: c for t, c in per_task.items()} == {n: c for n, c in s.counts.items() if c}
+    assert len({(int(t), int(k)) for t, k in s.order}) == budget
+    # Rows are the train rows the indices name.
+    rows = list(s.rows(pool))
+    train_prompts = {n: pool.train(n)["prompt"] for n in pool.names}
+    for (t, k), row in zip(s.order[:50], rows[:50]):
+        name = pool.names[t]
+        assert row["task"] == name
+        assert row["prompt"] == train_prompts[name][s.indices[name][k]]
+
+
+def test_sampling_is_seeded(rng):
+    pool = _pool(rng, [100, 100, 100])
+    w = rng.dirichlet(np.ones(3))
+    a = sample_mixture(pool, w, 150, seed=1)
+    b = sample_mixture(pool, w, 150, seed=1)
+    c = sample_mixture(pool, w, 150, seed=2)
+    assert all(np.array_equal(a.indices[n], b.indices[n]) for n in pool.names)
+    assert np.array_equal(a.order, b.order) and not np.array_equal(a.order, c.order)
+    iid = sample_mixture(pool, [1, 0, 0], 500, seed=3, repeat="iid")
+    assert iid.repeated == {"t0": (500, pool.split_sizes()["t0"])}
+    with pytest.raises(DataError, match="not in the pool"):
+        sample_mixture(pool, {"zzz": 1.0}, 10)
+
+
+def test_interleave_follows_probabilities(rng):
+    pool = _pool(rng, [400, 400, 400])
+    w = {"t0": 0.6, "t1": 0.3, "t2": 0.1}
+    ds = interleave_mixture(pool, w, seed=int(rng.integers(1000)), stopping_strategy="first_exhausted")
+    first = collections.Counter(ds.select(range(300))["task"])
+    for name, p in w.items():
+        assert abs(first[name] / 300 - p) < 5 * np.sqrt(p * (1 - p) / 300)
+    stream = interleave_mixture(pool, {"t0": 1.0, "t1": 1.0}, seed=0, streaming=True)
+    got = [row["task"] for _, row in zip(range(20), stream)]
+    assert set(got) <= {"t0", "t1"} and len(got) == 20
+
+
+def test_materialise_round_trip(tmp_path, rng):
+    pool = _pool(rng, [60, 30, 80], canary="CANARY-TEST-1234")
+    s = sample_mixture(pool, {"t0": 0.2, "t1": 0.5, "t2": 0.3}, 120, seed=5)
+    manifest_path = materialize_mixture(pool, s, tmp_path / "mix", extra={"solver": "test"})
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["counts"] == s.counts and manifest["seed"] == 5 and manifest["rows"] == 120
+    assert manifest["repeated"] == {"t1": {"count": 60, "available": s.repeated["t1"][1]}}
+    assert manifest["canaries"] == ["CANARY-TEST-1234"] and manifest["solver"] == "test"
+    data = (tmp_path / "mix" / "mixture.jsonl").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    lines = [json.loads(x) for x in data.decode().splitlines()]
+    assert [r["prompt"] for r in lines] == [r["prompt"] for r in s.rows(pool)]
+    assert collections.Counter(r["task"] for r in lines) == collections.Counter(
+        {n: c for n, c in s.counts.items() if c})
+    ds, m2 = load_materialized(tmp_path / "mix")
+    assert ds.num_rows == 120 and m2 == manifest
+    (tmp_path / "mix" / "mixture.jsonl").write_bytes(data[:-10] + b"tampered\n")
+    with pytest.raises(DataError, match="changed since it was written"):
+        load_materialized(tmp_path / "mix")
