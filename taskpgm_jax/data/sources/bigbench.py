@@ -377,9 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "into a cache directory and index its tasks.")
     parser.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
     parser.add_argument("--index-url", default=None, help="PEP 691 package index")
+    parser.add_argument("--version", default=BIGBENCH_VERSION, help="bigbench release")
     parser.add_argument("--force", action="store_true", help="download even if cached")
     args = parser.parse_args(argv)
-    path = fetch_bigbench(args.cache_dir, index_url=args.index_url, force=args.force)
+    path = fetch_bigbench(args.cache_dir, version=args.version, index_url=args.index_url,
+                          force=args.force)
     index = archive_index(path)
     present, missing = bbh_names(index)
     n_json = sum(1 for e in index["tasks"].values() if e["examples"])

@@ -1,0 +1,207 @@
+"""The BIG-bench reader on a fixture archive in the sdist's layout (and the real one if cached)."""
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+
+import pytest
+
+from taskpgm_jax.data import BBH_MISSING, BBH_SOURCES, DataError, fetch_bigbench, load_bigbench
+from taskpgm_jax.data.sources import bigbench as bb
+
+ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+CANARY = "FIXTURE CANARY 0000"
+
+
+def _gen_task(rng, name, n, **fmt):
+    ex = [{"input": f"{name} in {rng.integers(1 << 30)}",
+           "target": [f"out{rng.integers(100)}", "alt"] if i % 2 else f"out{rng.integers(100)}"}
+          for i in range(n)]
+    return {"canary": CANARY, "name": name, "description": f"d {name}", "keywords": ["kw_gen"],
+            "metrics": ["exact_str_match"], "preferred_score": "exact_str_match",
+            "examples": ex, **fmt}
+
+
+def _mc_task(rng, name, n, **fmt):
+    ex = []
+    for _ in range(n):
+        k = int(rng.integers(2, 5))
+        scores = {f"opt{j}_{rng.integers(1000)}": 0 for j in range(k)}
+        scores[list(scores)[int(rng.integers(k))]] = 1
+        ex.append({"input": f"{name} mc {rng.integers(1 << 30)}", "target_scores": scores})
+    return {"canary": CANARY, "name": name, "keywords": ["kw_mc", "logic"],
+            "metrics": ["multiple_choice_grade"], "preferred_score": "multiple_choice_grade",
+            "examples": ex, **fmt}
+
+
+def _fixture_tasks(rng):
+    tasks = {
+        "word_sorting": _gen_task(rng, "word_sorting", 40, task_prefix="Sort:",
+                                  example_input_prefix="\nList: ",
+                                  example_output_prefix="\nSorted: "),
+        "navigate": _mc_task(rng, "navigate", 30, task_prefix="Go?", append_choices_to_input=False),
+        "causal_judgment": _mc_task(rng, "causal_judgment", 25),  # default prefixes, choices shown
+        "logical_deduction": {"canary": CANARY, "name": "logical_deduction", "keywords": ["logic"]},
+        "logical_deduction/three_objects": _mc_task(rng, "three_objects", 20, choice_prefix="",
+                                                    example_input_prefix="",
+                                                    example_output_prefix=" ",
+                                                    append_choices_to_input=False),
+        "logical_deduction/five_objects": _mc_task(rng, "five_objects", 20),
+    }
+    return tasks
+
+
+def _build_archive(path, tasks, extra=()):
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("bigbench-1.0.0/setup.py", b"# fixture\n")
+        for p, d in tasks.items():
+            add(f"{ROOT}{p}/task.json", json.dumps(d).encode())
+        add(f"{ROOT}web_of_lies/task.py", b"# programmatic\n")
+        for name, data in extra:
+            add(name, data)
+    return path
+
+
+def _check_fixture(pool, tasks):
+    for name in pool.names:
+        src = tasks[name]
+        task = pool[name]
+        assert task.canary == CANARY and task.source == f"bigbench:1.0.0/{name}"
+        ex = task.examples
+        assert ex.num_rows == len(src["examples"])
+        fmt = (src.get("task_prefix", ""), src.get("example_input_prefix", "\nQ: "),
+               src.get("example_output_prefix", "\nA: "), src.get("choice_prefix", "\n  choice: "))
+        for row, e in zip(ex, src["examples"]):
+            if "target_scores" in e:
+                choices = list(e["target_scores"])
+                shown = ""
+                if src.get("append_choices_to_input", True):
+                    shown = "".join(fmt[3] + c for c in choices)
+                assert row["prompt"] == fmt[0] + fmt[1] + e["input"] + shown + fmt[2]
+                assert row["choices"] == choices
+                assert e["target_scores"][row["target"]] == max(e["target_scores"].values())
+            else:
+                targets = e["target"] if isinstance(e["target"], list) else [e["target"]]
+                assert row["prompt"] == fmt[0] + fmt[1] + e["input"] + fmt[2]
+                assert row["target"] == targets[0] and row["references"] == targets
+
+
+def test_reader_on_fixture_and_real_archive(tmp_path, rng):
+    tasks = _fixture_tasks(rng)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    pool = load_bigbench(["navigate", "word_sorting", "logical_deduction/three_objects"],
+                         archive=archive)
+    assert pool.names == ("navigate", "word_sorting", "logical_deduction/three_objects")
+    assert [pool[n].kind for n in pool.names] == ["multiple_choice", "generate",
+                                                  "multiple_choice"]
+    _check_fixture(pool, tasks)
+    # A container name means its sub-tasks; keywords filter.
+    assert load_bigbench("logical_deduction", archive=archive).names == (
+        "logical_deduction/five_objects", "logical_deduction/three_objects")
+    assert set(load_bigbench(None, archive=archive, keywords=["kw_mc"]).names) == {
+        "navigate", "causal_judgment", "logical_deduction/three_objects",
+        "logical_deduction/five_objects"}
+    # The bbh suite holds the BBH sources present in the archive.
+    bbh = load_bigbench("bbh", cache_dir=tmp_path)
+    assert set(bbh.names) == {"navigate", "word_sorting", "causal_judgment",
+                              "logical_deduction/three_objects", "logical_deduction/five_objects"}
+    _check_fixture(bbh, tasks)
+
+    real = bb.default_cache_dir() / "bigbench-1.0.0.tar.gz"
+    if real.exists():  # an extra check where the real archive has been fetched
+        names = ["navigate", "word_sorting", "logical_deduction/three_objects"]
+        rpool = load_bigbench(names, archive=real)
+        assert rpool.names == tuple(names)
+        assert rpool["navigate"].kind == "multiple_choice" and len(rpool["navigate"]) == 1000
+        assert rpool["word_sorting"].kind == "generate" and len(rpool["word_sorting"]) == 1900
+        three = rpool["logical_deduction/three_objects"]
+        assert three.kind == "multiple_choice" and len(three) == 300
+        assert all(len(c) == 3 for c in three.examples["choices"])
+        assert all(t.canary.startswith("BENCHMARK DATA SHOULD NEVER APPEAR") for t in rpool.tasks)
+        ws = rpool["word_sorting"].examples[0]
+        words = ws["prompt"].split("\nList: ")[1].split("\nSorted: ")[0].split()
+        assert ws["target"] == " ".join(sorted(words))
+        nav = rpool["navigate"].examples
+        assert all(p.startswith("If you follow these instructions") for p in nav["prompt"])
+        assert set(nav["target"]) == {"True", "False"}
+        idx = bb.archive_index(real)
+        assert bb.bbh_names(idx)[1] == list(BBH_MISSING)
+
+
+def test_bbh_missing_and_errors(tmp_path, rng):
+    tasks = _fixture_tasks(rng)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    index = bb.archive_index(archive)
+    present, missing = bb.bbh_names(index)
+    assert set(missing) == set(BBH_SOURCES) - {"navigate", "word_sorting", "causal_judgement",
+                                               "logical_deduction_three_objects",
+                                               "logical_deduction_five_objects"}
+    assert set(BBH_MISSING) <= set(missing)
+    assert index["programmatic"] == ["web_of_lies"]
+    with pytest.raises(DataError, match="'web_of_lies'.*programmatic"):
+        load_bigbench("web_of_lies", archive=archive)
+    with pytest.raises(DataError, match="'no_such_task'.*no such BIG-bench"):
+        load_bigbench(["navigate", "no_such_task"], archive=archive)
+    with pytest.raises(FileNotFoundError, match="fetch bigbench"):
+        load_bigbench("bbh", cache_dir=tmp_path / "empty")
+
+    bad = _mc_task(rng, "bad", 3)
+    bad["examples"][2]["target_scores"] = {"a": 0, "b": 0}
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(DataError, match=r"task 'bad'.*field 'target_scores'.*example 2.*no correct"):
+        load_bigbench("bad", archive=_build_archive(tmp_path / "bad" / "bigbench-1.0.0.tar.gz",
+                                                    {"bad": bad}))
+    gen = _gen_task(rng, "gen", 3)
+    del gen["examples"][1]["target"]
+    (tmp_path / "gen").mkdir()
+    with pytest.raises(DataError, match=r"task 'gen'.*field 'target'.*example 1"):
+        load_bigbench("gen", archive=_build_archive(tmp_path / "gen" / "bigbench-1.0.0.tar.gz",
+                                                    {"gen": gen}))
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_fetch_from_a_package_index(tmp_path, rng, capsys):
+    # A local PEP 691 index serving a fixture archive under a version with no pinned hash.
+    served = tmp_path / "served"
+    (served / "simple" / "bigbench").mkdir(parents=True)
+    name = "bigbench-9.9.9.tar.gz"
+    _build_archive(served / name, _fixture_tasks(rng))
+    digest = hashlib.sha256((served / name).read_bytes()).hexdigest()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    listing = {"files": [{"filename": name, "url": f"{url}/{name}", "hashes": {"sha256": digest}}]}
+    (served / "simple" / "bigbench" / "index.html").write_text(json.dumps(listing))
+    try:
+        cache = tmp_path / "cache"
+        got = fetch_bigbench(cache, version="9.9.9", index_url=f"{url}/simple")
+        assert got == cache / name and got.read_bytes() == (served / name).read_bytes()
+        assert (cache / (name + ".index.json")).exists()
+        assert load_bigbench("navigate", archive=got).names == ("navigate",)
+        # A corrupted download is refused and leaves nothing behind.
+        listing["files"][0]["hashes"]["sha256"] = "0" * 64
+        (served / "simple" / "bigbench" / "index.html").write_text(json.dumps(listing))
+        with pytest.raises(ValueError, match="does not match"):
+            fetch_bigbench(tmp_path / "cache2", version="9.9.9", index_url=f"{url}/simple")
+        assert not any((tmp_path / "cache2").iterdir())
+        # The command-line entry finds the cached archive and does not download it again (the
+        # index now lists a wrong hash, so a download would fail).
+        assert bb.main(["--cache-dir", str(cache), "--index-url", f"{url}/simple",
+                        "--version", "9.9.9"]) == 0
+        assert "missing (generated in code)" in capsys.readouterr().out
+    finally:
+        server.shutdown()

@@ -1,0 +1,119 @@
+"""The planted synthetic suite: determinism, planted labels, correct targets."""
+
+import collections
+import re
+
+import numpy as np
+import pytest
+
+from taskpgm_jax.data import synthetic_suite
+from taskpgm_jax.data.sources.synthetic import SKILLS
+
+
+def _oracle(skill, x):
+    """Each skill re-derived from its description, independently of the generator."""
+    if skill == "add":
+        a, b = x.split("+")
+        return str(int(a) + int(b))
+    if skill == "reverse":
+        return "".join(reversed(x))
+    if skill == "sort":
+        return "".join(sorted(x, key=int))
+    if skill == "boolean":
+        a, op, b = x.split()
+        a, b = a == "T", b == "T"
+        return "T" if {"and": a & b, "or": a | b, "xor": a ^ b}[op] else "F"
+    if skill == "brackets":
+        s = x
+        while "()" in s:
+            s = s.replace("()", "")
+        return "yes" if s == "" else "no"
+    if skill == "count":
+        c, _, s = x.split(" ")
+        return str(collections.Counter(s)[c])
+    if skill == "lookup":
+        table, key = x.split(" ; ")
+        return dict(kv.split("=") for kv in table.split())[key]
+    if skill == "upper":
+        return x.upper()
+    if skill == "maximum":
+        return str(max(int(c) for c in x))
+    if skill == "length":
+        return str(len(x))
+    raise AssertionError(skill)
+
+
+def _split_prompt(prompt):
+    m = re.fullmatch(r"(\S+) (.*?)( = | -> | : | \? | => |: )", prompt)
+    assert m, prompt
+    return m.group(1), m.group(2)
+
+
+def _all_examples(pool):
+    return {n: list(zip(pool[n].examples["prompt"], pool[n].examples["target"]))
+            for n in pool.names}
+
+
+def test_deterministic_by_seed(rng):
+    seed = int(rng.integers(1 << 20))
+    a, b = synthetic_suite(seed), synthetic_suite(seed)
+    assert a.names == b.names and a.cluster_labels == b.cluster_labels
+    assert _all_examples(a) == _all_examples(b)
+    assert a.split_sizes("probe") == b.split_sizes("probe")
+    c = synthetic_suite(seed + 1)
+    assert _all_examples(c) != _all_examples(a)
+
+
+def test_planted_structure(rng):
+    sizes = (4, 3, 2)
+    pool = synthetic_suite(int(rng.integers(1 << 20)), cluster_sizes=sizes, n_unique=2,
+                           n_noise=3, examples=(60, 90))
+    labels = pool.cluster_labels
+    assert set(labels) == set(pool.names) and len(pool) == sum(sizes) + 2 + 3
+    groups = collections.Counter(labels.values())
+    assert sorted(groups.values(), reverse=True) == [4, 3, 2, 1, 1, 1, 1, 1]
+    noise = [n for n in pool.names if n.startswith("noise_")]
+    assert len(noise) == 3 and all(groups[labels[n]] == 1 for n in noise)
+    assert all(60 <= s <= 90 for s in pool.sizes.values())
+    skills_used = {labels[n] for n in pool.names if not n.startswith("noise_")}
+    assert skills_used <= set(SKILLS) and len(skills_used) == 5
+
+    train_words = set()
+    for name in pool.names:
+        for prompt, target in zip(pool[name].examples["prompt"], pool[name].examples["target"]):
+            word, x = _split_prompt(prompt)
+            train_words.add(word)
+            if name.startswith("noise_"):
+                continue
+            assert target == _oracle(labels[name], x), (name, prompt, target)
+    # Noise targets are random: they rarely match what the underlying skill would answer.
+    for name in noise:
+        desc_skill = pool[name].keywords[0]
+        ex = pool[name].examples
+        hits = np.mean([t == _oracle(desc_skill, _split_prompt(p)[1])
+                        for p, t in zip(ex["prompt"], ex["target"])])
+        assert hits < 0.3
+    # Near-duplicates: same skill, different prompt forms.
+    for skill in skills_used:
+        forms = {_split_prompt(pool[n].examples["prompt"][0])[0]
+                 for n in pool.names if labels[n] == skill}
+        assert len(forms) == groups[skill]
+    # Held-out tasks: one per skill, unseen prompt form, correct targets, eval split only.
+    held = pool.heldout
+    assert {held.cluster_labels[n] for n in held.names} == skills_used
+    for name in held.names:
+        assert held.split_sizes("train")[name] == 0
+        for prompt, target in zip(held[name].examples["prompt"], held[name].examples["target"]):
+            word, x = _split_prompt(prompt)
+            assert word not in train_words and target == _oracle(held.cluster_labels[name], x)
+
+
+def test_tasks_do_not_depend_on_other_tasks(rng):
+    seed = int(rng.integers(1 << 20))
+    small = synthetic_suite(seed, n_noise=1)
+    big = synthetic_suite(seed, n_noise=3)
+    a, b = _all_examples(small), _all_examples(big)
+    assert set(a) < set(b)
+    assert all(a[n] == b[n] for n in a)
+    with pytest.raises(ValueError, match="skills"):
+        synthetic_suite(seed, cluster_sizes=(4, 4, 4, 4, 4, 4), n_unique=5)
