@@ -1,12 +1,12 @@
 """A deterministic, resumable, multi-host data iterator over encoded sequences.
 
-Every epoch is a seeded permutation of all sequences (the same on every host); host p of P reads
-only positions p, p + P, p + 2P, ... of it, so hosts never share an example and need no
-communication. Each epoch keeps the largest multiple of P, so every host has the same number of
-sequences per epoch (the few left over are the next epoch's luck: the permutation changes).
+Host p of P owns the fixed shard p, p + P, p + 2P, ... of the sequence list (cut to the same
+length on every host, so all hosts take the same number of sequences per epoch) and shuffles it
+with a seeded permutation per epoch. A host therefore only ever touches its own shard: pass a
+lazy sequence (`LazyEncoded`) and each host tokenizes only its share, with no communication.
 
-The state is (epoch, cursor): the next sequence to read in this host's share. Because batches are
-built in order from that point (in-order packing, no shuffle buffer), restoring the state
+The state is (epoch, cursor): the next sequence to read in this host's shuffled shard. Batches are
+built in order from that point (in-order packing, no shuffle buffer), so restoring the state
 reproduces exactly the batches that would have come next. The stream is endless by default:
 train for a number of steps, so every host takes the same number of batches even when packing
 puts a different number of sequences in each host's rows.
@@ -20,16 +20,42 @@ from typing import Any
 import numpy as np
 
 from taskpgm_jax.data.batch import Batch, rows_to_batch
-from taskpgm_jax.data.tokenize import Encoded
+from taskpgm_jax.data.tokenize import Encoded, encode_example
 
-__all__ = ["HostIterator", "global_batch"]
+__all__ = ["HostIterator", "LazyEncoded", "global_batch"]
+
+
+class LazyEncoded(Sequence):
+    """Rows encoded on access, so a host tokenizes only the rows it reads.
+
+    Args:
+      tokenizer: a `transformers` tokenizer.
+      rows: an indexable collection of rows with `prompt` and `target` (a `datasets.Dataset`,
+        a list of dicts, a materialised mixture).
+      max_length, add_eos, separator: as in `encode_example`.
+    """
+
+    def __init__(self, tokenizer, rows, *, max_length: int | None = None, add_eos: bool = True,
+                 separator: str = ""):
+        self._tok, self._rows = tokenizer, rows
+        self._kw = {"max_length": max_length, "add_eos": add_eos, "separator": separator}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError("LazyEncoded takes integer indices")
+        row = self._rows[int(i)]
+        return encode_example(self._tok, row["prompt"], row["target"], example=int(i), **self._kw)
 
 
 class HostIterator:
     """Yields this host's `Batch`es of shape [batch_size, seq_len], forever or for `num_epochs`.
 
     Args:
-      seqs: every encoded sequence (all hosts pass the same list; each reads its share).
+      seqs: every encoded sequence, as any sequence (`len` and indexing); all hosts pass the
+        same one and each reads only its shard. A `LazyEncoded` tokenizes on access.
       batch_size: rows per batch on this host (global batch = batch_size * process_count).
       seq_len: tokens per row.
       seed: the shuffle seed.
@@ -57,10 +83,6 @@ class HostIterator:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if len(seqs) < process_count:
             raise ValueError(f"{len(seqs)} sequences cannot be shared by {process_count} hosts")
-        for s in seqs:
-            if len(s) > seq_len or len(s) == 0:
-                raise ValueError(f"sequence of example {s.example} has {len(s)} tokens; "
-                                 f"need 1..{seq_len}")
         self._seqs = seqs
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.pack, self.shuffle, self.num_epochs = pack, shuffle, num_epochs
@@ -70,19 +92,24 @@ class HostIterator:
         self._share_cache: tuple[int, np.ndarray] | None = None
 
     def _share(self, epoch: int) -> np.ndarray:
-        """This host's sequence indices for one epoch."""
+        """This host's sequence indices, in reading order, for one epoch."""
         if self._share_cache is None or self._share_cache[0] != epoch:
-            n = len(self._seqs)
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                    else np.arange(n))
-            perm = perm[:self._per_epoch * self.process_count]
-            self._share_cache = (epoch, perm[self.process_index::self.process_count])
+            shard = np.arange(self.process_index, self._per_epoch * self.process_count,
+                              self.process_count)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, self.process_index])
+                shard = rng.permutation(shard)
+            self._share_cache = (epoch, shard)
         return self._share_cache[1]
 
     def _peek(self) -> Encoded | None:
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             return None
-        return self._seqs[int(self._share(self._epoch)[self._cursor])]
+        seq = self._seqs[int(self._share(self._epoch)[self._cursor])]
+        if not 0 < len(seq) <= self.seq_len:
+            raise ValueError(f"sequence of example {seq.example} has {len(seq)} tokens; need "
+                             f"1..{self.seq_len} (encode with max_length <= seq_len)")
+        return seq
 
     def _advance(self) -> None:
         self._cursor += 1

@@ -1,5 +1,6 @@
 """The host iterator: determinism, exact resume, multi-host shares, global arrays."""
 
+import collections
 import json
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from taskpgm_jax.data import Encoded, HostIterator, global_batch
+from taskpgm_jax.data import Encoded, HostIterator, LazyEncoded, encode_task, global_batch
 
 
 def _seqs(rng, n, max_len=20):
@@ -21,7 +22,9 @@ def _seqs(rng, n, max_len=20):
 
 
 def _ids_in(batch):
-    return sorted({int(x) - 1000 for x in batch.input_ids[batch.segment_ids > 0]})
+    """The sequence index of every segment in the batch (a sequence may appear twice)."""
+    starts = (batch.segment_ids > 0) & (batch.positions == 0)
+    return sorted(int(x) - 1000 for x in batch.input_ids[starts])
 
 
 def _same(a, b):
@@ -60,19 +63,49 @@ def test_epochs_cover_every_sequence_once(rng):
     assert it.state()["epoch"] == 2
 
 
+class _Recording(list):
+    """A list that remembers which indices were read."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.touched = set()
+
+    def __getitem__(self, i):
+        self.touched.add(int(i))
+        return super().__getitem__(i)
+
+
 def test_hosts_read_disjoint_shares(rng):
     n, hosts = 83, 4
     seqs = _seqs(rng, n)
-    per_host = []
+    per_host, touched = [], []
     for p in range(hosts):
-        it = HostIterator(seqs, batch_size=2, seq_len=24, seed=11, num_epochs=1,
+        rec = _Recording(seqs)
+        it = HostIterator(rec, batch_size=2, seq_len=24, seed=11, num_epochs=3,
                           process_index=p, process_count=hosts)
         per_host.append([i for b in it for i in _ids_in(b)])
-    flat = [i for share in per_host for i in share]
-    assert len(flat) == len(set(flat)) == (n // hosts) * hosts  # disjoint, equal, near-complete
-    assert all(len(s) == n // hosts for s in per_host)
+        touched.append(rec.touched)
+    # Each host reads only its shard, the same shard every epoch, each example once per epoch.
+    for a in range(hosts):
+        assert all(not (touched[a] & touched[b]) for b in range(a + 1, hosts))
+        assert len(touched[a]) == n // hosts
+        assert collections.Counter(per_host[a]) == {i: 3 for i in touched[a]}
     with pytest.raises(ValueError, match="process_index"):
         HostIterator(seqs, batch_size=2, seq_len=24, process_index=4, process_count=4)
+
+
+def test_lazy_encoding(tokenizer, rng):
+    rows = [{"prompt": f"q{rng.integers(1000)} = ", "target": f"{rng.integers(1000)}"}
+            for _ in range(30)]
+    lazy = LazyEncoded(tokenizer, rows, max_length=16)
+    eager = encode_task(tokenizer, rows, max_length=16)
+    assert len(lazy) == 30
+    for i in rng.integers(0, 30, size=10):
+        assert lazy[i].input_ids.tolist() == eager[i].input_ids.tolist()
+        assert lazy[i].target_mask.tolist() == eager[i].target_mask.tolist()
+    a = HostIterator(lazy, batch_size=2, seq_len=32, seed=1, process_index=0, process_count=1)
+    b = HostIterator(eager, batch_size=2, seq_len=32, seed=1, process_index=0, process_count=1)
+    assert all(_same(next(a), next(b)) for _ in range(20))
 
 
 def test_global_batch_on_the_mesh(rng, cpu_mesh_devices):
