@@ -1,0 +1,132 @@
+"""Decoder behaviour that needs no checkpoint: packing, layer modes, dtypes, training, errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from taskpgm_jax.models import LoraConfig, ModelConfig
+from tests.models.conftest import forward, random_model
+
+
+def test_packed_segments_equal_separate_rows(tiny_model, rng):
+    # Row 0 packs a 4-token and a 5-token sequence plus 1 pad; each segment alone must match.
+    a = rng.integers(0, 61, size=4)
+    b = rng.integers(0, 61, size=5)
+    packed = jnp.asarray(np.concatenate([a, b, [0]])[None], jnp.int32)
+    seg = jnp.asarray([[1] * 4 + [2] * 5 + [0]], jnp.int32)
+    packed_fwd = nnx.jit(lambda m, ids, seg, pos: m(ids, segment_ids=seg, positions=pos))
+    with jax.default_matmul_precision("highest"):
+        out = packed_fwd(tiny_model, packed, seg, None)
+        explicit = packed_fwd(tiny_model, packed, seg,
+                              jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]], jnp.int32))
+        # Each segment alone, right-padded to the packed length (one compiled shape).
+        alone_a = forward(tiny_model, jnp.asarray(np.pad(a, (0, 6))[None], jnp.int32),
+                          jnp.asarray([[1] * 4 + [0] * 6], jnp.int32))[:, :4]
+        alone_b = forward(tiny_model, jnp.asarray(np.pad(b, (0, 5))[None], jnp.int32),
+                          jnp.asarray([[1] * 5 + [0] * 5], jnp.int32))[:, :5]
+    np.testing.assert_allclose(out[0, :4], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 4:9], alone_b[0], atol=1e-5)
+    np.testing.assert_allclose(explicit[0, :9], out[0, :9], atol=1e-6)
+
+
+def test_scan_unscanned_remat_agree(tiny_cfg, tiny_model, rng):
+    ids = jnp.asarray(rng.integers(0, 61, size=(2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        ref = forward(tiny_model, ids, mask)
+        unrolled = random_model(tiny_cfg.replace(scan_layers=False, remat=True), seed=5)
+        # Copy the stacked weights into the list of layers, layer by layer.
+        for i, layer in enumerate(unrolled.model.layers):
+            nnx.update(layer, jax.tree.map(lambda x: x[i], nnx.state(tiny_model.model.layers)))
+        for name in ("embed_tokens", "norm"):
+            nnx.update(getattr(unrolled.model, name), nnx.state(getattr(tiny_model.model, name)))
+        nnx.update(unrolled.lm_head, nnx.state(tiny_model.lm_head))
+        out = forward(unrolled, ids, mask)
+    np.testing.assert_allclose(out[mask > 0], ref[mask > 0], atol=1e-5)
+
+
+def test_bf16_compute_keeps_f32_logits(tiny_cfg, tiny_model, rng):
+    ids = jnp.asarray(rng.integers(0, 61, size=(2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    half = random_model(tiny_cfg.replace(dtype=jnp.bfloat16), seed=5)
+    nnx.update(half, nnx.state(tiny_model))
+    assert half.model.layers.mlp.up_proj.kernel[...].dtype == jnp.float32  # params stay f32
+    out = forward(half, ids, mask)
+    ref = forward(tiny_model, ids, mask)
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+def test_no_retrace_for_new_data(tiny_model, rng):
+    @chex.assert_max_traces(n=1)
+    def fn(model, ids, mask):
+        return model(ids, mask)
+
+    jitted = nnx.jit(fn)
+    for _ in range(3):
+        ids = jnp.asarray(rng.integers(0, 61, size=(2, 6)), jnp.int32)
+        jitted(tiny_model, ids, jnp.ones_like(ids)).block_until_ready()
+
+
+def loss_fn(model, ids, mask):
+    logits = model(ids, mask)[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    weights = mask[:, 1:]
+    return jnp.sum(ce * weights) / jnp.sum(weights)
+
+
+@nnx.jit
+def train_step(model, optimizer, ids, mask):
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model, ids, mask)
+    optimizer.update(model, grads)
+    return loss
+
+
+@pytest.mark.parametrize("wrt", ["full", "lora"])
+def test_training_reduces_loss_and_lora_trains_only_adapters(tiny_cfg, rng, wrt):
+    from taskpgm_jax.models import LoRAParam, add_lora
+
+    model = random_model(tiny_cfg.replace(remat=True), seed=1)
+    target = nnx.Param
+    if wrt == "lora":
+        add_lora(model, LoraConfig(rank=4, targets=("q_proj", "v_proj", "up_proj")), rngs=nnx.Rngs(2))
+        target = LoRAParam
+    base_before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=target)
+    ids = jnp.asarray(rng.integers(0, 61, size=(4, 8)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    losses = [float(train_step(model, optimizer, ids, mask)) for _ in range(4)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    base_after = nnx.state(model, nnx.Param)
+    unchanged = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), base_before, base_after)
+    assert all(jax.tree.leaves(unchanged)) == (wrt == "lora")
+
+
+def test_bad_inputs_name_the_argument(tiny_model):
+    ids = jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="input_ids"):
+        tiny_model(jnp.zeros((2, 5), jnp.float32))
+    with pytest.raises(ValueError, match="attention_mask"):
+        tiny_model(ids, jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids"):
+        tiny_model(ids, segment_ids=jnp.ones((5,), jnp.int32))
+
+
+def test_bad_config_names_the_field(tiny_cfg):
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        tiny_cfg.replace(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="model_type='gpt2'.*llama, qwen2, mistral"):
+        tiny_cfg.replace(model_type="gpt2")
+    with pytest.raises(ValueError, match="rope_type"):
+        tiny_cfg.replace(rope_type="yarn")
+    with pytest.raises(ValueError, match="sliding_window_layers"):
+        tiny_cfg.replace(sliding_window_layers=(5,))
+    with pytest.raises(ValueError, match="targets"):
+        LoraConfig(targets=("qkv",))
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelConfig(vocab_size=8, hidden_size=0, intermediate_size=8, num_hidden_layers=1,
+                    num_attention_heads=1, num_key_value_heads=1, head_dim=4)

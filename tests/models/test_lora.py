@@ -1,0 +1,75 @@
+"""Multi-adapter forward against separate forwards; zero adapters; merge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state, merge_lora,
+                                multi_adapter_forward, stack_adapters)
+from tests.models.conftest import TINY, forward
+
+T = 3
+LORA = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_model):
+    model = nnx.clone(tiny_model)
+    return add_lora(model, LORA, rngs=nnx.Rngs(7))
+
+
+def random_adapter(model, rng):
+    """A state like lora_state(model) with every matrix random (B no longer zero)."""
+    return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                        lora_state(model))
+
+
+multi = nnx.jit(multi_adapter_forward)
+
+
+def test_fresh_adapters_leave_the_model_unchanged(tiny_model, adapted, rng):
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    assert len(jax.tree.leaves(lora_state(adapted))) == 2 * 5
+    np.testing.assert_allclose(forward(adapted, ids, mask), forward(tiny_model, ids, mask), atol=1e-6)
+
+
+def test_multi_adapter_equals_separate_forwards(adapted, rng):
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+    adapters = [random_adapter(adapted, rng) for _ in range(T)]
+    with jax.default_matmul_precision("highest"):
+        out = multi(adapted, stack_adapters(adapters), ids, mask)
+        per_input = multi(adapted, stack_adapters(adapters), jnp.stack([ids] * T), jnp.stack([mask] * T))
+        assert out.shape == (T, 2, 7, TINY.vocab_size)
+        singles = []
+        for t in range(T):
+            model = nnx.clone(adapted)
+            nnx.update(model, adapters[t])
+            singles.append(forward(model, ids, mask))
+    real = np.asarray(mask) > 0
+    for t in range(T):
+        np.testing.assert_allclose(np.asarray(out[t])[real], np.asarray(singles[t])[real], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(per_input[t])[real], np.asarray(singles[t])[real], atol=1e-5)
+    # Different adapters really give different outputs.
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-2
+
+
+def test_merge_keeps_outputs_and_removes_adapters(adapted, rng):
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 7)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    model = nnx.clone(adapted)
+    nnx.update(model, random_adapter(model, rng))
+    with jax.default_matmul_precision("highest"):
+        before = forward(model, ids, mask)
+        merge_lora(model)
+        after = forward(model, ids, mask)
+    assert not jax.tree.leaves(nnx.state(model, LoRAParam))
+    np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def test_add_lora_rejects_absent_targets(tiny_model):
+    with pytest.raises(ValueError, match="no projection"):
+        add_lora(nnx.clone(tiny_model.model.norm), LoraConfig(targets=("q_proj",)), rngs=nnx.Rngs(0))

@@ -1,0 +1,30 @@
+"""Mesh construction and logical -> mesh axis rules."""
+
+import jax
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from taskpgm_jax.sharding import logical_to_spec, make_mesh
+
+
+def test_mesh_axes_and_types():
+    mesh = make_mesh(data=2, fsdp=-1, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    with pytest.raises(ValueError, match="devices"):
+        make_mesh(data=3, fsdp=1, tensor=1)
+
+
+def test_rules_with_divisibility_and_reuse():
+    shape = {"data": 2, "fsdp": 2, "tensor": 2}
+    assert logical_to_spec(("embed", "mlp"), mesh_shape=shape, shape=(8, 8)) == P("fsdp", "tensor")
+    # A dimension the mesh axis does not divide is replicated (one kv head of size 8 over 2 is fine,
+    # a size of 3 is not).
+    assert logical_to_spec(("embed", "kv_heads"), mesh_shape=shape, shape=(8, 3)) == P("fsdp", None)
+    assert logical_to_spec(("batch", "seq"), mesh_shape=shape, shape=(4, 5)) == P(("data", "fsdp"), None)
+    # One mesh axis is never used twice in one array.
+    assert logical_to_spec(("mlp", "heads"), mesh_shape=shape, shape=(4, 4)) == P("tensor", None)
+    with pytest.raises(ValueError, match="'nonsense'"):
+        logical_to_spec(("nonsense",))
+    assert len(jax.devices()) == 8
