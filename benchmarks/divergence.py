@@ -105,9 +105,9 @@ def bench_size(t, n, v, repeats):
         peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
         row.update(peak_bytes=int(peak), temp_bytes=int(mem.temp_size_in_bytes),
                    peak_over_input=peak / input_bytes)
-    block = (min(acc.config.pair_block, num_pairs) * acc.config.position_block
-             * min(acc.config.vocab_chunk, v) * 4)
-    row["block_bytes"] = block
+    # One tile: P and log P of all (padded) models at position_block x vocab_chunk.
+    row["block_bytes"] = (2 * acc.config.schedule.padded_models * acc.config.position_block
+                          * min(acc.config.vocab_chunk, v) * 4)
 
     # ceiling: sum(log(x)) over an input-sized array, at the measured rate, over all pair elements.
     x = jax.block_until_ready(jnp.exp(lp))
@@ -204,7 +204,7 @@ def main(argv=None):
             print(f"{'':>16} naive {row['naive_note']}")
         print(f"{'':>16} peak {row.get('peak_bytes', 0) / 2**20:.0f} MiB = input "
               f"{row['input_bytes'] / 2**20:.0f} MiB + temporaries "
-              f"{row.get('temp_bytes', 0) / 2**20:.1f} MiB (one block: "
+              f"{row.get('temp_bytes', 0) / 2**20:.1f} MiB (one tile: "
               f"{row['block_bytes'] / 2**20:.2f} MiB)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"process max RSS {rss / 2**30:.2f} GiB (includes the scipy/naive references)")

@@ -2,11 +2,13 @@
 
 Layout of the work: the [T, N, V] log-probs are cut into tiles of all T models x `position_block`
 positions x `vocab_chunk` tokens, read once each (the input is never copied, padded or
-normalised as a whole). Against each tile, the pairs are evaluated a block at a time: the rows of
-one pair block are gathered from the tile (at most pair_block x position_block x vocab_chunk
-floats, the only sizeable temporary) and reduced over the vocabulary. The probabilities
-P = exp(log P) are computed per tile (T exps against T(T-1)/2 pairs, so nearly free) and never
-stored for the whole input, so peak memory is the input plus one block.
+normalised as a whole). Against each tile every pair is evaluated once, in the order of a
+`PairSchedule`: recursive halving of the model axis turns the upper triangle into a few
+broadcast blocks ([groups, s, 1] rows against [groups, 1, s] rows), which XLA fuses with the
+reduction over the vocabulary, so nothing of size pairs x tile is materialised (a gather of pair
+rows would be, and cost ~1.5x). The probabilities P = exp(log P) are computed per tile (T exps
+against T(T-1)/2 pairs, so nearly free) and never stored for the whole input: peak memory is the
+input plus one tile and the [pairs, position_block] partial sums.
 
 Per element and pair the kernel evaluates the KL form of DESIGN.md 4,
     1/2 P (log P - log M) + 1/2 Q (log Q - log M),   log M = log(P + Q) - ln 2,
@@ -47,41 +49,122 @@ def jsd_terms_sum(p, lp, q, lq, axis=-1):
     return 0.5 * jnp.sum(p * (lp - lm) + q * (lq - lm), axis=axis)
 
 
-def upper_triangle_pairs(num_models: int, multiple: int):
-    """Row and column indices of the T(T-1)/2 unordered pairs i < j, padded with (0, 0) to a
-    multiple of `multiple`. Padded pairs compute JSD(P_0, P_0) and are sliced off by the caller."""
-    i, j = np.triu_indices(num_models, k=1)
-    num_pairs = len(i)
-    padded = max(multiple, -(-num_pairs // multiple) * multiple)
-    pad = padded - num_pairs
-    return (np.pad(i, (0, pad)).astype(np.int32), np.pad(j, (0, pad)).astype(np.int32),
-            num_pairs)
+def padded_model_count(num_models: int) -> int:
+    """The smallest T' >= T of the form s * 2^m with s <= 8: the halving schedule below needs the
+    model axis to split evenly m times; the dummy rows this adds (at most ~1/8 of T) carry
+    probability zero and their pairs are dropped."""
+    best = None
+    for s in range(1, 9):
+        m = 0
+        while s * 2**m < num_models:
+            m += 1
+        if best is None or s * 2**m < best:
+            best = s * 2**m
+    return best
 
 
-def pair_weighted_sums(logprobs, weights, pair_i, pair_j, row_offset=None, *,
-                       position_block: int, vocab_chunk: int, pair_block: int):
-    """sum_n weights[n] * JSD(P_i(.|n), P_j(.|n)) for each listed pair (i, j).
+class PairSchedule:
+    """The static order in which the kernel evaluates the pairs of T models, each exactly once.
+
+    The (padded) models are halved recursively: at level L the rows fall into 2^L groups, each
+    split into halves A and B, and every A row meets every B row of its group by broadcasting
+    ([groups, s, 1, ...] against [groups, 1, s, ...]). Together the levels cover every pair
+    whose models sit in different leaf groups; the pairs inside the leaf groups (of size <= 8)
+    are gathered. Broadcasts and static slices fuse into one loop with the reduction over the
+    vocabulary; a gather would be materialised first, which is why it is kept to the leaves.
+
+    Attributes:
+      steps: tuple of (kind, level or None, first, count): one fused evaluation each.
+      pair_i, pair_j: [K] int32 model indices of the kernel's outputs, in evaluation order.
+      valid: [K] bool, False for pairs that involve a padding row.
+    """
+
+    def __init__(self, num_models: int, pair_block: int):
+        t = padded_model_count(num_models)
+        self.num_models, self.padded_models = num_models, t
+        # Halve while the group size is even: t = leaf * 2^levels with leaf odd and <= 8.
+        levels, leaf = 0, t
+        while leaf % 2 == 0:
+            levels, leaf = levels + 1, leaf // 2
+        self.levels, self.leaf = levels, leaf
+        steps, pi, pj = [], [], []
+        for level in range(levels):
+            groups, half = 2**level, t // 2**(level + 1)
+            per_group = half * half
+            chunk = max(1, pair_block // per_group)  # groups evaluated in one step
+            for g0 in range(0, groups, chunk):
+                g1 = min(groups, g0 + chunk)
+                steps.append(("level", level, g0, g1 - g0))
+                for g in range(g0, g1):
+                    base = g * 2 * half
+                    for a in range(half):
+                        for b in range(half):
+                            pi.append(base + a)
+                            pj.append(base + half + b)
+        leaf_i, leaf_j = np.triu_indices(self.leaf, k=1)
+        if len(leaf_i):
+            groups = t // self.leaf
+            steps.append(("leaf", None, 0, groups))
+            for g in range(groups):
+                pi.extend(g * self.leaf + leaf_i)
+                pj.extend(g * self.leaf + leaf_j)
+        self.steps = tuple(steps)
+        self.pair_i = np.asarray(pi, np.int32)
+        self.pair_j = np.asarray(pj, np.int32)
+        self.valid = (self.pair_i < num_models) & (self.pair_j < num_models)
+        self.leaf_pairs = (leaf_i.astype(np.int32), leaf_j.astype(np.int32))
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.pair_i)
+
+
+def _evaluate_schedule(p, lp, schedule: PairSchedule):
+    """All scheduled pairs on one tile: p, lp [T', nb, vc] -> [K, nb] sums over the tile."""
+    t, nb, vc = p.shape
+    outs = []
+    for kind, level, first, count in schedule.steps:
+        if kind == "level":
+            groups, half = 2**level, t // 2**(level + 1)
+            pr = p.reshape(groups, 2, half, nb, vc)[first:first + count]
+            lr = lp.reshape(groups, 2, half, nb, vc)[first:first + count]
+            out = jsd_terms_sum(pr[:, 0, :, None], lr[:, 0, :, None],
+                                pr[:, 1, None, :], lr[:, 1, None, :])  # [count, half, half, nb]
+        else:
+            leaf_i, leaf_j = schedule.leaf_pairs
+            pr = p.reshape(count, schedule.leaf, nb, vc)
+            lr = lp.reshape(count, schedule.leaf, nb, vc)
+            out = jsd_terms_sum(pr[:, leaf_i], lr[:, leaf_i], pr[:, leaf_j], lr[:, leaf_j])
+        outs.append(out.reshape(-1, nb))
+    return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+
+
+def pair_weighted_sums(logprobs, weights, row_offset=None, *, schedule: PairSchedule,
+                       position_block: int, vocab_chunk: int):
+    """sum_n weights[n] * JSD(P_i(.|n), P_j(.|n)) for every pair of the schedule.
 
     Args:
       logprobs: [T, N, V] validated log-probs, any float dtype (computed in float32).
       weights: [N] float32 non-negative position weights.
       row_offset: optional [T, N] float32 subtracted from every row (the logsumexp of logits,
         so logits are normalised tile by tile without a normalised copy of the input).
-      pair_i, pair_j: [K] int32 pair indices, K a multiple of `pair_block`.
-      position_block, vocab_chunk, pair_block: tile sizes; clipped to N, V and K.
+      schedule: the `PairSchedule` for T.
+      position_block, vocab_chunk: tile sizes; clipped to N and V.
 
     Returns:
-      [K] float32 weighted sums of per-position JSD (each position's JSD clamped to [0, ln 2],
-      the range the true value lies in, which removes float32 rounding of order 1e-8).
+      [K] float32 weighted sums of per-position JSD in the schedule's pair order (each
+      position's JSD clamped to [0, ln 2], the range the true value lies in, which removes
+      float32 rounding of order 1e-8).
     """
     t, n, v = logprobs.shape
-    k = pair_i.shape[0]
+    k = schedule.num_outputs
+    if k == 0:  # a single model: no pairs
+        return jnp.zeros((0,), jnp.float32)
+    pad_models = schedule.padded_models - t
     nb = min(position_block, n)
     vc = min(vocab_chunk, v)
-    pb = min(pair_block, k)
     num_pos_blocks = -(-n // nb)
     num_vocab_chunks = -(-v // vc)
-    pair_blocks = (pair_i.reshape(-1, pb), pair_j.reshape(-1, pb))
 
     def tile_terms(n0, c):
         # The last chunk is shifted back to fit (dynamic_slice clamps); entries that the previous
@@ -93,18 +176,10 @@ def pair_weighted_sums(logprobs, weights, pair_i, pair_j, row_offset=None, *,
         fresh = (v0 + jnp.arange(vc)) >= c * vc
         p, lp = probs_and_safe_logs(tile)
         p = jnp.where(fresh, p, 0.0)
-
-        def one_block(ij):
-            bi, bj = ij
-            # mode="clip": indices are in range by construction; the default bounds handling
-            # adds selects to the fused loop and costs ~30%.
-            def rows(x, idx):
-                return jnp.take(x, idx, axis=0, mode="clip")
-            return jsd_terms_sum(rows(p, bi), rows(lp, bi), rows(p, bj), rows(lp, bj))  # [pb, nb]
-
-        if pb == k:
-            return one_block((pair_i, pair_j))
-        return jax.lax.map(one_block, pair_blocks).reshape(k, nb)
+        if pad_models:  # rows of probability zero for the padding models
+            p = jnp.concatenate([p, jnp.zeros((pad_models, nb, vc), p.dtype)])
+            lp = jnp.concatenate([lp, jnp.full((pad_models, nb, vc), _FLOOR_LOG, lp.dtype)])
+        return _evaluate_schedule(p, lp, schedule)
 
     def position_step(total, b):
         n0 = jnp.minimum(b * nb, n - nb)
@@ -125,11 +200,13 @@ def pair_weighted_sums(logprobs, weights, pair_i, pair_j, row_offset=None, *,
     return total
 
 
-def scatter_symmetric(pair_sums, pair_i, pair_j, num_pairs: int, num_models: int):
-    """[T, T] symmetric matrix from the upper-triangle pair values, zero diagonal."""
-    vals = pair_sums[:num_pairs]
-    i, j = pair_i[:num_pairs], pair_j[:num_pairs]
-    out = jnp.zeros((num_models, num_models), vals.dtype)
+def scatter_symmetric(pair_values, schedule: PairSchedule):
+    """[T, T] symmetric matrix from the schedule's pair values, zero diagonal."""
+    keep = schedule.valid
+    i, j = schedule.pair_i[keep], schedule.pair_j[keep]
+    vals = pair_values[np.flatnonzero(keep)]
+    t = schedule.num_models
+    out = jnp.zeros((t, t), vals.dtype)
     return out.at[i, j].set(vals).at[j, i].set(vals)
 
 

@@ -30,8 +30,8 @@ from taskpgm_jax.divergence._validate import (check_distribution, check_positive
 # was fastest on a 2-core EPYC (measured by benchmarks/divergence.py). Accelerators want far more
 # parallel work per step; these sizes bound one block to ~16 MiB and are not yet tuned on hardware.
 _DEFAULT_TILES = {
-    "cpu": dict(pair_block=1024, position_block=1, vocab_chunk=2048),
-    "accelerator": dict(pair_block=128, position_block=8, vocab_chunk=4096),
+    "cpu": dict(pair_block=1 << 16, position_block=1, vocab_chunk=2048),
+    "accelerator": dict(pair_block=1 << 16, position_block=8, vocab_chunk=4096),
 }
 
 
@@ -70,38 +70,47 @@ class _KernelConfig:
     mesh: Mesh | None
 
     @functools.cached_property
-    def layout(self):
-        """(pair_i, pair_j, num_pairs, pair_block): the upper triangle padded so that every
-        device gets the same whole number of pair blocks."""
-        devices = 1 if self.mesh is None else self.mesh.size
-        num_pairs = self.num_models * (self.num_models - 1) // 2
-        per_device = max(1, -(-num_pairs // devices))
-        block = min(self.pair_block, per_device)
-        per_device = -(-per_device // block) * block
-        i, j, _ = _kernel.upper_triangle_pairs(self.num_models, per_device * devices)
-        return i, j, num_pairs, block
+    def schedule(self) -> _kernel.PairSchedule:
+        return _kernel.PairSchedule(self.num_models, self.pair_block)
 
 
 def _pair_sums(logprobs, weights, config: _KernelConfig):
-    pair_i, pair_j, _, block = config.layout
     offset = None
     if config.from_logits:
         offset = jax.nn.logsumexp(logprobs.astype(jnp.float32), axis=-1)
-    kernel = functools.partial(_kernel.pair_weighted_sums, position_block=config.position_block,
-                               vocab_chunk=config.vocab_chunk, pair_block=block)
+    kernel = functools.partial(_kernel.pair_weighted_sums, schedule=config.schedule,
+                               position_block=config.position_block,
+                               vocab_chunk=config.vocab_chunk)
     if config.mesh is None:
-        return kernel(logprobs, weights, pair_i, pair_j, offset)
-    # Every device sees all models (replicated) and evaluates its own slice of the pair list.
+        return kernel(logprobs, weights, offset)
+    # Positions are split over every device of the mesh; each device evaluates all pair blocks
+    # on its share and the partial sums are added. Each device holds 1/D of the input, as a
+    # data-parallel probe batch already is, instead of a replica of all of it.
     axes = tuple(config.mesh.axis_names)
+    devices = config.mesh.size
+    n = logprobs.shape[1]
+    pad = -n % devices
+    if pad:  # padding positions carry weight 0 and a valid (uniform) distribution
+        logprobs = jnp.pad(logprobs, ((0, 0), (0, pad), (0, 0)))
+        weights = jnp.pad(weights, (0, pad))
+        if offset is not None:
+            offset = jnp.pad(offset, ((0, 0), (0, pad)))
+        else:
+            logprobs = logprobs.at[:, n:].set(-jnp.log(logprobs.shape[2]).astype(logprobs.dtype))
+    by_position = PartitionSpec(None, axes)
+
+    def local(lp, w, off):
+        return jax.lax.psum(kernel(lp, w, off), axes)
+
     sharded = jax.shard_map(
-        lambda lp, w, i, j, off: kernel(lp, w, i, j, off), mesh=config.mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(axes), PartitionSpec(axes),
-                  PartitionSpec()),
-        out_specs=PartitionSpec(axes),
-        # The kernel's scan carries start as replicated zeros and become per-device values;
-        # no collective is involved, so the varying-axes check has nothing to protect here.
+        local, mesh=config.mesh,
+        in_specs=(by_position, PartitionSpec(axes),
+                  None if offset is None else by_position),
+        out_specs=PartitionSpec(),
+        # The kernel's scan carries start as unvarying zeros and become per-device values
+        # before the psum; the varying-axes check would reject that carry for no benefit.
         check_vma=False)
-    return sharded(logprobs, weights, jnp.asarray(pair_i), jnp.asarray(pair_j), offset)
+    return sharded(logprobs, weights, offset)
 
 
 def _update_impl(state: JSDState, logprobs, weights, *, config: _KernelConfig) -> JSDState:
@@ -118,11 +127,10 @@ _update_jit = jax.jit(_update_impl, static_argnames="config")
 
 @functools.partial(jax.jit, static_argnames="config")
 def _result_impl(state: JSDState, *, config: _KernelConfig):
-    pair_i, pair_j, num_pairs, _ = config.layout
     mean = state.pair_sums / jnp.maximum(state.weight, jnp.finfo(jnp.float32).tiny)
     # A weighted mean of values in [0, ln 2] lies there too; only float32 rounding can leave it.
     mean = jnp.clip(mean, 0.0, _kernel.LN2)
-    return _kernel.scatter_symmetric(mean, pair_i, pair_j, num_pairs, config.num_models)
+    return _kernel.scatter_symmetric(mean, config.schedule)
 
 
 class StreamingJSD:
@@ -161,7 +169,7 @@ class StreamingJSD:
         return self.config.num_models
 
     def init(self) -> JSDState:
-        k = len(self.config.layout[0])
+        k = self.config.schedule.num_outputs
         zeros = jnp.zeros((k,), jnp.float32)
         scalar = jnp.zeros((), jnp.float32)
         return JSDState(zeros, zeros, scalar, scalar)
@@ -192,7 +200,7 @@ class StreamingJSD:
         weights = check_weights(weights, "weights", batch, allow_all_zero=True)
         if not isinstance(state, JSDState) or (
                 not is_traced(state.pair_sums)
-                and state.pair_sums.shape != (len(self.config.layout[0]),)):
+                and state.pair_sums.shape != (self.config.schedule.num_outputs,)):
             raise ValueError("state: expected the JSDState returned by this accumulator's "
                              "init() or update().")
         return _update_jit(state, jnp.asarray(logprobs), jnp.asarray(weights),
