@@ -1,0 +1,226 @@
+"""Benchmark of the NNX decoder against Hugging Face transformers (PyTorch eager), in one run.
+
+    python benchmarks/model.py [--configs small large] [--repeats 5] [--json PATH]
+
+For each config it builds a random HF `LlamaForCausalLM`, saves it, loads it with our loader (so
+both sides run the very same weights) and times, median of `--repeats` after a warm-up:
+  forward     tokens/s of ours (jitted) and of PyTorch eager under no_grad, same thread count;
+  train step  tokens/s of one full step (forward, backward, AdamW update) on both sides;
+  compile     our first-call time minus the steady state, shown apart from the throughput;
+  adapters    (first config) T=8 LoRA adapters in one `multi_adapter_forward` call against 8 sequential jitted
+              forwards of the same adapters (at the config's batch and at a 1-row probe batch).
+On a GPU/TPU host PyTorch (a CPU build here) is skipped and the model FLOPs utilisation (MFU) is
+reported instead, against `--peak-tflops` (or a built-in table of device peaks).
+It prints a table and, with --json, writes the figures with a top-level `ratios` object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from taskpgm_jax.hf import load_hf_checkpoint  # noqa: E402
+from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # noqa: E402
+                                multi_adapter_forward, stack_adapters)
+
+CONFIGS = {
+    # name: (hidden, layers, heads, kv heads, mlp, vocab, batch, seq)
+    "small": (256, 4, 4, 2, 688, 4096, 8, 256),
+    "large": (384, 6, 6, 2, 1024, 8192, 4, 256),
+}
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5": 197.0}
+ADAPTERS = 8
+
+
+def timed(fn, repeats):
+    """(first-call seconds, median steady seconds, (min, max))."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), (min(times), max(times))
+
+
+def torch_timed(fn, repeats):
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_hf(name, tmp):
+    import torch
+    import transformers
+
+    d, n_layers, heads, kv, mlp, vocab, _, seq = CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=mlp,
+                                   num_hidden_layers=n_layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv, max_position_embeddings=seq,
+                                   attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp)
+    return model
+
+
+def loss_fn(model, ids):
+    logits = model(ids)[:, :-1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model, optimizer, ids):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, ids)
+    optimizer.update(model, grads)
+    return loss
+
+
+def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
+    d, n_layers, heads, kv, mlp, vocab, batch, seq = CONFIGS[name]
+    tokens = batch * seq
+    rng = np.random.default_rng(0)
+    ids_np = rng.integers(0, vocab, size=(batch, seq))
+    ids = jnp.asarray(ids_np, jnp.int32)
+    row = dict(config=name, hidden=d, layers=n_layers, batch=batch, seq=seq, dtype=jnp.dtype(dtype).name)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_hf(name, tmp) if with_torch else None
+        if not with_torch:
+            import transformers  # noqa: F401 (config only; torch is a CPU build)
+            build_hf(name, tmp)
+        model = load_hf_checkpoint(tmp, dtype=dtype)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    row["params"] = n_params
+
+    fwd = nnx.jit(lambda m, x: m(x))
+    first, med, spread = timed(lambda: fwd(model, ids), repeats)
+    row.update(fwd_compile_s=first - med, fwd_s=med, fwd_spread=spread, fwd_tok_s=tokens / med)
+
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+    first, med, spread = timed(lambda: train_step(model, optimizer, ids), repeats)
+    row.update(train_compile_s=first - med, train_s=med, train_spread=spread, train_tok_s=tokens / med)
+
+    if peak:
+        # 2 N flops per token forward, 6 N for a training step (attention score FLOPs added).
+        attn = 2 * 2 * n_layers * seq * d
+        row["fwd_mfu"] = (2 * n_params + attn) * tokens / row["fwd_s"] / (peak * 1e12)
+        row["train_mfu"] = 3 * (2 * n_params + attn) * tokens / row["train_s"] / (peak * 1e12)
+
+    if with_torch:
+        import torch
+
+        t_ids = torch.tensor(ids_np)
+        hf.eval()
+        with torch.no_grad():
+            row["torch_fwd_s"] = torch_timed(lambda: hf(input_ids=t_ids).logits, repeats)
+        hf.train()
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+        def torch_step():
+            opt.zero_grad(set_to_none=True)
+            out = hf(input_ids=t_ids, labels=t_ids)
+            out.loss.backward()
+            opt.step()
+
+        row["torch_train_s"] = torch_timed(torch_step, repeats)
+        row["torch_fwd_tok_s"] = tokens / row["torch_fwd_s"]
+        row["torch_train_tok_s"] = tokens / row["torch_train_s"]
+
+    if not adapters:
+        return row
+    # T adapters: one vmapped call against T sequential calls (both jitted, same adapters).
+    add_lora(model, LoraConfig(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")), rngs=nnx.Rngs(1))
+    adapters = [jax.tree.map(lambda x, t=t: x + 0.01 * (t + 1), lora_state(model)) for t in range(ADAPTERS)]
+    stacked = stack_adapters(adapters)
+    graphdef, _, rest = nnx.split(model, LoRAParam, ...)
+    single = jax.jit(lambda lora, rest, x: nnx.merge(graphdef, lora, rest)(x))
+    multi = nnx.jit(lambda m, a, x: multi_adapter_forward(m, a, x))
+    for tag, x in (("batch", ids), ("probe1", ids[:1])):
+        first, med_multi, _ = timed(lambda: multi(model, stacked, x), repeats)
+        _, med_seq, _ = timed(lambda: [single(a, rest, x) for a in adapters], repeats)
+        row[f"adapters_{tag}_multi_s"] = med_multi
+        row[f"adapters_{tag}_seq_s"] = med_seq
+        row[f"adapters_{tag}_compile_s"] = first - med_multi
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["small", "large"], choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 else)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
+    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    args = parser.parse_args(argv)
+
+    backend = jax.default_backend()
+    device = jax.devices()[0].device_kind
+    on_cpu = backend == "cpu"
+    dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    threads = os.cpu_count()
+    if on_cpu:
+        import torch
+
+        torch.set_num_threads(threads)  # PyTorch gets every core, like XLA:CPU's thread pool
+    print(f"backend={backend} device={device} threads={threads} dtype={dtype.name} jax={jax.__version__}")
+
+    rows, ratios = [], {}
+    for i, name in enumerate(args.configs):
+        # The adapter comparison runs on the first config only (it dominates the run time on a CPU).
+        row = bench_config(name, args.repeats, dtype, None if on_cpu else peak, on_cpu, adapters=i == 0)
+        rows.append(row)
+        if on_cpu:
+            ratios[f"forward_ours_over_torch[{name}]"] = row["fwd_tok_s"] / row["torch_fwd_tok_s"]
+            ratios[f"train_ours_over_torch[{name}]"] = row["train_tok_s"] / row["torch_train_tok_s"]
+        for tag in ("batch", "probe1") if "adapters_batch_multi_s" in row else ():
+            ratios[f"adapters_sequential_over_multi[{name},{tag}]"] = (
+                row[f"adapters_{tag}_seq_s"] / row[f"adapters_{tag}_multi_s"])
+        if "train_mfu" in row:
+            ratios[f"train_mfu[{name}]"] = row["train_mfu"]
+
+    header = (f"{'config':7} {'params':>9} {'fwd tok/s':>10} {'torch':>9} {'train tok/s':>11} {'torch':>9} "
+              f"{'compile fwd/train s':>19} {'8 adapters: seq/multi (batch, 1 row)':>37}")
+    print(header)
+    for r in rows:
+        print(f"{r['config']:7} {r['params'] / 1e6:8.1f}M {r['fwd_tok_s']:10.0f} "
+              f"{r.get('torch_fwd_tok_s', float('nan')):9.0f} {r['train_tok_s']:11.0f} "
+              f"{r.get('torch_train_tok_s', float('nan')):9.0f} "
+              f"{r['fwd_compile_s']:9.2f}/{r['train_compile_s']:<9.2f} "
+              + (f"{r['adapters_batch_seq_s'] / r['adapters_batch_multi_s']:17.2f}x "
+                 f"{r['adapters_probe1_seq_s'] / r['adapters_probe1_multi_s']:17.2f}x"
+                 if "adapters_batch_multi_s" in r else f"{'-':>18} {'-':>18}"))
+        if "train_mfu" in r:
+            print(f"        MFU forward {r['fwd_mfu']:.1%}  train {r['train_mfu']:.1%} (peak {peak} TFLOP/s)")
+    print("ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+
+    if args.json:
+        payload = {"benchmark": "model", "backend": backend, "device": device, "threads": threads,
+                   "jax": jax.__version__, "python": platform.python_version(), "repeats": args.repeats,
+                   "results": rows, "ratios": ratios}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
