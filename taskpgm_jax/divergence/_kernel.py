@@ -50,11 +50,11 @@ def jsd_terms_sum(p, lp, q, lq, axis=-1):
 
 
 def padded_model_count(num_models: int) -> int:
-    """The smallest T' >= T of the form s * 2^m with s <= 8: the halving schedule below needs the
+    """The smallest T' >= T of the form s * 2^m with s <= 16: the halving schedule below needs the
     model axis to split evenly m times; the dummy rows this adds (at most ~1/8 of T) carry
     probability zero and their pairs are dropped."""
     best = None
-    for s in range(1, 9):
+    for s in range(1, 17):
         m = 0
         while s * 2**m < num_models:
             m += 1
@@ -69,7 +69,7 @@ class PairSchedule:
     The (padded) models are halved recursively: at level L the rows fall into 2^L groups, each
     split into halves A and B, and every A row meets every B row of its group by broadcasting
     ([groups, s, 1, ...] against [groups, 1, s, ...]). Together the levels cover every pair
-    whose models sit in different leaf groups; the pairs inside the leaf groups (of size <= 8)
+    whose models sit in different leaf groups; the pairs inside the leaf groups (of size <= 15)
     are gathered. Broadcasts and static slices fuse into one loop with the reduction over the
     vocabulary; a gather would be materialised first, which is why it is kept to the leaves.
 
@@ -82,7 +82,7 @@ class PairSchedule:
     def __init__(self, num_models: int, pair_block: int):
         t = padded_model_count(num_models)
         self.num_models, self.padded_models = num_models, t
-        # Halve while the group size is even: t = leaf * 2^levels with leaf odd and <= 8.
+        # Halve while the group size is even: t = leaf * 2^levels with leaf odd and <= 15.
         levels, leaf = 0, t
         while leaf % 2 == 0:
             levels, leaf = levels + 1, leaf // 2
