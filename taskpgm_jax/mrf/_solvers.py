@@ -1,0 +1,226 @@
+"""Jitted solver cores on padded inputs: exact (accelerated projected gradient), closed form
+(KKT with the equality constraint, then projection) and softmax (Optax on the logits).
+
+Shared conventions. M: [P, P] S~ padded with zeros; u: [P] unary padded with zeros; mask: [P]
+real tasks; beta, lam: scalars (traced, so `solve_path` can vmap over them); lower / upper: [P]
+bounds (0 / 1 when unbounded). Every core returns
+(weights, energy, iterations, kkt_residual, converged, clipped).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from taskpgm_jax.mrf._projection import frank_wolfe_gap, project_capped_simplex, project_simplex
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _matvec(M, w):
+    return jnp.dot(M, w, precision=HIGHEST)
+
+
+def _energy_parts(w, Mw, u, beta, lam):
+    """(energy, scale): scale = |unary term| + |pairwise term| is the yardstick of the relative
+    tolerance, so that stopping does not depend on the units of S or on an energy near 0."""
+    lin = beta * jnp.dot(u, w)
+    quad = 0.5 * lam * jnp.dot(w, Mw)
+    return quad - lin, jnp.abs(lin) + jnp.abs(quad) + jnp.finfo(w.dtype).tiny
+
+
+def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: int):
+    """Minimise E over the current face (the free tasks, others fixed) by conjugate gradients,
+    then move towards that minimiser as far as the bounds allow.
+
+    Projected gradient alone crawls along the flat directions of an ill-conditioned face (a
+    low-rank affinity plus a small ridge has curvature ratios of 1e5); CG removes them in about
+    as many matrix-vector products as there are free tasks (More and Toraldo's GPCG idea).
+    Directions keep sum(d) = 0 on the face, so the iterate stays on the simplex.
+    """
+    n_face = jnp.maximum(jnp.sum(face), 1)
+
+    def proj(v):
+        v = jnp.where(face, v, 0.0)
+        return jnp.where(face, v - jnp.sum(v) / n_face, 0.0)
+
+    r0 = -proj(lam * Mw - beta * u)
+    rr0 = jnp.dot(r0, r0)
+    tiny = jnp.finfo(w.dtype).tiny
+
+    # Relative residual sqrt(eps): past it float32 CG loses orthogonality and wanders off; the
+    # outer loop calls it again if more is needed.
+    stop = jnp.finfo(w.dtype).eps * rr0
+
+    def cond(c):
+        k, _, _, _, rr, _ = c
+        return (k < cg_iters) & (rr > stop) & (rr > tiny)
+
+    def body(c):
+        k, x, r, p, rr, Mx = c
+        Mp = _matvec(M, p)
+        Ap = proj(lam * Mp)
+        curv = jnp.dot(p, Ap)
+        alpha = jnp.where(curv > tiny, rr / jnp.where(curv > tiny, curv, 1.0), 0.0)
+        x, Mx, r = x + alpha * p, Mx + alpha * Mp, r - alpha * Ap
+        rr_new = jnp.dot(r, r)
+        p = proj(r + (rr_new / jnp.maximum(rr, tiny)) * p)
+        # A direction of zero curvature ends the solve (only with ridge = 0).
+        k = jnp.where(curv > tiny, k + 1, cg_iters)
+        return k, x, r, p, rr_new, Mx
+
+    zero = jnp.zeros_like(w)
+    _, x, _, _, _, _ = jax.lax.while_loop(cond, body, (0, zero, r0, r0, rr0, zero))
+    x = proj(x)  # sum(x) = 0 again after rounding
+    # Ratio test: the longest step in [0, 1] along x that keeps every weight within its bounds.
+    down = face & (x < 0)
+    up = face & (x > 0)
+    t_down = jnp.min(jnp.where(down, (w - lower) / jnp.where(down, -x, 1.0), jnp.inf))
+    t_up = jnp.min(jnp.where(up, (upper - w) / jnp.where(up, x, 1.0), jnp.inf))
+    t = jnp.clip(jnp.minimum(t_down, t_up), 0.0, 1.0)
+    # The clip only removes rounding: the ratio test already keeps the step feasible.
+    w_new = jnp.where(mask, jnp.clip(w + t * x, lower, upper), 0.0)
+    return w_new, _matvec(M, w_new)
+
+
+@functools.partial(jax.jit, static_argnames=("bounded", "max_iter", "cg_iters"))
+def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bounded: bool,
+               max_iter: int, cg_iters: int = 64):
+    """Accelerated projected gradient (FISTA) with restart, plus conjugate-gradient steps on
+    the face once the set of free tasks stops changing.
+
+    M y for the extrapolated point follows from M w by linearity, so a gradient step costs one
+    matrix-vector product. A momentum step that raises the energy (measured from the step, not
+    as a difference of energies) is discarded and momentum reset (O'Donoghue and Candes 2015);
+    a plain step of size 1 / L never raises it for convex E. Stops when the Frank-Wolfe gap (a
+    KKT residual that bounds E(w) - E*) <= tol * scale.
+    """
+    def project(x):
+        return project_capped_simplex(x, mask, lower, upper) if bounded else project_simplex(x, mask)
+
+    def gap_of(w, Mw):
+        g = lam * Mw - beta * u
+        return frank_wolfe_gap(w, g, mask, *((lower, upper) if bounded else ()))
+
+    def free_set(w):
+        return mask & (w > lower) & (w < upper) if bounded else mask & (w > 0)
+
+    def rise_of(w_new, Mw_new, w, Mw):
+        # E(w_new) - E(w) from the step itself: subtracting two energies would lose every digit
+        # below float32 rounding of E, and restarts decided by rounding noise stall the method.
+        h = 0.5 * lam * (Mw_new + Mw) - beta * u
+        return jnp.dot(w_new - w, h - jnp.dot(w, h))  # centred: sum(w_new - w) = 0
+
+    step = 1.0 / jnp.maximum(lipschitz, jnp.finfo(M.dtype).tiny)
+    w0 = project(w0)
+    Mw0 = _matvec(M, w0)
+    _, s0 = _energy_parts(w0, Mw0, u, beta, lam)
+    one = jnp.ones((), M.dtype)
+    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), gap_of(w0, Mw0), s0)
+
+    def cond(state):
+        *_, it, gap, scale = state
+        return (it < max_iter) & (gap > tol * scale)
+
+    def body(state):
+        w, Mw, y, My, t, face, it, _, _ = state
+        g = lam * My - beta * u
+        # Projections ignore a constant added to every entry (sum(w) = 1 is fixed); removing the
+        # weighted mean keeps float32 steps from being swamped by a large common gradient.
+        w_new = project(y - step * (g - jnp.dot(y, g)))
+        Mw_new = _matvec(M, w_new)
+        restart = (t > 1) & (rise_of(w_new, Mw_new, w, Mw) > 0)
+        t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+        mom = (t - 1.0) / t_next
+        keep = lambda old, new: jnp.where(restart, old, new)  # noqa: E731
+        w2, Mw2 = keep(w, w_new), keep(Mw, Mw_new)
+        y2 = keep(w, w_new + mom * (w_new - w))
+        My2 = keep(Mw, Mw_new + mom * (Mw_new - Mw))
+        t2 = keep(one, t_next)
+        face2 = free_set(w2)
+        settled = jnp.all(face2 == face) & ~restart
+
+        def polish(_):
+            w3, Mw3 = _face_step(M, u, beta, lam, mask, lower, upper, w2, Mw2, face2,
+                                 cg_iters=cg_iters)
+            better = rise_of(w3, Mw3, w2, Mw2) <= 0
+            w3, Mw3 = jnp.where(better, w3, w2), jnp.where(better, Mw3, Mw2)
+            return w3, Mw3, w3, Mw3, one  # momentum restarts from the polished point
+
+        w2, Mw2, y2, My2, t2 = jax.lax.cond(settled, polish, lambda _: (w2, Mw2, y2, My2, t2),
+                                            None)
+        _, s2 = _energy_parts(w2, Mw2, u, beta, lam)
+        return (w2, Mw2, y2, My2, t2, free_set(w2), it + 1, gap_of(w2, Mw2), s2)
+
+    w, Mw, _, _, _, _, it, gap, scale = jax.lax.while_loop(cond, body, init)
+    e, _ = _energy_parts(w, Mw, u, beta, lam)
+    return w, e, it, gap, gap <= tol * scale, jnp.bool_(False)
+
+
+@functools.partial(jax.jit, static_argnames=("bounded",))
+def closed_form_core(M, u, beta, lam, mask, lower, upper, *, bounded: bool):
+    """w = (lam S~)^-1 (beta u - nu 1) with 1^T w = 1, then the Euclidean projection.
+
+    One Cholesky factorisation serves both right-hand sides (u and 1). Padded rows get an
+    identity block, and a zero right-hand side, so they do not touch the real solution.
+    """
+    dtype = M.dtype
+    Mp = M + jnp.diag(jnp.where(mask, 0.0, 1.0).astype(dtype))
+    ones = mask.astype(dtype)
+    factor = jax.scipy.linalg.cho_factor(Mp, lower=True)
+    sol = jax.scipy.linalg.cho_solve(factor, jnp.stack([u, ones], axis=1))
+    a, b = sol[:, 0], sol[:, 1]
+    nu = (beta * jnp.sum(a) - lam) / jnp.sum(b)
+    raw = jnp.where(mask, (beta * a - nu * b) / lam, 0.0)
+    w = project_capped_simplex(raw, mask, lower, upper) if bounded else project_simplex(raw, mask)
+    # "Clipped" = the projection moved a weight by more than rounding could explain.
+    clipped = jnp.max(jnp.abs(w - raw)) > jnp.sqrt(jnp.finfo(dtype).eps)
+    Mw = _matvec(M, w)
+    e, _ = _energy_parts(w, Mw, u, beta, lam)
+    gap = frank_wolfe_gap(w, lam * Mw - beta * u, mask, *((lower, upper) if bounded else ()))
+    finite = jnp.all(jnp.isfinite(raw))
+    return w, e, jnp.int32(1), gap, finite, clipped
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "max_iter"))
+def softmax_core(M, u, beta, lam, mask, theta0, temperature, tol, *,
+                 optimizer: optax.GradientTransformation, max_iter: int):
+    """w = softmax(theta / temperature); theta minimised by an Optax optimiser inside a
+    while_loop, stopped on the Frank-Wolfe gap of w like the exact solver."""
+    def weights(theta):
+        return jax.nn.softmax(jnp.where(mask, theta / temperature, -jnp.inf))
+
+    def objective(theta):
+        w = weights(theta)
+        Mw = _matvec(M, w)
+        e, scale = _energy_parts(w, Mw, u, beta, lam)
+        return e, (w, Mw, scale)
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def measure(theta):
+        (e, (w, Mw, scale)), grad = value_and_grad(theta)
+        gap = frank_wolfe_gap(w, lam * Mw - beta * u, mask)
+        return grad, gap, scale
+
+    grad0, gap0, scale0 = measure(theta0)
+    init = (theta0, optimizer.init(theta0), grad0, jnp.int32(0), gap0, scale0)
+
+    def cond(state):
+        *_, it, gap, scale = state
+        return (it < max_iter) & (gap > tol * scale)
+
+    def body(state):
+        theta, opt_state, grad, it, _, _ = state
+        updates, opt_state = optimizer.update(grad, opt_state, theta)
+        theta = optax.apply_updates(theta, updates)
+        grad, gap, scale = measure(theta)
+        return theta, opt_state, grad, it + 1, gap, scale
+
+    theta, _, _, it, gap, scale = jax.lax.while_loop(cond, body, init)
+    w = weights(theta)
+    e, _ = _energy_parts(w, _matvec(M, w), u, beta, lam)
+    return w, e, it, gap, gap <= tol * scale, jnp.bool_(False)

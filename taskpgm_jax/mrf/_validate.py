@@ -1,0 +1,106 @@
+"""Checks at the Python boundary of the MRF layer: shapes, finiteness, signs and feasibility.
+
+Every check raises a ValueError that names the argument and says what to do. Inside a caller's
+own `jax.jit` the inputs are tracers whose values are unknown: only the static checks (rank,
+shape) run there and the caller owns the values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+    """True when `x` is a tracer (inside someone's jit/vmap/grad: values are unknown)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def float_dtype(x):
+    """The float dtype a computation on `x` runs in: x's own float dtype when JAX can hold it
+    (float64 only under `jax.enable_x64`), float32 otherwise."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(np.zeros((), dtype)).dtype
+    return jnp.zeros((), jnp.float32).dtype
+
+
+def as_float_array(x, name: str, *, ndim: int, dtype=None):
+    """`x` as a JAX float array of rank `ndim`; raises for other ranks or non-numeric dtypes."""
+    if isinstance(x, (list, tuple, int, float)):
+        x = np.asarray(x)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name}: expected an array, got {type(x).__name__}.")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected rank {ndim}, got shape {tuple(x.shape)}.")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise ValueError(f"{name}: expected real numbers, got dtype {x.dtype}.")
+    return jnp.asarray(x, dtype=dtype if dtype is not None else float_dtype(x))
+
+
+def check_finite(x, name: str) -> None:
+    if not is_traced(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name}: contains NaN or inf; every entry must be finite.")
+
+
+def check_square(x, name: str) -> None:
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"{name}: expected a square [T, T] matrix, got shape {tuple(x.shape)}.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: the matrix is empty (T = 0); at least one task is needed.")
+
+
+def check_vector(x, name: str, size: int, *, dtype) -> jax.Array:
+    x = as_float_array(x, name, ndim=1, dtype=dtype)
+    if x.shape[0] != size:
+        raise ValueError(f"{name}: expected {size} entries (one per task), got {x.shape[0]}.")
+    check_finite(x, name)
+    return x
+
+
+def check_positive(value, name: str) -> float:
+    """A positive finite Python float (beta, lam, tau, temperature, ...)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a positive number, got {value!r}.") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: must be positive and finite, got {value!r}.")
+    return v
+
+
+def check_nonnegative(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}.") from None
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: must be >= 0 and finite, got {value!r}.")
+    return v
+
+
+def check_bounds(floor, cap, num_tasks: int, dtype):
+    """Per-task bounds as [T] arrays (scalars broadcast); raises when no mixture satisfies them.
+
+    Returns (lower, upper, bounded) where `bounded` is False when neither bound was given.
+    """
+    if floor is None and cap is None:
+        return jnp.zeros((num_tasks,), dtype), jnp.ones((num_tasks,), dtype), False
+    lo = np.broadcast_to(np.asarray(0.0 if floor is None else floor, np.float64), (num_tasks,))
+    hi = np.broadcast_to(np.asarray(1.0 if cap is None else cap, np.float64), (num_tasks,))
+    for arr, name in ((lo, "floor"), (hi, "cap")):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name}: contains NaN or inf.")
+    if np.any(lo < 0):
+        raise ValueError(f"floor: per-task floors must be >= 0, got min {lo.min():.3g}.")
+    if np.any(hi < lo):
+        i = int(np.argmax(hi < lo))
+        raise ValueError(f"cap: task {i} has cap {hi[i]:.3g} below its floor {lo[i]:.3g}.")
+    if lo.sum() > 1 + 1e-9:
+        raise ValueError(f"floor: the floors sum to {lo.sum():.6g} > 1, so no mixture satisfies "
+                         "them; lower the floors.")
+    if hi.sum() < 1 - 1e-9:
+        raise ValueError(f"cap: the caps sum to {hi.sum():.6g} < 1, so no mixture satisfies "
+                         "them; raise the caps.")
+    return jnp.asarray(lo, dtype), jnp.asarray(np.minimum(hi, 1.0), dtype), True

@@ -1,0 +1,131 @@
+"""Task affinities and the PSD repair that makes the MRF energy convex (DESIGN.md 4).
+
+`pmi_affinity` lives with the cross-likelihood kernel (taskpgm_jax.divergence.crosslik) and is
+re-exported by `taskpgm_jax.mrf`; it is not redefined here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from taskpgm_jax.mrf._spectrum import extreme_eigenvalues
+from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_nonnegative,
+                                       check_positive, check_square, is_traced)
+
+LN2 = math.log(2.0)
+DEFAULT_RELATIVE_RIDGE = 1e-5
+SYMMETRY_TOL = 1e-5
+
+
+def affinity_from_jsd(divergence, kind: str = "linear", tau: float | None = None):
+    """Task affinity from a task-level JSD matrix D (nats).
+
+    kind="linear": S = 1 - D / ln 2, in [0, 1], no hyperparameter (the default).
+    kind="rbf":    S = exp(-D / tau), tau > 0 required.
+
+    Args:
+      divergence: [T, T] D from `taskpgm_jax.divergence.pairwise_jsd`, entries in [0, ln 2].
+      kind: "linear" or "rbf".
+      tau: the RBF temperature in nats; only for kind="rbf".
+
+    Returns:
+      [T, T] affinity in the input's float dtype.
+
+    Example:
+      >>> S = affinity_from_jsd(pairwise_jsd(logprobs))            # 1 on the diagonal
+      >>> S = affinity_from_jsd(D, kind="rbf", tau=0.05)
+    """
+    D = as_float_array(divergence, "divergence", ndim=2)
+    check_square(D, "divergence")
+    check_finite(D, "divergence")
+    if not is_traced(D):
+        lo, hi = float(jnp.min(D)), float(jnp.max(D))
+        # A little slack for float32 rounding of values computed at exactly 0 or ln 2.
+        slack = 1e-5 * LN2
+        if lo < -slack or hi > LN2 + slack:
+            raise ValueError(f"divergence: JSD values must lie in [0, ln 2 = {LN2:.6f}] nats, got "
+                             f"[{lo:.6g}, {hi:.6g}]; pass nats (natural log), not bits or "
+                             "square-root distances.")
+    if kind == "linear":
+        if tau is not None:
+            raise ValueError("tau: only used with kind='rbf'; leave it None for 'linear'.")
+        return 1.0 - D / LN2
+    if kind == "rbf":
+        if tau is None:
+            raise ValueError("tau: kind='rbf' needs a temperature tau > 0 (nats), e.g. the "
+                             "median off-diagonal divergence.")
+        return jnp.exp(-D / check_positive(tau, "tau"))
+    raise ValueError(f"kind: expected 'linear' or 'rbf', got {kind!r}.")
+
+
+class PSDRepair(NamedTuple):
+    """sym(S) shifted to positive definite: matrix = sym(S) + shift * I.
+
+    matrix:   [T, T] float, S~.
+    shift:    the added diagonal, max(0, -eig_min) + ridge.
+    ridge:    the part of `shift` beyond making S~ PSD.
+    eig_min, eig_max: extreme eigenvalues of sym(S) (before the shift).
+    spectrum: "dense" (exact) or "lanczos" (estimated) eigenvalues.
+    """
+
+    matrix: jax.Array
+    shift: float
+    ridge: float
+    eig_min: float
+    eig_max: float
+    spectrum: str
+
+
+def symmetric_part(affinity, name: str = "affinity", *, sym_tol: float = SYMMETRY_TOL):
+    """(S + S^T) / 2 after checking that S is square, finite and symmetric up to `sym_tol`
+    relative to max |S| (an asymmetric input is usually the wrong matrix, e.g. L instead of S)."""
+    S = as_float_array(affinity, name, ndim=2)
+    check_square(S, name)
+    check_finite(S, name)
+    if not is_traced(S):
+        scale = float(jnp.max(jnp.abs(S)))
+        asym = float(jnp.max(jnp.abs(S - S.T)))
+        if asym > sym_tol * max(scale, 1e-30):
+            raise ValueError(f"{name}: not symmetric (max |S - S^T| = {asym:.3g}, {asym / scale:.2g} "
+                             f"of max |S|; tolerance {sym_tol:g}). Pass a symmetric affinity, or "
+                             "symmetrise it yourself with (S + S.T) / 2 if that is intended.")
+    return 0.5 * (S + S.T)
+
+
+def psd_repair(affinity, ridge: float | None = None, *, spectrum: str = "auto") -> PSDRepair:
+    """Symmetrise S and shift its spectrum so that S~ is positive definite (DESIGN.md 4).
+
+    S~ = sym(S) + (max(0, -eig_min) + ridge) I. A shift of exactly |eig_min| leaves S~ singular
+    (the authors' closed form then returns "mixtures" summing to 0.66 ... 4.85), hence ridge > 0.
+
+    Args:
+      affinity: [T, T] S, symmetric up to 1e-5 relative (see `symmetric_part`).
+      ridge: extra diagonal; None means 1e-5 x the spectral radius of sym(S) (scale-free, and
+        well above the float32 error of the eigenvalue estimate); 0 is allowed.
+      spectrum: how eig_min is found: "dense", "lanczos" or "auto" (dense up to T = 2048).
+
+    Returns:
+      PSDRepair with the matrix and the shift it applied.
+
+    Example:
+      >>> rep = psd_repair(S)                  # S indefinite (e.g. PMI)
+      >>> rep.shift, rep.eig_min               # shift = -eig_min + ridge
+    """
+    S = symmetric_part(affinity)
+    if is_traced(S):
+        raise ValueError("affinity: psd_repair reads the spectrum of S, so it runs outside jit; "
+                         "build the potentials before entering your jitted code.")
+    eig_min, eig_max, how = extreme_eigenvalues(S, method=spectrum)
+    if ridge is None:
+        radius = max(abs(eig_min), abs(eig_max))
+        # S = 0 has radius 0: any positive ridge then makes S~ definite.
+        ridge = DEFAULT_RELATIVE_RIDGE * radius if radius > 0 else DEFAULT_RELATIVE_RIDGE
+    else:
+        ridge = check_nonnegative(ridge, "ridge")
+    shift = max(0.0, -eig_min) + ridge
+    matrix = S + jnp.asarray(shift, S.dtype) * jnp.eye(S.shape[0], dtype=S.dtype)
+    return PSDRepair(matrix, shift, ridge, eig_min, eig_max, how)

@@ -1,0 +1,215 @@
+"""Solvers against independent float64 references on fresh random problems (DESIGN.md 4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskpgm_jax.mrf import energy, potentials, solve, solve_path
+from tests.mrf.conftest import random_affinity
+from tests.mrf.reference import active_set_simplex_qp, energy64, slsqp_qp
+
+
+def _qp(pot):
+    """The solver's problem in float64: 1/2 w^T Q w - c^T w."""
+    Q = np.asarray(pot.matrix, np.float64) * pot.lam
+    c = pot.beta * np.asarray(pot.unary, np.float64)
+    return Q, c
+
+
+def _scale(w, Q, c):
+    return abs(c @ w) + 0.5 * abs(w @ Q @ w)
+
+
+def _random_problem(seed, T, kind, unary_kind):
+    rng = np.random.default_rng(seed)
+    S = random_affinity(rng, T, kind)
+    unary = "centrality" if unary_kind == "centrality" else rng.normal(size=T)
+    ratio = float(np.exp(rng.uniform(np.log(0.3 / T), np.log(20.0 / T))))
+    return potentials(S, unary, beta=ratio, lam=1.0), rng
+
+
+problems = st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 200),
+                     st.sampled_from(["psd", "signed", "lowrank"]),
+                     st.sampled_from(["centrality", "array"]))
+
+
+@settings(max_examples=20)
+@given(problems)
+def test_exact_matches_active_set_reference(problem):
+    pot, _ = _random_problem(*problem)
+    Q, c = _qp(pot)
+    sol = solve(pot)
+    w = np.asarray(sol.weights, np.float64)
+    w_ref, nu = active_set_simplex_qp(Q, c)
+    e, e_ref = energy64(w, Q, c), energy64(w_ref, Q, c)
+    scale = _scale(w_ref, Q, c)
+    assert bool(sol.converged)
+    assert abs(e - e_ref) <= 1e-6 * scale, (e, e_ref, scale)
+    # KKT: on the simplex, gradient + nu >= 0 everywhere and ~0 where the weight is positive.
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-5
+    g = Q @ w - c
+    nu_hat = -np.min(g)
+    gscale = np.abs(g).max() + 1e-12
+    assert np.all(g + nu_hat >= -1e-5 * gscale)
+    assert np.all(np.abs(g + nu_hat)[w > 1e-3] <= 1e-3 * gscale)
+    # The reported residual is the Frank-Wolfe gap, which bounds the energy error.
+    assert e - e_ref <= float(sol.kkt_residual) + 1e-6 * scale
+
+
+def test_slsqp_agrees_with_active_set(rng):
+    """The two references agree, so either one is a fair yardstick."""
+    pot, _ = _random_problem(int(rng.integers(2**32)), 30, "signed", "centrality")
+    Q, c = _qp(pot)
+    w_a, _ = active_set_simplex_qp(Q, c)
+    w_s = slsqp_qp(Q, c)
+    assert abs(energy64(w_a, Q, c) - energy64(w_s, Q, c)) <= 1e-8 * _scale(w_a, Q, c)
+
+
+@settings(max_examples=10)
+@given(problems, st.floats(0.0, 0.8), st.floats(1.2, 4.0))
+def test_floors_and_caps_respected_and_optimal(problem, floor_frac, cap_mult):
+    seed, T, kind, unary_kind = problem
+    T = min(T, 40)  # SLSQP is the reference with bounds; keep it quick
+    pot, rng = _random_problem(seed, T, kind, unary_kind)
+    floor = rng.uniform(0, floor_frac / T, size=T)
+    cap = np.maximum(floor + 1e-3, rng.uniform(0.5, cap_mult, size=T) / T * 2)
+    if cap.sum() < 1:
+        cap = cap / cap.sum() * 1.05
+    sol = solve(pot, floor=floor, cap=cap)
+    w = np.asarray(sol.weights, np.float64)
+    assert np.all(w >= floor - 1e-6) and np.all(w <= cap + 1e-6)
+    assert abs(w.sum() - 1) < 1e-5
+    Q, c = _qp(pot)
+    w_ref = slsqp_qp(Q, c, floor, cap)
+    scale = _scale(w_ref, Q, c)
+    # SLSQP may stop a little short; ours must be at least as good, up to 1e-6.
+    assert energy64(w, Q, c) <= energy64(w_ref, Q, c) + 1e-6 * scale
+
+
+@settings(max_examples=15)
+@given(problems)
+def test_closed_form_equals_exact_when_unclipped(problem):
+    pot, _ = _random_problem(*problem)
+    cf = solve(pot, "closed_form")
+    ex = solve(pot)
+    Q, c = _qp(pot)
+    w_cf, w_ex = np.asarray(cf.weights, np.float64), np.asarray(ex.weights, np.float64)
+    assert abs(w_cf.sum() - 1) < 1e-5 and w_cf.min() >= 0
+    if not bool(cf.clipped):
+        assert abs(energy64(w_cf, Q, c) - energy64(w_ex, Q, c)) <= 1e-5 * _scale(w_ex, Q, c)
+    # Whether clipped or not, it is never better than the exact minimiser.
+    assert energy64(w_cf, Q, c) >= energy64(w_ex, Q, c) - 1e-6 * _scale(w_ex, Q, c)
+
+
+def test_closed_form_unclipped_at_uniform_ratio(rng):
+    """With centrality unary, beta / lam = 1 / T makes the KKT solution exactly uniform."""
+    T = 24
+    pot = potentials(random_affinity(rng, T, "signed"), beta=1.0, lam=float(T))
+    cf = solve(pot, "closed_form")
+    assert not bool(cf.clipped)
+    np.testing.assert_allclose(np.asarray(cf.weights), 1.0 / T, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(solve(pot).weights), 1.0 / T, atol=1e-4)
+
+
+@settings(max_examples=10)
+@given(problems)
+def test_softmax_close_to_exact(problem):
+    pot, _ = _random_problem(*problem)
+    sm = solve(pot, "softmax")
+    ex = solve(pot)
+    Q, c = _qp(pot)
+    w_sm, w_ex = np.asarray(sm.weights, np.float64), np.asarray(ex.weights, np.float64)
+    assert abs(w_sm.sum() - 1) < 1e-5
+    assert energy64(w_sm, Q, c) - energy64(w_ex, Q, c) <= 1e-3 * _scale(w_ex, Q, c)
+
+
+def test_float64_under_enable_x64(rng):
+    S = random_affinity(rng, 50, "signed")
+    with jax.enable_x64(True):
+        pot = potentials(S, beta=2.0, lam=50.0)
+        assert pot.matrix.dtype == jnp.float64
+        for method in ("exact", "closed_form", "softmax"):
+            sol = solve(pot, method)
+            assert sol.weights.dtype == jnp.float64
+        sol = solve(pot, tol=1e-10)
+        Q, c = _qp(pot)
+        w_ref, _ = active_set_simplex_qp(Q, c)
+        assert abs(energy64(sol.weights, Q, c) - energy64(w_ref, Q, c)) <= 1e-10 * _scale(
+            w_ref, Q, c)
+    assert solve(potentials(S)).weights.dtype == jnp.float32
+
+
+def test_energy_matches_formula(rng):
+    T = 9
+    S = random_affinity(rng, T, "psd")
+    u = rng.normal(size=T)
+    pot = potentials(S, u, beta=0.7, lam=3.0)
+    w = rng.dirichlet(np.ones(T))
+    St = np.asarray(pot.matrix, np.float64)
+    expected = -0.7 * u @ w + 1.5 * w @ St @ w
+    np.testing.assert_allclose(float(energy(w, pot)), expected, rtol=1e-5)
+    batch = rng.dirichlet(np.ones(T), size=4)
+    assert energy(batch, pot).shape == (4,)
+
+
+def test_single_task_gets_weight_one():
+    pot = potentials(np.array([[0.3]]))
+    for method in ("exact", "closed_form", "softmax"):
+        np.testing.assert_allclose(np.asarray(solve(pot, method).weights), [1.0], atol=1e-6)
+
+
+def test_solve_path_matches_pointwise_solves(rng):
+    T = 40
+    pot = potentials(random_affinity(rng, T, "signed"), beta=1.0, lam=1.0)
+    ratios = np.geomspace(0.3 / T, 30.0 / T, 5)
+    path = solve_path(pot, ratios)
+    assert path.weights.shape == (5, T) and path.support.shape == (5,)
+    Q = np.asarray(pot.matrix, np.float64)
+    u = np.asarray(pot.unary, np.float64)
+    for k, r in enumerate(ratios):
+        w_ref, _ = active_set_simplex_qp(Q, r * u)
+        e, e_ref = energy64(path.weights[k], Q, r * u), energy64(w_ref, Q, r * u)
+        assert abs(e - e_ref) <= 1e-6 * _scale(w_ref, Q, r * u)
+    # More weight on the unary (larger ratio) concentrates the mixture on fewer tasks.
+    assert int(path.support[-1]) <= int(path.support[0])
+    cf = solve_path(pot, ratios, method="closed_form")
+    assert cf.clipped.shape == (5,)
+
+
+def test_authors_matrix_all_methods_sum_to_one(authors_pmi):
+    if authors_pmi is None:
+        pytest.fail("shared/data/authors_pmi_316.npy is missing")
+    T = authors_pmi.shape[0]
+    pot = potentials(authors_pmi, beta=2.0, lam=float(T))
+    assert pot.shift > -pot.eig_min > 700      # the repair lifted a strongly indefinite matrix
+    for method in ("exact", "closed_form", "softmax"):
+        w = np.asarray(solve(pot, method).weights, np.float64)
+        assert abs(w.sum() - 1) <= 1e-6 and w.min() >= 0
+    sol = solve(pot)
+    Q, c = _qp(pot)
+    w_ref, _ = active_set_simplex_qp(Q, c)
+    assert abs(energy64(sol.weights, Q, c) - energy64(w_ref, Q, c)) <= 1e-6 * _scale(w_ref, Q, c)
+
+
+def test_authors_matrix_ridge_matters(authors_pmi):
+    """A shift of exactly |eig_min| leaves S~ singular: the KKT solve then fails (float32) or
+    returns a vector whose sum is far from 1 (the authors' 0.66 ... 4.85); the ridge fixes it."""
+    if authors_pmi is None:
+        pytest.fail("shared/data/authors_pmi_316.npy is missing")
+    with jax.enable_x64(True):
+        singular = potentials(authors_pmi, beta=0.8, lam=1.5, ridge=0.0)
+        St = np.asarray(singular.matrix)
+        c = 0.8 * np.asarray(singular.unary)
+        Qinv = np.linalg.inv(1.5 * St)
+        one = np.ones(len(c))
+        nu = (one @ Qinv @ c - 1) / (one @ Qinv @ one)
+        raw = Qinv @ (c - nu * one)
+        assert abs(raw.sum() - 1) > 1e-3 or np.linalg.cond(St) > 1e12
+        repaired = potentials(authors_pmi, beta=0.8, lam=1.5)
+        assert repaired.ridge > 0
+        assert np.linalg.cond(np.asarray(repaired.matrix)) < 1e7
+        w = np.asarray(solve(repaired, "closed_form").weights)
+        assert abs(w.sum() - 1) < 1e-9
