@@ -99,6 +99,7 @@ def bench_size(t, n, v, repeats):
     # Peak memory of the compiled kernel program (arguments + temporaries + outputs).
     acc = streaming.StreamingJSD(t)
     compiled = streaming._update_jit.lower(acc.init(), lp, jnp.ones((n,), jnp.float32),
+                                           jnp.zeros((n,), jnp.int32),
                                            config=acc.config).compile()
     mem = compiled.memory_analysis()
     if mem is not None:

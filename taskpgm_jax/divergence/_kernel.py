@@ -141,25 +141,27 @@ def _evaluate_schedule(p, lp, schedule: PairSchedule):
 
 def pair_weighted_sums(logprobs, weights, row_offset=None, *, schedule: PairSchedule,
                        position_block: int, vocab_chunk: int):
-    """sum_n weights[n] * JSD(P_i(.|n), P_j(.|n)) for every pair of the schedule.
+    """sum_n weights[n, g] * JSD(P_i(.|n), P_j(.|n)) for every pair of the schedule and group g.
 
     Args:
       logprobs: [T, N, V] validated log-probs, any float dtype (computed in float32).
-      weights: [N] float32 non-negative position weights.
+      weights: [N, G] float32 non-negative position weights, one column per group of positions
+        (G = 1 for a plain weighted sum; one column per task for task-balanced means).
       row_offset: optional [T, N] float32 subtracted from every row (the logsumexp of logits,
         so logits are normalised tile by tile without a normalised copy of the input).
       schedule: the `PairSchedule` for T.
       position_block, vocab_chunk: tile sizes; clipped to N and V.
 
     Returns:
-      [K] float32 weighted sums of per-position JSD in the schedule's pair order (each
+      [K, G] float32 weighted sums of per-position JSD in the schedule's pair order (each
       position's JSD clamped to [0, ln 2], the range the true value lies in, which removes
       float32 rounding of order 1e-8).
     """
     t, n, v = logprobs.shape
     k = schedule.num_outputs
+    groups = weights.shape[1]
     if k == 0:  # a single model: no pairs
-        return jnp.zeros((0,), jnp.float32)
+        return jnp.zeros((0, groups), jnp.float32)
     pad_models = schedule.padded_models - t
     nb = min(position_block, n)
     vc = min(vocab_chunk, v)
@@ -183,8 +185,8 @@ def pair_weighted_sums(logprobs, weights, row_offset=None, *, schedule: PairSche
 
     def position_step(total, b):
         n0 = jnp.minimum(b * nb, n - nb)
-        w = jax.lax.dynamic_slice(weights, (n0,), (nb,))
-        w = jnp.where((n0 + jnp.arange(nb)) >= b * nb, w, 0.0)
+        w = jax.lax.dynamic_slice(weights, (n0, 0), (nb, groups))
+        w = jnp.where(((n0 + jnp.arange(nb)) >= b * nb)[:, None], w, 0.0)
 
         def vocab_step(acc, c):
             return acc + tile_terms(n0, c), None
@@ -195,7 +197,7 @@ def pair_weighted_sums(logprobs, weights, row_offset=None, *, schedule: PairSche
         # HIGHEST: on TPU/GPU a default-precision float32 dot may round through bf16.
         return total + jnp.dot(per_pos, w, precision=jax.lax.Precision.HIGHEST), None
 
-    total, _ = jax.lax.scan(position_step, jnp.zeros((k,), jnp.float32),
+    total, _ = jax.lax.scan(position_step, jnp.zeros((k, groups), jnp.float32),
                             jnp.arange(num_pos_blocks))
     return total
 

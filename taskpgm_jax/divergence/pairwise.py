@@ -54,6 +54,7 @@ def pairwise_jsd_unchecked(logprobs, weights=None, *, from_logits: bool = False,
     acc = StreamingJSD(logprobs.shape[0], from_logits=from_logits, **options)
     if weights is None:
         weights = jnp.ones((logprobs.shape[1],), jnp.float32)
+    groups = jnp.zeros((logprobs.shape[1],), jnp.int32)
     state = streaming._update_jit(acc.init(), jnp.asarray(logprobs), jnp.asarray(weights),
-                        config=acc.config)
+                                  groups, config=acc.config)
     return acc.result(state)

@@ -44,12 +44,12 @@ def default_tiles(mesh: Mesh | None = None) -> dict:
 
 class JSDState(NamedTuple):
     """Running sums of the streaming JSD accumulator (Kahan-compensated, so thousands of batches
-    lose no float32 digits).
+    lose no float32 digits). K = scheduled pairs, G = groups (1 unless `num_groups` is set).
 
-    pair_sums:    [K] float32, sum over seen positions of w_n * JSD_n, one entry per padded pair.
-    pair_carry:   [K] float32, Kahan compensation of `pair_sums`.
-    weight:       []  float32, sum of seen position weights.
-    weight_carry: []  float32, Kahan compensation of `weight`.
+    pair_sums:    [K, G] float32, sum over seen positions of group g of w_n * JSD_n.
+    pair_carry:   [K, G] float32, Kahan compensation of `pair_sums`.
+    weight:       [G] float32, sum of seen position weights per group.
+    weight_carry: [G] float32, Kahan compensation of `weight`.
     """
 
     pair_sums: jax.Array
@@ -68,6 +68,7 @@ class _KernelConfig:
     vocab_chunk: int
     from_logits: bool
     mesh: Mesh | None
+    num_groups: int = 1
 
     @functools.cached_property
     def schedule(self) -> _kernel.PairSchedule:
@@ -92,7 +93,7 @@ def _pair_sums(logprobs, weights, config: _KernelConfig):
     pad = -n % devices
     if pad:  # padding positions carry weight 0 and a valid (uniform) distribution
         logprobs = jnp.pad(logprobs, ((0, 0), (0, pad), (0, 0)))
-        weights = jnp.pad(weights, (0, pad))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
         if offset is not None:
             offset = jnp.pad(offset, ((0, 0), (0, pad)))
         else:
@@ -113,11 +114,15 @@ def _pair_sums(logprobs, weights, config: _KernelConfig):
     return sharded(logprobs, weights, offset)
 
 
-def _update_impl(state: JSDState, logprobs, weights, *, config: _KernelConfig) -> JSDState:
-    weights = weights.astype(jnp.float32)
+def _update_impl(state: JSDState, logprobs, weights, groups, *,
+                 config: _KernelConfig) -> JSDState:
+    # One weight column per group (group -1 matches none: the position is ignored).
+    in_group = groups[:, None] == jnp.arange(config.num_groups)[None, :]
+    weights = jnp.where(in_group, weights.astype(jnp.float32)[:, None], 0.0)  # [B, G]
     sums = _pair_sums(logprobs, weights, config)
     pair_sums, pair_carry = _kernel.kahan_add(state.pair_sums, state.pair_carry, sums)
-    weight, weight_carry = _kernel.kahan_add(state.weight, state.weight_carry, jnp.sum(weights))
+    weight, weight_carry = _kernel.kahan_add(state.weight, state.weight_carry,
+                                             jnp.sum(weights, axis=0))
     return JSDState(pair_sums, pair_carry, weight, weight_carry)
 
 
@@ -127,7 +132,10 @@ _update_jit = jax.jit(_update_impl, static_argnames="config")
 
 @functools.partial(jax.jit, static_argnames="config")
 def _result_impl(state: JSDState, *, config: _KernelConfig):
-    mean = state.pair_sums / jnp.maximum(state.weight, jnp.finfo(jnp.float32).tiny)
+    seen = state.weight > 0
+    per_group = state.pair_sums / jnp.where(seen, state.weight, 1.0)  # [K, G]
+    # Every group that was seen counts equally (with one group: the plain weighted mean).
+    mean = jnp.sum(jnp.where(seen, per_group, 0.0), axis=1) / jnp.maximum(jnp.sum(seen), 1)
     # A weighted mean of values in [0, ln 2] lies there too; only float32 rounding can leave it.
     mean = jnp.clip(mean, 0.0, _kernel.LN2)
     return _kernel.scatter_symmetric(mean, config.schedule)
@@ -143,7 +151,11 @@ class StreamingJSD:
       position_block, vocab_chunk: the tile of positions x tokens read per step (all T models);
         one tile of the input plus one pair block's partial sums is all the kernel holds.
         `None` takes `default_tiles(mesh)` for the platform.
-      mesh: a `jax.sharding.Mesh`; pair blocks are spread over all of its devices.
+      mesh: a `jax.sharding.Mesh`; positions are split over all of its devices.
+      num_groups: G. With groups (e.g. the task each probe position comes from), `update` takes
+        a group id per position, each group's weighted mean is kept apart, and `result` averages
+        the groups with equal weight: the DESIGN.md default, where every task's probe examples
+        carry the same total weight, in one streaming pass without knowing the totals upfront.
 
     `init`, `update` and `result` are pure: the state is a small pytree (`JSDState`) that can be
     carried through a caller's own `jax.jit` or `lax.scan` (value checks are skipped on tracers).
@@ -151,8 +163,11 @@ class StreamingJSD:
 
     def __init__(self, num_models: int, *, from_logits: bool = False,
                  pair_block: int | None = None, position_block: int | None = None,
-                 vocab_chunk: int | None = None, mesh: Mesh | None = None):
+                 vocab_chunk: int | None = None, mesh: Mesh | None = None,
+                 num_groups: int | None = None):
         num_models = check_positive_int(num_models, "num_models")
+        self.grouped = num_groups is not None
+        num_groups = check_positive_int(num_groups, "num_groups") if self.grouped else 1
         if mesh is not None and not isinstance(mesh, Mesh):
             raise ValueError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
         tiles = default_tiles(mesh)
@@ -162,19 +177,19 @@ class StreamingJSD:
             if value is not None:
                 tiles[name] = check_positive_int(value, name)
         self.config = _KernelConfig(num_models=num_models, from_logits=bool(from_logits),
-                                    mesh=mesh, **tiles)
+                                    mesh=mesh, num_groups=num_groups, **tiles)
 
     @property
     def num_models(self) -> int:
         return self.config.num_models
 
     def init(self) -> JSDState:
-        k = self.config.schedule.num_outputs
-        zeros = jnp.zeros((k,), jnp.float32)
-        scalar = jnp.zeros((), jnp.float32)
-        return JSDState(zeros, zeros, scalar, scalar)
+        k, g = self.config.schedule.num_outputs, self.config.num_groups
+        sums = jnp.zeros((k, g), jnp.float32)
+        weight = jnp.zeros((g,), jnp.float32)
+        return JSDState(sums, sums, weight, weight)
 
-    def update(self, state: JSDState, logprobs, weights=None) -> JSDState:
+    def update(self, state: JSDState, logprobs, weights=None, groups=None) -> JSDState:
         """Add one batch.
 
         Args:
@@ -183,6 +198,8 @@ class StreamingJSD:
             the same B probe positions; any float dtype, computed in float32.
           weights: [B] non-negative position weights (0 for padding); default all ones. A
             batch that is entirely padding (all zeros) is allowed and changes nothing.
+          groups: [B] int group of each position in [0, num_groups), -1 to ignore a position;
+            required exactly when the accumulator was built with `num_groups`.
 
         Returns:
           The new state.
@@ -198,13 +215,35 @@ class StreamingJSD:
         if weights is None:
             weights = jnp.ones((batch,), jnp.float32)
         weights = check_weights(weights, "weights", batch, allow_all_zero=True)
+        groups = self._check_groups(groups, batch)
         if not isinstance(state, JSDState) or (
                 not is_traced(state.pair_sums)
-                and state.pair_sums.shape != (self.config.schedule.num_outputs,)):
+                and state.pair_sums.shape != (self.config.schedule.num_outputs,
+                                              self.config.num_groups)):
             raise ValueError("state: expected the JSDState returned by this accumulator's "
                              "init() or update().")
-        return _update_jit(state, jnp.asarray(logprobs), jnp.asarray(weights),
+        return _update_jit(state, jnp.asarray(logprobs), jnp.asarray(weights), groups,
                            config=self.config)
+
+    def _check_groups(self, groups, batch: int):
+        if not self.grouped:
+            if groups is not None:
+                raise ValueError("groups: given, but the accumulator has no groups; build it "
+                                 "with StreamingJSD(..., num_groups=G).")
+            return jnp.zeros((batch,), jnp.int32)
+        if groups is None:
+            raise ValueError(f"groups: required (a group id per position) since the "
+                             f"accumulator was built with num_groups={self.config.num_groups}.")
+        groups = jnp.asarray(groups)
+        if groups.shape != (batch,) or not jnp.issubdtype(groups.dtype, jnp.integer):
+            raise ValueError(f"groups: expected integer shape ({batch},), got "
+                             f"{tuple(groups.shape)} {groups.dtype}.")
+        if not is_traced(groups):
+            g = np.asarray(groups)
+            if np.any(g < -1) or np.any(g >= self.config.num_groups):
+                raise ValueError(f"groups: ids must lie in [0, {self.config.num_groups}) or be "
+                                 f"-1 (ignored); got range [{g.min()}, {g.max()}].")
+        return groups.astype(jnp.int32)
 
     def result(self, state: JSDState):
         """[T, T] float32 symmetric matrix of weighted mean JSD (nats), zero diagonal.
@@ -212,7 +251,7 @@ class StreamingJSD:
         Raises ValueError when no position with positive weight has been seen (checked only
         outside a jit).
         """
-        if not is_traced(state.weight) and float(state.weight) <= 0:
+        if not is_traced(state.weight) and float(jnp.sum(state.weight)) <= 0:
             raise ValueError("state: no position with positive weight has been accumulated; "
                              "call update() with at least one weighted position first.")
         return _result_impl(state, config=self.config)

@@ -164,3 +164,28 @@ def test_padded_model_axis(rng):
     ref = reference_pairwise(lp, w)
     assert_close_to_reference(pairwise_jsd(lp, w), ref, "T=17")
     assert_close_to_reference(pairwise_jsd(lp, w, pair_block=1), ref, "T=17, one group a step")
+
+
+@given(seed=seeds)
+def test_grouped_streaming_gives_every_task_equal_weight(seed):
+    """Task-balanced JSD in one pass: equals the one-shot task_balanced_weights result and the
+    float64 mean over tasks of each task's mean JSD."""
+    rng = np.random.default_rng(seed)
+    lp = random_logprobs(rng, (T, N, V))
+    tasks = rng.integers(-1, 3, size=N)  # -1: positions that belong to no task (ignored)
+    tasks[:3] = [0, 1, 2]
+    acc = StreamingJSD(T, num_groups=3)
+    state = acc.init()
+    for a, b in [(0, 10), (10, N)]:
+        state = acc.update(state, lp[:, a:b], None, tasks[a:b])
+    streamed = np.asarray(acc.result(state))
+    per_task = [reference_pairwise(lp[:, tasks == k]) for k in range(3)]
+    assert_close_to_reference(streamed, np.mean(per_task, axis=0), "grouped")
+    one_shot = pairwise_jsd(lp, task_balanced_weights(tasks, 3))
+    np.testing.assert_allclose(streamed, np.asarray(one_shot), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="groups: required"):
+        acc.update(state, lp)
+    with pytest.raises(ValueError, match=r"groups: ids must lie in \[0, 3\)"):
+        acc.update(state, lp, None, np.full(N, 3))
+    with pytest.raises(ValueError, match="no groups"):
+        StreamingJSD(T).update(StreamingJSD(T).init(), lp, None, tasks)
