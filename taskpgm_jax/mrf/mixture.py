@@ -1,0 +1,184 @@
+"""`Mixture`: task names, weights, unit and provenance; integer counts; JSON; exporters to the
+formats the JAX training stacks read (reference/peers.md 4); baseline mixtures.
+
+    mix = Mixture.from_solution(names, solve(pot), unit="examples")
+    mix.to_counts(100_000)          # {name: int}, sums exactly to the budget
+    mix.to_levanter()               # {"train_weights": {name: w}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+UNITS = ("examples", "tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Mixture weights over named tasks.
+
+    names: task names (unique). weights: floats >= 0 summing to 1 (checked to 1e-6, then
+    renormalised in float64 so that exported numbers sum to 1). unit: what a weight is a share
+    of, "examples" or "tokens". provenance: how it was made (method, parameters), JSON-able.
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    unit: str = "examples"
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        names = tuple(str(n) for n in self.names)
+        w = np.asarray(self.weights, np.float64).reshape(-1)
+        if len(names) != w.size:
+            raise ValueError(f"weights: {w.size} weights for {len(names)} names; give one weight "
+                             "per task.")
+        if len(names) == 0:
+            raise ValueError("names: a mixture needs at least one task.")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"names: duplicate task names {dup}.")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("weights: must be finite and >= 0.")
+        if abs(w.sum() - 1.0) > 1e-6:
+            raise ValueError(f"weights: must sum to 1 (got {w.sum():.9g}); normalise them, or "
+                             "build from counts with Mixture.from_counts.")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit: expected one of {UNITS}, got {self.unit!r}.")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "weights", tuple(float(x) for x in w / w.sum()))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_solution(cls, names: Sequence[str], solution, *, unit: str = "examples",
+                      **provenance) -> "Mixture":
+        """From a `solve` result; its method, energy and KKT residual go into provenance."""
+        w = np.asarray(solution.weights, np.float64)
+        info = {"method": solution.method, "energy": float(solution.energy),
+                "kkt_residual": float(solution.kkt_residual),
+                "iterations": int(solution.iterations)}
+        return cls(tuple(names), tuple(w / w.sum()), unit, {**info, **provenance})
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, float], *, unit: str = "examples",
+                    **provenance) -> "Mixture":
+        """From {name: count} (any non-negative numbers, not all zero)."""
+        names = tuple(counts)
+        c = np.asarray([counts[n] for n in names], np.float64)
+        if c.size == 0 or not np.all(np.isfinite(c)) or np.any(c < 0) or c.sum() <= 0:
+            raise ValueError("counts: expected finite non-negative numbers, not all zero.")
+        return cls(names, tuple(c / c.sum()), unit, provenance)
+
+    # -- integer counts -------------------------------------------------------------------
+    def to_counts(self, budget: int) -> dict[str, int]:
+        """Integer counts by largest remainder: floor(w_i * budget), then one more for the
+        largest fractional parts (ties to the earlier task) until they sum exactly to budget.
+
+        Example:
+          >>> Mixture(("a", "b", "c"), (0.5, 0.3, 0.2)).to_counts(7)   # {a: 4, b: 2, c: 1}
+        """
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+            raise ValueError(f"budget: expected a non-negative integer, got {budget!r}.")
+        exact = np.asarray(self.weights) * int(budget)
+        counts = np.floor(exact).astype(np.int64)
+        short = int(budget) - int(counts.sum())
+        order = np.argsort(-(exact - counts), kind="stable")
+        counts[order[:short]] += 1
+        return dict(zip(self.names, (int(c) for c in counts)))
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"names": list(self.names), "weights": list(self.weights),
+                           "unit": self.unit, "provenance": self.provenance}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Mixture":
+        d = json.loads(text)
+        return cls(tuple(d["names"]), tuple(d["weights"]), d.get("unit", "examples"),
+                   d.get("provenance", {}))
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.weights))
+
+    # -- exporters (reference/peers.md 4) -------------------------------------------------
+    def to_seqio(self) -> list[tuple[str, float]]:
+        """seqio / t5x `Mixture(name, tasks=[(task_name, rate), ...])` rates (relative)."""
+        return list(zip(self.names, self.weights))
+
+    @classmethod
+    def from_seqio(cls, rates: Sequence[tuple[str, float]], **kw) -> "Mixture":
+        return cls.from_counts(dict(rates), **kw)
+
+    def to_levanter(self) -> dict[str, dict[str, float]]:
+        """Levanter's data config fragment `{"train_weights": {name: weight}}`."""
+        return {"train_weights": self.as_dict()}
+
+    @classmethod
+    def from_levanter(cls, config: Mapping[str, Mapping[str, float]], **kw) -> "Mixture":
+        return cls.from_counts(dict(config["train_weights"]), **kw)
+
+    def to_maxtext(self, paths: Mapping[str, str]) -> str:
+        """MaxText / Grain `grain_train_mixture_config_path` JSON: {name: {path, weight}}."""
+        missing = [n for n in self.names if n not in paths]
+        if missing:
+            raise ValueError(f"paths: no data path for tasks {missing}.")
+        return json.dumps({n: {"path": paths[n], "weight": w}
+                           for n, w in zip(self.names, self.weights)}, indent=2)
+
+    @classmethod
+    def from_maxtext(cls, text: str, **kw) -> tuple["Mixture", dict[str, str]]:
+        d = json.loads(text)
+        mix = cls.from_counts({n: v["weight"] for n, v in d.items()}, **kw)
+        return mix, {n: v["path"] for n, v in d.items()}
+
+    def to_open_instruct(self, budget: int | None = None) -> dict[str, float | int]:
+        """open-instruct `dataset_mixer`: fractions, or integer counts when `budget` is given."""
+        return self.as_dict() if budget is None else self.to_counts(budget)
+
+    @classmethod
+    def from_open_instruct(cls, mixer: Mapping[str, float], **kw) -> "Mixture":
+        return cls.from_counts(dict(mixer), **kw)
+
+
+# -- baselines ------------------------------------------------------------------------------
+def _sizes(names, sizes):
+    s = np.asarray(sizes, np.float64)
+    if s.shape != (len(names),):
+        raise ValueError(f"sizes: expected {len(names)} entries (one per task), got {s.shape}.")
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError("sizes: every task needs a positive, finite size.")
+    return s
+
+
+def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
+    """Every task the same weight."""
+    n = len(names)
+    return Mixture(tuple(names), (1.0 / n,) * n, unit, {"method": "uniform"})
+
+
+def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examples") -> Mixture:
+    """w_i proportional to n_i (examples or tokens per task)."""
+    s = _sizes(names, sizes)
+    return Mixture(tuple(names), tuple(s / s.sum()), unit, {"method": "size_proportional"})
+
+
+def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
+                        unit: str = "examples") -> Mixture:
+    """w_i proportional to n_i^(1 / tau): tau = 1 is size-proportional, tau -> inf uniform."""
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau: must be a positive number, got {tau!r}.")
+    logits = np.log(_sizes(names, sizes)) / tau
+    w = np.exp(logits - logits.max())
+    return Mixture(tuple(names), tuple(w / w.sum()), unit, {"method": "temperature", "tau": tau})
+
+
+def random_mixture(names: Sequence[str], seed: int, *, unit: str = "examples") -> Mixture:
+    """A Dirichlet(1) draw: uniform over the simplex, reproducible from the seed."""
+    w = np.random.default_rng(seed).dirichlet(np.ones(len(names)))
+    return Mixture(tuple(names), tuple(w), unit, {"method": "random", "seed": int(seed)})

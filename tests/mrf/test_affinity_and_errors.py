@@ -1,0 +1,99 @@
+"""Affinities, the PSD repair, potentials, and the errors bad input gets."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+import taskpgm_jax.divergence as divergence
+import taskpgm_jax.mrf as mrf
+from taskpgm_jax.mrf import (affinity_from_jsd, potentials, psd_repair, select_tasks, solve,
+                             solve_path, utility_unary)
+from taskpgm_jax.mrf._spectrum import extreme_eigenvalues
+from tests.mrf.conftest import random_affinity
+
+
+def test_pmi_affinity_is_the_divergence_one():
+    assert mrf.pmi_affinity is divergence.pmi_affinity
+
+
+def test_affinity_from_jsd_matches_scipy(rng):
+    T, V = 6, 12
+    P = rng.dirichlet(np.ones(V), size=T)
+    D = np.array([[jensenshannon(P[i], P[j]) ** 2 for j in range(T)] for i in range(T)])
+    np.testing.assert_allclose(np.asarray(affinity_from_jsd(D)), 1 - D / math.log(2), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(affinity_from_jsd(D, "rbf", tau=0.1)),
+                               np.exp(-D / 0.1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["psd", "signed", "lowrank"])
+def test_psd_repair_shift_and_spectrum(rng, kind):
+    S = random_affinity(rng, 40, kind)
+    rep = psd_repair(S, ridge=1e-3)
+    S32 = S.astype(np.float32).astype(np.float64)   # what the float32 repair sees
+    eig = np.linalg.eigvalsh(0.5 * (S32 + S32.T))
+    assert rep.eig_min == pytest.approx(eig[0], abs=1e-6 * np.abs(eig).max())
+    assert rep.shift == pytest.approx(max(0.0, -eig[0]) + 1e-3)
+    assert np.linalg.eigvalsh(np.asarray(rep.matrix, np.float64))[0] > 0.5e-3
+
+
+def test_lanczos_extremes_match_dense(rng):
+    S = random_affinity(rng, 300, "signed")
+    lo, hi, how = extreme_eigenvalues(S, method="lanczos")
+    eig = np.linalg.eigvalsh(S)
+    assert how == "lanczos"
+    assert lo == pytest.approx(eig[0], rel=1e-4) and hi == pytest.approx(eig[-1], rel=1e-4)
+
+
+def test_utility_unary(rng):
+    T = 5
+    L = -rng.uniform(1, 5, size=(T, T))
+    base = -rng.uniform(2, 6, size=T)
+    u = np.asarray(utility_unary(L, base))
+    expected = [np.mean([L[i, j] - base[j] for j in range(T) if j != i]) for i in range(T)]
+    np.testing.assert_allclose(u, expected, rtol=1e-5)
+    pot = potentials(divergence.pmi_affinity(L), "utility", cross_likelihood=L,
+                     base_likelihood=base)
+    assert pot.unary_kind == "utility"
+
+
+def _pot(n=4):
+    return potentials(np.eye(n))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: potentials(np.ones((3, 4))), "affinity: expected a square"),
+    (lambda: potentials(np.array([[0.0, np.nan], [np.nan, 0.0]])), "affinity: contains NaN"),
+    (lambda: potentials(np.array([[0.0, 1.0], [0.0, 0.0]])), "affinity: not symmetric"),
+    (lambda: potentials(np.eye(3), np.ones(4)), "unary: expected 3 entries"),
+    (lambda: potentials(np.eye(3), beta=0.0), "beta: must be positive"),
+    (lambda: potentials(np.eye(3), lam=-1.0), "lam: must be positive"),
+    (lambda: potentials(np.eye(3), ridge=-1e-3), "ridge"),
+    (lambda: potentials(np.eye(3), "utility"), "unary: 'utility' needs"),
+    (lambda: potentials(np.eye(3), "bogus"), "unary: expected"),
+    (lambda: potentials(np.eye(3), cross_likelihood=np.eye(3)), "only used with"),
+    (lambda: potentials(np.zeros((0, 0))), "empty"),
+    (lambda: affinity_from_jsd(np.full((2, 2), 0.9)), "ln 2"),
+    (lambda: affinity_from_jsd(np.zeros((2, 2)), "rbf"), "tau"),
+    (lambda: affinity_from_jsd(np.zeros((2, 2)), "cosine"), "kind"),
+    (lambda: solve(_pot(), "newton"), "method"),
+    (lambda: solve(np.eye(3)), "pot: expected Potentials"),
+    (lambda: solve(_pot(), floor=0.3), "floors sum to 1.2"),
+    (lambda: solve(_pot(), cap=0.2), "caps sum to 0.8"),
+    (lambda: solve(_pot(), floor=-0.1), "floor"),
+    (lambda: solve(_pot(), "softmax", cap=0.5), "softmax cannot"),
+    (lambda: solve(_pot(), "softmax", init=np.array([1.0, 0, 0, 0])), "init"),
+    (lambda: solve(_pot(), init=np.ones(4)), "init: expected a mixture"),
+    (lambda: solve(_pot(), init=np.ones(3) / 3), "init: expected 4 entries"),
+    (lambda: solve(_pot(), max_iter=0), "max_iter"),
+    (lambda: solve(_pot(), tol=-1.0), "tol"),
+    (lambda: solve_path(_pot(), [0.1, -1.0]), "ratios"),
+    (lambda: select_tasks(_pot(), 0.5), "budget: 0.5 is below the cheapest"),
+    (lambda: select_tasks(_pot(), 3, costs=np.array([1.0, -1, 1, 1])), "costs: every task"),
+    (lambda: select_tasks(_pot(), 3, costs=np.ones(3)), "costs: expected 4"),
+    (lambda: select_tasks(_pot(), 0), "budget"),
+])
+def test_bad_input_raises_a_named_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,90 @@
+"""Mixture counts, JSON and exporter round trips, baselines."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskpgm_jax.mrf import (Mixture, potentials, random_mixture, size_proportional_mixture,
+                             solve, temperature_mixture, uniform_mixture)
+
+weights = st.lists(st.floats(0.0, 10.0), min_size=1, max_size=40).filter(lambda w: sum(w) > 0)
+
+
+def _mix(w):
+    w = np.asarray(w) / np.sum(w)
+    return Mixture(tuple(f"task_{i}" for i in range(len(w))), tuple(w))
+
+
+@given(weights, st.integers(0, 10**7))
+def test_counts_sum_exactly_and_stay_within_one(w, budget):
+    mix = _mix(w)
+    counts = mix.to_counts(budget)
+    c = np.array(list(counts.values()))
+    assert c.sum() == budget and np.all(c >= 0)
+    assert np.all(np.abs(c - np.asarray(mix.weights) * budget) < 1.0 + 1e-9)
+
+
+def test_largest_remainder_example():
+    assert Mixture(("a", "b", "c"), (0.5, 0.3, 0.2)).to_counts(7) == {"a": 4, "b": 2, "c": 1}
+
+
+@given(weights)
+def test_exporters_round_trip(w):
+    mix = _mix(w)
+    for back in (Mixture.from_json(mix.to_json()), Mixture.from_seqio(mix.to_seqio()),
+                 Mixture.from_levanter(mix.to_levanter()),
+                 Mixture.from_open_instruct(mix.to_open_instruct())):
+        assert back.names == mix.names
+        np.testing.assert_allclose(back.weights, mix.weights, rtol=1e-12, atol=1e-15)
+    paths = {n: f"gs://bucket/{n}/*.arrayrecord" for n in mix.names}
+    back, back_paths = Mixture.from_maxtext(mix.to_maxtext(paths))
+    assert back_paths == paths
+    np.testing.assert_allclose(back.weights, mix.weights, rtol=1e-12)
+    assert sum(mix.to_open_instruct(1000).values()) == 1000
+    assert json.loads(mix.to_json())["unit"] == "examples"
+
+
+def test_from_solution_keeps_provenance(rng):
+    S = rng.normal(size=(5, 5))
+    pot = potentials(S + S.T, beta=1.0, lam=5.0)
+    mix = Mixture.from_solution([f"t{i}" for i in range(5)], solve(pot), ratio=0.2)
+    assert mix.provenance["method"] == "exact" and mix.provenance["ratio"] == 0.2
+    assert Mixture.from_json(mix.to_json()) == mix
+
+
+def test_baselines():
+    names = ["a", "b", "c"]
+    sizes = [100, 300, 600]
+    np.testing.assert_allclose(uniform_mixture(names).weights, [1 / 3] * 3)
+    np.testing.assert_allclose(size_proportional_mixture(names, sizes).weights, [0.1, 0.3, 0.6])
+    np.testing.assert_allclose(temperature_mixture(names, sizes, 1.0).weights, [0.1, 0.3, 0.6])
+    t2 = np.sqrt(sizes) / np.sqrt(sizes).sum()
+    np.testing.assert_allclose(temperature_mixture(names, sizes, 2.0).weights, t2)
+    r = random_mixture(names, seed=3)
+    assert r == random_mixture(names, seed=3) and abs(sum(r.weights) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(names=("a", "b"), weights=(0.5,)), "weights"),
+    (dict(names=("a", "a"), weights=(0.5, 0.5)), "duplicate"),
+    (dict(names=("a", "b"), weights=(0.7, 0.7)), "sum to 1"),
+    (dict(names=("a", "b"), weights=(1.5, -0.5)), ">= 0"),
+    (dict(names=("a",), weights=(1.0,), unit="bytes"), "unit"),
+])
+def test_bad_mixtures_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Mixture(**kwargs)
+
+
+def test_bad_baseline_inputs_raise():
+    with pytest.raises(ValueError, match="sizes"):
+        size_proportional_mixture(["a", "b"], [1, 0])
+    with pytest.raises(ValueError, match="tau"):
+        temperature_mixture(["a"], [1], 0.0)
+    with pytest.raises(ValueError, match="budget"):
+        uniform_mixture(["a"]).to_counts(-1)
+    with pytest.raises(ValueError, match="paths"):
+        uniform_mixture(["a"]).to_maxtext({})

@@ -1,0 +1,114 @@
+"""Greedy selection against exhaustive search, the submodularity ratio, lazy greedy."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskpgm_jax.mrf import potentials, select_tasks, set_value, submodularity_ratio
+from tests.mrf.conftest import random_affinity
+from tests.mrf.reference import best_subset
+from tests.mrf.reference import set_value as ref_set_value
+
+
+def _instance(seed, T, kind, unit_costs):
+    rng = np.random.default_rng(seed)
+    S = random_affinity(rng, T, kind)
+    if kind == "signed":
+        S = S / (np.abs(S).max() + 1e-12)
+    # A unary large enough that F is often monotone (so a bound applies), sometimes not.
+    u = rng.uniform(0.2, 1.0, size=T) * rng.choice([1.0, float(T)])
+    pot = potentials(S, u, beta=1.0, lam=float(rng.uniform(0.1, 2.0)), ridge=0.0
+                     if kind != "signed" else None)
+    costs = None if unit_costs else rng.integers(1, 6, size=T).astype(float)
+    budget = float(rng.integers(1, T + 1)) if unit_costs else float(rng.integers(5, 20))
+    return pot, costs, budget
+
+
+@settings(max_examples=25)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 10), st.sampled_from(["psd", "signed", "lowrank"]),
+       st.booleans())
+def test_greedy_meets_stated_bound_against_exhaustive_search(seed, T, kind, unit_costs):
+    pot, costs, budget = _instance(seed, T, kind, unit_costs)
+    sel = select_tasks(pot, budget, costs)
+    S = np.asarray(pot.matrix, np.float64)
+    u = np.asarray(pot.unary, np.float64)
+    c = np.ones(T) if costs is None else costs
+    opt, _ = best_subset(pot.beta, u, pot.lam, S, c, budget)
+    assert sel.cost <= budget + 1e-9
+    assert len(set(sel.indices.tolist())) == len(sel.indices)
+    np.testing.assert_allclose(sel.value, ref_set_value(sel.indices, pot.beta, u, pot.lam, S),
+                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sel.value, set_value(pot, sel.indices), rtol=1e-9, atol=1e-9)
+    k = int(budget) if costs is None else T
+    rep = submodularity_ratio(pot, k=k, costs=costs, selection=sel)
+    assert rep.exact and 0 < rep.gamma <= 1 or not rep.monotone or rep.bound == 0
+    assert sel.value >= rep.bound * opt - 1e-6 * max(1.0, abs(opt))
+    assert sel.value <= opt + 1e-6 * max(1.0, abs(opt))
+    # Gains along the chain add up to F of the chain.
+    if not sel.used_single:
+        np.testing.assert_allclose(sel.gains.sum(), sel.value, rtol=1e-4, atol=1e-4)
+
+
+def test_submodular_instance_has_ratio_one(rng):
+    """Non-negative affinities make F submodular: gamma = 1 exactly."""
+    T = 8
+    S = random_affinity(rng, T, "lowrank")
+    pot = potentials(S, rng.uniform(5, 10, size=T), beta=1.0, lam=0.5, ridge=0.0)
+    rep = submodularity_ratio(pot)
+    assert rep.exact and rep.gamma == pytest.approx(1.0)
+    assert rep.monotone and rep.bound == pytest.approx(1 - np.exp(-1))
+    assert "Das and Kempe" in rep.theorem
+
+
+def test_supermodular_pairs_lower_the_ratio(rng):
+    """Negative affinities (complementary tasks) make gains grow: 0 < gamma < 1."""
+    T = 6
+    S = -np.abs(random_affinity(rng, T, "signed"))
+    np.fill_diagonal(S, 0)
+    pot = potentials(S, np.full(T, 1.0), beta=1.0, lam=1.0)
+    rep = submodularity_ratio(pot)
+    assert 0 < rep.gamma < 1 and rep.exact
+
+
+def test_non_monotone_states_no_bound(rng):
+    T = 6
+    pot = potentials(np.ones((T, T)), np.full(T, 0.1), beta=1.0, lam=1.0, ridge=0.0)
+    rep = submodularity_ratio(pot)
+    assert not rep.monotone and rep.bound == 0 and rep.theorem.startswith("none")
+
+
+def test_sampled_ratio_above_twelve_tasks(rng):
+    T = 30
+    pot = potentials(random_affinity(rng, T, "lowrank"), np.full(T, 20.0), beta=1.0, lam=1.0)
+    sel = select_tasks(pot, 5)
+    rep = submodularity_ratio(pot, k=5, selection=sel, num_samples=500)
+    assert not rep.exact and rep.samples == 500
+    assert rep.gamma == pytest.approx(1.0)
+    assert "estimated" in rep.theorem
+
+
+def test_lazy_greedy_matches_plain_greedy(rng):
+    T = 300
+    S = random_affinity(rng, T, "psd")
+    pot = potentials(S, rng.uniform(0, 1, size=T) * T / 4, beta=1.0, lam=1.0)
+    costs = rng.integers(1, 10, size=T).astype(float)
+    plain = select_tasks(pot, 200.0, costs)
+    lazy = select_tasks(pot, 200.0, costs, lazy=True)
+    np.testing.assert_array_equal(plain.indices, lazy.indices)
+    np.testing.assert_allclose(plain.gains, lazy.gains, rtol=1e-4, atol=1e-4)
+    assert lazy.evaluations < plain.evaluations
+
+
+def test_lazy_refuses_non_submodular(rng):
+    pot = potentials(random_affinity(rng, 10, "signed"))
+    with pytest.raises(ValueError, match="lazy"):
+        select_tasks(pot, 3, lazy=True)
+
+
+def test_best_single_task_wins_when_greedy_ratio_misleads():
+    """A cheap task with the best gain per cost uses the budget that a big task needed."""
+    S = np.zeros((2, 2))
+    pot = potentials(S, np.array([1.0, 10.0]), beta=1.0, lam=1.0, ridge=0.0)
+    sel = select_tasks(pot, 10.0, np.array([1.0, 10.0]))
+    assert sel.used_single and sel.indices.tolist() == [1] and sel.value == pytest.approx(10.0)
