@@ -94,7 +94,8 @@ def stack_adapters(adapters: Sequence[nnx.State]) -> nnx.State:
 def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax.Array,
                           attention_mask: jax.Array | None = None, *,
                           segment_ids: jax.Array | None = None,
-                          positions: jax.Array | None = None) -> jax.Array:
+                          positions: jax.Array | None = None,
+                          adapter_chunk: int | None = None) -> jax.Array:
     """Runs T adapters over one base model in one call.
 
     `jax.vmap` maps over the adapter axis only: the base weights enter with `in_axes=None`, so
@@ -106,11 +107,21 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
       adapters: `stack_adapters(...)` state with leading axis T.
       input_ids: int [B, S] (the same batch for every adapter) or [T, B, S] (one per adapter).
       attention_mask, segment_ids, positions: as for `CausalLM.__call__`, shaped like input_ids.
+      adapter_chunk: run the adapters this many at a time (`lax.map` over chunks of the vmap) to
+        bound activation memory at T x chunk; None runs all T at once.
 
     Returns:
       float32 logits [T, B, S, V].
     """
-    graphdef, _, rest = nnx.split(model, LoRAParam, ...)
+    graphdef, own, rest = nnx.split(model, LoRAParam, ...)
+    if not jax.tree.leaves(own):
+        raise ValueError("multi_adapter_forward: the model has no LoRA adapters; call add_lora first")
+    if jax.tree.structure(own) != jax.tree.structure(adapters):
+        raise ValueError("multi_adapter_forward: adapters do not have the structure of the model's "
+                         "adapters (same targets, scanned or not)")
+    sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
+    if len(sizes) != 1:
+        raise ValueError(f"multi_adapter_forward: adapters disagree on the adapter axis size: {sorted(sizes)}")
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim not in (2, 3):
         raise ValueError(f"input_ids must be [B, S] or [T, B, S], got shape {list(input_ids.shape)}")
@@ -119,9 +130,15 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     def one(lora, ids, mask, seg, pos):
         return nnx.merge(graphdef, lora, rest)(ids, mask, segment_ids=seg, positions=pos)
 
-    ax = 0 if per_adapter else None
-    return jax.vmap(one, in_axes=(0, ax, ax, ax, ax))(adapters, input_ids, attention_mask,
-                                                       segment_ids, positions)
+    if adapter_chunk is None:
+        ax = 0 if per_adapter else None
+        return jax.vmap(one, in_axes=(0, ax, ax, ax, ax))(adapters, input_ids, attention_mask,
+                                                           segment_ids, positions)
+    if per_adapter:
+        return jax.lax.map(lambda xs: one(*xs), (adapters, input_ids, attention_mask, segment_ids, positions),
+                           batch_size=adapter_chunk)
+    return jax.lax.map(lambda a: one(a, input_ids, attention_mask, segment_ids, positions), adapters,
+                       batch_size=adapter_chunk)
 
 
 def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:

@@ -26,7 +26,7 @@ def random_adapter(model, rng):
                         lora_state(model))
 
 
-multi = nnx.jit(multi_adapter_forward)
+multi = nnx.jit(multi_adapter_forward, static_argnames=("adapter_chunk",))
 
 
 def test_fresh_adapters_leave_the_model_unchanged(tiny_model, adapted, rng):
@@ -42,7 +42,8 @@ def test_multi_adapter_equals_separate_forwards(adapted, rng):
     adapters = [random_adapter(adapted, rng) for _ in range(T)]
     with jax.default_matmul_precision("highest"):
         out = multi(adapted, stack_adapters(adapters), ids, mask)
-        per_input = multi(adapted, stack_adapters(adapters), jnp.stack([ids] * T), jnp.stack([mask] * T))
+        per_input = multi(adapted, stack_adapters(adapters), jnp.stack([ids] * T), jnp.stack([mask] * T),
+                          adapter_chunk=2)  # T=3 in chunks of 2: also checks the remainder
         assert out.shape == (T, 2, 7, TINY.vocab_size)
         singles = []
         for t in range(T):
@@ -73,3 +74,11 @@ def test_merge_keeps_outputs_and_removes_adapters(adapted, rng):
 def test_add_lora_rejects_absent_targets(tiny_model):
     with pytest.raises(ValueError, match="no projection"):
         add_lora(nnx.clone(tiny_model.model.norm), LoraConfig(targets=("q_proj",)), rngs=nnx.Rngs(0))
+
+
+def test_multi_adapter_errors(tiny_model, adapted):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        multi_adapter_forward(tiny_model, stack_adapters([lora_state(adapted)]), ids)
+    with pytest.raises(ValueError, match="input_ids"):
+        multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), jnp.zeros((4,), jnp.int32))

@@ -5,6 +5,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from taskpgm_jax.models import init_model
 from taskpgm_jax.sharding import logical_to_spec, make_mesh
 
 
@@ -28,3 +29,14 @@ def test_rules_with_divisibility_and_reuse():
     with pytest.raises(ValueError, match="'nonsense'"):
         logical_to_spec(("nonsense",))
     assert len(jax.devices()) == 8
+
+
+def test_init_model_creates_parameters_in_their_shardings():
+    from tests.models.conftest import TINY
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = init_model(TINY.replace(num_hidden_layers=1, sliding_window_layers=(0,)), seed=0, mesh=mesh)
+    gate = model.model.layers.mlp.gate_proj.kernel[...]  # [L, D, F]: FSDP on D, tensor on F
+    assert gate.sharding.mesh == mesh and gate.sharding.spec == P(None, "fsdp", "tensor")
+    assert gate.addressable_shards[0].data.shape == (1, 16, 20)
+    assert float(gate.std()) > 0  # really initialised, not zeros
