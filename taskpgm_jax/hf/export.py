@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,34 +41,41 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
-    """Every parameter of `model` as HF-named NumPy arrays ([out, in] weights, one per layer).
+def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields every parameter as (HF name, NumPy array), one parameter on the host at a time.
 
-    LoRA adapters, if any, are merged into their kernels (the model is not changed).
+    Weights come out [out, in] and stacked layers one tensor per layer. LoRA adapters, if any, are
+    merged into their kernels (the model is not changed).
 
     Args:
       model: a `CausalLM`.
       dtype: cast to this dtype (default: keep the parameter dtype).
 
-    Returns:
-      {HF tensor name: array}.
+    Yields:
+      (HF tensor name, array).
     """
     cfg = model.config
     merged = merged_kernels(model)
-    out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = merged.get(tuple(path), var[...])
+        value = merged.pop(tuple(path), None)
+        value = var[...] if value is None else value
         arr = _host(value if dtype is None else value.astype(dtype))
         tmap = to_hf(tuple(path), cfg.num_hidden_layers)
         blocks = list(arr) if tmap.stacked else [arr]
         for name, block in zip(tmap.hf_names, blocks):
-            out[name] = np.ascontiguousarray(block.T if tmap.transpose else block)
-    return out
+            yield name, np.ascontiguousarray(block.T if tmap.transpose else block)
+
+
+def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
+    """All of `iter_hf_tensors` as a dict {HF tensor name: array} (holds the whole model on the host)."""
+    return dict(iter_hf_tensors(model, dtype))
 
 
 def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                        *, dtype=None) -> list[str]:
     """Writes `model` as a Hugging Face checkpoint loadable by `AutoModelForCausalLM`.
+
+    Tensors are streamed: at most one shard (plus one parameter) is held on the host at a time.
 
     Args:
       model: a `CausalLM` (adapters are merged into the written weights).
@@ -84,27 +92,40 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
     """
     limit = parse_size(max_shard_size)
     path = os.fspath(path)
+    writer = jax.process_index() == 0
     os.makedirs(path, exist_ok=True)
-    tensors = hf_tensors(model, dtype)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, arr in tensors.items():
-        if shards[-1] and size + arr.nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = arr
-        size += arr.nbytes
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    if jax.process_index() == 0:
+    if writer:
         for stale in (INDEX_FILE, SINGLE_FILE):  # never leave an old layout beside the new one
             if os.path.exists(os.path.join(path, stale)):
                 os.remove(os.path.join(path, stale))
-        for name, shard in zip(names, shards):
+    # Shards are written under temporary names; the final "-of-N" names need the count N.
+    temp_names, weight_map, total = [], {}, 0
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():
+        name = f".shard-{len(temp_names):05d}.tmp"
+        if writer:
             save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))},
-                     "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+        temp_names.append(name)
+
+    for name, arr in iter_hf_tensors(model, dtype):
+        if shard and size + arr.nbytes > limit:
+            flush()
+            shard, size = {}, 0
+        shard[name] = arr
+        weight_map[name] = len(temp_names)
+        size += arr.nbytes
+        total += arr.nbytes
+    flush()
+    n = len(temp_names)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    if writer:
+        for temp, final in zip(temp_names, names):
+            os.replace(os.path.join(path, temp), os.path.join(path, final))
+        if n > 1:
+            index = {"metadata": {"total_size": int(total)},
+                     "weight_map": {t: names[i] for t, i in weight_map.items()}}
             with open(os.path.join(path, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
         hf_cfg = config_to_hf(model.config)
