@@ -25,6 +25,16 @@ FORMAT = "taskpgm-mixture/1"
 _FIELDS = ("id", "prompt", "target", "choices", "answer")
 
 
+def _version() -> str:
+    # The installed distribution's version; a source checkout that is not installed has none.
+    from importlib import metadata
+
+    try:
+        return metadata.version("taskpgm-jax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def task_fingerprint(pool: TaskPool, name: str) -> str:
     """SHA-256 over a task's example contents in order: changes iff the data changes."""
     h = hashlib.sha256()
@@ -91,9 +101,7 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
         "canaries": canaries,
         **(extra or {}),
     }
-    from taskpgm_jax import __version__
-
-    manifest["created_by"] = f"taskpgm_jax {__version__}"
+    manifest["created_by"] = f"taskpgm_jax {_version()}"
     manifest_path = out / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest_path
