@@ -167,7 +167,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small", "large"], choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 else)")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)

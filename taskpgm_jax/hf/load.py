@@ -118,7 +118,10 @@ def load_hf_checkpoint(
     flat = nnx.to_flat_state(state)
 
     with contextlib.ExitStack() as stack:
-        opened = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
+        # One handle per file, opened once: every parameter (and every layer of a stacked one) reads
+        # its slices through these while make_array_from_callback builds the arrays below.
+        opened = {f: stack.enter_context(safe_open(f, framework="numpy"))
+                  for f in sorted(set(files.values()))}
         handles = {name: opened[f] for name, f in files.items()}
         missing, misshaped, used = [], [], set()
         plan = []
@@ -145,7 +148,8 @@ def load_hf_checkpoint(
                 parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
             if misshaped:
                 parts.append(f"wrong shapes ({len(misshaped)}): {'; '.join(misshaped)}")
-            raise ValueError(f"checkpoint {os.fspath(path)} does not match the model:\n  " + "\n  ".join(parts))
+            raise ValueError(f"checkpoint {os.fspath(path)} does not match the model:\n  "
+                             + "\n  ".join(parts))
 
         for path_, var, tmap in plan:
             if mesh is not None:

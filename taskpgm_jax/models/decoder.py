@@ -232,7 +232,8 @@ class CausalLM(nnx.Module):
     def _check_ids(input_ids) -> jax.Array:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be an int array [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
+            raise ValueError("input_ids must be an int array [batch, seq], got "
+                             f"{input_ids.dtype}{list(input_ids.shape)}")
         return input_ids
 
     @staticmethod

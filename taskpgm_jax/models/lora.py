@@ -121,7 +121,8 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
                          "adapters (same targets, scanned or not)")
     sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
     if len(sizes) != 1:
-        raise ValueError(f"multi_adapter_forward: adapters disagree on the adapter axis size: {sorted(sizes)}")
+        raise ValueError("multi_adapter_forward: adapters disagree on the adapter axis size: "
+                         f"{sorted(sizes)}")
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim not in (2, 3):
         raise ValueError(f"input_ids must be [B, S] or [T, B, S], got shape {list(input_ids.shape)}")
