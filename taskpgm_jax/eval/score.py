@@ -1,0 +1,200 @@
+"""Probe scoring: T single-task models on the shared probe batches, streamed once.
+
+Each batch goes through one jitted step that runs every model (for LoRA: T adapters over one base
+in a single multi-adapter forward, plus the base model itself), takes float32 log-probs, and feeds
+
+* the cross-likelihood accumulator: per-example sums of target-token log-probs, L[i, j] = model
+  i on task j's probe examples (and the base model's row, for the "utility" unary);
+* the streaming JSD accumulator: the log-probs at every target position, grouped by task so
+  each task's positions carry equal total weight (DESIGN.md 4).
+
+Memory is bounded by one batch of logits; nothing but the accumulators' small states survives a
+step, and nothing leaves the device until `result`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from taskpgm_jax.divergence import CrossLikelihood, CrossLikState, JSDState, StreamingJSD
+from taskpgm_jax.models import multi_adapter_forward, stack_adapters
+
+Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
+
+
+def token_logprobs(logits, targets):
+    """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    idx = jnp.broadcast_to(targets[..., None], logp.shape[:-1] + (1,))
+    return jnp.take_along_axis(logp, idx, axis=-1)[..., 0]
+
+
+def segment_sums(values, loss_mask, segment_ids, max_segments: int):
+    """Sum of `values * loss_mask` over each segment of each row.
+
+    Args:
+      values: [..., B, S] per-token values (e.g. target log-probs).
+      loss_mask: [B, S] 1 on target tokens.
+      segment_ids: [B, S] 0 on padding, 1..max_segments for the sequences packed in a row.
+      max_segments: static upper bound on segments per row.
+
+    Returns:
+      [..., B, max_segments] sums (0 for segments that do not exist).
+    """
+    onehot = (segment_ids[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)
+    weighted = values * loss_mask.astype(jnp.float32)
+    return jnp.einsum("...bs,bsm->...bm", weighted, onehot,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+class ProbeState(NamedTuple):
+    """Accumulated probe statistics (small: [M, K] and [T, T]-sized sums)."""
+
+    cross: CrossLikState
+    base: CrossLikState | None
+    jsd: JSDState
+
+
+class ProbeResult(NamedTuple):
+    """cross_likelihood: [T, K] L[i, j]; base_row: [K] the base model's L row (or None);
+    jsd: [T, T] task-balanced mean JSD over target positions; examples: [K] examples seen."""
+
+    cross_likelihood: jax.Array
+    base_row: jax.Array | None
+    jsd: jax.Array
+    examples: jax.Array
+
+
+class ProbeScorer:
+    """Streams probe batches through M = T (+ 1 base) models and accumulates L and the JSD.
+
+    Args:
+      forward: `(params, batch) -> logits [M, B, S, V]`; see `adapter_probe_forward`.
+      num_models: T, the single-task models (rows 0..T-1 of the forward's output).
+      num_tasks: K, the tasks whose probe examples are scored (columns of L).
+      max_segments: sequences per row at most (1 for padded batches, more for packed ones).
+      include_base: the forward's last output (row T) is the base model; its row of L is kept.
+      per_token: L from per-token means instead of per-example sums.
+      **jsd_options: tile / mesh options for the `StreamingJSD` accumulator.
+
+    Example:
+      >>> forward, params = adapter_probe_forward(model, adapters)
+      >>> scorer = ProbeScorer(forward, num_models=T, num_tasks=T)
+      >>> state = scorer.init()
+      >>> for batch, segment_tasks in probe_batches:
+      ...     state = scorer.update(state, params, batch, segment_tasks)
+      >>> L, base_row, D, _ = scorer.result(state)
+    """
+
+    def __init__(self, forward: Forward, num_models: int, num_tasks: int, *,
+                 max_segments: int = 1, include_base: bool = True, per_token: bool = False,
+                 **jsd_options):
+        if not callable(forward):
+            raise ValueError("forward: expected a callable (params, batch) -> logits.")
+        if isinstance(max_segments, bool) or not isinstance(max_segments, int) \
+                or max_segments < 1:
+            raise ValueError(f"max_segments: expected a positive int, got {max_segments!r}.")
+        self.forward = forward
+        self.num_models = num_models
+        self.num_tasks = num_tasks
+        self.max_segments = max_segments
+        self.include_base = bool(include_base)
+        self.cross = CrossLikelihood(num_models, num_tasks, per_token=per_token)
+        self.base = CrossLikelihood(1, num_tasks, per_token=per_token) if include_base else None
+        self.jsd = StreamingJSD(num_models, num_groups=num_tasks, **jsd_options)
+        self._step = jax.jit(self._step_impl)
+
+    def init(self) -> ProbeState:
+        return ProbeState(self.cross.init(), self.base.init() if self.base else None,
+                          self.jsd.init())
+
+    def update(self, state: ProbeState, params, batch, segment_tasks) -> ProbeState:
+        """Score one batch.
+
+        Args:
+          state: from `init` or a previous `update`.
+          params: the forward's parameters (passed through to `forward`).
+          batch: a `taskpgm_jax.data.Batch` (input_ids, targets, loss_mask, segment_ids,
+            positions), all [B, S].
+          segment_tasks: int [B, max_segments], the task of each packed sequence (-1 where a
+            row has fewer sequences).
+        """
+        segment_tasks = jnp.asarray(segment_tasks)
+        b = batch.input_ids.shape[0]
+        if segment_tasks.shape != (b, self.max_segments) or not jnp.issubdtype(
+                segment_tasks.dtype, jnp.integer):
+            raise ValueError(f"segment_tasks: expected integer shape ({b}, {self.max_segments}) "
+                             f"(rows x max_segments), got {tuple(segment_tasks.shape)} "
+                             f"{segment_tasks.dtype}.")
+        most = int(np.max(np.asarray(batch.segment_ids), initial=0))
+        if most > self.max_segments:
+            raise ValueError(f"batch.segment_ids: a row holds {most} sequences, more than "
+                             f"max_segments={self.max_segments}.")
+        return self._step(state, params, batch, segment_tasks.astype(jnp.int32))
+
+    def _step_impl(self, state: ProbeState, params, batch, segment_tasks) -> ProbeState:
+        logits = self.forward(params, batch)  # [M, B, S, V]
+        seg = jnp.asarray(batch.segment_ids)
+        mask = jnp.asarray(batch.loss_mask, jnp.float32)
+        token_lp = token_logprobs(logits, jnp.asarray(batch.targets))  # [M, B, S]
+        sums = segment_sums(token_lp, mask, seg, self.max_segments)  # [M, B, G]
+        counts = segment_sums(jnp.ones_like(mask), mask, seg, self.max_segments)  # [B, G]
+        # A sequence without target tokens (or a missing one) is not an example.
+        example_tasks = jnp.where(counts > 0, segment_tasks, -1).reshape(-1)
+        m = sums.shape[0]
+        flat = sums.reshape(m, -1)
+        tokens = counts.reshape(-1)
+        t = self.num_models
+        cross = self.cross.update(state.cross, flat[:t], example_tasks, tokens)
+        base = (self.base.update(state.base, flat[t:t + 1], example_tasks, tokens)
+                if self.base else None)
+        # JSD over target positions only, grouped by the task of the position's sequence.
+        pos_task = jnp.take_along_axis(segment_tasks, jnp.maximum(seg - 1, 0), axis=1)
+        pos_task = jnp.where((seg > 0) & (mask > 0), pos_task, -1).reshape(-1)
+        b, s = seg.shape
+        logp = jax.nn.log_softmax(logits[:t].astype(jnp.float32), axis=-1).reshape(t, b * s, -1)
+        jsd = self.jsd.update(state.jsd, logp, mask.reshape(-1), pos_task)
+        return ProbeState(cross, base, jsd)
+
+    def result(self, state: ProbeState) -> ProbeResult:
+        """The cross-likelihood matrix, the base row, the JSD matrix and the examples per task."""
+        base_row = self.base.result(state.base)[0] if self.base else None
+        return ProbeResult(self.cross.result(state.cross), base_row, self.jsd.result(state.jsd),
+                           state.cross.counts)
+
+
+def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = True):
+    """A probe forward for T LoRA adapters over one base model (one multi-adapter call).
+
+    Args:
+      model: the base `CausalLM` with adapters added (`taskpgm_jax.models.add_lora`).
+      adapters: `stack_adapters([...])` with leading axis T, or a list of adapter states.
+      include_base: append the base model (all adapters zero) as output row T.
+
+    Returns:
+      (forward, params): `forward(params, batch)` gives logits [T (+1), B, S, V]; pass `params`
+      to `ProbeScorer.update`.
+    """
+    if isinstance(adapters, (list, tuple)):
+        adapters = stack_adapters(adapters)
+    if include_base:
+        # The base model is the adapter whose B factors are zero (A x B = 0): append it as row T.
+        zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), adapters)
+        adapters = jax.tree.map(lambda a, z: jnp.concatenate([a, z]), adapters, zero)
+    # The model's own adapter values are ignored: multi_adapter_forward substitutes `stacked`.
+    graphdef, base_state = nnx.split(model)
+
+    def forward(params, batch):
+        state, stacked = params
+        base_model = nnx.merge(graphdef, state)
+        return multi_adapter_forward(base_model, stacked, jnp.asarray(batch.input_ids),
+                                     segment_ids=jnp.asarray(batch.segment_ids),
+                                     positions=jnp.asarray(batch.positions))
+
+    return forward, (base_state, adapters)

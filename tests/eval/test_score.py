@@ -1,0 +1,124 @@
+"""Probe scoring against a plain per-model, per-example reference (one sequence at a time,
+float64 log-softmax), and its JSD against the float64 pairwise reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import log_softmax
+
+from taskpgm_jax.data import Encoded, pack_batches, pad_batch
+from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward
+from taskpgm_jax.models import LoraConfig, ModelConfig, add_lora, lora_state
+from tests.divergence.distributions import assert_close_to_reference, reference_pairwise
+
+CFG = ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, dtype=jnp.float32)
+T = 3  # tasks = single-task adapters
+SEQ_LEN, BATCH = 24, 2
+
+
+def _random_model(rng):
+    """N(0, 0.3) weights drawn by NumPy (XLA's threefry initialiser is slow to compile)."""
+    from taskpgm_jax.models import CausalLM
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(CFG, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                         state)
+    model = nnx.merge(graphdef, state)
+    return add_lora(model, LoraConfig(rank=2, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
+
+
+def _examples(rng):
+    """A few prompt + target sequences per task, with their task ids."""
+    seqs, tasks = [], []
+    for task in range(T):
+        for _ in range(int(rng.integers(2, 4))):
+            prompt, target = int(rng.integers(2, 6)), int(rng.integers(1, 4))
+            ids = rng.integers(1, CFG.vocab_size, size=prompt + target).astype(np.int32)
+            mask = np.r_[np.zeros(prompt, bool), np.ones(target, bool)]
+            seqs.append(Encoded(ids, mask, example=len(seqs)))
+            tasks.append(task)
+    return seqs, np.asarray(tasks)
+
+
+# One sequence at a time, right-padded to one length (causal: padding after a token cannot
+# change it), so the reference compiles once.
+_single = nnx.jit(lambda model, ids, mask: model(ids, mask))
+
+
+def _reference(model, adapters, seqs, tasks):
+    """Per model, per sequence, unpacked: L, the base row, and target-position log-probs."""
+    rows, positions = [], []
+    for adapter in [*adapters, jax.tree.map(jnp.zeros_like, adapters[0])]:
+        nnx.update(model, adapter)
+        per_example, per_position = [], []
+        for s in seqs:
+            n = len(s)
+            ids = np.zeros((1, SEQ_LEN), np.int32)
+            ids[0, :n] = s.input_ids
+            mask = (np.arange(SEQ_LEN) < n).astype(np.int32)[None]
+            with jax.default_matmul_precision("highest"):
+                logits = np.asarray(_single(model, ids, mask), np.float64)[0, :n]
+            logp = log_softmax(logits, axis=-1)
+            target_at = np.flatnonzero(s.target_mask[1:])  # position t predicts token t + 1
+            per_example.append(sum(logp[t, s.input_ids[t + 1]] for t in target_at))
+            per_position.append(logp[target_at])
+        rows.append([np.mean(np.asarray(per_example)[tasks == k]) for k in range(T)])
+        positions.append(np.concatenate(per_position))
+    pos_tasks = np.concatenate([[k] * int(s.target_mask[1:].sum()) for s, k in zip(seqs, tasks)])
+    lp = np.stack(positions[:T]).astype(np.float32)
+    jsd = np.mean([reference_pairwise(lp[:, pos_tasks == k]) for k in range(T)], axis=0)
+    return np.asarray(rows[:T]), np.asarray(rows[T]), jsd
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_probe_scoring_matches_per_example_reference(rng, packed):
+    model = _random_model(rng)
+    adapters = [jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
+                             lora_state(model)) for _ in range(T)]
+    seqs, tasks = _examples(rng)
+    if packed:
+        # Pack in order; recover each row's sequences to know their tasks.
+        batches, order, max_segments = [], iter(range(len(seqs))), SEQ_LEN // 3
+        for batch in pack_batches(seqs, SEQ_LEN, BATCH):
+            seg_tasks = np.full((BATCH, max_segments), -1)
+            for r in range(BATCH):
+                for k in range(int(batch.segment_ids[r].max())):
+                    seg_tasks[r, k] = tasks[next(order)]
+            batches.append((batch, seg_tasks))
+    else:
+        max_segments = 1
+        batches = [(pad_batch(seqs[i:i + BATCH], SEQ_LEN, BATCH),
+                    np.pad(tasks[i:i + BATCH], (0, BATCH - len(tasks[i:i + BATCH])),
+                           constant_values=-1)[:, None])
+                   for i in range(0, len(seqs), BATCH)]
+    forward, params = adapter_probe_forward(model, adapters)
+    scorer = ProbeScorer(forward, T, T, max_segments=max_segments)
+    state = scorer.init()
+    with jax.default_matmul_precision("highest"):
+        for batch, seg_tasks in batches:
+            state = scorer.update(state, params, batch, seg_tasks)
+    L, base_row, D, examples = scorer.result(state)
+    ref_L, ref_base, ref_D = _reference(model, adapters, seqs, tasks)
+    np.testing.assert_allclose(np.asarray(L), ref_L, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(base_row), ref_base, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(examples), np.bincount(tasks, minlength=T))
+    assert_close_to_reference(np.asarray(D), ref_D, "probe JSD")
+    assert np.max(np.asarray(D)) > 1e-3  # the adapters really differ
+
+
+def test_probe_scorer_errors(rng):
+    model = _random_model(rng)
+    forward, params = adapter_probe_forward(model, [lora_state(model)] * T)
+    scorer = ProbeScorer(forward, T, T, max_segments=1)
+    seqs, _ = _examples(rng)
+    batch = pack_batches(seqs, SEQ_LEN, BATCH)[0]
+    with pytest.raises(ValueError, match="segment_tasks: expected integer shape"):
+        scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 2), int))
+    if batch.segment_ids.max() > 1:
+        with pytest.raises(ValueError, match="more than max_segments=1"):
+            scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 1), int))
+    with pytest.raises(ValueError, match="max_segments"):
+        ProbeScorer(forward, T, T, max_segments=0)
