@@ -1,0 +1,153 @@
+"""`evaluate(model, tokenizer, tasks)`: a held-out suite scored the way the paper scores it.
+
+Multiple-choice tasks: log-likelihood of every choice given the prompt, in static-shape batches
+of one row per choice; accuracy by the summed and by the length-normalised log-likelihood.
+Generative tasks: batched greedy decoding with the KV cache from left-padded prompts, cut at EOS
+or a stop string, exact match after normalisation (strip, case, whitespace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from taskpgm_jax.data import Batch, TaskPool, encode_choices, pad_batch
+from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
+from taskpgm_jax.eval.score import token_logprobs
+from taskpgm_jax.models import greedy_generate
+
+
+class EvalResult(NamedTuple):
+    """per_task: name -> {"metric", "value", "count", "predictions", ...};
+    aggregate: the macro mean of the per-task values."""
+
+    per_task: dict[str, dict[str, Any]]
+    aggregate: float
+
+
+@nnx.jit
+def _row_loglik(model, batch: Batch):
+    logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
+    lp = token_logprobs(logits, batch.targets) * batch.loss_mask
+    return jnp.sum(lp, axis=-1), jnp.sum(batch.loss_mask, axis=-1)
+
+
+def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
+    """Summed target log-likelihood and target-token count of each encoded row, in order.
+
+    Rows are scored `batch_size` at a time, padded to `seq_len` (one compiled shape)."""
+    sums, counts = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = pad_batch(chunk, seq_len, batch_size)
+        s, c = _row_loglik(model, jax_batch(batch))
+        sums.append(np.asarray(s)[:len(chunk)])
+        counts.append(np.asarray(c)[:len(chunk)])
+    return np.concatenate(sums), np.concatenate(counts)
+
+
+def jax_batch(batch: Batch) -> Batch:
+    return Batch(*(jnp.asarray(x) for x in batch))
+
+
+def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
+                          separator: str = "") -> dict[str, Any]:
+    """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`)."""
+    rows, owner = [], []
+    for k, ex in enumerate(examples):
+        enc = encode_choices(tokenizer, ex["prompt"], ex["choices"], max_length=seq_len,
+                             separator=separator, example=k)
+        rows.extend(enc)
+        owner.extend([k] * len(enc))
+    sums, counts = choice_logliks(model, rows, seq_len=seq_len, batch_size=batch_size)
+    owner = np.asarray(owner)
+    correct = correct_norm = 0
+    predictions = []
+    for k, ex in enumerate(examples):
+        pick, pick_norm = choice_predictions(sums[owner == k], counts[owner == k])
+        predictions.append(pick)
+        correct += pick == ex["answer"]
+        correct_norm += pick_norm == ex["answer"]
+    n = len(predictions)
+    return {"metric": "multiple_choice_grade", "value": correct / n,
+            "accuracy_length_normalised": correct_norm / n, "count": n,
+            "predictions": predictions}
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
+                   max_new_tokens: int, batch_size: int, stop: Sequence[str] = ()) -> list[str]:
+    """Greedy continuations of `prompts`, left-padded to `prompt_len` (the left of a long prompt
+    is cut), `batch_size` at a time, each cut at EOS and at the first stop string."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = np.zeros((batch_size, prompt_len), np.int32)
+        mask = np.zeros((batch_size, prompt_len), np.int32)
+        for r, text in enumerate(chunk):
+            toks = tokenizer(text)["input_ids"][-prompt_len:]
+            ids[r, prompt_len - len(toks):] = toks
+            mask[r, prompt_len - len(toks):] = 1
+        mask[len(chunk):, -1] = 1  # filler rows: one token, so no row is empty
+        gen = np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
+                                         max_new_tokens=max_new_tokens, eos_token_id=eos))
+        for row in gen[:len(chunk)]:
+            row = row.tolist()
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            out.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
+    return out
+
+
+def score_generation(model, tokenizer, examples, *, prompt_len: int, max_new_tokens: int,
+                     batch_size: int, stop: Sequence[str] = ()) -> dict[str, Any]:
+    """Exact match of a generative split (rows with `prompt`, `target`, `references`)."""
+    examples = list(examples)
+    preds = generate_texts(model, tokenizer, [ex["prompt"] for ex in examples],
+                           prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, stop=stop)
+    hits = [exact_match(p, list(ex["references"]) or [ex["target"]])
+            for p, ex in zip(preds, examples)]
+    return {"metric": "exact_match", "value": float(np.mean(hits)), "count": len(hits),
+            "predictions": preds}
+
+
+def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len: int = 256,
+             batch_size: int = 8, max_new_tokens: int = 32, stop: Sequence[str] = ("\n",),
+             separator: str = "") -> EvalResult:
+    """Scores every task of `tasks` on its `split` and the macro mean over tasks.
+
+    Args:
+      model: a `CausalLM` (any module with the same call signature and KV-cache support for
+        generative tasks).
+      tokenizer: the model's tokenizer.
+      tasks: a `TaskPool`; its `split` of each task is scored.
+      split: "eval" (held-out) by default.
+      seq_len: static row length for choice scoring, and the prompt length for generation.
+      batch_size: static batch size.
+      max_new_tokens: generation budget per prompt.
+      stop: stop strings for generation (the text is cut at the first).
+      separator: text between prompt and choice, as used in training.
+
+    Returns:
+      An `EvalResult` with per-task metrics and counts and the macro-mean aggregate.
+    """
+    if not isinstance(tasks, TaskPool):
+        raise ValueError(f"tasks: expected a TaskPool, got {type(tasks).__name__}.")
+    per_task = {}
+    for name in tasks.names:
+        examples = tasks.split(name, split)
+        if len(examples) == 0:
+            raise ValueError(f"tasks: task {name!r} has no examples in its {split!r} split.")
+        if tasks[name].kind == "multiple_choice":
+            per_task[name] = score_multiple_choice(model, tokenizer, examples, seq_len=seq_len,
+                                                   batch_size=batch_size, separator=separator)
+        else:
+            per_task[name] = score_generation(model, tokenizer, examples, prompt_len=seq_len,
+                                              max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, stop=stop)
+    return EvalResult(per_task, macro_mean({k: v["value"] for k, v in per_task.items()}))

@@ -1,0 +1,140 @@
+"""Held-out evaluation: choice log-likelihoods against a NumPy bigram reference, a hand-built
+multiple-choice case, and greedy exact match against cache-free recomputation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import log_softmax
+
+from taskpgm_jax.data import SplitSpec, TaskPool, make_task, train_byte_bpe
+from taskpgm_jax.eval import (choice_predictions, cut_at_stop, evaluate, exact_match,
+                              generate_texts, macro_mean, normalize_text, score_multiple_choice)
+from taskpgm_jax.models import CausalLM, ModelConfig
+
+WORDS = ["yes", "no", "maybe", "red", "green", "blue", "one", "two", "three", "cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [" ".join(WORDS)] * 4 + [f"question {w}? answer {v}" for w in WORDS for v in WORDS]
+    return train_byte_bpe(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+class Bigram(nnx.Module):
+    """Logits of the next token depend on the current token only: table[token]."""
+
+    def __init__(self, table):
+        self.table = nnx.Param(jnp.asarray(table, jnp.float32))
+
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None):
+        return self.table[...][input_ids]
+
+
+def _reference_loglik(table, tokenizer, prompt, choice):
+    ids = tokenizer(prompt)["input_ids"]
+    choice_ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    logp = log_softmax(np.asarray(table, np.float64), axis=-1)
+    seq = ids + choice_ids
+    return sum(logp[seq[t - 1], seq[t]] for t in range(len(ids), len(seq))), len(choice_ids)
+
+
+def test_multiple_choice_scores_equal_the_bigram_reference(tokenizer, rng):
+    v = len(tokenizer)
+    table = rng.normal(size=(v, v)) * 2
+    model = Bigram(table)
+    examples = []
+    for _ in range(5):
+        prompt = f"question {rng.choice(WORDS)}? answer "
+        choices = list(rng.choice(WORDS, size=3, replace=False))
+        examples.append({"prompt": prompt, "choices": choices, "answer": int(rng.integers(3))})
+    out = score_multiple_choice(model, tokenizer, examples, seq_len=16, batch_size=4)
+    correct = correct_norm = 0
+    for ex, pred in zip(examples, out["predictions"]):
+        ref = [_reference_loglik(table, tokenizer, ex["prompt"], c) for c in ex["choices"]]
+        pick, pick_norm = choice_predictions(*map(np.asarray, zip(*ref)))
+        assert pred == pick
+        correct += pick == ex["answer"]
+        correct_norm += pick_norm == ex["answer"]
+    assert out["value"] == correct / 5 and out["count"] == 5
+    assert out["accuracy_length_normalised"] == correct_norm / 5
+
+
+def test_hand_built_case_picks_the_right_answer(tokenizer):
+    """A model that strongly predicts the tokens of "green" after anything picks "green"."""
+    v = len(tokenizer)
+    table = np.zeros((v, v))
+    for tok in tokenizer("green", add_special_tokens=False)["input_ids"]:
+        table[:, tok] = 8.0
+    examples = [{"prompt": "question colour? answer ", "choices": ["red", "green", "blue"],
+                 "answer": 1},
+                {"prompt": "question grass? answer ", "choices": ["green", "dog"], "answer": 0}]
+    out = score_multiple_choice(Bigram(table), tokenizer, examples, seq_len=16, batch_size=4)
+    assert out["predictions"] == [1, 0] and out["value"] == 1.0
+
+
+def _tiny_lm(vocab, rng):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=8, dtype=jnp.float32)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
+                         state)
+    return nnx.merge(graphdef, state)
+
+
+_full = nnx.jit(lambda model, ids: model(ids))
+
+
+def _greedy_without_cache(model, tokenizer, prompt, steps):
+    ids = list(tokenizer(prompt)["input_ids"])
+    out = []
+    for _ in range(steps):
+        padded = np.zeros((1, 24), np.int32)
+        padded[0, :len(ids)] = ids  # causal: the padding after the prompt changes nothing
+        nxt = int(np.argmax(np.asarray(_full(model, jnp.asarray(padded)))[0, len(ids) - 1]))
+        if nxt == tokenizer.eos_token_id:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_generation_and_evaluate_match_recomputation(tokenizer, rng):
+    model = _tiny_lm(len(tokenizer), rng)
+    prompts = [f"question {w}? answer " for w in WORDS[:5]]
+    with jax.default_matmul_precision("highest"):
+        got = generate_texts(model, tokenizer, prompts, prompt_len=12, max_new_tokens=6,
+                             batch_size=4)
+        ref = [_greedy_without_cache(model, tokenizer, p, 6) for p in prompts]
+    assert got == ref
+    # evaluate(): a generative task whose references are the model's own output for the first
+    # three prompts (hits) and something else for the last two (misses), and a choice task.
+    rows = [{"prompt": p, "target": (r if k < 3 else "zebra") or "zebra"}
+            for k, (p, r) in enumerate(zip(prompts, ref))]
+    choice_rows = [{"prompt": f"pick {w} ", "choices": ["red", "blue"], "answer": 0}
+                   for w in WORDS[:4]]
+    pool = TaskPool([make_task("gen", "generate", rows),
+                     make_task("mc", "multiple_choice", choice_rows)],
+                    SplitSpec(probe=0.0, eval=1.0))
+    with jax.default_matmul_precision("highest"):
+        result = evaluate(model, tokenizer, pool, seq_len=12, batch_size=4, max_new_tokens=6,
+                          stop=())
+    gen = result.per_task["gen"]
+    expect = np.mean([exact_match(got[k], [rows[k]["target"]]) for k in range(5)])
+    assert gen["count"] == 5 and gen["value"] == pytest.approx(expect)
+    assert result.per_task["mc"]["count"] == 4
+    assert result.aggregate == pytest.approx((gen["value"] + result.per_task["mc"]["value"]) / 2)
+
+
+def test_metric_helpers():
+    assert normalize_text("  The  Answer\n") == "the answer"
+    assert exact_match(" Yes ", ["no", "yes"]) and not exact_match("yes!", ["yes"])
+    assert cut_at_stop("abc\ndef", ["\n"]) == "abc" and cut_at_stop("abc", ["x", ""]) == "abc"
+    assert choice_predictions(np.array([-3.0, -4.0]), np.array([1, 4])) == (0, 1)
+    assert macro_mean({"a": 1.0, "b": 0.0, "c": 0.5}) == 0.5
+    with pytest.raises(ValueError, match="values"):
+        macro_mean({})
+    with pytest.raises(ValueError, match="tasks: expected a TaskPool"):
+        evaluate(None, None, [])
