@@ -1,7 +1,8 @@
 """Mixture weights -> training examples.
 
-Counts come from the MRF package's largest-remainder rule (one definition for the whole project),
-so the counts sum exactly to the budget. Examples are then drawn per task with a seed: without
+Counts and baseline weights come from `taskpgm_jax.mrf` (`Mixture.to_counts`, the largest-remainder
+rule, and the uniform / size-proportional / temperature mixtures): one definition for the whole
+project. The counts sum exactly to the budget. Examples are then drawn per task with a seed: without
 replacement while a task has enough examples; a task smaller than its count is repeated, each
 example ceil- or floor(count / size) times ("balanced", the lowest-variance way to repeat) or,
 with `repeat="iid"`, drawn i.i.d. with replacement; either way the task is listed in `repeated`.
@@ -22,18 +23,10 @@ __all__ = [
 ]
 
 
-def _largest_remainder(weights: np.ndarray, budget: int) -> np.ndarray:
-    # Placeholder until taskpgm_jax.mrf exposes its own; see mixture_counts.
-    expected = weights / weights.sum() * budget
-    counts = np.floor(expected).astype(np.int64)
-    short = budget - int(counts.sum())
-    order = np.argsort(-(expected - counts), kind="stable")  # ties: lower index first
-    counts[order[:short]] += 1
-    return counts
-
-
 def _as_vector(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
                names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    if hasattr(weights, "as_dict") and hasattr(weights, "to_counts"):  # an mrf.Mixture
+        weights = weights.as_dict()
     if isinstance(weights, Mapping):
         keys = tuple(weights)
         if names is not None:
@@ -60,7 +53,8 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     with the largest fractional parts (ties to the earlier task).
 
     Args:
-      weights: non-negative weights (normalised here), a mapping name -> weight or an array.
+      weights: non-negative weights (normalised here): a mapping name -> weight, an array, or a
+        `taskpgm_jax.mrf.Mixture`.
       budget: total number of examples.
 
     Returns:
@@ -72,9 +66,15 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     """
     if int(budget) != budget or budget < 0:
         raise data_error(f"budget must be a non-negative integer, got {budget!r}")
+    # One definition of the rounding for the whole project: taskpgm_jax.mrf's Mixture.
+    from taskpgm_jax.mrf.mixture import Mixture
+
     w, keys = _as_vector(weights, None)
-    counts = _largest_remainder(w, int(budget))
-    return dict(zip(keys, (int(c) for c in counts))) if keys is not None else counts
+    names = keys if keys is not None else tuple(str(i) for i in range(w.size))
+    counts = Mixture.from_counts(dict(zip(names, w))).to_counts(int(budget))
+    if keys is not None:
+        return counts
+    return np.array([counts[n] for n in names], dtype=np.int64)
 
 
 def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
@@ -92,20 +92,22 @@ def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
     Returns:
       Weights on the simplex, name -> weight, in the order of `sizes`.
     """
+    from taskpgm_jax.mrf import mixture as mrf_mixture
+
+    names = tuple(sizes)
     n = np.array([min(s, cap) if cap is not None else s for s in sizes.values()], np.float64)
+    if kind != "uniform" and np.any(n <= 0):
+        empty = [k for k, v in zip(names, n) if v <= 0]
+        raise data_error(f"size-based weights need every task non-empty; empty: {empty}")
     if kind == "uniform":
-        w = np.ones_like(n)
+        mix = mrf_mixture.uniform_mixture(names)
     elif kind in ("size", "size_proportional"):
-        w = n
+        mix = mrf_mixture.size_proportional_mixture(names, n)
     elif kind == "temperature":
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        w = n ** (1.0 / temperature)
+        mix = mrf_mixture.temperature_mixture(names, n, float(temperature))
     else:
         raise ValueError(f"unknown baseline {kind!r}; expected uniform, size or temperature")
-    if w.sum() <= 0:
-        raise data_error("every task is empty; no size-based weights exist")
-    return dict(zip(sizes, (float(x) for x in w / w.sum())))
+    return mix.as_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +167,8 @@ def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float
 
     Args:
       pool: the tasks.
-      weights: name -> weight (absent names weigh 0) or an array in pool order.
+      weights: name -> weight (absent names weigh 0), an array in pool order, or an
+        `taskpgm_jax.mrf.Mixture`.
       budget: total number of examples.
       seed: the sampling seed (same seed, same pool -> same sample).
       split: the split to draw from ("train" normally).
