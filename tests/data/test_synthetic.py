@@ -19,10 +19,13 @@ def _oracle(skill, x):
         return "".join(reversed(x))
     if skill == "sort":
         return "".join(sorted(x, key=int))
-    if skill == "boolean":
-        a, op, b = x.split()
-        a, b = a == "T", b == "T"
-        return "T" if {"and": a & b, "or": a | b, "xor": a ^ b}[op] else "F"
+    if skill == "boolean":  # left to right, no precedence
+        toks = x.split()
+        val = toks[0] == "T"
+        for op, lit in zip(toks[1::2], toks[2::2]):
+            b = lit == "T"
+            val = {"and": val & b, "or": val | b, "xor": val ^ b}[op]
+        return "T" if val else "F"
     if skill == "brackets":
         s = x
         while "()" in s:
@@ -78,11 +81,11 @@ def test_planted_structure(rng):
     skills_used = {labels[n] for n in pool.names if not n.startswith("noise_")}
     assert skills_used <= set(SKILLS) and len(skills_used) == 5
 
-    train_words = set()
+    train_forms = set()
     for name in pool.names:
         for prompt, target in zip(pool[name].examples["prompt"], pool[name].examples["target"]):
             word, x = _split_prompt(prompt)
-            train_words.add(word)
+            train_forms.add((word, prompt[len(word) + 1 + len(x):]))
             if name.startswith("noise_"):
                 continue
             assert target == _oracle(labels[name], x), (name, prompt, target)
@@ -98,14 +101,21 @@ def test_planted_structure(rng):
         forms = {_split_prompt(pool[n].examples["prompt"][0])[0]
                  for n in pool.names if labels[n] == skill}
         assert len(forms) == groups[skill]
-    # Held-out tasks: one per skill, unseen prompt form, correct targets, eval split only.
+    # Held-out tasks: one per skill, a known instruction word in an unseen prompt form, correct
+    # targets, eval split only.
     held = pool.heldout
     assert {held.cluster_labels[n] for n in held.names} == skills_used
+    train_words = {w for w, _ in train_forms}
     for name in held.names:
         assert held.split_sizes("train")[name] == 0
         for prompt, target in zip(held[name].examples["prompt"], held[name].examples["target"]):
             word, x = _split_prompt(prompt)
-            assert word not in train_words and target == _oracle(held.cluster_labels[name], x)
+            assert word in train_words
+            assert (word, prompt[len(word) + 1 + len(x):]) not in train_forms
+            assert target == _oracle(held.cluster_labels[name], x)
+    # Every task has examples in each split (no input space so small that hashing empties one).
+    for split in ("train", "probe", "eval"):
+        assert min(pool.split_sizes(split).values()) > 0
 
 
 def test_tasks_do_not_depend_on_other_tasks(rng):

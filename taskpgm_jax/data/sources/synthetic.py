@@ -5,8 +5,8 @@ brackets, ...). A *cluster* is several tasks that apply the same skill to inputs
 distribution and differ only in the surface form of the prompt (instruction word, separator):
 near-duplicates, so an affinity matrix should group them. *Unique* tasks are skills that appear
 once, *noise* tasks pair inputs with random targets (nothing to learn, so they should resemble no
-other task), and *held-out* evaluation tasks use each skill with a prompt form no training task
-uses. Strings are short over small alphabets so that a small decoder trained from scratch on two
+other task), and *held-out* evaluation tasks ask for each skill in a prompt form no training task
+uses (a known instruction word, a new separator). Strings are short over small alphabets so that a small decoder trained from scratch on two
 CPU cores learns the skills in minutes.
 
 Every task draws from its own generator seeded by (seed, task name), so changing the number of
@@ -51,11 +51,17 @@ def _sort(rng):
 
 
 def _boolean(rng):
-    a, b = (bool(v) for v in rng.integers(0, 2, size=2))
-    op = str(rng.choice(["and", "or", "xor"]))
-    val = {"and": a and b, "or": a or b, "xor": a != b}[op]
+    # Three or four literals joined by and / or / xor, evaluated left to right: a few hundred
+    # distinct inputs, so a task's splits are not a handful of repeated strings.
+    n = int(rng.integers(3, 5))
+    lits = [bool(v) for v in rng.integers(0, 2, size=n)]
+    ops = [str(o) for o in rng.choice(["and", "or", "xor"], size=n - 1)]
+    val = lits[0]
+    for op, b in zip(ops, lits[1:]):
+        val = {"and": val and b, "or": val or b, "xor": val != b}[op]
     sym = {True: "T", False: "F"}
-    return f"{sym[a]} {op} {sym[b]}", sym[val]
+    text = sym[lits[0]] + "".join(f" {op} {sym[b]}" for op, b in zip(ops, lits[1:]))
+    return text, sym[val]
 
 
 def _brackets(rng):
@@ -106,19 +112,18 @@ def _length(rng):
     return s, str(len(s))
 
 
-# skill -> (input/target generator, instruction words). The last word of each list is reserved
-# for the held-out evaluation task, so its prompt form is never seen in training.
+# skill -> (input/target generator, instruction words). Task i of a cluster uses word i.
 SKILLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "add": (_add, ("add", "sum", "plus", "total", "addition")),
-    "reverse": (_reverse, ("reverse", "rev", "backwards", "flip", "mirror")),
-    "sort": (_sort, ("sort", "order", "ascending", "arrange", "rank")),
-    "boolean": (_boolean, ("bool", "logic", "truth", "eval", "decide")),
-    "brackets": (_brackets, ("balanced", "brackets", "parens", "matched", "nested")),
-    "count": (_count, ("count", "howmany", "occurs", "tally", "number")),
-    "lookup": (_lookup, ("lookup", "get", "find", "value", "fetch")),
-    "upper": (_upper, ("upper", "caps", "shout", "capital", "big")),
-    "maximum": (_maximum, ("max", "largest", "biggest", "top", "highest")),
-    "length": (_length, ("length", "len", "size", "long", "chars")),
+    "add": (_add, ("add", "sum", "plus", "total")),
+    "reverse": (_reverse, ("reverse", "rev", "backwards", "flip")),
+    "sort": (_sort, ("sort", "order", "ascending", "arrange")),
+    "boolean": (_boolean, ("bool", "logic", "truth", "eval")),
+    "brackets": (_brackets, ("balanced", "brackets", "parens", "matched")),
+    "count": (_count, ("count", "howmany", "occurs", "tally")),
+    "lookup": (_lookup, ("lookup", "get", "find", "value")),
+    "upper": (_upper, ("upper", "caps", "shout", "capital")),
+    "maximum": (_maximum, ("max", "largest", "biggest", "top")),
+    "length": (_length, ("length", "len", "size", "long")),
 }
 _SEPARATORS = (" = ", " -> ", ": ", " ? ")
 
@@ -159,7 +164,8 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
     Returns:
       A `TaskPool` (tasks in a seeded order) whose `cluster_labels` map each task to its planted
       cluster (the skill name, or `noise_<j>`), and whose `heldout` pool holds one evaluation
-      task per skill used (`heldout_<skill>`, an unseen prompt form), labelled by skill.
+      task per skill used (`heldout_<skill>`: the skill's first instruction word with a separator
+      no training task uses), labelled by skill.
 
     Example:
       >>> pool = synthetic_suite(seed=0)
@@ -198,12 +204,13 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
 
     order = rng.permutation(len(tasks))
     tasks = [tasks[i] for i in order]
+    # Held-out tasks name the skill with a word seen in training (that of the skill's first
+    # task) but a separator no training task uses: solving them needs the skill, not the form.
     held, held_labels = [], {}
     for skill in skills:
         name = f"heldout_{skill}"
-        word = SKILLS[skill][1][-1]
-        held.append(_make(name, skill, word, " => ", heldout_examples, _task_rng(seed, name),
-                          noise=False))
+        held.append(_make(name, skill, SKILLS[skill][1][0], " => ", heldout_examples,
+                          _task_rng(seed, name), noise=False))
         held_labels[name] = skill
     # Held-out tasks are evaluation-only: everything is in their eval split.
     heldout = TaskPool(held, SplitSpec(probe=0.0, eval=1.0, seed=split.seed),
