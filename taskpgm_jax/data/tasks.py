@@ -198,6 +198,9 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     if not rows:
         raise data_error("the task has no examples", task=name, source=source)
     cols: dict[str, list] = {k: [] for k in EXAMPLE_FEATURES}
+    # Our own content fingerprint: `datasets` would otherwise pickle-hash the whole table,
+    # which costs more than building it.
+    fingerprint = hashlib.sha256(f"{name}\0{kind}".encode())
     for i, row in enumerate(rows):
         line = lines[i] if lines is not None else i + 1
         ex = _normalise_row(row, kind, name, source, line)
@@ -205,7 +208,12 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
         ex["id"] = str(row["id"]) if row.get("id") is not None else f"{name}:{i}"
         for k in cols:
             cols[k].append(ex[k])
-    examples = datasets.Dataset.from_dict(cols, features=EXAMPLE_FEATURES)
+        fingerprint.update(repr([ex[k] for k in cols]).encode("utf-8"))
+    import pyarrow as pa
+
+    table = pa.table(cols, schema=EXAMPLE_FEATURES.arrow_schema)
+    examples = datasets.Dataset(table, info=datasets.DatasetInfo(features=EXAMPLE_FEATURES),
+                                fingerprint=fingerprint.hexdigest()[:32])
     metric = metric or ("multiple_choice_grade" if kind == "multiple_choice" else "exact_match")
     return Task(name=name, kind=kind, metric=metric, examples=examples, source=source,
                 description=description, keywords=tuple(keywords), canary=canary)

@@ -59,11 +59,12 @@ def _all_examples(pool):
 
 def test_deterministic_by_seed(rng):
     seed = int(rng.integers(1 << 20))
-    a, b = synthetic_suite(seed), synthetic_suite(seed)
+    small = dict(examples=(40, 80), heldout_examples=20)
+    a, b = synthetic_suite(seed, **small), synthetic_suite(seed, **small)
     assert a.names == b.names and a.cluster_labels == b.cluster_labels
     assert _all_examples(a) == _all_examples(b)
     assert a.split_sizes("probe") == b.split_sizes("probe")
-    c = synthetic_suite(seed + 1)
+    c = synthetic_suite(seed + 1, **small)
     assert _all_examples(c) != _all_examples(a)
 
 
@@ -120,8 +121,8 @@ def test_planted_structure(rng):
 
 def test_tasks_do_not_depend_on_other_tasks(rng):
     seed = int(rng.integers(1 << 20))
-    small = synthetic_suite(seed, n_noise=1)
-    big = synthetic_suite(seed, n_noise=3)
+    small = synthetic_suite(seed, n_noise=1, examples=(40, 80), heldout_examples=20)
+    big = synthetic_suite(seed, n_noise=3, examples=(40, 80), heldout_examples=20)
     a, b = _all_examples(small), _all_examples(big)
     assert set(a) < set(b)
     assert all(a[n] == b[n] for n in a)
