@@ -13,10 +13,10 @@ import optax
 
 
 def padded_size(num_tasks: int) -> int:
-    """Bucketed T: next power of two from 8 up to 256, then the next multiple of 128 (so that
+    """Bucketed T: next power of two from 32 up to 256, then the next multiple of 128 (so that
     T = 1000 costs 1024 and T = 5000 costs 5120: at most 2.5% extra work above 256)."""
     if num_tasks <= 256:
-        return max(8, 1 << (num_tasks - 1).bit_length())
+        return max(32, 1 << (num_tasks - 1).bit_length())
     return -(-num_tasks // 128) * 128
 
 

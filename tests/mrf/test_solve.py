@@ -36,7 +36,7 @@ problems = st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 200),
                      st.sampled_from(["centrality", "array"]))
 
 
-@settings(max_examples=20)
+@settings(max_examples=15)
 @given(problems)
 def test_exact_matches_active_set_reference(problem):
     pot, _ = _random_problem(*problem)
@@ -89,7 +89,7 @@ def test_floors_and_caps_respected_and_optimal(problem, floor_frac, cap_mult):
     assert energy64(w, Q, c) <= energy64(w_ref, Q, c) + 1e-6 * scale
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(problems)
 def test_closed_form_equals_exact_when_unclipped(problem):
     pot, _ = _random_problem(*problem)
@@ -114,10 +114,11 @@ def test_closed_form_unclipped_at_uniform_ratio(rng):
     np.testing.assert_allclose(np.asarray(solve(pot).weights), 1.0 / T, atol=1e-4)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(problems)
 def test_softmax_close_to_exact(problem):
-    pot, _ = _random_problem(*problem)
+    seed, T, kind, unary_kind = problem
+    pot, _ = _random_problem(seed, min(T, 60), kind, unary_kind)  # softmax iterates long
     sm = solve(pot, "softmax")
     ex = solve(pot)
     Q, c = _qp(pot)
