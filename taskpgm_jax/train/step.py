@@ -1,0 +1,438 @@
+"""The train step: a pure, jitted update of a donated `TrainState`.
+
+The model is split once into three parts (`nnx.split`): its static structure (graphdef), the
+*trainable* variables (every `nnx.Param` for full fine-tuning, only the `LoRAParam` adapters for
+LoRA) and the *frozen* rest. Only the trainable part and its optimiser state live in the donated
+`TrainState`; the frozen part (the base weights under LoRA) is a separate, never-donated argument,
+so LoRA training cannot touch it and T adapter states can share it (see `adapters.py`).
+
+One step: the global batch [B, S] is cut into k micro-batches (rows i, i + k, i + 2k, ... form
+micro-batch i, so every device keeps a share of each when B is split over the mesh), gradients of
+the *summed* target-token loss are accumulated with `lax.scan` and divided by the total number of
+target tokens of the whole batch. The result is the gradient of one k-times larger batch, whatever
+k. Then global-norm clipping and AdamW with warmup + cosine decay (Optax).
+
+Mixed precision comes from the model config: parameters (the master copy the optimiser updates)
+are stored in `param_dtype` (float32), matmuls run in `dtype` (bf16), logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from taskpgm_jax.data import Batch
+from taskpgm_jax.models import LoRAParam
+from taskpgm_jax.models.init import state_shardings
+from taskpgm_jax.sharding import Rules, logical_to_spec, shard
+
+__all__ = ["TrainConfig", "TrainState", "Trainer", "lr_schedule", "make_optimizer",
+           "target_token_loss", "train_update"]
+
+TRAINABLE = ("full", "lora")
+
+# loss_fn(model, batch, rng) -> (sum of per-token losses, number of tokens it was summed over).
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and step settings (frozen and hashable: safe as a static argument).
+
+    Attributes:
+      learning_rate: peak learning rate, reached after the warmup.
+      total_steps: length of the schedule (warmup included); the cosine ends here.
+      warmup_steps: linear warmup from 0 to `learning_rate`.
+      end_lr_ratio: the cosine decays to `learning_rate * end_lr_ratio`.
+      weight_decay: decoupled (AdamW) decay, applied to matrices only (not norms or biases).
+      b1, b2, eps: Adam moments and epsilon.
+      max_grad_norm: clip the global gradient norm to this (None: no clipping).
+      grad_accum: k, micro-batches per step; the batch size must be a multiple of k.
+      trainable: "full" (every `nnx.Param`) or "lora" (only `LoRAParam` adapters).
+    """
+
+    learning_rate: float = 1e-4
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    trainable: str = "full"
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
+            bad("total_steps", "must be a positive int")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+            bad("warmup_steps", f"must be an int in [0, total_steps={self.total_steps}]")
+        if not 0 <= self.end_lr_ratio <= 1:
+            bad("end_lr_ratio", "must be in [0, 1]")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            bad("b1" if not 0 <= self.b1 < 1 else "b2", "must be in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            bad("max_grad_norm", "must be > 0 or None")
+        if not isinstance(self.grad_accum, int) or self.grad_accum <= 0:
+            bad("grad_accum", "must be a positive int")
+        if self.trainable not in TRAINABLE:
+            bad("trainable", f"must be one of {TRAINABLE}")
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class TrainState(NamedTuple):
+    """Everything a step updates (donated to the step, checkpointed whole).
+
+    Attributes:
+      step: int32 [], steps taken.
+      params: the trainable variables (an `nnx.State`, float32 master weights).
+      opt_state: the Optax state of `params`.
+      rng: uint32 [2], the run's key; each step uses `fold_in(rng, step)`.
+      nonfinite_step: int32 [], the first step whose loss or gradient was not finite, -1 if none
+        (sticky, so the host can check it only on logging and checkpoint steps).
+    Under `AdapterTrainer` every leaf has a leading adapter axis T.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    nonfinite_step: jax.Array
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to `peak * end_lr_ratio`.
+
+    Args:
+      cfg: the train config.
+
+    Returns:
+      An Optax schedule, step -> learning rate.
+    """
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def _decay_mask(params):
+    # Decay matrices only: decaying norm weights (init 1) or biases pulls them toward a meaningless 0.
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping followed by AdamW on `lr_schedule(cfg)`.
+
+    Args:
+      cfg: the train config.
+
+    Returns:
+      The Optax transformation.
+
+    Example:
+      >>> tx = make_optimizer(TrainConfig(learning_rate=3e-4, total_steps=1000, warmup_steps=50))
+    """
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=_decay_mask)
+    if cfg.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+def target_token_loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over target tokens (`batch.loss_mask`) only.
+
+    Args:
+      model: a `CausalLM`.
+      batch: a `Batch` of [B, S] arrays.
+      rng: unused (the decoder has no dropout); part of the loss interface for custom losses.
+
+    Returns:
+      (sum over target tokens of -log p(target), number of target tokens), float32 scalars.
+      Returning the sum, not the mean, lets micro-batches add up exactly to the full batch.
+    """
+    del rng
+    logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch.targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = batch.loss_mask.astype(jnp.float32)
+    # where, not multiply: a padding row's logits may be anything, and 0 * inf would be NaN.
+    return jnp.sum(jnp.where(mask > 0, nll * mask, 0.0)), jnp.sum(mask)
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...]; micro-batch i holds rows i, i + k, ... (strided, so a batch split
+    over devices in contiguous blocks gives every device a share of every micro-batch)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return shard(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
+                 loss_fn: LossFn, state: TrainState, frozen: nnx.State,
+                 batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step (pure; `Trainer` jits it, `AdapterTrainer` vmaps it over adapters).
+
+    Args:
+      graphdef: the model structure from `nnx.split(model, trainable_filter, ...)`.
+      tx: the Optax transformation (`make_optimizer`).
+      cfg: the train config (`grad_accum`, for the schedule's learning rate metric).
+      loss_fn: `(model, batch, rng) -> (loss sum, token count)`, e.g. `target_token_loss`.
+      state: the current `TrainState`.
+      frozen: the non-trainable variables.
+      batch: a `Batch` of [B, S] arrays, B a multiple of `cfg.grad_accum`.
+
+    Returns:
+      (new state, metrics): metrics are float32 scalars "loss" (mean over target tokens),
+      "tokens" (target tokens), "grad_norm" (before clipping) and "lr" (the rate this step used).
+    """
+    k = cfg.grad_accum
+    rng = jax.random.fold_in(state.rng, state.step)
+    total = jnp.sum(batch.loss_mask.astype(jnp.float32))
+    denom = jnp.maximum(total, 1.0)  # an all-padding batch gives loss 0, not NaN
+
+    def scaled_loss(params, mb, key):
+        loss_sum, _ = loss_fn(nnx.merge(graphdef, params, frozen), mb, key)
+        return loss_sum / denom
+
+    grad_fn = jax.value_and_grad(scaled_loss)
+    if k == 1:
+        loss, grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+    else:
+        def body(carry, xs):
+            loss_acc, grad_acc = carry
+            i, mb = xs
+            loss_i, grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (loss_acc + loss_i, jax.tree.map(jnp.add, grad_acc, grads_i)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                        (jnp.arange(k), _micro_batches(batch, k)))
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+    new = TrainState(state.step + 1, params, opt_state, state.rng, bad.astype(jnp.int32))
+    metrics = {"loss": loss.astype(jnp.float32), "tokens": total,
+               "grad_norm": grad_norm.astype(jnp.float32),
+               "lr": jnp.asarray(lr_schedule(cfg)(state.step), jnp.float32)}
+    return new, metrics
+
+
+class _CompiledStep:
+    """A jitted, state-donating step shared by every trainer with the same structure, config and
+    mesh: a new `Trainer` for the same model shape reuses the compiled executable."""
+
+    def __init__(self, update: Callable, out_shardings):
+        self.traces = 0
+
+        def counted(state, frozen, batch):
+            self.traces += 1
+            return update(state, frozen, batch)
+
+        self._fn = jax.jit(counted, donate_argnums=0, out_shardings=out_shardings)
+
+    def __call__(self, state, frozen, batch, mesh):
+        if mesh is None:
+            return self._fn(state, frozen, batch)
+        with jax.set_mesh(mesh):  # activates the models' shard() hints while tracing
+            return self._fn(state, frozen, batch)
+
+
+# Compiled steps by (kind, graphdef, parameter shapes, config, loss, mesh, rules).
+_STEP_CACHE: dict[tuple, _CompiledStep] = {}
+
+
+def _check_master_dtype(params: nnx.State) -> None:
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+    if dtypes - {"float32"}:
+        raise ValueError(f"trainable parameters are {sorted(dtypes)}, but the optimiser needs float32 "
+                         "master weights: build the model with ModelConfig.param_dtype=float32 "
+                         "(ModelConfig.dtype sets the compute dtype)")
+
+
+class Trainer:
+    """Binds one model, a `TrainConfig` and an optional mesh to a jitted, donating step.
+
+    One code path for one and many devices: without a mesh everything stays on the default
+    device; with one, parameters follow their logical-axis shardings (FSDP / tensor parallel per
+    the rules), the optimiser state follows its parameters, and batches are split over the mesh's
+    data axes ("data", "fsdp") by `place_batch`.
+
+    Args:
+      model: a `CausalLM` (with adapters for `trainable="lora"`). Its trainable arrays are copied
+        into the state by `init`; the model object itself is not modified by training.
+      cfg: the train config.
+      mesh: optional `jax.sharding.Mesh` from `taskpgm_jax.sharding.make_mesh`.
+      rules: logical -> mesh rules (default `DEFAULT_RULES`).
+      loss_fn: `(model, batch, rng) -> (loss sum, tokens)`; default `target_token_loss`.
+
+    Example:
+      >>> trainer = Trainer(model, TrainConfig(learning_rate=1e-3, total_steps=100))
+      >>> state = trainer.init(seed=0)
+      >>> state, metrics = trainer.step(state, trainer.place_batch(batch))
+    """
+
+    def __init__(self, model: nnx.Module, cfg: TrainConfig, *, mesh: Mesh | None = None,
+                 rules: Rules | None = None, loss_fn: LossFn | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        wrt = LoRAParam if cfg.trainable == "lora" else nnx.Param
+        self.graphdef, params, frozen = nnx.split(model, wrt, ...)
+        if not jax.tree.leaves(params):
+            raise ValueError(f"TrainConfig.trainable={cfg.trainable!r} but the model has no "
+                             f"{wrt.__name__} variables" + (" (call add_lora first)" if wrt is LoRAParam else ""))
+        _check_master_dtype(params)
+        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.loss_fn = loss_fn or target_token_loss
+        self.tx = make_optimizer(cfg)
+        # Fresh Variable objects around the same arrays: later in-place updates of `model`
+        # (nnx.update) do not reach into this trainer.
+        self._params = jax.tree.map(lambda x: x, params)
+        self.frozen = self._place(frozen)
+
+    # -- shardings ---------------------------------------------------------------------------------
+
+    def _default_sharding(self):
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def _var_shardings(self, state: nnx.State):
+        if self.mesh is None:
+            return jax.tree.map(lambda _: self._default_sharding(), state)
+        return state_shardings(state, self.mesh, self.rules)
+
+    def _place(self, state: nnx.State) -> nnx.State:
+        if self.mesh is None:
+            return state
+        return jax.device_put(state, self._var_shardings(state))
+
+    def state_shardings(self) -> TrainState:
+        """The sharding of every leaf of the `TrainState` (optimiser moments follow their params)."""
+        param_sh = self._var_shardings(self._params)
+        abstract_opt = jax.eval_shape(self.tx.init, self._params)
+        rep = self._default_sharding()
+        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, param_sh,
+                                       transform_non_params=lambda _: rep,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return TrainState(rep, param_sh, opt_sh, rep, rep)
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        """Sharding of a [B, S] batch array: rows over the data axes of the mesh."""
+        if self.mesh is None:
+            return self._default_sharding()
+        spec = logical_to_spec(("batch", "seq"), self.rules, mesh_shape=dict(self.mesh.shape),
+                               shape=shape)
+        return NamedSharding(self.mesh, spec)
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _init_fn(self, params, seed):
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params),
+                          jax.random.PRNGKey(seed), jnp.full((), -1, jnp.int32))
+
+    def init(self, seed: int = 0) -> TrainState:
+        """A fresh `TrainState` (step 0, the model's current trainable values, key from `seed`).
+
+        Args:
+          seed: the run's seed (the key every step folds its step number into).
+
+        Returns:
+          The state, laid out in `state_shardings()` (a copy: donating it never frees the model's
+          own arrays).
+        """
+        init = jax.jit(self._init_fn, out_shardings=self.state_shardings())
+        return init(self._place(self._params), jnp.uint32(seed))
+
+    def abstract_state(self) -> TrainState:
+        """`jax.ShapeDtypeStruct` leaves with shardings: the restore target of a checkpoint."""
+        shapes = jax.eval_shape(self._init_fn, self._params, jnp.uint32(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings())
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The model with the state's trained values (shares arrays with the state: use it before
+        the next `step`, which donates them, or copy it with `nnx.clone`)."""
+        return nnx.merge(self.graphdef, state.params, self.frozen)
+
+    # -- step --------------------------------------------------------------------------------------
+
+    def place_batch(self, batch: Batch) -> Batch:
+        """This host's rows of the batch -> global arrays split over the data axes.
+
+        Args:
+          batch: a `Batch` of NumPy [B_host, S] arrays (this process's rows of the global batch).
+
+        Returns:
+          The `Batch` as `jax.Array`s of shape [B_host * process_count, S].
+        """
+        self._check_batch(batch, 0)
+        shape = (batch.input_ids.shape[0] * jax.process_count(), batch.input_ids.shape[1])
+        sharding = self.batch_sharding(shape)
+        return Batch(*(jax.make_array_from_process_local_data(sharding, np.asarray(x))
+                       for x in batch))
+
+    def _check_batch(self, batch, lead: int) -> None:
+        if not isinstance(batch, Batch):
+            raise ValueError(f"batch must be a taskpgm_jax.data.Batch, got {type(batch).__name__}")
+        shape = np.shape(batch.input_ids)
+        if len(shape) != 2 + lead:
+            raise ValueError(f"batch.input_ids must have {2 + lead} dims, got shape {list(shape)}")
+        if shape[lead] % self.cfg.grad_accum:
+            raise ValueError(f"batch size {shape[lead]} is not a multiple of "
+                             f"TrainConfig.grad_accum={self.cfg.grad_accum}")
+
+    @property
+    def traces(self) -> int:
+        """How often this trainer's step function was traced (tests guard against recompiles)."""
+        return self._compiled().traces
+
+    def _cache_key(self):
+        shapes = tuple((jax.tree_util.keystr(p), x.shape, str(x.dtype))
+                       for p, x in jax.tree_util.tree_leaves_with_path(self._params))
+        return ("single", self.graphdef, shapes, self.cfg, self.loss_fn, self.mesh, self.rules)
+
+    def _compiled(self) -> _CompiledStep:
+        key = self._cache_key()
+        if key not in _STEP_CACHE:
+            update = functools.partial(train_update, self.graphdef, make_optimizer(self.cfg),
+                                       self.cfg, self.loss_fn)
+            out = None if self.mesh is None else (self.state_shardings(), None)
+            _STEP_CACHE[key] = _CompiledStep(update, out)
+        return _STEP_CACHE[key]
+
+    def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One jitted step; `state` is donated (do not use it afterwards).
+
+        Args:
+          state: the current state.
+          batch: a placed batch (`place_batch`), or NumPy arrays on a single device.
+
+        Returns:
+          (new state, metrics dict of device scalars; fetch them only when logging).
+        """
+        self._check_batch(batch, 0)
+        return self._compiled()(state, self.frozen, batch, self.mesh)

@@ -1,0 +1,118 @@
+"""The train step: loss falls, target-only loss, LoRA freezes the base, accumulation, schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.models import LoRAParam
+from taskpgm_jax.train import TrainConfig, Trainer
+from tests.train.conftest import LORA, TINY, batches, random_model, tree_copy, tree_max_diff
+
+CFG = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
+                  max_grad_norm=1.0)
+
+
+def reference_loss(model, batch):
+    """Mean -log p(target) over loss_mask tokens, in NumPy float64 from the model's logits."""
+    logits = np.asarray(model(jnp.asarray(batch.input_ids), segment_ids=jnp.asarray(batch.segment_ids),
+                              positions=jnp.asarray(batch.positions)), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = np.take_along_axis(logits, batch.targets[..., None], -1)[..., 0] - logz
+    mask = batch.loss_mask > 0
+    return -logp[mask].sum() / mask.sum()
+
+
+def test_loss_falls_with_bf16_compute_and_f32_master_weights(rng):
+    model = random_model(TINY.replace(dtype=jnp.bfloat16), seed=3, std=0.1)
+    trainer = Trainer(model, CFG.replace(learning_rate=3e-2, total_steps=60))
+    state = trainer.init(seed=0)
+    data = batches(rng, 4)
+    losses = []
+    for i in range(60):
+        state, metrics = trainer.step(state, trainer.place_batch(data[i % 4]))
+        losses.append(metrics["loss"])
+    losses = np.asarray(jax.device_get(losses))
+    assert np.all(np.isfinite(losses))
+    assert losses[-4:].mean() < 0.4 * losses[:2].mean(), losses
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert trainer.traces == 1  # new data, same shapes: no retrace
+
+
+def test_loss_is_target_tokens_only_and_lr_follows_warmup_cosine(rng):
+    model = random_model(seed=4)
+    trainer = Trainer(model, CFG)
+    data = batches(rng, 1)[0]
+    want = reference_loss(model, data)
+    state = trainer.init(seed=0)
+    lrs = []
+    for _ in range(5):
+        state, metrics = trainer.step(state, trainer.place_batch(data))
+        lrs.append(float(metrics["lr"]))
+        if len(lrs) == 1:
+            np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+            assert float(metrics["tokens"]) == data.loss_mask.sum()
+    # Independent schedule: linear 0 -> peak over warmup, then cosine to peak * end_lr_ratio.
+    peak, w, total, end = CFG.learning_rate, CFG.warmup_steps, CFG.total_steps, CFG.end_lr_ratio
+    expect = [peak * s / w if s < w else
+              end * peak + (peak - end * peak) * 0.5 * (1 + np.cos(np.pi * (s - w) / (total - w)))
+              for s in range(5)]
+    np.testing.assert_allclose(lrs, expect, rtol=1e-5, atol=1e-9)
+    # Changing only non-target tokens' targets changes nothing.
+    noisy = data._replace(targets=np.where(data.loss_mask > 0, data.targets, 7))
+    np.testing.assert_allclose(reference_loss(model, noisy), want, rtol=1e-12)
+
+
+def test_lora_only_leaves_base_bit_identical(rng):
+    model = random_model(seed=5, lora=LORA)
+    base_before = tree_copy(nnx.state(model, nnx.Param))
+    lora_before = tree_copy(nnx.state(model, LoRAParam))
+    trainer = Trainer(model, CFG.replace(trainable="lora"))
+    state = trainer.init(seed=1)
+    for b in batches(rng, 3):
+        state, metrics = trainer.step(state, trainer.place_batch(b))
+    trained = trainer.model(state)
+    base_after = nnx.state(trained, nnx.Param)
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), base_after, base_before)
+    assert all(jax.tree.leaves(same))
+    assert tree_max_diff(nnx.state(trained, LoRAParam), lora_before) > 1e-3  # adapters did move
+    assert float(metrics["loss"]) > 0
+
+
+def test_grad_accumulation_equals_one_larger_batch(rng):
+    # Micro-batches hold different numbers of target tokens (variable lengths), so a mean of
+    # per-micro-batch means would differ; the step must weight by tokens.
+    data = batches(rng, 3)
+    halves = [(b.loss_mask[0::2].sum(), b.loss_mask[1::2].sum()) for b in data]
+    assert any(a != b for a, b in halves)
+    model = random_model(seed=6)
+    runs = {}
+    for k in (1, 2):
+        trainer = Trainer(model, CFG.replace(grad_accum=k))
+        state = trainer.init(seed=0)
+        losses = []
+        for b in data:
+            state, metrics = trainer.step(state, trainer.place_batch(b))
+            losses.append(float(metrics["loss"]))
+        runs[k] = (tree_copy(state.params), losses)
+    assert tree_max_diff(runs[1][0], runs[2][0]) < 1e-5
+    np.testing.assert_allclose(runs[1][1], runs[2][1], rtol=1e-5)
+    assert tree_max_diff(runs[1][0], tree_copy(nnx.state(model, nnx.Param))) > 1e-3
+
+
+def test_bad_config_and_inputs_name_the_key():
+    with pytest.raises(ValueError, match="TrainConfig.warmup_steps"):
+        TrainConfig(total_steps=10, warmup_steps=11)
+    with pytest.raises(ValueError, match="TrainConfig.trainable"):
+        TrainConfig(trainable="adapters")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    model = random_model(seed=0)
+    with pytest.raises(ValueError, match="add_lora"):
+        Trainer(model, CFG.replace(trainable="lora"))
+    with pytest.raises(ValueError, match="param_dtype"):
+        Trainer(random_model(TINY.replace(param_dtype=jnp.bfloat16)), CFG)
+    trainer = Trainer(model, CFG.replace(grad_accum=3))
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        trainer.place_batch(batches(np.random.default_rng(0), 1)[0])
