@@ -378,4 +378,5 @@ class TaskPool:
                         heldout=self.heldout or other.heldout)
 
     def __repr__(self) -> str:
-        return f"TaskPool({len(self)} tasks: {', '.join(self.names[:6])}{', ...' if len(self) > 6 else ''})"
+        more = ", ..." if len(self) > 6 else ""
+        return f"TaskPool({len(self)} tasks: {', '.join(self.names[:6])}{more})"

@@ -157,7 +157,8 @@ def test_bbh_missing_and_errors(tmp_path, rng):
     bad = _mc_task(rng, "bad", 3)
     bad["examples"][2]["target_scores"] = {"a": 0, "b": 0}
     (tmp_path / "bad").mkdir()
-    with pytest.raises(DataError, match=r"task 'bad'.*field 'target_scores'.*example 2.*no correct"):
+    with pytest.raises(DataError,
+                       match=r"task 'bad'.*field 'target_scores'.*example 2.*no correct"):
         load_bigbench("bad", archive=_build_archive(tmp_path / "bad" / "bigbench-1.0.0.tar.gz",
                                                     {"bad": bad}))
     gen = _gen_task(rng, "gen", 3)

@@ -45,7 +45,8 @@ def test_directory_of_jsonl_and_parquet(tmp_path, rng):
 def test_single_file_with_task_column_and_mapping(tmp_path, rng):
     rows = []
     for i in range(60):
-        rows.append({"task": ["t1", "t2", "t3"][i % 3], "src": f"s{i}", "dst": f"d{rng.integers(9)}"})
+        rows.append({"task": ["t1", "t2", "t3"][i % 3], "src": f"s{i}",
+                     "dst": f"d{rng.integers(9)}"})
     _write_jsonl(tmp_path / "all.jsonl", rows)
     pool = load_task_files(tmp_path / "all.jsonl", columns={"prompt": "src", "target": "dst"})
     assert pool.names == ("t1", "t2", "t3")
@@ -67,7 +68,8 @@ def test_bad_files_name_file_line_and_field(tmp_path, rng):
         load_task_files(broken)
     nocol = tmp_path / "nocol.jsonl"
     _write_jsonl(nocol, [{"prompt": "a", "answer_text": "b"}] * 2)
-    with pytest.raises(DataError, match=r"nocol.jsonl, field 'target': missing column.*answer_text"):
+    with pytest.raises(DataError,
+                       match=r"nocol.jsonl, field 'target': missing column.*answer_text"):
         load_task_files(nocol)
     mc = tmp_path / "mc.jsonl"
     _write_jsonl(mc, [{"prompt": "a", "choices": ["x", "y"], "answer": "x"},

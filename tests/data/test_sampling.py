@@ -81,7 +81,8 @@ def test_sample_follows_counts_without_needless_replacement(rng):
     assert set(s.repeated) >= {"t1", "t3"} and "t0" not in s.repeated
     # order lists every drawn example exactly once.
     per_task = collections.Counter(int(t) for t, _ in s.order)
-    assert {pool.names[t]: c for t, c in per_task.items()} == {n: c for n, c in s.counts.items() if c}
+    drawn = {n: c for n, c in s.counts.items() if c}
+    assert {pool.names[t]: c for t, c in per_task.items()} == drawn
     assert len({(int(t), int(k)) for t, k in s.order}) == budget
     # Rows are the train rows the indices name.
     rows = list(s.rows(pool))
@@ -109,7 +110,8 @@ def test_sampling_is_seeded(rng):
 def test_interleave_follows_probabilities(rng):
     pool = _pool(rng, [400, 400, 400])
     w = {"t0": 0.6, "t1": 0.3, "t2": 0.1}
-    ds = interleave_mixture(pool, w, seed=int(rng.integers(1000)), stopping_strategy="first_exhausted")
+    ds = interleave_mixture(pool, w, seed=int(rng.integers(1000)),
+                            stopping_strategy="first_exhausted")
     first = collections.Counter(ds.select(range(300))["task"])
     for name, p in w.items():
         assert abs(first[name] / 300 - p) < 5 * np.sqrt(p * (1 - p) / 300)

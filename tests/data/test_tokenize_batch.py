@@ -149,7 +149,8 @@ def test_packing_isolates_segments(rng):
             out = _toy_attention(ids, seg, pos, params)
             for k in range(1, seg.max() + 1):
                 where = np.flatnonzero(seg == k)
-                assert (np.diff(where) == 1).all() and pos[where].tolist() == list(range(len(where)))
+                assert (np.diff(where) == 1).all()
+                assert pos[where].tolist() == list(range(len(where)))
                 alone = ids[where]
                 seen.append(alone.tolist())
                 ref = _toy_attention(alone, np.ones(len(where), np.int32),

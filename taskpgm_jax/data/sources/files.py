@@ -105,7 +105,8 @@ def _resolve_columns(present: set[str], columns: Mapping[str, str] | None, sourc
             if found:
                 resolved[field] = found[0]
     kind = kind or ("multiple_choice" if "choices" in resolved else "generate")
-    required = ("prompt", "choices", "answer") if kind == "multiple_choice" else ("prompt", "target")
+    required = (("prompt", "choices", "answer") if kind == "multiple_choice"
+                else ("prompt", "target"))
     for field in required:
         col = resolved.get(field)
         if col is None or col not in present:

@@ -6,8 +6,14 @@ distribution and differ only in the surface form of the prompt (instruction word
 near-duplicates, so an affinity matrix should group them. *Unique* tasks are skills that appear
 once, *noise* tasks pair inputs with random targets (nothing to learn, so they should resemble no
 other task), and *held-out* evaluation tasks ask for each skill in a prompt form no training task
-uses (a known instruction word, a new separator). Strings are short over small alphabets so that a small decoder trained from scratch on two
-CPU cores learns the skills in minutes.
+uses (a known instruction word, a new separator).
+
+Strings are short, over small alphabets (sequences under 32 tokens with a 400-token byte-level
+BPE), so a small model trained from scratch learns the skills in minutes on a CPU. A check run
+during development: a 2-layer, 128-wide decoder, 800 steps of 16 packed rows of 64 tokens
+(about 4 minutes on two shared CPU cores), on the default suite. It reached exact match
+0.3 to 1.0 on the skill tasks' eval splits, 0.0 to 0.14 on the noise tasks, and 0.02 to 0.9 on
+the held-out forms.
 
 Every task draws from its own generator seeded by (seed, task name), so changing the number of
 tasks never changes the examples of the others.
