@@ -1,0 +1,82 @@
+"""T adapters side by side equal T separate runs; the stacked iterator; errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.data import Batch
+from taskpgm_jax.models import LoRAParam, lora_state, stack_adapters
+from taskpgm_jax.train import AdapterTrainer, StackedIterator, TrainConfig, Trainer
+from tests.train.conftest import LORA, batches, iterator, random_model, tree_copy, tree_max_diff
+
+T = 3
+CFG = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
+                  max_grad_norm=1.0, trainable="lora")
+
+
+def random_adapters(model, rng):
+    return [jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                         lora_state(model)) for _ in range(T)]
+
+
+def test_side_by_side_equals_separate_runs(rng):
+    model = random_model(seed=7, lora=LORA)
+    adapters = random_adapters(model, rng)
+    # Each adapter its own task (a different successor offset) and its own batches.
+    data = [batches(rng, 3, offset=t + 1) for t in range(T)]
+    base = tree_copy(nnx.state(model, nnx.Param))
+
+    trainer = AdapterTrainer(model, CFG, stack_adapters(adapters))
+    state = trainer.init(seed=10)
+    joint_losses = []
+    for s in range(3):
+        stacked = Batch(*(np.stack(xs) for xs in zip(*[data[t][s] for t in range(T)])))
+        state, metrics = trainer.step(state, trainer.place_batch(stacked))
+        assert metrics["loss"].shape == (T,)
+        joint_losses.append(np.asarray(metrics["loss"]))
+    joint = tree_copy(trainer.adapters(state))
+
+    for t in range(T):
+        nnx.update(model, adapters[t])
+        single = Trainer(model, CFG)
+        st = single.init(seed=10 + t)
+        for s in range(3):
+            st, m = single.step(st, single.place_batch(data[t][s]))
+            np.testing.assert_allclose(float(m["loss"]), joint_losses[s][t], rtol=1e-5)
+        alone = tree_copy(st.params)
+        assert tree_max_diff(jax.tree.map(lambda x: x[t], joint), alone) < 1e-5
+        assert tree_max_diff(alone, tree_copy(adapters[t])) > 1e-3  # it trained
+    # The shared base was never written.
+    assert tree_max_diff(nnx.state(trainer.model(state, 0), nnx.Param), base) == 0.0
+    with pytest.raises(ValueError, match="index"):
+        trainer.model(state, T)
+
+
+def test_stacked_iterator_resumes_every_task():
+    its = StackedIterator([iterator(t, offset=t + 1, batch=4) for t in range(2)])
+    next(its)
+    saved = its.state()
+    want = next(its)
+    again = StackedIterator([iterator(t, offset=t + 1, batch=4) for t in range(2)])
+    again.restore(saved)
+    got = next(again)
+    assert got.input_ids.shape == (2, 4, 16)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adapter_trainer_errors():
+    model = random_model(seed=0, lora=LORA)
+    adapters = stack_adapters([lora_state(model)] * 2)
+    with pytest.raises(ValueError, match="trainable"):
+        AdapterTrainer(model, CFG.replace(trainable="full"), adapters)
+    with pytest.raises(ValueError, match="structure"):
+        AdapterTrainer(model, CFG, nnx.State({"x": jnp.zeros((2, 3))}))
+    trainer = AdapterTrainer(model, CFG, adapters)
+    b = batches(np.random.default_rng(0), 1)[0]
+    with pytest.raises(ValueError, match="num_adapters=2"):
+        trainer.place_batch(Batch(*(np.stack([x] * 3) for x in b)))
+    assert not any(isinstance(v, LoRAParam) for v in jax.tree.leaves(
+        trainer.frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
