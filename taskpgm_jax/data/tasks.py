@@ -295,6 +295,7 @@ class TaskPool:
 
     @property
     def tasks(self) -> tuple[Task, ...]:
+        """The `Task` objects in pool order."""
         return tuple(self._tasks.values())
 
     @property
@@ -337,9 +338,11 @@ class TaskPool:
         return self[name].examples.select(self.indices(name, split))
 
     def train(self, name: str) -> datasets.Dataset:
+        """The training split of a task (what mixtures draw from)."""
         return self.split(name, "train")
 
     def eval(self, name: str) -> datasets.Dataset:
+        """The evaluation split of a task."""
         return self.split(name, "eval")
 
     def probe(self, name: str, size: int | None = None) -> datasets.Dataset:

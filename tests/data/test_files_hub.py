@@ -38,7 +38,13 @@ def test_directory_of_jsonl_and_parquet(tmp_path, rng):
     assert g.kind == "multiple_choice"
     assert g.examples["answer"] == [r["label"] for r in mc]
     assert g.examples["target"] == [r["options"][r["label"]] for r in mc]
-    # Only two of three tasks, in the requested order.
+    # A .json file holding one array is read too.
+    arr = _gen_rows(rng, 7)
+    (tmp_path / "delta.json").write_text(json.dumps(arr, indent=1), encoding="utf-8")
+    pool = load_task_files(tmp_path)
+    assert pool.names == ("alpha", "beta", "delta", "gamma")
+    assert pool["delta"].examples["target"] == [r["targets"] for r in arr]
+    # Only two of the tasks, in the requested order.
     assert load_task_files(tmp_path, tasks=["gamma", "alpha"]).names == ("gamma", "alpha")
 
 
@@ -62,6 +68,10 @@ def test_bad_files_name_file_line_and_field(tmp_path, rng):
     bad.write_bytes(good * 3 + b'{"prompt": "caf\xe9", "target": "x"}\n' + good)
     with pytest.raises(DataError, match=r"bytes.jsonl line 4: undecodable text"):
         load_task_files(bad)
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b'[\n {"prompt": "a", "target": "b"},\n {"prompt": "\xff", "target": "c"}\n]')
+    with pytest.raises(DataError, match=r"arr.json line 3: undecodable text"):
+        load_task_files(arr)
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(good * 5 + b'{"prompt": "a", \n')
     with pytest.raises(DataError, match=r"broken.jsonl line 6: not valid JSON"):

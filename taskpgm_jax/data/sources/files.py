@@ -35,7 +35,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
     """Reads a JSON Lines or Parquet file into records and their line (row) numbers.
 
     Args:
-      path: a `.jsonl` / `.json` (JSON Lines) or `.parquet` file.
+      path: a `.jsonl` / `.json` (JSON Lines, or a `.json` holding one array of objects) or a
+        `.parquet` file.
 
     Returns:
       (records, lines): one dict per non-blank line / row, and its 1-based line or row number.
@@ -49,6 +50,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
     if path.suffix not in (".jsonl", ".json"):
         raise data_error(f"unsupported file type {path.suffix!r}; expected one of {SUFFIXES}",
                          source=str(path))
+    if path.suffix == ".json" and _starts_with_array(path):
+        return _read_json_array(path)
     records, lines = [], []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -70,6 +73,33 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
             records.append(record)
             lines.append(line_no)
     return records, lines
+
+
+def _starts_with_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """A `.json` file holding one array of objects; numbers are 1-based array positions."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise data_error(f"undecodable text: byte {e.start} is not valid UTF-8",
+                         source=str(path), line=line) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise data_error(f"not valid JSON ({e.msg} at column {e.colno})", source=str(path),
+                         line=e.lineno) from None
+    for i, rec in enumerate(records, start=1):
+        if not isinstance(rec, dict):
+            raise data_error(f"array element {i} is a {type(rec).__name__}, not an object",
+                             source=str(path))
+    return records, list(range(1, len(records) + 1))
 
 
 def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
