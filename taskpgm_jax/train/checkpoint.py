@@ -1,0 +1,120 @@
+"""Checkpoints of a run with orbax-checkpoint: the whole `TrainState`, the data position, metadata.
+
+One checkpoint (a step directory under an absolute root) holds three items:
+
+* "state": the `TrainState` (trainable parameters, optimiser state, step, key, non-finite flag),
+  written by every process for its own shards and restored straight into an abstract target of
+  `jax.ShapeDtypeStruct`s that carry the shardings (`Trainer.abstract_state()`), so nothing is
+  ever gathered onto one device;
+* "data": the data iterator's position (`HostIterator.state()`), JSON;
+* "meta": the loop's bookkeeping (seed, logged history, metrics not yet logged), JSON.
+
+The frozen base weights under LoRA are not part of the state: they come from the base model
+(checkpoints stay adapter-sized).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from taskpgm_jax.train.step import TrainState
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """Saves every `every` steps (plus forced saves) and restores into sharded targets.
+
+    Args:
+      directory: the run's checkpoint root; made absolute (orbax requires it) and created.
+      every: save interval in steps (`save` skips other steps unless forced).
+      max_to_keep: keep this many most recent checkpoints (None: all).
+      async_save: write in a background thread after the arrays are copied off the device
+        (the train step may then donate them); `wait` blocks until written.
+
+    Example:
+      >>> ckpt = Checkpointer("/tmp/run/ckpt", every=100)
+      >>> ckpt.save(step, state, data_state=it.state(), meta={"seed": 0})
+      >>> state, data_state, meta = ckpt.restore(trainer.abstract_state())
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, max_to_keep: int | None = 3,
+                 async_save: bool = True):
+        if not isinstance(every, int) or every <= 0:
+            raise ValueError(f"checkpoint every must be a positive int, got {every!r}")
+        if max_to_keep is not None and max_to_keep <= 0:
+            raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.every = every
+        # The interval is ours (`should_save`): orbax's own policy also saves the first step.
+        options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=max_to_keep,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint kept, ascending."""
+        return sorted(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write without `force`."""
+        return step % self.every == 0
+
+    def save(self, step: int, state: TrainState, *, data_state: Any = None,
+             meta: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Saves `state` (and the data position and metadata) as checkpoint `step`.
+
+        Args:
+          step: the number of steps taken (`state.step`).
+          state: the `TrainState`.
+          data_state: the data iterator's JSON-serialisable position (None if it has none).
+          meta: JSON-serialisable loop metadata.
+          force: save even if `step` is not on the interval (the final step).
+
+        Returns:
+          Whether a checkpoint was started.
+        """
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave({"position": data_state}),
+                                  meta=ocp.args.JsonSave(dict(meta or {})))
+        if not (force or self.should_save(step)):
+            return False
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state: TrainState, step: int | None = None
+                ) -> tuple[TrainState, Any, dict[str, Any]]:
+        """Restores checkpoint `step` (default: the latest) into the target's shapes and shardings.
+
+        Args:
+          abstract_state: `jax.ShapeDtypeStruct` leaves with shardings (`Trainer.abstract_state()`).
+          step: which checkpoint; None for the latest.
+
+        Returns:
+          (state, data position, meta).
+
+        Raises:
+          FileNotFoundError: there is no checkpoint (at `step`).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
+                                    f"in {self.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        out = self.manager.restore(step, args=args)
+        return out.state, out.data["position"], out.meta
+
+    def wait(self) -> None:
+        """Blocks until every started save is written."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,191 @@
+"""The host loop: `finetune(trainer, data, ...)` drives a `Trainer` (or `AdapterTrainer`).
+
+Deterministic by seed: the state's key comes from `seed`, the batches from the data iterator (its
+own seed), and a resumed run restores both, so it retraces the uninterrupted run exactly.
+
+The device runs ahead of the host: per-step metrics stay on the device as futures and are fetched
+together only on logging and checkpoint steps, where the loop also checks the state's sticky
+non-finite flag. A non-finite loss therefore stops the run at the next such step, before anything
+is saved, and the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from taskpgm_jax.data import Batch
+from taskpgm_jax.train.checkpoint import Checkpointer
+from taskpgm_jax.train.step import Trainer, TrainState
+
+__all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN or inf.
+
+    Attributes:
+      step: the first bad step (1-based: the step-th update produced it).
+      last_checkpoint: the step of the newest checkpoint kept (None if there is none).
+    """
+
+    def __init__(self, step: int, last_checkpoint: int | None, directory: str | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        where = ("no checkpoint was written" if last_checkpoint is None
+                 else f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}")
+        super().__init__(f"non-finite loss or gradient at step {step}; training stopped and "
+                         f"{where}. Lower TrainConfig.learning_rate or check the data.")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What `finetune` returns.
+
+    Attributes:
+      state: the final `TrainState` (for adapters: leaves with a leading axis T).
+      history: one dict per logging step: "step", "loss" (mean over the steps since the last log,
+        and over adapters), "lr", "grad_norm" (last step's), "tokens_per_s" (real tokens, from the
+        host batches), and "loss_per_adapter" for an `AdapterTrainer`.
+      resumed_from: the checkpoint step the run continued from, or None.
+    """
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    resumed_from: int | None = None
+
+
+def _summarise(window: list[dict[str, Any]]) -> dict[str, Any]:
+    loss = np.asarray([w["loss"] for w in window], np.float64)  # [steps] or [steps, T]
+    entry = {"loss": float(loss.mean()), "lr": float(np.mean(window[-1]["lr"])),
+             "grad_norm": float(np.mean(window[-1]["grad_norm"]))}
+    if loss.ndim == 2:
+        entry["loss_per_adapter"] = [float(x) for x in loss.mean(axis=0)]
+    return entry
+
+
+def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None = None,
+             seed: int = 0, log_every: int = 10, checkpoint_dir: str | None = None,
+             checkpoint_every: int | None = None, max_to_keep: int | None = 3,
+             resume: bool = True, progress: bool = True,
+             on_log: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+    """Trains for `num_steps` steps, logging, checkpointing and resuming.
+
+    Args:
+      trainer: a `Trainer` or `AdapterTrainer` (model, config and mesh bound).
+      data: an iterator of host `Batch`es ([B, S], or [T, B, S] for adapters). With `state()` and
+        `restore()` (`HostIterator`, `StackedIterator`) its position is checkpointed and resumed.
+      num_steps: total steps of the run (default `trainer.cfg.total_steps`); a resumed run goes on
+        to the same total.
+      seed: the run's seed (the step keys). A resumed run must pass the same seed.
+      log_every: fetch and record metrics every this many steps (and at the end).
+      checkpoint_dir: where to checkpoint (None: no checkpoints).
+      checkpoint_every: checkpoint interval (default: `log_every`); the last step always saves.
+      max_to_keep: checkpoints kept.
+      resume: continue from the newest checkpoint in `checkpoint_dir` if there is one.
+      progress: show a tqdm progress bar.
+      on_log: called with each history entry.
+
+    Returns:
+      A `FinetuneResult`.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
+      ValueError: bad arguments, data that ends early, or a checkpoint from another seed.
+
+    Example:
+      >>> data = HostIterator(encode_task(tok, pool[name].train, max_length=128), batch_size=8,
+      ...                     seq_len=128, seed=0)
+      >>> result = finetune(Trainer(model, TrainConfig(total_steps=500)), data,
+      ...                   checkpoint_dir="/tmp/run/ckpt", checkpoint_every=100)
+    """
+    num_steps = trainer.cfg.total_steps if num_steps is None else num_steps
+    for name, value in (("num_steps", num_steps), ("log_every", log_every)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every or log_every,
+                            max_to_keep=max_to_keep)
+    elif checkpoint_every is not None:
+        raise ValueError("checkpoint_every is set but checkpoint_dir is None")
+    try:
+        return _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log):
+    history: list[dict[str, Any]] = []
+    window: list[dict[str, Any]] = []  # fetched per-step metrics since the last log entry
+    resumed_from = None
+    if ckpt is not None and resume and ckpt.latest_step() is not None:
+        state, position, meta = ckpt.restore(trainer.abstract_state())
+        if meta.get("seed") != seed:
+            raise ValueError(f"checkpoint in {ckpt.directory} was made with seed={meta.get('seed')}, "
+                             f"this run has seed={seed}")
+        if position is not None:
+            if not hasattr(data, "restore"):
+                raise ValueError("the checkpoint holds a data position but `data` has no restore(); "
+                                 "pass the same kind of iterator (HostIterator, StackedIterator)")
+            data.restore(position)
+        elif hasattr(data, "restore"):
+            raise ValueError("the checkpoint holds no data position; cannot resume `data` exactly")
+        history, window = list(meta.get("history", [])), list(meta.get("window", []))
+        resumed_from = ckpt.latest_step()
+    else:
+        state = trainer.init(seed)
+    start = int(np.max(jax.device_get(state.step)))
+    if start > num_steps:
+        raise ValueError(f"the checkpoint is at step {start}, beyond num_steps={num_steps}")
+
+    pending: list[dict[str, jax.Array]] = []  # device metrics not yet fetched
+    tokens, clock = 0, time.perf_counter()
+    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="finetune", unit="step")
+    try:
+        for step in range(start + 1, num_steps + 1):
+            try:
+                batch = next(data)
+            except StopIteration:
+                raise ValueError(f"data ran out at step {step} of {num_steps}; use an endless "
+                                 "iterator (HostIterator with num_epochs=None)") from None
+            tokens += int(np.sum(np.asarray(batch.segment_ids) > 0))
+            state, metrics = trainer.step(state, trainer.place_batch(batch))
+            pending.append(metrics)
+            log_now = step % log_every == 0 or step == num_steps
+            save_now = ckpt is not None and (ckpt.should_save(step) or step == num_steps)
+            if not (log_now or save_now):
+                bar.update(1)
+                continue
+            # Sync point: the non-finite flag must be clear before anything is saved.
+            bad = int(np.max(jax.device_get(state.nonfinite_step)))
+            if bad >= 0:
+                last = None if ckpt is None else ckpt.latest_step()
+                raise NonFiniteLossError(bad + 1, last, None if ckpt is None else ckpt.directory)
+            window += [{k: np.asarray(v).tolist() for k, v in m.items()}
+                       for m in jax.device_get(pending)]
+            pending = []
+            if log_now:
+                elapsed = time.perf_counter() - clock
+                entry = {"step": step, **_summarise(window),
+                         "tokens_per_s": tokens / max(elapsed, 1e-9)}
+                history.append(entry)
+                window, tokens, clock = [], 0, time.perf_counter()
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+                if on_log is not None:
+                    on_log(entry)
+            if save_now:
+                position = data.state() if hasattr(data, "state") else None
+                ckpt.save(step, state, data_state=position,
+                          meta={"seed": seed, "history": history, "window": window},
+                          force=step == num_steps)
+            bar.update(1)
+    finally:
+        bar.close()
+    return FinetuneResult(state, history, resumed_from)

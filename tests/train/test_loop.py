@@ -1,0 +1,122 @@
+"""The host loop: kill-and-resume equals an uninterrupted run; non-finite loss keeps the last good
+checkpoint; adapters and sequential full fine-tuning through the same loop."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.train import (AdapterTrainer, Checkpointer, NonFiniteLossError, StackedIterator,
+                               TrainConfig, Trainer, finetune, init_adapters, sequential_finetune)
+from tests.train.conftest import LORA, iterator, random_model, tree_copy, tree_max_diff
+from tests.train.test_adapters import CFG as LORA_CFG
+
+STEPS = 8
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAt:
+    """Wraps an iterator; raises Killed when batch `at` is requested (a crash mid-run)."""
+
+    def __init__(self, it, at):
+        self.it, self.at, self.n = it, at, 0
+
+    def __next__(self):
+        self.n += 1
+        if self.n == self.at:
+            raise Killed
+        return next(self.it)
+
+    def state(self):
+        return self.it.state()
+
+    def restore(self, state):
+        self.it.restore(state)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    model = random_model(seed=8, lora=LORA)
+    trainer = Trainer(model, LORA_CFG)
+    kw = dict(num_steps=STEPS, seed=3, log_every=2, progress=False)
+    full = finetune(trainer, iterator(0), **kw)
+    assert [h["step"] for h in full.history] == [2, 4, 6, 8]
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):  # dies fetching step 7's batch, after the step-6 checkpoint
+        finetune(Trainer(model, LORA_CFG), DiesAt(iterator(0), 7), checkpoint_dir=str(ckpt),
+                 checkpoint_every=3, **kw)
+    assert Checkpointer(ckpt, every=3).all_steps() == [3, 6]
+    resumed = finetune(Trainer(model, LORA_CFG), iterator(0), checkpoint_dir=str(ckpt),
+                       checkpoint_every=3, **kw)
+    assert resumed.resumed_from == 6
+    assert tree_max_diff(tree_copy(full.state.params), tree_copy(resumed.state.params)) <= 1e-6
+    assert tree_max_diff(tree_copy(full.state.opt_state), tree_copy(resumed.state.opt_state)) <= 1e-6
+    assert int(resumed.state.step) == STEPS
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert a["step"] == b["step"]
+        np.testing.assert_allclose([a["loss"], a["lr"], a["grad_norm"]],
+                                   [b["loss"], b["lr"], b["grad_norm"]], rtol=1e-6)
+
+
+class Poisoned:
+    """Batch `at` gets out-of-vocabulary ids: the embedding gather yields NaN, so does the loss."""
+
+    def __init__(self, it, at):
+        self.it, self.at, self.n = it, at, 0
+
+    def __next__(self):
+        self.n += 1
+        batch = next(self.it)
+        if self.n == self.at:
+            batch = batch._replace(input_ids=np.full_like(batch.input_ids, 999))
+        return batch
+
+    def state(self):
+        return self.it.state()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = random_model(seed=9, lora=LORA)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteLossError, match="step 5.*step 4") as err:
+        finetune(Trainer(model, LORA_CFG), Poisoned(iterator(1), 5), num_steps=STEPS,
+                 checkpoint_dir=str(ckpt), checkpoint_every=2, log_every=4, progress=False)
+    assert err.value.step == 5 and err.value.last_checkpoint == 4
+    manager = Checkpointer(ckpt, every=2)
+    assert manager.all_steps() == [2, 4]
+    state, _, _ = manager.restore(Trainer(model, LORA_CFG).abstract_state())
+    assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+
+def test_adapters_and_sequential_full_through_the_loop(tmp_path):
+    model = random_model(seed=10, lora=LORA)
+    adapters = init_adapters(model, 3, seed=0)
+    trainer = AdapterTrainer(model, LORA_CFG, adapters)
+    data = StackedIterator([iterator(t, offset=t + 1) for t in range(3)])
+    result = finetune(trainer, data, num_steps=4, log_every=2, progress=False,
+                      checkpoint_dir=str(tmp_path / "adapters"))
+    assert len(result.history[-1]["loss_per_adapter"]) == 3
+    assert result.state.step.shape == (3,)
+    b0 = np.asarray(nnx.state(trainer.model(result.state, 1), nnx.Param)
+                    ["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...])
+    np.testing.assert_array_equal(b0, np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...]))
+
+    full_cfg = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
+                           max_grad_norm=1.0)
+    plain = random_model(seed=11)
+    states = sequential_finetune(plain, full_cfg, [iterator(t, offset=t + 1) for t in range(2)],
+                                 num_steps=2, log_every=2, progress=False)
+    assert len(states) == 2 and tree_max_diff(tree_copy(states[0]), tree_copy(states[1])) > 0
+
+
+def test_loop_argument_errors(tmp_path):
+    trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
+    with pytest.raises(ValueError, match="num_steps"):
+        finetune(trainer, iterator(0), num_steps=0)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        finetune(trainer, iterator(0), checkpoint_every=2)
+    with pytest.raises(ValueError, match="data ran out"):
+        finetune(trainer, iter([]), num_steps=1, progress=False)
