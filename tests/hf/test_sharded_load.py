@@ -63,3 +63,14 @@ def test_tokenizer_from_same_directory(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path)("hello world")["input_ids"] == [1, 2]
+
+
+def test_custom_rules_change_the_layout(sharded):
+    # Rules live in one table: a pure data-parallel table replicates every weight.
+    path, mesh, _ = sharded
+    from taskpgm_jax.sharding import DEFAULT_RULES
+
+    replicated = tuple((name, None if name != "batch" else ("data", "fsdp")) for name, _ in DEFAULT_RULES)
+    model = load_hf_checkpoint(path, mesh=mesh, rules=replicated, dtype=jnp.float32)
+    for var in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert all(axis is None for axis in var.sharding.spec)
