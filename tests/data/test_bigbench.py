@@ -199,6 +199,9 @@ def test_fetch_from_a_package_index(tmp_path, rng, capsys):
         with pytest.raises(ValueError, match="does not match"):
             fetch_bigbench(tmp_path / "cache2", version="9.9.9", index_url=f"{url}/simple")
         assert not any((tmp_path / "cache2").iterdir())
+        # No index reachable: the error says where to put the file by hand.
+        with pytest.raises(OSError, match="place it at"):
+            fetch_bigbench(tmp_path / "cache3", version="9.9.9", index_url="http://127.0.0.1:9/x")
         # The command-line entry finds the cached archive and does not download it again (the
         # index now lists a wrong hash, so a download would fail).
         assert bb.main(["--cache-dir", str(cache), "--index-url", f"{url}/simple",

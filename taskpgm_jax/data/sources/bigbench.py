@@ -136,17 +136,18 @@ def fetch_bigbench(cache_dir: str | os.PathLike | None = None, *, version: str =
             archive_index(target)
             return target
     index_url = index_url or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
+    tmp = target.with_suffix(".part")
     try:
         url, listed = _index_file_url(index_url, target.name)
-        tmp = target.with_suffix(".part")
         with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as out:
             for block in iter(lambda: resp.read(1 << 22), b""):
                 out.write(block)
-    except OSError as e:
-        raise OSError(f"could not download {target.name} from {index_url} ({e}); on a machine "
-                      f"with network run `pip download --no-deps --no-build-isolation "
-                      f"bigbench=={version}` (it may fail after the download; the file stays in "
-                      f"pip's cache) or fetch it from PyPI, and place it at {target}") from e
+    except (OSError, ValueError) as e:  # ValueError: an index that does not speak PEP 691 JSON
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not download {target.name} from {index_url} ({e}). On a machine "
+                      f"with network, download it from https://pypi.org/project/bigbench/"
+                      f"{version}/#files (the sdist; `pip download` fails while building its "
+                      f"metadata) and place it at {target}") from e
     got = _sha256(tmp)
     for want in {listed, pinned} - {None}:
         if got != want:
@@ -204,7 +205,10 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
                        "description": data.get("description", ""),
                        "examples": len(data.get("examples", []))}
     index = {"stamp": stamp, "tasks": tasks, "programmatic": sorted(code - set(tasks))}
-    side.write_text(json.dumps(index))
+    try:
+        side.write_text(json.dumps(index))
+    except OSError:  # a read-only cache still works, it just re-indexes next time
+        pass
     return index
 
 
