@@ -26,6 +26,10 @@ __all__ = [
 def _as_vector(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
                names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...] | None]:
     if hasattr(weights, "as_dict") and hasattr(weights, "to_counts"):  # an mrf.Mixture
+        if getattr(weights, "unit", "examples") != "examples":
+            raise data_error(f"this mixture's weights are shares of {weights.unit}; drawing "
+                             f"examples needs shares of examples (divide each weight by the "
+                             f"task's mean tokens per example and renormalise)")
         weights = weights.as_dict()
     if isinstance(weights, Mapping):
         keys = tuple(weights)

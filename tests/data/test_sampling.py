@@ -13,7 +13,7 @@ from taskpgm_jax.data import (
     DataError, SplitSpec, TaskPool, baseline_weights, interleave_mixture, load_materialized,
     make_task, materialize_mixture, mixture_counts, sample_mixture,
 )
-from taskpgm_jax.mrf import random_mixture
+from taskpgm_jax.mrf import Mixture, random_mixture
 
 
 def _pool(rng, sizes, canary=""):
@@ -43,6 +43,9 @@ def test_counts_keep_names_and_reject_bad_weights(rng):
     assert mixture_counts({"a": 0.5, "b": 0.3, "c": 0.2}, 7) == {"a": 4, "b": 2, "c": 1}
     mix = random_mixture([f"t{i}" for i in range(9)], seed=int(rng.integers(1 << 30)))
     assert mixture_counts(mix, 1001) == mix.to_counts(1001)  # accepts an mrf.Mixture
+    tokens = Mixture(mix.names, mix.weights, unit="tokens")
+    with pytest.raises(DataError, match="shares of tokens"):
+        mixture_counts(tokens, 10)
     for bad in ([0.0, 0.0], [1.0, -0.1], [np.nan, 1.0]):
         with pytest.raises(DataError, match="weights"):
             mixture_counts(bad, 10)
