@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
@@ -65,7 +65,12 @@ def test_weights_are_honoured(rng):
     assert_close_to_reference(ours, reference_pairwise(lp[:, :5], w[:5]), "weighted")
 
 
-@given(seed=seeds, cuts=st.lists(st.integers(1, N - 1), min_size=1, max_size=4, unique=True))
+# Uneven batch boundaries from a fixed set, so the batch shapes (compiles) stay few.
+CUTS = [(5,), (7, 15), (1, 2, 20), (12,), (1, 13, 18)]
+
+
+@settings(max_examples=10)
+@given(seed=seeds, cuts=st.sampled_from(CUTS))
 def test_streaming_uneven_batches_equal_pairwise(seed, cuts):
     rng = np.random.default_rng(seed)
     lp = random_logprobs(rng, (T, N, V))
