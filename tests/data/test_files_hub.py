@@ -110,12 +110,14 @@ def test_hub_column_mapping_with_a_local_builder(tmp_path, rng):
             for i in range(40)]
     _write_jsonl(tmp_path / "flan.jsonl", rows)
     spec = HubSpec("json", data_files=str(tmp_path / "flan.jsonl"), task_column="name",
-                   columns={"prompt": "inputs", "target": "targets"})
+                   columns={"prompt": "inputs", "target": "targets"},
+                   cache_dir=str(tmp_path / "hf"))
     pool = load_hub_tasks([spec])
     assert pool.names == ("n1", "n2")
     assert pool["n1"].examples["target"] == [r["targets"] for r in rows if r["name"] == "n1"]
     single = load_hub_tasks({"path": "json", "data_files": str(tmp_path / "flan.jsonl"),
-                             "task": "whole", "columns": {"prompt": "inputs", "target": "targets"}})
+                             "task": "whole", "columns": {"prompt": "inputs", "target": "targets"},
+                             "cache_dir": str(tmp_path / "hf")})
     assert single.sizes == {"whole": 40}
 
 

@@ -36,7 +36,7 @@ class HubSpec:
       task_column: the column naming the task when the dataset is a collection of tasks.
       columns: our field -> the dataset's column (see `load_task_files`).
       kind: "generate" / "multiple_choice" (default inferred from the columns).
-      revision, data_files: passed to `datasets.load_dataset`.
+      revision, data_files, cache_dir: passed to `datasets.load_dataset`.
     """
 
     path: str
@@ -48,6 +48,7 @@ class HubSpec:
     kind: str | None = None
     revision: str | None = None
     data_files: Any = None
+    cache_dir: str | None = None
 
 
 def _offline() -> bool:
@@ -60,7 +61,8 @@ def _load(spec: HubSpec):
 
     try:
         return datasets.load_dataset(spec.path, spec.name, split=spec.split,
-                                     revision=spec.revision, data_files=spec.data_files)
+                                     revision=spec.revision, data_files=spec.data_files,
+                                     cache_dir=spec.cache_dir)
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         where = f"{spec.path!r}" + (f" (config {spec.name!r})" if spec.name else "")
         mode = ("offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and the dataset is not "
