@@ -82,16 +82,18 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
 
 
 def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
-                     temperature: float = 1.0, cap: int | None = None) -> dict[str, float]:
+                     temperature: float = 1.0, cap: int | None = None,
+                     seed: int = 0) -> dict[str, float]:
     """The standard mixtures TaskPGM is compared against.
 
     Args:
       sizes: task name -> number of (training) examples, e.g. `pool.split_sizes("train")`.
       kind: "uniform" (equal weight), "size" (proportional to size) or "temperature"
         (proportional to size ** (1 / temperature), so temperature 1 is "size" and a large one
-        tends to uniform).
+        tends to uniform), or "random" (a seeded Dirichlet(1) draw).
       temperature: for "temperature".
       cap: sizes above this count as `cap` (the T5 / seqio examples-proportional cap).
+      seed: for "random".
 
     Returns:
       Weights on the simplex, name -> weight, in the order of `sizes`.
@@ -100,7 +102,7 @@ def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
 
     names = tuple(sizes)
     n = np.array([min(s, cap) if cap is not None else s for s in sizes.values()], np.float64)
-    if kind != "uniform" and np.any(n <= 0):
+    if kind not in ("uniform", "random") and np.any(n <= 0):
         empty = [k for k, v in zip(names, n) if v <= 0]
         raise data_error(f"size-based weights need every task non-empty; empty: {empty}")
     if kind == "uniform":
@@ -109,8 +111,11 @@ def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
         mix = mrf_mixture.size_proportional_mixture(names, n)
     elif kind == "temperature":
         mix = mrf_mixture.temperature_mixture(names, n, float(temperature))
+    elif kind == "random":
+        mix = mrf_mixture.random_mixture(names, seed)
     else:
-        raise ValueError(f"unknown baseline {kind!r}; expected uniform, size or temperature")
+        raise ValueError(f"unknown baseline {kind!r}; expected uniform, size, temperature or "
+                         f"random")
     return mix.as_dict()
 
 

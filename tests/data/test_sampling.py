@@ -59,6 +59,9 @@ def test_baselines(rng):
     tau = float(rng.uniform(1.5, 4))
     np.testing.assert_allclose(list(baseline_weights(sizes, "temperature", temperature=tau)
                                     .values()), n ** (1 / tau) / (n ** (1 / tau)).sum())
+    r1 = baseline_weights(sizes, "random", seed=3)
+    assert r1 == baseline_weights(sizes, "random", seed=3) != baseline_weights(sizes, "random")
+    assert abs(sum(r1.values()) - 1) < 1e-12 and min(r1.values()) >= 0
     capped = baseline_weights(sizes, "size", cap=100)
     m = np.minimum(n, 100)
     np.testing.assert_allclose(list(capped.values()), m / m.sum())
