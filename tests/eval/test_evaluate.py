@@ -11,7 +11,8 @@ from scipy.special import log_softmax
 from taskpgm_jax.data import SplitSpec, TaskPool, make_task, train_byte_bpe
 from taskpgm_jax.eval import (choice_predictions, cut_at_stop, evaluate, exact_match,
                               generate_texts, macro_mean, normalize_text, score_multiple_choice)
-from taskpgm_jax.models import CausalLM, ModelConfig
+from taskpgm_jax.models import ModelConfig
+from tests.models.conftest import random_model
 
 WORDS = ["yes", "no", "maybe", "red", "green", "blue", "one", "two", "three", "cat", "dog"]
 
@@ -78,10 +79,7 @@ def _tiny_lm(vocab, rng):
     cfg = ModelConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                       head_dim=8, dtype=jnp.float32)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape), x.dtype),
-                         state)
-    return nnx.merge(graphdef, state)
+    return random_model(cfg, seed=int(rng.integers(2**31)), std=0.5)
 
 
 _full = nnx.jit(lambda model, ids: model(ids))

@@ -12,6 +12,7 @@ from taskpgm_jax.data import Encoded, pack_batches, pad_batch
 from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward
 from taskpgm_jax.models import LoraConfig, ModelConfig, add_lora, lora_state
 from tests.divergence.distributions import assert_close_to_reference, reference_pairwise
+from tests.models.conftest import random_model
 
 CFG = ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, dtype=jnp.float32)
@@ -20,13 +21,7 @@ SEQ_LEN, BATCH = 24, 2
 
 
 def _random_model(rng):
-    """N(0, 0.3) weights drawn by NumPy (XLA's threefry initialiser is slow to compile)."""
-    from taskpgm_jax.models import CausalLM
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(CFG, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
-                         state)
-    model = nnx.merge(graphdef, state)
+    model = random_model(CFG, seed=int(rng.integers(2**31)))
     return add_lora(model, LoraConfig(rank=2, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
 
 
