@@ -130,7 +130,7 @@ def pmi_affinity(cross_likelihood):
         S[i, j] = 1/2 [(L[i, j] - L[j, j]) + (L[j, i] - L[i, i])],   S[i, i] = 0.
 
     Symmetric and usually indefinite. The result keeps the input's float dtype (float64 under
-    `jax.experimental.enable_x64`).
+    `with jax.enable_x64(True):`).
 
     Args:
       cross_likelihood: [T, T] L, with model i trained on task i.
