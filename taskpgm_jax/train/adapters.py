@@ -29,7 +29,8 @@ from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, stack_adapters
 from taskpgm_jax.sharding import Rules, logical_to_spec, named_sharding
 from taskpgm_jax.train.step import (_STEP_CACHE, LossFn, TrainConfig, Trainer, TrainState,
-                                    _CompiledStep, make_optimizer, train_update)
+                                    _CompiledStep, attach_shardings, make_optimizer,
+                                    train_update)
 
 __all__ = ["AdapterTrainer", "StackedIterator", "init_adapters", "sequential_finetune"]
 
@@ -114,7 +115,8 @@ class AdapterTrainer(Trainer):
 
     def _stacked_shardings(self, state: nnx.State):
         if self.mesh is None:
-            return jax.tree.map(lambda _: self._default_sharding(), state)
+            return jax.tree.map(lambda _: self._default_sharding(), state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
 
         def one(var):
             axes = var.get_metadata().get("logical_axes") or (None,) * (len(var.shape) - 1)
@@ -165,8 +167,7 @@ class AdapterTrainer(Trainer):
     def abstract_state(self) -> TrainState:
         """`jax.ShapeDtypeStruct` leaves with shardings: the restore target of a checkpoint."""
         shapes = jax.eval_shape(self._init_fn, self._stacked, jnp.uint32(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings())
+        return attach_shardings(shapes, self.state_shardings())
 
     def adapters(self, state: TrainState) -> nnx.State:
         """The trained adapters, stacked [T, ...] (what `multi_adapter_forward` takes)."""

@@ -265,6 +265,17 @@ class _CompiledStep:
 _STEP_CACHE: dict[tuple, _CompiledStep] = {}
 
 
+def attach_shardings(shapes, shardings):
+    """`jax.ShapeDtypeStruct`s carrying `shardings` (a tree with one sharding per array or per
+    NNX variable), keeping the variables' wrappers so the tree matches the real state."""
+    def one(sh, s):
+        struct = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+        return s.replace(struct) if isinstance(s, nnx.Variable) else struct
+
+    return jax.tree.map(one, shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
 def _check_master_dtype(params: nnx.State) -> None:
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
     if dtypes - {"float32"}:
@@ -322,7 +333,8 @@ class Trainer:
 
     def _var_shardings(self, state: nnx.State):
         if self.mesh is None:
-            return jax.tree.map(lambda _: self._default_sharding(), state)
+            return jax.tree.map(lambda _: self._default_sharding(), state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
         return state_shardings(state, self.mesh, self.rules)
 
     def _place(self, state: nnx.State) -> nnx.State:
@@ -370,8 +382,7 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """`jax.ShapeDtypeStruct` leaves with shardings: the restore target of a checkpoint."""
         shapes = jax.eval_shape(self._init_fn, self._params, jnp.uint32(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings())
+        return attach_shardings(shapes, self.state_shardings())
 
     def model(self, state: TrainState) -> nnx.Module:
         """The model with the state's trained values (shares arrays with the state: use it before
