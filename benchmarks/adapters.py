@@ -30,10 +30,16 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from taskpgm_jax.data import Batch, Encoded, pad_batch  # noqa: E402
-from taskpgm_jax.models import (CausalLM, LoraConfig, ModelConfig, add_lora,  # noqa: E402
-                                lora_state, stack_adapters)
-from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, target_token_loss  # noqa: E402
+from taskpgm_jax.data import Batch, Encoded, pad_batch
+from taskpgm_jax.models import (
+    CausalLM,
+    LoraConfig,
+    ModelConfig,
+    add_lora,
+    lora_state,
+    stack_adapters,
+)
+from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, target_token_loss
 
 CONFIGS = {
     # name: (hidden, layers, heads, kv heads, mlp, vocab, batch, seq, adapter batch, adapter seq)
@@ -165,7 +171,6 @@ def bench_probe(name, dtype, num, repeats):
     """Slot for probe scoring (positions/s with the JSD accumulator, peak memory against all
     logits); it belongs to `taskpgm_jax.eval` and is filled in with it. Returns None until then."""
     del name, dtype, num, repeats
-    return None
 
 
 def main(argv=None):

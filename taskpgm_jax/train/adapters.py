@@ -28,9 +28,17 @@ from jax.sharding import Mesh, NamedSharding
 from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, stack_adapters
 from taskpgm_jax.sharding import Rules, logical_to_spec, named_sharding
-from taskpgm_jax.train.step import (_STEP_CACHE, LossFn, TrainConfig, Trainer, TrainState,
-                                    _CompiledStep, attach_shardings, make_optimizer,
-                                    train_update)
+from taskpgm_jax.train.step import (
+    _STEP_CACHE,
+    LossFn,
+    TrainConfig,
+    Trainer,
+    TrainState,
+    _CompiledStep,
+    attach_shardings,
+    make_optimizer,
+    train_update,
+)
 
 __all__ = ["AdapterTrainer", "StackedIterator", "init_adapters", "sequential_finetune"]
 

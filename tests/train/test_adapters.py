@@ -9,7 +9,14 @@ from flax import nnx
 from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, lora_state, stack_adapters
 from taskpgm_jax.train import AdapterTrainer, StackedIterator, TrainConfig, Trainer
-from tests.train.conftest import LORA, batches, iterator, random_model, tree_copy, tree_max_diff
+from tests.train.conftest import (
+    LORA,
+    batches,
+    iterator,
+    random_model,
+    tree_copy,
+    tree_max_diff,
+)
 
 T = 3
 CFG = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
@@ -46,7 +53,7 @@ def test_side_by_side_equals_separate_runs(rng):
             st, m = single.step(st, single.place_batch(data[t][s]))
             np.testing.assert_allclose(float(m["loss"]), joint_losses[s][t], rtol=1e-5)
         alone = tree_copy(st.params)
-        assert tree_max_diff(jax.tree.map(lambda x: x[t], joint), alone) < 1e-5
+        assert tree_max_diff(jax.tree.map(lambda x, t=t: x[t], joint), alone) < 1e-5
         assert tree_max_diff(alone, tree_copy(adapters[t])) > 1e-3  # it trained
     # The shared base was never written.
     assert tree_max_diff(nnx.state(trainer.model(state, 0), nnx.Param), base) == 0.0

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.train import (AdapterTrainer, Checkpointer, NonFiniteLossError, StackedIterator,
-                               TrainConfig, Trainer, finetune, init_adapters, sequential_finetune)
+from taskpgm_jax.train import (
+    AdapterTrainer,
+    Checkpointer,
+    NonFiniteLossError,
+    StackedIterator,
+    TrainConfig,
+    Trainer,
+    finetune,
+    init_adapters,
+    sequential_finetune,
+)
 from tests.train.conftest import LORA, iterator, random_model, tree_copy, tree_max_diff
 from tests.train.test_adapters import CFG as LORA_CFG
 
@@ -40,7 +49,7 @@ class DiesAt:
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     model = random_model(seed=8, lora=LORA)
     trainer = Trainer(model, LORA_CFG)
-    kw = dict(num_steps=STEPS, seed=3, log_every=2, progress=False)
+    kw = {"num_steps": STEPS, "seed": 3, "log_every": 2, "progress": False}
     full = finetune(trainer, iterator(0), **kw)
     assert [h["step"] for h in full.history] == [2, 4, 6, 8]
 

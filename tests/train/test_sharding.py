@@ -1,6 +1,5 @@
 """Training on 8 emulated devices (data x fsdp x tensor = 2 x 2 x 2) equals one device."""
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -8,7 +7,14 @@ from jax.sharding import PartitionSpec as P
 from taskpgm_jax.models import lora_state, stack_adapters
 from taskpgm_jax.sharding import make_mesh
 from taskpgm_jax.train import AdapterTrainer, StackedIterator, Trainer, finetune
-from tests.train.conftest import LORA, batches, iterator, random_model, tree_copy, tree_max_diff
+from tests.train.conftest import (
+    LORA,
+    batches,
+    iterator,
+    random_model,
+    tree_copy,
+    tree_max_diff,
+)
 from tests.train.test_adapters import CFG as LORA_CFG
 from tests.train.test_step import CFG
 
@@ -54,7 +60,7 @@ def test_sharded_adapters_resume_into_sharded_state(tmp_path, cpu_mesh_devices):
     single = finetune(AdapterTrainer(model, LORA_CFG, adapters), data(), num_steps=6, log_every=2,
                       progress=False)
     sharded = AdapterTrainer(model, LORA_CFG, adapters, mesh=mesh)
-    kw = dict(log_every=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    kw = {"log_every": 2, "progress": False, "checkpoint_dir": str(tmp_path / "ckpt")}
     finetune(sharded, data(), num_steps=4, **kw)
     resumed = finetune(sharded, data(), num_steps=6, **kw)
     assert resumed.resumed_from == 4

@@ -8,7 +8,14 @@ from flax import nnx
 
 from taskpgm_jax.models import LoRAParam
 from taskpgm_jax.train import TrainConfig, Trainer
-from tests.train.conftest import LORA, TINY, batches, random_model, tree_copy, tree_max_diff
+from tests.train.conftest import (
+    LORA,
+    TINY,
+    batches,
+    random_model,
+    tree_copy,
+    tree_max_diff,
+)
 
 CFG = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
                   max_grad_norm=1.0)
