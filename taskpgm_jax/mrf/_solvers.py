@@ -24,6 +24,27 @@ def _matvec(M, w):
     return jnp.dot(M, w, precision=HIGHEST)
 
 
+# The exact solver's iterates and CG directions live on the support of the mixture, which is
+# usually a few dozen tasks out of thousands. Below this many non-zeros, M w is taken from the
+# rows of M on the support (M is symmetric): O(T * cap) instead of O(T^2) per product.
+_SPARSE_CAP = 256
+
+
+def _support_matvec(M, w):
+    """M @ w for symmetric M, from the rows on the support of w when it is small."""
+    size = w.shape[0]
+    if size <= 2 * _SPARSE_CAP:
+        return _matvec(M, w)
+    nnz = jnp.sum(w != 0)
+
+    def sparse(_):
+        idx = jnp.nonzero(w, size=_SPARSE_CAP, fill_value=0)[0]
+        vals = jnp.where(jnp.arange(_SPARSE_CAP) < nnz, w[idx], 0.0)
+        return jnp.dot(vals, M[idx], precision=HIGHEST)
+
+    return jax.lax.cond(nnz <= _SPARSE_CAP, sparse, lambda _: _matvec(M, w), None)
+
+
 def _energy_parts(w, Mw, u, beta, lam):
     """(energy, scale): scale = |unary term| + |pairwise term| is the yardstick of the relative
     tolerance, so that stopping does not depend on the units of S or on an energy near 0."""
@@ -61,7 +82,7 @@ def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: in
 
     def body(c):
         k, x, r, p, rr, Mx = c
-        Mp = _matvec(M, p)
+        Mp = _support_matvec(M, p)
         Ap = proj(lam * Mp)
         curv = jnp.dot(p, Ap)
         alpha = jnp.where(curv > tiny, rr / jnp.where(curv > tiny, curv, 1.0), 0.0)
@@ -83,7 +104,7 @@ def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: in
     t = jnp.clip(jnp.minimum(t_down, t_up), 0.0, 1.0)
     # The clip only removes rounding: the ratio test already keeps the step feasible.
     w_new = jnp.where(mask, jnp.clip(w + t * x, lower, upper), 0.0)
-    return w_new, _matvec(M, w_new)
+    return w_new, _support_matvec(M, w_new)
 
 
 @functools.partial(jax.jit, static_argnames=("bounded", "max_iter", "cg_iters"))
@@ -96,7 +117,7 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
     matrix-vector product. A momentum step that raises the energy (measured from the step, not
     as a difference of energies) is discarded and momentum reset (O'Donoghue and Candes 2015);
     a plain step of size 1 / L never raises it for convex E. Stops when the Frank-Wolfe gap (a
-    KKT residual that bounds E(w) - E*) <= tol * scale.
+    KKT residual that bounds E(w) - E*) <= tol * scale, or at the gap's float rounding floor.
     """
     def project(x):
         return project_capped_simplex(x, mask, lower, upper) if bounded else project_simplex(x, mask)
@@ -114,16 +135,24 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         h = 0.5 * lam * (Mw_new + Mw) - beta * u
         return jnp.dot(w_new - w, h - jnp.dot(w, h))  # centred: sum(w_new - w) = 0
 
+    def limit_of(w, Mw):
+        # Stop at tol relative to the energy's terms, or at the rounding floor of the gap:
+        # g = lam M w - beta u is formed from terms of size |lam M w| and |beta u|, so the gap
+        # cannot be resolved below a few ulps of them (tiny-scale instances hit this in float32).
+        _, scale = _energy_parts(w, Mw, u, beta, lam)
+        terms = jnp.max(jnp.abs(lam * Mw)) + jnp.max(jnp.abs(beta * u))
+        return jnp.maximum(tol * scale, 16.0 * jnp.finfo(M.dtype).eps * terms)
+
     step = 1.0 / jnp.maximum(lipschitz, jnp.finfo(M.dtype).tiny)
     w0 = project(w0)
-    Mw0 = _matvec(M, w0)
-    _, s0 = _energy_parts(w0, Mw0, u, beta, lam)
+    Mw0 = _support_matvec(M, w0)
     one = jnp.ones((), M.dtype)
-    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), gap_of(w0, Mw0), s0)
+    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), gap_of(w0, Mw0),
+            limit_of(w0, Mw0))
 
     def cond(state):
-        *_, it, gap, scale = state
-        return (it < max_iter) & (gap > tol * scale)
+        *_, it, gap, limit = state
+        return (it < max_iter) & (gap > limit)
 
     def body(state):
         w, Mw, y, My, t, face, it, _, _ = state
@@ -131,7 +160,7 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         # Projections ignore a constant added to every entry (sum(w) = 1 is fixed); removing the
         # weighted mean keeps float32 steps from being swamped by a large common gradient.
         w_new = project(y - step * (g - jnp.dot(y, g)))
-        Mw_new = _matvec(M, w_new)
+        Mw_new = _support_matvec(M, w_new)
         restart = (t > 1) & (rise_of(w_new, Mw_new, w, Mw) > 0)
         t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
         mom = (t - 1.0) / t_next
@@ -152,12 +181,12 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
 
         w2, Mw2, y2, My2, t2 = jax.lax.cond(settled, polish, lambda _: (w2, Mw2, y2, My2, t2),
                                             None)
-        _, s2 = _energy_parts(w2, Mw2, u, beta, lam)
-        return (w2, Mw2, y2, My2, t2, free_set(w2), it + 1, gap_of(w2, Mw2), s2)
+        return (w2, Mw2, y2, My2, t2, free_set(w2), it + 1, gap_of(w2, Mw2),
+                limit_of(w2, Mw2))
 
-    w, Mw, _, _, _, _, it, gap, scale = jax.lax.while_loop(cond, body, init)
+    w, Mw, _, _, _, _, it, gap, limit = jax.lax.while_loop(cond, body, init)
     e, _ = _energy_parts(w, Mw, u, beta, lam)
-    return w, e, it, gap, gap <= tol * scale, jnp.bool_(False)
+    return w, e, it, gap, gap <= limit, jnp.bool_(False)
 
 
 @functools.partial(jax.jit, static_argnames=("bounded",))
