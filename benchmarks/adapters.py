@@ -9,7 +9,8 @@ Timed in one run, median of `--repeats` after a warm-up call (compile time shown
   adapters     T LoRA adapters, each on its own task's batch: one `AdapterTrainer.step` (vmapped,
                base weights shared) against T `Trainer.step` calls one after another (T separate
                runs sharing one compiled step). Target: side by side >= 2x faster;
-  probe        (slot for the probe-scoring throughput of `taskpgm_jax.eval`; see `bench_probe`).
+Probe-scoring throughput (positions/s with the JSD accumulator, peak memory against all the
+logits it avoids storing) has its own script, benchmarks/probe.py, with the same conventions.
 It prints a table and, with --json, writes the figures with a top-level `ratios` object.
 """
 
@@ -167,12 +168,6 @@ def bench_adapters(name, dtype, num, repeats):
             "sequential_compile_s": seq_first - med_seq}
 
 
-def bench_probe(name, dtype, num, repeats):
-    """Slot for probe scoring (positions/s with the JSD accumulator, peak memory against all
-    logits); it belongs to `taskpgm_jax.eval` and is filled in with it. Returns None until then."""
-    del name, dtype, num, repeats
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
@@ -193,7 +188,6 @@ def main(argv=None):
 
     train = bench_train_step(args.config, dtype, args.repeats)
     adapters = bench_adapters(args.config, dtype, args.adapters, args.repeats)
-    probe = bench_probe(args.config, dtype, args.adapters, args.repeats)
     ratios = {
         f"train_step_ours_over_plain_nnx[{args.config}]": train["train_tok_s"] / train["ref_train_tok_s"],
         f"adapters_side_by_side_speedup[{args.config},T={args.adapters}]":
@@ -208,14 +202,13 @@ def main(argv=None):
     print(f"{label:42} {adapters['side_by_side_s']:12.4f} {adapters['sequential_s']:12.4f} "
           f"{adapters['sequential_s'] / adapters['side_by_side_s']:7.2f}x")
     print(f"{'  tokens/s':42} {adapters['side_by_side_tok_s']:12.0f} {adapters['sequential_tok_s']:12.0f}")
-    print(f"{'probe scoring':42} {'(not measured here yet)':>26}")
     print("ratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
 
     if args.json:
         payload = {"benchmark": "adapters", "backend": backend, "device": device,
                    "threads": os.cpu_count(), "jax": jax.__version__,
                    "python": platform.python_version(), "repeats": args.repeats,
-                   "train_step": train, "adapters": adapters, "probe": probe, "ratios": ratios}
+                   "train_step": train, "adapters": adapters, "ratios": ratios}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2, default=float)
         print(f"wrote {args.json}")
