@@ -135,10 +135,17 @@ def test_sharded_equals_unsharded(rng):
     mesh = Mesh(devices, ("data", "fsdp"))
     sharded = np.asarray(pairwise_jsd(lp, w, pair_block=2, mesh=mesh))
     np.testing.assert_allclose(sharded, single, atol=1e-6, rtol=0)
-    acc = StreamingJSD(T, mesh=mesh)
-    state = acc.update(acc.init(), lp[:, :10], w[:10])
-    state = acc.update(state, lp[:, 10:], w[10:])
-    np.testing.assert_allclose(np.asarray(acc.result(state)), single, atol=1e-6, rtol=0)
+    # Logits, task groups and a batch (10) that the 8 devices do not divide, on the mesh.
+    logits = lp + rng.normal(size=(T, N, 1)).astype(np.float32)
+    tasks = rng.integers(0, 2, size=N)
+    plain, sharded = StreamingJSD(T, from_logits=True, num_groups=2), StreamingJSD(
+        T, from_logits=True, num_groups=2, mesh=mesh)
+    results = []
+    for acc in (plain, sharded):
+        state = acc.update(acc.init(), logits[:, :10], w[:10], tasks[:10])
+        state = acc.update(state, logits[:, 10:], w[10:], tasks[10:])
+        results.append(np.asarray(acc.result(state)))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-6, rtol=0)
 
 
 def test_single_model_and_task_balanced_weights(rng):
