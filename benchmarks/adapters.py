@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.data import Batch, Encoded, pad_batch
 from taskpgm_jax.models import (
     CausalLM,
@@ -48,19 +47,6 @@ CONFIGS = {
     "small": (256, 4, 4, 2, 688, 4096, 8, 256, 2, 128),
 }
 LORA = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
-
-
-def timed(fn, repeats):
-    """(first-call seconds, median steady seconds, (min, max)); fn returns something to block on."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), (min(times), max(times))
 
 
 def build_model(name, dtype, lora=False):
@@ -104,7 +90,7 @@ def bench_train_step(name, dtype, repeats):
         box["state"], metrics = trainer.step(box["state"], data)
         return metrics["loss"]
 
-    first, med, spread = timed(ours, repeats)
+    first, med, spread, _ = timed(ours, repeats)
 
     ref_model = build_model(name, dtype)
     optimizer = nnx.Optimizer(ref_model, optax.adamw(1e-4), wrt=nnx.Param)
@@ -119,7 +105,7 @@ def bench_train_step(name, dtype, repeats):
         optimizer.update(model, grads)
         return value
 
-    ref_first, ref_med, _ = timed(lambda: ref_step(ref_model, optimizer, data), repeats)
+    ref_first, ref_med, _, _ = timed(lambda: ref_step(ref_model, optimizer, data), repeats)
     tokens = batch * seq
     return {"config": name, "train_tok_s": tokens / med, "train_spread_s": spread,
             "train_compile_s": first - med, "ref_train_tok_s": tokens / ref_med,
@@ -144,7 +130,7 @@ def bench_adapters(name, dtype, num, repeats):
         box["state"], metrics = joint.step(box["state"], stacked)
         return metrics["loss"]
 
-    first, med_joint, _ = timed(side_by_side, repeats)
+    first, med_joint, _, _ = timed(side_by_side, repeats)
 
     single = Trainer(model, cfg)
     states = []
@@ -160,7 +146,7 @@ def bench_adapters(name, dtype, num, repeats):
             out.append(metrics["loss"])
         return out
 
-    seq_first, med_seq, _ = timed(sequential, repeats)
+    seq_first, med_seq, _, _ = timed(sequential, repeats)
     tokens = num * batch * seq
     return {"adapters": num, "adapter_batch": [batch, seq], "side_by_side_s": med_joint,
             "sequential_s": med_seq, "side_by_side_tok_s": tokens / med_joint,

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 
@@ -30,19 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence import streaming  # noqa: E402
 
 SCIPY_BUDGET_S = 60.0
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (min(times), max(times))
 
 
 def _available_bytes():
@@ -76,8 +67,7 @@ def _log_ceiling_time(lp, repeats):
     """Median time of a jitted sum(log(x)) over an input-sized array of probabilities."""
     x = jax.block_until_ready(jnp.exp(lp))
     ceil_fn = jax.jit(lambda a: jnp.sum(jnp.log(a), axis=-1))
-    jax.block_until_ready(ceil_fn(x))
-    return _median_time(lambda: ceil_fn(x), repeats)[0]
+    return timed(lambda: ceil_fn(x), repeats)[1]
 
 
 def _scipy_loop(lp, pairs):
@@ -97,10 +87,7 @@ def bench_size(t, n, v, repeats):
     row = {"T": t, "N": n, "V": v, "pairs": num_pairs, "input_bytes": input_bytes}
 
     # ours: first call = compile + run; compile time = first call minus a steady run.
-    start = time.perf_counter()
-    ours_out = jax.block_until_ready(pairwise_jsd(lp))
-    first = time.perf_counter() - start
-    ours_s, ours_range = _median_time(lambda: pairwise_jsd(lp), repeats)
+    first, ours_s, ours_range, ours_out = timed(lambda: pairwise_jsd(lp), repeats)
     row.update(ours_s=ours_s, ours_range_s=ours_range, ours_compile_s=max(first - ours_s, 0.0),
                elements_per_s=pair_elements / ours_s)
 
@@ -127,8 +114,7 @@ def bench_size(t, n, v, repeats):
     naive_bytes = 4 * t * t * n * v * 4
     if naive_bytes < 0.6 * _available_bytes():
         naive_fn = jax.jit(_naive)
-        naive_out = jax.block_until_ready(naive_fn(lp))
-        naive_s, _ = _median_time(lambda: naive_fn(lp), max(2, repeats // 2))
+        _, naive_s, _, naive_out = timed(lambda: naive_fn(lp), max(2, repeats // 2))
         row["naive_s"] = naive_s
         np.testing.assert_allclose(np.asarray(naive_out), np.asarray(ours_out), atol=1e-5)
     else:

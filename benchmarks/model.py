@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.hf import load_hf_checkpoint  # noqa: E402
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # noqa: E402
                                 multi_adapter_forward, stack_adapters)
@@ -43,19 +44,6 @@ CONFIGS = {
 }
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5": 197.0}
 ADAPTERS = 8
-
-
-def timed(fn, repeats):
-    """(first-call seconds, median steady seconds, (min, max))."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), (min(times), max(times))
 
 
 def torch_timed(fn, repeats):
@@ -112,11 +100,11 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
     row["params"] = n_params
 
     fwd = nnx.jit(lambda m, x: m(x))
-    first, med, spread = timed(lambda: fwd(model, ids), repeats)
+    first, med, spread, _ = timed(lambda: fwd(model, ids), repeats)
     row.update(fwd_compile_s=first - med, fwd_s=med, fwd_spread=spread, fwd_tok_s=tokens / med)
 
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-    first, med, spread = timed(lambda: train_step(model, optimizer, ids), repeats)
+    first, med, spread, _ = timed(lambda: train_step(model, optimizer, ids), repeats)
     row.update(train_compile_s=first - med, train_s=med, train_spread=spread, train_tok_s=tokens / med)
 
     if peak:
@@ -155,8 +143,8 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
     single = jax.jit(lambda lora, rest, x: nnx.merge(graphdef, lora, rest)(x))
     multi = nnx.jit(lambda m, a, x: multi_adapter_forward(m, a, x))
     for tag, x in (("batch", ids), ("probe1", ids[:1])):
-        first, med_multi, _ = timed(lambda: multi(model, stacked, x), repeats)
-        _, med_seq, _ = timed(lambda: [single(a, rest, x) for a in adapters], repeats)
+        first, med_multi, _, _ = timed(lambda: multi(model, stacked, x), repeats)
+        _, med_seq, _, _ = timed(lambda: [single(a, rest, x) for a in adapters], repeats)
         row[f"adapters_{tag}_multi_s"] = med_multi
         row[f"adapters_{tag}_seq_s"] = med_seq
         row[f"adapters_{tag}_compile_s"] = first - med_multi

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import _timing  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.mrf import affinity_from_jsd, potentials, select_tasks, solve  # noqa: E402
 
 PMI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "authors_pmi_316.npy")
@@ -51,17 +51,9 @@ def skill_affinity(T: int, rng, vocab: int = 64, skills: int = 6) -> np.ndarray:
 
 
 def timed(fn, repeats: int):
-    """(first call seconds = compile + run, median steady seconds, spread, result)."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return max(first - med, 0.0), med, (max(times) - min(times)), out
+    """(compile seconds = first call - steady, median steady seconds, spread, result)."""
+    first, med, (lo, hi), out = _timing.timed(fn, repeats)
+    return max(first - med, 0.0), med, hi - lo, out
 
 
 def slsqp(Q, c):
