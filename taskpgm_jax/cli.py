@@ -1,0 +1,172 @@
+"""The `taskpgm` command.
+
+    taskpgm mixture solve --affinity S.npy [--names names.txt] [--method exact] [--budget N]
+    taskpgm data fetch bigbench [--cache-dir DIR]
+    taskpgm bench divergence|mrf|model|adapters|probe [benchmark options]
+
+Errors are one line naming the option or file and what to do; `--debug` shows the traceback.
+The end-to-end `taskpgm run CONFIG.yaml` arrives with the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+BENCHMARKS = ("divergence", "mrf", "model", "adapters", "probe")
+METHODS = ("exact", "closed_form", "softmax")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _read_names(path: str | None, count: int) -> list[str]:
+    if path is None:
+        return [f"task_{i}" for i in range(count)]
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise CliError(f"--names: cannot read {path} ({e.strerror}).") from None
+    if len(names) != count:
+        raise CliError(f"--names: {path} has {len(names)} names but the affinity matrix has "
+                       f"{count} rows; give one task name per line.")
+    return names
+
+
+def _load_affinity(path: str):
+    import numpy as np
+
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--affinity: cannot read {path} as a .npy array ({e}).") from None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise CliError(f"--affinity: {path} holds shape {matrix.shape}; expected a square "
+                       "[T, T] matrix.")
+    return matrix
+
+
+def _write(path: Path, text: str) -> None:
+    # Write then rename: an interrupted run never leaves a half-written file behind.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def mixture_solve(args) -> int:
+    """Solve the MRF on a user's affinity matrix and write the mixture and its exports."""
+    import numpy as np
+
+    from taskpgm_jax.mrf import Mixture, potentials, solve
+
+    matrix = _load_affinity(args.affinity)
+    names = _read_names(args.names, matrix.shape[0])
+    lam = float(args.lam) if args.lam is not None else float(matrix.shape[0])
+    try:
+        pot = potentials(matrix, "centrality", beta=args.beta, lam=lam)
+        sol = solve(pot, args.method)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    mixture = Mixture.from_solution(names, sol, unit="examples", beta=args.beta, lam=lam,
+                                    affinity=str(args.affinity))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "mixture.json", mixture.to_json())
+    _write(out / "levanter.json", json.dumps(mixture.to_levanter(), indent=2))
+    _write(out / "seqio.json", json.dumps(mixture.to_seqio(), indent=2))
+    _write(out / "open_instruct.json",
+           json.dumps(mixture.to_open_instruct(args.budget), indent=2))
+    if args.budget is not None:
+        _write(out / "counts.json", json.dumps(mixture.to_counts(args.budget), indent=2))
+    weights = np.asarray(mixture.weights)
+    order = np.argsort(-weights)
+    print(f"{args.method}: energy {float(sol.energy):.6g}, KKT residual "
+          f"{float(sol.kkt_residual):.3g}, {int(sol.iterations)} iterations, "
+          f"{int(np.sum(weights > 0))} of {len(names)} tasks with weight > 0")
+    for i in order[:min(10, len(order))]:
+        print(f"  {weights[i]:.4f}  {names[i]}")
+    print(f"wrote {out}/mixture.json and the exports beside it")
+    return 0
+
+
+def data_fetch(args, rest) -> int:
+    from taskpgm_jax.data.sources import bigbench
+
+    if args.dataset != "bigbench":
+        raise CliError(f"data fetch: unknown dataset {args.dataset!r}; available: bigbench.")
+    return bigbench.main(rest)
+
+
+def bench(args, rest) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        raise CliError(f"bench: {script} not found; the benchmarks ship with the source "
+                       "checkout (pip install -e .), not with a wheel.")
+    sys.argv = [str(script), *rest]
+    sys.path.insert(0, str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # the scripts end with sys.exit(main())
+        return int(e.code or 0)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskpgm", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mixture = sub.add_parser("mixture", help="mixture weights from an affinity matrix")
+    msub = mixture.add_subparsers(dest="action", required=True)
+    solve_p = msub.add_parser("solve", help="solve the MRF on your own affinity matrix")
+    solve_p.add_argument("--affinity", required=True, help="[T, T] affinity matrix (.npy)")
+    solve_p.add_argument("--names", help="task names, one per line (default task_0 ...)")
+    solve_p.add_argument("--method", default="exact", choices=METHODS)
+    solve_p.add_argument("--beta", type=float, default=1.0, help="unary weight (> 0)")
+    solve_p.add_argument("--lam", type=float, default=None, help="pairwise weight (default T)")
+    solve_p.add_argument("--budget", type=int, default=None,
+                         help="also write integer example counts summing to this budget")
+    solve_p.add_argument("--out", default="mixture", help="output directory")
+
+    data = sub.add_parser("data", help="task data")
+    dsub = data.add_subparsers(dest="action", required=True)
+    fetch = dsub.add_parser("fetch", help="download a dataset once into its cache",
+                            add_help=False)
+    fetch.add_argument("dataset", help="bigbench")
+
+    bench_p = sub.add_parser("bench", help="run a benchmark script", add_help=False)
+    bench_p.add_argument("name", choices=BENCHMARKS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    passthrough = args.command in ("bench", "data")
+    if rest and not passthrough:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        if args.command == "mixture":
+            return mixture_solve(args)
+        if args.command == "data":
+            return data_fetch(args, rest)
+        return bench(args, rest)
+    except CliError as e:
+        if args.debug:
+            raise
+        print(f"taskpgm: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"taskpgm: error: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

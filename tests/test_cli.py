@@ -1,0 +1,54 @@
+"""The `taskpgm` command: mixture solve on a user's matrix, exit codes and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from taskpgm_jax.cli import main
+from taskpgm_jax.mrf import potentials
+from tests.mrf.reference import active_set_simplex_qp, energy64
+
+
+def test_mixture_solve_writes_the_optimal_mixture_and_exports(tmp_path, rng, capsys):
+    t = 7
+    feats = rng.normal(size=(t, 3))
+    S = np.exp(-((feats[:, None] - feats[None]) ** 2).sum(-1))  # an RBF affinity (PSD)
+    np.save(tmp_path / "S.npy", S)
+    names = [f"task{i}" for i in range(t)]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "out"
+    code = main(["mixture", "solve", "--affinity", str(tmp_path / "S.npy"), "--names",
+                 str(tmp_path / "names.txt"), "--budget", "1000", "--beta", "2.0",
+                 "--out", str(out)])
+    assert code == 0
+    mix = json.loads((out / "mixture.json").read_text())
+    w = np.array([dict(zip(mix["names"], mix["weights"]))[n] for n in names])
+    # Independent float64 reference on the same (repaired) problem.
+    pot = potentials(S, beta=2.0, lam=float(t))
+    Q = np.asarray(pot.matrix, np.float64) * pot.lam
+    c = pot.beta * np.asarray(pot.unary, np.float64)
+    w_ref, _ = active_set_simplex_qp(Q, c)
+    scale = abs(c @ w_ref) + 0.5 * abs(w_ref @ Q @ w_ref)
+    assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-6 * scale
+    counts = json.loads((out / "counts.json").read_text())
+    assert sum(counts.values()) == 1000 and set(counts) == set(names)
+    levanter = json.loads((out / "levanter.json").read_text())["train_weights"]
+    np.testing.assert_allclose([levanter[n] for n in names], w, atol=1e-12)
+    assert "tasks with weight > 0" in capsys.readouterr().out
+
+
+def test_mixture_solve_errors_are_one_line(tmp_path, capsys):
+    np.save(tmp_path / "S.npy", np.eye(3))
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    assert main(["mixture", "solve", "--affinity", str(tmp_path / "S.npy"), "--names",
+                 str(tmp_path / "names.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--names" in err and "3 rows" in err and "Traceback" not in err
+    assert main(["mixture", "solve", "--affinity", str(tmp_path / "missing.npy")]) == 2
+    assert "--affinity: cannot read" in capsys.readouterr().err
+    np.save(tmp_path / "bad.npy", np.ones((2, 3)))
+    assert main(["mixture", "solve", "--affinity", str(tmp_path / "bad.npy")]) == 2
+    assert "square" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["mixture", "solve"])  # argparse: --affinity is required
