@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -132,16 +131,13 @@ class AdapterTrainer(Trainer):
 
         return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    def state_shardings(self) -> TrainState:
-        """Per-leaf shardings of the stacked state (parameters and moments per their axes)."""
-        params = self._stacked_shardings(self._stacked)
-        # Scalars (step, count, ...) and the keys gain the adapter axis; replicate them.
-        rep = self._default_sharding()
-        abstract_opt = jax.eval_shape(jax.vmap(self.tx.init), self._stacked)
-        opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, params,
-                                    transform_non_params=lambda _: rep,
-                                    is_leaf=lambda x: isinstance(x, nnx.Variable))
-        return TrainState(rep, params, opt, rep, rep)
+    # `Trainer.state_shardings` over the stacked adapters: scalars (step, count, ...) and the
+    # keys gain the adapter axis and stay replicated.
+    def _param_shardings(self):
+        return self._stacked_shardings(self._stacked)
+
+    def _abstract_opt_state(self):
+        return jax.eval_shape(jax.vmap(self.tx.init), self._stacked)
 
     def batch_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding:
         """Sharding of a [T, B, S] batch: the adapter axis replicated, rows over the data axes."""

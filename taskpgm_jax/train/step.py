@@ -342,10 +342,17 @@ class Trainer:
             return state
         return jax.device_put(state, self._var_shardings(state))
 
+    def _param_shardings(self):
+        return self._var_shardings(self._params)
+
+    def _abstract_opt_state(self):
+        return jax.eval_shape(self.tx.init, self._params)
+
     def state_shardings(self) -> TrainState:
-        """The sharding of every leaf of the `TrainState` (optimiser moments follow their params)."""
-        param_sh = self._var_shardings(self._params)
-        abstract_opt = jax.eval_shape(self.tx.init, self._params)
+        """The sharding of every leaf of the `TrainState` (optimiser moments follow their params;
+        scalars and keys are replicated)."""
+        param_sh = self._param_shardings()
+        abstract_opt = self._abstract_opt_state()
         rep = self._default_sharding()
         opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, param_sh,
                                        transform_non_params=lambda _: rep,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.models import CausalLM, ModelConfig
+from taskpgm_jax.models import CausalLM, LoraConfig, ModelConfig, add_lora
 
 # GQA (4 query heads over 2 kv heads), a sliding window on layer 1, untied head, q/k/v biases.
 TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -14,14 +14,20 @@ TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidd
                    sliding_window_layers=(1,), dtype=jnp.float32, qkv_bias=True)
 
 
-def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.3) -> CausalLM:
-    """A model with N(0, std) weights drawn by NumPy.
+def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.3,
+                 lora: LoraConfig | None = None) -> CausalLM:
+    """A model (with adapters when `lora` is given, B factors random too) with N(0, std) weights
+    drawn by NumPy.
 
     XLA:CPU needs ~10 s to compile the threefry initialiser of even a tiny model; NumPy draws are
     instant. The large std keeps logits far from uniform, so argmax decisions are not rounding.
     """
     rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
+    def make():
+        model = CausalLM(cfg, rngs=nnx.Rngs(0))
+        return model if lora is None else add_lora(model, lora, rngs=nnx.Rngs(1))
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     state = jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype), state)
     return nnx.merge(graphdef, state)
 

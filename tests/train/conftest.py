@@ -8,10 +8,10 @@ compiled steps are cached by shape, so the whole directory compiles only a handf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from taskpgm_jax.data import Encoded, HostIterator, pad_batch
-from taskpgm_jax.models import CausalLM, LoraConfig, ModelConfig, add_lora
+from taskpgm_jax.models import LoraConfig, ModelConfig
+from tests.models.conftest import random_model as _random_model
 
 # Float32 compute so that equality tests compare trajectories, not bf16 rounding.
 TINY = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -22,16 +22,8 @@ SEQ, BATCH = 16, 8
 
 
 def random_model(cfg=TINY, seed=0, lora: LoraConfig | None = None, std=0.3):
-    """A model (optionally with adapters) with every variable N(0, std) from NumPy (B too, so
-    adapter gradients reach both factors)."""
-    def make():
-        model = CausalLM(cfg, rngs=nnx.Rngs(0))
-        return model if lora is None else add_lora(model, lora, rngs=nnx.Rngs(1))
-
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype), state)
-    return nnx.merge(graphdef, state)
+    """The shared NumPy-drawn tiny model (tests/models/conftest.py), TINY by default."""
+    return _random_model(cfg, seed=seed, std=std, lora=lora)
 
 
 def successor_seqs(rng, n, *, offset=1, vocab=TINY.vocab_size, lo=6, hi=SEQ):
