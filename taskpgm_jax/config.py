@@ -1,0 +1,437 @@
+"""Experiment configuration: frozen dataclasses for every stage, YAML loading, dotted overrides.
+
+A run is described by one `RunConfig`. Each stage of the pipeline receives only its own section
+(`cfg.single_task`, `cfg.mrf`, ...), and the cache keys a stage by that section plus the keys of
+its inputs, so changing one setting reruns only what depends on it.
+
+    cfg = load_config("experiments/configs/demo.yaml", ["single_task.steps=50", "seeds=[0]"])
+
+Unknown keys, wrong types and impossible values raise `ConfigError`, which names the dotted key
+(and the file) and says what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCRATCH_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+SOURCES = ("synthetic", "bigbench", "files", "hub")
+MIXTURE_METHODS = ("taskpgm_jsd", "taskpgm_pmi", "greedy", "uniform", "size_proportional",
+                   "temperature")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key (and file) and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+    """The planted suite (`taskpgm_jax.data.synthetic_suite`)."""
+
+    seed: int = 0
+    cluster_sizes: tuple[int, ...] = (4, 3, 3, 2, 2)
+    n_unique: int = 2
+    n_noise: int = 2
+    examples: tuple[int, int] = (150, 400)
+    heldout_examples: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class BigbenchData:
+    """BIG-bench JSON tasks (`taskpgm_jax.data.load_bigbench`); `bbh` is held out by default."""
+
+    tasks: tuple[str, ...] | None = None  # None: every JSON task not held out
+    keywords: tuple[str, ...] | None = None
+    heldout: tuple[str, ...] = ("bbh",)
+    max_tasks: int | None = None  # keep the first N training tasks (sorted by name)
+    cache_dir: str | None = None
+    archive: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesData:
+    """Local JSONL / JSON / Parquet task files (`taskpgm_jax.data.load_task_files`)."""
+
+    path: str | None = None
+    heldout_path: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # our field -> the file's column
+    kind: str | None = None
+    task_column: str = "task"
+
+
+@dataclasses.dataclass(frozen=True)
+class HubData:
+    """Hugging Face datasets (`taskpgm_jax.data.HubSpec` fields, one mapping per dataset)."""
+
+    train: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    heldout: tuple[tuple[tuple[str, Any], ...], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the task pool and the held-out suite come from, and how tasks are split."""
+
+    source: str = "synthetic"
+    synthetic: SyntheticData = SyntheticData()
+    bigbench: BigbenchData = BigbenchData()
+    files: FilesData = FilesData()
+    hub: HubData = HubData()
+    probe_fraction: float = 0.1
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    max_examples_per_task: int | None = None  # cap on each task's examples (first N by hash)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """`bpe`: a byte-level BPE trained on the pool's training text; `pretrained`: load one."""
+
+    kind: str = "bpe"
+    vocab_size: int = 512
+    path: str | None = None  # pretrained: a tokenizer directory (default: the model's checkpoint)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Brief language-model pretraining of a from-scratch base on the pool's training text."""
+
+    steps: int = 200
+    learning_rate: float = 3e-3
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """The base model every fine-tune starts from.
+
+    source: "scratch" (a small decoder of `size`, pretrained briefly), "hf" (a local Hugging Face
+    checkpoint directory at `checkpoint`) or "preset" (a named architecture, random weights;
+    only for dry runs and benchmarks).
+    """
+
+    source: str = "scratch"
+    checkpoint: str | None = None
+    preset: str | None = None
+    # scratch: `ModelConfig` sizes that replace those of `SCRATCH_SIZE` (vocab_size comes from
+    # the tokenizer); a mapping in YAML, e.g. {hidden_size: 128, num_hidden_layers: 4}.
+    size: tuple[tuple[str, int], ...] = ()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    seq_len: int = 64
+    remat: bool = False
+    pretrain: PretrainConfig = PretrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning phase (single-task models or the mixture fine-tunes)."""
+
+    trainable: str = "lora"  # "lora" or "full"
+    steps: int = 100
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    checkpoint_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    batch_size: int = 16
+    max_examples_per_task: int | None = None
+    per_token: bool = False  # L from per-token means instead of per-example sums
+
+
+@dataclasses.dataclass(frozen=True)
+class MrfConfig:
+    """Potentials, solver and the budgeted selection (DESIGN.md 4)."""
+
+    unary: str = "centrality"  # or "utility" (measured transfer gain)
+    beta: float = 1.0
+    lam: float | None = None  # None: the number of tasks T
+    ridge: float | None = None
+    solver: str = "exact"  # "exact", "closed_form" or "softmax"
+    jsd_affinity: str = "linear"  # "linear" (1 - D / ln 2) or "rbf" (exp(-D / tau))
+    jsd_tau: float | None = None
+    select_tasks: int | None = None  # greedy cardinality budget (None: half the tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    methods: tuple[str, ...] = MIXTURE_METHODS
+    budget: int = 2000  # training examples drawn for each mixture fine-tune
+    temperature_tau: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    max_examples_per_task: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """("data", "fsdp", "tensor") sizes; -1 takes the devices left over (at most one axis)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Memory per device for the dry run's fit check (None: ask the device, when it says).
+    device_memory_gb: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: BaseModelConfig = BaseModelConfig()
+    lora: LoraSection = LoraSection()
+    single_task: FinetuneConfig = FinetuneConfig()
+    probe: ProbeConfig = ProbeConfig()
+    mrf: MrfConfig = MrfConfig()
+    mixture: MixtureConfig = MixtureConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        _validate(self)
+
+
+# -- validation of values (types are checked while parsing) -------------------------------------
+
+def _validate(cfg: RunConfig) -> None:
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what}")
+
+    d, m = cfg.data, cfg.model
+    need(len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds",
+         f"give at least one seed, without repeats; got {list(cfg.seeds)}")
+    need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
+    need(0 < d.probe_fraction and 0 < d.eval_fraction and d.probe_fraction + d.eval_fraction < 1,
+         "data.probe_fraction", "probe and eval fractions must be > 0 and sum to less than 1")
+    if d.source == "files":
+        need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
+    if d.source == "hub":
+        need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
+    need(cfg.tokenizer.kind in ("bpe", "pretrained"), "tokenizer.kind",
+         f"must be 'bpe' or 'pretrained', got {cfg.tokenizer.kind!r}")
+    need(m.source in ("scratch", "hf", "preset"), "model.source",
+         f"must be 'scratch', 'hf' or 'preset', got {m.source!r}")
+    if m.source == "hf":
+        need(m.checkpoint is not None, "model.checkpoint",
+             "source 'hf' needs the local checkpoint directory (config.json + *.safetensors)")
+    if m.source == "preset":
+        need(m.preset is not None, "model.preset", "source 'preset' needs a preset name")
+    if m.source == "scratch":
+        bad = sorted(set(dict(m.size)) - set(SCRATCH_SIZE) - {"intermediate_size"})
+        need(not bad, "model.size", f"unknown sizes {bad}; give any of {sorted(SCRATCH_SIZE)}")
+        need(cfg.tokenizer.kind == "bpe", "tokenizer.kind",
+             "a from-scratch model trains its own tokenizer: use 'bpe'")
+    for key in ("dtype", "param_dtype"):
+        need(getattr(m, key) in ("float32", "bfloat16"), f"model.{key}",
+             f"must be 'float32' or 'bfloat16', got {getattr(m, key)!r}")
+    need(m.seq_len >= 8, "model.seq_len", f"must be >= 8, got {m.seq_len}")
+    for section in ("single_task", "finetune"):
+        ft: FinetuneConfig = getattr(cfg, section)
+        need(ft.trainable in ("lora", "full"), f"{section}.trainable",
+             f"must be 'lora' or 'full', got {ft.trainable!r}")
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            need(getattr(ft, key) > 0, f"{section}.{key}", "must be > 0")
+        need(ft.batch_size % ft.grad_accum == 0, f"{section}.grad_accum",
+             f"must divide batch_size={ft.batch_size}")
+        need(ft.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+    bad = [x for x in cfg.mixture.methods if x not in MIXTURE_METHODS]
+    need(not bad and len(cfg.mixture.methods) > 0, "mixture.methods",
+         f"unknown {bad}; choose from {MIXTURE_METHODS}")
+    need(cfg.mixture.budget > 0, "mixture.budget", "must be > 0 (training examples per mixture)")
+    need(cfg.mrf.solver in ("exact", "closed_form", "softmax"), "mrf.solver",
+         f"must be 'exact', 'closed_form' or 'softmax', got {cfg.mrf.solver!r}")
+    need(cfg.mrf.unary in ("centrality", "utility"), "mrf.unary",
+         f"must be 'centrality' or 'utility', got {cfg.mrf.unary!r}")
+    need(cfg.mrf.jsd_affinity in ("linear", "rbf"), "mrf.jsd_affinity", "must be linear or rbf")
+    if cfg.mrf.jsd_affinity == "rbf":
+        need(cfg.mrf.jsd_tau is not None and cfg.mrf.jsd_tau > 0, "mrf.jsd_tau",
+             "the rbf affinity needs a temperature > 0 (nats)")
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
+         f"axis sizes must be positive, with at most one -1; got {sizes}")
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str):
+    """`value` (from YAML) as type `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping of "
+                              f"{[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return _freeze(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:
+            value = list(value.items())  # a YAML mapping stored as hashable (key, value) pairs
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"under {prefix!r}" if prefix else "at the top level"
+            raise ConfigError(f"config key {key!r} is unknown{hint}; valid keys {where}: "
+                              f"{', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`["a.b=1", "c=[0, 1]"]` -> nested dict; values are parsed as YAML scalars / lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. "
+                              "single_task.steps=50)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: dict, overrides: Sequence[str] = ()) -> RunConfig:
+    """A validated `RunConfig` from a (YAML-shaped) mapping and dotted overrides."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    return _build(RunConfig, _merge(raw, parse_overrides(overrides)), "")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML config, applies `key=value` overrides and validates the result.
+
+    Raises:
+      ConfigError: unreadable file, invalid YAML, unknown key, wrong type or impossible value;
+        the message names the file and the dotted key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r}: cannot read it ({e.strerror}).") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r}: not valid YAML ({e}).") from None
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(obj) -> Any:
+    """A JSON/YAML-able view of a config (tuples become lists, pair tuples stay lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of config sections and input keys (canonical JSON)."""
+    text = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"),
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
