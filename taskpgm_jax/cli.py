@@ -1,11 +1,13 @@
 """The `taskpgm` command.
 
+    taskpgm run CONFIG.yaml [--run-dir DIR] [--dry-run] [key=value ...]
+    taskpgm report RUN_DIR
     taskpgm mixture solve --affinity S.npy [--names names.txt] [--method exact] [--budget N]
     taskpgm data fetch bigbench [--cache-dir DIR]
     taskpgm bench divergence|mrf|model|adapters|probe [benchmark options]
 
-Errors are one line naming the option or file and what to do; `--debug` shows the traceback.
-The end-to-end `taskpgm run CONFIG.yaml` arrives with the pipeline.
+Errors are one line naming the option, config key or file and what to do; `--debug` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def mixture_solve(args) -> int:
 
     matrix = _load_affinity(args.affinity)
     names = _read_names(args.names, matrix.shape[0])
-    lam = float(args.lam) if args.lam is not None else float(matrix.shape[0])
+    # 2T: beta / lam = 1 / (2T), halfway from uniform (1 / T) to the inverse-affinity weights.
+    lam = float(args.lam) if args.lam is not None else 2.0 * matrix.shape[0]
     try:
         pot = potentials(matrix, "centrality", beta=args.beta, lam=lam)
         sol = solve(pot, args.method)
@@ -91,6 +94,39 @@ def mixture_solve(args) -> int:
     for i in order[:min(10, len(order))]:
         print(f"  {weights[i]:.4f}  {names[i]}")
     print(f"wrote {out}/mixture.json and the exports beside it")
+    return 0
+
+
+def run(args) -> int:
+    """The whole pipeline (or, with --dry-run, its plan) for one config."""
+    from taskpgm_jax.config import load_config
+    from taskpgm_jax.distributed import maybe_initialize
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from taskpgm_jax.pipeline.dryrun import dry_run, format_dry_run
+
+        report = dry_run(cfg)
+        print(format_dry_run(report))
+        return 0 if report.fits else 3
+    maybe_initialize()
+    from taskpgm_jax.pipeline.run import run_pipeline
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    results = run_pipeline(cfg, run_dir, progress=not args.no_progress)
+    print(f"results: {run_dir / 'results.json'}; report: {run_dir / 'report.md'}")
+    for method, entry in results["methods"].items():
+        print(f"  {method:18s} {results['metric']} {entry['mean']:.4f} +- {entry['std']:.4f}")
+    return 0
+
+
+def report(args) -> int:
+    from taskpgm_jax.pipeline.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise CliError(f"report: {args.run_dir} is not a directory; give a run directory "
+                       "written by `taskpgm run`.")
+    print(f"wrote {write_report(Path(args.run_dir))}")
     return 0
 
 
@@ -121,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    run_p = sub.add_parser("run", help="run (or resume) an experiment config end to end")
+    run_p.add_argument("config", help="experiment YAML, e.g. experiments/configs/demo.yaml")
+    run_p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted config overrides, e.g. single_task.steps=50 seeds=[0]")
+    run_p.add_argument("--run-dir", help="run directory (default runs/<name>); reusing one "
+                       "skips finished stages")
+    run_p.add_argument("--dry-run", action="store_true", help="validate, size the models "
+                       "abstractly and estimate memory per device per stage; compute nothing")
+    run_p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
+
+    report_p = sub.add_parser("report", help="(re)write report.md and figures of a run")
+    report_p.add_argument("run_dir")
+
     mixture = sub.add_parser("mixture", help="mixture weights from an affinity matrix")
     msub = mixture.add_subparsers(dest="action", required=True)
     solve_p = msub.add_parser("solve", help="solve the MRF on your own affinity matrix")
@@ -128,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     solve_p.add_argument("--names", help="task names, one per line (default task_0 ...)")
     solve_p.add_argument("--method", default="exact", choices=METHODS)
     solve_p.add_argument("--beta", type=float, default=1.0, help="unary weight (> 0)")
-    solve_p.add_argument("--lam", type=float, default=None, help="pairwise weight (default T)")
+    solve_p.add_argument("--lam", type=float, default=None, help="pairwise weight (default 2T; at beta/lam = 1/T the "
+                         "centrality mixture is exactly uniform)")
     solve_p.add_argument("--budget", type=int, default=None,
                          help="also write integer example counts summing to this budget")
     solve_p.add_argument("--out", default="mixture", help="output directory")
@@ -148,9 +200,18 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     passthrough = args.command in ("bench", "data")
+    if args.command == "run":
+        # Overrides may come after options (argparse stops filling the positional list there).
+        extra = [r for r in rest if "=" in r and not r.startswith("-")]
+        args.overrides = [*args.overrides, *extra]
+        rest = [r for r in rest if r not in extra]
     if rest and not passthrough:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
+        if args.command == "run":
+            return run(args)
+        if args.command == "report":
+            return report(args)
         if args.command == "mixture":
             return mixture_solve(args)
         if args.command == "data":
@@ -166,6 +227,12 @@ def main(argv=None) -> int:
             raise
         print(f"taskpgm: error: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("taskpgm: interrupted; run the same command again to resume (finished stages "
+              "are kept, training resumes from its last checkpoint)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

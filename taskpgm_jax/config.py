@@ -167,7 +167,10 @@ class MrfConfig:
 
     unary: str = "centrality"  # or "utility" (measured transfer gain)
     beta: float = 1.0
-    lam: float | None = None  # None: the number of tasks T
+    # None: 2T. Only beta / lam matters: at 1/T the centrality mixture is exactly uniform, at 0
+    # it is the inverse-affinity weights S~^-1 1 (one share per redundant cluster); 1/(2T) is
+    # halfway. Ratios above 1/T move towards central (redundant) tasks instead.
+    lam: float | None = None
     ridge: float | None = None
     solver: str = "exact"  # "exact", "closed_form" or "softmax"
     jsd_affinity: str = "linear"  # "linear" (1 - D / ln 2) or "rbf" (exp(-D / tau))

@@ -1,0 +1,111 @@
+"""The run directory: stage artifacts keyed by a hash of their config and inputs.
+
+    RUN_DIR/
+      config.yaml                 the resolved config of the latest invocation
+      manifest.json               stage label -> its artifact directory (for the report)
+      stages/<name>-<key>/        a finished stage (its existence is the "done" flag)
+      stages/<name>-<key>.partial/  a stage in progress: checkpoints live here, so a killed run
+                                  resumes inside the stage; renamed to the final name at the end
+      results.json, report.md, figures/
+
+A finished stage directory only ever appears through one `os.replace` of its complete partial
+directory, so a half-written artifact is never taken for a finished one. Files written outside
+stages (results, manifest) go through a temporary name and a rename too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def is_writer() -> bool:
+    """Only process 0 writes host-side files (every process writes its part of a checkpoint)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write then rename: an interrupted write never leaves a truncated file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_npy(path: str | os.PathLike, array) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, np.asarray(array))
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Stage bookkeeping in one run directory.
+
+    Example:
+      >>> run = RunDir("runs/demo")
+      >>> if not run.done("probe", key):
+      ...     work = run.begin("probe", key)
+      ...     write_npy(work / "divergence.npy", D)
+      ...     run.finish("probe", key)
+      >>> D = np.load(run.path("probe", key) / "divergence.npy")
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.stages = self.root / "stages"
+        self.stages.mkdir(parents=True, exist_ok=True)
+        self.manifest: dict[str, str] = {}
+
+    def path(self, name: str, key: str) -> Path:
+        return self.stages / f"{name}-{key}"
+
+    def done(self, name: str, key: str) -> bool:
+        return self.path(name, key).is_dir()
+
+    def begin(self, name: str, key: str) -> Path:
+        """The stage's work directory; kept from an interrupted attempt (it holds checkpoints)."""
+        work = self.stages / f"{name}-{key}.partial"
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+
+    def finish(self, name: str, key: str) -> Path:
+        """Publishes the work directory under the final name (atomically)."""
+        import jax
+
+        final = self.path(name, key)
+        if jax.process_count() > 1:
+            # Every process's checkpoint writes must be complete before process 0 renames.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"taskpgm finish {name}-{key}")
+        if is_writer():
+            work = self.stages / f"{name}-{key}.partial"
+            ckpt = work / "checkpoints"
+            if ckpt.exists():  # training checkpoints are only needed to resume inside the stage
+                shutil.rmtree(ckpt)
+            os.replace(work, final)
+        return final
+
+    def record(self, label: str, name: str, key: str) -> None:
+        """Notes which artifact directory a stage label uses (written by `write_manifest`)."""
+        self.manifest[label] = os.path.relpath(self.path(name, key), self.root)
+
+    def write_manifest(self, extra: dict[str, Any] | None = None) -> None:
+        if is_writer():
+            write_json(self.root / "manifest.json", {"stages": self.manifest, **(extra or {})})

@@ -1,0 +1,168 @@
+"""The run's inputs: the task pool and held-out suite, the tokenizer, and the base model config.
+
+`load_pools` reads the data every time (it is cheap next to training) and keys it by content:
+the fingerprint of every task's examples in pool order, so an edited file or a reordered pool
+reruns what depends on it while an unchanged one does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from taskpgm_jax.config import (
+    SCRATCH_SIZE,
+    BaseModelConfig,
+    ConfigError,
+    DataConfig,
+    config_hash,
+)
+from taskpgm_jax.data import (
+    DataError,
+    SplitSpec,
+    TaskPool,
+    load_bigbench,
+    load_hub_tasks,
+    load_task_files,
+    synthetic_suite,
+)
+from taskpgm_jax.data.materialize import task_fingerprint
+from taskpgm_jax.models import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Pools(NamedTuple):
+    """train: the task pool mixtures draw from; heldout: the evaluation suite (eval split only);
+    clusters: planted cluster per training task (synthetic suite) or None; key: content hash."""
+
+    train: TaskPool
+    heldout: TaskPool
+    clusters: dict[str, str] | None
+    key: str
+
+
+def _cap(pool: TaskPool, limit: int | None, heldout: TaskPool | None = None) -> TaskPool:
+    if limit is None:
+        return pool
+    tasks = [dataclasses.replace(t, examples=t.examples.select(range(min(limit, len(t)))))
+             for t in pool.tasks]
+    return TaskPool(tasks, pool.split_spec, cluster_labels=pool.cluster_labels, heldout=heldout)
+
+
+def load_pools(cfg: DataConfig) -> Pools:
+    """The training pool and the held-out suite described by `cfg`.
+
+    Raises:
+      ConfigError: an empty pool, fewer than two tasks, or a held-out suite that overlaps it.
+      DataError: from the sources (a bad file names the file and line).
+    """
+    split = SplitSpec(probe=cfg.probe_fraction, eval=cfg.eval_fraction, seed=cfg.split_seed)
+    eval_only = SplitSpec(probe=0.0, eval=1.0, seed=cfg.split_seed)
+    clusters = None
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        pool = synthetic_suite(s.seed, cluster_sizes=s.cluster_sizes, n_unique=s.n_unique,
+                               n_noise=s.n_noise, examples=s.examples,
+                               heldout_examples=s.heldout_examples, split=split)
+        heldout, clusters = pool.heldout, dict(pool.cluster_labels)
+    elif cfg.source == "bigbench":
+        b = cfg.bigbench
+        kw = {"cache_dir": b.cache_dir, "archive": b.archive}
+        held_spec = b.heldout[0] if b.heldout == ("bbh",) else list(b.heldout)
+        heldout = load_bigbench(held_spec, split=eval_only, **kw)
+        pool = load_bigbench(list(b.tasks) if b.tasks else None, keywords=b.keywords,
+                             split=split, **kw)
+        keep = [n for n in sorted(pool.names) if n not in set(heldout.names)]
+        pool = pool.select(keep[:b.max_tasks] if b.max_tasks else keep)
+    elif cfg.source == "files":
+        f = cfg.files
+        kw = {"columns": dict(f.columns) or None, "kind": f.kind, "task_column": f.task_column}
+        pool = load_task_files(f.path, split=split, **kw)
+        if f.heldout_path is None:
+            raise ConfigError("config key 'data.files.heldout_path': give the held-out "
+                              "evaluation tasks (e.g. a BBH directory of JSONL files)")
+        heldout = load_task_files(f.heldout_path, split=eval_only, **kw)
+    else:
+        pool = load_hub_tasks([dict(s) for s in cfg.hub.train], split=split)
+        if not cfg.hub.heldout:
+            raise ConfigError("config key 'data.hub.heldout': give at least one held-out dataset")
+        heldout = load_hub_tasks([dict(s) for s in cfg.hub.heldout], split=eval_only)
+    if len(pool) < 2:
+        raise ConfigError(f"config key 'data.source' ({cfg.source}): the task pool has "
+                          f"{len(pool)} task(s); TaskPGM needs at least two (check the task "
+                          "list, keywords or paths)")
+    if len(heldout) == 0:
+        raise ConfigError(f"config key 'data.source' ({cfg.source}): the held-out suite is empty")
+    overlap = sorted(set(pool.names) & set(heldout.names))
+    if overlap:
+        raise ConfigError(f"data: held-out tasks also in the training pool: {overlap[:5]}; "
+                          "remove them from one of the two")
+    heldout = _cap(heldout, cfg.max_examples_per_task)
+    pool = _cap(pool, cfg.max_examples_per_task, heldout)
+    for name in pool.names:
+        for part in ("train", "probe"):
+            if pool.split_sizes(part)[name] == 0:
+                fix = ("raise data.probe_fraction" if part == "probe"
+                       else "lower data.probe_fraction / data.eval_fraction")
+                raise DataError(f"task {name!r} has no {part} examples ({pool.sizes[name]} in "
+                                f"all): {fix}, or drop the task")
+    prints = [(n, task_fingerprint(pool, n)) for n in pool.names]
+    held_prints = [(n, task_fingerprint(heldout, n)) for n in heldout.names]
+    key = config_hash(prints, held_prints, dataclasses.asdict(split), clusters)
+    return Pools(pool, heldout, clusters, key)
+
+
+def training_texts(pool: TaskPool):
+    """Every prompt, target and choice of the training splits (the tokenizer's corpus)."""
+    for name in pool.names:
+        cols = pool.train(name)[:]
+        for prompt, target, choices in zip(cols["prompt"], cols["target"], cols["choices"]):
+            yield prompt
+            yield target
+            yield from choices
+
+
+def file_digest(paths) -> str:
+    """Content hash of files (tokenizers, configs); sizes only for large weight files."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        if p.stat().st_size > 64 << 20:
+            h.update(str(p.stat().st_size).encode())  # weights: reading GBs to hash is too slow
+        else:
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_dir(cfg: BaseModelConfig) -> Path:
+    """The HF checkpoint directory of `model.source: hf`, checked to hold a config and weights."""
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"config key 'model.checkpoint': directory {str(path)!r} does not "
+                          "exist; point it at a Hugging Face checkpoint directory "
+                          "(config.json + *.safetensors)")
+    missing = [n for n in ("config.json",) if not (path / n).exists()]
+    if missing or not list(path.glob("*.safetensors")):
+        raise ConfigError(f"config key 'model.checkpoint': {str(path)!r} has no "
+                          f"{'config.json' if missing else '*.safetensors weights'}; a Hugging "
+                          "Face checkpoint directory holds both")
+    return path
+
+
+def scratch_config(cfg: BaseModelConfig, vocab_size: int) -> ModelConfig:
+    """The from-scratch model: `SCRATCH_SIZE` with the config's sizes on top."""
+    sizes = {**SCRATCH_SIZE, **dict(cfg.size)}
+    if "intermediate_size" not in dict(cfg.size):
+        sizes["intermediate_size"] = 2 * sizes["hidden_size"]
+    return ModelConfig(vocab_size=vocab_size, dtype=_DTYPES[cfg.dtype],
+                       param_dtype=_DTYPES[cfg.param_dtype], remat=cfg.remat,
+                       max_position_embeddings=max(cfg.seq_len, 128), **sizes)
+
+
+def dtypes(cfg: BaseModelConfig):
+    return _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]

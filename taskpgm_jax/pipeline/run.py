@@ -1,0 +1,221 @@
+"""`run_pipeline`: the whole TaskPGM experiment, stage by stage, cached and resumable.
+
+    data -> tokenizer -> base -> single_task -> probe -> mixtures -> finetune x (method, seed)
+         -> eval x (method, seed) -> results.json -> report.md
+
+Every stage's key hashes its own config section and the keys of its inputs (the data key is a
+hash of the examples' content and the task order). A finished stage is skipped; a changed
+setting reruns exactly the stages whose keys change: e.g. `mrf.beta` reruns the mixtures and
+the TaskPGM fine-tunes, but not the baselines' fine-tunes, whose keys hash their weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskpgm_jax.config import RunConfig, config_hash, dump_config, to_dict
+from taskpgm_jax.mrf import Mixture
+from taskpgm_jax.pipeline import stages
+from taskpgm_jax.pipeline.cache import (
+    RunDir,
+    is_writer,
+    read_json,
+    write_json,
+    write_npy,
+    write_text,
+)
+from taskpgm_jax.pipeline.inputs import Pools, checkpoint_dir, file_digest, load_pools
+from taskpgm_jax.pipeline.results import summarise
+
+
+class StageLog:
+    """One line per stage: whether it ran or was cached, how long it took, what it found."""
+
+    def __init__(self, echo: Callable[[str], None] = print):
+        self.echo = echo
+        self.seconds: dict[str, float] = {}
+        self.ran: list[str] = []
+
+    def run(self, run: RunDir, label: str, name: str, key: str, compute: Callable[[Path], dict],
+            describe: Callable[[dict], str] = lambda info: "") -> Path:
+        run.record(label, name, key)
+        if run.done(name, key):
+            info_file = run.path(name, key) / "stage.json"
+            info = read_json(info_file) if info_file.exists() else {}
+            self.echo(f"[{label}] cached ({name}-{key}) {describe(info.get('info', {}))}".rstrip())
+            return run.path(name, key)
+        start = time.perf_counter()
+        work = run.begin(name, key)
+        info = compute(work) or {}
+        seconds = time.perf_counter() - start
+        if is_writer():
+            write_json(work / "stage.json", {"stage": name, "key": key, "seconds": seconds,
+                                             "info": info})
+        path = run.finish(name, key)
+        self.seconds[label] = seconds
+        self.ran.append(label)
+        self.echo(f"[{label}] done in {seconds:.1f} s {describe(info)}".rstrip())
+        return path
+
+
+def _mesh(cfg: RunConfig):
+    import jax
+
+    from taskpgm_jax.sharding import make_mesh
+
+    if jax.device_count() == 1:
+        return None
+    m = cfg.mesh
+    return make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+
+def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
+                 echo: Callable[[str], None] = print, report: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) the experiment `cfg` in `run_dir`.
+
+    Args:
+      cfg: the validated run config (`taskpgm_jax.config.load_config`).
+      run_dir: the run directory (created); reusing one skips finished stages.
+      progress: progress bars for training stages.
+      echo: where the one-line stage summaries go.
+      report: write report.md and the figures at the end.
+
+    Returns:
+      The results dict (also written to `run_dir/results.json`).
+    """
+    run = RunDir(run_dir)
+    log = StageLog(echo)
+    if is_writer():
+        write_text(run.root / "config.yaml", dump_config(cfg))
+    mesh = _mesh(cfg)
+    seq_len = cfg.model.seq_len
+
+    start = time.perf_counter()
+    pools: Pools = load_pools(cfg.data)
+    pool = pools.train
+    log.seconds["data"] = time.perf_counter() - start
+    echo(f"[data] {len(pool)} training tasks, {len(pools.heldout)} held-out tasks, "
+         f"{sum(pool.split_sizes('train').values())} training examples (key {pools.key})")
+
+    # Tokenizer and base model.
+    if cfg.model.source == "hf":
+        ckpt = checkpoint_dir(cfg.model)
+        base_key = config_hash(cfg.model, file_digest([ckpt / "config.json",
+                                                       *ckpt.glob("*.safetensors")]))
+        base_dir = ckpt
+        tok_dir = Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else ckpt
+    elif cfg.model.source == "preset":
+        from taskpgm_jax.config import ConfigError
+
+        raise ConfigError("config key 'model.source': 'preset' models have random weights and "
+                          "are only for `taskpgm run --dry-run`; use 'hf' with a checkpoint or "
+                          "'scratch'")
+    else:
+        tok_key = config_hash("bpe", cfg.tokenizer, pools.key)
+        tok_stage = log.run(run, "tokenizer", "tokenizer", tok_key, lambda work: (
+            stages.train_tokenizer(pool, cfg.tokenizer.vocab_size, work) or {}))
+        tok_dir = tok_stage / "tokenizer"
+        tokenizer = stages.base_tokenizer(tok_dir)
+        base_key = config_hash(cfg.model, tok_key, pools.key)
+        base_dir = log.run(
+            run, "base", "base", base_key,
+            lambda work: stages.pretrain_base(pool, tokenizer, cfg.model, work, mesh=mesh,
+                                              progress=progress),
+            lambda info: f"final LM loss {info['loss'][-1]:.3f}" if info.get("loss") else "",
+        ) / "model"
+    tokenizer = stages.base_tokenizer(tok_dir)
+    base = stages.load_base(base_dir, cfg.model, mesh=mesh)
+
+    # Single-task adapters, then the probe.
+    single_key = config_hash(cfg.single_task, cfg.lora, base_key, pools.key, seq_len)
+    single_dir = log.run(
+        run, "single_task", "single_task", single_key,
+        lambda work: stages.train_single_task(base, tokenizer, pool, cfg.single_task, cfg.lora,
+                                              seq_len, work, mesh=mesh, progress=progress),
+        lambda info: f"{len(pool)} adapters trained side by side")
+    probe_key = config_hash(cfg.probe, single_key, seq_len)
+
+    def probe(work):
+        model, adapters = stages.load_adapters(base, cfg.lora, len(pool), single_dir)
+        return stages.run_probe(model, adapters, tokenizer, pool, cfg.probe, seq_len, work)
+
+    probe_dir = log.run(run, "probe", "probe", probe_key, probe, lambda info: (
+        f"{info.get('probe_examples')} probe examples, mean JSD {info.get('mean_jsd', 0):.4f} nats"))
+
+    # Mixtures.
+    mix_key = config_hash(cfg.mrf, cfg.mixture.methods, cfg.mixture.temperature_tau, probe_key,
+                          pools.key)
+
+    def mixtures(work):
+        from taskpgm_jax.pipeline.mixtures import compute_mixtures
+
+        D = np.load(probe_dir / "divergence.npy")
+        L = np.load(probe_dir / "crosslik.npy")
+        base_row = np.load(probe_dir / "base_loglik.npy")
+        ms = compute_mixtures(pool.names, D, L, base_row, pool.split_sizes("train"), cfg.mrf,
+                              cfg.mixture)
+        if is_writer():
+            write_npy(work / "affinity_jsd.npy", ms.affinities["jsd"])
+            write_npy(work / "affinity_pmi.npy", ms.affinities["pmi"])
+            write_json(work / "mixtures.json", {m: _mixture_dict(x) for m, x in ms.mixtures.items()})
+            write_json(work / "solver_trace.json", ms.trace)
+            write_json(work / "greedy.json", ms.greedy)
+            if pools.clusters is not None:
+                write_json(work / "clusters.json", pools.clusters)
+        return {m: round(max(x.weights), 3) for m, x in ms.mixtures.items()}
+
+    mix_dir = log.run(run, "mixtures", "mixtures", mix_key, mixtures, lambda info: (
+        "largest weight " + ", ".join(f"{m} {w}" for m, w in info.items())))
+    mixture_set = {m: Mixture(**{**d, "names": tuple(d["names"]), "weights": tuple(d["weights"])})
+                   for m, d in read_json(mix_dir / "mixtures.json").items()}
+
+    # Mixture fine-tunes and evaluation.
+    heldout = pools.heldout
+    if cfg.eval.max_examples_per_task is not None:
+        from taskpgm_jax.pipeline.inputs import _cap
+
+        heldout = _cap(heldout, cfg.eval.max_examples_per_task)
+    metrics: dict[str, dict[int, dict]] = {}
+    for method, mixture in mixture_set.items():
+        weights = mixture.as_dict()
+        for seed in cfg.seeds:
+            tag = f"{method}/seed{seed}"
+            ft_key = config_hash(cfg.finetune, cfg.lora if cfg.finetune.trainable == "lora" else None,
+                                 sorted(weights.items()), cfg.mixture.budget, seed, base_key,
+                                 pools.key, seq_len)
+            ft_dir = log.run(
+                run, f"finetune/{tag}", "finetune", ft_key,
+                lambda work, w=weights, s=seed: stages.finetune_mixture(
+                    base, tokenizer, pool, w, cfg.mixture.budget, s, cfg.finetune, cfg.lora,
+                    seq_len, work, mesh=mesh, progress=progress),
+                lambda info: f"final loss {info.get('final_loss', float('nan')):.3f}")
+            eval_key = config_hash(cfg.eval, ft_key, pools.key, seq_len)
+
+            def evaluate(work, ft_dir=ft_dir, seed=seed):
+                model = stages.load_finetuned(base, cfg.finetune, cfg.lora, seed, ft_dir)
+                return stages.evaluate_model(model, tokenizer, heldout, cfg.eval, seq_len, work)
+
+            eval_dir = log.run(run, f"eval/{tag}", "eval", eval_key, evaluate,
+                               lambda info: f"held-out macro mean {info.get('aggregate', 0):.4f}")
+            metrics.setdefault(method, {})[seed] = read_json(eval_dir / "metrics.json")
+
+    results = summarise(cfg, metrics, mixture_set, pools, run, log.seconds)
+    if is_writer():
+        write_json(run.root / "results.json", results)
+        run.write_manifest({"config": to_dict(cfg)})
+        if report:
+            from taskpgm_jax.pipeline.report import write_report
+
+            path = write_report(run.root)
+            echo(f"[report] {path}")
+    return results
+
+
+def _mixture_dict(m: Mixture) -> dict:
+    return {"names": list(m.names), "weights": list(m.weights), "unit": m.unit,
+            "provenance": dict(m.provenance)}

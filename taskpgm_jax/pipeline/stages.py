@@ -1,0 +1,237 @@
+"""The model stages: base model, single-task adapters, probe, mixture fine-tunes, evaluation.
+
+Each function computes one stage into a work directory (`RunDir.begin`) and leaves artifacts
+there; `run.py` decides what to run from the cache keys. Training stages checkpoint inside the
+work directory, so a run killed mid-stage resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from taskpgm_jax.config import (
+    BaseModelConfig,
+    EvalConfig,
+    FinetuneConfig,
+    LoraSection,
+    ProbeConfig,
+)
+from taskpgm_jax.data import (
+    HostIterator,
+    TaskPool,
+    encode_task,
+    load_tokenizer,
+    pad_batch,
+    sample_mixture,
+    train_byte_bpe,
+)
+from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward, evaluate
+from taskpgm_jax.hf import load_hf_checkpoint, save_hf_checkpoint
+from taskpgm_jax.models import LoraConfig, LoRAParam, add_lora, init_model
+from taskpgm_jax.pipeline.cache import is_writer, write_json, write_npy
+from taskpgm_jax.pipeline.inputs import dtypes, scratch_config, training_texts
+from taskpgm_jax.train import (
+    AdapterTrainer,
+    StackedIterator,
+    TrainConfig,
+    Trainer,
+    finetune,
+)
+from taskpgm_jax.train.adapters import init_adapters
+
+
+def _train_config(ft: FinetuneConfig, trainable: str | None = None) -> TrainConfig:
+    return TrainConfig(learning_rate=ft.learning_rate, total_steps=ft.steps,
+                       warmup_steps=min(ft.warmup_steps, ft.steps), weight_decay=ft.weight_decay,
+                       grad_accum=ft.grad_accum, trainable=trainable or ft.trainable)
+
+
+def _save_tree(path: Path, tree) -> None:
+    """An orbax checkpoint of a pure-dict pytree (every process writes its shards)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.absolute(), tree)
+
+
+def _restore_tree(path: Path, like):
+    """Restores into the shapes, dtypes and shardings of `like` (arrays or abstract)."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=getattr(x, "sharding", None)),
+                          like)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path.absolute(), target)
+
+
+def _lora(base, cfg: LoraSection, seed: int = 0):
+    """A copy of `base` with fresh adapters (`add_lora` works in place; the base stays clean)."""
+    return add_lora(nnx.clone(base), LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets),
+                    rngs=nnx.Rngs(seed))
+
+
+# -- tokenizer and base model -------------------------------------------------------------------
+
+def train_tokenizer(pool: TaskPool, vocab_size: int, work: Path) -> None:
+    train_byte_bpe(training_texts(pool), work / "tokenizer", vocab_size=vocab_size)
+
+
+def pretrain_base(pool: TaskPool, tokenizer, cfg: BaseModelConfig, work: Path, *, mesh=None,
+                  progress: bool = True) -> dict:
+    """A from-scratch base: random init, language-model training on every training text, then
+    written as a Hugging Face checkpoint (`work/model`), so every later stage loads it like a
+    real checkpoint."""
+    model_cfg = scratch_config(cfg, len(tokenizer))
+    model = init_model(model_cfg, seed=0, mesh=mesh)
+    seqs = []
+    for name in pool.names:
+        for s in encode_task(tokenizer, pool.train(name), max_length=cfg.seq_len):
+            # Pretraining predicts every token, prompt included.
+            seqs.append(dataclasses.replace(s, target_mask=np.ones(len(s), bool)))
+    pre = cfg.pretrain
+    trainer = Trainer(model, TrainConfig(learning_rate=pre.learning_rate, total_steps=pre.steps,
+                                         warmup_steps=min(20, pre.steps // 10),
+                                         trainable="full"), mesh=mesh)
+    data = HostIterator(seqs, batch_size=pre.batch_size, seq_len=cfg.seq_len, seed=0)
+    result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
+                      checkpoint_every=max(pre.steps // 4, 1), progress=progress,
+                      log_every=max(pre.steps // 10, 1))
+    save_hf_checkpoint(trainer.model(result.state), work / "model")
+    if is_writer():
+        tokenizer.save_pretrained(str(work / "model"))
+    return {"loss": [h["loss"] for h in result.history], "params": int(sum(
+        x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
+
+
+def load_base(directory: Path, cfg: BaseModelConfig, *, mesh=None):
+    """The base model from a Hugging Face checkpoint directory (ours or the user's)."""
+    dtype, param_dtype = dtypes(cfg)
+    return load_hf_checkpoint(directory, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
+                              remat=cfg.remat)
+
+
+def base_tokenizer(directory: Path):
+    return load_tokenizer(directory)
+
+
+# -- single-task adapters -----------------------------------------------------------------------
+
+def _task_iterator(tokenizer, rows, seq_len: int, batch_size: int, seed: int) -> HostIterator:
+    seqs = encode_task(tokenizer, rows, max_length=seq_len)
+    return HostIterator(seqs, batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora: LoraSection,
+                      seq_len: int, work: Path, *, mesh=None, progress: bool = True) -> dict:
+    """T LoRA adapters on the base, trained side by side (one vmapped step), saved to
+    `work/adapters`."""
+    model = _lora(base, lora)
+    adapters = init_adapters(model, len(pool), seed=0)
+    trainer = AdapterTrainer(model, _train_config(ft, "lora"), adapters, mesh=mesh)
+    data = StackedIterator([_task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, t)
+                            for t, n in enumerate(pool.names)])
+    result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
+                      checkpoint_every=ft.checkpoint_every, progress=progress,
+                      log_every=max(ft.steps // 10, 1))
+    _save_tree(work / "adapters", trainer.adapters(result.state).to_pure_dict())
+    last = result.history[-1]
+    return {"final_loss_per_task": dict(zip(pool.names, map(float, last["loss_per_adapter"])))}
+
+
+def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path):
+    model = _lora(base, lora)
+    template = init_adapters(model, num_tasks, seed=0)
+    restored = _restore_tree(directory / "adapters", template.to_pure_dict())
+    nnx.replace_by_pure_dict(template, restored)
+    return model, template
+
+
+# -- probe --------------------------------------------------------------------------------------
+
+def probe_batches(tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int):
+    """Padded probe batches over the union of the tasks' probe splits, with each row's task."""
+    seqs, tasks = [], []
+    for t, name in enumerate(pool.names):
+        rows = pool.probe(name)
+        if cfg.max_examples_per_task is not None:
+            rows = rows.select(range(min(cfg.max_examples_per_task, len(rows))))
+        encoded = encode_task(tokenizer, rows, max_length=seq_len)
+        seqs.extend(encoded)
+        tasks.extend([t] * len(encoded))
+    b = cfg.batch_size
+    for i in range(0, len(seqs), b):
+        chunk = seqs[i:i + b]
+        seg_tasks = np.full((b, 1), -1, np.int32)
+        seg_tasks[:len(chunk), 0] = tasks[i:i + b]
+        yield pad_batch(chunk, seq_len, b), seg_tasks
+
+
+def run_probe(model, adapters, tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int,
+              work: Path) -> dict:
+    """L, the base row and the task-level JSD D from every adapter on the shared probe set."""
+    forward, params = adapter_probe_forward(model, adapters)
+    scorer = ProbeScorer(forward, len(pool), len(pool), per_token=cfg.per_token)
+    state = scorer.init()
+    for batch, seg_tasks in probe_batches(tokenizer, pool, cfg, seq_len):
+        state = scorer.update(state, params, batch, seg_tasks)
+    L, base_row, D, counts = (np.asarray(x, np.float64) for x in scorer.result(state))
+    if is_writer():
+        write_npy(work / "divergence.npy", D)
+        write_npy(work / "crosslik.npy", L)
+        write_npy(work / "base_loglik.npy", base_row)
+        write_npy(work / "probe_counts.npy", counts)
+        write_json(work / "names.json", list(pool.names))
+    return {"probe_examples": int(counts.sum()), "mean_jsd": float(D[~np.eye(len(D), dtype=bool)].mean())}
+
+
+# -- mixture fine-tunes and evaluation ----------------------------------------------------------
+
+def finetune_mixture(base, tokenizer, pool: TaskPool, weights: dict[str, float], budget: int,
+                     seed: int, ft: FinetuneConfig, lora: LoraSection, seq_len: int, work: Path,
+                     *, mesh=None, progress: bool = True) -> dict:
+    """The target model on one mixture: `budget` examples drawn with `seed`, then `ft.steps`
+    steps (LoRA on the base, or full fine-tuning); the trained weights go to `work/params`."""
+    sample = sample_mixture(pool, weights, budget, seed=seed)
+    rows = list(sample.rows(pool))
+    seqs = encode_task(tokenizer, rows, max_length=seq_len)
+    model = _lora(base, lora, seed) if ft.trainable == "lora" else base
+    trainer = Trainer(model, _train_config(ft), mesh=mesh)
+    data = HostIterator(seqs, batch_size=ft.batch_size, seq_len=seq_len, seed=seed)
+    result = finetune(trainer, data, seed=seed, checkpoint_dir=str(work / "checkpoints"),
+                      checkpoint_every=ft.checkpoint_every, progress=progress,
+                      log_every=max(ft.steps // 10, 1))
+    _save_tree(work / "params", result.state.params.to_pure_dict())
+    return {"counts": sample.counts, "repeated": {k: list(v) for k, v in sample.repeated.items()},
+            "final_loss": float(result.history[-1]["loss"])}
+
+
+def load_finetuned(base, ft: FinetuneConfig, lora: LoraSection, seed: int, directory: Path):
+    """The fine-tuned target model (adapters merged into a copy of the base when LoRA)."""
+    model = _lora(base, lora, seed) if ft.trainable == "lora" else nnx.clone(base)
+    state = nnx.state(model, LoRAParam if ft.trainable == "lora" else nnx.Param)
+    restored = _restore_tree(directory / "params", state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model
+
+
+def evaluate_model(model, tokenizer, heldout: TaskPool, cfg: EvalConfig, seq_len: int,
+                   work: Path) -> dict:
+    """Scores the held-out suite; writes `metrics.json`."""
+    result = evaluate(model, tokenizer, heldout, split="eval", seq_len=seq_len,
+                      batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    per_task = {n: {"metric": r["metric"], "value": float(r["value"]), "count": int(r["count"])}
+                for n, r in result.per_task.items()}
+    record = {"aggregate": float(result.aggregate), "per_task": per_task}
+    if is_writer():
+        write_json(work / "metrics.json", record)
+    return record
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    if is_writer():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
