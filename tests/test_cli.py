@@ -25,7 +25,7 @@ def test_mixture_solve_writes_the_optimal_mixture_and_exports(tmp_path, rng, cap
     mix = json.loads((out / "mixture.json").read_text())
     w = np.array([dict(zip(mix["names"], mix["weights"]))[n] for n in names])
     # Independent float64 reference on the same (repaired) problem.
-    pot = potentials(S, beta=2.0, lam=float(t))
+    pot = potentials(S, beta=2.0, lam=2.0 * t)  # the default pairwise weight is 2T
     Q = np.asarray(pot.matrix, np.float64) * pot.lam
     c = pot.beta * np.asarray(pot.unary, np.float64)
     w_ref, _ = active_set_simplex_qp(Q, c)
