@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Run `taskpgm run CONFIG.yaml` on every worker of a TPU VM or slice at once.
+#
+# Usage:
+#   experiments/tpu/run.sh CONFIG.yaml [key=value ...] --zone ZONE [--name NAME] [--project ID]
+#       [--run-dir DIR] [--remote-dir DIR] [--venv DIR] [--env KEY=VALUE ...]
+#       [--log-dir LOCAL_DIR] [--detach | --status | --stop] [--dry-run]
+#
+# Example (the Llama-2-7B BBH experiment on a v4-32 slice, 16 devices all on the fsdp axis):
+#   experiments/tpu/run.sh experiments/configs/llama2_7b_bbh.yaml --zone us-central2-b \
+#       --name taskpgm-v4 model.checkpoint=~/models/Llama-2-7b-hf mesh.fsdp=16
+#
+# which runs, on every worker (gcloud compute tpus tpu-vm ssh taskpgm-v4 --worker=all ...):
+#   taskpgm run experiments/configs/llama2_7b_bbh.yaml --run-dir ~/taskpgm-runs/llama2_7b_bbh \
+#       model.checkpoint=~/models/Llama-2-7b-hf mesh.fsdp=16
+# with TASKPGM_DISTRIBUTED=auto, so that taskpgm_jax.distributed.maybe_initialize() starts
+# jax.distributed on the slice. CONFIG is a path in the project; when it exists here it is copied
+# to the workers first (local edits need no new setup.sh). A value starting with ~/ is expanded
+# on the workers.
+#
+# Logs: each worker appends to RUN_DIR/logs/worker-N.log; the streamed output of all workers
+# (lines prefixed "[worker N]") is also saved here in LOG_DIR (default tpu-logs/NAME).
+# Resuming: run the same command again. Finished pipeline stages are skipped and fine-tunes
+# resume from their last checkpoint. Ctrl-C stops the streaming, not the run: see --status and
+# --stop. The run directory (default ~/taskpgm-runs/<config name>) is per worker unless you give
+# a shared one (e.g. --run-dir /mnt/shared/runs/bbh after setup.sh --nfs); multi-worker slices
+# need the shared one for checkpoints, see experiments/tpu/README.md.
+#
+# Environment (flags win): TPU_NAME, ZONE, PROJECT_ID, RUN_DIR, REMOTE_DIR (~/taskpgm),
+# VENV_DIR (~/taskpgm-venv), RUNS_DIR (~/taskpgm-runs), LOG_DIR (tpu-logs/NAME).
+set -euo pipefail
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
+
+RUN_DIR=${RUN_DIR:-}
+LOG_DIR=${LOG_DIR:-}
+ACTION=run
+CONFIG=
+OVERRIDES=()
+ENVS=()
+
+usage() {
+  header_help
+  cat <<'TXT'
+Flags:
+  CONFIG.yaml            the experiment, e.g. experiments/configs/llama2_7b_bbh.yaml
+  key=value              dotted config overrides, passed on to taskpgm run
+  --name NAME / --zone ZONE / --project ID    the TPU (TPU_NAME, ZONE, PROJECT_ID)
+  --run-dir DIR          run directory on the workers (default ~/taskpgm-runs/<config name>)
+  --remote-dir DIR       project directory on the workers, as given to setup.sh (~/taskpgm)
+  --venv DIR             virtual environment on the workers, as given to setup.sh (~/taskpgm-venv)
+  --env KEY=VALUE        export this variable for the run on every worker (repeatable)
+  --log-dir DIR          local directory for the streamed logs (default tpu-logs/NAME)
+  --detach               start the run in the background and return (see --status, --stop)
+  --status               say whether the run is alive on each worker, with its last log lines
+  --stop                 stop the run on every worker (SIGTERM to its process group)
+  --dry-run              print the commands and the worker script instead of running them
+  -h, --help             this text
+TXT
+}
+
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
+    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
+    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
+    --run-dir) need_value "$1" "${2-}"; RUN_DIR=$2; shift 2 ;;
+    --remote-dir) need_value "$1" "${2-}"; REMOTE_DIR=$2; shift 2 ;;
+    --venv) need_value "$1" "${2-}"; VENV_DIR=$2; shift 2 ;;
+    --log-dir) need_value "$1" "${2-}"; LOG_DIR=$2; shift 2 ;;
+    --env)
+      need_value "$1" "${2-}"
+      [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env '$2' is not KEY=VALUE"
+      ENVS+=("$2")
+      shift 2
+      ;;
+    --detach) ACTION=detach; shift ;;
+    --status) ACTION=status; shift ;;
+    --stop) ACTION=stop; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -*) usage_error "unknown flag '$1'" ;;
+    *=*)
+      [[ -n $CONFIG ]] || usage_error "'$1' comes before CONFIG.yaml: give the config file first"
+      check_override "$1"
+      OVERRIDES+=("$1")
+      shift
+      ;;
+    *)
+      [[ -z $CONFIG ]] || usage_error "unexpected argument '$1' (one CONFIG.yaml; overrides are key=value)"
+      CONFIG=$1
+      shift
+      ;;
+  esac
+done
+
+if [[ -z $CONFIG && ( $ACTION == run || $ACTION == detach || -z $RUN_DIR ) ]]; then
+  usage_error "missing CONFIG.yaml (e.g. experiments/configs/llama2_7b_bbh.yaml)"
+fi
+if [[ -n $CONFIG && ! $CONFIG =~ \.ya?ml$ ]]; then
+  usage_error "CONFIG '$CONFIG' is not a .yaml file"
+fi
+if [[ -z $RUN_DIR ]]; then RUN_DIR=$(run_dir_for "$CONFIG"); fi
+if inside "$REMOTE_DIR" "$RUN_DIR"; then
+  usage_error "--run-dir '$RUN_DIR' lies inside --remote-dir '$REMOTE_DIR', which setup.sh replaces"
+fi
+LOG_DIR=${LOG_DIR:-tpu-logs/$TPU_NAME}
+require_target
+
+# A config that exists here is copied to the workers: to its place in the project when it lies
+# inside this checkout, else under uploaded-configs/.
+upload=
+remote_config=$CONFIG
+if [[ ($ACTION == run || $ACTION == detach) && -f $CONFIG ]]; then
+  root=$(repo_root)
+  abs="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+  if [[ $abs == "$root"/* ]]; then
+    remote_config=${abs#"$root"/}
+  else
+    remote_config=uploaded-configs/$(basename "$CONFIG")
+  fi
+  upload=.taskpgm-upload-$(basename "$CONFIG")
+fi
+
+header="set -euo pipefail
+ACTION=$ACTION
+REMOTE_DIR=$(rpath "$REMOTE_DIR")
+VENV=$(rpath "$VENV_DIR")
+RUN_DIR=$(rpath "$RUN_DIR")
+CONFIG=$(rpath "$remote_config")
+UPLOAD=$(printf %q "$upload")
+CMD=(taskpgm run \"\$CONFIG\" --run-dir \"\$RUN_DIR\""
+for kv in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do header+=" $(quote_override "$kv")"; done
+header+=")"
+for kv in ${ENVS[@]+"${ENVS[@]}"}; do header+=$'\n'"export ${kv%%=*}=$(printf %q "${kv#*=}")"; done
+
+read -r -d '' body <<'WORKER' || true
+worker=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
+  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number ||
+  hostname)
+say() { echo "[worker $worker] $*"; }
+logs=$RUN_DIR/logs
+log=$logs/worker-$worker.log
+pidfile=$logs/worker-$worker.pid
+pid=
+alive() {
+  [[ -f $pidfile ]] && pid=$(cat "$pidfile") && [[ $pid =~ ^[0-9]+$ ]] &&
+    kill -0 "$pid" 2>/dev/null && grep -q taskpgm "/proc/$pid/cmdline" 2>/dev/null
+}
+
+case $ACTION in
+  status)
+    if alive; then say "running (pid $pid) in $RUN_DIR"; else say "not running ($RUN_DIR)"; fi
+    if [[ -f $log ]]; then tail -n 5 "$log" | sed "s/^/[worker $worker]   /"; fi
+    exit 0
+    ;;
+  stop)
+    if alive; then
+      kill -TERM -- "-$pid"
+      say "sent SIGTERM to the run (process group $pid)"
+    else
+      say "no run alive in $RUN_DIR"
+    fi
+    exit 0
+    ;;
+esac
+
+if alive; then
+  say "a run is still alive in $RUN_DIR (pid $pid): wait for it, or stop it with run.sh --stop" >&2
+  exit 3
+fi
+cd "$REMOTE_DIR"
+if [[ -n $UPLOAD ]]; then
+  mkdir -p "$(dirname "$CONFIG")"
+  mv -f ~/"$UPLOAD" "$CONFIG"
+fi
+if [[ ! -f $CONFIG ]]; then
+  say "no config file $CONFIG (relative to $REMOTE_DIR)" >&2
+  exit 2
+fi
+export VIRTUAL_ENV=$VENV PATH=$VENV/bin:$PATH
+if ! command -v taskpgm >/dev/null; then
+  say "taskpgm is not installed in $VENV: run experiments/tpu/setup.sh first" >&2
+  exit 2
+fi
+# maybe_initialize() lets JAX find the slice's workers (they are listed in the metadata server).
+export TASKPGM_DISTRIBUTED=${TASKPGM_DISTRIBUTED:-auto}
+mkdir -p "$logs"
+echo "===== $(date -u +%Y-%m-%dT%H:%M:%SZ) worker $worker: ${CMD[*]}" >>"$log"
+offset=$(wc -c <"$log")
+# Its own session: an ssh disconnect leaves the run going, and --stop ends the whole group.
+# shellcheck disable=SC2016  # "$@" and $rc belong to the inner bash
+setsid nohup bash -c '"$@"; rc=$?; echo "===== exit status $rc"; exit $rc' taskpgm-run \
+  "${CMD[@]}" >>"$log" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >"$pidfile"
+if [[ $ACTION == detach ]]; then
+  say "started (pid $pid); log $log"
+  exit 0
+fi
+tail -c +$((offset + 1)) -f --pid="$pid" "$log" | sed -u "s/^/[worker $worker] /" &
+rc=0
+wait "$pid" || rc=$?
+wait || true
+rm -f "$pidfile"
+say "taskpgm run exited with status $rc"
+exit "$rc"
+WORKER
+
+if [[ -n $upload ]]; then
+  tpu_gcloud scp "$CONFIG" "$TPU_NAME:$upload" --worker=all
+fi
+if [[ $DRY_RUN == 1 || $ACTION != run ]]; then
+  tpu_ssh all "$ACTION" "$header
+$body"
+  exit 0
+fi
+mkdir -p "$LOG_DIR"
+stem=$(basename "$CONFIG")
+local_log=$LOG_DIR/${stem%.*}-$(date -u +%Y%m%dT%H%M%SZ).log
+echo "$PROG: $TPU_NAME: taskpgm run $remote_config (run dir $RUN_DIR); log $local_log"
+tpu_ssh all "$ACTION" "$header
+$body" 2>&1 | tee -a "$local_log"
