@@ -43,15 +43,19 @@ def sandbox(tmp_path):
     marker = tmp_path / "gcloud-was-called"
     _write_exe(fakes / "gcloud", f'#!/bin/sh\necho "FAKE GCLOUD CALLED: $*" >&2\n'
                                  f'echo "$*" >> "{marker}"\nexit 97\n')
-    _write_exe(fakes / "curl", "#!/bin/sh\nexit 7\n")  # no metadata server: worker = hostname
+    # The metadata server's worker number, when a test sets FAKE_WORKER; else curl fails and the
+    # worker scripts fall back to the hostname.
+    _write_exe(fakes / "curl", '#!/bin/sh\n[ -n "$FAKE_WORKER" ] && echo "$FAKE_WORKER" && exit 0\n'
+                               "exit 7\n")
     env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_VARS}
     env.update(HOME=str(home), PATH=f"{fakes}:{os.environ['PATH']}")
     return {"tmp": tmp_path, "home": home, "bin": fakes, "marker": marker, "env": env}
 
 
-def _run(sandbox, script, *args, cwd=None, check_no_gcloud=True):
+def _run(sandbox, script, *args, cwd=None, check_no_gcloud=True, env=None):
     cmd = [str(TPU_DIR / script), *args] if isinstance(script, str) else ["bash", str(script)]
-    result = subprocess.run(cmd, check=False, env=sandbox["env"], cwd=cwd or sandbox["tmp"],
+    result = subprocess.run(cmd, check=False, env={**sandbox["env"], **(env or {})},
+                            cwd=cwd or sandbox["tmp"],
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if check_no_gcloud:
         assert not sandbox["marker"].exists(), result.stderr
@@ -78,7 +82,7 @@ def test_bash_syntax(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck():
-    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], check=False, cwd=TPU_DIR,
+    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], check=False,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 
@@ -118,6 +122,8 @@ def test_run_without_config_fails_clearly(sandbox):
     ("run.sh", ("cfg.yaml", *ZONE, "--env", "1X=2"), "is not KEY=VALUE"),
     ("run.sh", ("cfg.yaml", *ZONE, "--run-dir", "~/taskpgm/runs"), "inside --remote-dir"),
     ("run.sh", ("cfg.yaml", *ZONE, "--frobnicate"), "unknown flag '--frobnicate'"),
+    ("run.sh", ("cfg.yaml", *ZONE, "--workers", "0"), "is not a positive number"),
+    ("run.sh", ("cfg.yaml", *ZONE, "--shared-wait", "-1"), "is not a number of seconds"),
     ("create.sh", (), "no zone"),
     ("create.sh", (*ZONE, "--accelerator-type", "tpu32"), "is not like v4-32"),
     ("create.sh", (*ZONE, "--accelerator-type", "v9-8"), "no default runtime"),
@@ -183,6 +189,7 @@ def test_run_worker_script_runs_taskpgm_and_keeps_logs(sandbox):
                      "exit 4\n")
     result = _run_config(sandbox, "model.checkpoint=~/models/Llama 2", "mesh.fsdp=16",
                          "--env", "EXTRA=a b")
+    assert "+ gcloud compute tpus tpu-vm describe taskpgm" in result.stdout  # the worker count
     assert "+ gcloud compute tpus tpu-vm scp" in result.stdout
     assert "--worker=all" in result.stdout
     script = sandbox["tmp"] / "worker.sh"
@@ -310,3 +317,33 @@ def test_gpu_host_dry_run_and_sbatch(sandbox):
     assert re.search(r"^srun --kill-on-bad-exit=1 \S+/taskpgm run "
                      r"experiments/configs/llama2_7b_bbh.yaml --run-dir /shared/runs/bbh "
                      r"mesh.data=2 mesh.fsdp=8$", sbatch, re.MULTILINE)
+
+
+def _shared_check_scripts(sandbox, *extra):
+    _fake_venv(sandbox["home"], 'echo "ran on $(curl)"\n')
+    script = sandbox["tmp"] / "worker.sh"
+    script.write_text(_worker_script(_run_config(sandbox, "--workers", "2", *extra).stdout, "run"))
+    return script
+
+
+def test_run_refuses_a_run_directory_the_workers_do_not_share(sandbox):
+    script = _shared_check_scripts(sandbox, "--shared-wait", "1")
+    shutil.copy(sandbox["tmp"] / "bbh.yaml", sandbox["home"] / ".taskpgm-upload-bbh.yaml")
+    out = _run(sandbox, script, env={"FAKE_WORKER": "0"})
+    assert out.returncode == 2
+    assert "is not shared" in out.stderr and "sees 1 of 2 workers" in out.stderr
+    assert "ran on" not in out.stdout
+
+
+def test_run_starts_when_the_workers_share_the_run_directory(sandbox):
+    script = _shared_check_scripts(sandbox, "--shared-wait", "20")
+    # Two "workers" with one HOME: whichever comes first moves the uploaded config into place.
+    shutil.copy(sandbox["tmp"] / "bbh.yaml", sandbox["home"] / ".taskpgm-upload-bbh.yaml")
+    procs = [subprocess.Popen(["bash", str(script)], env={**sandbox["env"], "FAKE_WORKER": w},
+                              cwd=sandbox["tmp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, stdin=subprocess.DEVNULL) for w in ("0", "1")]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "[worker 0] ran on 0" in outs[0][0] and "[worker 1] ran on 1" in outs[1][0]
+    logs = sandbox["home"] / "taskpgm-runs" / "bbh" / "logs"
+    assert {p.name for p in logs.glob("*.log")} == {"worker-0.log", "worker-1.log"}

@@ -136,3 +136,12 @@ inside() {
   local parent=${1%/} child=${2%/}
   [[ $child == "$parent" || $child == "$parent"/* ]]
 }
+
+# worker_count: how many workers the TPU has (one network endpoint each), asked from gcloud.
+worker_count() {
+  local endpoints
+  endpoints=$(tpu_gcloud describe "$TPU_NAME" '--format=value(networkEndpoints[].ipAddress)') ||
+    die "cannot describe TPU '$TPU_NAME' in $ZONE (does it exist? see create.sh)"
+  # shellcheck disable=SC2020  # both separators become newlines
+  printf '%s\n' "$endpoints" | tr ';,' '\n\n' | grep -c . || true
+}

@@ -18,6 +18,7 @@
 # generation, see below), TPU_CAPACITY ("spot", "preemptible" or empty), CREATE_TIMEOUT (1800).
 # An existing TPU of that name is not created again; the script only waits for it.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-8}

@@ -13,6 +13,7 @@
 #
 # Environment (flags win): TPU_NAME, ZONE, PROJECT_ID.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 YES=0

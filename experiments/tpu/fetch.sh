@@ -17,6 +17,7 @@
 # Environment (flags win): TPU_NAME, ZONE, PROJECT_ID, RUN_DIR, RUNS_DIR (~/taskpgm-runs),
 # FETCH_DEST (runs/<run directory name>).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 RUN_DIR=${RUN_DIR:-}
@@ -116,9 +117,7 @@ if ((ALL_LOGS)); then
     count=1
     tpu_gcloud describe "$TPU_NAME" '--format=value(networkEndpoints[].ipAddress)'
   else
-    endpoints=$(tpu_gcloud describe "$TPU_NAME" '--format=value(networkEndpoints[].ipAddress)')
-    # shellcheck disable=SC2020  # both separators become newlines
-    count=$(printf '%s\n' "$endpoints" | tr ';,' '\n\n' | grep -c . || true)
+    count=$(worker_count)
   fi
   for ((w = 0; w < count; w++)); do
     if ((w != WORKER)); then fetch_from "$w" logs; fi

@@ -26,6 +26,7 @@
 # Environment (flags win): RUN_DIR (runs/<config name>), GPU_VENV (<repo>/.venv),
 # PYTHON (python3.11), JAX_SPEC ("jax[cuda12]>=0.10"), GPUS (8).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 ROOT=$(repo_root)

@@ -4,7 +4,8 @@
 # Usage:
 #   experiments/tpu/run.sh CONFIG.yaml [key=value ...] --zone ZONE [--name NAME] [--project ID]
 #       [--run-dir DIR] [--remote-dir DIR] [--venv DIR] [--env KEY=VALUE ...]
-#       [--log-dir LOCAL_DIR] [--detach | --status | --stop] [--dry-run]
+#       [--log-dir LOCAL_DIR] [--workers N] [--shared-wait SECONDS]
+#       [--detach | --status | --stop] [--dry-run]
 #
 # Example (the Llama-2-7B BBH experiment on a v4-32 slice, 16 devices all on the fsdp axis):
 #   experiments/tpu/run.sh experiments/configs/llama2_7b_bbh.yaml --zone us-central2-b \
@@ -23,16 +24,21 @@
 # Resuming: run the same command again. Finished pipeline stages are skipped and fine-tunes
 # resume from their last checkpoint. Ctrl-C stops the streaming, not the run: see --status and
 # --stop. The run directory (default ~/taskpgm-runs/<config name>) is per worker unless you give
-# a shared one (e.g. --run-dir /mnt/shared/runs/bbh after setup.sh --nfs); multi-worker slices
-# need the shared one for checkpoints, see experiments/tpu/README.md.
+# a shared one (e.g. --run-dir /mnt/shared/runs/bbh after setup.sh --nfs). A slice with several
+# workers needs the shared one (process 0 writes the stage outputs, every process writes its part
+# of each checkpoint): before starting, the workers check that they all see the run directory.
 #
 # Environment (flags win): TPU_NAME, ZONE, PROJECT_ID, RUN_DIR, REMOTE_DIR (~/taskpgm),
-# VENV_DIR (~/taskpgm-venv), RUNS_DIR (~/taskpgm-runs), LOG_DIR (tpu-logs/NAME).
+# VENV_DIR (~/taskpgm-venv), RUNS_DIR (~/taskpgm-runs), LOG_DIR (tpu-logs/NAME), WORKERS,
+# SHARED_WAIT (120).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 RUN_DIR=${RUN_DIR:-}
 LOG_DIR=${LOG_DIR:-}
+WORKERS=${WORKERS:-}
+SHARED_WAIT=${SHARED_WAIT:-120}
 ACTION=run
 CONFIG=
 OVERRIDES=()
@@ -50,6 +56,9 @@ Flags:
   --venv DIR             virtual environment on the workers, as given to setup.sh (~/taskpgm-venv)
   --env KEY=VALUE        export this variable for the run on every worker (repeatable)
   --log-dir DIR          local directory for the streamed logs (default tpu-logs/NAME)
+  --workers N            the TPU's worker count (default: asked from gcloud describe)
+  --shared-wait SECONDS  how long the workers wait to see each other in the run directory
+                         (default 120; 0 skips the check)
   --detach               start the run in the background and return (see --status, --stop)
   --status               say whether the run is alive on each worker, with its last log lines
   --stop                 stop the run on every worker (SIGTERM to its process group)
@@ -68,6 +77,8 @@ while (($#)); do
     --remote-dir) need_value "$1" "${2-}"; REMOTE_DIR=$2; shift 2 ;;
     --venv) need_value "$1" "${2-}"; VENV_DIR=$2; shift 2 ;;
     --log-dir) need_value "$1" "${2-}"; LOG_DIR=$2; shift 2 ;;
+    --workers) need_value "$1" "${2-}"; WORKERS=$2; shift 2 ;;
+    --shared-wait) need_value "$1" "${2-}"; SHARED_WAIT=$2; shift 2 ;;
     --env)
       need_value "$1" "${2-}"
       [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env '$2' is not KEY=VALUE"
@@ -104,7 +115,17 @@ if inside "$REMOTE_DIR" "$RUN_DIR"; then
   usage_error "--run-dir '$RUN_DIR' lies inside --remote-dir '$REMOTE_DIR', which setup.sh replaces"
 fi
 LOG_DIR=${LOG_DIR:-tpu-logs/$TPU_NAME}
+if [[ -n $WORKERS && ! $WORKERS =~ ^[1-9][0-9]*$ ]]; then usage_error "--workers '$WORKERS' is not a positive number"; fi
+[[ $SHARED_WAIT =~ ^[0-9]+$ ]] || usage_error "--shared-wait '$SHARED_WAIT' is not a number of seconds"
 require_target
+if [[ -z $WORKERS && ($ACTION == run || $ACTION == detach) ]]; then
+  if [[ $DRY_RUN == 1 ]]; then
+    tpu_gcloud describe "$TPU_NAME" '--format=value(networkEndpoints[].ipAddress)'
+    WORKERS=1
+  else
+    WORKERS=$(worker_count)
+  fi
+fi
 
 # A config that exists here is copied to the workers: to its place in the project when it lies
 # inside this checkout, else under uploaded-configs/.
@@ -128,6 +149,9 @@ VENV=$(rpath "$VENV_DIR")
 RUN_DIR=$(rpath "$RUN_DIR")
 CONFIG=$(rpath "$remote_config")
 UPLOAD=$(printf %q "$upload")
+WORKERS=${WORKERS:-1}
+SHARED_WAIT=$SHARED_WAIT
+TOKEN=$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM
 CMD=(taskpgm run \"\$CONFIG\" --run-dir \"\$RUN_DIR\""
 for kv in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do header+=" $(quote_override "$kv")"; done
 header+=")"
@@ -169,9 +193,10 @@ if alive; then
   exit 3
 fi
 cd "$REMOTE_DIR"
-if [[ -n $UPLOAD ]]; then
+# (A home directory shared by the workers holds one upload: the first worker moves it.)
+if [[ -n $UPLOAD && -f ~/$UPLOAD ]]; then
   mkdir -p "$(dirname "$CONFIG")"
-  mv -f ~/"$UPLOAD" "$CONFIG"
+  mv -f ~/"$UPLOAD" "$CONFIG" 2>/dev/null || true
 fi
 if [[ ! -f $CONFIG ]]; then
   say "no config file $CONFIG (relative to $REMOTE_DIR)" >&2
@@ -185,6 +210,26 @@ fi
 # maybe_initialize() lets JAX find the slice's workers (they are listed in the metadata server).
 export TASKPGM_DISTRIBUTED=${TASKPGM_DISTRIBUTED:-auto}
 mkdir -p "$logs"
+# Several workers must share the run directory: each leaves a mark in it for this launch and
+# waits until it sees all the others' marks.
+if ((WORKERS > 1 && SHARED_WAIT > 0)); then
+  seen=$RUN_DIR/.workers
+  mkdir -p "$seen"
+  find "$seen" -type f ! -name "$TOKEN-*" -delete 2>/dev/null || true
+  : >"$seen/$TOKEN-$worker-$(hostname)"
+  n=0
+  for ((i = 0; i <= SHARED_WAIT; i++)); do
+    n=$(find "$seen" -type f -name "$TOKEN-*" | wc -l)
+    if ((n >= WORKERS)); then break; fi
+    sleep 1
+  done
+  if ((n < WORKERS)); then
+    say "$RUN_DIR is not shared: after ${SHARED_WAIT}s this worker sees $n of $WORKERS workers in it." \
+      "Every worker must see the same run directory: pass --run-dir on a shared mount" \
+      "(setup.sh --nfs), or run on a single-worker TPU" >&2
+    exit 2
+  fi
+fi
 echo "===== $(date -u +%Y-%m-%dT%H:%M:%SZ) worker $worker: ${CMD[*]}" >>"$log"
 offset=$(wc -c <"$log")
 # Its own session: an ssh disconnect leaves the run going, and --stop ends the whole group.

@@ -28,6 +28,7 @@
 # JAX_SPEC ("jax[tpu]>=0.10"), HF_MODEL, MODEL_DIR (~/models/<repo name>), HF_TOKEN_FILE,
 # NFS_SHARE, NFS_MOUNT (/mnt/shared).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=_common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
 
 GIT_REF=${GIT_REF:-}
