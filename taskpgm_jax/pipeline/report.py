@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -604,7 +603,3 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
     _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
     return path
 
-
-def referenced_figures(report_text: str) -> list[str]:
-    """The image paths embedded in a report (relative to the run directory)."""
-    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_text)
