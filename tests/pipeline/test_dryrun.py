@@ -1,0 +1,259 @@
+"""The dry run: every shipped config plans and fits, counts match real models, errors name keys."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.config import ConfigError, config_from_dict, load_config
+from taskpgm_jax.hf.config import config_to_hf
+from taskpgm_jax.models import (
+    PRESETS,
+    PUBLISHED_PARAM_COUNTS,
+    LoraConfig,
+    LoRAParam,
+    add_lora,
+    count_params,
+)
+from taskpgm_jax.models.decoder import CausalLM
+from taskpgm_jax.models.init import state_shardings
+from taskpgm_jax.pipeline.dryrun import (
+    GIB,
+    PLAN_FRACTION,
+    PLANNING_TASKS,
+    dry_run,
+    format_dry_run,
+)
+from taskpgm_jax.sharding import make_mesh
+from taskpgm_jax.train import TrainConfig, Trainer
+
+CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
+
+SMALL = {
+    "name": "small",
+    "tokenizer": {"vocab_size": 384},
+    "model": {"size": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+              "seq_len": 32},
+    "lora": {"rank": 4, "targets": ["q_proj", "o_proj"]},
+    "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+
+
+def _config(**sections):
+    raw = {**SMALL, **sections}
+    return config_from_dict(raw)
+
+
+def _hf_7b(preset: str, memory_gb=32, **extra):
+    raw = {"name": preset, "tokenizer": {"kind": "pretrained"},
+           "model": {"source": "hf", "checkpoint": "/nonexistent/ckpt", "preset": preset,
+                     "dtype": "bfloat16", "seq_len": 1024, "remat": True},
+           "data": {"source": "files", "files": {"path": "/nonexistent/tasks"}},
+           "mesh": {"data": 1, "fsdp": 8, "tensor": 1, "device_memory_gb": memory_gb}, **extra}
+    return config_from_dict(raw)
+
+
+def _devices(cfg) -> int:
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return 8 if -1 in sizes else math.prod(sizes)
+
+
+def test_configs_are_there():
+    names = {p.name for p in CONFIGS}
+    assert {"bigbench_small.yaml", "llama2_7b_bbh.yaml", "qwen2_7b_bbh.yaml",
+            "mistral_7b_bbh.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_plans_and_fits(path):
+    cfg = load_config(path)
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{path.name} must open with a header comment"
+    assert f"taskpgm run experiments/configs/{path.name}" in "\n".join(header)
+    report = dry_run(cfg, num_devices=_devices(cfg))
+    text = format_dry_run(report)
+    for stage in report.stages:
+        assert stage.name in text
+    expected = {"single_task", "probe", "mixture_finetune", "eval"}
+    if cfg.model.source == "scratch":
+        expected.add("pretrain")
+    assert {s.name for s in report.stages} == expected
+    if cfg.mesh.device_memory_gb is not None:
+        assert report.fits, text
+        assert "fit: every stage fits" in text
+    if cfg.model.source == "hf":
+        assert cfg.model.preset is not None and report.base_params == \
+            PUBLISHED_PARAM_COUNTS[cfg.model.preset]
+        assert report.model.dtype == jax.numpy.bfloat16
+        assert report.adapter_params > 0 and cfg.lora.rank == 16
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAM_COUNTS))
+def test_preset_counts_equal_published(preset, tmp_path):
+    cfg = config_from_dict({"model": {"source": "preset", "preset": preset},
+                            "mesh": {"fsdp": 8, "device_memory_gb": 1000}})
+    report = dry_run(cfg, num_devices=8)
+    assert report.base_params == PUBLISHED_PARAM_COUNTS[preset]
+    # The same sizes through the config.json reader (no weights: a note says so).
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(PRESETS[preset]())))
+    hf = config_from_dict({"model": {"source": "hf", "checkpoint": str(tmp_path)},
+                           "tokenizer": {"kind": "pretrained"}, "mesh": {"fsdp": 8}})
+    report = dry_run(hf, num_devices=8)
+    assert report.base_params == PUBLISHED_PARAM_COUNTS[preset]
+    assert any("safetensors" in n for n in report.notes)
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes device 0 holds of every array of `tree` (real shardings, nothing estimated)."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)
+               if getattr(x, "ndim", 0) >= 1)
+
+
+def _real_model_with_adapter(model_cfg, mesh):
+    """A really initialised model with one adapter, created in its shardings (as init_model)."""
+    def make():
+        model = CausalLM(model_cfg, rngs=nnx.Rngs(0))
+        return add_lora(model, LoraConfig(rank=4, targets=("q_proj", "o_proj")), rngs=nnx.Rngs(1))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
+
+
+def test_counts_and_bytes_equal_a_real_sharded_model(cpu_mesh_devices):
+    # intermediate 96 and 2 kv heads x 16 divide the tensor axis; vocab 384 over fsdp too.
+    cfg = _config(finetune={"trainable": "lora", "grad_accum": 2, "batch_size": 8})
+    report = dry_run(cfg, num_devices=8)
+    size = dict(cfg.model.size)
+    assert (report.model.hidden_size, report.model.intermediate_size,
+            report.model.num_hidden_layers, report.model.vocab_size) == \
+        (size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"], 384)
+    mesh = make_mesh(2, 2, 2)
+    model = _real_model_with_adapter(report.model, mesh)
+    # Counts: the abstract model's against the real one's leaves.
+    assert report.base_params == count_params(model)
+    assert report.base_params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    lora = nnx.state(model, LoRAParam)
+    assert report.adapter_params == sum(x.size for x in jax.tree.leaves(lora))
+    # Bytes per device: the estimate against device 0's real shards.
+    pre = report.stage("pretrain")
+    params = _shard_bytes(nnx.state(model, nnx.Param))
+    assert pre.part("model: params").per_device == params
+    assert params < pre.part("model: params").logical  # really split
+    state = Trainer(model, TrainConfig(total_steps=10, trainable="full"), mesh=mesh).init(0)
+    assert pre.part("model: adam moments").per_device == _shard_bytes(state.opt_state)
+    assert pre.part("model: grads").per_device == params
+    mix = report.stage("mixture_finetune")
+    assert mix.part("1 adapter(s): params").per_device == _shard_bytes(lora)
+    assert mix.part("1 adapter(s): grads + accumulator").per_device == 2 * _shard_bytes(lora)
+    assert mix.part("base params").per_device == params
+
+
+def test_stage_that_cannot_fit_reports_the_overage():
+    report = dry_run(_hf_7b("llama2_7b", memory_gb=1), num_devices=8)
+    assert not report.fits
+    text = format_dry_run(report)
+    assert "DOES NOT FIT" in text
+    for stage in report.stages:
+        if stage.per_device > GIB:
+            msg = next(o for o in report.over if o.startswith(stage.name + ":"))
+            need = stage.per_device / GIB
+            assert f"needs {need:.2f} GiB per device, has 1.00 GiB: over by {need - 1:.2f} GiB" \
+                in msg
+            assert "try " in msg
+    assert any(o.startswith("probe:") for o in report.over)
+
+
+def test_planned_rounds_fit_and_are_the_largest():
+    report = dry_run(_hf_7b("llama2_7b", memory_gb=32), num_devices=8)
+    t, g = report.num_tasks, report.adapters_per_round
+    assert not report.tasks_known and t == PLANNING_TASKS
+    assert 1 <= g < t
+    st = report.stage("single_task")
+    assert st.per_device <= PLAN_FRACTION * report.device_memory
+    assert f"rounds of {g}" in format_dry_run(report)
+    # Memory grows about linearly in G, so (G + 1) / G times the memory fits G + 1 or more.
+    bigger = dry_run(_hf_7b("llama2_7b", memory_gb=32 * (g + 1) / g), num_devices=8)
+    assert bigger.adapters_per_round > g
+
+
+def test_bad_mesh_names_mesh():
+    with pytest.raises(ConfigError, match=r"'mesh'.*2 x .*3.*8"):
+        dry_run(_config(mesh={"data": 2, "fsdp": 3, "tensor": 1}), num_devices=8)
+    with pytest.raises(ConfigError, match="'mesh'.*multiple of 3"):
+        dry_run(_config(mesh={"data": 3, "fsdp": -1, "tensor": 1}), num_devices=8)
+    report = dry_run(_config(mesh={"data": 2, "fsdp": -1, "tensor": 1}), num_devices=8)
+    assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    cfg = config_from_dict({"model": {"source": "hf", "checkpoint": str(missing)},
+                            "tokenizer": {"kind": "pretrained"}, "mesh": {"fsdp": 8}})
+    with pytest.raises(ConfigError, match=r"model\.checkpoint.*no_such_dir.*config\.json"):
+        dry_run(cfg, num_devices=8)
+    cfg = config_from_dict({"model": {"source": "hf", "checkpoint": str(missing),
+                                      "preset": "mistral_7b"},
+                            "tokenizer": {"kind": "pretrained"}, "mesh": {"fsdp": 8}})
+    report = dry_run(cfg, num_devices=8)
+    assert f"checkpoint directory {missing} not found: sizes from preset mistral_7b" \
+        in format_dry_run(report)
+
+
+def test_task_counts(tmp_path):
+    def tasks(data):
+        report = dry_run(_config(data=data), num_devices=8)
+        return report.num_tasks, report.tasks_known
+
+    assert tasks({"synthetic": {"cluster_sizes": [3, 2], "n_unique": 1, "n_noise": 4}}) == (10, True)
+    assert tasks({"source": "bigbench", "bigbench": {"tasks": ["navigate", "snarks"]}}) == (2, True)
+    assert tasks({"source": "bigbench", "bigbench": {"max_tasks": 7}}) == (7, True)
+    assert tasks({"source": "bigbench"}) == (PLANNING_TASKS, False)
+    hub = [{"path": "a/b"}, {"path": "c/d", "name": "x"}, {"path": "e/f"}]
+    assert tasks({"source": "hub", "hub": {"train": hub}}) == (3, True)
+    assert tasks({"source": "hub", "hub": {"train": [{"path": "a/b", "task_column": "task"}]}}) \
+        == (PLANNING_TASKS, False)
+    for name in ("a.jsonl", "b.parquet", "c.jsonl", "README.md"):
+        (tmp_path / name).write_text("")
+    assert tasks({"source": "files", "files": {"path": str(tmp_path)}}) == (3, True)
+    report = dry_run(_config(data={"source": "files", "files": {"path": str(tmp_path / "x")}}),
+                     num_devices=8)
+    assert f"planning with T = {PLANNING_TASKS}" in format_dry_run(report)
+
+
+def test_unknown_memory_means_no_fit_check_and_full_rounds():
+    cfg = _config()
+    report = dry_run(cfg, num_devices=8)
+    if report.device_memory is None:  # CPU devices do not report a limit
+        assert report.fits and "fit: not checked" in format_dry_run(report)
+        assert report.adapters_per_round == report.num_tasks
+
+
+def test_steps_and_finetune_counts():
+    cfg = _config(seeds=[0, 1, 2], mixture={"methods": ["uniform", "taskpgm_jsd"]},
+                  single_task={"steps": 40}, finetune={"steps": 30})
+    report = dry_run(cfg, num_devices=8)
+    assert report.single_task_finetunes == report.num_tasks
+    assert report.mixture_finetunes == 6
+    assert report.stage("single_task").steps == 40
+    assert report.stage("mixture_finetune").steps == 6 * 30
+    full = dry_run(_config(single_task={"trainable": "full", "steps": 40}), num_devices=8)
+    assert full.stage("single_task").steps == 40 * full.num_tasks
+    text = format_dry_run(report)
+    assert "6 mixture fine-tunes (2 methods x 3 seeds)" in text
+
+
+def test_bfloat16_master_weights_are_flagged():
+    report = dry_run(_hf_7b("qwen2_7b", model={"source": "preset", "preset": "qwen2_7b",
+                                               "param_dtype": "bfloat16"}), num_devices=8)
+    assert any("float32 master weights" in n for n in report.notes)
+    np.testing.assert_equal(report.base_params, PUBLISHED_PARAM_COUNTS["qwen2_7b"])
