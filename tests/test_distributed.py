@@ -1,9 +1,15 @@
 """maybe_initialize: which environment triggers which jax.distributed.initialize call.
 
-Nothing is really initialised: `jax.distributed.initialize` is replaced by a recorder, the
-environment is cleared of every variable the module reads, and the "backends already exist"
-check (true here: conftest started JAX with 8 CPU devices) is patched per test.
+Nothing is really initialised in this process: `jax.distributed.initialize` is replaced by a
+recorder, the environment is cleared of every variable the module reads, and the "backends
+already exist" check (true once a test has touched JAX) is patched per test. One test at the end
+starts two real child processes on the CPU.
 """
+
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -204,3 +210,42 @@ def test_initialised_elsewhere_is_left_alone(calls, monkeypatch):
 def test_process_summary():
     line = distributed.process_summary()
     assert line.startswith("process 0 of 1: 8 local / 8 global devices, platform cpu")
+
+
+_TWO_PROCESSES = """
+from taskpgm_jax.distributed import maybe_initialize, process_summary
+assert maybe_initialize() is True
+assert maybe_initialize() is True
+import jax
+from taskpgm_jax.sharding import make_mesh
+print(process_summary())
+print("mesh", dict(make_mesh().shape))
+jax.distributed.shutdown()
+"""
+
+
+def test_two_real_processes_on_the_cpu(tmp_path):
+    # End to end, in child processes (this one stays single-process): our JAX_* variables bring
+    # up a real 2-process JAX with 2 x 4 CPU devices, and the mesh spans all 8.
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_",
+                                                                       "TPU_", "MEGASCALE_"))}
+    base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    base.pop("TASKPGM_DISTRIBUTED", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES],
+                              env={**base, "JAX_PROCESS_ID": str(i)}, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err[-2000:]
+        assert f"process {i} of 2: 4 local / 8 global devices, platform cpu" in out
+        assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
