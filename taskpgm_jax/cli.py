@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     passthrough = args.command in ("bench", "data")
     if args.command == "run":
         # Overrides may come after options (argparse stops filling the positional list there).
-        extra = [r for r in rest if "=" in r and not r.startswith("-")]
+        extra = [r for r in rest if not r.startswith("-")]
         args.overrides = [*args.overrides, *extra]
         rest = [r for r in rest if r not in extra]
     if rest and not passthrough:

@@ -141,8 +141,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     probe_key = config_hash(cfg.probe, single_key, seq_len)
 
     def probe(work):
-        model, adapters = stages.load_adapters(base, cfg.lora, len(pool), single_dir)
-        return stages.run_probe(model, adapters, tokenizer, pool, cfg.probe, seq_len, work)
+        model, adapters = stages.load_adapters(base, cfg.lora, len(pool), single_dir,
+                                                mesh=mesh)
+        return stages.run_probe(model, adapters, tokenizer, pool, cfg.probe, seq_len, work,
+                                mesh=mesh)
 
     probe_dir = log.run(run, "probe", "probe", probe_key, probe, lambda info: (
         f"{info.get('probe_examples')} probe examples, mean JSD {info.get('mean_jsd', 0):.4f} nats"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from flax import nnx
 
 from taskpgm_jax.config import (
@@ -137,15 +138,19 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
     result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=ft.checkpoint_every, progress=progress,
                       log_every=max(ft.steps // 10, 1))
-    _save_tree(work / "adapters", trainer.adapters(result.state).to_pure_dict())
+    _save_tree(work / "adapters", nnx.to_pure_dict(trainer.adapters(result.state)))
     last = result.history[-1]
     return {"final_loss_per_task": dict(zip(pool.names, map(float, last["loss_per_adapter"])))}
 
 
-def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path):
+def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path, *, mesh=None):
+    """The base with adapters added, and the T trained adapters (stacked; replicated over the
+    mesh: they are small next to the base)."""
     model = _lora(base, lora)
     template = init_adapters(model, num_tasks, seed=0)
-    restored = _restore_tree(directory / "adapters", template.to_pure_dict())
+    if mesh is not None:
+        template = jax.device_put(template, NamedSharding(mesh, PartitionSpec()))
+    restored = _restore_tree(directory / "adapters", nnx.to_pure_dict(template))
     nnx.replace_by_pure_dict(template, restored)
     return model, template
 
@@ -171,11 +176,13 @@ def probe_batches(tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int):
 
 
 def run_probe(model, adapters, tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int,
-              work: Path) -> dict:
+              work: Path, *, mesh=None) -> dict:
     """L, the base row and the task-level JSD D from every adapter on the shared probe set."""
     forward, params = adapter_probe_forward(model, adapters)
     scorer = ProbeScorer(forward, len(pool), len(pool), per_token=cfg.per_token)
     state = scorer.init()
+    if mesh is not None:  # the accumulators live beside the sharded model, replicated
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     for batch, seg_tasks in probe_batches(tokenizer, pool, cfg, seq_len):
         state = scorer.update(state, params, batch, seg_tasks)
     L, base_row, D, counts = (np.asarray(x, np.float64) for x in scorer.result(state))
@@ -204,7 +211,7 @@ def finetune_mixture(base, tokenizer, pool: TaskPool, weights: dict[str, float],
     result = finetune(trainer, data, seed=seed, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=ft.checkpoint_every, progress=progress,
                       log_every=max(ft.steps // 10, 1))
-    _save_tree(work / "params", result.state.params.to_pure_dict())
+    _save_tree(work / "params", nnx.to_pure_dict(result.state.params))
     return {"counts": sample.counts, "repeated": {k: list(v) for k, v in sample.repeated.items()},
             "final_loss": float(result.history[-1]["loss"])}
 
@@ -213,7 +220,7 @@ def load_finetuned(base, ft: FinetuneConfig, lora: LoraSection, seed: int, direc
     """The fine-tuned target model (adapters merged into a copy of the base when LoRA)."""
     model = _lora(base, lora, seed) if ft.trainable == "lora" else nnx.clone(base)
     state = nnx.state(model, LoRAParam if ft.trainable == "lora" else nnx.Param)
-    restored = _restore_tree(directory / "params", state.to_pure_dict())
+    restored = _restore_tree(directory / "params", nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model

@@ -1,0 +1,224 @@
+"""The demo pipeline, shrunk: every artifact, resume after kills, reruns of dependants only, and
+the clear errors. One uninterrupted run is shared by the tests (module fixture); the others
+reuse its compiled shapes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from taskpgm_jax import config as config_mod
+from taskpgm_jax.cli import main
+from taskpgm_jax.config import ConfigError, load_config
+from taskpgm_jax.mrf import potentials
+from taskpgm_jax.pipeline import run_pipeline, stages
+from taskpgm_jax.pipeline.inputs import load_pools
+from taskpgm_jax.train import AdapterTrainer
+from tests.mrf.reference import active_set_simplex_qp, energy64
+
+DEMO = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "demo.yaml"
+TINY = [
+    "seeds=[0, 1]",
+    "data.synthetic.cluster_sizes=[2, 2]", "data.synthetic.n_unique=1",
+    "data.synthetic.n_noise=1", "data.synthetic.examples=[50, 70]",
+    "data.synthetic.heldout_examples=8", "data.probe_fraction=0.15",
+    "tokenizer.vocab_size=300",
+    "model.size={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, head_dim: 16}",
+    "model.seq_len=40", "model.pretrain.steps=8", "model.pretrain.batch_size=8",
+    "single_task.steps=6", "single_task.batch_size=4", "single_task.checkpoint_every=2",
+    "probe.batch_size=16", "probe.max_examples_per_task=6",
+    "mixture.budget=64", "finetune.steps=4", "finetune.batch_size=4",
+    "finetune.checkpoint_every=2", "eval.batch_size=8", "eval.max_new_tokens=3",
+]
+METHODS = ("taskpgm_jsd", "taskpgm_pmi", "greedy", "uniform", "size_proportional", "temperature")
+
+
+def _tiny(*extra):
+    return load_config(DEMO, [*TINY, *extra])
+
+
+class Lines(list):
+    def __call__(self, line):
+        self.append(line)
+
+    def ran(self):
+        return {ln.split("]")[0][1:] for ln in self if "] done in" in ln}
+
+    def cached(self):
+        return {ln.split("]")[0][1:] for ln in self if "] cached" in ln}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "demo"
+    lines = Lines()
+    results = run_pipeline(_tiny(), run_dir, progress=False, echo=lines)
+    return run_dir, results, lines
+
+
+def _stage_dir(run_dir, label):
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    return run_dir / manifest[label]
+
+
+def test_run_writes_every_artifact_and_consistent_results(finished):
+    run_dir, results, lines = finished
+    assert not lines.cached()
+    for name in ("results.json", "report.md", "manifest.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    report = (run_dir / "report.md").read_text()
+    for fig in ("results", "affinity_jsd", "affinity_pmi", "task_graph", "weights", "solver",
+                "greedy", "clusters"):
+        assert (run_dir / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+        assert f"figures/{fig}.png" in report
+    assert not list(run_dir.glob("stages/*.partial")), "a finished run leaves no partial stage"
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk["methods"].keys() == set(METHODS) and on_disk["seeds"] == [0, 1]
+    # The table is recomputed here from each evaluation's own metrics.json.
+    for method in METHODS:
+        per_seed = []
+        for seed in (0, 1):
+            metrics = json.loads((_stage_dir(run_dir, f"eval/{method}/seed{seed}")
+                                  / "metrics.json").read_text())
+            values = [m["value"] for m in metrics["per_task"].values()]
+            assert metrics["aggregate"] == pytest.approx(np.mean(values))
+            assert set(metrics["per_task"]) == set(on_disk["eval_tasks"])
+            per_seed.append(metrics["aggregate"])
+        entry = on_disk["methods"][method]
+        assert entry["seeds"] == pytest.approx(per_seed)
+        assert entry["mean"] == pytest.approx(np.mean(per_seed))
+        assert entry["std"] == pytest.approx(np.std(per_seed, ddof=1))
+        if method != "uniform":
+            diff = np.subtract(per_seed, on_disk["methods"]["uniform"]["seeds"])
+            assert entry["delta_vs_uniform"]["mean"] == pytest.approx(diff.mean())
+    ari = on_disk["synthetic"]["ari"]
+    assert set(ari) == {"jsd", "pmi"} and all(-1 <= v <= 1 for v in ari.values())
+    for shares in on_disk["synthetic"]["budget_per_cluster"].values():
+        assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_mixtures_are_the_optima_of_the_measured_affinities(finished):
+    run_dir, _, _ = finished
+    probe = _stage_dir(run_dir, "probe")
+    mix = _stage_dir(run_dir, "mixtures")
+    names = json.loads((probe / "names.json").read_text())
+    D = np.load(probe / "divergence.npy")
+    T = len(names)
+    assert D.shape == (T, T) and np.allclose(D, D.T, atol=1e-6)
+    assert np.all(D >= -1e-7) and np.all(D <= np.log(2) + 1e-6)
+    L = np.load(probe / "crosslik.npy")
+    # The affinities are the DESIGN.md formulas of the stored measurements (float64 here).
+    np.testing.assert_allclose(np.load(mix / "affinity_jsd.npy"), 1 - D / np.log(2), atol=1e-6)
+    pmi = 0.5 * ((L - np.diag(L)[None, :]) + (L.T - np.diag(L)[:, None]))
+    np.fill_diagonal(pmi, 0.0)
+    np.testing.assert_allclose(np.load(mix / "affinity_pmi.npy"), pmi, rtol=1e-5, atol=1e-4)
+    mixtures = json.loads((mix / "mixtures.json").read_text())
+    for kind in ("jsd", "pmi"):
+        pot = potentials(np.load(mix / f"affinity_{kind}.npy"), beta=1.0, lam=2.0 * T)
+        Q = np.asarray(pot.matrix, np.float64) * pot.lam
+        c = pot.beta * np.asarray(pot.unary, np.float64)
+        w_ref, _ = active_set_simplex_qp(Q, c)
+        w = np.asarray(mixtures[f"taskpgm_{kind}"]["weights"])
+        scale = abs(c @ w_ref) + 0.5 * abs(w_ref @ Q @ w_ref)
+        assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-5 * scale
+    np.testing.assert_allclose(mixtures["uniform"]["weights"], np.full(T, 1 / T))
+    sizes = np.asarray([load_pools(_tiny().data).train.split_sizes("train")[n] for n in names])
+    np.testing.assert_allclose(mixtures["size_proportional"]["weights"], sizes / sizes.sum())
+    tempered = sizes ** (1 / 2.0)
+    np.testing.assert_allclose(mixtures["temperature"]["weights"], tempered / tempered.sum())
+    greedy = json.loads((mix / "greedy.json").read_text())
+    chosen = set(greedy["order"])
+    np.testing.assert_allclose(mixtures["greedy"]["weights"],
+                               [1 / len(chosen) if n in chosen else 0.0 for n in names])
+
+
+def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkeypatch):
+    ref_dir, ref_results, _ = finished
+    run_dir = tmp_path / "killed"
+    real_finetune = stages.finetune
+
+    def killed_at_step(k):
+        def finetune(trainer, data, **kw):
+            if not isinstance(trainer, AdapterTrainer):  # the base pretraining runs through
+                return real_finetune(trainer, data, **kw)
+
+            def on_log(entry):
+                if entry["step"] >= k:
+                    raise KeyboardInterrupt
+            return real_finetune(trainer, data, **{**kw, "log_every": 1, "on_log": on_log})
+        return finetune
+
+    # 1. Killed inside the single-task stage, after its checkpoint at step 2.
+    monkeypatch.setattr(stages, "finetune", killed_at_step(3))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_tiny(), run_dir, progress=False, echo=Lines())
+    partial = list(run_dir.glob("stages/single_task-*.partial"))
+    assert len(partial) == 1 and list((partial[0] / "checkpoints").iterdir())
+    assert not list(run_dir.glob("stages/single_task-*[0-9a-f]"))
+    # 2. Killed between stages: the probe never starts its work.
+    monkeypatch.setattr(stages, "finetune", real_finetune)
+
+    def no_probe(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_probe", no_probe)
+    lines = Lines()
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_tiny(), run_dir, progress=False, echo=lines)
+    assert "single_task" in lines.ran() and {"tokenizer", "base"} <= lines.cached()
+    monkeypatch.undo()
+    # 3. Started again: finishes with the uninterrupted run's results.
+    lines = Lines()
+    results = run_pipeline(_tiny(), run_dir, progress=False, echo=lines, report=False)
+    assert {"tokenizer", "base", "single_task"} <= lines.cached() and "probe" in lines.ran()
+    for method in METHODS:
+        assert results["methods"][method]["seeds"] == ref_results["methods"][method]["seeds"]
+    np.testing.assert_array_equal(np.load(_stage_dir(run_dir, "probe") / "divergence.npy"),
+                                  np.load(_stage_dir(ref_dir, "probe") / "divergence.npy"))
+
+
+def test_changed_setting_reruns_only_its_dependants(finished, tmp_path):
+    ref_dir, _, _ = finished
+    run_dir = tmp_path / "copy"
+    shutil.copytree(ref_dir, run_dir)
+    lines = Lines()
+    run_pipeline(_tiny("mrf.beta=0.5"), run_dir, progress=False, echo=lines, report=False)
+    ran, cached = lines.ran(), lines.cached()
+    assert {"tokenizer", "base", "single_task", "probe"} <= cached
+    assert "mixtures" in ran
+    for seed in (0, 1):
+        # Baselines keep their weights, hence their fine-tunes and evaluations.
+        for method in ("uniform", "size_proportional", "temperature"):
+            assert {f"finetune/{method}/seed{seed}", f"eval/{method}/seed{seed}"} <= cached
+        assert f"finetune/taskpgm_jsd/seed{seed}" in ran
+    # An evaluation setting reruns evaluations only.
+    lines = Lines()
+    run_pipeline(_tiny("mrf.beta=0.5", "eval.max_new_tokens=2"), run_dir, progress=False,
+                 echo=lines, report=False)
+    assert all(not label.startswith("finetune") for label in lines.ran())
+    assert {f"eval/{m}/seed{s}" for m in METHODS for s in (0, 1)} <= lines.ran()
+
+
+def test_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("single_task:", "single_tsk:"))
+    assert main(["run", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "single_tsk" in err and "single_task" in err and "\n" not in err
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        config_mod.config_from_dict({"model": {"source": "hf"}, "tokenizer": {"kind": "pretrained"}})
+    assert main(["run", str(DEMO), "--run-dir", str(tmp_path / "r"), "model.source=hf",
+                 "tokenizer.kind=pretrained", f"model.checkpoint={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.checkpoint" in err and "nowhere" in err and "config.json" in err
+    empty = tmp_path / "tasks"
+    empty.mkdir()
+    assert main(["run", str(DEMO), "--run-dir", str(tmp_path / "r"), "data.source=files",
+                 f"data.files.path={empty}", f"data.files.heldout_path={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "no task files" in err
+    assert main(["run", str(DEMO), "--run-dir", str(tmp_path / "r"), "seeds"]) == 2
+    assert "dotted.key=value" in capsys.readouterr().err
