@@ -14,8 +14,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from taskpgm_jax.config import (
     BaseModelConfig,

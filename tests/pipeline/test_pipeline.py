@@ -25,8 +25,8 @@ TINY = [
     "data.synthetic.n_noise=1", "data.synthetic.examples=[50, 70]",
     "data.synthetic.heldout_examples=8", "data.probe_fraction=0.15",
     "tokenizer.vocab_size=300",
-    "model.size={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-    "num_key_value_heads: 1, head_dim: 16}",
+    ("model.size={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, head_dim: 16}"),
     "model.seq_len=40", "model.pretrain.steps=8", "model.pretrain.batch_size=8",
     "single_task.steps=6", "single_task.batch_size=4", "single_task.checkpoint_every=2",
     "probe.batch_size=16", "probe.max_examples_per_task=6",
@@ -65,7 +65,7 @@ def _stage_dir(run_dir, label):
 
 
 def test_run_writes_every_artifact_and_consistent_results(finished):
-    run_dir, results, lines = finished
+    run_dir, _results, lines = finished
     assert not lines.cached()
     for name in ("results.json", "report.md", "manifest.json", "config.yaml"):
         assert (run_dir / name).is_file(), name
