@@ -152,6 +152,9 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 1
     checkpoint_every: int = 50
+    # single_task only: train this many adapters side by side per round (None: all T at once).
+    # Bounds activation memory (`--dry-run` says what fits); results do not depend on it.
+    adapters_per_round: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,8 @@ class ProbeConfig:
     batch_size: int = 16
     max_examples_per_task: int | None = None
     per_token: bool = False  # L from per-token means instead of per-example sums
+    # Models (T adapters + the base) per forward pass (None: all at once); memory only.
+    adapter_chunk: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +272,13 @@ def _validate(cfg: RunConfig) -> None:
         need(ft.batch_size % ft.grad_accum == 0, f"{section}.grad_accum",
              f"must divide batch_size={ft.batch_size}")
         need(ft.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+        need(ft.adapters_per_round is None or ft.adapters_per_round > 0,
+             f"{section}.adapters_per_round", "must be > 0 (or null: all at once)")
+    need(cfg.single_task.trainable == "lora", "single_task.trainable",
+         "the pipeline trains single-task LoRA adapters side by side; full fine-tuning per task "
+         "is `taskpgm_jax.train.sequential_finetune` for your own scripts")
+    need(cfg.probe.adapter_chunk is None or cfg.probe.adapter_chunk > 0, "probe.adapter_chunk",
+         "must be > 0 (or null: all at once)")
     bad = [x for x in cfg.mixture.methods if x not in MIXTURE_METHODS]
     need(not bad and len(cfg.mixture.methods) > 0, "mixture.methods",
          f"unknown {bad}; choose from {MIXTURE_METHODS}")

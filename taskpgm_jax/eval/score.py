@@ -22,7 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taskpgm_jax.divergence import CrossLikelihood, CrossLikState, JSDState, StreamingJSD
+from taskpgm_jax.divergence import (
+    CrossLikelihood,
+    CrossLikState,
+    JSDState,
+    StreamingJSD,
+)
 from taskpgm_jax.models import multi_adapter_forward, stack_adapters
 
 Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
@@ -169,13 +174,15 @@ class ProbeScorer:
                            state.cross.counts)
 
 
-def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = True):
+def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = True,
+                          adapter_chunk: int | None = None):
     """A probe forward for T LoRA adapters over one base model (one multi-adapter call).
 
     Args:
       model: the base `CausalLM` with adapters added (`taskpgm_jax.models.add_lora`).
       adapters: `stack_adapters([...])` with leading axis T, or a list of adapter states.
       include_base: append the base model (all adapters zero) as output row T.
+      adapter_chunk: run this many models per pass (bounds activation memory); None: all.
 
     Returns:
       (forward, params): `forward(params, batch)` gives logits [T (+1), B, S, V]; pass `params`
@@ -195,6 +202,7 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
         base_model = nnx.merge(graphdef, state)
         return multi_adapter_forward(base_model, stacked, jnp.asarray(batch.input_ids),
                                      segment_ids=jnp.asarray(batch.segment_ids),
-                                     positions=jnp.asarray(batch.positions))
+                                     positions=jnp.asarray(batch.positions),
+                                     adapter_chunk=adapter_chunk)
 
     return forward, (base_state, adapters)

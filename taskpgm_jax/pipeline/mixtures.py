@@ -69,7 +69,8 @@ def _greedy(pot, names: Sequence[str], k: int) -> tuple[Mixture, dict[str, Any]]
               "budget": float(k), "value": float(sel.value), "gamma": float(ratio.gamma),
               "gamma_exact": bool(ratio.exact),
               "guarantee": float(ratio.bound) if ratio.bound > 0 else None,
-              "guarantee_note": ratio.theorem, "used_best_single": bool(sel.used_single)}
+              "guarantee_note": ratio.theorem, "used_best_single": bool(sel.used_single),
+              "unit": "tasks"}
     return mixture, record
 
 

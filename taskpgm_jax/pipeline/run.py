@@ -11,6 +11,7 @@ the TaskPGM fine-tunes, but not the baselines' fine-tunes, whose keys hash their
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -132,13 +133,16 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     base = stages.load_base(base_dir, cfg.model, mesh=mesh)
 
     # Single-task adapters, then the probe.
-    single_key = config_hash(cfg.single_task, cfg.lora, base_key, pools.key, seq_len)
+    # Memory-only settings (rounds, chunks) do not change results: they stay out of the keys.
+    single_key = config_hash(dataclasses.replace(cfg.single_task, adapters_per_round=None),
+                             cfg.lora, base_key, pools.key, seq_len)
     single_dir = log.run(
         run, "single_task", "single_task", single_key,
         lambda work: stages.train_single_task(base, tokenizer, pool, cfg.single_task, cfg.lora,
                                               seq_len, work, mesh=mesh, progress=progress),
         lambda info: f"{len(pool)} adapters trained side by side")
-    probe_key = config_hash(cfg.probe, single_key, seq_len)
+    probe_key = config_hash(dataclasses.replace(cfg.probe, adapter_chunk=None), single_key,
+                            seq_len)
 
     def probe(work):
         model, adapters = stages.load_adapters(base, cfg.lora, len(pool), single_dir,

@@ -8,10 +8,12 @@ work directory, so a run killed mid-stage resumes from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -128,19 +130,44 @@ def _task_iterator(tokenizer, rows, seq_len: int, batch_size: int, seed: int) ->
 
 def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora: LoraSection,
                       seq_len: int, work: Path, *, mesh=None, progress: bool = True) -> dict:
-    """T LoRA adapters on the base, trained side by side (one vmapped step), saved to
-    `work/adapters`."""
+    """T LoRA adapters on the base, trained side by side (one vmapped step), in rounds of
+    `ft.adapters_per_round`; saved stacked to `work/adapters`.
+
+    Adapter t always starts from the same A (`init_adapters(..., seed=0)` row t), reads its task
+    with data seed t and steps with key seed t, so the rounds do not change what it learns. A
+    finished round is saved (`work/rounds/<start>`), so a killed run redoes at most one round.
+    """
     model = _lora(base, lora)
-    adapters = init_adapters(model, len(pool), seed=0)
-    trainer = AdapterTrainer(model, _train_config(ft, "lora"), adapters, mesh=mesh)
-    data = StackedIterator([_task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, t)
-                            for t, n in enumerate(pool.names)])
-    result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
-                      checkpoint_every=ft.checkpoint_every, progress=progress,
-                      log_every=max(ft.steps // 10, 1))
-    _save_tree(work / "adapters", nnx.to_pure_dict(trainer.adapters(result.state)))
-    last = result.history[-1]
-    return {"final_loss_per_task": dict(zip(pool.names, map(float, last["loss_per_adapter"])))}
+    T = len(pool)
+    initial = init_adapters(model, T, seed=0)
+    per_round = ft.adapters_per_round or T
+    finished, losses = [], {}
+    for start in range(0, T, per_round):
+        names = pool.names[start:start + per_round]
+        done = work / "rounds" / f"{start:05d}"
+        rows = slice(start, start + len(names))
+        chunk = jax.tree.map(lambda x, rows=rows: x[rows], initial)
+        if not done.exists():
+            trainer = AdapterTrainer(model, _train_config(ft, "lora"), chunk, mesh=mesh)
+            data = StackedIterator([
+                _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i)
+                for i, n in enumerate(names)])
+            result = finetune(trainer, data, seed=start,
+                              checkpoint_dir=str(work / "checkpoints" / f"{start:05d}"),
+                              checkpoint_every=ft.checkpoint_every, progress=progress,
+                              log_every=max(ft.steps // 10, 1))
+            _save_tree(done, nnx.to_pure_dict(trainer.adapters(result.state)))
+            if is_writer():
+                write_json(work / "rounds" / f"{start:05d}.json",
+                           dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]))))
+        trained = _restore_tree(done, nnx.to_pure_dict(chunk))
+        finished.append(trained)
+        losses.update(json.loads((work / "rounds" / f"{start:05d}.json").read_text()))
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *finished)
+    _save_tree(work / "adapters", stacked)
+    if is_writer():
+        shutil.rmtree(work / "rounds", ignore_errors=True)
+    return {"final_loss_per_task": losses, "rounds": -(-T // per_round)}
 
 
 def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path, *, mesh=None):
@@ -178,7 +205,7 @@ def probe_batches(tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int):
 def run_probe(model, adapters, tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int,
               work: Path, *, mesh=None) -> dict:
     """L, the base row and the task-level JSD D from every adapter on the shared probe set."""
-    forward, params = adapter_probe_forward(model, adapters)
+    forward, params = adapter_probe_forward(model, adapters, adapter_chunk=cfg.adapter_chunk)
     scorer = ProbeScorer(forward, len(pool), len(pool), per_token=cfg.per_token)
     state = scorer.init()
     if mesh is not None:  # the accumulators live beside the sharded model, replicated

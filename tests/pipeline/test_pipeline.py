@@ -151,12 +151,15 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
             return real_finetune(trainer, data, **{**kw, "log_every": 1, "on_log": on_log})
         return finetune
 
-    # 1. Killed inside the single-task stage, after its checkpoint at step 2.
+    # This run trains the adapters in rounds of 4 and probes 3 models per pass: memory-only
+    # settings, so it must end where the all-at-once reference run ended.
+    chunked = ("single_task.adapters_per_round=4", "probe.adapter_chunk=3")
+    # 1. Killed inside the single-task stage, after its checkpoint at step 2 of the first round.
     monkeypatch.setattr(stages, "finetune", killed_at_step(3))
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(_tiny(), run_dir, progress=False, echo=Lines())
+        run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=Lines())
     partial = list(run_dir.glob("stages/single_task-*.partial"))
-    assert len(partial) == 1 and list((partial[0] / "checkpoints").iterdir())
+    assert len(partial) == 1 and list((partial[0] / "checkpoints" / "00000").iterdir())
     assert not list(run_dir.glob("stages/single_task-*[0-9a-f]"))
     # 2. Killed between stages: the probe never starts its work.
     monkeypatch.setattr(stages, "finetune", real_finetune)
@@ -167,17 +170,20 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
     monkeypatch.setattr(stages, "run_probe", no_probe)
     lines = Lines()
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(_tiny(), run_dir, progress=False, echo=lines)
+        run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=lines)
     assert "single_task" in lines.ran() and {"tokenizer", "base"} <= lines.cached()
     monkeypatch.undo()
     # 3. Started again: finishes with the uninterrupted run's results.
     lines = Lines()
-    results = run_pipeline(_tiny(), run_dir, progress=False, echo=lines, report=False)
+    results = run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=lines, report=False)
     assert {"tokenizer", "base", "single_task"} <= lines.cached() and "probe" in lines.ran()
+    for name in ("divergence", "crosslik", "base_loglik"):
+        np.testing.assert_allclose(np.load(_stage_dir(run_dir, "probe") / f"{name}.npy"),
+                                   np.load(_stage_dir(ref_dir, "probe") / f"{name}.npy"),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
     for method in METHODS:
-        assert results["methods"][method]["seeds"] == ref_results["methods"][method]["seeds"]
-    np.testing.assert_array_equal(np.load(_stage_dir(run_dir, "probe") / "divergence.npy"),
-                                  np.load(_stage_dir(ref_dir, "probe") / "divergence.npy"))
+        assert results["methods"][method]["seeds"] == pytest.approx(
+            ref_results["methods"][method]["seeds"])
 
 
 def test_changed_setting_reruns_only_its_dependants(finished, tmp_path):
