@@ -1,5 +1,5 @@
 # The two commands a new user runs on a fresh machine (see README.md).
-#   make demo   set up .venv and run the main job
+#   make demo   set up .venv and run the main job: the demo experiment end to end (runs/demo)
 #   make test   set up .venv and run the test suite (offline, CPU)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/taskpgm run experiments/configs/demo.yaml --run-dir runs/demo
+
+bench-divergence: $(STAMP)
 	$(PY) benchmarks/divergence.py --json divergence_bench.json
 
 test: $(STAMP)
