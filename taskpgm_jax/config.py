@@ -181,6 +181,10 @@ class MrfConfig:
     jsd_affinity: str = "linear"  # "linear" (1 - D / ln 2) or "rbf" (exp(-D / tau))
     jsd_tau: float | None = None
     select_tasks: int | None = None  # greedy cardinality budget (None: half the tasks)
+    # The selection's pairwise weight (None: beta). The set function F(A) = beta sum_A u -
+    # lam/2 sum_{i != j in A} S~ has its own scale: with the mixture's lam = 2T every second
+    # task already has a negative gain, while at lam = beta F grows along the greedy chain.
+    select_lam: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

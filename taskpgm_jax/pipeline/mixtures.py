@@ -98,13 +98,11 @@ def compute_mixtures(names: Sequence[str], divergence, cross_likelihood, base_li
     mixtures: dict[str, Mixture] = {}
     trace: dict[str, dict[str, list]] = {}
     greedy: dict[str, Any] = {}
-    pots = {}
+    measured = ({"cross_likelihood": cross_likelihood, "base_likelihood": base_likelihood}
+                if mrf.unary == "utility" else {})
     for kind in ("jsd", "pmi"):
-        measured = ({"cross_likelihood": cross_likelihood, "base_likelihood": base_likelihood}
-                    if mrf.unary == "utility" else {})
         pot = potentials(affinities[kind], mrf.unary, beta=mrf.beta, lam=lam, ridge=mrf.ridge,
                          **measured)
-        pots[kind] = pot
         method = f"taskpgm_{kind}"
         if method not in mix.methods:
             continue
@@ -114,7 +112,10 @@ def compute_mixtures(names: Sequence[str], divergence, cross_likelihood, base_li
         trace[method] = _convergence(pot, mrf.solver, sol)
     if "greedy" in mix.methods:
         k = mrf.select_tasks if mrf.select_tasks is not None else max(1, T // 2)
-        mixtures["greedy"], greedy = _greedy(pots["jsd"], names, min(k, T))
+        select_lam = mrf.select_lam if mrf.select_lam is not None else mrf.beta
+        pot = potentials(affinities["jsd"], mrf.unary, beta=mrf.beta, lam=select_lam,
+                         ridge=mrf.ridge, **measured)
+        mixtures["greedy"], greedy = _greedy(pot, names, min(k, T))
     sizes = [int(train_sizes[n]) for n in names]
     if "uniform" in mix.methods:
         mixtures["uniform"] = uniform_mixture(names)

@@ -75,6 +75,8 @@ def test_run_writes_every_artifact_and_consistent_results(finished):
         assert (run_dir / "figures" / f"{fig}.png").stat().st_size > 1000, fig
         assert f"figures/{fig}.png" in report
     assert not list(run_dir.glob("stages/*.partial")), "a finished run leaves no partial stage"
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0 and (run_dir / "report.md").read_text() == report
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["methods"].keys() == set(METHODS) and on_disk["seeds"] == [0, 1]
     # The table is recomputed here from each evaluation's own metrics.json.
@@ -130,6 +132,18 @@ def test_mixtures_are_the_optima_of_the_measured_affinities(finished):
     tempered = sizes ** (1 / 2.0)
     np.testing.assert_allclose(mixtures["temperature"]["weights"], tempered / tempered.sum())
     greedy = json.loads((mix / "greedy.json").read_text())
+    # The greedy chain, recomputed in float64: F(A) = beta sum_A u - lam/2 sum_{i!=j in A} S~
+    # with the selection's default lam = beta, k = T // 2, stopping at a non-positive gain.
+    pot = potentials(np.load(mix / "affinity_jsd.npy"), beta=1.0, lam=1.0)
+    St, u = np.asarray(pot.matrix, np.float64), np.asarray(pot.unary, np.float64)
+    off = St - np.diag(np.diag(St))
+    chain = []
+    while len(chain) < T // 2:
+        gains = [u[e] - off[e, chain].sum() if e not in chain else -np.inf for e in range(T)]
+        if max(gains) <= 0:
+            break
+        chain.append(int(np.argmax(gains)))
+    assert greedy["order"] == [names[i] for i in chain]
     chosen = set(greedy["order"])
     np.testing.assert_allclose(mixtures["greedy"]["weights"],
                                [1 / len(chosen) if n in chosen else 0.0 for n in names])
