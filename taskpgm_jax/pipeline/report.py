@@ -1,10 +1,11 @@
 """Run report: `report.md` and PNG figures from the artifacts of a finished run (DESIGN.md 2).
 
 Reads RUN_DIR/results.json, RUN_DIR/manifest.json and the probe and mixtures stage directories it
-lists; writes RUN_DIR/report.md and RUN_DIR/figures/*.png. Figures are drawn on
-`matplotlib.figure.Figure` objects (Agg renders them on save), never through pyplot: no global
-backend switch, no open-figure registry to leak. Every file is written under a temporary name and
-renamed, so an interrupted report leaves the previous files or none, never half of one.
+lists; writes RUN_DIR/report.md and RUN_DIR/figures/*.png. This module loads and checks the
+inputs and writes the markdown; the figures are drawn in `_figures` on `matplotlib.figure.Figure`
+objects (Agg renders them on save), never through pyplot: no global backend switch, no
+open-figure registry to leak. Every file is written under a temporary name and renamed, so an
+interrupted report leaves the previous files or none, never half of one.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
+from taskpgm_jax.pipeline import _figures as figs
+from taskpgm_jax.pipeline._figures import METHOD_LABELS, METHOD_ORDER
+from taskpgm_jax.pipeline._figures import fmt_num as _num
+from taskpgm_jax.pipeline._figures import method_label as _label
+from taskpgm_jax.pipeline._figures import ordered_methods as _ordered
 from taskpgm_jax.pipeline.analysis import (
     adjusted_rand_index,
     affinity_order,
@@ -29,13 +33,11 @@ from taskpgm_jax.pipeline.analysis import (
     cluster_tasks,
 )
 
+__all__ = ["DPI", "FIGURE_DIR", "METHOD_LABELS", "METHOD_ORDER", "RUN_HINT", "ReportInputs",
+           "fmt_delta", "fmt_mean_std", "load_report_inputs", "write_report"]
+
 FIGURE_DIR = "figures"
 DPI = 100
-METHOD_ORDER = ("taskpgm_jsd", "taskpgm_pmi", "greedy", "uniform", "size_proportional",
-                "temperature")
-METHOD_LABELS = {"taskpgm_jsd": "TaskPGM (JSD)", "taskpgm_pmi": "TaskPGM (PMI)",
-                 "greedy": "greedy (budgeted)", "uniform": "uniform",
-                 "size_proportional": "size-proportional", "temperature": "temperature"}
 RUN_HINT = "run `taskpgm run CONFIG.yaml` first (finished stages are skipped, others resume)"
 _RESULTS_KEYS = ("metric", "eval_tasks", "seeds", "budget", "methods")
 
@@ -189,10 +191,6 @@ def _md(text) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _num(x) -> str:
-    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -203,219 +201,12 @@ def _embed(name: str, alt: str, caption: str) -> str:
     return f"![{alt}]({FIGURE_DIR}/{name})\n\n*{caption}*"
 
 
-def _ordered(methods) -> list[str]:
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
-
-
-def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def _color(method: str) -> str:
-    i = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return f"C{i % 10}"
-
-
 def _weights(inputs: ReportInputs, method: str) -> np.ndarray:
     """[T] weights of `method` in names.json order, normalised to sum 1 (absent tasks: 0)."""
     m = inputs.mixtures[method]
     by_name = dict(zip(m["names"], np.asarray(m["weights"], dtype=np.float64), strict=True))
     w = np.array([by_name.get(t, 0.0) for t in inputs.names])
     return w / w.sum() if w.sum() > 0 else w
-
-
-def _tick_step(T: int) -> int:
-    return max(1, -(-T // 60))  # at most ~60 labels per axis stay legible
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _results_figure(inputs: ReportInputs, methods: list[str]) -> Figure:
-    res = inputs.results
-    fig = Figure(figsize=(max(5.0, 1.1 * len(methods) + 2), 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    x = np.arange(len(methods))
-    stats = [res["methods"][m] for m in methods]
-    ax.bar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=4,
-           color=[_color(m) for m in methods], alpha=0.8, label="mean ± std over seeds")
-    for i, s in enumerate(stats):
-        seeds = s.get("seeds", [])
-        ax.scatter(np.full(len(seeds), x[i]), seeds, color="black", s=12, zorder=3,
-                   label="one seed" if i == 0 else None)
-    ax.set_xticks(x, labels=[_label(m) for m in methods], rotation=20, ha="right")
-    ax.set_ylabel(f"{res['metric']} (macro mean over {len(res['eval_tasks'])} held-out tasks)")
-    ax.set_title(f"Held-out {res['metric']} per mixture method\n"
-                 f"({len(res['seeds'])} seeds, {_num(res['budget'])} training examples)")
-    fig.legend(loc="outside right upper", fontsize=8)
-    return fig
-
-
-def _heatmap_figure(S, names, order, title: str, cbar_label: str, diverging: bool) -> Figure:
-    T = len(names)
-    side = min(12.0, 3.0 + 0.3 * T)
-    fig = Figure(figsize=(side + 1.8, side + 0.6), layout="constrained")
-    ax = fig.add_subplot()
-    M = S[np.ix_(order, order)]
-    off = M[~np.eye(T, dtype=bool)] if T > 1 else M.ravel()
-    if diverging:  # centre 0: the sign of PMI means transfer helps (+) or hurts (-)
-        lim = float(np.abs(off).max()) or 1.0
-        im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    else:  # the off-diagonal range sets the scale; the diagonal (1) would wash it out
-        im = ax.imshow(M, cmap="viridis", vmin=float(off.min()), vmax=float(M.max()),
-                       interpolation="nearest")
-    step, fs = _tick_step(T), max(4.0, min(9.0, 320.0 / T))
-    ticks = np.arange(0, T, step)
-    labels = [names[order[i]] for i in ticks]
-    ax.set_xticks(ticks, labels=labels, rotation=90, fontsize=fs)
-    ax.set_yticks(ticks, labels=labels, fontsize=fs)
-    ax.set_xlabel("task (average-linkage leaf order)")
-    ax.set_ylabel("task (average-linkage leaf order)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.8)
-    return fig
-
-
-def _graph_figure(inputs: ReportInputs, order: np.ndarray) -> tuple[Figure, int]:
-    names, T = inputs.names, len(inputs.names)
-    S = 0.5 * (inputs.affinity_jsd + inputs.affinity_jsd.T)
-    iu, ju = np.triu_indices(T, k=1)
-    k = min(2 * T, iu.size)
-    top = np.argsort(-S[iu, ju], kind="stable")[:k]
-    # Clustered tasks sit next to each other on the circle, so their edges stay short.
-    angle = np.empty(T)
-    angle[order] = 2 * np.pi * np.arange(T) / T
-    pos = np.stack([np.cos(angle), np.sin(angle)], axis=1)
-    fig = Figure(figsize=(8.5, 6.5), layout="constrained")
-    ax = fig.add_subplot()
-    legend = []
-    if k:
-        vals = S[iu[top], ju[top]]
-        lo, hi = float(vals.min()), float(vals.max())
-        span = hi - lo if hi > lo else 1.0
-        widths = 0.6 + 4.4 * (vals - lo) / span
-        ax.add_collection(LineCollection(pos[np.stack([iu[top], ju[top]], 1)], colors="0.45",
-                                         linewidths=widths, alpha=0.7, zorder=1))
-        legend += [Line2D([], [], color="0.45", lw=0.6 + 4.4 * (v - lo) / span,
-                          label=f"edge S^JSD = {v:.3f}") for v in sorted({lo, hi})]
-    sizes = np.full(T, 200.0)
-    if "taskpgm_jsd" in inputs.mixtures:
-        w = _weights(inputs, "taskpgm_jsd")
-        scale = 900.0 / max(float(w.max()), 1e-12)
-        sizes = 30.0 + scale * w
-        legend += [ax.scatter([], [], s=30.0 + scale * v, color="0.7", edgecolors="black",
-                              label=f"weight {v:.2f}") for v in sorted({w.max(), np.median(w)})]
-    colors = ["C0"] * T
-    if inputs.clusters is not None:  # colour by planted cluster: does the graph find them?
-        planted = sorted({str(inputs.clusters[t]) for t in names})
-        colors = [f"C{planted.index(str(inputs.clusters[t])) % 10}" for t in names]
-        legend += [Line2D([], [], ls="", marker="o", color=f"C{i % 10}",
-                          label=f"planted cluster {c}") for i, c in enumerate(planted)]
-    ax.scatter(pos[:, 0], pos[:, 1], s=sizes, c=colors, edgecolors="black", zorder=2)
-    for (x, y), a, name in zip(pos, np.degrees(angle), names, strict=True):
-        # Radial labels: they never overlap their neighbours, however many tasks sit on the circle.
-        ax.text(1.17 * x, 1.17 * y, name, fontsize=max(5.0, min(9.0, 300 / T)), va="center",
-                ha="left" if x >= 0 else "right", rotation=a if x >= 0 else a - 180,
-                rotation_mode="anchor")
-    ax.set_xlim(-1.75, 1.75)
-    ax.set_ylim(-1.6, 1.6)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    node = ("node area ∝ TaskPGM-JSD weight" if "taskpgm_jsd" in inputs.mixtures
-            else "equal node sizes (no TaskPGM-JSD mixture)")
-    ax.set_title(f"Task graph: the {k} strongest JSD-affinity edges\n(line width ∝ affinity; "
-                 f"{node})", fontsize=10)
-    if legend:
-        fig.legend(handles=legend, loc="outside right upper", fontsize=8,
-                   labelspacing=1.4, borderpad=1.0, handletextpad=1.5)
-    return fig, k
-
-
-def _weights_figure(inputs: ReportInputs, methods: list[str], order: np.ndarray) -> Figure:
-    T = len(inputs.names)
-    fig = Figure(figsize=(min(18.0, max(6.0, 0.16 * T * len(methods) + 2.5)), 4.5),
-                 layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(methods), 1)
-    for j, m in enumerate(methods):
-        ax.bar(np.arange(T) + (j - (len(methods) - 1) / 2) * width, _weights(inputs, m)[order],
-               width=width, color=_color(m), label=_label(m))
-    step = _tick_step(T)
-    ticks = np.arange(0, T, step)
-    ax.set_xticks(ticks, labels=[inputs.names[order[i]] for i in ticks],
-                  rotation=90 if T > 8 else 30, ha="center" if T > 8 else "right",
-                  fontsize=max(4.0, min(9.0, 320.0 / T)))
-    ax.set_xlabel("training task (JSD-affinity leaf order)")
-    ax.set_ylabel("mixture weight (share of the training budget)")
-    ax.set_title("Mixture weights per method")
-    fig.legend(loc="outside right upper", fontsize=8)
-    return fig
-
-
-def _solver_figure(trace: Mapping) -> Figure:
-    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
-    axes = fig.subplots(1, 2)
-    keys = (("energy_gap", "energy gap E(w_k) - E(w*)"), ("kkt_residual", "KKT residual"))
-    for ax, (key, ylabel) in zip(axes, keys, strict=True):
-        for m in _ordered(trace):
-            it = np.asarray(trace[m]["iterations"])
-            y = np.asarray(trace[m][key], dtype=np.float64)
-            # Exact zeros (the last iterate's gap) have no place on a log axis.
-            ax.semilogy(it, np.where(y > 0, y, np.nan), marker=".", color=_color(m),
-                        label=_label(m))
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"{ylabel} (log scale)")
-        ax.set_title(ylabel)
-        ax.legend(fontsize=8)
-    fig.suptitle("MRF solver convergence (TaskPGM mixtures)")
-    return fig
-
-
-def _guarantee_text(g: Mapping) -> str:
-    gamma = g.get("gamma")
-    how = "exact" if g.get("gamma_exact") else "sampled estimate"
-    gamma_txt = f"γ = {gamma:.3f} ({how})" if gamma is not None else "γ not computed"
-    if g.get("guarantee") is not None:
-        return f"{gamma_txt}; guarantee F(greedy) ≥ {g['guarantee']:.3f} × OPT"
-    return f"{gamma_txt}; no guarantee: {g.get('guarantee_note', '')}"
-
-
-def _greedy_figure(g: Mapping, unit: str) -> Figure:
-    cost = np.concatenate([[0.0], np.asarray(g["cumulative_cost"], dtype=np.float64)])
-    value = np.concatenate([[0.0], np.cumsum(np.asarray(g["gains"], dtype=np.float64))])
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(cost, value, marker="o", color="C2", label="greedy chain: F(A_k) = cumulative gain")
-    for c, v, name in zip(cost[1:], value[1:], g["order"], strict=True):
-        ax.annotate(name, (c, v), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                    rotation=20)
-    ax.axvline(float(g["budget"]), ls="--", color="C3", label=f"budget B = {_num(g['budget'])}")
-    ax.axhline(float(g["value"]), ls=":", color="0.3", label=f"returned F = {g['value']:.4g}")
-    ax.plot([], [], " ", label=_guarantee_text(g))  # the guarantee as a legend line
-    ax.set_xlabel(f"cumulative cost ({unit})")
-    ax.set_ylabel("set value F(A) (F(∅) = 0)")
-    ax.set_title("Budgeted greedy task selection\n" + _guarantee_text(g), fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    return fig
-
-
-def _clusters_figure(shares: Mapping, methods: list[str]) -> Figure:
-    labels = sorted({c for m in methods for c in shares[m]}, key=str)
-    fig = Figure(figsize=(max(5.0, 1.0 * len(methods) + 3), 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    bottom = np.zeros(len(methods))
-    for i, c in enumerate(labels):
-        h = np.array([shares[m].get(c, 0.0) for m in methods])
-        ax.bar(np.arange(len(methods)), h, bottom=bottom, color=f"C{i % 10}",
-               label=f"planted cluster {c}")
-        bottom += h
-    ax.set_xticks(np.arange(len(methods)), labels=[_label(m) for m in methods], rotation=20,
-                  ha="right")
-    ax.set_ylabel("share of the training budget")
-    ax.set_title("Budget per planted cluster (synthetic suite)")
-    fig.legend(loc="outside right upper", fontsize=8)
-    return fig
 
 
 # ----------------------------------------------------------------------------- report.md
@@ -461,7 +252,7 @@ def _synthetic_md(inputs: ReportInputs, methods: list[str], figdir: Path) -> str
         m: budget_per_cluster(dict(zip(inputs.names, _weights(inputs, m), strict=True)),
                               inputs.clusters) for m in methods}
     shown = [m for m in methods if m in shares]
-    _save(_clusters_figure(shares, shown), figdir / "clusters.png")
+    _save(figs.clusters_figure(shares, shown), figdir / "clusters.png")
     labels = sorted({c for m in shown for c in shares[m]}, key=str)
     rows = [[_md(c), *[f"{shares[m].get(c, 0.0):.3f}" for m in shown]] for c in labels]
     members = [[_md(c), ", ".join(_md(t) for t in inputs.names if str(inputs.clusters[t]) ==
@@ -479,20 +270,33 @@ def _synthetic_md(inputs: ReportInputs, methods: list[str], figdir: Path) -> str
                )])
 
 
-def _greedy_md(g: Mapping, figdir: Path) -> str:
-    unit = g.get("unit", "cost units")  # greedy.json may name its cost unit (tasks, examples)
-    _save(_greedy_figure(g, unit), figdir / "greedy.png")
-    text = (f"Chosen in order: {', '.join(_md(t) for t in g['order']) or '(none)'}; value F = "
-            f"{g['value']:.4g} at budget {_num(g['budget'])} {unit}. {_guarantee_text(g)}.")
+def _greedy_md(g: Mapping, examples, figdir: Path) -> str:
+    """The greedy section; `examples` is the fine-tune budget (training examples per mixture)."""
+    unit = g.get("unit", "cost units")  # "tasks": cardinality budget, every task costs 1
+    _save(figs.greedy_figure(g, unit), figdir / "greedy.png")
+    chosen = ", ".join(_md(t) for t in g["order"]) or "(none)"
+    if unit == "tasks":
+        budget = (f"a budget of at most {_num(g['budget'])} tasks (a cardinality budget: every "
+                  f"task costs 1; not the {_num(examples)} training examples of each fine-tune, "
+                  "which the greedy mixture spreads over the chosen tasks)")
+        step = "the task with the largest marginal gain (every task costs 1)"
+    else:
+        budget = f"budget {_num(g['budget'])} {unit}"
+        step = f"the task with the best marginal gain per cost ({unit})"
+    text = (f"Chosen in order: {chosen}; value F = {g['value']:.4g} under {budget}. "
+            f"{figs.guarantee_text(g)}.")
     if g.get("guarantee") is not None and g.get("guarantee_note"):
         text += f" Bound: {g['guarantee_note']}."
+    note = figs.greedy_stop_note(g, unit)
+    if note:
+        text += f" The chain {note}."
     if g.get("used_best_single"):
         text += " The best single task beat the greedy chain and was returned instead."
     return "\n\n".join([
         "## Budgeted greedy selection", text,
         _embed("greedy.png", "greedy selection curve",
-               "Each step adds the task with the best gain per cost; the curve flattens where "
-               "new tasks mostly repeat what is already chosen.")])
+               f"Each step adds {step} while the budget allows and the gain is positive; the "
+               "curve flattens where new tasks mostly repeat what is already chosen.")])
 
 
 def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
@@ -536,26 +340,35 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
             f"- **Training tasks** (T = {T}): {', '.join(_md(t) for t in names)}",
             f"- **Methods**: {', '.join(f'{_label(m)} (`{m}`)' for m in methods)}"])]
 
-    _save(_results_figure(inputs, methods), figdir / "results.png")
+    _save(figs.results_figure(res, methods), figdir / "results.png")
     parts.append(_results_md(res, methods))
 
-    _save(_heatmap_figure(inputs.affinity_jsd, names, order_jsd, "JSD affinity S = 1 - D / ln 2",
+    _save(figs.heatmap_figure(inputs.affinity_jsd, names, order_jsd, "JSD affinity S = 1 - D / ln 2",
                           "S^JSD (1 = identical next-token distributions)", False),
           figdir / "affinity_jsd.png")
-    _save(_heatmap_figure(inputs.affinity_pmi, names, order_pmi, "PMI affinity (cross-likelihood)",
+    _save(figs.heatmap_figure(inputs.affinity_pmi, names, order_pmi, "PMI affinity (cross-likelihood)",
                           "S^PMI (nats per example; 0 = as good as the task's own model)", True),
           figdir / "affinity_pmi.png")
+    off_pmi = inputs.affinity_pmi[~np.eye(T, dtype=bool)] if T > 1 else inputs.affinity_pmi
+    lin = figs.symlog_threshold(off_pmi.ravel())
+    pmi_scale = ("" if lin is None else
+                 f" The colour scale is symmetric-logarithmic beyond ±{lin:.2g} nats (a few cells "
+                 "are far larger than the rest), so small differences near 0 stay visible.")
     parts += ["## Task affinities",
               _embed("affinity_jsd.png", "JSD affinity heatmap",
                      "Bright blocks on the diagonal are groups of tasks whose single-task models "
-                     "predict the probe set alike (tasks ordered by average-linkage clustering)."),
+                     "predict the probe set alike (tasks ordered by average-linkage clustering; "
+                     "the colour scale spans the off-diagonal values, so the diagonal S = 1 "
+                     "sits above it)."),
               _embed("affinity_pmi.png", "PMI affinity heatmap",
                      "Each cell is the log-likelihood change (nats per example, both directions "
                      "averaged) when a task's probe data is scored by the other task's model "
                      "instead of its own: white = interchangeable models, blue = poor "
-                     "transfer, red = the other model does even better.")]
+                     "transfer, red = the other model does even better." + pmi_scale)]
 
-    fig, k = _graph_figure(inputs, order_jsd)
+    weights = {m: _weights(inputs, m) for m in mix_methods}
+    fig, k = figs.graph_figure(names, inputs.affinity_jsd, order_jsd, weights.get("taskpgm_jsd"),
+                               inputs.clusters)
     _save(fig, figdir / "task_graph.png")
     parts += ["## Task graph",
               _embed("task_graph.png", "task graph",
@@ -564,8 +377,8 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
                      "mixture spends its budget on one task per group or on every member.")]
 
     if mix_methods:
-        _save(_weights_figure(inputs, mix_methods, order_jsd), figdir / "weights.png")
-        rows = [[_md(names[i]), *[f"{_weights(inputs, m)[i]:.3f}" for m in mix_methods]]
+        _save(figs.weights_figure(names, weights, order_jsd), figdir / "weights.png")
+        rows = [[_md(names[i]), *[f"{weights[m][i]:.3f}" for m in mix_methods]]
                 for i in order_jsd]
         parts += ["## Mixture weights",
                   _embed("weights.png", "mixture weights per method",
@@ -575,19 +388,22 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
 
     trace = inputs.solver_trace
     if trace:
-        _save(_solver_figure(trace), figdir / "solver.png")
+        _save(figs.solver_figure(trace), figdir / "solver.png")
         rows = [[_md(m), str(trace[m]["iterations"][-1] if trace[m]["iterations"] else 0),
                  *[f"{trace[m][key][-1]:.3e}" if trace[m][key] else "—"
                    for key in ("energy_gap", "kkt_residual")]] for m in _ordered(trace)]
         parts += ["## Solver convergence",
                   _embed("solver.png", "solver convergence",
-                         "Both curves should fall to the stopping tolerance; a curve that ends "
-                         "high means the solver stopped on its iteration limit, not converged."),
+                         "The energy gap is measured to the solver's own final iterate, so it "
+                         "always ends at 0 (▼: exact zeros, which a log axis cannot show); "
+                         "convergence shows in the KKT residual, which should fall to the "
+                         "stopping tolerance: one that ends high means the solver stopped on "
+                         "its iteration limit."),
                   _table(["method", "iterations", "final energy gap", "final KKT residual"],
                          rows)]
 
     if inputs.greedy:  # {} when the run did not compare the greedy selection
-        parts.append(_greedy_md(inputs.greedy, figdir))
+        parts.append(_greedy_md(inputs.greedy, res["budget"], figdir))
 
     if inputs.clusters is not None:
         parts.append(_synthetic_md(inputs, mix_methods, figdir))

@@ -1,4 +1,5 @@
-"""Report on a fake run directory: files, valid PNGs, numbers equal to results.json, errors."""
+"""Report on a fake run directory: files, valid PNGs, numbers equal to results.json, errors;
+the figure helpers' scale choices."""
 
 import itertools
 import json
@@ -9,8 +10,20 @@ import numpy as np
 import pytest
 from matplotlib import image
 
+from taskpgm_jax.pipeline import _figures, report
 from taskpgm_jax.pipeline.analysis import adjusted_rand_index, cluster_tasks
-from taskpgm_jax.pipeline.report import load_report_inputs, write_report
+from taskpgm_jax.pipeline.report import (
+    DPI,
+    FIGURE_DIR,
+    METHOD_LABELS,
+    METHOD_ORDER,
+    RUN_HINT,
+    ReportInputs,
+    fmt_delta,
+    fmt_mean_std,
+    load_report_inputs,
+    write_report,
+)
 
 METHODS = ("taskpgm_jsd", "taskpgm_pmi", "greedy", "uniform", "size_proportional", "temperature")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,11 +100,13 @@ def make_run_dir(root, rng, *, T=6, num_seeds=3, synthetic=True):
                     "kkt_residual": np.sort(rng.uniform(1e-8, 1.0, n))[::-1].tolist()}
     (mix / "solver_trace.json").write_text(json.dumps(trace))
     gains = np.sort(rng.uniform(0.1, 1.0, 3))[::-1]
+    # As the mixtures stage writes it: a cardinality budget, every task costs 1.
     (mix / "greedy.json").write_text(json.dumps({
         "order": [names[4], names[1], names[2]], "gains": gains.tolist(),
-        "cumulative_cost": [300.0, 900.0, 1500.0], "budget": 2000.0,
+        "cumulative_cost": [1.0, 2.0, 3.0], "budget": 3.0, "unit": "tasks",
         "value": float(gains.sum()), "gamma": 0.8, "gamma_exact": True,
-        "guarantee": 1 - math.exp(-0.8), "guarantee_note": "cardinality bound"}))
+        "guarantee": 1 - math.exp(-0.8), "guarantee_note": "cardinality bound",
+        "used_best_single": False}))
     if synthetic:
         (mix / "clusters.json").write_text(json.dumps(clusters))
     return run
@@ -167,6 +182,9 @@ def test_report_files_and_numbers(tmp_path, rng):
     assert "accuracy" in text and "2,000" in text
     assert f"{results['synthetic']['ari']['pmi']:.3f}" in text
     assert "γ = 0.800 (exact)" in text and f"{1 - math.exp(-0.8):.3f} × OPT" in text
+    greedy = _section(text, "Budgeted greedy selection")
+    assert "at most 3 tasks (a cardinality budget: every task costs 1" in greedy
+    assert "2,000 training examples" in greedy and "stopped" not in greedy
     # Budget per planted cluster (not in results.json here: recomputed from the mixtures).
     clusters = json.loads((run / "stages/mixtures-def456/clusters.json").read_text())
     mixtures = json.loads((run / "stages/mixtures-def456/mixtures.json").read_text())
@@ -245,3 +263,49 @@ def test_malformed_inputs(tmp_path, rng):
     (run / "manifest.json").write_text(json.dumps({"stages": {"probe": "stages/probe-abc123"}}))
     with pytest.raises(FileNotFoundError, match="no 'mixtures' stage"):
         load_report_inputs(run)
+
+
+def test_greedy_units_and_early_stop(tmp_path, rng):
+    run = make_run_dir(tmp_path, rng, synthetic=False)
+    path = run / "stages/mixtures-def456/greedy.json"
+    g = {**json.loads(path.read_text()), "budget": 5.0}
+    path.write_text(json.dumps(g))
+    # The chain stopped below its budget: no remaining task had a positive gain.
+    text = write_report(run).read_text()
+    greedy = _section(text, "Budgeted greedy selection")
+    assert "at most 5 tasks" in greedy
+    assert ("stopped after 3 of the 5 tasks allowed: no remaining task has a positive marginal "
+            "gain") in greedy
+    assert "largest marginal gain (every task costs 1)" in greedy
+    _check_pngs(run, text)
+    # An older greedy.json names no unit: generic cost units, no claim about tasks.
+    old = {k: v for k, v in g.items() if k != "unit"}
+    old.update(cumulative_cost=[300.0, 900.0, 1500.0], budget=2000.0)
+    greedy = report._greedy_md(old, 2000, run / "figures")
+    assert "under budget 2,000 cost units" in greedy and "tasks" not in greedy.split("![")[0]
+    assert "stopped at cost 1,500 of 2,000 cost units" in greedy
+    # Nothing chosen (no task has a positive gain).
+    greedy = report._greedy_md({**g, "order": [], "gains": [], "cumulative_cost": [],
+                                "value": 0.0}, 2000, run / "figures")
+    assert "(none)" in greedy and "selected nothing" in greedy
+
+
+def test_public_names_and_figure_scales():
+    assert FIGURE_DIR == "figures" and DPI > 0 and "taskpgm run" in RUN_HINT
+    assert METHOD_ORDER[0] == "taskpgm_jsd" and set(METHOD_LABELS) == set(METHOD_ORDER)
+    assert ReportInputs.__dataclass_fields__["names"]
+    assert fmt_mean_std(0.5, 0.01) == "0.5000 ± 0.0100" and fmt_delta(None) == "—"
+    # One far-off row (as a task whose model transfers to nothing): symmetric-log colours.
+    off = np.array([-10.3, -0.5, 0.4, 1.2, -1.0, 0.8])
+    assert _figures.symlog_threshold(off) == pytest.approx(np.median(np.abs(off)))
+    assert _figures.symlog_threshold(np.array([-1.0, 0.5, 2.0])) is None
+    assert _figures.symlog_threshold(np.zeros(4)) is None
+    # The weights axis is cut only when one method's peak dwarfs every other's.
+    names, order = ["a", "b", "c", "d"], np.arange(4)
+    cut = _figures.weights_figure(names, {"greedy": np.array([1.0, 0, 0, 0]),
+                                          "uniform": np.full(4, 0.25)}, order)
+    assert cut.axes[0].get_ylim()[1] == pytest.approx(1.3 * 0.25)
+    assert [t.get_text() for t in cut.axes[0].texts] == ["1.00 ↑"]
+    plain = _figures.weights_figure(names, {"greedy": np.array([0.5, 0.5, 0, 0]),
+                                            "uniform": np.full(4, 0.25)}, order)
+    assert plain.axes[0].get_ylim()[1] >= 0.5 and not plain.axes[0].texts
