@@ -29,24 +29,29 @@ Memory model (bytes per device; each stage lists its parts):
   data x fsdp only when that product divides it, as the real sharding does) times the sequence.
   FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
   table are counted as "gathered weights".
+* The single-task stage also counts the whole (unsplit) adapters `pipeline/stages.py` keeps on
+  the default device between rounds: the T initial ones, the rounds trained so far, the round's
+  slice and, at the end, the stack of all T (`_single_task_parts`).
 
-Stages: `pretrain` (scratch bases only), `single_task` (T LoRA adapters side by side over one
-frozen base, or T full fine-tunes one at a time), `probe` (T single-task models plus the base on
-each probe batch: (T + 1) x rows x S x V float32 logits and a log-softmax copy), `mixture_finetune`
-(one fine-tune per mixture method and seed) and `eval` (a fine-tuned model plus the KV cache of
-greedy generation).
+Stages: `pretrain` (scratch bases only), `single_task` (T LoRA adapters over one frozen base,
+trained side by side in rounds), `probe` (T single-task models plus the base on each probe batch:
+(T + 1) x rows x S x V float32 logits and a log-softmax copy), `mixture_finetune` (one fine-tune
+per mixture method and seed) and `eval` (a fine-tuned model plus the KV cache of greedy
+generation).
 
-Planning choices the run must follow (they change memory, never results):
+Two config keys change memory and never results; the plan uses them exactly as the run will:
 
-* `adapters_per_round`: when all T adapters side by side do not fit, the single-task stage is
-  planned in rounds of the largest number G that does (adapter t follows the same trajectory
-  whether trained alone or beside others, `train/adapters.py`).
-* `probe_adapter_chunk`: the probe forward runs the T + 1 models C at a time
-  (`multi_adapter_forward(..., adapter_chunk=C)`), C the largest that fits; the logits of all
-  T + 1 are still kept for the divergences.
+* `single_task.adapters_per_round` (G; null: all T at once): the single-task stage trains G
+  adapters side by side per round (adapter t follows the same trajectory whether trained alone or
+  beside others, `pipeline/stages.py`).
+* `probe.adapter_chunk` (C; null: all T + 1 at once): the probe forward runs the T + 1 models C at
+  a time (`multi_adapter_forward(..., adapter_chunk=C)`); the logits of all T + 1 are still kept
+  for the divergences.
 
-Both are sized to `PLAN_FRACTION` of the device memory; the fit check itself compares each stage
-with the whole device memory.
+The plan also finds the largest G and C whose stage fits in `PLAN_FRACTION` of the device memory
+(room for XLA's temporaries and the activation estimate's error). The fit check compares each
+stage with the whole device memory; when the configured G or C makes a stage not fit, the overage
+message gives the override that fixes it, e.g. `set single_task.adapters_per_round=13`.
 
 When the number of tasks is not known without reading the data (a single file with a task
 column, a hub collection, BIG-bench without a task list), the plan uses `PLANNING_TASKS` and
@@ -80,8 +85,8 @@ __all__ = ["PLANNING_TASKS", "STAGES", "DryRunReport", "MemoryPart", "StagePlan"
            "format_dry_run", "resolve_mesh"]
 
 PLANNING_TASKS = 64  # T assumed when the task count is unknown without reading the data
-# Rounds of adapters and probe chunks are sized to this share of the device memory: room for
-# XLA's temporaries and for the activation estimate's error.
+# The largest adapter rounds and probe chunks are sized to this share of the device memory: room
+# for XLA's temporaries and for the activation estimate's error.
 PLAN_FRACTION = 0.8
 STAGES = ("pretrain", "single_task", "probe", "mixture_finetune", "eval")
 GIB = 2 ** 30
@@ -136,8 +141,13 @@ class DryRunReport:
       device_memory: bytes per device, or None when unknown (no fit check).
       device_memory_source: where that figure came from.
       stages: the planned stages in order.
-      adapters_per_round: G, adapters trained side by side per single-task round (LoRA).
-      probe_adapter_chunk: C, models per probe forward chunk.
+      adapters_per_round: G, adapters trained side by side per single-task round, as the run
+        will train them: `single_task.adapters_per_round` (T when null), at most T.
+      probe_adapter_chunk: C, models per probe forward pass, as the run will: `probe.adapter_chunk`
+        (T + 1 when null), at most T + 1.
+      max_adapters_per_round, max_probe_adapter_chunk: the largest G and C whose stage fits in
+        `PLAN_FRACTION` of the device memory (T and T + 1 when the memory is unknown; 1 when
+        nothing fits).
       single_task_finetunes, mixture_finetunes: planned fine-tunes (T; methods x seeds).
       over: one message per stage that does not fit, with a suggestion.
       notes: warnings and planning assumptions.
@@ -156,8 +166,10 @@ class DryRunReport:
     device_memory: int | None
     device_memory_source: str
     stages: tuple[StagePlan, ...]
-    adapters_per_round: int | None
-    probe_adapter_chunk: int | None
+    adapters_per_round: int
+    probe_adapter_chunk: int
+    max_adapters_per_round: int
+    max_probe_adapter_chunk: int
     single_task_finetunes: int
     mixture_finetunes: int
     over: tuple[str, ...]
@@ -412,6 +424,36 @@ def _finetune_parts(cfg: RunConfig, ft: FinetuneConfig, m: ModelConfig, sizes: _
     return parts + _activation_parts(m, sizes, rows * seq, seq, mesh, train=True, label=label)
 
 
+def _single_task_parts(cfg: RunConfig, st: FinetuneConfig, m: ModelConfig, sizes: _Sizes, mesh,
+                       t: int, g: int) -> list[MemoryPart]:
+    """The single-task stage in rounds of `g` of the `t` adapters, at its peak.
+
+    Besides a round's training step, `pipeline/stages.py` keeps whole adapters on the default
+    device: the `t` initial ones, the rounds trained so far and, with several rounds, the round's
+    slice of the initial ones and the final stack (a single round slices and stacks nothing).
+    The peak is the last full round, the last partial round, or the end (the last round's trainer
+    state beside every copy), whichever is largest.
+    """
+    one = sizes.adapter[0]  # whole on one device, not split over the mesh
+    full, rem = divmod(t, g)
+    several = full + (rem > 0) > 1
+
+    def held(n: int, what: str) -> MemoryPart:
+        return MemoryPart(f"{n} whole adapters on one device ({what})", n * one, n * one)
+
+    what = "initial, trained, round slice" if several else "initial"
+    phases = [_finetune_parts(cfg, st, m, sizes, mesh, g)
+              + [held(t + full * g if several else t, what)]]
+    if rem:
+        phases.append(_finetune_parts(cfg, st, m, sizes, mesh, rem) + [held(2 * t, what)])
+    last = rem or g
+    end = [p for p in _finetune_parts(cfg, st, m, sizes, mesh, last)[:4] if "grads" not in p.name]
+    phases.append(end + [held(3 * t + last if several else 2 * t,
+                              "end: initial, trained, slice, stack" if several else
+                              "end: initial, trained")])
+    return max(phases, key=lambda parts: sum(p.per_device for p in parts))
+
+
 def _probe_parts(cfg: RunConfig, m: ModelConfig, sizes: _Sizes, mesh, t: int, chunk: int,
                  lora: bool) -> list[MemoryPart]:
     rows = _rows_per_device(cfg.probe.batch_size, mesh)
@@ -456,7 +498,7 @@ def _eval_parts(cfg: RunConfig, m: ModelConfig, sizes: _Sizes, mesh, lora: bool)
 
 def _largest_fitting(build, upper: int, limit: int | None) -> int:
     """The largest n in [1, upper] with build(n) <= PLAN_FRACTION * limit (upper when the
-    limit is unknown or nothing fits)."""
+    limit is unknown; 1 when nothing fits)."""
     if limit is not None:
         limit = int(PLAN_FRACTION * limit)
     if limit is None or sum(p.per_device for p in build(upper)) <= limit:
@@ -471,6 +513,18 @@ def _largest_fitting(build, upper: int, limit: int | None) -> int:
         else:
             hi = mid
     return lo
+
+
+def _margin_note(value: int, total: int, best: int, key: str, all_bytes: int,
+                 limit: int | None) -> str:
+    """What the configured round / chunk `value` (of `total`) leaves out, and the largest
+    `best` within PLAN_FRACTION of the device, as the override that sets it."""
+    notes = []
+    if value < total:
+        notes.append(f"all {total} at once would need {_gib(all_bytes)}")
+    if limit is not None and best != value:
+        notes.append(f"largest within {PLAN_FRACTION:.0%} of the device memory: {key}={best}")
+    return "; ".join(notes)
 
 
 _SECTIONS = {"pretrain": "model.pretrain", "single_task": "single_task", "probe": "probe",
@@ -547,44 +601,45 @@ def dry_run(cfg: RunConfig, *, num_devices: int | None = None) -> DryRunReport:
                                 tuple(parts)))
 
     st = cfg.single_task
-    group = None
-    if st.trainable == "lora":
-        group = _largest_fitting(lambda g: _finetune_parts(cfg, st, model, sizes, mesh, g), t,
-                                 limit)
-        rounds = -(-t // group)
-        text = f"{st.steps} steps x {rounds} round(s) of {group} adapter(s) side by side"
-        note = "" if group == t else (f"all {t} side by side would need " + _gib(sum(
-            p.per_device for p in _finetune_parts(cfg, st, model, sizes, mesh, t))))
-        stages.append(StagePlan("single_task", st.steps * rounds, text,
-                                tuple(_finetune_parts(cfg, st, model, sizes, mesh, group)), note))
-    else:
-        stages.append(StagePlan("single_task", st.steps * t,
-                                f"{t} x {st.steps} steps (one task at a time)",
-                                tuple(_finetune_parts(cfg, st, model, sizes, mesh, 0))))
+    pr = cfg.probe
 
-    def fits(parts) -> bool:
-        return limit is None or sum(p.per_device for p in parts) <= limit
+    def need(parts) -> int:
+        return sum(p.per_device for p in parts)
 
-    if group is not None and group < t and fits(stages[-1].parts):
-        notes.append(f"single_task fits only in rounds of {group} adapters: the run must train "
-                     "them in rounds (DryRunReport.adapters_per_round), not all at once")
-    lora_probe = st.trainable == "lora"
-    chunk = _largest_fitting(lambda c: _probe_parts(cfg, model, sizes, mesh, t, c, lora_probe),
-                             t + 1, limit)
+    # The round size and probe chunk exactly as the pipeline uses them (null: all at once).
+    group = min(st.adapters_per_round or t, t)
+    chunk = min(pr.adapter_chunk or t + 1, t + 1)
+
+    def single(g):
+        return _single_task_parts(cfg, st, model, sizes, mesh, t, g)
+
+    def probe(c):
+        return _probe_parts(cfg, model, sizes, mesh, t, c, True)
+
+    # The largest values within PLAN_FRACTION of the device (everything when memory is unknown).
+    group_max = _largest_fitting(single, t, limit)
+    chunk_max = _largest_fitting(probe, t + 1, limit)
+    rounds = -(-t // group)
+    how = "all at once" if st.adapters_per_round is None else \
+        f"single_task.adapters_per_round={st.adapters_per_round}"
+    stages.append(StagePlan(
+        "single_task", st.steps * rounds,
+        f"{st.steps} steps x {rounds} round(s) of {group} adapter(s) side by side ({how})",
+        tuple(single(group)),
+        _margin_note(group, t, group_max, "single_task.adapters_per_round", need(single(t)),
+                     limit)))
     probe_steps = None
-    probe_text = f"one pass over the probe splits, batches of {cfg.probe.batch_size} rows"
-    if cfg.probe.max_examples_per_task is not None:
-        probe_steps = -(-t * cfg.probe.max_examples_per_task // cfg.probe.batch_size)
-        probe_text += f" (at most {probe_steps} batches)"
-    stages.append(StagePlan("probe", probe_steps, probe_text,
-                            tuple(_probe_parts(cfg, model, sizes, mesh, t, chunk, lora_probe)),
-                            "" if chunk == t + 1 else f"all {t + 1} in one forward would need "
-                            + _gib(sum(p.per_device for p in _probe_parts(
-                                cfg, model, sizes, mesh, t, t + 1, lora_probe)))))
+    how = "all at once" if pr.adapter_chunk is None else f"probe.adapter_chunk={pr.adapter_chunk}"
+    probe_text = (f"one pass over the probe splits, batches of {pr.batch_size} rows, {chunk} of "
+                  f"{t + 1} models per forward ({how})")
+    if pr.max_examples_per_task is not None:
+        probe_steps = -(-t * pr.max_examples_per_task // pr.batch_size)
+        probe_text += f", at most {probe_steps} batches"
+    stages.append(StagePlan(
+        "probe", probe_steps, probe_text, tuple(probe(chunk)),
+        _margin_note(chunk, t + 1, chunk_max, "probe.adapter_chunk", need(probe(t + 1)),
+                     limit)))
 
-    if chunk < t + 1 and fits(stages[-1].parts):
-        notes.append(f"probe fits only with {chunk} of the {t + 1} models per forward chunk: the "
-                     "run must chunk them (DryRunReport.probe_adapter_chunk)")
     ft = cfg.finetune
     n_mix = n_methods * n_seeds
     stages.append(StagePlan(
@@ -596,19 +651,33 @@ def dry_run(cfg: RunConfig, *, num_devices: int | None = None) -> DryRunReport:
         f"{cfg.eval.batch_size}, {cfg.eval.max_new_tokens} new tokens",
         tuple(_eval_parts(cfg, model, sizes, mesh, ft.trainable == "lora"))))
 
+    # A stage over the device whose configured round / chunk is above the largest that fits is
+    # fixed by that memory-only setting (results do not change); say the exact override.
+    fixes = {"single_task": ("single_task.adapters_per_round", group, group_max, single),
+             "probe": ("probe.adapter_chunk", chunk, chunk_max, probe)}
     over = []
     if limit is not None:
         for s in stages:
-            if s.per_device > limit:
-                over.append(f"{s.name}: needs {s.per_device / GIB:.2f} GiB per device, has "
-                            f"{limit / GIB:.2f} GiB: over by {(s.per_device - limit) / GIB:.2f} "
-                            f"GiB; try {_suggest(s, cfg, mesh)}")
+            if s.per_device <= limit:
+                continue
+            msg = (f"{s.name}: needs {s.per_device / GIB:.2f} GiB per device, has "
+                   f"{limit / GIB:.2f} GiB: over by {(s.per_device - limit) / GIB:.2f} GiB; ")
+            key, value, best, build = fixes.get(s.name, (None, 0, 0, None))
+            if key is not None and value > best and need(build(best)) <= limit:
+                msg += (f"set {key}={best} ({_gib(need(build(best)))} per device; memory only, "
+                        "results do not change)")
+            else:
+                if key is not None and value > 1:
+                    msg += f"even {key}=1 needs {_gib(need(build(1)))}; "
+                msg += f"try {_suggest(s, cfg, mesh)}"
+            over.append(msg)
     return DryRunReport(
         config=cfg, model=model, model_source=source, base_params=sizes.base_params,
         adapter_params=sizes.adapter_params if uses_lora else 0, num_tasks=t, tasks_known=known,
         tasks_text=tasks_text, mesh=mesh, num_devices=num_devices, device_memory=limit,
         device_memory_source=limit_source, stages=tuple(stages), adapters_per_round=group,
-        probe_adapter_chunk=chunk, single_task_finetunes=t, mixture_finetunes=n_mix,
+        probe_adapter_chunk=chunk, max_adapters_per_round=group_max,
+        max_probe_adapter_chunk=chunk_max, single_task_finetunes=t, mixture_finetunes=n_mix,
         over=tuple(over), notes=tuple(notes))
 
 

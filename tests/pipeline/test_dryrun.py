@@ -29,7 +29,7 @@ from taskpgm_jax.pipeline.dryrun import (
     format_dry_run,
 )
 from taskpgm_jax.sharding import make_mesh
-from taskpgm_jax.train import TrainConfig, Trainer
+from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, init_adapters
 
 CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
 
@@ -95,6 +95,23 @@ def test_every_config_plans_and_fits(path):
             PUBLISHED_PARAM_COUNTS[cfg.model.preset]
         assert report.model.dtype == jax.numpy.bfloat16
         assert report.adapter_params > 0 and cfg.lora.rank == 16
+        # The memory-only settings are in the file, used as they are, within the margin.
+        assert report.adapters_per_round == cfg.single_task.adapters_per_round \
+            <= report.max_adapters_per_round
+        assert report.probe_adapter_chunk == cfg.probe.adapter_chunk \
+            <= report.max_probe_adapter_chunk
+        assert f"of {report.adapters_per_round} adapter(s) side by side " \
+            f"(single_task.adapters_per_round={report.adapters_per_round})" in text
+        assert f"probe.adapter_chunk={report.probe_adapter_chunk})" in text
+        # The 8-GPU overrides of the header fit too, with 59 GiB per GPU: what an 80 GB GPU
+        # reports as its limit under JAX's default preallocation (75%).
+        lines = [h.lstrip("# ").strip() for h in header]
+        line = lines[next(i for i, h in enumerate(lines) if h.startswith("On one 8-GPU")) + 1]
+        gpu = dry_run(load_config(path, [o.replace("=null", "=59") if "device_memory" in o else o
+                                         for o in line.split()]), num_devices=8)
+        assert gpu.fits, format_dry_run(gpu)
+        assert gpu.adapters_per_round <= gpu.max_adapters_per_round
+        assert gpu.probe_adapter_chunk <= gpu.max_probe_adapter_chunk
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAM_COUNTS))
@@ -129,7 +146,15 @@ def _real_model_with_adapter(model_cfg, mesh):
     return nnx.merge(graphdef, state)
 
 
-def test_counts_and_bytes_equal_a_real_sharded_model(cpu_mesh_devices):
+@pytest.fixture(scope="module")
+def small_model(cpu_mesh_devices):
+    """SMALL's model, really initialised with one adapter in its shardings on a 2 x 2 x 2 mesh
+    (shared: initialising it compiles for seconds)."""
+    mesh = make_mesh(2, 2, 2)
+    return _real_model_with_adapter(dry_run(_config(), num_devices=8).model, mesh), mesh
+
+
+def test_counts_and_bytes_equal_a_real_sharded_model(small_model):
     # intermediate 96 and 2 kv heads x 16 divide the tensor axis; vocab 384 over fsdp too.
     cfg = _config(finetune={"trainable": "lora", "grad_accum": 2, "batch_size": 8})
     report = dry_run(cfg, num_devices=8)
@@ -137,8 +162,8 @@ def test_counts_and_bytes_equal_a_real_sharded_model(cpu_mesh_devices):
     assert (report.model.hidden_size, report.model.intermediate_size,
             report.model.num_hidden_layers, report.model.vocab_size) == \
         (size["hidden_size"], size["intermediate_size"], size["num_hidden_layers"], 384)
-    mesh = make_mesh(2, 2, 2)
-    model = _real_model_with_adapter(report.model, mesh)
+    model, mesh = small_model
+    assert model.config == report.model  # the shared model is this config's
     # Counts: the abstract model's against the real one's leaves.
     assert report.base_params == count_params(model)
     assert report.base_params == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -170,20 +195,92 @@ def test_stage_that_cannot_fit_reports_the_overage():
             assert f"needs {need:.2f} GiB per device, has 1.00 GiB: over by {need - 1:.2f} GiB" \
                 in msg
             assert "try " in msg
+    # Not even one adapter per round fits: the message says so rather than suggesting it.
+    single = next(o for o in report.over if o.startswith("single_task:"))
+    assert "even single_task.adapters_per_round=1 needs" in single and "set " not in single
     assert any(o.startswith("probe:") for o in report.over)
 
 
-def test_planned_rounds_fit_and_are_the_largest():
-    report = dry_run(_hf_7b("llama2_7b", memory_gb=32), num_devices=8)
-    t, g = report.num_tasks, report.adapters_per_round
+def test_all_at_once_that_does_not_fit_gives_the_override():
+    # Null rounds and chunks (the defaults): all 64 adapters side by side, all 65 models per
+    # forward, as the pipeline would run them. They do not fit in 64 GiB (8 devices).
+    cfg = _hf_7b("llama2_7b", memory_gb=64)
+    report = dry_run(cfg, num_devices=8)
+    t = report.num_tasks
     assert not report.tasks_known and t == PLANNING_TASKS
-    assert 1 <= g < t
+    assert (report.adapters_per_round, report.probe_adapter_chunk) == (t, t + 1)
+    assert not report.fits
+    st, probe = report.stage("single_task"), report.stage("probe")
+    assert st.steps == cfg.single_task.steps and "1 round(s) of 64 adapter(s)" in st.steps_text
+    assert st.part("64 adapter(s): params")
+    assert probe.part("activations: 65 model(s)")
+    g, c = report.max_adapters_per_round, report.max_probe_adapter_chunk
+    assert 1 <= g < t and 1 <= c < t + 1
+    text = format_dry_run(report)
+    for name, key, value in (("single_task", "single_task.adapters_per_round", g),
+                             ("probe", "probe.adapter_chunk", c)):
+        msg = next(o for o in report.over if o.startswith(name + ":"))
+        assert f"; set {key}={value} (" in msg and f"  {msg}" in text
+        assert "must" not in msg
+    assert "must" not in text
+    # The override, pasted, fits within the planning margin; one more does not.
+    fixed = dry_run(_hf_7b("llama2_7b", memory_gb=64, single_task={"adapters_per_round": g},
+                           probe={"adapter_chunk": c}), num_devices=8)
+    assert fixed.fits and (fixed.adapters_per_round, fixed.probe_adapter_chunk) == (g, c)
+    margin = PLAN_FRACTION * fixed.device_memory
+    assert fixed.stage("single_task").per_device <= margin
+    assert fixed.stage("probe").per_device <= margin
+    assert fixed.stage("single_task").steps == -(-t // g) * cfg.single_task.steps
+    bigger = dry_run(_hf_7b("llama2_7b", memory_gb=64, single_task={"adapters_per_round": g + 1},
+                            probe={"adapter_chunk": c + 1}), num_devices=8)
+    assert bigger.stage("single_task").per_device > margin
+    assert bigger.stage("probe").per_device > margin
+
+
+def test_configured_rounds_and_chunks_are_what_is_estimated(small_model):
+    # T = 18 (the default synthetic suite) in 3 rounds of 6; the probe 4 models per forward.
+    g, c = 6, 4
+    cfg = _config(single_task={"adapters_per_round": g, "steps": 20},
+                  probe={"adapter_chunk": c, "batch_size": 8})
+    report = dry_run(cfg, num_devices=8)
+    t = report.num_tasks
+    assert t == 18 and (report.adapters_per_round, report.probe_adapter_chunk) == (g, c)
     st = report.stage("single_task")
-    assert st.per_device <= PLAN_FRACTION * report.device_memory
-    assert f"rounds of {g}" in format_dry_run(report)
-    # Memory grows about linearly in G, so (G + 1) / G times the memory fits G + 1 or more.
-    bigger = dry_run(_hf_7b("llama2_7b", memory_gb=32 * (g + 1) / g), num_devices=8)
-    assert bigger.adapters_per_round > g
+    assert st.steps == 3 * 20
+    assert "3 round(s) of 6 adapter(s) side by side (single_task.adapters_per_round=6)" \
+        in st.steps_text
+    # The adapter parts against the state shardings of an AdapterTrainer of 6 adapters on the
+    # 2 x 2 x 2 mesh (its own sharding code; shapes only, nothing compiled).
+    model, mesh = small_model
+    stacked = jax.eval_shape(lambda: init_adapters(model, g, seed=0))
+    state = AdapterTrainer(model, TrainConfig(total_steps=10, trainable="lora"), stacked,
+                           mesh=mesh).abstract_state()
+
+    def shard(tree):  # device 0's bytes of every array with a per-adapter matrix ([G, ., .])
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x in jax.tree.leaves(tree) if len(x.shape) >= 3)
+
+    assert st.part(f"{g} adapter(s): params").per_device == shard(state.params)
+    # mu and nu (not the [G] step counts)
+    assert st.part(f"{g} adapter(s): adam moments").per_device == shard(state.opt_state)
+    # Whole adapters kept on one device: the 18 initial ones plus the rounds trained so far
+    # and this round's slice (2T in the last round), or 3T + G at the end beside the stack.
+    one = sum(math.prod(x.shape) * x.dtype.itemsize
+              for x in jax.tree.leaves(jax.eval_shape(lambda: init_adapters(model, 1, seed=0))))
+    held = st.part(f"{2 * t} whole adapters" if any("grads" in p.name for p in st.parts)
+                   else f"{3 * t + g} whole adapters")
+    assert held.per_device == held.logical == int(held.name.split()[0]) * one
+    # The probe: C models' activations, the logits of all T + 1.
+    probe = report.stage("probe")
+    assert probe.part(f"activations: {c} model(s)")
+    assert f"{c} of {t + 1} models per forward (probe.adapter_chunk={c})" in probe.steps_text
+    rows = 8 // 4  # batch over data x fsdp
+    logits = (t + 1) * rows * 32 * (384 // 2) * 4  # vocab over tensor = 2
+    assert probe.part("logits").per_device == logits
+    # Null: all at once, as the pipeline runs it.
+    every = dry_run(_config(), num_devices=8)
+    assert every.adapters_per_round == t and every.probe_adapter_chunk == t + 1
+    assert every.stage("single_task").steps == every.config.single_task.steps
 
 
 def test_bad_mesh_names_mesh():
@@ -235,7 +332,8 @@ def test_unknown_memory_means_no_fit_check_and_full_rounds():
     report = dry_run(cfg, num_devices=8)
     if report.device_memory is None:  # CPU devices do not report a limit
         assert report.fits and "fit: not checked" in format_dry_run(report)
-        assert report.adapters_per_round == report.num_tasks
+        assert report.max_adapters_per_round == report.num_tasks
+        assert report.max_probe_adapter_chunk == report.num_tasks + 1
 
 
 def test_steps_and_finetune_counts():
@@ -246,8 +344,8 @@ def test_steps_and_finetune_counts():
     assert report.mixture_finetunes == 6
     assert report.stage("single_task").steps == 40
     assert report.stage("mixture_finetune").steps == 6 * 30
-    full = dry_run(_config(single_task={"trainable": "full", "steps": 40}), num_devices=8)
-    assert full.stage("single_task").steps == 40 * full.num_tasks
+    rounds = dry_run(_config(single_task={"steps": 40, "adapters_per_round": 5}), num_devices=8)
+    assert rounds.stage("single_task").steps == 40 * -(-rounds.num_tasks // 5)
     text = format_dry_run(report)
     assert "6 mixture fine-tunes (2 methods x 3 seeds)" in text
 
