@@ -102,11 +102,21 @@ def run(args) -> int:
     from taskpgm_jax.config import load_config
     from taskpgm_jax.distributed import maybe_initialize
 
+    if args.devices is not None and not args.dry_run:
+        raise CliError("--devices: only with --dry-run (a real run uses every device it sees).")
+    if args.devices is not None and args.devices < 1:
+        raise CliError(f"--devices: must be >= 1, got {args.devices}.")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from taskpgm_jax.pipeline.dryrun import dry_run, format_dry_run
 
-        report = dry_run(cfg)
+        num_devices = args.devices
+        if num_devices is None:
+            import jax
+
+            maybe_initialize()  # on a multi-host slice: every chip of the slice, not one host's
+            num_devices = jax.device_count()
+        report = dry_run(cfg, num_devices=num_devices)
         print(format_dry_run(report))
         return 0 if report.fits else 3
     maybe_initialize()
@@ -165,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "skips finished stages")
     run_p.add_argument("--dry-run", action="store_true", help="validate, size the models "
                        "abstractly and estimate memory per device per stage; compute nothing")
+    run_p.add_argument("--devices", type=int, metavar="N", help="with --dry-run: plan for N "
+                       "devices (e.g. 16 for a TPU v4-32 slice) instead of the ones this machine "
+                       "sees")
     run_p.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import taskpgm_jax.distributed
+from taskpgm_jax.cli import main
 from taskpgm_jax.config import ConfigError, config_from_dict, load_config
 from taskpgm_jax.hf.config import config_to_hf
 from taskpgm_jax.models import (
@@ -32,6 +35,7 @@ from taskpgm_jax.sharding import make_mesh
 from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, init_adapters
 
 CONFIGS = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.yaml"))
+LLAMA = str(Path(__file__).parents[2] / "experiments" / "configs" / "llama2_7b_bbh.yaml")
 
 SMALL = {
     "name": "small",
@@ -281,6 +285,37 @@ def test_configured_rounds_and_chunks_are_what_is_estimated(small_model):
     every = dry_run(_config(), num_devices=8)
     assert every.adapters_per_round == t and every.probe_adapter_chunk == t + 1
     assert every.stage("single_task").steps == every.config.single_task.steps
+
+
+def test_cli_dry_run_plans_for_devices_given(capsys, monkeypatch):
+    called = []
+    monkeypatch.setattr(taskpgm_jax.distributed, "maybe_initialize", lambda: called.append(1))
+    assert main(["run", LLAMA, "--dry-run", "--devices", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh     data 1 x fsdp 16 x tensor 1 = 16 devices" in out
+    assert "fit: every stage fits in 32.00 GiB per device" in out
+    assert not called  # --devices: no cluster to look for
+    # All at once on the same slice: exit 3, and the printed overrides, pasted, fit.
+    assert main(["run", LLAMA, "--dry-run", "--devices", "16", "single_task.adapters_per_round=null",
+                 "probe.adapter_chunk=null"]) == 3
+    out = capsys.readouterr().out
+    fixes = re.findall(r"; set (\S+=\d+) \(", out)
+    assert sorted(k.split("=")[0] for k in fixes) == ["probe.adapter_chunk",
+                                                       "single_task.adapters_per_round"]
+    assert main(["run", LLAMA, "--dry-run", "--devices", "16", *fixes]) == 0
+    capsys.readouterr()
+    # Without --devices: the cluster first (a slice sees every chip), then jax.device_count().
+    assert main(["run", LLAMA, "--dry-run", "mesh.fsdp=-1", "mesh.device_memory_gb=null"]) == 0
+    assert called == [1]
+    assert f"= {jax.device_count()} devices" in capsys.readouterr().out
+
+
+def test_cli_devices_needs_dry_run(capsys):
+    assert main(["run", LLAMA, "--devices", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--devices" in err and "--dry-run" in err
+    assert main(["run", LLAMA, "--dry-run", "--devices", "0"]) == 2
+    assert "--devices" in capsys.readouterr().err
 
 
 def test_bad_mesh_names_mesh():
