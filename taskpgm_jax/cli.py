@@ -1,6 +1,6 @@
 """The `taskpgm` command.
 
-    taskpgm run CONFIG.yaml [--run-dir DIR] [--dry-run] [key=value ...]
+    taskpgm run CONFIG.yaml [--run-dir DIR] [--dry-run [--devices N]] [key=value ...]
     taskpgm report RUN_DIR
     taskpgm mixture solve --affinity S.npy [--names names.txt] [--method exact] [--budget N]
     taskpgm data fetch bigbench [--cache-dir DIR]
