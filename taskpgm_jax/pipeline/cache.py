@@ -54,6 +54,15 @@ def write_npy(path: str | os.PathLike, array) -> None:
     os.replace(tmp, path)
 
 
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class RunDir:
     """Stage bookkeeping in one run directory.
 
@@ -86,20 +95,17 @@ class RunDir:
 
     def finish(self, name: str, key: str) -> Path:
         """Publishes the work directory under the final name (atomically)."""
-        import jax
-
         final = self.path(name, key)
-        if jax.process_count() > 1:
-            # Every process's checkpoint writes must be complete before process 0 renames.
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"taskpgm finish {name}-{key}")
+        # Every process's checkpoint writes must be complete before process 0 renames, and the
+        # rename must be done before any process reads the final directory.
+        _barrier(f"taskpgm written {name}-{key}")
         if is_writer():
             work = self.stages / f"{name}-{key}.partial"
             ckpt = work / "checkpoints"
             if ckpt.exists():  # training checkpoints are only needed to resume inside the stage
                 shutil.rmtree(ckpt)
             os.replace(work, final)
+        _barrier(f"taskpgm finished {name}-{key}")
         return final
 
     def record(self, label: str, name: str, key: str) -> None:

@@ -80,7 +80,10 @@ def _lora(base, cfg: LoraSection, seed: int = 0):
 # -- tokenizer and base model -------------------------------------------------------------------
 
 def train_tokenizer(pool: TaskPool, vocab_size: int, work: Path) -> None:
-    train_byte_bpe(training_texts(pool), work / "tokenizer", vocab_size=vocab_size)
+    """A byte-level BPE on the pool's training text (one process writes it; the others read it
+    once the stage is published)."""
+    if is_writer():
+        train_byte_bpe(training_texts(pool), work / "tokenizer", vocab_size=vocab_size)
 
 
 def pretrain_base(pool: TaskPool, tokenizer, cfg: BaseModelConfig, work: Path, *, mesh=None,
