@@ -46,7 +46,8 @@ class Pools(NamedTuple):
     key: str
 
 
-def _cap(pool: TaskPool, limit: int | None, heldout: TaskPool | None = None) -> TaskPool:
+def cap_examples(pool: TaskPool, limit: int | None, heldout: TaskPool | None = None) -> TaskPool:
+    """The pool with each task's first `limit` examples (the splits follow by hash)."""
     if limit is None:
         return pool
     tasks = [dataclasses.replace(t, examples=t.examples.select(range(min(limit, len(t)))))
@@ -102,8 +103,8 @@ def load_pools(cfg: DataConfig) -> Pools:
     if overlap:
         raise ConfigError(f"data: held-out tasks also in the training pool: {overlap[:5]}; "
                           "remove them from one of the two")
-    heldout = _cap(heldout, cfg.max_examples_per_task)
-    pool = _cap(pool, cfg.max_examples_per_task, heldout)
+    heldout = cap_examples(heldout, cfg.max_examples_per_task)
+    pool = cap_examples(pool, cfg.max_examples_per_task, heldout)
     for name in pool.names:
         for part in ("train", "probe"):
             if pool.split_sizes(part)[name] == 0:

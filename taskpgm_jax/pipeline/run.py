@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from taskpgm_jax.config import RunConfig, config_hash, dump_config, to_dict
+from taskpgm_jax.config import ConfigError, RunConfig, config_hash, dump_config, to_dict
+from taskpgm_jax.data import load_tokenizer
 from taskpgm_jax.mrf import Mixture
 from taskpgm_jax.pipeline import stages
 from taskpgm_jax.pipeline.cache import (
@@ -30,7 +31,13 @@ from taskpgm_jax.pipeline.cache import (
     write_npy,
     write_text,
 )
-from taskpgm_jax.pipeline.inputs import Pools, checkpoint_dir, file_digest, load_pools
+from taskpgm_jax.pipeline.inputs import (
+    Pools,
+    cap_examples,
+    checkpoint_dir,
+    file_digest,
+    load_pools,
+)
 from taskpgm_jax.pipeline.results import summarise
 
 
@@ -104,24 +111,21 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
          f"{sum(pool.split_sizes('train').values())} training examples (key {pools.key})")
 
     # Tokenizer and base model.
-    if cfg.model.source == "hf":
-        ckpt = checkpoint_dir(cfg.model)
-        base_key = config_hash(cfg.model, file_digest([ckpt / "config.json",
-                                                       *ckpt.glob("*.safetensors")]))
-        base_dir = ckpt
-        tok_dir = Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else ckpt
-    elif cfg.model.source == "preset":
-        from taskpgm_jax.config import ConfigError
-
+    if cfg.model.source == "preset":
         raise ConfigError("config key 'model.source': 'preset' models have random weights and "
                           "are only for `taskpgm run --dry-run`; use 'hf' with a checkpoint or "
                           "'scratch'")
+    if cfg.model.source == "hf":
+        base_dir = checkpoint_dir(cfg.model)
+        base_key = config_hash(cfg.model, file_digest([base_dir / "config.json",
+                                                       *base_dir.glob("*.safetensors")]))
+        tokenizer = load_tokenizer(Path(cfg.tokenizer.path).expanduser()
+                                          if cfg.tokenizer.path else base_dir)
     else:
         tok_key = config_hash("bpe", cfg.tokenizer, pools.key)
         tok_stage = log.run(run, "tokenizer", "tokenizer", tok_key, lambda work: (
             stages.train_tokenizer(pool, cfg.tokenizer.vocab_size, work) or {}))
-        tok_dir = tok_stage / "tokenizer"
-        tokenizer = stages.base_tokenizer(tok_dir)
+        tokenizer = load_tokenizer(tok_stage / "tokenizer")
         base_key = config_hash(cfg.model, tok_key, pools.key)
         base_dir = log.run(
             run, "base", "base", base_key,
@@ -129,7 +133,6 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
                                               progress=progress),
             lambda info: f"final LM loss {info['loss'][-1]:.3f}" if info.get("loss") else "",
         ) / "model"
-    tokenizer = stages.base_tokenizer(tok_dir)
     base = stages.load_base(base_dir, cfg.model, mesh=mesh)
 
     # Single-task adapters, then the probe.
@@ -183,9 +186,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     # Mixture fine-tunes and evaluation.
     heldout = pools.heldout
     if cfg.eval.max_examples_per_task is not None:
-        from taskpgm_jax.pipeline.inputs import _cap
-
-        heldout = _cap(heldout, cfg.eval.max_examples_per_task)
+        heldout = cap_examples(heldout, cfg.eval.max_examples_per_task)
     metrics: dict[str, dict[int, dict]] = {}
     for method, mixture in mixture_set.items():
         weights = mixture.as_dict()

@@ -30,7 +30,6 @@ from taskpgm_jax.data import (
     HostIterator,
     TaskPool,
     encode_task,
-    load_tokenizer,
     pad_batch,
     sample_mixture,
     train_byte_bpe,
@@ -118,10 +117,6 @@ def load_base(directory: Path, cfg: BaseModelConfig, *, mesh=None):
     dtype, param_dtype = dtypes(cfg)
     return load_hf_checkpoint(directory, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
                               remat=cfg.remat)
-
-
-def base_tokenizer(directory: Path):
-    return load_tokenizer(directory)
 
 
 # -- single-task adapters -----------------------------------------------------------------------
