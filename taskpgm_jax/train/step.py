@@ -129,6 +129,8 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     Returns:
       An Optax schedule, step -> learning rate.
     """
+    if cfg.warmup_steps == cfg.total_steps:  # warmup only: optax's cosine needs >= 1 step
+        return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)

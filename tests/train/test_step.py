@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from taskpgm_jax.models import LoRAParam
-from taskpgm_jax.train import TrainConfig, Trainer
+from taskpgm_jax.train import TrainConfig, Trainer, lr_schedule
 from tests.train.conftest import (
     LORA,
     TINY,
@@ -123,3 +123,20 @@ def test_bad_config_and_inputs_name_the_key():
     trainer = Trainer(model, CFG.replace(grad_accum=3))
     with pytest.raises(ValueError, match="grad_accum=3"):
         trainer.place_batch(batches(np.random.default_rng(0), 1)[0])
+
+
+@pytest.mark.parametrize("warmup", [0, 3, 10])
+def test_lr_schedule_matches_the_formula(warmup):
+    """Linear warmup to the peak, then cosine to peak * end_lr_ratio at total_steps (a warmup as
+    long as the run is a warmup only)."""
+    cfg = TrainConfig(learning_rate=0.5, total_steps=10, warmup_steps=warmup, end_lr_ratio=0.2)
+    schedule = lr_schedule(cfg)
+    for step in range(11):
+        if step < warmup:
+            want = 0.5 * step / warmup
+        elif warmup == 10:
+            want = 0.5
+        else:
+            frac = (step - warmup) / (10 - warmup)
+            want = 0.5 * (0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * frac)))
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-7), step
