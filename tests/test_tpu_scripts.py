@@ -121,16 +121,21 @@ def test_run_without_config_fails_clearly(sandbox):
     ("create.sh", (*ZONE, "--accelerator-type", "tpu32"), "is not like v4-32"),
     ("create.sh", (*ZONE, "--accelerator-type", "v9-8"), "no default runtime"),
     ("create.sh", (*ZONE, "--timeout", "soon"), "is not a number"),
+    ("create.sh", (*ZONE, "v4-8"), "unknown argument 'v4-8'"),
     ("setup.sh", (*ZONE, "--remote-dir", "~"), "dedicated directory"),
     ("setup.sh", (*ZONE, "--tarball", "missing.tar.gz"), "is not a file"),
     ("setup.sh", (*ZONE, "--model", "not a repo"), "is not a Hugging Face repo id"),
     ("setup.sh", (*ZONE, "--ref", "no-such-ref-anywhere"), "is not a commit"),
     ("fetch.sh", ZONE, "give CONFIG.yaml or --run-dir"),
     ("fetch.sh", ("cfg.yaml", *ZONE, "--worker", "w1"), "is not a worker index"),
+    ("fetch.sh", ("a.yaml", "b.yaml", *ZONE), "unexpected argument 'b.yaml'"),
+    ("fetch.sh", ("a.yaml", *ZONE, "--exclude", "--dry-run"), "--exclude needs a value"),
     ("delete.sh", ("--name", "x"), "no zone"),
+    ("delete.sh", (*ZONE, "--name", "--yes"), "--name needs a value"),
     ("gpu_host.sh", (), "missing CONFIG.yaml"),
     ("gpu_host.sh", ("missing.yaml",), "no config file 'missing.yaml'"),
     ("gpu_host.sh", ("cfg.yaml", "--gpus", "0"), "is not a positive number"),
+    ("gpu_host.sh", ("cfg.yaml", *ZONE), "unknown flag '--zone'"),  # no TPU there
 ])
 def test_bad_arguments_fail_before_gcloud(sandbox, script, args, message):
     result = _run(sandbox, script, *args)
@@ -152,6 +157,24 @@ def test_delete_dry_run_command(sandbox):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("+ gcloud compute tpus tpu-vm delete taskpgm-v4 --quiet "
                                      "--zone=us-central2-b")
+
+
+@pytest.mark.parametrize("script", [p.name for p in RUNNABLE if p.name != "gpu_host.sh"])
+def test_tpu_flags_need_a_value(sandbox, script):
+    result = _run(sandbox, script, "--project")
+    assert result.returncode == 2
+    assert result.stderr == (f"{script}: --project needs a value\n"
+                             f"Run '{script} --help' for usage.\n")
+
+
+def test_tpu_target_from_the_environment_and_flags(sandbox):
+    env = {"TPU_NAME": "env-tpu", "ZONE": "europe-west4-a", "PROJECT_ID": "env-project"}
+    result = _run(sandbox, "delete.sh", "--dry-run", env=env)
+    assert result.stdout == ("+ gcloud compute tpus tpu-vm delete env-tpu --zone=europe-west4-a "
+                             "--project=env-project\n")
+    result = _run(sandbox, "delete.sh", "--name", "flag-tpu", *ZONE, "--dry-run", env=env)
+    assert result.stdout == ("+ gcloud compute tpus tpu-vm delete flag-tpu --zone=us-central2-b "
+                             "--project=env-project\n")
 
 
 def test_gcloud_failure_is_reported(sandbox):
@@ -252,6 +275,15 @@ def test_fetch_packs_the_run_without_checkpoints(sandbox):
         names = {n.removeprefix("./") for n in tar.getnames()}
     assert {"report.md", "results.json", "figures/affinity.png", "logs/worker-0.log"} <= names
     assert not any("ckpt" in n or "checkpoints" in n for n in names)
+
+
+def test_fetch_exclude_replaces_the_default_list(sandbox):
+    result = _run(sandbox, "fetch.sh", "--run-dir", "/runs/x", *ZONE, "--exclude", "big",
+                  "--exclude", "tmp dir", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    pack = _worker_script(result.stdout, "pack-run")
+    assert 'tar -C "$RUN_DIR" -czf ~/taskpgm-fetch.tar.gz --exclude=big --exclude=tmp\\ dir .' \
+        in pack
 
 
 def test_setup_worker_script_installs_and_is_idempotent(sandbox):

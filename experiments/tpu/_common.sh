@@ -35,6 +35,90 @@ need_value() {
   fi
 }
 
+# --- The command line ---------------------------------------------------------------------------
+# A script lists what it takes, then calls parse_args "$@":
+#   VALUE_FLAGS  flags with a value, as --flag=VARIABLE; TARGET_FLAGS are --name, --zone, --project
+#   SWITCHES     flags without one, as --flag=VARIABLE=VALUE
+#   POSITIONAL   the other arguments: "" none; "config" one CONFIG.yaml; "config overrides" a
+#                CONFIG.yaml and then key=value overrides (collected in OVERRIDES)
+#   own_flag     a function for the flags that need more than that: it sets TAKEN to the number
+#                of arguments it used (it gets them all), or leaves it 0
+# Every script takes -h/--help (its usage function) and --dry-run. Arguments are taken in order,
+# so the first bad one is the one reported.
+# shellcheck disable=SC2034  # for the scripts' VALUE_FLAGS
+TARGET_FLAGS=(--name=TPU_NAME --zone=ZONE --project=PROJECT_ID)
+VALUE_FLAGS=()
+SWITCHES=()
+POSITIONAL=
+CONFIG=
+OVERRIDES=()
+TAKEN=0
+
+# own_flag ARGS...: the script's flags that need more (the default: none).
+own_flag() {
+  :
+}
+
+parse_args() {
+  while (($#)); do
+    take_argument "$@"
+    shift "$TAKEN"
+  done
+}
+
+# take_argument ARGS...: takes the first argument (and a flag's value) and sets TAKEN.
+take_argument() {
+  local spec rest
+  TAKEN=0
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1; TAKEN=1; return 0 ;;
+  esac
+  for spec in ${VALUE_FLAGS[@]+"${VALUE_FLAGS[@]}"}; do
+    if [[ $1 == "${spec%%=*}" ]]; then
+      need_value "$1" "${2-}"
+      printf -v "${spec#*=}" '%s' "$2"
+      TAKEN=2
+      return 0
+    fi
+  done
+  for spec in ${SWITCHES[@]+"${SWITCHES[@]}"}; do
+    if [[ $1 == "${spec%%=*}" ]]; then
+      rest=${spec#*=}
+      printf -v "${rest%%=*}" '%s' "${rest#*=}"
+      TAKEN=1
+      return 0
+    fi
+  done
+  own_flag "$@"
+  if ((TAKEN == 0)); then take_operand "$1"; fi
+}
+
+# take_operand ARG: an argument that is no flag of the script: CONFIG.yaml or an override.
+take_operand() {
+  [[ -n $POSITIONAL ]] || usage_error "unknown argument '$1'"
+  [[ $1 != -* ]] || usage_error "unknown flag '$1'"
+  if [[ $POSITIONAL == "config overrides" && $1 == *=* ]]; then
+    [[ -n $CONFIG ]] || usage_error "'$1' comes before CONFIG.yaml: give the config file first"
+    check_override "$1"
+    OVERRIDES+=("$1")
+  elif [[ -z $CONFIG ]]; then
+    CONFIG=$1
+  elif [[ $POSITIONAL == config ]]; then
+    usage_error "unexpected argument '$1'"
+  else
+    usage_error "unexpected argument '$1' (one CONFIG.yaml; overrides are key=value)"
+  fi
+  TAKEN=1
+}
+
+# check_config: CONFIG, when given, must name a .yaml file.
+check_config() {
+  if [[ -n $CONFIG && ! $CONFIG =~ \.ya?ml$ ]]; then
+    usage_error "CONFIG '$CONFIG' is not a .yaml file"
+  fi
+}
+
 # Checks the TPU name and zone before anything talks to Google Cloud.
 require_target() {
   [[ -n $ZONE ]] || usage_error "no zone: pass --zone ZONE or set ZONE (e.g. us-central2-b for v4)"
@@ -79,12 +163,31 @@ tpu_gcloud() {
   local cmd=(gcloud compute tpus tpu-vm "$@" "--zone=$ZONE")
   if [[ -n $PROJECT_ID ]]; then cmd+=("--project=$PROJECT_ID"); fi
   if [[ $DRY_RUN == 1 ]]; then
-    printf '+'
-    printf ' %q' "${cmd[@]}"
-    printf '\n'
+    show_cmd "${cmd[@]}"
     return 0
   fi
   "${cmd[@]}"
+}
+
+# show_cmd COMMAND...: the command as a shell line after '+', as a dry run shows it.
+show_cmd() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+}
+
+# The start of every worker script's body: the worker's index, from the metadata server (else its
+# hostname), and say MESSAGE, which prefixes it with "[worker N]".
+read -r -d '' WORKER_PRELUDE <<'WORKER' || true
+worker=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
+  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number ||
+  hostname)
+say() { echo "[worker $worker] $*"; }
+WORKER
+
+# worker_script HEADER BODY: the script a worker runs: HEADER (the values), WORKER_PRELUDE, BODY.
+worker_script() {
+  printf '%s\n%s\n%s' "$1" "$WORKER_PRELUDE" "$2"
 }
 
 # tpu_ssh WORKER LABEL SCRIPT: run SCRIPT with bash on WORKER ("all" or an index).

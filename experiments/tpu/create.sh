@@ -44,21 +44,10 @@ Flags:
 TXT
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
-    --accelerator-type) need_value "$1" "${2-}"; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --version) need_value "$1" "${2-}"; RUNTIME_VERSION=$2; shift 2 ;;
-    --spot) TPU_CAPACITY=spot; shift ;;
-    --preemptible) TPU_CAPACITY=preemptible; shift ;;
-    --timeout) need_value "$1" "${2-}"; CREATE_TIMEOUT=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
-  esac
-done
+VALUE_FLAGS=("${TARGET_FLAGS[@]}" --accelerator-type=ACCELERATOR_TYPE --version=RUNTIME_VERSION
+  --timeout=CREATE_TIMEOUT)
+SWITCHES=(--spot=TPU_CAPACITY=spot --preemptible=TPU_CAPACITY=preemptible)
+parse_args "$@"
 
 [[ $ACCELERATOR_TYPE =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
   usage_error "--accelerator-type '$ACCELERATOR_TYPE' is not like v4-32 or v5litepod-16"

@@ -31,18 +31,9 @@ Flags:
 TXT
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
-    --yes) YES=1; shift ;;
-    --async) ASYNC=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
-  esac
-done
+VALUE_FLAGS=("${TARGET_FLAGS[@]}")
+SWITCHES=(--yes=YES=1 --async=ASYNC=1)
+parse_args "$@"
 require_target
 
 args=(delete "$TPU_NAME")

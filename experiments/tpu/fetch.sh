@@ -24,7 +24,6 @@ RUN_DIR=${RUN_DIR:-}
 FETCH_DEST=${FETCH_DEST:-}
 WORKER=0
 ALL_LOGS=0
-CONFIG=
 EXCLUDES=(ckpt checkpoints checkpoint)
 
 usage() {
@@ -45,36 +44,26 @@ Flags:
 TXT
 }
 
+VALUE_FLAGS=("${TARGET_FLAGS[@]}" --run-dir=RUN_DIR --dest=FETCH_DEST --worker=WORKER)
+SWITCHES=(--all-logs=ALL_LOGS=1)
+POSITIONAL=config
 custom_excludes=0
-while (($#)); do
+# The first --exclude replaces the default list.
+own_flag() {
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
-    --run-dir) need_value "$1" "${2-}"; RUN_DIR=$2; shift 2 ;;
-    --dest) need_value "$1" "${2-}"; FETCH_DEST=$2; shift 2 ;;
-    --worker) need_value "$1" "${2-}"; WORKER=$2; shift 2 ;;
-    --all-logs) ALL_LOGS=1; shift ;;
     --exclude)
       need_value "$1" "${2-}"
       if ((custom_excludes == 0)); then EXCLUDES=(); custom_excludes=1; fi
       EXCLUDES+=("$2")
-      shift 2
+      TAKEN=2
       ;;
-    --with-checkpoints) EXCLUDES=(); custom_excludes=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -*) usage_error "unknown flag '$1'" ;;
-    *)
-      [[ -z $CONFIG ]] || usage_error "unexpected argument '$1'"
-      CONFIG=$1
-      shift
-      ;;
+    --with-checkpoints) EXCLUDES=(); custom_excludes=1; TAKEN=1 ;;
   esac
-done
+}
+parse_args "$@"
 
 [[ -n $CONFIG || -n $RUN_DIR ]] || usage_error "give CONFIG.yaml or --run-dir DIR (the run to fetch)"
-if [[ -n $CONFIG && ! $CONFIG =~ \.ya?ml$ ]]; then usage_error "CONFIG '$CONFIG' is not a .yaml file"; fi
+check_config
 [[ $WORKER =~ ^[0-9]+$ ]] || usage_error "--worker '$WORKER' is not a worker index"
 if [[ -z $RUN_DIR ]]; then RUN_DIR=$(run_dir_for "$CONFIG"); fi
 run_name=$(basename "${RUN_DIR%/}")

@@ -37,8 +37,6 @@ JAX_SPEC=${JAX_SPEC:-"jax[cuda12]>=0.10"}
 GPUS=${GPUS:-8}
 SETUP=0
 SBATCH_NODES=
-CONFIG=
-OVERRIDES=()
 
 usage() {
   header_help
@@ -58,34 +56,14 @@ Flags:
 TXT
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --setup) SETUP=1; shift ;;
-    --run-dir) need_value "$1" "${2-}"; RUN_DIR=$2; shift 2 ;;
-    --venv) need_value "$1" "${2-}"; VENV_DIR=$2; shift 2 ;;
-    --python) need_value "$1" "${2-}"; PYTHON=$2; shift 2 ;;
-    --jax-spec) need_value "$1" "${2-}"; JAX_SPEC=$2; shift 2 ;;
-    --gpus) need_value "$1" "${2-}"; GPUS=$2; shift 2 ;;
-    --print-sbatch) need_value "$1" "${2-}"; SBATCH_NODES=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -*) usage_error "unknown flag '$1'" ;;
-    *=*)
-      [[ -n $CONFIG ]] || usage_error "'$1' comes before CONFIG.yaml: give the config file first"
-      check_override "$1"
-      OVERRIDES+=("$1")
-      shift
-      ;;
-    *)
-      [[ -z $CONFIG ]] || usage_error "unexpected argument '$1' (one CONFIG.yaml; overrides are key=value)"
-      CONFIG=$1
-      shift
-      ;;
-  esac
-done
+VALUE_FLAGS=(--run-dir=RUN_DIR --venv=VENV_DIR --python=PYTHON --jax-spec=JAX_SPEC --gpus=GPUS
+  --print-sbatch=SBATCH_NODES)
+SWITCHES=(--setup=SETUP=1)
+POSITIONAL="config overrides"
+parse_args "$@"
 
 [[ -n $CONFIG ]] || usage_error "missing CONFIG.yaml (e.g. experiments/configs/llama2_7b_bbh.yaml)"
-[[ $CONFIG =~ \.ya?ml$ ]] || usage_error "CONFIG '$CONFIG' is not a .yaml file"
+check_config
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || usage_error "--gpus '$GPUS' is not a positive number"
 if [[ -n $SBATCH_NODES && ! $SBATCH_NODES =~ ^[1-9][0-9]*$ ]]; then
   usage_error "--print-sbatch '$SBATCH_NODES' is not a positive number of nodes"
@@ -116,13 +94,8 @@ fi
 
 [[ -f $CONFIG ]] || usage_error "no config file '$CONFIG'"
 
-show() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-}
 act() {
-  show "$@"
+  show_cmd "$@"
   if [[ $DRY_RUN != 1 ]]; then "$@"; fi
 }
 
@@ -146,7 +119,7 @@ if [[ $DRY_RUN != 1 ]]; then
   fi
   mkdir -p "$RUN_DIR/logs"
 fi
-show "${cmd[@]}"
+show_cmd "${cmd[@]}"
 if [[ $DRY_RUN == 1 ]]; then exit 0; fi
 echo "===== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname): ${cmd[*]}" >>"$RUN_DIR/logs/host.log"
 "${cmd[@]}" 2>&1 | tee -a "$RUN_DIR/logs/host.log"

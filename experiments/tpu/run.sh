@@ -40,8 +40,6 @@ LOG_DIR=${LOG_DIR:-}
 WORKERS=${WORKERS:-}
 SHARED_WAIT=${SHARED_WAIT:-120}
 ACTION=run
-CONFIG=
-OVERRIDES=()
 ENVS=()
 
 usage() {
@@ -67,49 +65,24 @@ Flags:
 TXT
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
-    --run-dir) need_value "$1" "${2-}"; RUN_DIR=$2; shift 2 ;;
-    --remote-dir) need_value "$1" "${2-}"; REMOTE_DIR=$2; shift 2 ;;
-    --venv) need_value "$1" "${2-}"; VENV_DIR=$2; shift 2 ;;
-    --log-dir) need_value "$1" "${2-}"; LOG_DIR=$2; shift 2 ;;
-    --workers) need_value "$1" "${2-}"; WORKERS=$2; shift 2 ;;
-    --shared-wait) need_value "$1" "${2-}"; SHARED_WAIT=$2; shift 2 ;;
-    --env)
-      need_value "$1" "${2-}"
-      [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env '$2' is not KEY=VALUE"
-      ENVS+=("$2")
-      shift 2
-      ;;
-    --detach) ACTION=detach; shift ;;
-    --status) ACTION=status; shift ;;
-    --stop) ACTION=stop; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -*) usage_error "unknown flag '$1'" ;;
-    *=*)
-      [[ -n $CONFIG ]] || usage_error "'$1' comes before CONFIG.yaml: give the config file first"
-      check_override "$1"
-      OVERRIDES+=("$1")
-      shift
-      ;;
-    *)
-      [[ -z $CONFIG ]] || usage_error "unexpected argument '$1' (one CONFIG.yaml; overrides are key=value)"
-      CONFIG=$1
-      shift
-      ;;
-  esac
-done
+VALUE_FLAGS=("${TARGET_FLAGS[@]}" --run-dir=RUN_DIR --remote-dir=REMOTE_DIR --venv=VENV_DIR
+  --log-dir=LOG_DIR --workers=WORKERS --shared-wait=SHARED_WAIT)
+SWITCHES=(--detach=ACTION=detach --status=ACTION=status --stop=ACTION=stop)
+POSITIONAL="config overrides"
+own_flag() {
+  if [[ $1 == --env ]]; then
+    need_value "$1" "${2-}"
+    [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env '$2' is not KEY=VALUE"
+    ENVS+=("$2")
+    TAKEN=2
+  fi
+}
+parse_args "$@"
 
 if [[ -z $CONFIG && ( $ACTION == run || $ACTION == detach || -z $RUN_DIR ) ]]; then
   usage_error "missing CONFIG.yaml (e.g. experiments/configs/llama2_7b_bbh.yaml)"
 fi
-if [[ -n $CONFIG && ! $CONFIG =~ \.ya?ml$ ]]; then
-  usage_error "CONFIG '$CONFIG' is not a .yaml file"
-fi
+check_config
 if [[ -z $RUN_DIR ]]; then RUN_DIR=$(run_dir_for "$CONFIG"); fi
 if inside "$REMOTE_DIR" "$RUN_DIR"; then
   usage_error "--run-dir '$RUN_DIR' lies inside --remote-dir '$REMOTE_DIR', which setup.sh replaces"
@@ -157,11 +130,8 @@ for kv in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do header+=" $(quote_override "$kv"
 header+=")"
 for kv in ${ENVS[@]+"${ENVS[@]}"}; do header+=$'\n'"export ${kv%%=*}=$(printf %q "${kv#*=}")"; done
 
+# The body uses $worker and say from WORKER_PRELUDE, which worker_script puts before it.
 read -r -d '' body <<'WORKER' || true
-worker=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
-  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number ||
-  hostname)
-say() { echo "[worker $worker] $*"; }
 logs=$RUN_DIR/logs
 log=$logs/worker-$worker.log
 pidfile=$logs/worker-$worker.pid
@@ -254,14 +224,13 @@ WORKER
 if [[ -n $upload ]]; then
   tpu_gcloud scp "$CONFIG" "$TPU_NAME:$upload" --worker=all
 fi
+script=$(worker_script "$header" "$body")
 if [[ $DRY_RUN == 1 || $ACTION != run ]]; then
-  tpu_ssh all "$ACTION" "$header
-$body"
+  tpu_ssh all "$ACTION" "$script"
   exit 0
 fi
 mkdir -p "$LOG_DIR"
 stem=$(basename "$CONFIG")
 local_log=$LOG_DIR/${stem%.*}-$(date -u +%Y%m%dT%H%M%SZ).log
 echo "$PROG: $TPU_NAME: taskpgm run $remote_config (run dir $RUN_DIR); log $local_log"
-tpu_ssh all "$ACTION" "$header
-$body" 2>&1 | tee -a "$local_log"
+tpu_ssh all "$ACTION" "$script" 2>&1 | tee -a "$local_log"

@@ -68,28 +68,10 @@ Flags:
 TXT
 }
 
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value "$1" "${2-}"; TPU_NAME=$2; shift 2 ;;
-    --zone) need_value "$1" "${2-}"; ZONE=$2; shift 2 ;;
-    --project) need_value "$1" "${2-}"; PROJECT_ID=$2; shift 2 ;;
-    --ref) need_value "$1" "${2-}"; GIT_REF=$2; shift 2 ;;
-    --tarball) need_value "$1" "${2-}"; SRC_TARBALL=$2; shift 2 ;;
-    --git-url) need_value "$1" "${2-}"; GIT_URL=$2; shift 2 ;;
-    --remote-dir) need_value "$1" "${2-}"; REMOTE_DIR=$2; shift 2 ;;
-    --venv) need_value "$1" "${2-}"; VENV_DIR=$2; shift 2 ;;
-    --python) need_value "$1" "${2-}"; PYTHON=$2; shift 2 ;;
-    --jax-spec) need_value "$1" "${2-}"; JAX_SPEC=$2; shift 2 ;;
-    --model) need_value "$1" "${2-}"; HF_MODEL=$2; shift 2 ;;
-    --model-dir) need_value "$1" "${2-}"; MODEL_DIR=$2; shift 2 ;;
-    --hf-token-file) need_value "$1" "${2-}"; HF_TOKEN_FILE=$2; shift 2 ;;
-    --nfs) need_value "$1" "${2-}"; NFS_SHARE=$2; shift 2 ;;
-    --mount) need_value "$1" "${2-}"; NFS_MOUNT=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) usage_error "unknown argument '$1'" ;;
-  esac
-done
+VALUE_FLAGS=("${TARGET_FLAGS[@]}" --ref=GIT_REF --tarball=SRC_TARBALL --git-url=GIT_URL
+  --remote-dir=REMOTE_DIR --venv=VENV_DIR --python=PYTHON --jax-spec=JAX_SPEC --model=HF_MODEL
+  --model-dir=MODEL_DIR --hf-token-file=HF_TOKEN_FILE --nfs=NFS_SHARE --mount=NFS_MOUNT)
+parse_args "$@"
 
 if [[ -n $SRC_TARBALL && -n $GIT_URL ]]; then usage_error "give --tarball or --git-url, not both"; fi
 if [[ -n $SRC_TARBALL && -n $GIT_REF ]]; then usage_error "--ref does not apply to --tarball"; fi
@@ -142,11 +124,8 @@ HF_TOKEN=$([[ -n $HF_TOKEN_FILE ]] && echo 1 || echo 0)
 NFS_SHARE=$(printf %q "$NFS_SHARE")
 NFS_MOUNT=$(rpath "$NFS_MOUNT")"
 
+# The body uses $worker and say from WORKER_PRELUDE, which worker_script puts before it.
 read -r -d '' body <<'WORKER' || true
-worker=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
-  http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number ||
-  hostname)
-say() { echo "[worker $worker] $*"; }
 apt_install() {
   sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq
   sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
@@ -216,6 +195,5 @@ PY
 fi
 WORKER
 
-tpu_ssh all setup "$header
-$body"
+tpu_ssh all setup "$(worker_script "$header" "$body")"
 echo "$PROG: done; next: experiments/tpu/run.sh CONFIG.yaml --zone $ZONE --name $TPU_NAME"
