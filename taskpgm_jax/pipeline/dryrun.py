@@ -6,32 +6,10 @@ shapes only, no memory), counts the tasks, resolves the mesh against a device co
 estimates the memory each stage needs per device. Nothing is initialised, downloaded or
 compiled, so a 7B plan for a 64-chip slice runs on a laptop (pass `num_devices`).
 
-Memory model (bytes per device; each stage lists its parts):
-
-* Parameters, gradients and Adam moments are counted exactly: every variable of the abstract
-  model, with its dtype, divided by the number of devices its `logical_axes` are split over under
-  `DEFAULT_RULES` on the planned mesh (the same `logical_to_spec` call the real sharding makes,
-  so a dimension the mesh does not divide stays replicated). AdamW keeps two moments in the
-  dtype of the parameter; gradient accumulation (`grad_accum > 1`) adds one accumulator.
-* Activations are an estimate, good to within a factor of about 2. Per token and layer, with
-  c the bytes of the compute dtype and p the tensor-parallel split of heads / MLP / vocabulary:
-
-      layer = c * 4D + 8D                     (norm inputs and outputs, residual; f32 norms)
-            + c * (2 N H + 2 K H + 3 F) / p   (q, attention output, k, v, gate, up, product)
-            + (8 + c) * N * S / p             (attention scores and probabilities, f32 + c:
-                                               the attention is materialised, S x S per head)
-
-  Training keeps `layer` for every layer plus one for the backward pass (L + 1 layers); with
-  `model.remat` it keeps each layer's input (c * D per layer) and one recomputed layer with its
-  gradient (2 x layer). Logits add 4 * V / p bytes per token per copy: three copies in training
-  (logits, log-softmax, gradient), two in a forward pass. A forward pass (probe, eval) holds one
-  layer at a time. Tokens per device are the rows a device holds (the batch is split over
-  data x fsdp only when that product divides it, as the real sharding does) times the sequence.
-  FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
-  table are counted as "gathered weights".
-* The single-task stage also counts the whole (unsplit) adapters `pipeline/stages.py` keeps on
-  the default device between rounds: the T initial ones, the rounds trained so far, the round's
-  slice and, at the end, the stack of all T (`_single_task_parts`).
+Memory (bytes per device; each stage lists its parts) is `pipeline/_memory.py`: parameters,
+gradients and Adam moments counted exactly from the sharding rules on the planned mesh,
+activations and logits estimated (within a factor of about 2), and, for the single-task stage,
+the whole adapters kept on one device between rounds.
 
 Stages: `pretrain` (scratch bases only), `single_task` (T LoRA adapters over one frozen base,
 trained side by side in rounds), `probe` (T single-task models plus the base on each probe batch:
@@ -69,36 +47,30 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from taskpgm_jax.config import ConfigError, FinetuneConfig, RunConfig
+from taskpgm_jax.config import ConfigError, RunConfig
 from taskpgm_jax.hf.config import config_from_hf, read_hf_config
-from taskpgm_jax.models import PRESETS, LoraConfig, LoRAParam, ModelConfig, add_lora
-from taskpgm_jax.models.decoder import CausalLM
+from taskpgm_jax.models import PRESETS, LoraConfig, ModelConfig
+from taskpgm_jax.pipeline._memory import (
+    GIB,
+    PLAN_FRACTION,
+    MemoryPart,
+    MemorySetting,
+    StageMemory,
+    gib,
+    model_sizes,
+    rows_per_device,
+    total,
+)
 from taskpgm_jax.pipeline.inputs import dtypes as model_dtypes
 from taskpgm_jax.pipeline.inputs import scratch_config
-from taskpgm_jax.sharding import MESH_AXES, logical_to_spec
+from taskpgm_jax.sharding import MESH_AXES
 
-__all__ = ["PLANNING_TASKS", "STAGES", "DryRunReport", "MemoryPart", "StagePlan", "dry_run",
-           "format_dry_run", "resolve_mesh"]
+__all__ = ["GIB", "PLANNING_TASKS", "PLAN_FRACTION", "STAGES", "DryRunReport", "MemoryPart",
+           "StagePlan", "dry_run", "format_dry_run", "resolve_mesh"]
 
 PLANNING_TASKS = 64  # T assumed when the task count is unknown without reading the data
-# The largest adapter rounds and probe chunks are sized to this share of the device memory: room
-# for XLA's temporaries and for the activation estimate's error.
-PLAN_FRACTION = 0.8
 STAGES = ("pretrain", "single_task", "probe", "mixture_finetune", "eval")
-GIB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPart:
-    """One part of a stage's memory: `logical` bytes (one unsharded copy), `per_device` bytes."""
-
-    name: str
-    logical: int
-    per_device: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +85,7 @@ class StagePlan:
 
     @property
     def per_device(self) -> int:
-        return sum(p.per_device for p in self.parts)
+        return total(self.parts)
 
     def part(self, name: str) -> MemoryPart:
         for p in self.parts:
@@ -304,228 +276,7 @@ def _device_memory(cfg: RunConfig) -> tuple[int | None, str]:
     return None, "unknown (no mesh.device_memory_gb, and the device does not say): no fit check"
 
 
-# -- sizes ----------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Sizes:
-    base: tuple[int, int]          # (logical, per-device) bytes of the base parameters
-    adapter: tuple[int, int]       # ... of one adapter
-    base_params: int
-    adapter_params: int
-    layer_params: int              # parameters of one decoder layer
-    embed_bytes: int               # the embedding table in its storage dtype
-
-
-def _split(mesh: dict[str, int], axes, shape) -> int:
-    """Number of devices an array with `axes` and `shape` is split over (the rest replicate)."""
-    spec = logical_to_spec(tuple(axes), mesh_shape=mesh, shape=tuple(shape))
-    names = [n for entry in spec if entry is not None
-             for n in ((entry,) if isinstance(entry, str) else entry)]
-    return math.prod(mesh[n] for n in names)
-
-
-def _state_bytes(state, mesh) -> tuple[int, int, int]:
-    logical = per_device = count = 0
-    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        n = int(np.prod(var.shape))
-        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-        size = n * jnp.dtype(var.dtype).itemsize
-        count += n
-        logical += size
-        per_device += size // _split(mesh, axes, var.shape)
-    return logical, per_device, count
-
-
-def _sizes(model_cfg: ModelConfig, lora: LoraConfig | None, mesh) -> _Sizes:
-    def make():
-        model = CausalLM(model_cfg, rngs=nnx.Rngs(0))
-        return add_lora(model, lora, rngs=nnx.Rngs(1)) if lora is not None else model
-
-    model = nnx.eval_shape(make)
-    base = _state_bytes(nnx.state(model, nnx.Param), mesh)
-    adapter = _state_bytes(nnx.state(model, LoRAParam), mesh)
-    layers = _state_bytes(nnx.state(model.model.layers, nnx.Param), mesh)[2]
-    emb = model.model.embed_tokens.embedding
-    return _Sizes(base[:2], adapter[:2], base[2], adapter[2], layers // model_cfg.num_hidden_layers,
-                  int(np.prod(emb.shape)) * jnp.dtype(emb.dtype).itemsize)
-
-
-# -- activations ----------------------------------------------------------------------------------
-
-def _rows_per_device(rows: int, mesh) -> int:
-    return rows // _split(mesh, ("batch",), (rows,))
-
-
-def _layer_bytes_per_token(m: ModelConfig, seq_len: int, tensor: int) -> float:
-    c = jnp.dtype(m.dtype).itemsize
-    d, n, k, h, f = (m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.head_dim,
-                     m.intermediate_size)
-
-    def p(size):  # the tensor axis splits a dimension only when it divides it
-        return tensor if size % tensor == 0 else 1
-
-    return (c * 4 * d + 8 * d
-            + c * (2 * n * h / p(n) + 2 * k * h / p(k) + 3 * f / p(f))
-            + (8 + c) * n * seq_len / p(n))
-
-
-def _activation_parts(m: ModelConfig, sizes: _Sizes, tokens: int, seq_len: int, mesh, *,
-                      train: bool, label: str) -> list[MemoryPart]:
-    """Activations, logits and gathered weights for `tokens` tokens on one device."""
-    tensor = mesh["tensor"]
-    c = jnp.dtype(m.dtype).itemsize
-    layer = _layer_bytes_per_token(m, seq_len, tensor)
-    if not train:
-        act, how = tokens * layer, "one layer live"
-    elif m.remat:
-        act, how = tokens * (m.num_hidden_layers * c * m.hidden_size + 2 * layer), "remat"
-    else:
-        act, how = tokens * (m.num_hidden_layers + 1) * layer, "no remat"
-    vocab_split = tensor if m.vocab_size % tensor == 0 else 1
-    copies = 3 if train else 2
-    logits = tokens * copies * 4 * m.vocab_size // vocab_split
-    gathered = 2 * sizes.layer_params * c // tensor + (sizes.embed_bytes if mesh["fsdp"] > 1 else 0)
-    return [
-        MemoryPart(f"activations: {label} ({how})", int(act), int(act)),
-        MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"
-                   + (", gradient)" if train else ")"), int(logits), int(logits)),
-        MemoryPart("gathered weights (two layers in compute dtype"
-                   + (" + embedding table)" if mesh["fsdp"] > 1 else ")"), gathered, gathered),
-    ]
-
-
-# -- stages ---------------------------------------------------------------------------------------
-
-def _optimizer_parts(what: str, state: tuple[int, int], copies: int, grad_accum: int):
-    logical, dev = state
-    grads = 2 if grad_accum > 1 else 1
-    return [
-        MemoryPart(f"{what} params", copies * logical, copies * dev),
-        MemoryPart(f"{what} grads" + (" + accumulator" if grads > 1 else ""),
-                   grads * copies * logical, grads * copies * dev),
-        MemoryPart(f"{what} adam moments (mu, nu)", 2 * copies * logical, 2 * copies * dev),
-    ]
-
-
-def _finetune_parts(cfg: RunConfig, ft: FinetuneConfig, m: ModelConfig, sizes: _Sizes, mesh,
-                    adapters: int) -> list[MemoryPart]:
-    """One training step of `adapters` LoRA adapters side by side (0: a full fine-tune)."""
-    micro = ft.batch_size // ft.grad_accum
-    rows = max(adapters, 1) * _rows_per_device(micro, mesh)
-    seq = cfg.model.seq_len
-    if adapters:
-        pdt = cfg.model.param_dtype
-        parts = [MemoryPart(f"base params ({pdt}, frozen)", *sizes.base)]
-        parts += _optimizer_parts(f"{adapters} adapter(s):", sizes.adapter, adapters, ft.grad_accum)
-        label = f"{adapters} adapter(s) x {rows // max(adapters, 1)} row(s) x {seq} tokens"
-    else:
-        parts = _optimizer_parts("model:", sizes.base, 1, ft.grad_accum)
-        label = f"{rows} row(s) x {seq} tokens"
-    return parts + _activation_parts(m, sizes, rows * seq, seq, mesh, train=True, label=label)
-
-
-def _single_task_parts(cfg: RunConfig, st: FinetuneConfig, m: ModelConfig, sizes: _Sizes, mesh,
-                       t: int, g: int) -> list[MemoryPart]:
-    """The single-task stage in rounds of `g` of the `t` adapters, at its peak.
-
-    Besides a round's training step, `pipeline/stages.py` keeps whole adapters on the default
-    device: the `t` initial ones, the rounds trained so far and, with several rounds, the round's
-    slice of the initial ones and the final stack (a single round slices and stacks nothing).
-    The peak is the last full round, the last partial round, or the end (the last round's trainer
-    state beside every copy), whichever is largest.
-    """
-    one = sizes.adapter[0]  # whole on one device, not split over the mesh
-    full, rem = divmod(t, g)
-    several = full + (rem > 0) > 1
-
-    def held(n: int, what: str) -> MemoryPart:
-        return MemoryPart(f"{n} whole adapters on one device ({what})", n * one, n * one)
-
-    what = "initial, trained, round slice" if several else "initial"
-    phases = [_finetune_parts(cfg, st, m, sizes, mesh, g)
-              + [held(t + full * g if several else t, what)]]
-    if rem:
-        phases.append(_finetune_parts(cfg, st, m, sizes, mesh, rem) + [held(2 * t, what)])
-    last = rem or g
-    end = [p for p in _finetune_parts(cfg, st, m, sizes, mesh, last)[:4] if "grads" not in p.name]
-    phases.append(end + [held(3 * t + last if several else 2 * t,
-                              "end: initial, trained, slice, stack" if several else
-                              "end: initial, trained")])
-    return max(phases, key=lambda parts: sum(p.per_device for p in parts))
-
-
-def _probe_parts(cfg: RunConfig, m: ModelConfig, sizes: _Sizes, mesh, t: int, chunk: int,
-                 lora: bool) -> list[MemoryPart]:
-    rows = _rows_per_device(cfg.probe.batch_size, mesh)
-    seq = cfg.model.seq_len
-    vocab = m.vocab_size // (mesh["tensor"] if m.vocab_size % mesh["tensor"] == 0 else 1)
-    logits = (t + 1) * rows * seq * vocab * 4
-    if lora:
-        parts = [MemoryPart(f"base params ({cfg.model.param_dtype})", *sizes.base),
-                 # The probe keeps the T trained adapters replicated (small next to the base).
-                 MemoryPart(f"{t} adapters (replicated)", t * sizes.adapter[0],
-                            t * sizes.adapter[0])]
-    else:
-        parts = [MemoryPart(f"{t + 1} full models' params", (t + 1) * sizes.base[0],
-                            (t + 1) * sizes.base[1])]
-    parts += [
-        MemoryPart(f"logits ({t + 1} models x {rows} row(s) x {seq} x {vocab} float32)",
-                   logits, logits),
-        MemoryPart("log-softmax copy", logits, logits),
-    ]
-    act = int(chunk * rows * seq * _layer_bytes_per_token(m, seq, mesh["tensor"]))
-    parts.append(MemoryPart(f"activations: {chunk} model(s) x {rows} row(s) x {seq} tokens "
-                            "(one layer live)", act, act))
-    return parts
-
-
-def _eval_parts(cfg: RunConfig, m: ModelConfig, sizes: _Sizes, mesh, lora: bool):
-    rows = _rows_per_device(cfg.eval.batch_size, mesh)
-    seq = cfg.model.seq_len
-    c = jnp.dtype(m.dtype).itemsize
-    kv_split = mesh["tensor"] if m.num_key_value_heads % mesh["tensor"] == 0 else 1
-    cache = (2 * m.num_hidden_layers * rows * (seq + cfg.eval.max_new_tokens)
-             * m.num_key_value_heads * m.head_dim * c // kv_split)
-    parts = [MemoryPart(f"params ({cfg.model.param_dtype})", *sizes.base)]
-    if lora:
-        parts.append(MemoryPart("adapter", *sizes.adapter))
-    parts.append(MemoryPart(f"KV cache ({rows} row(s) x {seq + cfg.eval.max_new_tokens} "
-                            "positions)", cache, cache))
-    parts += _activation_parts(m, sizes, rows * seq, seq, mesh, train=False,
-                               label=f"prefill of {rows} row(s) x {seq} tokens")[:2]
-    return parts
-
-
-def _largest_fitting(build, upper: int, limit: int | None) -> int:
-    """The largest n in [1, upper] with build(n) <= PLAN_FRACTION * limit (upper when the
-    limit is unknown; 1 when nothing fits)."""
-    if limit is not None:
-        limit = int(PLAN_FRACTION * limit)
-    if limit is None or sum(p.per_device for p in build(upper)) <= limit:
-        return upper
-    if sum(p.per_device for p in build(1)) > limit:
-        return upper if upper == 1 else 1
-    lo, hi = 1, upper  # build(lo) fits, build(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if sum(p.per_device for p in build(mid)) <= limit:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _margin_note(value: int, total: int, best: int, key: str, all_bytes: int,
-                 limit: int | None) -> str:
-    """What the configured round / chunk `value` (of `total`) leaves out, and the largest
-    `best` within PLAN_FRACTION of the device, as the override that sets it."""
-    notes = []
-    if value < total:
-        notes.append(f"all {total} at once would need {_gib(all_bytes)}")
-    if limit is not None and best != value:
-        notes.append(f"largest within {PLAN_FRACTION:.0%} of the device memory: {key}={best}")
-    return "; ".join(notes)
-
+# -- planning -------------------------------------------------------------------------------------
 
 _SECTIONS = {"pretrain": "model.pretrain", "single_task": "single_task", "probe": "probe",
              "mixture_finetune": "finetune", "eval": "eval"}
@@ -537,7 +288,7 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
     section = _SECTIONS[stage.name]
     sec = cfg.model.pretrain if stage.name == "pretrain" else getattr(cfg, section)
     train = stage.name not in ("probe", "eval")
-    rows = _rows_per_device(sec.batch_size // getattr(sec, "grad_accum", 1), mesh)
+    rows = rows_per_device(sec.batch_size // getattr(sec, "grad_accum", 1), mesh)
     tips = []
     if any(w in big for w in ("activations", "logits", "log-softmax", "KV cache")):
         if rows > 1:
@@ -554,6 +305,23 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
             tips.append(f"LoRA ({section}.trainable=lora)")
     tips.append("more devices")
     return "; ".join(dict.fromkeys(tips))
+
+
+def _over(stage: StagePlan, limit: int, setting: MemorySetting | None, cfg: RunConfig,
+          mesh) -> str:
+    """The overage of a stage that does not fit, and what fixes it: a stage whose configured
+    round / chunk is above the largest that fits is fixed by that memory-only setting (results do
+    not change), so the message gives the exact override."""
+    msg = (f"{stage.name}: needs {gib(stage.per_device, mib=False)} per device, has "
+           f"{gib(limit, mib=False)}: over by {gib(stage.per_device - limit, mib=False)}; ")
+    if setting is not None:
+        fixed = total(setting.build(setting.best))
+        if setting.value > setting.best and fixed <= limit:
+            return msg + (f"set {setting.key}={setting.best} ({gib(fixed)} per device; memory "
+                          "only, results do not change)")
+        if setting.value > 1:
+            msg += f"even {setting.key}=1 needs {gib(total(setting.build(1)))}; "
+    return msg + f"try {_suggest(stage, cfg, mesh)}"
 
 
 def dry_run(cfg: RunConfig, *, num_devices: int | None = None) -> DryRunReport:
@@ -582,102 +350,63 @@ def dry_run(cfg: RunConfig, *, num_devices: int | None = None) -> DryRunReport:
     if not known:
         notes.append(f"T is {tasks_text}")
     uses_lora = "lora" in (cfg.single_task.trainable, cfg.finetune.trainable)
-    sizes = _sizes(model, _lora_config(cfg) if uses_lora else None, mesh)
+    sizes = model_sizes(model, _lora_config(cfg) if uses_lora else None, mesh)
     limit, limit_source = _device_memory(cfg)
     if cfg.model.param_dtype != "float32":
         notes.append(f"model.param_dtype={cfg.model.param_dtype}: the trainer needs float32 "
                      "master weights for what it trains (train/step.py refuses others); use "
                      "param_dtype float32 with dtype bfloat16 for bf16 compute")
+    mem = StageMemory(model, sizes, mesh, cfg.model.seq_len, cfg.model.param_dtype)
+    st, pr, ft = cfg.single_task, cfg.probe, cfg.finetune
+
+    # The round size and probe chunk exactly as the pipeline uses them (null: all at once), and
+    # the largest within PLAN_FRACTION of the device (everything when memory is unknown).
+    group = MemorySetting.plan("single_task.adapters_per_round", st.adapters_per_round, t,
+                               lambda g: mem.single_task(st.batch_size, st.grad_accum, t, g),
+                               limit)
+    chunk = MemorySetting.plan("probe.adapter_chunk", pr.adapter_chunk, t + 1,
+                               lambda c: mem.probe(pr.batch_size, t, c), limit)
 
     stages: list[StagePlan] = []
-    n_methods, n_seeds = len(cfg.mixture.methods), len(cfg.seeds)
     if cfg.model.source == "scratch":
         p = cfg.model.pretrain
-        rows = _rows_per_device(p.batch_size, mesh)
-        parts = _optimizer_parts("model:", sizes.base, 1, 1) + _activation_parts(
-            model, sizes, rows * cfg.model.seq_len, cfg.model.seq_len, mesh, train=True,
-            label=f"{rows} row(s) x {cfg.model.seq_len} tokens")
         stages.append(StagePlan("pretrain", p.steps, f"{p.steps} steps of {p.batch_size} rows",
-                                tuple(parts)))
-
-    st = cfg.single_task
-    pr = cfg.probe
-
-    def need(parts) -> int:
-        return sum(p.per_device for p in parts)
-
-    # The round size and probe chunk exactly as the pipeline uses them (null: all at once).
-    group = min(st.adapters_per_round or t, t)
-    chunk = min(pr.adapter_chunk or t + 1, t + 1)
-
-    def single(g):
-        return _single_task_parts(cfg, st, model, sizes, mesh, t, g)
-
-    def probe(c):
-        return _probe_parts(cfg, model, sizes, mesh, t, c, True)
-
-    # The largest values within PLAN_FRACTION of the device (everything when memory is unknown).
-    group_max = _largest_fitting(single, t, limit)
-    chunk_max = _largest_fitting(probe, t + 1, limit)
-    rounds = -(-t // group)
-    how = "all at once" if st.adapters_per_round is None else \
-        f"single_task.adapters_per_round={st.adapters_per_round}"
+                                tuple(mem.training(p.batch_size))))
+    rounds = -(-t // group.value)
     stages.append(StagePlan(
         "single_task", st.steps * rounds,
-        f"{st.steps} steps x {rounds} round(s) of {group} adapter(s) side by side ({how})",
-        tuple(single(group)),
-        _margin_note(group, t, group_max, "single_task.adapters_per_round", need(single(t)),
-                     limit)))
+        f"{st.steps} steps x {rounds} round(s) of {group.value} adapter(s) side by side "
+        f"({group.how})", tuple(group.build(group.value)), group.note()))
     probe_steps = None
-    how = "all at once" if pr.adapter_chunk is None else f"probe.adapter_chunk={pr.adapter_chunk}"
-    probe_text = (f"one pass over the probe splits, batches of {pr.batch_size} rows, {chunk} of "
-                  f"{t + 1} models per forward ({how})")
+    probe_text = (f"one pass over the probe splits, batches of {pr.batch_size} rows, "
+                  f"{chunk.value} of {t + 1} models per forward ({chunk.how})")
     if pr.max_examples_per_task is not None:
         probe_steps = -(-t * pr.max_examples_per_task // pr.batch_size)
         probe_text += f", at most {probe_steps} batches"
-    stages.append(StagePlan(
-        "probe", probe_steps, probe_text, tuple(probe(chunk)),
-        _margin_note(chunk, t + 1, chunk_max, "probe.adapter_chunk", need(probe(t + 1)),
-                     limit)))
-
-    ft = cfg.finetune
+    stages.append(StagePlan("probe", probe_steps, probe_text, tuple(chunk.build(chunk.value)),
+                            chunk.note()))
+    n_methods, n_seeds = len(cfg.mixture.methods), len(cfg.seeds)
     n_mix = n_methods * n_seeds
+    lora = ft.trainable == "lora"
     stages.append(StagePlan(
         "mixture_finetune", ft.steps * n_mix,
         f"{ft.steps} steps x {n_mix} fine-tunes ({n_methods} methods x {n_seeds} seeds)",
-        tuple(_finetune_parts(cfg, ft, model, sizes, mesh, 1 if ft.trainable == "lora" else 0))))
+        tuple(mem.training(ft.batch_size, ft.grad_accum, 1 if lora else 0))))
     stages.append(StagePlan(
         "eval", None, f"{n_mix} fine-tuned models on the held-out suite, batches of "
         f"{cfg.eval.batch_size}, {cfg.eval.max_new_tokens} new tokens",
-        tuple(_eval_parts(cfg, model, sizes, mesh, ft.trainable == "lora"))))
+        tuple(mem.eval(cfg.eval.batch_size, cfg.eval.max_new_tokens, lora))))
 
-    # A stage over the device whose configured round / chunk is above the largest that fits is
-    # fixed by that memory-only setting (results do not change); say the exact override.
-    fixes = {"single_task": ("single_task.adapters_per_round", group, group_max, single),
-             "probe": ("probe.adapter_chunk", chunk, chunk_max, probe)}
-    over = []
-    if limit is not None:
-        for s in stages:
-            if s.per_device <= limit:
-                continue
-            msg = (f"{s.name}: needs {s.per_device / GIB:.2f} GiB per device, has "
-                   f"{limit / GIB:.2f} GiB: over by {(s.per_device - limit) / GIB:.2f} GiB; ")
-            key, value, best, build = fixes.get(s.name, (None, 0, 0, None))
-            if key is not None and value > best and need(build(best)) <= limit:
-                msg += (f"set {key}={best} ({_gib(need(build(best)))} per device; memory only, "
-                        "results do not change)")
-            else:
-                if key is not None and value > 1:
-                    msg += f"even {key}=1 needs {_gib(need(build(1)))}; "
-                msg += f"try {_suggest(s, cfg, mesh)}"
-            over.append(msg)
+    settings = {"single_task": group, "probe": chunk}
+    over = [] if limit is None else [_over(s, limit, settings.get(s.name), cfg, mesh)
+                                     for s in stages if s.per_device > limit]
     return DryRunReport(
         config=cfg, model=model, model_source=source, base_params=sizes.base_params,
         adapter_params=sizes.adapter_params if uses_lora else 0, num_tasks=t, tasks_known=known,
         tasks_text=tasks_text, mesh=mesh, num_devices=num_devices, device_memory=limit,
-        device_memory_source=limit_source, stages=tuple(stages), adapters_per_round=group,
-        probe_adapter_chunk=chunk, max_adapters_per_round=group_max,
-        max_probe_adapter_chunk=chunk_max, single_task_finetunes=t, mixture_finetunes=n_mix,
+        device_memory_source=limit_source, stages=tuple(stages), adapters_per_round=group.value,
+        probe_adapter_chunk=chunk.value, max_adapters_per_round=group.best,
+        max_probe_adapter_chunk=chunk.best, single_task_finetunes=t, mixture_finetunes=n_mix,
         over=tuple(over), notes=tuple(notes))
 
 
@@ -687,8 +416,14 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= 0.01 * GIB else f"{n / 2 ** 20:.2f} MiB"
+def _row(label: str, text: str) -> str:
+    """A line of the header: `label` in a column of 9."""
+    return f"{label:<9}{text}"
+
+
+def _stage_row(name: str, size: str, fits: str, steps: str) -> str:
+    """A line of the stage table (and its heading)."""
+    return f"{name:<18}{size:>12}  {fits:<5} {steps}"
 
 
 def format_dry_run(report: DryRunReport) -> str:
@@ -696,34 +431,33 @@ def format_dry_run(report: DryRunReport) -> str:
     r, m, cfg = report, report.model, report.config
     lines = [f"dry run: {cfg.name}"]
     window = f", sliding window {m.sliding_window}" if m.sliding_window else ""
-    lines.append(f"model    {m.model_type} from {r.model_source}: {m.num_hidden_layers} layers, "
-                 f"hidden {m.hidden_size}, mlp {m.intermediate_size}, {m.num_attention_heads} "
-                 f"heads ({m.num_key_value_heads} kv, head_dim {m.head_dim}), vocab "
-                 f"{m.vocab_size}{window}: {_count(r.base_params)} parameters")
-    lines.append(f"         compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}, "
-                 f"seq_len {cfg.model.seq_len}, remat {'on' if m.remat else 'off'}")
+    lines.append(_row("model", f"{m.model_type} from {r.model_source}: {m.num_hidden_layers} "
+                      f"layers, hidden {m.hidden_size}, mlp {m.intermediate_size}, "
+                      f"{m.num_attention_heads} heads ({m.num_key_value_heads} kv, head_dim "
+                      f"{m.head_dim}), vocab {m.vocab_size}{window}: {_count(r.base_params)} "
+                      "parameters"))
+    lines.append(_row("", f"compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}, "
+                      f"seq_len {cfg.model.seq_len}, remat {'on' if m.remat else 'off'}"))
     if r.adapter_params:
-        lines.append(f"lora     rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
-                     f"{_count(r.adapter_params)} per adapter, "
-                     f"{_count(r.adapter_params * r.num_tasks)} for {r.num_tasks} adapters")
-    lines.append(f"tasks    T = {r.num_tasks} ({r.tasks_text})")
+        lines.append(_row("lora", f"rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
+                          f"{_count(r.adapter_params)} per adapter, "
+                          f"{_count(r.adapter_params * r.num_tasks)} for {r.num_tasks} adapters"))
+    lines.append(_row("tasks", f"T = {r.num_tasks} ({r.tasks_text})"))
     mesh = " x ".join(f"{a} {r.mesh[a]}" for a in MESH_AXES)
-    lines.append(f"mesh     {mesh} = {r.num_devices} devices; batch split over data x fsdp = "
-                 f"{r.mesh['data'] * r.mesh['fsdp']}")
-    if r.device_memory is None:
-        lines.append(f"device   memory {r.device_memory_source}")
-    else:
-        lines.append(f"device   {_gib(r.device_memory)} per device ({r.device_memory_source})")
-    lines.append(f"plan     {r.single_task_finetunes} single-task fine-tunes + "
-                 f"{r.mixture_finetunes} mixture fine-tunes ({len(cfg.mixture.methods)} methods "
-                 f"x {len(cfg.seeds)} seeds)")
+    lines.append(_row("mesh", f"{mesh} = {r.num_devices} devices; batch split over data x fsdp = "
+                      f"{r.mesh['data'] * r.mesh['fsdp']}"))
+    lines.append(_row("device", f"memory {r.device_memory_source}" if r.device_memory is None
+                      else f"{gib(r.device_memory)} per device ({r.device_memory_source})"))
+    lines.append(_row("plan", f"{r.single_task_finetunes} single-task fine-tunes + "
+                      f"{r.mixture_finetunes} mixture fine-tunes ({len(cfg.mixture.methods)} "
+                      f"methods x {len(cfg.seeds)} seeds)"))
     lines.append("")
-    lines.append(f"{'stage':<18}{'per device':>12}  {'fits':<5} steps")
+    lines.append(_stage_row("stage", "per device", "fits", "steps"))
     for s in r.stages:
         fits = "?" if r.device_memory is None else "yes" if s.per_device <= r.device_memory else "NO"
-        lines.append(f"{s.name:<18}{_gib(s.per_device):>12}  {fits:<5} {s.steps_text}")
+        lines.append(_stage_row(s.name, gib(s.per_device), fits, s.steps_text))
         for p in s.parts:
-            lines.append(f"    {p.name:<70}{_gib(p.per_device):>12}")
+            lines.append(f"    {p.name:<70}{gib(p.per_device):>12}")
         if s.note:
             lines.append(f"    note: {s.note}")
     if r.notes:
@@ -733,7 +467,7 @@ def format_dry_run(report: DryRunReport) -> str:
     if r.device_memory is None:
         lines.append("fit: not checked (device memory unknown; set mesh.device_memory_gb)")
     elif r.fits:
-        lines.append(f"fit: every stage fits in {_gib(r.device_memory)} per device")
+        lines.append(f"fit: every stage fits in {gib(r.device_memory)} per device")
     else:
         lines.append("DOES NOT FIT:")
         lines += [f"  {o}" for o in r.over]

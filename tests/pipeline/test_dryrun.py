@@ -28,8 +28,13 @@ from taskpgm_jax.pipeline.dryrun import (
     GIB,
     PLAN_FRACTION,
     PLANNING_TASKS,
+    STAGES,
+    DryRunReport,
+    MemoryPart,
+    StagePlan,
     dry_run,
     format_dry_run,
+    resolve_mesh,
 )
 from taskpgm_jax.sharding import make_mesh
 from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, init_adapters
@@ -84,9 +89,14 @@ def test_every_config_plans_and_fits(path):
     assert header, f"{path.name} must open with a header comment"
     assert f"taskpgm run experiments/configs/{path.name}" in "\n".join(header)
     report = dry_run(cfg, num_devices=_devices(cfg))
+    assert isinstance(report, DryRunReport)
     text = format_dry_run(report)
     for stage in report.stages:
-        assert stage.name in text
+        assert isinstance(stage, StagePlan) and stage.name in text
+        assert all(isinstance(p, MemoryPart) for p in stage.parts)
+        assert stage.per_device == sum(p.per_device for p in stage.parts)
+    names = [s.name for s in report.stages]
+    assert names == [s for s in STAGES if s in names]  # in pipeline order
     expected = {"single_task", "probe", "mixture_finetune", "eval"}
     if cfg.model.source == "scratch":
         expected.add("pretrain")
@@ -325,6 +335,8 @@ def test_bad_mesh_names_mesh():
         dry_run(_config(mesh={"data": 3, "fsdp": -1, "tensor": 1}), num_devices=8)
     report = dry_run(_config(mesh={"data": 2, "fsdp": -1, "tensor": 1}), num_devices=8)
     assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert resolve_mesh(_config(mesh={"data": 2, "fsdp": -1, "tensor": 2}), 16) == \
+        {"data": 2, "fsdp": 4, "tensor": 2}
 
 
 def test_missing_checkpoint(tmp_path):
