@@ -21,9 +21,9 @@
   data x fsdp only when that product divides it, as the real sharding does) times the sequence.
   FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
   table are counted as "gathered weights".
-* The single-task stage also counts the whole (unsplit) adapters `pipeline/stages.py` keeps on
-  the default device between rounds: the T initial ones, the rounds trained so far, the round's
-  slice and, at the end, the stack of all T (`StageMemory.single_task`).
+* The single-task stage also counts the round's initial adapters, whole (unsplit) on the
+  default device beside the trainer's copy; finished rounds wait on the host
+  (`StageMemory.single_task`).
 
 `largest_fitting` finds the largest adapter round / probe chunk whose stage fits in
 `PLAN_FRACTION` of the device memory (`MemorySetting`). `pipeline/dryrun.py` resolves the config,
@@ -213,34 +213,14 @@ class StageMemory:
         return parts + self.activations(rows, train=True, label=label)
 
     def single_task(self, batch_size: int, grad_accum: int, t: int, g: int) -> list[MemoryPart]:
-        """The single-task stage in rounds of `g` of the `t` adapters, at its peak.
-
-        Besides a round's training step, `pipeline/stages.py` keeps whole adapters on the default
-        device: the `t` initial ones, the rounds trained so far and, with several rounds, the
-        round's slice of the initial ones and the final stack (a single round slices and stacks
-        nothing). The peak is the last full round, the last partial round, or the end (the last
-        round's trainer state beside every copy), whichever is largest.
-        """
+        """The single-task stage in rounds of `g` of the `t` adapters, at its peak: the largest
+        round's training step beside that round's initial adapters, which `pipeline/stages.py`
+        makes whole on the default device (finished rounds wait on the host)."""
+        n = min(g, t)
         one = self.sizes.adapter[0]  # whole on one device, not split over the mesh
-        full, rem = divmod(t, g)
-        several = full + (rem > 0) > 1
-
-        def step(adapters: int) -> list[MemoryPart]:
-            return self.training(batch_size, grad_accum, adapters)
-
-        def held(n: int, what: str) -> MemoryPart:
-            return MemoryPart(f"{n} whole adapters on one device ({what})", n * one, n * one)
-
-        what = "initial, trained, round slice" if several else "initial"
-        phases = [step(g) + [held(t + full * g if several else t, what)]]
-        if rem:
-            phases.append(step(rem) + [held(2 * t, what)])
-        last = rem or g
-        end = [p for p in step(last)[:4] if "grads" not in p.name]
-        phases.append(end + [held(3 * t + last if several else 2 * t,
-                                  "end: initial, trained, slice, stack" if several else
-                                  "end: initial, trained")])
-        return max(phases, key=total)
+        held = MemoryPart(f"{n} whole adapters on one device (the round's initial ones)",
+                          n * one, n * one)
+        return self.training(batch_size, grad_accum, n) + [held]
 
     def probe(self, batch_size: int, t: int, chunk: int) -> list[MemoryPart]:
         """The base and `t` adapters on a probe batch, `chunk` of the t + 1 models per forward;

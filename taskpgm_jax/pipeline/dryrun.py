@@ -9,7 +9,7 @@ compiled, so a 7B plan for a 64-chip slice runs on a laptop (pass `num_devices`)
 Memory (bytes per device; each stage lists its parts) is `pipeline/_memory.py`: parameters,
 gradients and Adam moments counted exactly from the sharding rules on the planned mesh,
 activations and logits estimated (within a factor of about 2), and, for the single-task stage,
-the whole adapters kept on one device between rounds.
+the round's initial adapters kept whole on one device.
 
 Stages: `pretrain` (scratch bases only), `single_task` (T LoRA adapters over one frozen base,
 trained side by side in rounds), `probe` (T single-task models plus the base on each probe batch:

@@ -8,12 +8,12 @@ work directory, so a run killed mid-stage resumes from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -62,10 +62,10 @@ def _save_tree(path: Path, tree) -> None:
 
 
 def _restore_tree(path: Path, like):
-    """Restores into the shapes, dtypes and shardings of `like` (arrays or abstract)."""
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=getattr(x, "sharding", None)),
-                          like)
+    """Restores into the shapes, dtypes and shardings of `like`: device arrays (or abstract
+    ones) restore onto their devices, NumPy arrays onto the host."""
+    target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path.absolute(), target)
 
@@ -132,20 +132,19 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
     `ft.adapters_per_round`; saved stacked to `work/adapters`.
 
     Adapter t always starts from the same A (`init_adapters(..., seed=0)` row t), reads its task
-    with data seed t and steps with key seed t, so the rounds do not change what it learns. A
-    finished round is saved (`work/rounds/<start>`), so a killed run redoes at most one round.
+    with data seed t and steps with key seed t, so the rounds do not change what it learns. Only
+    the current round is on the devices: finished rounds are saved (`work/rounds/<start>`, so a
+    killed run redoes at most one round) and wait on the host.
     """
     model = _lora(base, lora)
     T = len(pool)
-    initial = init_adapters(model, T, seed=0)
     per_round = ft.adapters_per_round or T
     finished, losses = [], {}
     for start in range(0, T, per_round):
         names = pool.names[start:start + per_round]
         done = work / "rounds" / f"{start:05d}"
-        rows = slice(start, start + len(names))
-        chunk = jax.tree.map(lambda x, rows=rows: x[rows], initial)
         if not done.exists():
+            chunk = init_adapters(model, len(names), seed=0, first=start)
             trainer = AdapterTrainer(model, _train_config(ft, "lora"), chunk, mesh=mesh)
             data = StackedIterator([
                 _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i)
@@ -158,10 +157,12 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
             if is_writer():
                 write_json(work / "rounds" / f"{start:05d}.json",
                            dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]))))
-        trained = _restore_tree(done, nnx.to_pure_dict(chunk))
-        finished.append(trained)
+        shapes = nnx.to_pure_dict(jax.eval_shape(functools.partial(
+            init_adapters, model, len(names), seed=0, first=start)))
+        finished.append(_restore_tree(done, jax.tree.map(
+            lambda x: np.zeros(x.shape, x.dtype), shapes)))
         losses.update(json.loads((work / "rounds" / f"{start:05d}.json").read_text()))
-    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *finished)
+    stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *finished)
     _save_tree(work / "adapters", stacked)
     if is_writer():
         shutil.rmtree(work / "rounds", ignore_errors=True)

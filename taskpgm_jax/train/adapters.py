@@ -43,14 +43,16 @@ __all__ = ["AdapterTrainer", "StackedIterator", "init_adapters", "sequential_fin
 
 
 def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
-                  std: float = 0.02) -> nnx.State:
+                  std: float = 0.02, first: int = 0) -> nnx.State:
     """T fresh adapters shaped like the model's: A ~ N(0, std), B = 0 (no change at start).
 
     Args:
       model: a model with adapters (`add_lora`); only their shapes are used.
       num_adapters: T.
-      seed: adapter t draws A from `fold_in(PRNGKey(seed), t)`.
+      seed: adapter t draws A from `fold_in(PRNGKey(seed), first + t)`.
       std: standard deviation of A.
+      first: the index of the first adapter, so that adapters `first .. first + T - 1` of a
+        larger set can be made without the others (training them in rounds).
 
     Returns:
       A stacked adapter state, leading axis T (the form `AdapterTrainer` and
@@ -58,6 +60,8 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     """
     if not isinstance(num_adapters, int) or num_adapters <= 0:
         raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+    if not isinstance(first, int) or first < 0:
+        raise ValueError(f"first must be a non-negative int, got {first!r}")
     template = nnx.state(model, LoRAParam)
     if not jax.tree.leaves(template):
         raise ValueError("init_adapters: the model has no LoRAParam variables; call add_lora first")
@@ -70,7 +74,8 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
                for (p, x), k in zip(leaves, keys)]
         return jax.tree.unflatten(treedef, out)
 
-    keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(jnp.arange(num_adapters))
+    keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(
+        first + jnp.arange(num_adapters))
     return jax.jit(jax.vmap(one))(keys)
 
 

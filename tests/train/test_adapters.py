@@ -87,3 +87,22 @@ def test_adapter_trainer_errors():
         trainer.place_batch(Batch(*(np.stack([x] * 3) for x in b)))
     assert not any(isinstance(v, LoRAParam) for v in jax.tree.leaves(
         trainer.frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def test_init_adapters_in_rounds_equals_all_at_once(rng):
+    """Adapters first .. first + n - 1 made alone equal those rows of the whole set; B is zero
+    and A has the requested spread."""
+    from taskpgm_jax.train import init_adapters
+
+    model = random_model(seed=int(rng.integers(1000)), lora=LORA)
+    seed = int(rng.integers(1 << 20))
+    whole = init_adapters(model, 6, seed=seed, std=0.5)
+    part = init_adapters(model, 2, seed=seed, std=0.5, first=3)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(part)):
+        np.testing.assert_array_equal(np.asarray(a)[3:5], np.asarray(b))
+        if "lora_b" in jax.tree_util.keystr(path):
+            assert not np.any(np.asarray(a))
+        else:
+            assert 0.3 < np.std(np.asarray(a)) < 0.7
+    with pytest.raises(ValueError, match="first"):
+        init_adapters(model, 2, first=-1)
