@@ -151,7 +151,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
         model, adapters = stages.load_adapters(base, cfg.lora, len(pool), single_dir,
                                                 mesh=mesh)
         return stages.run_probe(model, adapters, tokenizer, pool, cfg.probe, seq_len, work,
-                                mesh=mesh)
+                                mesh=mesh, progress=progress)
 
     probe_dir = log.run(run, "probe", "probe", probe_key, probe, lambda info: (
         f"{info.get('probe_examples')} probe examples, mean JSD {info.get('mean_jsd', 0):.4f} nats"))

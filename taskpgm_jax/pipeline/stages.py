@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from taskpgm_jax.config import (
     BaseModelConfig,
@@ -184,7 +185,8 @@ def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path, *, m
 # -- probe --------------------------------------------------------------------------------------
 
 def probe_batches(tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int):
-    """Padded probe batches over the union of the tasks' probe splits, with each row's task."""
+    """Padded probe batches over the union of the tasks' probe splits, with each row's task
+    (a list: token ids are small next to the logits, and the length drives the progress bar)."""
     seqs, tasks = [], []
     for t, name in enumerate(pool.names):
         rows = pool.probe(name)
@@ -194,22 +196,25 @@ def probe_batches(tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int):
         seqs.extend(encoded)
         tasks.extend([t] * len(encoded))
     b = cfg.batch_size
+    batches = []
     for i in range(0, len(seqs), b):
         chunk = seqs[i:i + b]
         seg_tasks = np.full((b, 1), -1, np.int32)
         seg_tasks[:len(chunk), 0] = tasks[i:i + b]
-        yield pad_batch(chunk, seq_len, b), seg_tasks
+        batches.append((pad_batch(chunk, seq_len, b), seg_tasks))
+    return batches
 
 
 def run_probe(model, adapters, tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_len: int,
-              work: Path, *, mesh=None) -> dict:
+              work: Path, *, mesh=None, progress: bool = True) -> dict:
     """L, the base row and the task-level JSD D from every adapter on the shared probe set."""
     forward, params = adapter_probe_forward(model, adapters, adapter_chunk=cfg.adapter_chunk)
     scorer = ProbeScorer(forward, len(pool), len(pool), per_token=cfg.per_token)
     state = scorer.init()
     if mesh is not None:  # the accumulators live beside the sharded model, replicated
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    for batch, seg_tasks in probe_batches(tokenizer, pool, cfg, seq_len):
+    batches = probe_batches(tokenizer, pool, cfg, seq_len)
+    for batch, seg_tasks in tqdm(batches, desc="probe", unit="batch", disable=not progress):
         state = scorer.update(state, params, batch, seg_tasks)
     L, base_row, D, counts = (np.asarray(x, np.float64) for x in scorer.result(state))
     if is_writer():
