@@ -229,11 +229,11 @@ class StageMemory:
         seq = self.seq_len
         vocab = self.model.vocab_size // _tensor_split(self.model.vocab_size, self.mesh["tensor"])
         logits = (t + 1) * rows * seq * vocab * 4
-        adapters = t * self.sizes.adapter[0]
+        logical, per_device = self.sizes.adapter
         return [
             MemoryPart(f"base params ({self.param_dtype})", *self.sizes.base),
-            # The probe keeps the T trained adapters replicated (small next to the base).
-            MemoryPart(f"{t} adapters (replicated)", adapters, adapters),
+            # The T trained adapters, each split over the mesh like the weights it adapts.
+            MemoryPart(f"{t} adapters (split like the base)", t * logical, t * per_device),
             MemoryPart(f"logits ({t + 1} models x {rows} row(s) x {seq} x {vocab} float32)",
                        logits, logits),
             MemoryPart("log-softmax copy", logits, logits),

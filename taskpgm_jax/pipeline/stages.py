@@ -47,7 +47,7 @@ from taskpgm_jax.train import (
     Trainer,
     finetune,
 )
-from taskpgm_jax.train.adapters import init_adapters
+from taskpgm_jax.train.adapters import init_adapters, stacked_adapter_shardings
 
 
 def _train_config(ft: FinetuneConfig, trainable: str | None = None) -> TrainConfig:
@@ -171,12 +171,12 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
 
 
 def load_adapters(base, lora: LoraSection, num_tasks: int, directory: Path, *, mesh=None):
-    """The base with adapters added, and the T trained adapters (stacked; replicated over the
-    mesh: they are small next to the base)."""
+    """The base with adapters added, and the T trained adapters (stacked; on a mesh each split
+    like the weights it adapts)."""
     model = _lora(base, lora)
     template = init_adapters(model, num_tasks, seed=0)
     if mesh is not None:
-        template = jax.device_put(template, NamedSharding(mesh, PartitionSpec()))
+        template = jax.device_put(template, stacked_adapter_shardings(template, mesh))
     restored = _restore_tree(directory / "adapters", nnx.to_pure_dict(template))
     nnx.replace_by_pure_dict(template, restored)
     return model, template

@@ -5,6 +5,7 @@ from taskpgm_jax.train.adapters import (
                                         StackedIterator,
                                         init_adapters,
                                         sequential_finetune,
+                                        stacked_adapter_shardings,
 )
 from taskpgm_jax.train.checkpoint import Checkpointer
 from taskpgm_jax.train.loop import FinetuneResult, NonFiniteLossError, finetune
@@ -20,5 +21,6 @@ from taskpgm_jax.train.step import (
 
 __all__ = ["AdapterTrainer", "Checkpointer", "FinetuneResult", "NonFiniteLossError",
            "StackedIterator", "TrainConfig", "TrainState", "Trainer", "finetune", "init_adapters",
-           "lr_schedule", "make_optimizer", "sequential_finetune", "target_token_loss",
+           "lr_schedule", "make_optimizer", "sequential_finetune", "stacked_adapter_shardings",
+           "target_token_loss",
            "train_update"]

@@ -79,6 +79,20 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     return jax.jit(jax.vmap(one))(keys)
 
 
+def stacked_adapter_shardings(adapters: nnx.State, mesh: Mesh, rules: Rules | None = None):
+    """Shardings of stacked adapters ([T, ...] leaves): the adapter axis replicated, each
+    adapter's matrices split like the base weights they adapt (their logical axes).
+
+    Example:
+      >>> adapters = jax.device_put(adapters, stacked_adapter_shardings(adapters, mesh))
+    """
+    def one(var):
+        axes = var.get_metadata().get("logical_axes") or (None,) * (len(var.shape) - 1)
+        return named_sharding(mesh, ("adapters",) + tuple(axes), var.shape, rules)
+
+    return jax.tree.map(one, adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class AdapterTrainer(Trainer):
     """Trains T LoRA adapters of one base model side by side (one jitted, donating step).
 
@@ -129,12 +143,7 @@ class AdapterTrainer(Trainer):
         if self.mesh is None:
             return jax.tree.map(lambda _: self._default_sharding(), state,
                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-        def one(var):
-            axes = var.get_metadata().get("logical_axes") or (None,) * (len(var.shape) - 1)
-            return named_sharding(self.mesh, ("adapters",) + tuple(axes), var.shape, self.rules)
-
-        return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return stacked_adapter_shardings(state, self.mesh, self.rules)
 
     # `Trainer.state_shardings` over the stacked adapters: scalars (step, count, ...) and the
     # keys gain the adapter axis and stay replicated.
