@@ -211,12 +211,34 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
         fingerprint.update(repr([ex[k] for k in cols]).encode("utf-8"))
     import pyarrow as pa
 
-    table = pa.table(cols, schema=EXAMPLE_FEATURES.arrow_schema)
+    try:
+        table = pa.table(cols, schema=EXAMPLE_FEATURES.arrow_schema)
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+        _raise_unencodable(cols, name, source, lines)
+        raise
     examples = datasets.Dataset(table, info=datasets.DatasetInfo(features=EXAMPLE_FEATURES),
                                 fingerprint=fingerprint.hexdigest()[:32])
     metric = metric or ("multiple_choice_grade" if kind == "multiple_choice" else "exact_match")
     return Task(name=name, kind=kind, metric=metric, examples=examples, source=source,
                 description=description, keywords=tuple(keywords), canary=canary)
+
+
+def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,
+                       lines: Sequence[int] | None) -> None:
+    """Raises a `DataError` at the first string that is not valid Unicode (found only on failure,
+    so valid data pays nothing for the check)."""
+    for field, values in cols.items():
+        for i, value in enumerate(values):
+            for text in ([value] if isinstance(value, str) else
+                         value if isinstance(value, list) else []):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    line = lines[i] if lines is not None else i + 1
+                    raise data_error(
+                        f"undecodable text: character {e.start} is a lone surrogate "
+                        f"({text[e.start]!r}), not valid Unicode", task=task, source=source,
+                        line=line, field=field) from None
 
 
 def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,

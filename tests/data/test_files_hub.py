@@ -72,6 +72,12 @@ def test_bad_files_name_file_line_and_field(tmp_path, rng):
     arr.write_bytes(b'[\n {"prompt": "a", "target": "b"},\n {"prompt": "\xff", "target": "c"}\n]')
     with pytest.raises(DataError, match=r"arr.json line 3: undecodable text"):
         load_task_files(arr)
+    # Valid UTF-8 bytes and valid JSON, but the escape is half a surrogate pair: not Unicode.
+    sur = tmp_path / "sur.jsonl"
+    sur.write_bytes(good * 2 + b'{"prompt": "a", "target": "x\\ud83d"}\n' + good)
+    with pytest.raises(DataError,
+                       match=r"sur.jsonl line 3, task 'sur', field 'target': undecodable"):
+        load_task_files(sur)
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(good * 5 + b'{"prompt": "a", \n')
     with pytest.raises(DataError, match=r"broken.jsonl line 6: not valid JSON"):

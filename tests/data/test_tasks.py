@@ -50,6 +50,27 @@ def test_split_matches_an_independent_hash(rng):
         assert split_of(ex, "t", spec) == want
 
 
+def test_pool_split_accessors_return_the_hashed_rows(rng):
+    # train / probe / eval return exactly the rows the hash rule assigns, in file order.
+    spec = SplitSpec(probe=0.2, eval=0.25, seed=int(rng.integers(1 << 30)))
+    rows = _random_rows(rng, 300)
+    pool = TaskPool([make_task("a", "generate", rows)], spec)
+    want = {"train": [], "probe": [], "eval": []}
+    for r in rows:
+        key = repr((r["prompt"], r["target"], (), -1)).encode()
+        digest = hashlib.blake2b(f"{spec.seed}\0a\0".encode() + key, digest_size=8).digest()
+        u = int.from_bytes(digest, "little") / 2.0**64
+        want["eval" if u < 0.25 else "probe" if u < 0.45 else "train"].append(
+            (r["prompt"], r["target"]))
+    for split, got in (("train", pool.train("a")), ("probe", pool.probe("a")),
+                       ("eval", pool.eval("a"))):
+        assert list(zip(got["prompt"], got["target"])) == want[split]
+    k = len(want["probe"]) // 2
+    assert pool.probe("a", size=k)["prompt"] == [p for p, _ in want["probe"][:k]]
+    with pytest.raises(DataError, match=r"task 'a'.*probe split too small"):
+        pool.probe("a", size=len(want["probe"]) + 1)
+
+
 def test_splits_stable_under_added_tasks_and_reordering(rng):
     rows_a = _random_rows(rng, 300, "a")
     rows_b = _random_rows(rng, 200, "b")
