@@ -120,7 +120,10 @@ def greedy_rows(sizes, repeats, rng):
         t0 = time.perf_counter()
         lazy = select_tasks(pot, k, lazy=True)
         t_lazy = time.perf_counter() - t0
-        same = bool(np.array_equal(sel.indices, lazy.indices))
+        # Same chain, or one of equal value: float64 lazy gains and float32 plain gains may
+        # order near-ties differently.
+        same = bool(np.array_equal(sel.indices, lazy.indices)
+                    or abs(lazy.value - sel.value) <= 1e-6 * abs(sel.value))
         rows.append(dict(T=T, k=k, chosen=len(sel.indices), compile_s=comp, steady_s=med,
                          spread_s=spread, lazy_s=t_lazy, lazy_same=same,
                          lazy_evaluations=lazy.evaluations, potentials_s=t_pot))
@@ -158,7 +161,7 @@ def main(argv=None):
               f"{r['spread_s']:>9.4f} {iters:>6} {r['support']:>7} {r['gap']:>11.2e} "
               f"{speed:>9.1f}x")
     print(f"\n{'T':>6} {'k':>5} {'chosen':>6} {'compile s':>9} {'greedy s':>9} {'lazy s':>8} "
-          f"{'lazy==plain':>11} {'potentials s':>12}")
+          f"{'lazy F==F':>11} {'potentials s':>12}")
     for r in grows:
         print(f"{r['T']:>6} {r['k']:>5} {r['chosen']:>6} {r['compile_s']:>9.2f} "
               f"{r['steady_s']:>9.4f} {r['lazy_s']:>8.4f} {str(r['lazy_same']):>11} "

@@ -72,29 +72,33 @@ def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: in
     rr0 = jnp.dot(r0, r0)
     tiny = jnp.finfo(w.dtype).tiny
 
-    # Relative residual sqrt(eps): past it float32 CG loses orthogonality and wanders off; the
-    # outer loop calls it again if more is needed.
+    # Relative residual sqrt(eps) is as far as float32 CG resolves. On an ill-conditioned face
+    # the recurrences lose orthogonality before that and the residual can blow up, so the
+    # iterate with the smallest residual is kept, and a residual 1e6 x the start ends the
+    # solve; the outer loop calls it again if more is needed.
     stop = jnp.finfo(w.dtype).eps * rr0
 
     def cond(c):
-        k, _, _, _, rr, _ = c
-        return (k < cg_iters) & (rr > stop) & (rr > tiny)
+        k, _, _, _, rr, _, _ = c
+        return (k < cg_iters) & (rr > stop) & (rr > tiny) & (rr < 1e6 * rr0)
 
     def body(c):
-        k, x, r, p, rr, Mx = c
-        Mp = _support_matvec(M, p)
-        Ap = proj(lam * Mp)
+        k, x, r, p, rr, best_x, best_rr = c
+        Ap = proj(lam * _support_matvec(M, p))
         curv = jnp.dot(p, Ap)
         alpha = jnp.where(curv > tiny, rr / jnp.where(curv > tiny, curv, 1.0), 0.0)
-        x, Mx, r = x + alpha * p, Mx + alpha * Mp, r - alpha * Ap
+        x, r = x + alpha * p, r - alpha * Ap
         rr_new = jnp.dot(r, r)
         p = proj(r + (rr_new / jnp.maximum(rr, tiny)) * p)
+        improved = rr_new < best_rr
+        best_x = jnp.where(improved, x, best_x)
+        best_rr = jnp.where(improved, rr_new, best_rr)
         # A direction of zero curvature ends the solve (only with ridge = 0).
         k = jnp.where(curv > tiny, k + 1, cg_iters)
-        return k, x, r, p, rr_new, Mx
+        return k, x, r, p, rr_new, best_x, best_rr
 
     zero = jnp.zeros_like(w)
-    _, x, _, _, _, _ = jax.lax.while_loop(cond, body, (0, zero, r0, r0, rr0, zero))
+    *_, x, _ = jax.lax.while_loop(cond, body, (0, zero, r0, r0, rr0, zero, rr0))
     x = proj(x)  # sum(x) = 0 again after rounding
     # Ratio test: the longest step in [0, 1] along x that keeps every weight within its bounds.
     down = face & (x < 0)
@@ -102,14 +106,19 @@ def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: in
     t_down = jnp.min(jnp.where(down, (w - lower) / jnp.where(down, -x, 1.0), jnp.inf))
     t_up = jnp.min(jnp.where(up, (upper - w) / jnp.where(up, x, 1.0), jnp.inf))
     t = jnp.clip(jnp.minimum(t_down, t_up), 0.0, 1.0)
-    # The clip only removes rounding: the ratio test already keeps the step feasible.
-    w_new = jnp.where(mask, jnp.clip(w + t * x, lower, upper), 0.0)
-    return w_new, _support_matvec(M, w_new)
+    w_new = jnp.clip(w + t * x, lower, upper)
+    # The blocking tasks land on their bound exactly: rounding would otherwise leave them a
+    # hair inside, still free, and the next face step would be blocked by them again at t ~ 0.
+    hit_down = down & ((w - lower) <= t * -x)
+    hit_up = up & ((upper - w) <= t * x)
+    w_new = jnp.where(hit_down & (t < 1), lower, jnp.where(hit_up & (t < 1), upper, w_new))
+    w_new = jnp.where(mask, w_new, 0.0)
+    return w_new, _support_matvec(M, w_new), t, x
 
 
-@functools.partial(jax.jit, static_argnames=("bounded", "max_iter", "cg_iters"))
+@functools.partial(jax.jit, static_argnames=("bounded", "max_iter", "cg_iters", "max_drops"))
 def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bounded: bool,
-               max_iter: int, cg_iters: int = 64):
+               max_iter: int, cg_iters: int = 64, max_drops: int = 64):
     """Accelerated projected gradient (FISTA) with restart, plus conjugate-gradient steps on
     the face once the set of free tasks stops changing.
 
@@ -121,6 +130,13 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
     """
     def project(x):
         return project_capped_simplex(x, mask, lower, upper) if bounded else project_simplex(x, mask)
+
+    def project_face(x, face, w):
+        # Tasks off the face stay where they are (on a bound).
+        if bounded:
+            return project_capped_simplex(x, mask, jnp.where(face, lower, w),
+                                          jnp.where(face, upper, w))
+        return project_simplex(x, face)
 
     def gap_of(w, Mw):
         g = lam * Mw - beta * u
@@ -137,17 +153,19 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
 
     def limit_of(w, Mw):
         # Stop at tol relative to the energy's terms, or at the rounding floor of the gap:
-        # g = lam M w - beta u is formed from terms of size |lam M w| and |beta u|, so the gap
-        # cannot be resolved below a few ulps of them (tiny-scale instances hit this in float32).
+        # g = lam M w - beta u is formed from terms of size lam |M| |w| <= lam max|M| (w sums
+        # to 1) and |beta u|, so the gap cannot be resolved below a few ulps of them (signed
+        # or tiny-scale instances, where M w cancels, hit this in float32).
         _, scale = _energy_parts(w, Mw, u, beta, lam)
-        terms = jnp.max(jnp.abs(lam * Mw)) + jnp.max(jnp.abs(beta * u))
-        return jnp.maximum(tol * scale, 16.0 * jnp.finfo(M.dtype).eps * terms)
+        terms = lam * max_abs_m + jnp.max(jnp.abs(beta * u))
+        return jnp.maximum(tol * scale, 4.0 * jnp.finfo(M.dtype).eps * terms)
 
     step = 1.0 / jnp.maximum(lipschitz, jnp.finfo(M.dtype).tiny)
+    max_abs_m = jnp.max(jnp.abs(M))
     w0 = project(w0)
     Mw0 = _support_matvec(M, w0)
     one = jnp.ones((), M.dtype)
-    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), gap_of(w0, Mw0),
+    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), jnp.int32(0), gap_of(w0, Mw0),
             limit_of(w0, Mw0))
 
     def cond(state):
@@ -155,7 +173,7 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         return (it < max_iter) & (gap > limit)
 
     def body(state):
-        w, Mw, y, My, t, face, it, _, _ = state
+        w, Mw, y, My, t, face, stable, it, _, _ = state
         g = lam * My - beta * u
         # Projections ignore a constant added to every entry (sum(w) = 1 is fixed); removing the
         # weighted mean keeps float32 steps from being swamped by a large common gradient.
@@ -170,21 +188,53 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         My2 = keep(Mw, Mw_new + mom * (Mw_new - Mw))
         t2 = keep(one, t_next)
         face2 = free_set(w2)
-        settled = jnp.all(face2 == face) & ~restart
+        stable = jnp.where(jnp.all(face2 == face) & ~restart, stable + 1, 0)
+        # Face solves cost up to cg_iters products with M; on a large face (dense products)
+        # they wait until projected steps have left the face unchanged a few times.
+        large = jnp.sum(face2) > _SPARSE_CAP
+        settled = stable >= jnp.where(large, 4, 1)
 
         def polish(_):
-            w3, Mw3 = _face_step(M, u, beta, lam, mask, lower, upper, w2, Mw2, face2,
-                                 cg_iters=cg_iters)
-            better = rise_of(w3, Mw3, w2, Mw2) <= 0
-            w3, Mw3 = jnp.where(better, w3, w2), jnp.where(better, Mw3, Mw2)
+            # Active-set descent on the face: minimise over the free tasks; when a task blocks
+            # the step it leaves the face and the smaller face is minimised, until a face
+            # minimiser lies inside the bounds (or max_drops faces were tried).
+            def inner_cond(c):
+                k, _, _, _, done = c
+                return (k < max_drops) & ~done
+
+            def inner_body(c):
+                k, w, Mw, face, _ = c
+                w3, Mw3, t, x = _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face,
+                                           cg_iters=cg_iters)
+
+                def projected_search(_):
+                    # The ratio test drops one blocking task per face solve; projecting the
+                    # face minimiser w + x onto the feasible set drops all of them at once
+                    # (More and Toraldo's projected search), which from a dense start saves
+                    # most of the face solves. Taken only when it lowers the energy further.
+                    wp = project_face(w + x, face, w)
+                    Mwp = _support_matvec(M, wp)
+                    take = rise_of(wp, Mwp, w3, Mw3) < 0
+                    return jnp.where(take, wp, w3), jnp.where(take, Mwp, Mw3)
+
+                w3, Mw3 = jax.lax.cond(t < 1, projected_search, lambda _: (w3, Mw3), None)
+                better = rise_of(w3, Mw3, w, Mw) <= 0
+                w3, Mw3 = jnp.where(better, w3, w), jnp.where(better, Mw3, Mw)
+                face3 = free_set(w3)
+                done = ~better | (t >= 1) | jnp.all(face3 == face)
+                return k + 1, w3, Mw3, face3, done
+
+            _, w3, Mw3, _, _ = jax.lax.while_loop(
+                inner_cond, inner_body, (0, w2, Mw2, face2, jnp.bool_(False)))
             return w3, Mw3, w3, Mw3, one  # momentum restarts from the polished point
 
         w2, Mw2, y2, My2, t2 = jax.lax.cond(settled, polish, lambda _: (w2, Mw2, y2, My2, t2),
                                             None)
-        return (w2, Mw2, y2, My2, t2, free_set(w2), it + 1, gap_of(w2, Mw2),
+        stable = jnp.where(settled, 0, stable)
+        return (w2, Mw2, y2, My2, t2, free_set(w2), stable, it + 1, gap_of(w2, Mw2),
                 limit_of(w2, Mw2))
 
-    w, Mw, _, _, _, _, it, gap, limit = jax.lax.while_loop(cond, body, init)
+    w, Mw, _, _, _, _, _, it, gap, limit = jax.lax.while_loop(cond, body, init)
     e, _ = _energy_parts(w, Mw, u, beta, lam)
     return w, e, it, gap, gap <= limit, jnp.bool_(False)
 
