@@ -36,17 +36,21 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 
 def probs_and_safe_logs(logp):
-    """float32 (P, log P) with P flushed to 0 below exp(-87) and log P finite everywhere."""
+    """float32 (P, log 2P) with P flushed to 0 below exp(-87) and log 2P finite everywhere.
+
+    log 2P = log P + ln 2 is taken once per model, so that the pair loop forms
+    log P - log M = log 2P - log(P + Q) without subtracting ln 2 per pair and element."""
     logp = logp.astype(jnp.float32)
     p = jnp.where(logp > _MIN_LOG, jnp.exp(logp), 0.0)
-    return p, jnp.maximum(logp, _FLOOR_LOG)
+    return p, jnp.maximum(logp, _FLOOR_LOG) + LN2
 
 
-def jsd_terms_sum(p, lp, q, lq, axis=-1):
-    """sum over `axis` of 1/2 P (log P - log M) + 1/2 Q (log Q - log M); inputs from
+def jsd_terms_sum(p, l2p, q, l2q, axis=-1):
+    """sum over `axis` of 1/2 P (log P - log M) + 1/2 Q (log Q - log M), as
+    1/2 P (log 2P - log(P + Q)) + 1/2 Q (log 2Q - log(P + Q)); inputs from
     `probs_and_safe_logs`. No clamping: rounding can leave values ~1e-8 below 0."""
-    lm = jnp.log(jnp.maximum(p + q, _TINY)) - LN2
-    return 0.5 * jnp.sum(p * (lp - lm) + q * (lq - lm), axis=axis)
+    ls = jnp.log(jnp.maximum(p + q, _TINY))
+    return 0.5 * jnp.sum(p * (l2p - ls) + q * (l2q - ls), axis=axis)
 
 
 def padded_model_count(num_models: int) -> int:

@@ -30,7 +30,7 @@ from taskpgm_jax.divergence._validate import (check_distribution, check_positive
 # was fastest on a 2-core EPYC (measured by benchmarks/divergence.py). Accelerators want far more
 # parallel work per step; these sizes bound one block to ~16 MiB and are not yet tuned on hardware.
 _DEFAULT_TILES = {
-    "cpu": dict(pair_block=1 << 16, position_block=1, vocab_chunk=2048),
+    "cpu": dict(pair_block=1 << 16, position_block=4, vocab_chunk=4096),
     "accelerator": dict(pair_block=1 << 16, position_block=8, vocab_chunk=4096),
 }
 
