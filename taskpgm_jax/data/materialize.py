@@ -1,10 +1,11 @@
 """Write a sampled mixture to JSON Lines with a manifest, so any trainer can consume it.
 
 `mixture.jsonl` holds one example per line in training order (task, id, prompt, target, choices,
-answer); `manifest.json` records what produced it: weights, counts, the seed, the split spec,
-repeated tasks, each task's source and a hash of its content, the file's SHA-256, and every
-benchmark canary string of the tasks inside. Benchmark data (BIG-bench) must stay inside a run
-directory: the canary travels with the file so that crawlers and dedup filters can find it.
+answer, and the task's benchmark canary string where it has one); `manifest.json` records
+what produced it: weights, counts, the seed, the split spec, repeated tasks, each task's source
+and a hash of its content, the file's SHA-256, and every canary of the tasks inside. Benchmark
+data (BIG-bench) must stay inside a run directory: the canary travels with every line of it, so
+that crawlers and contamination filters find it even in a copied fragment.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ def task_fingerprint(pool: TaskPool, name: str) -> str:
 
 
 def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os.PathLike, *,
-                        extra: dict[str, Any] | None = None) -> Path:
+                        extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Writes `mixture.jsonl` and `manifest.json` into `out_dir` (a run directory).
 
     Args:
       pool: the pool the sample was drawn from.
       sample: from `sample_mixture`.
-      out_dir: created if needed; existing mixture files there are replaced.
+      out_dir: created if needed.
       extra: more JSON-serialisable entries for the manifest (e.g. the solver and its config).
+      overwrite: replace a mixture already written in `out_dir` (otherwise that raises).
 
     Returns:
       The path of `manifest.json`.
@@ -66,15 +68,21 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
     if missing:
         raise data_error(f"the sample names tasks that are not in the pool: {missing}")
     out = Path(out_dir)
+    data_path, manifest_path = out / "mixture.jsonl", out / "manifest.json"
+    existing = [p.name for p in (data_path, manifest_path) if p.exists()]
+    if existing and not overwrite:
+        raise data_error(f"{', '.join(existing)} already there; pass overwrite=True to replace "
+                         "that mixture, or choose another directory", source=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    data_path = out / "mixture.jsonl"
     tmp = data_path.with_suffix(".jsonl.tmp")
     digest = hashlib.sha256()
     n_rows = 0
     with open(tmp, "wb") as f:
         for row in sample.rows(pool):
-            line = json.dumps({"task": row["task"], **{k: row[k] for k in _FIELDS}},
-                              ensure_ascii=False).encode("utf-8") + b"\n"
+            record = {"task": row["task"], **{k: row[k] for k in _FIELDS}}
+            if pool[row["task"]].canary:
+                record["canary"] = pool[row["task"]].canary
+            line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
             f.write(line)
             digest.update(line)
             n_rows += 1
@@ -102,8 +110,9 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
         **(extra or {}),
     }
     manifest["created_by"] = f"taskpgm_jax {_version()}"
-    manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, manifest_path)
     return manifest_path
 
 

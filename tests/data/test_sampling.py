@@ -140,6 +140,15 @@ def test_materialise_round_trip(tmp_path, rng):
     assert [r["prompt"] for r in lines] == [r["prompt"] for r in s.rows(pool)]
     assert collections.Counter(r["task"] for r in lines) == collections.Counter(
         {n: c for n, c in s.counts.items() if c})
+    # The canary travels with every line of its task, and only there.
+    assert all(r.get("canary") == ("CANARY-TEST-1234" if r["task"] == "t0" else None)
+               for r in lines)
+    # A second write into the same directory is refused unless asked for.
+    with pytest.raises(DataError, match="overwrite=True"):
+        materialize_mixture(pool, s, tmp_path / "mix")
+    assert (tmp_path / "mix" / "mixture.jsonl").read_bytes() == data
+    materialize_mixture(pool, s, tmp_path / "mix", extra={"solver": "test"}, overwrite=True)
+    assert (tmp_path / "mix" / "mixture.jsonl").read_bytes() == data
     ds, m2 = load_materialized(tmp_path / "mix")
     assert ds.num_rows == 120 and m2 == manifest
     (tmp_path / "mix" / "mixture.jsonl").write_bytes(data[:-10] + b"tampered\n")
