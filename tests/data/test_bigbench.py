@@ -226,5 +226,13 @@ def test_fetch_from_a_package_index(tmp_path, rng, capsys):
         assert bb.main(["--cache-dir", str(cache), "--index-url", f"{url}/simple",
                         "--version", "9.9.9"]) == 0
         assert "missing (generated in code)" in capsys.readouterr().out
+        # The same through the `taskpgm` command; an unknown dataset is a one-line error.
+        from taskpgm_jax import cli
+
+        assert cli.main(["data", "fetch", "bigbench", "--cache-dir", str(cache),
+                         "--index-url", f"{url}/simple", "--version", "9.9.9"]) == 0
+        assert "missing (generated in code)" in capsys.readouterr().out
+        assert cli.main(["data", "fetch", "glue"]) == 2
+        assert "unknown dataset 'glue'" in capsys.readouterr().err
     finally:
         server.shutdown()
