@@ -6,7 +6,9 @@ One checkpoint (a step directory under an absolute root) holds three items:
   written by every process for its own shards and restored straight into an abstract target of
   `jax.ShapeDtypeStruct`s that carry the shardings (`Trainer.abstract_state()`), so nothing is
   ever gathered onto one device;
-* "data": the data iterator's position (`HostIterator.state()`), JSON;
+* "data": the data iterator's position (`HostIterator.state()`) of every process, JSON: each host
+  reads its own share and stands at its own place in it, so the positions are gathered to the
+  primary process (which alone writes JSON items) and each process restores its own;
 * "meta": the loop's bookkeeping (seed, logged history, metrics not yet logged), JSON.
 
 The frozen base weights under LoRA are not part of the state: they come from the base model
@@ -15,14 +17,31 @@ The frozen base weights under LoRA are not part of the state: they come from the
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from taskpgm_jax.train.step import TrainState
 
 __all__ = ["Checkpointer"]
+
+
+def _all_positions(data_state: Any) -> list[Any]:
+    """Every process's `data_state`, in process order (collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [data_state]
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray(raw.size, np.int64))  # [P]
+    buf = np.zeros(-(-int(np.max(sizes)) // 1024) * 1024, np.uint8)  # few distinct shapes
+    buf[:raw.size] = raw
+    rows = multihost_utils.process_allgather(buf)  # [P, bytes]
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes)]
 
 
 class Checkpointer:
@@ -73,18 +92,19 @@ class Checkpointer:
         Args:
           step: the number of steps taken (`state.step`).
           state: the `TrainState`.
-          data_state: the data iterator's JSON-serialisable position (None if it has none).
+          data_state: this process's data iterator position, JSON-serialisable (None if it has
+            none); every process passes its own.
           meta: JSON-serialisable loop metadata.
           force: save even if `step` is not on the interval (the final step).
 
         Returns:
           Whether a checkpoint was started.
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave({"position": data_state}),
-                                  meta=ocp.args.JsonSave(dict(meta or {})))
         if not (force or self.should_save(step)):
             return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave({"positions": _all_positions(data_state)}),
+                                  meta=ocp.args.JsonSave(dict(meta or {})))
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state: TrainState, step: int | None = None
@@ -96,7 +116,8 @@ class Checkpointer:
           step: which checkpoint; None for the latest.
 
         Returns:
-          (state, data position, meta).
+          (state, this process's data position, meta); the position is None (with a warning)
+          when the checkpoint was written by another number of processes.
 
         Raises:
           FileNotFoundError: there is no checkpoint (at `step`).
@@ -108,7 +129,16 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         out = self.manager.restore(step, args=args)
-        return out.state, out.data["position"], out.meta
+        if "positions" not in out.data:  # written before positions were kept per process
+            return out.state, out.data["position"], out.meta
+        positions = out.data["positions"]
+        if len(positions) != jax.process_count():  # the state reshards; a host's data cannot
+            warnings.warn(f"checkpoint {step} in {self.directory} holds the data positions of "
+                          f"{len(positions)} processes, this run has {jax.process_count()}: no "
+                          "data position restored (resume with the same number of processes)",
+                          stacklevel=2)
+            return out.state, None, out.meta
+        return out.state, positions[jax.process_index()], out.meta
 
     def wait(self) -> None:
         """Blocks until every started save is written."""
