@@ -30,19 +30,21 @@ def _matvec(M, w):
 _SPARSE_CAP = 256
 
 
-def _support_matvec(M, w):
-    """M @ w for symmetric M, from the rows on the support of w when it is small."""
+def _support_matvec(M, w, *, absolute: bool = False):
+    """M @ w (|M| @ w with `absolute`) for symmetric M, from the rows on the support of w when
+    it is small."""
     size = w.shape[0]
+    entries = jnp.abs if absolute else (lambda a: a)
     if size <= 2 * _SPARSE_CAP:
-        return _matvec(M, w)
+        return _matvec(entries(M), w)
     nnz = jnp.sum(w != 0)
 
     def sparse(_):
         idx = jnp.nonzero(w, size=_SPARSE_CAP, fill_value=0)[0]
         vals = jnp.where(jnp.arange(_SPARSE_CAP) < nnz, w[idx], 0.0)
-        return jnp.dot(vals, M[idx], precision=HIGHEST)
+        return jnp.dot(vals, entries(M[idx]), precision=HIGHEST)
 
-    return jax.lax.cond(nnz <= _SPARSE_CAP, sparse, lambda _: _matvec(M, w), None)
+    return jax.lax.cond(nnz <= _SPARSE_CAP, sparse, lambda _: _matvec(entries(M), w), None)
 
 
 def _energy_parts(w, Mw, u, beta, lam):
@@ -151,22 +153,31 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         h = 0.5 * lam * (Mw_new + Mw) - beta * u
         return jnp.dot(w_new - w, h - jnp.dot(w, h))  # centred: sum(w_new - w) = 0
 
-    def limit_of(w, Mw):
+    def limit_of(w, Mw, gap):
         # Stop at tol relative to the energy's terms, or at the rounding floor of the gap:
-        # g = lam M w - beta u is formed from terms of size lam |M| |w| <= lam max|M| (w sums
-        # to 1) and |beta u|, so the gap cannot be resolved below a few ulps of them (signed
-        # or tiny-scale instances, where M w cancels, hit this in float32).
+        # g = lam M w - beta u is formed from terms of size lam (|M| w)_i and |beta u_i| (and a
+        # one-ulp change of w moves g by as much), so the gap cannot be resolved below a few
+        # ulps of them. |M| w <= max|M| (w >= 0 sums to 1) bounds the floor for free; the exact
+        # |M| w costs a product, taken only once the gap is down to that bound.
         _, scale = _energy_parts(w, Mw, u, beta, lam)
-        terms = lam * max_abs_m + jnp.max(jnp.abs(beta * u))
-        return jnp.maximum(tol * scale, 4.0 * jnp.finfo(M.dtype).eps * terms)
+        ulps = 4.0 * jnp.finfo(M.dtype).eps
+        unary_terms = jnp.max(jnp.abs(beta * u))
+        coarse = ulps * (lam * max_abs_m + unary_terms)
+
+        def fine(_):
+            return ulps * (lam * jnp.max(_support_matvec(M, w, absolute=True)) + unary_terms)
+
+        floor = jax.lax.cond(gap <= coarse, fine, lambda _: coarse, None)
+        return jnp.maximum(tol * scale, floor)
 
     step = 1.0 / jnp.maximum(lipschitz, jnp.finfo(M.dtype).tiny)
     max_abs_m = jnp.max(jnp.abs(M))
     w0 = project(w0)
     Mw0 = _support_matvec(M, w0)
     one = jnp.ones((), M.dtype)
-    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), jnp.int32(0), gap_of(w0, Mw0),
-            limit_of(w0, Mw0))
+    gap0 = gap_of(w0, Mw0)
+    init = (w0, Mw0, w0, Mw0, one, free_set(w0), jnp.int32(0), jnp.int32(0), gap0,
+            limit_of(w0, Mw0, gap0))
 
     def cond(state):
         *_, it, gap, limit = state
@@ -231,8 +242,9 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
         w2, Mw2, y2, My2, t2 = jax.lax.cond(settled, polish, lambda _: (w2, Mw2, y2, My2, t2),
                                             None)
         stable = jnp.where(settled, 0, stable)
-        return (w2, Mw2, y2, My2, t2, free_set(w2), stable, it + 1, gap_of(w2, Mw2),
-                limit_of(w2, Mw2))
+        gap2 = gap_of(w2, Mw2)
+        return (w2, Mw2, y2, My2, t2, free_set(w2), stable, it + 1, gap2,
+                limit_of(w2, Mw2, gap2))
 
     w, Mw, _, _, _, _, _, it, gap, limit = jax.lax.while_loop(cond, body, init)
     e, _ = _energy_parts(w, Mw, u, beta, lam)
