@@ -70,9 +70,22 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
-            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
+            y = y + self.lora_scale * lora_delta(x, self.lora_a[...].astype(self.dtype),
+                                                 self.lora_b[...].astype(self.dtype))
         return y
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x A) B for one adapter (A: [in, R], B: [R, out]) or for G stacked adapters (A: [G, in, R],
+    B: [G, R, out]) whose inputs are folded into the batch adapter-major: rows [g B', (g+1) B') of
+    x [G B', ..., in] belong to adapter g. Folding, rather than a vmap over the adapter axis, keeps
+    the base matmuls and attention in the single-model layout (see `multi_adapter_forward`)."""
+    if a.ndim == 2:
+        return jnp.dot(jnp.dot(x, a), b)
+    groups = a.shape[0]
+    xg = x.reshape(groups, -1, x.shape[-1])
+    low = jnp.einsum("gni,gir->gnr", xg, a)
+    return jnp.einsum("gnr,gro->gno", low, b).reshape(*x.shape[:-1], b.shape[-1])
 
 
 class RMSNorm(nnx.Module):

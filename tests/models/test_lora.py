@@ -8,7 +8,7 @@ from flax import nnx
 
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state, merge_lora,
                                 multi_adapter_forward, stack_adapters)
-from tests.models.conftest import TINY, forward
+from tests.models.conftest import TINY, forward, random_model
 
 T = 3
 LORA = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
@@ -82,3 +82,26 @@ def test_multi_adapter_errors(tiny_model, adapted):
         multi_adapter_forward(tiny_model, stack_adapters([lora_state(adapted)]), ids)
     with pytest.raises(ValueError, match="input_ids"):
         multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="adapter_chunk"):
+        multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), ids, adapter_chunk=0)
+    with pytest.raises(ValueError, match="2 rows on its adapter axis but there are 1 adapters"):
+        multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), jnp.zeros((2, 1, 4), jnp.int32))
+
+
+def test_multi_adapter_unscanned_layers_in_chunks(rng):
+    """Unscanned layers (adapters [T, in, R] without a layer axis), shared inputs, T=3 in chunks of
+    2, against each adapter merged into its own model."""
+    model = random_model(TINY.replace(scan_layers=False), seed=3, lora=LORA)
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2], jnp.int32)
+    adapters = [random_adapter(model, rng) for _ in range(T)]
+    with jax.default_matmul_precision("highest"):
+        out = multi(model, stack_adapters(adapters), ids, mask, adapter_chunk=2)
+        singles = []
+        for adapter in adapters:
+            one = nnx.clone(model)
+            nnx.update(one, adapter)
+            singles.append(forward(one, ids, mask))
+    real = np.asarray(mask) > 0
+    for t in range(T):
+        np.testing.assert_allclose(np.asarray(out[t])[real], np.asarray(singles[t])[real], atol=1e-5)
