@@ -2,6 +2,7 @@
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
@@ -10,7 +11,7 @@ import taskpgm_jax.divergence as divergence
 import taskpgm_jax.mrf as mrf
 from taskpgm_jax.mrf import (affinity_from_jsd, potentials, psd_repair, select_tasks, solve,
                              solve_path, utility_unary)
-from taskpgm_jax.mrf._spectrum import extreme_eigenvalues
+from taskpgm_jax.mrf._spectrum import _lanczos_extremes, extreme_eigenvalues
 from tests.mrf.conftest import random_affinity
 
 
@@ -38,12 +39,51 @@ def test_psd_repair_shift_and_spectrum(rng, kind):
     assert np.linalg.eigvalsh(np.asarray(rep.matrix, np.float64))[0] > 0.5e-3
 
 
+def test_psd_repair_matrix_is_the_symmetric_part_plus_the_shift(rng):
+    """Exactly symmetric input (kept as is) and input asymmetric within tolerance (averaged with
+    its transpose) both give sym(S) + shift I."""
+    S = random_affinity(rng, 30, "signed").astype(np.float32)
+    S = 0.5 * (S + S.T)
+    noise = rng.standard_normal(S.shape).astype(np.float32) * 1e-7 * np.abs(S).max()
+    for given in (S, S + noise):
+        rep = psd_repair(given, ridge=1e-3)
+        g64 = given.astype(np.float64)
+        expected = 0.5 * (g64 + g64.T) + rep.shift * np.eye(30)
+        np.testing.assert_allclose(np.asarray(rep.matrix, np.float64), expected, atol=1e-6)
+
+
 def test_lanczos_extremes_match_dense(rng):
     S = random_affinity(rng, 300, "signed")
     lo, hi, how = extreme_eigenvalues(S, method="lanczos")
     eig = np.linalg.eigvalsh(S)
     assert how == "lanczos"
     assert lo == pytest.approx(eig[0], rel=1e-4) and hi == pytest.approx(eig[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["signed", "lowrank"])
+def test_lanczos_stops_early_at_the_extremes(rng, kind):
+    """Above a few hundred tasks Lanczos stops once both extreme Ritz pairs have converged: the
+    values must still match float64 eigvalsh (and lie inside the spectrum, as Ritz values do)."""
+    S = random_affinity(rng, 1200, kind).astype(np.float32).astype(np.float64)
+    S = 0.5 * (S + S.T)
+    eig = np.linalg.eigvalsh(S)
+    radius = np.abs(eig).max()
+    lo, hi, used = _lanczos_extremes(jnp.asarray(S, jnp.float32), steps=256)
+    assert int(used) < 256
+    assert abs(float(lo) - eig[0]) <= 1e-5 * radius and abs(float(hi) - eig[-1]) <= 1e-5 * radius
+    assert float(lo) >= eig[0] - 1e-6 * radius and float(hi) <= eig[-1] + 1e-6 * radius
+
+
+def test_lanczos_breakdown_gives_the_exact_extremes(rng):
+    """A matrix with three distinct eigenvalues spans a 3-dimensional Krylov space: Lanczos breaks
+    down after 3 steps and must return the exact ends, not a padded row's value."""
+    values = rng.choice([-1.5, 0.25, 2.0], size=200)
+    values[:3] = [-1.5, 0.25, 2.0]
+    Q, _ = np.linalg.qr(rng.standard_normal((200, 200)))
+    S = (Q * values) @ Q.T
+    lo, hi, used = _lanczos_extremes(jnp.asarray(S, jnp.float32), steps=256)
+    assert int(used) <= 4
+    assert float(lo) == pytest.approx(-1.5, abs=1e-4) and float(hi) == pytest.approx(2.0, abs=1e-4)
 
 
 def test_utility_unary(rng):
