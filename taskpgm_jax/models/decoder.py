@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from taskpgm_jax.models.config import ModelConfig
-from taskpgm_jax.models.layers import DecoderLayer, Dense, RMSNorm, rope_angles, rope_inv_freq
+from taskpgm_jax.models.layers import DecoderLayer, Dense, RMSNorm, matmul_rows, rope_angles, rope_inv_freq
 from taskpgm_jax.sharding import Rules, shard
 
 # Window of a layer without sliding-window attention: larger than any sequence.
@@ -223,7 +223,7 @@ class CausalLM(nnx.Module):
             w = self.model.embed_tokens.embedding[...].astype(h.dtype).T
         else:
             w = self.lm_head.kernel[...].astype(h.dtype)
-        logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        logits = matmul_rows(h, w, preferred_element_type=jnp.float32)
         if self.lm_head is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return shard(logits, ("batch", "seq", "vocab"), self.rules)
