@@ -85,10 +85,12 @@ def symmetric_part(affinity, name: str = "affinity", *, sym_tol: float = SYMMETR
     relative to max |S| (an asymmetric input is usually the wrong matrix, e.g. L instead of S)."""
     S = as_float_array(affinity, name, ndim=2)
     check_square(S, name)
-    check_finite(S, name)
     if is_traced(S):
         return _symmetrise(S)
-    scale, asym = (float(x) for x in _symmetry_stats(S))
+    finite, scale, asym = _symmetry_stats(S)
+    if not bool(finite):
+        check_finite(S, name)  # raises, with the message every non-finite input gets
+    scale, asym = float(scale), float(asym)
     if asym > sym_tol * max(scale, 1e-30):
         raise ValueError(f"{name}: not symmetric (max |S - S^T| = {asym:.3g}, {asym / scale:.2g} "
                          f"of max |S|; tolerance {sym_tol:g}). Pass a symmetric affinity, or "
@@ -99,8 +101,8 @@ def symmetric_part(affinity, name: str = "affinity", *, sym_tol: float = SYMMETR
 
 @jax.jit
 def _symmetry_stats(S):
-    """max |S| and max |S - S^T|, in one fused pass."""
-    return jnp.max(jnp.abs(S)), jnp.max(jnp.abs(S - S.T))
+    """(all finite, max |S|, max |S - S^T|), in one fused pass over S."""
+    return jnp.all(jnp.isfinite(S)), jnp.max(jnp.abs(S)), jnp.max(jnp.abs(S - S.T))
 
 
 @jax.jit
