@@ -2,7 +2,8 @@
 
     python benchmarks/adapters.py [--config small] [--adapters 8] [--repeats 5] [--json PATH]
 
-Timed in one run, median of `--repeats` after a warm-up call (compile time shown apart):
+Timed in one run, median of `--repeats` after a warm-up call (compile time shown apart), each
+measurement in alternating rounds with its reference (so machine drift cancels in the ratio):
   train step   tokens/s of `Trainer.step` (full fine-tuning: forward, backward, clipping, AdamW
                with the schedule) against a plain `nnx.Optimizer` step on the same model and
                batch (the reference: what our extras cost);
@@ -29,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _timing import commit_state, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.data import Batch, Encoded, pad_batch
 from taskpgm_jax.models import (
     CausalLM,
@@ -90,10 +91,8 @@ def bench_train_step(name, dtype, repeats):
         box["state"], metrics = trainer.step(box["state"], data)
         return metrics["loss"]
 
-    first, med, spread, _ = timed(ours, repeats)
-
     ref_model = build_model(name, dtype)
-    optimizer = nnx.Optimizer(ref_model, optax.adamw(1e-4), wrt=nnx.Param)
+    optimizer = commit_state(nnx.Optimizer(ref_model, optax.adamw(1e-4), wrt=nnx.Param))
 
     @nnx.jit(donate_argnums=(0, 1))
     def ref_step(model, optimizer, batch):
@@ -105,7 +104,9 @@ def bench_train_step(name, dtype, repeats):
         optimizer.update(model, grads)
         return value
 
-    ref_first, ref_med, _, _ = timed(lambda: ref_step(ref_model, optimizer, data), repeats)
+    got = timed_together({"ours": ours, "ref": lambda: ref_step(ref_model, optimizer, data)}, repeats)
+    first, med, spread, _ = got["ours"]
+    ref_first, ref_med, _, _ = got["ref"]
     tokens = batch * seq
     return {"config": name, "train_tok_s": tokens / med, "train_spread_s": spread,
             "train_compile_s": first - med, "ref_train_tok_s": tokens / ref_med,
@@ -130,8 +131,6 @@ def bench_adapters(name, dtype, num, repeats):
         box["state"], metrics = joint.step(box["state"], stacked)
         return metrics["loss"]
 
-    first, med_joint, _, _ = timed(side_by_side, repeats)
-
     single = Trainer(model, cfg)
     states = []
     for t in range(num):  # T separate runs: each its own adapter, state and batches
@@ -146,7 +145,9 @@ def bench_adapters(name, dtype, num, repeats):
             out.append(metrics["loss"])
         return out
 
-    seq_first, med_seq, _, _ = timed(sequential, repeats)
+    got = timed_together({"joint": side_by_side, "seq": sequential}, repeats)
+    first, med_joint, _, _ = got["joint"]
+    seq_first, med_seq, _, _ = got["seq"]
     tokens = num * batch * seq
     return {"adapters": num, "adapter_batch": [batch, seq], "side_by_side_s": med_joint,
             "sequential_s": med_seq, "side_by_side_tok_s": tokens / med_joint,

@@ -13,6 +13,9 @@ For each (T, N, V) it times, on whatever backend JAX runs on (CPU here, unchange
            log per element fused with a sum: no output written, the strictest bound);
   log      the same with a plain jitted `jnp.log(x)` that writes its [T, N, V] output, the
            literal "jitted elementwise log" (slower than the fused ceiling: it stores a result).
+ours and the two ceilings are timed in alternating rounds (machine drift cancels in their ratios);
+the naive broadcast just before them, in a block of its own (freeing its gigabytes keeps the OS
+busy for a while and would slow the next call in a round); the scipy loop once, right after them.
 It prints a table and, with --json, writes the figures with a top-level `ratios` object.
 """
 
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _timing import timed, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence import streaming  # noqa: E402
 
@@ -66,15 +69,6 @@ def _naive(lp):
     return jnp.mean(0.5 * jnp.sum(terms, -1), -1)
 
 
-def _log_ceiling_times(lp, repeats):
-    """Median times over an input-sized array of probabilities of a jitted sum(log(x)) (fused,
-    no output) and of a jitted elementwise log(x) that writes its output."""
-    x = jax.block_until_ready(jnp.exp(lp))
-    fused = jax.jit(lambda a: jnp.sum(jnp.log(a), axis=-1))
-    elementwise = jax.jit(jnp.log)
-    return timed(lambda: fused(x), repeats)[1], timed(lambda: elementwise(x), repeats)[1]
-
-
 def _scipy_loop(lp, pairs):
     from scipy.spatial.distance import jensenshannon
 
@@ -91,10 +85,36 @@ def bench_size(t, n, v, repeats):
     input_bytes = lp.size * lp.dtype.itemsize
     row = {"T": t, "N": n, "V": v, "pairs": num_pairs, "input_bytes": input_bytes}
 
-    # ours: first call = compile + run; compile time = first call minus a steady run.
-    first, ours_s, ours_range, ours_out = timed(lambda: pairwise_jsd(lp), repeats)
+    # The naive broadcast first, where its [T, T, N, V] intermediates fit (about 4 live at once).
+    # It runs in a block of its own: freeing gigabytes makes the OS busy for a while after each
+    # call, which would slow whatever ran next in an interleaved round.
+    naive_bytes = 4 * t * t * n * v * 4
+    naive_out = None
+    if naive_bytes < 0.6 * _available_bytes():
+        naive_fn = jax.jit(_naive)
+        _, row["naive_s"], _, naive_out = timed(lambda: naive_fn(lp), max(2, repeats // 2))
+    else:
+        row["naive_s"] = None
+        row["naive_note"] = (f"skipped: [T,T,N,V] intermediates need ~{naive_bytes / 2**30:.0f} "
+                             f"GiB, {_available_bytes() / 2**30:.0f} GiB available")
+
+    # ours and the two log ceilings, in alternating rounds so that machine drift cancels in their
+    # ratios. Compile time of ours = its first call minus the steady state.
+    x = jax.block_until_ready(jnp.exp(lp))
+    fused_log = jax.jit(lambda a: jnp.sum(jnp.log(a), axis=-1))
+    elementwise_log = jax.jit(jnp.log)
+    got = timed_together({"ours": lambda: pairwise_jsd(lp), "ceiling": lambda: fused_log(x),
+                          "log": lambda: elementwise_log(x)}, repeats)
+    del x
+    first, ours_s, ours_range, ours_out = got["ours"]
     row.update(ours_s=ours_s, ours_range_s=ours_range, ours_compile_s=max(first - ours_s, 0.0),
                elements_per_s=pair_elements / ours_s)
+    # ceilings: T*N*V logs per call, scaled to the pairs*N*V elements that all pairs touch.
+    row["ceiling_s"] = got["ceiling"][1] * num_pairs / t
+    row["ceiling_elements_per_s"] = lp.size / got["ceiling"][1]
+    row["elementwise_log_s"] = got["log"][1] * num_pairs / t
+    if naive_out is not None:
+        np.testing.assert_allclose(np.asarray(naive_out), np.asarray(ours_out), atol=1e-5)
 
     # Peak memory of the compiled kernel program (arguments + temporaries + outputs).
     acc = streaming.StreamingJSD(t)
@@ -109,24 +129,6 @@ def bench_size(t, n, v, repeats):
     # One tile: P and log P of all (padded) models at position_block x vocab_chunk.
     row["block_bytes"] = (2 * acc.config.schedule.padded_models * acc.config.position_block
                           * min(acc.config.vocab_chunk, v) * 4)
-
-    # ceiling: sum(log(x)) over an input-sized array, at the measured rate, over all pair elements.
-    ceil_s, log_s = _log_ceiling_times(lp, repeats)
-    row["ceiling_s"] = ceil_s * num_pairs / t  # T*N*V elements per call -> pairs*N*V elements
-    row["ceiling_elements_per_s"] = lp.size / ceil_s
-    row["elementwise_log_s"] = log_s * num_pairs / t
-
-    # naive broadcast, where its [T, T, N, V] intermediates fit (about 4 live at once).
-    naive_bytes = 4 * t * t * n * v * 4
-    if naive_bytes < 0.6 * _available_bytes():
-        naive_fn = jax.jit(_naive)
-        _, naive_s, _, naive_out = timed(lambda: naive_fn(lp), max(2, repeats // 2))
-        row["naive_s"] = naive_s
-        np.testing.assert_allclose(np.asarray(naive_out), np.asarray(ours_out), atol=1e-5)
-    else:
-        row["naive_s"] = None
-        row["naive_note"] = (f"skipped: [T,T,N,V] intermediates need ~{naive_bytes / 2**30:.0f} "
-                             f"GiB, {_available_bytes() / 2**30:.0f} GiB available")
 
     # scipy float64 loop; time one pair first to decide whether the whole loop fits the budget.
     lp64 = np.exp(np.asarray(lp, np.float64))

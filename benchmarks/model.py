@@ -3,12 +3,13 @@
     python benchmarks/model.py [--configs small large] [--repeats 5] [--json PATH]
 
 For each config it builds a random HF `LlamaForCausalLM`, saves it, loads it with our loader (so
-both sides run the very same weights) and times, median of `--repeats` after a warm-up:
+both sides run the very same weights) and times, median of `--repeats` after a warm-up, each of
+ours in alternating rounds with the thing it is compared with (so machine drift cancels):
   forward     tokens/s of ours (jitted) and of PyTorch eager under no_grad, same thread count;
   train step  tokens/s of one full step (forward, backward, AdamW update) on both sides;
   compile     our first-call time minus the steady state, shown apart from the throughput;
-  adapters    (first config) T=8 LoRA adapters in one `multi_adapter_forward` call against 8 sequential jitted
-              forwards of the same adapters (at the config's batch, at a 1-row probe batch and at
+  adapters    (first config) T=8 LoRA adapters in one `multi_adapter_forward` call against 8
+              sequential jitted forwards of the same adapters (at the config's batch, at a 1-row probe batch and at
               a 1 x 32-token probe, where one call pays most).
 On a GPU/TPU host PyTorch (a CPU build here) is skipped and the model FLOPs utilisation (MFU) is
 reported instead, against `--peak-tflops` (or a built-in table of device peaks).
@@ -21,10 +22,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _timing import timed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _timing import commit_state, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.hf import load_hf_checkpoint  # noqa: E402
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # noqa: E402
                                 multi_adapter_forward, stack_adapters)
@@ -45,16 +44,6 @@ CONFIGS = {
 }
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5": 197.0}
 ADAPTERS = 8
-
-
-def torch_timed(fn, repeats):
-    fn()  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build_hf(name, tmp):
@@ -107,12 +96,43 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
     row["params"] = n_params
 
     fwd = nnx.jit(lambda m, x: m(x))
-    first, med, spread, _ = timed(lambda: fwd(model, ids), repeats)
-    row.update(fwd_compile_s=first - med, fwd_s=med, fwd_spread=spread, fwd_tok_s=tokens / med)
+    optimizer = commit_state(nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param))
+    # Each of ours is timed in rounds with its PyTorch counterpart (`timed_together`), so that
+    # drift of the machine over the run does not bias the ratio.
+    fwd_fns = {"ours": lambda: fwd(model, ids)}
+    train_fns = {"ours": lambda: train_step(model, optimizer, ids)}
+    if with_torch:
+        import torch
 
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
-    first, med, spread, _ = timed(lambda: train_step(model, optimizer, ids), repeats)
+        t_ids = torch.tensor(ids_np)
+        torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+        def torch_fwd():
+            hf.eval()
+            with torch.no_grad():
+                return hf(input_ids=t_ids).logits
+
+        def torch_step():
+            hf.train()
+            torch_opt.zero_grad(set_to_none=True)
+            out = hf(input_ids=t_ids, labels=t_ids)
+            out.loss.backward()
+            torch_opt.step()
+
+        fwd_fns["torch"], train_fns["torch"] = torch_fwd, torch_step
+
+    got = timed_together(fwd_fns, repeats)
+    first, med, spread, _ = got["ours"]
+    row.update(fwd_compile_s=first - med, fwd_s=med, fwd_spread=spread, fwd_tok_s=tokens / med)
+    if with_torch:
+        row["torch_fwd_s"] = got["torch"][1]
+    got = timed_together(train_fns, repeats)
+    first, med, spread, _ = got["ours"]
     row.update(train_compile_s=first - med, train_s=med, train_spread=spread, train_tok_s=tokens / med)
+    if with_torch:
+        row["torch_train_s"] = got["torch"][1]
+        row["torch_fwd_tok_s"] = tokens / row["torch_fwd_s"]
+        row["torch_train_tok_s"] = tokens / row["torch_train_s"]
 
     if peak:
         # 2 N flops per token forward, 6 N for a training step (attention score FLOPs added).
@@ -120,29 +140,9 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
         row["fwd_mfu"] = (2 * n_params + attn) * tokens / row["fwd_s"] / (peak * 1e12)
         row["train_mfu"] = 3 * (2 * n_params + attn) * tokens / row["train_s"] / (peak * 1e12)
 
-    if with_torch:
-        import torch
-
-        t_ids = torch.tensor(ids_np)
-        hf.eval()
-        with torch.no_grad():
-            row["torch_fwd_s"] = torch_timed(lambda: hf(input_ids=t_ids).logits, repeats)
-        hf.train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-
-        def torch_step():
-            opt.zero_grad(set_to_none=True)
-            out = hf(input_ids=t_ids, labels=t_ids)
-            out.loss.backward()
-            opt.step()
-
-        row["torch_train_s"] = torch_timed(torch_step, repeats)
-        row["torch_fwd_tok_s"] = tokens / row["torch_fwd_s"]
-        row["torch_train_tok_s"] = tokens / row["torch_train_s"]
-
     if not adapters:
         return row
-    # T adapters: one vmapped call against T sequential calls (both jitted, same adapters).
+    # T adapters: one multi-adapter call against T sequential calls (both jitted, same adapters).
     add_lora(model, LoraConfig(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")), rngs=nnx.Rngs(1))
     adapters = [jax.tree.map(lambda x, t=t: x + 0.01 * (t + 1), lora_state(model)) for t in range(ADAPTERS)]
     stacked = stack_adapters(adapters)
@@ -150,8 +150,10 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
     single = jax.jit(lambda lora, rest, x: nnx.merge(graphdef, lora, rest)(x))
     multi = nnx.jit(lambda m, a, x: multi_adapter_forward(m, a, x))
     for tag, x in (("batch", ids), ("probe1", ids[:1]), ("probe32", ids[:1, :32])):
-        first, med_multi, _, _ = timed(lambda: multi(model, stacked, x), repeats)
-        _, med_seq, _, _ = timed(lambda: [single(a, rest, x) for a in adapters], repeats)
+        got = timed_together({"multi": lambda: multi(model, stacked, x),
+                              "seq": lambda: [single(a, rest, x) for a in adapters]}, repeats)
+        first, med_multi, _, _ = got["multi"]
+        med_seq = got["seq"][1]
         row[f"adapters_{tag}_multi_s"] = med_multi
         row[f"adapters_{tag}_seq_s"] = med_seq
         row[f"adapters_{tag}_compile_s"] = first - med_multi

@@ -65,7 +65,9 @@ def _read_block(handles, tmap: TensorMap, index: tuple, dtype) -> np.ndarray:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint, via `transformers.AutoTokenizer` (local files only).
+    """The tokenizer saved beside a checkpoint: `taskpgm_jax.data.load_tokenizer` (local files only,
+    a missing pad token set to EOS), re-exported here for users who load models and tokenizers
+    together.
 
     Args:
       path: the checkpoint directory.
@@ -73,9 +75,11 @@ def load_tokenizer(path: str | os.PathLike):
     Returns:
       A `transformers` tokenizer.
     """
-    from transformers import AutoTokenizer  # heavy import, only when a tokenizer is wanted
+    # Imported at call time: the data package pulls in `datasets` (~1 s), which loading weights
+    # does not need.
+    from taskpgm_jax.data.tokenize import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    return load(path)
 
 
 def load_hf_checkpoint(
