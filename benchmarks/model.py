@@ -39,6 +39,7 @@ from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # 
 
 CONFIGS = {
     # name: (hidden, layers, heads, kv heads, mlp, vocab, batch, seq)
+    "tiny": (64, 2, 4, 2, 128, 512, 2, 32),  # a smoke run (tests/test_benchmarks.py)
     "small": (256, 4, 4, 2, 688, 4096, 8, 256),
     "large": (384, 6, 6, 2, 1024, 8192, 4, 256),
 }

@@ -1,0 +1,55 @@
+"""Each benchmark script runs end to end at a tiny size, as a user runs it, and writes the JSON
+contract every later tool reads: a top-level `ratios` object of named, finite figures.
+
+The scripts check their own results against their references on the way (the divergence script
+compares with scipy and the naive broadcast, the MRF one with SLSQP), so a run that succeeds also
+ran those checks. Timings at these sizes mean nothing and are not asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "divergence": (["--sizes", "4x24x96", "3x10x50", "--repeats", "1"],
+                   ["scipy_over_ours[4x24x96]", "naive_over_ours[3x10x50]",
+                    "ours_over_ceiling[4x24x96]", "ours_over_elementwise_log[3x10x50]",
+                    "peak_memory_over_input[4x24x96]"]),
+    "mrf": (["--sizes", "40", "--greedy-sizes", "60", "--repeats", "1"],
+            ["exact_speedup_vs_slsqp_T40", "softmax_speedup_vs_slsqp_T40",
+             "greedy_T60_k6_seconds_vs_2s_target", "lazy_vs_plain_greedy_time_T60"]),
+    "model": (["--configs", "tiny", "--repeats", "1"],
+              ["forward_ours_over_torch[tiny]", "train_ours_over_torch[tiny]",
+               "adapters_sequential_over_multi[tiny,probe32]"]),
+    "adapters": (["--config", "tiny", "--adapters", "2", "--repeats", "1"],
+                 ["train_step_ours_over_plain_nnx[tiny]", "adapters_side_by_side_speedup[tiny,T=2]"]),
+    "probe": (["--adapters", "2", "--batches", "2", "--batch-size", "2", "--seq-len", "16",
+               "--vocab", "128"], ["peak_memory_over_all_logits"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_writes_ratios(name, tmp_path):
+    args, expected = CASES[name]
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's shell has
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args,
+                           "--json", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    ratios = payload["ratios"]
+    assert ratios, "no ratios written"
+    for key, value in ratios.items():  # energy gaps among them may be <= 0
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+    assert set(expected) <= set(ratios), sorted(ratios)
+    for key in expected:  # speed-ups and memory ratios
+        assert ratios[key] > 0, (key, ratios[key])
