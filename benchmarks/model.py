@@ -170,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind

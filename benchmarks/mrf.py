@@ -132,6 +132,17 @@ def greedy_rows(sizes, repeats, rng):
     return rows, ratios
 
 
+def _sizes(ap, flag, text):
+    """Comma-separated task counts >= 2 (a problem needs two tasks)."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"{flag}: expected comma-separated integers such as 100,1000, got {text!r}")
+    if any(t < 2 for t in sizes):
+        ap.error(f"{flag}: every size must be at least 2, got {text!r}")
+    return sizes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the figures here")
@@ -140,9 +151,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     rng = np.random.default_rng(args.seed)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    gsizes = [int(s) for s in args.greedy_sizes.split(",") if s]
+    sizes, gsizes = (_sizes(ap, flag, text) for flag, text in
+                     (("--sizes", args.sizes), ("--greedy-sizes", args.greedy_sizes)))
     srows, sratios = solver_rows(sizes, args.repeats, rng)
     grows, gratios = greedy_rows(gsizes, args.repeats, rng)
 

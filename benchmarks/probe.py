@@ -58,6 +58,13 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    for name in ("adapters", "batches", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len < 4:  # the target is the second half of each row, minus the last token
+        parser.error(f"--seq-len must be at least 4, got {args.seq_len}")
+    if args.vocab < 4:  # token ids are drawn from [3, vocab)
+        parser.error(f"--vocab must be at least 4, got {args.vocab}")
     rng = np.random.default_rng(0)
     t = args.adapters
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=128, intermediate_size=256,
