@@ -158,7 +158,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["16x256x4096", "32x512x32000"],
                         help="TxNxV problem sizes")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the reported figures use 5)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per measurement (the reported figures use 5)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)
     if args.repeats < 1:

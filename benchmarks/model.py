@@ -9,8 +9,8 @@ ours in alternating rounds with the thing it is compared with (so machine drift 
   train step  tokens/s of one full step (forward, backward, AdamW update) on both sides;
   compile     our first-call time minus the steady state, shown apart from the throughput;
   adapters    (first config) T=8 LoRA adapters in one `multi_adapter_forward` call against 8
-              sequential jitted forwards of the same adapters (at the config's batch, at a 1-row probe batch and at
-              a 1 x 32-token probe, where one call pays most).
+              sequential jitted forwards of the same adapters (at the config's batch, at a 1-row
+              probe batch and at a 1 x 32-token probe, where one call pays most).
 On a GPU/TPU host PyTorch (a CPU build here) is skipped and the model FLOPs utilisation (MFU) is
 reported instead, against `--peak-tflops` (or a built-in table of device peaks).
 It prints a table and, with --json, writes the figures with a top-level `ratios` object.

@@ -59,8 +59,9 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     for name in ("adapters", "batches", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.seq_len < 4:  # the target is the second half of each row, minus the last token
         parser.error(f"--seq-len must be at least 4, got {args.seq_len}")
     if args.vocab < 4:  # token ids are drawn from [3, vocab)

@@ -30,7 +30,8 @@ CASES = {
               ["forward_ours_over_torch[tiny]", "train_ours_over_torch[tiny]",
                "adapters_sequential_over_multi[tiny,probe32]"]),
     "adapters": (["--config", "tiny", "--adapters", "2", "--repeats", "1"],
-                 ["train_step_ours_over_plain_nnx[tiny]", "adapters_side_by_side_speedup[tiny,T=2]"]),
+                 ["train_step_ours_over_plain_nnx[tiny]",
+                  "adapters_side_by_side_speedup[tiny,T=2]"]),
     "probe": (["--adapters", "2", "--batches", "2", "--batch-size", "2", "--seq-len", "16",
                "--vocab", "128"], ["peak_memory_over_all_logits"]),
 }
