@@ -164,7 +164,7 @@ def bench_config(name, repeats, dtype, peak, with_torch, adapters=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small", "large"], choices=sorted(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
