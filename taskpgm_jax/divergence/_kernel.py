@@ -4,11 +4,13 @@ Layout of the work: the [T, N, V] log-probs are cut into tiles of all T models x
 positions x `vocab_chunk` tokens, read once each (the input is never copied, padded or
 normalised as a whole). Against each tile every pair is evaluated once, in the order of a
 `PairSchedule`: recursive halving of the model axis turns the upper triangle into a few
-broadcast blocks ([groups, s, 1] rows against [groups, 1, s] rows), which XLA fuses with the
-reduction over the vocabulary, so nothing of size pairs x tile is materialised (a gather of pair
-rows would be, and cost ~1.5x). The probabilities P = exp(log P) are computed per tile (T exps
-against T(T-1)/2 pairs, so nearly free) and never stored for the whole input: peak memory is the
-input plus one tile and the [pairs, position_block] partial sums.
+broadcast blocks ([groups, s, 1] rows against [groups, 1, s] rows), which XLA fuses with the reduction over the vocabulary, so nothing of
+size pairs x tile is materialised (a gather of pair rows would be, and cost ~1.5x). The
+probabilities P = exp(log P) are computed per tile (T exps against T(T-1)/2 pairs, so nearly
+free) and never stored for the whole input: peak memory is the input plus a few tiles (the
+halves each step reads are copied out of the tile on CPU; the pairs of the small leaf groups,
+at most `pair_block` per step, are gathered) and the [pairs, position_block] partial sums,
+independent of the number of positions.
 
 Per element and pair the kernel evaluates the KL form of DESIGN.md 4,
     1/2 P (log P - log M) + 1/2 Q (log Q - log M),   log M = log(P + Q) - ln 2,
@@ -72,14 +74,22 @@ class PairSchedule:
 
     The (padded) models are halved recursively: at level L the rows fall into 2^L groups, each
     split into halves A and B, and every A row meets every B row of its group by broadcasting
-    ([groups, s, 1, ...] against [groups, 1, s, ...]). Together the levels cover every pair
-    whose models sit in different leaf groups; the pairs inside the leaf groups (of size <= 15)
-    are gathered. Broadcasts and static slices fuse into one loop with the reduction over the
-    vocabulary; a gather would be materialised first, which is why it is kept to the leaves.
+    ([groups, a, 1, ...] against [groups, 1, s, ...]). Together the levels cover every pair
+    whose models sit in different leaf groups; the pairs inside the leaf groups (odd size
+    <= 15) are gathered. Broadcasts and static slices fuse into one loop with the reduction over
+    the vocabulary; a gather is materialised first, which is why it is kept to the leaves. (A
+    gather-free leaf, cyclic rolls of the group, was measured 1.5x slower at T = 12 and 15: on
+    CPU each roll is copied out of the tile too, in more and smaller steps.)
+
+    Each step evaluates at most `pair_block` pairs, or one unit if a unit is larger: one A row
+    against its B half at a level, the pairs of one leaf group.
 
     Attributes:
-      steps: tuple of (kind, level or None, first, count): one fused evaluation each.
-      pair_i, pair_j: [K] int32 model indices of the kernel's outputs, in evaluation order.
+      steps: tuple of (kind, level or None, first group, groups, first row, rows): one fused
+        evaluation each; rows are the A rows of a level step (all of them unless a group's
+        half x half pairs exceed `pair_block`), unused (0, 0) for leaf steps.
+      pair_i, pair_j: [K] int32 model indices (pair_i < pair_j) of the kernel's outputs, in
+        evaluation order.
       valid: [K] bool, False for pairs that involve a padding row.
     """
 
@@ -94,24 +104,31 @@ class PairSchedule:
         steps, pi, pj = [], [], []
         for level in range(levels):
             groups, half = 2**level, t // 2**(level + 1)
-            per_group = half * half
-            chunk = max(1, pair_block // per_group)  # groups evaluated in one step
-            for g0 in range(0, groups, chunk):
-                g1 = min(groups, g0 + chunk)
-                steps.append(("level", level, g0, g1 - g0))
-                for g in range(g0, g1):
-                    base = g * 2 * half
-                    for a in range(half):
-                        for b in range(half):
-                            pi.append(base + a)
-                            pj.append(base + half + b)
-        leaf_i, leaf_j = np.triu_indices(self.leaf, k=1)
+            if half * half <= pair_block:  # whole groups per step
+                row_chunk, group_chunk = half, max(1, pair_block // (half * half))
+            else:  # part of one group's A rows per step
+                row_chunk, group_chunk = max(1, pair_block // half), 1
+            for g0 in range(0, groups, group_chunk):
+                g1 = min(groups, g0 + group_chunk)
+                for a0 in range(0, half, row_chunk):
+                    a1 = min(half, a0 + row_chunk)
+                    steps.append(("level", level, g0, g1 - g0, a0, a1 - a0))
+                    for g in range(g0, g1):
+                        base = g * 2 * half
+                        for a in range(a0, a1):
+                            for b in range(half):
+                                pi.append(base + a)
+                                pj.append(base + half + b)
+        leaf_i, leaf_j = np.triu_indices(leaf, k=1)
         if len(leaf_i):
-            groups = t // self.leaf
-            steps.append(("leaf", None, 0, groups))
-            for g in range(groups):
-                pi.extend(g * self.leaf + leaf_i)
-                pj.extend(g * self.leaf + leaf_j)
+            groups = t // leaf
+            group_chunk = max(1, pair_block // len(leaf_i))
+            for g0 in range(0, groups, group_chunk):
+                g1 = min(groups, g0 + group_chunk)
+                steps.append(("leaf", None, g0, g1 - g0, 0, 0))
+                for g in range(g0, g1):
+                    pi.extend(g * leaf + leaf_i)
+                    pj.extend(g * leaf + leaf_j)
         self.steps = tuple(steps)
         self.pair_i = np.asarray(pi, np.int32)
         self.pair_j = np.asarray(pj, np.int32)
@@ -127,17 +144,17 @@ def _evaluate_schedule(p, lp, schedule: PairSchedule):
     """All scheduled pairs on one tile: p, lp [T', nb, vc] -> [K, nb] sums over the tile."""
     t, nb, vc = p.shape
     outs = []
-    for kind, level, first, count in schedule.steps:
+    for kind, level, g0, gcount, a0, acount in schedule.steps:
         if kind == "level":
             groups, half = 2**level, t // 2**(level + 1)
-            pr = p.reshape(groups, 2, half, nb, vc)[first:first + count]
-            lr = lp.reshape(groups, 2, half, nb, vc)[first:first + count]
-            out = jsd_terms_sum(pr[:, 0, :, None], lr[:, 0, :, None],
-                                pr[:, 1, None, :], lr[:, 1, None, :])  # [count, half, half, nb]
+            pr = p.reshape(groups, 2, half, nb, vc)[g0:g0 + gcount]
+            lr = lp.reshape(groups, 2, half, nb, vc)[g0:g0 + gcount]
+            out = jsd_terms_sum(pr[:, 0, a0:a0 + acount, None], lr[:, 0, a0:a0 + acount, None],
+                                pr[:, 1, None, :], lr[:, 1, None, :])  # [gcount, acount, half, nb]
         else:
             leaf_i, leaf_j = schedule.leaf_pairs
-            pr = p.reshape(count, schedule.leaf, nb, vc)
-            lr = lp.reshape(count, schedule.leaf, nb, vc)
+            pr = p.reshape(t // schedule.leaf, schedule.leaf, nb, vc)[g0:g0 + gcount]
+            lr = lp.reshape(t // schedule.leaf, schedule.leaf, nb, vc)[g0:g0 + gcount]
             out = jsd_terms_sum(pr[:, leaf_i], lr[:, leaf_i], pr[:, leaf_j], lr[:, leaf_j])
         outs.append(out.reshape(-1, nb))
     return jnp.concatenate(outs) if len(outs) > 1 else outs[0]

@@ -20,13 +20,17 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def normalisation_tolerance(dtype) -> float:
+def normalisation_tolerance(dtype, vocab_size: int) -> float:
     """How far a row's logsumexp may stray from 0 and still count as normalised.
 
-    Rounding log-probs to bf16 moves logsumexp by up to ~3e-3 (measured over V in 10..32000);
-    three machine epsilons of the input dtype covers that with margin, and 1e-4 floors float32.
+    Rounding each log-prob x to the input dtype moves it by up to eps/2 * |x|, so the row's
+    logsumexp moves by up to eps/2 * sum_v P_v |log P_v| = eps/2 * H(P) <= eps/2 * ln V: for
+    bf16 rows of tied entries (V ~ 3000) that is 0.03. Twice that bound, floored at 1e-4 for
+    float32 (whose own sum over V rounds too), still rejects logits, whose logsumexp is
+    rarely that close to 0.
     """
-    return max(1e-4, 3.0 * float(jnp.finfo(dtype).eps))
+    eps = float(jnp.finfo(dtype).eps)
+    return max(1e-4, eps * (1.0 + math.log(max(vocab_size, 1))))
 
 
 def _as_float_array(x, name: str):
@@ -86,11 +90,11 @@ def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = No
     worst = float(_worst_logsumexp(x) if from_logits else _worst_log_mass(x))
     if not math.isfinite(worst):
         _raise_bad_values(x, name)
-    tol = normalisation_tolerance(x.dtype)
+    tol = normalisation_tolerance(x.dtype, x.shape[-1])
     if not from_logits and worst > tol:
         raise ValueError(
             f"{name}: rows are not normalised log-probabilities (|logsumexp| up to {worst:.3g}, "
-            f"tolerance {tol:.1g}); pass from_logits=True if these are logits."
+            f"tolerance {tol:.2g}); pass from_logits=True if these are logits."
         )
     return x
 
@@ -110,10 +114,14 @@ def _raise_bad_values(x, name: str):
                      "pass from_logits=True if these are logits.")
 
 
-def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False):
-    """Validate per-position weights of shape [n]: finite, non-negative, not all zero.
+def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False,
+                  rescale: bool = False):
+    """Validate per-position weights of shape [n]: finite, non-negative, not all zero, and
+    representable in float32 (the kernel's dtype).
 
-    `allow_all_zero` is for one streaming batch that is entirely padding.
+    `allow_all_zero` is for one streaming batch that is entirely padding. `rescale` divides the
+    weights by their maximum (in float64, before the float32 cast) where only their ratios matter
+    (a one-shot weighted mean), so that any finite scale works.
     """
     if isinstance(w, (list, tuple)):
         w = np.asarray(w, dtype=np.float32)
@@ -134,7 +142,18 @@ def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False):
         raise ValueError(f"{name}: contains negative weights (min {wn.min():.3g}).")
     if not allow_all_zero and not np.any(wn > 0):
         raise ValueError(f"{name}: all weights are zero; at least one position must count.")
-    return w
+    if rescale and np.any(wn > 0):
+        wn = wn / wn.max()
+    with np.errstate(over="ignore"):  # overflow is reported below, by name
+        w32 = wn.astype(np.float32)
+        total32 = w32.sum(dtype=np.float32)
+    if not np.isfinite(total32):
+        raise ValueError(f"{name}: the weights overflow float32 (sum {wn.sum():.3g}); rescale "
+                         "them (only their ratios matter within a batch).")
+    if np.any(wn > 0) and not np.any(w32 > 0):
+        raise ValueError(f"{name}: every positive weight underflows to 0 in float32 (max "
+                         f"{wn.max():.3g}); rescale them.")
+    return w32 if rescale else w
 
 
 def check_positive_int(value, name: str, *, allow_none: bool = False):

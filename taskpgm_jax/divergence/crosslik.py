@@ -94,6 +94,10 @@ class CrossLikelihood:
             if num_tokens.shape != (batch,):
                 raise ValueError(f"num_tokens: expected shape ({batch},), got "
                                  f"{tuple(num_tokens.shape)}.")
+        elif num_tokens is not None:
+            raise ValueError("num_tokens: given, but this accumulator sums log-likelihoods per "
+                             "example; build it with CrossLikelihood(..., per_token=True) to "
+                             "divide by the token counts.")
         if not is_traced(scores) and not is_traced(task_ids):
             ids = np.asarray(task_ids)
             if np.any(ids < -1) or np.any(ids >= self.num_tasks):
@@ -105,13 +109,21 @@ class CrossLikelihood:
             if np.any(vals > 1e-3 * max(1.0, np.abs(vals).max(initial=0.0))):
                 raise ValueError("scores: log-likelihoods must be <= 0; got positive values "
                                  "(did you pass losses? negate them).")
-            if self.per_token and np.any(np.asarray(num_tokens)[ids >= 0] <= 0):
-                raise ValueError("num_tokens: every non-padding example needs >= 1 target token.")
+            if self.per_token and not is_traced(num_tokens):
+                counts = np.asarray(num_tokens, np.float64)[ids >= 0]
+                if not np.all(np.isfinite(counts)) or np.any(counts != np.round(counts)):
+                    raise ValueError("num_tokens: expected whole token counts; got NaN, inf or "
+                                     "a fraction for a non-padding example.")
+                if np.any(counts < 1):
+                    raise ValueError("num_tokens: every non-padding example needs >= 1 target "
+                                     "token.")
         scores = scores.astype(jnp.float32)
         # Padding columns may hold anything (even NaN): zero them before the one-hot product.
         scores = jnp.where(task_ids[None, :] >= 0, scores, 0.0)
         if self.per_token:
-            scores = scores / jnp.maximum(num_tokens.astype(jnp.float32), 1.0)[None, :]
+            # Padding columns (score 0) may carry any count: divide them by 1.
+            counts = jnp.where(task_ids >= 0, num_tokens.astype(jnp.float32), 1.0)
+            scores = scores / counts[None, :]
         return _update_impl(state, scores, task_ids, num_tasks=self.num_tasks)
 
     def result(self, state: CrossLikState):

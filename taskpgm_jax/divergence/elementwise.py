@@ -87,8 +87,10 @@ def kl(logp, logq, *, from_logits: bool = False):
 
 @jax.jit
 def _kl(lp, lq):
-    p = jnp.exp(lp)
-    terms = jnp.where(p > 0, p * (lp - lq), 0.0)
+    # Decided on the log-probs, not on exp(lp): P can underflow float32 (lp < -104) and still
+    # be positive, and then lq = -inf makes KL infinite.
+    terms = jnp.where(lp == -jnp.inf, 0.0,
+                      jnp.where(lq == -jnp.inf, jnp.inf, jnp.exp(lp) * (lp - lq)))
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
 
 

@@ -41,7 +41,7 @@ def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
     if logprobs.shape[1] == 0:
         raise ValueError("logprobs: the positions axis (N) is empty.")
     if weights is not None:
-        weights = check_weights(weights, "weights", logprobs.shape[1])
+        weights = check_weights(weights, "weights", logprobs.shape[1], rescale=True)
     return pairwise_jsd_unchecked(logprobs, weights, from_logits=from_logits,
                                   pair_block=pair_block, position_block=position_block,
                                   vocab_chunk=vocab_chunk, mesh=mesh)

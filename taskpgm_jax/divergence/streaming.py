@@ -20,14 +20,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from taskpgm_jax.divergence import _kernel
 from taskpgm_jax.divergence._validate import (check_distribution, check_positive_int,
                                               check_weights, is_traced)
 
-# Tile sizes per platform. CPU: one position x 2048 tokens keeps a tile of all models in L2 and
-# was fastest on a 2-core EPYC (measured by benchmarks/divergence.py). Accelerators want far more
+# Tile sizes per platform. CPU: 4 positions x 4096 tokens was fastest on a 2-core EPYC in a
+# sweep of 1-8 positions x 1024-4096 tokens (benchmarks/divergence.py). Accelerators want far more
 # parallel work per step; these sizes bound one block to ~16 MiB and are not yet tuned on hardware.
 _DEFAULT_TILES = {
     "cpu": dict(pair_block=1 << 16, position_block=4, vocab_chunk=4096),
@@ -187,7 +187,12 @@ class StreamingJSD:
         k, g = self.config.schedule.num_outputs, self.config.num_groups
         sums = jnp.zeros((k, g), jnp.float32)
         weight = jnp.zeros((g,), jnp.float32)
-        return JSDState(sums, sums, weight, weight)
+        state = JSDState(sums, sums, weight, weight)
+        if self.config.mesh is not None:
+            # Replicated over the mesh, as `update` returns it: the first and later updates
+            # then see the same input shardings and share one compiled program.
+            state = jax.device_put(state, NamedSharding(self.config.mesh, PartitionSpec()))
+        return state
 
     def update(self, state: JSDState, logprobs, weights=None, groups=None) -> JSDState:
         """Add one batch.

@@ -8,8 +8,9 @@ every other token into one tail bucket. With f(p, q) = 1/2 p log(2p/(p+q)) + 1/2
                                                             f is convex and 1-homogeneous)
   upper = sum_{v in K_n} f(P_v, Q_v) + ln 2 * (t_P + t_Q) / 2  (f(p, q) <= ln 2 * (p + q) / 2)
 
-Both are averaged over positions with the same weights as `pairwise_jsd`, so
-lower <= D <= upper holds for the matrix. The gap is at most ln 2 * (tail_i + tail_j) / 2 with
+Both are averaged over positions with the same weights as `pairwise_jsd` and widened by its
+float32 accuracy (`ROUNDING_ALLOWANCE`, 1e-6 nats), so lower <= D <= upper holds for the exact
+matrix. The gap is at most ln 2 * (tail_i + tail_j) / 2 with
 tail_i model i's mean tail mass: the bounds are tight when the union of top-k tokens carries
 nearly all of every model's mass (peaked next-token distributions, as from fine-tuned LMs), and
 loose for flat distributions. The cost is one pass over [T, N, V] (top-k and tail masses) plus the
@@ -29,12 +30,17 @@ from taskpgm_jax.divergence._validate import (check_distribution, check_positive
                                               check_weights)
 from taskpgm_jax.divergence.pairwise import pairwise_jsd_unchecked
 
+# The absolute float32 accuracy of `pairwise_jsd` (the tests hold it to this against scipy in
+# float64); both bounds are widened by it.
+ROUNDING_ALLOWANCE = 1e-6
+
 
 class TruncatedJSD(NamedTuple):
     """Result of `truncated_pairwise_jsd`.
 
     lower:      [T, T] float32 certified lower bound on the weighted mean JSD (JSD of the
-                merged distributions); zero diagonal.
+                merged distributions, less 1e-6 for float32 rounding, floored at 0); zero
+                diagonal.
     upper:      [T, T] float32 certified upper bound; zero diagonal; lower <= upper <= ln 2.
     tail_mass:  [T] float32 weighted mean over positions of each model's probability outside
                 the kept tokens (the bound gap is <= ln 2 * (tail_i + tail_j) / 2).
@@ -83,18 +89,21 @@ def truncated_pairwise_jsd(logprobs, weights=None, *, top_k: int = 64, from_logi
     top_k = check_positive_int(top_k, "top_k")
     if top_k > logprobs.shape[-1]:
         raise ValueError(f"top_k: {top_k} exceeds the vocabulary size {logprobs.shape[-1]}.")
+    w = jnp.ones(logprobs.shape[1], jnp.float32) if weights is None else jnp.asarray(
+        check_weights(weights, "weights", logprobs.shape[1], rescale=True))
     kept, tail = _truncate(jnp.asarray(logprobs), top_k=top_k, from_logits=from_logits)
     tail = tail[..., None]  # [T, N, 1]
     # The kept part and the tail term each sum f over their own outcomes; their sum is the JSD
     # of the merged distributions (the lower bound).
     # Both are sub-distributions (they do not sum to 1 alone), so the normalisation check of the
     # public entry point does not apply; the input itself was checked above.
-    w = jnp.ones(logprobs.shape[1], jnp.float32) if weights is None else jnp.asarray(
-        check_weights(weights, "weights", logprobs.shape[1]), jnp.float32)
     kept_part = pairwise_jsd_unchecked(kept, w, **kernel_options)
     tail_term = pairwise_jsd_unchecked(tail, w, **kernel_options)
     tail_mass = jnp.exp(tail[..., 0]) @ w / jnp.sum(w)
-    lower = kept_part + tail_term
+    off_diagonal = 1.0 - jnp.eye(kept_part.shape[0], dtype=kept_part.dtype)
+    # Widened by the kernel's float32 accuracy, so they bound the exact value, not just the
+    # exact value of these float32 sums (with no tail they would tie and round either way).
+    lower = jnp.maximum(kept_part + tail_term - ROUNDING_ALLOWANCE, 0.0)
     upper = kept_part + 0.5 * LN2 * (tail_mass[:, None] + tail_mass[None, :])
-    upper = jnp.minimum(upper, LN2) * (1.0 - jnp.eye(upper.shape[0], dtype=upper.dtype))
+    upper = jnp.minimum(upper + ROUNDING_ALLOWANCE, LN2) * off_diagonal
     return TruncatedJSD(lower, upper, tail_mass, logprobs.shape[0] * top_k)

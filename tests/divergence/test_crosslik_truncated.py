@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskpgm_jax.divergence import CrossLikelihood, pmi_affinity, truncated_pairwise_jsd
+from taskpgm_jax.divergence.truncated import ROUNDING_ALLOWANCE
 from tests.divergence.distributions import KINDS, random_logprobs, reference_pairwise
 
 seeds = st.integers(0, 2**32 - 1)
@@ -33,7 +34,7 @@ def test_cross_likelihood_matches_numpy_in_uneven_batches(seed, per_token):
         s = np.concatenate([scores[:, a:b], np.full((m, pad), np.nan, np.float32)], 1)
         i = np.concatenate([ids[a:b], -np.ones(pad, int)])
         k = np.concatenate([tokens[a:b], np.zeros(pad, int)])
-        state = acc.update(state, s, i, k)
+        state = acc.update(state, s, i, k if per_token else None)
     per_example = scores.astype(np.float64) / (tokens if per_token else 1)
     ref = np.stack([[per_example[mi, ids == tj].mean() for tj in range(t)] for mi in range(m)])
     np.testing.assert_allclose(np.asarray(acc.result(state)), ref, rtol=1e-6, atol=1e-5)
@@ -66,6 +67,16 @@ def test_cross_likelihood_errors():
     with pytest.raises(ValueError, match="num_tokens"):
         CrossLikelihood(3, per_token=True).update(state, -np.ones((3, 2), np.float32),
                                                   np.array([0, 1]))
+    per_token = CrossLikelihood(3, per_token=True)
+    for bad in ([1.0, np.nan], [1.0, np.inf], [1.0, 0.5], [1, 0]):
+        with pytest.raises(ValueError, match="num_tokens"):
+            per_token.update(per_token.init(), -np.ones((3, 2), np.float32), np.array([0, 1]),
+                             np.array(bad))
+    # Padding columns may carry any count (here 0); a count on a per-example sum is refused.
+    per_token.update(per_token.init(), -np.ones((3, 2), np.float32), np.array([0, -1]),
+                     np.array([2, 0]))
+    with pytest.raises(ValueError, match="num_tokens: given"):
+        acc.update(acc.init(), -np.ones((3, 2), np.float32), np.array([0, 1]), np.array([1, 1]))
     with pytest.raises(ValueError, match="square"):
         pmi_affinity(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="NaN or inf"):
@@ -83,13 +94,13 @@ def test_truncated_bounds_bracket_the_exact_value(seed, kind, top_k):
     exact = reference_pairwise(lp, w)
     out = truncated_pairwise_jsd(lp, w, top_k=top_k)
     lower, upper = np.asarray(out.lower, np.float64), np.asarray(out.upper, np.float64)
-    slack = 1e-6  # float32 rounding of the bounds themselves
-    assert np.all(lower <= exact + slack), np.max(lower - exact)
-    assert np.all(exact <= upper + slack), np.max(exact - upper)
-    # The gap is what the tail masses say it can be at most.
+    # Certified against the exact (float64) value: no slack here, the bounds carry their own.
+    assert np.all(lower <= exact), np.max(lower - exact)
+    assert np.all(exact <= upper), np.max(exact - upper)
+    # The gap is what the tail masses say it can be at most, plus the two rounding allowances.
     tail = np.asarray(out.tail_mass, np.float64)
     gap_bound = 0.5 * math.log(2) * (tail[:, None] + tail[None, :])
-    assert np.all(upper - lower <= gap_bound + slack)
+    assert np.all(upper - lower <= gap_bound + 2 * ROUNDING_ALLOWANCE + 1e-7)
     # The tail mass is model i's mean probability outside the union of top-k sets.
     assert np.all((tail >= 0) & (tail <= 1))
 
@@ -98,8 +109,11 @@ def test_truncated_is_exact_when_the_union_covers_the_vocabulary(rng):
     lp = random_logprobs(rng, (T, N, V), "sparse")
     out = truncated_pairwise_jsd(lp, top_k=V)
     exact = reference_pairwise(lp)
-    np.testing.assert_allclose(np.asarray(out.lower), exact, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out.upper), exact, atol=1e-6)
+    lower, upper = np.asarray(out.lower, np.float64), np.asarray(out.upper, np.float64)
+    # No tail: the bounds are the exact value less / plus the rounding allowance, and hold.
+    assert np.all(lower <= exact) and np.all(exact <= upper)
+    np.testing.assert_allclose(lower, exact, atol=2e-6)
+    np.testing.assert_allclose(upper, exact, atol=2e-6)
     np.testing.assert_allclose(np.asarray(out.tail_mass), 0.0, atol=1e-6)
 
 

@@ -105,6 +105,11 @@ def test_kl_is_infinite_where_q_has_no_mass():
     lq = log0(np.array([1.0, 0.0], np.float32))
     assert np.isinf(np.asarray(kl(lp, lq)))
     assert float(kl(lq, lp)) == pytest.approx(math.log(2.0), abs=1e-6)
+    # P's mass on the second token underflows float32 (e^-120) but is not zero: still infinite,
+    # as scipy's float64 rel_entr says.
+    tiny = np.array([np.log1p(-np.exp(-120.0)), -120.0], np.float32)
+    assert np.isinf(rel_entr(np.exp(tiny.astype(np.float64)), [1.0, 0.0]).sum())
+    assert np.isinf(np.asarray(kl(tiny, np.array([0.0, -np.inf], np.float32))))
 
 
 def log0(x):

@@ -148,6 +148,21 @@ def test_sharded_equals_unsharded(rng):
     np.testing.assert_allclose(results[1], results[0], atol=1e-6, rtol=0)
 
 
+def test_sharded_streaming_compiles_once(rng):
+    """init() places the state as update() returns it (replicated over the mesh), so every
+    same-shape batch, the first included, runs one compiled program."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    acc = StreamingJSD(T, mesh=mesh, vocab_chunk=32)
+    state = acc.update(acc.init(), random_logprobs(rng, (T, 8, V)))  # may compile
+    before = streaming._update_jit._cache_size()
+    for _ in range(3):
+        state = acc.update(state, random_logprobs(rng, (T, 8, V)), _weights(rng, 8))
+    assert streaming._update_jit._cache_size() == before
+    fresh = acc.update(acc.init(), random_logprobs(rng, (T, 8, V)))
+    assert streaming._update_jit._cache_size() == before
+    assert np.isfinite(np.asarray(acc.result(fresh))).all()
+
+
 def test_single_model_and_task_balanced_weights(rng):
     lp = random_logprobs(rng, (1, 4, V))
     np.testing.assert_array_equal(np.asarray(pairwise_jsd(lp)), np.zeros((1, 1)))
@@ -166,6 +181,34 @@ def test_pair_schedule_visits_every_pair_exactly_once(num_models, pair_block):
     assert len(pairs) == len(expected) and set(pairs) == expected
     # Padding to s * 2^m (s <= 16) adds at most ~1/8 of the models: < 30% more pairs.
     assert schedule.num_outputs <= 1.3 * len(expected) + 1
+    # No step evaluates more than pair_block pairs, unless one unit is larger (one A row
+    # against its B half at a level; the pairs of one leaf group).
+    t, leaf_pairs = schedule.padded_models, schedule.leaf * (schedule.leaf - 1) // 2
+    for kind, level, _, groups, _, rows in schedule.steps:
+        half = t // 2**(level + 1) if kind == "level" else None
+        pairs, unit = (groups * rows * half, half) if kind == "level" else (
+            groups * leaf_pairs, leaf_pairs)
+        assert pairs <= max(pair_block, unit)
+
+
+@pytest.mark.parametrize("num_models", [15, 24])
+def test_kernel_memory_is_bounded_by_tiles_not_positions(num_models):
+    """Compiled scratch memory is a few tiles (slices of the current tile for each level of
+    the schedule, the gathered leaf pairs), whatever the number of positions. T = 15 is all
+    leaf (105 gathered pairs), T = 24 mixes levels and leaves of 3."""
+    acc = StreamingJSD(num_models, position_block=2, vocab_chunk=64)
+    tile = num_models * 2 * 64 * 4
+    temps = []
+    for n in (8, 64):
+        args = (acc.init(), jax.ShapeDtypeStruct((num_models, n, 128), jnp.float32),
+                jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32))
+        compiled = streaming._update_jit.lower(*args, config=acc.config).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    schedule = acc.config.schedule
+    pair_tile = 2 * 64 * 4  # one pair's rows of one tile, bytes
+    gathered = 4 * (schedule.padded_models // schedule.leaf) * len(schedule.leaf_pairs[0])
+    assert temps[1] - temps[0] <= 64 * 4 * schedule.num_outputs  # only [pairs, N] sums grow
+    assert temps[1] <= 4 * (schedule.levels + 2) * tile + gathered * pair_tile, (temps, tile)
 
 
 def test_padded_model_axis(rng):

@@ -50,6 +50,30 @@ def test_unnormalised_rows_suggest_from_logits(lp):
     pairwise_jsd(jnp.asarray(lp, jnp.bfloat16))
 
 
+@pytest.mark.parametrize("dtype, vocab", [(jnp.bfloat16, 3077), (jnp.float16, 2992)])
+def test_low_precision_rows_of_tied_entries_pass(dtype, vocab):
+    """Uniform rows round every entry the same way: logsumexp moves by ~eps/2 * ln V (0.03 in
+    bf16 here), which is still a normalised distribution, not logits."""
+    lp = jnp.full((2, 1, vocab), -np.log(vocab), jnp.float32).astype(dtype)
+    np.testing.assert_allclose(np.asarray(pairwise_jsd(lp)), np.zeros((2, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="from_logits=True"):
+        pairwise_jsd(jnp.asarray(lp, jnp.float32) + 0.5)
+
+
+def test_weight_scale_does_not_matter_or_is_refused(lp):
+    """Only ratios of weights matter in a one-shot mean: any finite scale gives the same
+    matrix. A streaming batch whose weights float32 cannot hold is refused by name."""
+    plain = np.asarray(pairwise_jsd(lp))
+    for scale in (1e38, 1e300, 1e-50):
+        np.testing.assert_allclose(np.asarray(pairwise_jsd(lp, np.full(4, scale))), plain,
+                                   rtol=1e-6, atol=1e-7)
+    acc = StreamingJSD(3)
+    with pytest.raises(ValueError, match="weights: the weights overflow float32"):
+        acc.update(acc.init(), lp, np.full(4, 1e39))
+    with pytest.raises(ValueError, match="weights: every positive weight underflows"):
+        acc.update(acc.init(), lp, np.full(4, 1e-50))
+
+
 def test_empty_rows_and_weights(lp):
     x = lp.copy()
     x[0, 1, :] = -np.inf
