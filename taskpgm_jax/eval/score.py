@@ -137,6 +137,10 @@ class ProbeScorer:
             raise ValueError(f"segment_tasks: expected integer shape ({b}, {self.max_segments}) "
                              f"(rows x max_segments), got {tuple(segment_tasks.shape)} "
                              f"{segment_tasks.dtype}.")
+        tasks = np.asarray(segment_tasks)
+        if np.any(tasks < -1) or np.any(tasks >= self.num_tasks):
+            raise ValueError(f"segment_tasks: task ids must lie in [0, {self.num_tasks}) or be -1 "
+                             f"(no sequence); got range [{tasks.min()}, {tasks.max()}].")
         most = int(np.max(np.asarray(batch.segment_ids), initial=0))
         if most > self.max_segments:
             raise ValueError(f"batch.segment_ids: a row holds {most} sequences, more than "
@@ -154,7 +158,7 @@ class ProbeScorer:
         example_tasks = jnp.where(counts > 0, segment_tasks, -1).reshape(-1)
         m = sums.shape[0]
         flat = sums.reshape(m, -1)
-        tokens = counts.reshape(-1)
+        tokens = counts.reshape(-1) if self.cross.per_token else None
         t = self.num_models
         cross = self.cross.update(state.cross, flat[:t], example_tasks, tokens)
         base = (self.base.update(state.base, flat[t:t + 1], example_tasks, tokens)
