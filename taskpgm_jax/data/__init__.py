@@ -16,13 +16,15 @@ from taskpgm_jax.data.tasks import (
     EXAMPLE_FEATURES, DataError, SplitSpec, Task, TaskPool, make_task, split_of,
 )
 from taskpgm_jax.data.tokenize import (
-    Encoded, encode_choices, encode_example, encode_task, load_tokenizer, train_byte_bpe,
+    Encoded, encode_choices, encode_example, encode_prompt, encode_task, load_tokenizer,
+    train_byte_bpe,
 )
 
 __all__ = [
     "BBH_MISSING", "BBH_SOURCES", "Batch", "DataError", "EXAMPLE_FEATURES", "Encoded",
     "HostIterator", "HubSpec", "HubUnavailableError", "LazyEncoded", "MixtureSample",
-    "SplitSpec", "Task", "TaskPool", "baseline_weights", "encode_choices", "encode_example", "encode_task",
+    "SplitSpec", "Task", "TaskPool", "baseline_weights", "encode_choices", "encode_example",
+    "encode_prompt", "encode_task",
     "fetch_bigbench", "global_batch", "interleave_mixture", "load_bigbench", "load_hub_tasks",
     "load_materialized", "load_task_files", "load_tokenizer", "make_task", "materialize_mixture",
     "mixture_counts", "pack_batches", "pack_rows", "pad_batch", "rows_to_batch", "sample_mixture",

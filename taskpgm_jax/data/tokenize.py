@@ -169,6 +169,21 @@ def _build(tokenizer, prompt_ids: list[int], target_ids: list[int], max_length: 
     return Encoded(ids, mask, example=example, choice=choice, truncated=cut)
 
 
+def encode_prompt(tokenizer, prompt: str, *, max_length: int | None = None,
+                  separator: str = "") -> tuple[list[int], int]:
+    """A generation prompt tokenized exactly as training rows tokenize theirs: `prompt +
+    separator` with the special tokens, cut from the left to `max_length` keeping a leading BOS.
+
+    Returns:
+      (token ids, number of prompt tokens cut).
+    """
+    ids = _ids(tokenizer, prompt + separator, special=True)
+    keep_first = (tokenizer.bos_token_id is not None and bool(ids)
+                  and ids[0] == tokenizer.bos_token_id)
+    ids, _, cut = _assemble(ids, [], max_length, keep_first)
+    return ids, cut
+
+
 def encode_choices(tokenizer, prompt: str, choices: Sequence[str], *,
                    max_length: int | None = None, add_eos: bool = False, separator: str = "",
                    example: int = -1) -> list[Encoded]:

@@ -15,18 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taskpgm_jax.data import Batch, TaskPool, encode_choices, pad_batch
+from taskpgm_jax.data import Batch, TaskPool, encode_choices, encode_prompt, pad_batch
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import token_logprobs
 from taskpgm_jax.models import greedy_generate
 
 
 class EvalResult(NamedTuple):
-    """per_task: name -> {"metric", "value", "count", "predictions", ...};
-    aggregate: the macro mean of the per-task values."""
+    """per_task: name -> {"metric", "value", "count", "truncated", "predictions", ...}, where
+    `truncated` counts the examples whose prompt was cut from the left to fit `seq_len`;
+    aggregate: the macro mean of the per-task values over `num_tasks` tasks and
+    `num_examples` examples in all."""
 
     per_task: dict[str, dict[str, Any]]
     aggregate: float
+    num_tasks: int
+    num_examples: int
 
 
 @nnx.jit
@@ -57,12 +61,13 @@ def jax_batch(batch: Batch) -> Batch:
 def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
                           separator: str = "") -> dict[str, Any]:
     """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`)."""
-    rows, owner = [], []
+    rows, owner, truncated = [], [], 0
     for k, ex in enumerate(examples):
         enc = encode_choices(tokenizer, ex["prompt"], ex["choices"], max_length=seq_len,
                              separator=separator, example=k)
         rows.extend(enc)
         owner.extend([k] * len(enc))
+        truncated += any(e.truncated for e in enc)
     sums, counts = choice_logliks(model, rows, seq_len=seq_len, batch_size=batch_size)
     owner = np.asarray(owner)
     correct = correct_norm = 0
@@ -75,21 +80,34 @@ def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_siz
     n = len(predictions)
     return {"metric": "multiple_choice_grade", "value": correct / n,
             "accuracy_length_normalised": correct_norm / n, "count": n,
-            "predictions": predictions}
+            "truncated": truncated, "predictions": predictions}
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
-                   max_new_tokens: int, batch_size: int, stop: Sequence[str] = ()) -> list[str]:
-    """Greedy continuations of `prompts`, left-padded to `prompt_len` (the left of a long prompt
-    is cut), `batch_size` at a time, each cut at EOS and at the first stop string."""
+                   max_new_tokens: int, batch_size: int, stop: Sequence[str] = (),
+                   separator: str = "") -> list[str]:
+    """Greedy continuations of `prompts`, `batch_size` at a time, each cut at EOS and at the
+    first stop string. Each prompt is `prompt + separator` tokenized as in training
+    (`data.encode_prompt`: a long prompt loses its left, never its BOS), left-padded to
+    `prompt_len`."""
+    return _generate(model, tokenizer, prompts, prompt_len=prompt_len,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
+                     separator=separator)[0]
+
+
+def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_size, stop,
+              separator) -> tuple[list[str], int]:
+    """`generate_texts` and the number of prompts that were cut to fit."""
     eos = tokenizer.eos_token_id
-    out = []
+    out, truncated = [], 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids = np.zeros((batch_size, prompt_len), np.int32)
         mask = np.zeros((batch_size, prompt_len), np.int32)
         for r, text in enumerate(chunk):
-            toks = tokenizer(text)["input_ids"][-prompt_len:]
+            toks, cut = encode_prompt(tokenizer, text, max_length=prompt_len,
+                                      separator=separator)
+            truncated += cut > 0
             ids[r, prompt_len - len(toks):] = toks
             mask[r, prompt_len - len(toks):] = 1
         mask[len(chunk):, -1] = 1  # filler rows: one token, so no row is empty
@@ -100,20 +118,21 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
             if eos is not None and eos in row:
                 row = row[:row.index(eos)]
             out.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
-    return out
+    return out, truncated
 
 
 def score_generation(model, tokenizer, examples, *, prompt_len: int, max_new_tokens: int,
-                     batch_size: int, stop: Sequence[str] = ()) -> dict[str, Any]:
+                     batch_size: int, stop: Sequence[str] = (),
+                     separator: str = "") -> dict[str, Any]:
     """Exact match of a generative split (rows with `prompt`, `target`, `references`)."""
     examples = list(examples)
-    preds = generate_texts(model, tokenizer, [ex["prompt"] for ex in examples],
-                           prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, stop=stop)
+    preds, truncated = _generate(model, tokenizer, [ex["prompt"] for ex in examples],
+                                 prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, stop=stop, separator=separator)
     hits = [exact_match(p, list(ex["references"]) or [ex["target"]])
             for p, ex in zip(preds, examples)]
     return {"metric": "exact_match", "value": float(np.mean(hits)), "count": len(hits),
-            "predictions": preds}
+            "truncated": truncated, "predictions": preds}
 
 
 def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len: int = 256,
@@ -131,13 +150,22 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
       batch_size: static batch size.
       max_new_tokens: generation budget per prompt.
       stop: stop strings for generation (the text is cut at the first).
-      separator: text between prompt and choice, as used in training.
+      separator: text between prompt and answer, as used in training (appended to choice and
+        generation prompts alike).
 
     Returns:
       An `EvalResult` with per-task metrics and counts and the macro-mean aggregate.
     """
     if not isinstance(tasks, TaskPool):
         raise ValueError(f"tasks: expected a TaskPool, got {type(tasks).__name__}.")
+    for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
+                               ("max_new_tokens", max_new_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}.")
+    if not isinstance(separator, str):
+        raise ValueError(f"separator: expected a string, got {type(separator).__name__}.")
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop: expected a sequence of non-empty strings, got {stop!r}.")
     per_task = {}
     for name in tasks.names:
         examples = tasks.split(name, split)
@@ -149,5 +177,7 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
         else:
             per_task[name] = score_generation(model, tokenizer, examples, prompt_len=seq_len,
                                               max_new_tokens=max_new_tokens,
-                                              batch_size=batch_size, stop=stop)
-    return EvalResult(per_task, macro_mean({k: v["value"] for k, v in per_task.items()}))
+                                              batch_size=batch_size, stop=stop,
+                                              separator=separator)
+    return EvalResult(per_task, macro_mean({k: v["value"] for k, v in per_task.items()}),
+                      len(per_task), sum(v["count"] for v in per_task.values()))

@@ -262,9 +262,10 @@ def evaluate_model(model, tokenizer, heldout: TaskPool, cfg: EvalConfig, seq_len
     """Scores the held-out suite; writes `metrics.json`."""
     result = evaluate(model, tokenizer, heldout, split="eval", seq_len=seq_len,
                       batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    per_task = {n: {"metric": r["metric"], "value": float(r["value"]), "count": int(r["count"])}
-                for n, r in result.per_task.items()}
-    record = {"aggregate": float(result.aggregate), "per_task": per_task}
+    per_task = {n: {"metric": r["metric"], "value": float(r["value"]), "count": int(r["count"]),
+                    "truncated": int(r["truncated"])} for n, r in result.per_task.items()}
+    record = {"aggregate": float(result.aggregate), "num_tasks": result.num_tasks,
+              "num_examples": result.num_examples, "per_task": per_task}
     if is_writer():
         write_json(work / "metrics.json", record)
     return record

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from scipy.special import log_softmax
 
-from taskpgm_jax.data import SplitSpec, TaskPool, make_task, train_byte_bpe
+from taskpgm_jax.data import (SplitSpec, TaskPool, encode_example, encode_prompt, make_task,
+                              train_byte_bpe)
 from taskpgm_jax.eval import (choice_predictions, cut_at_stop, evaluate, exact_match,
                               generate_texts, macro_mean, normalize_text, score_multiple_choice)
 from taskpgm_jax.models import ModelConfig
@@ -124,6 +125,40 @@ def test_generation_and_evaluate_match_recomputation(tokenizer, rng):
     assert gen["count"] == 5 and gen["value"] == pytest.approx(expect)
     assert result.per_task["mc"]["count"] == 4
     assert result.aggregate == pytest.approx((gen["value"] + result.per_task["mc"]["value"]) / 2)
+    assert (result.num_tasks, result.num_examples) == (2, 9)
+    assert gen["truncated"] == 0 and result.per_task["mc"]["truncated"] == 0
+    # The separator of training goes on generation prompts too (as on choice prompts).
+    bare = [p.rstrip() for p in prompts[:4]]
+    with jax.default_matmul_precision("highest"):
+        got = generate_texts(model, tokenizer, bare, prompt_len=12, max_new_tokens=6,
+                             batch_size=4, separator=" ")
+    assert got == ref[:4]
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
+        evaluate(model, tokenizer, pool, batch_size=0)
+    with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
+        evaluate(model, tokenizer, pool, seq_len=1)
+    with pytest.raises(ValueError, match="stop: expected a sequence of non-empty strings"):
+        evaluate(model, tokenizer, pool, stop="\n")
+
+
+class _CharTokenizer:
+    """Characters a-z as ids 3.., with BOS (1) prepended like Llama's tokenizer."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + ord(c) - ord("a") for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_long_generation_prompts_keep_their_bos():
+    """Cut from the left to fit, as training rows are: the BOS stays, the oldest text goes."""
+    tok = _CharTokenizer()
+    ids, cut = encode_prompt(tok, "abcdef", max_length=4, separator="g")
+    assert ids == [1, 3 + 4, 3 + 5, 3 + 6] and cut == 4  # BOS, e f g
+    row = encode_example(tok, "abcdef", "x", max_length=5, separator="g", add_eos=False)
+    assert ids == row.input_ids[:4].tolist()  # exactly the training row's prompt
+    assert encode_prompt(tok, "ab", max_length=4) == ([1, 3, 4], 0)
 
 
 def test_metric_helpers():

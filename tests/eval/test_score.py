@@ -112,6 +112,11 @@ def test_probe_scorer_errors(rng):
     batch = pack_batches(seqs, SEQ_LEN, BATCH)[0]
     with pytest.raises(ValueError, match="segment_tasks: expected integer shape"):
         scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 2), int))
+    for bad in (T, -2):  # would vanish from L and the JSD inside the jit
+        tasks = np.zeros((BATCH, 1), int)
+        tasks[0, 0] = bad
+        with pytest.raises(ValueError, match=r"segment_tasks: task ids must lie in \[0, "):
+            scorer.update(scorer.init(), params, batch, tasks)
     if batch.segment_ids.max() > 1:
         with pytest.raises(ValueError, match="more than max_segments=1"):
             scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 1), int))
