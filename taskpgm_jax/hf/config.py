@@ -24,7 +24,7 @@ _IMPLEMENTED = {
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types", "max_position_embeddings", "attention_dropout", "pretraining_tp",
+    "layer_types", "max_position_embeddings", "attention_dropout", "pretraining_tp", "use_mrope",
 }
 # Keys with no effect on the forward computation (token ids, bookkeeping, output switches).
 _INERT = {
@@ -35,7 +35,12 @@ _INERT = {
     "_attn_implementation_autoset", "use_return_dict", "torchscript", "tie_encoder_decoder",
     "add_cross_attention", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
     "cross_attention_hidden_size", "is_decoder", "bad_words_ids", "max_length", "temperature",
+    "max_sequence_length",  # LLaMA-1 configs: a copy of max_position_embeddings, read by nothing
 }
+# transformers 5 defaults of keys a config.json may omit (MistralConfig, Qwen2Config); read as
+# constants because importing those classes imports torch.
+_HF_SLIDING_WINDOW = 4096
+_HF_MAX_WINDOW_LAYERS = 28
 _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
               "original_max_position_embeddings", "partial_rotary_factor"}
 
@@ -54,7 +59,8 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     """Builds a `ModelConfig` from a Hugging Face config (dict, directory or config.json path).
 
     Accepts both rope forms: top-level `rope_theta` / `rope_scaling` (transformers 4) and
-    `rope_parameters` (transformers 5).
+    `rope_parameters` (transformers 5); when both are present, `rope_scaling` wins, as in
+    transformers. Keys absent from config.json take transformers' defaults.
 
     Args:
       hf: the parsed config.json, or where to read it.
@@ -89,6 +95,11 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     require("hidden_act", hf.get("hidden_act", "silu") == "silu", hf.get("hidden_act"))
     require("mlp_bias", not hf.get("mlp_bias", False), hf.get("mlp_bias"))
     require("attention_dropout", not hf.get("attention_dropout", 0.0), hf.get("attention_dropout"))
+    # Qwen2-VL's multimodal rope; text-only Qwen2.5 configs carry "use_mrope": false.
+    require("use_mrope", not hf.get("use_mrope", False), hf.get("use_mrope"))
+    if model_type == "mistral" and hf.get("attention_bias"):
+        raise ValueError("config.json attention_bias is not part of the mistral architecture "
+                         "(transformers ignores it and builds no biases); remove it")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise ValueError(f"config.json is missing required attribute {key!r}")
@@ -111,38 +122,48 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     if model_type == "qwen2":
         # Qwen2 q/k/v projections always have a bias; o_proj never does.
         kwargs.update(qkv_bias=True, o_bias=False)
-    else:
+    elif model_type == "llama":
         bias = bool(hf.get("attention_bias", False))
         kwargs.update(qkv_bias=bias, o_bias=bias)
+    else:
+        kwargs.update(qkv_bias=False, o_bias=False)
     kwargs.update(_window_from_hf(hf, model_type))
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    params = hf.get("rope_parameters")
-    if params is None:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    elif "rope_theta" in hf and "rope_theta" not in params:
-        params = {**params, "rope_theta": hf["rope_theta"]}
+    # As transformers 5 (convert_rope_params_to_dict): a non-empty rope_scaling wins over
+    # rope_parameters, and rope_theta comes from the chosen dict, else the top level, else 1e4.
+    src = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(src) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json {src} must be a mapping, got {params!r}")
+    params = {"rope_theta": hf.get("rope_theta", 10000.0), **params}
     unknown = sorted(set(params) - _ROPE_KEYS)
     if unknown:
-        raise ValueError(f"config.json rope_parameters keys not implemented: {unknown}")
+        raise ValueError(f"config.json {src} keys not implemented: {unknown}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"config.json rope_parameters.partial_rotary_factor="
+        raise ValueError(f"config.json {src}.partial_rotary_factor="
                          f"{params['partial_rotary_factor']} is not supported")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"config.json rope_parameters.rope_type={rope_type!r} is not supported; "
+        raise ValueError(f"config.json {src}.rope_type={rope_type!r} is not supported; "
                          "supported: default, linear, llama3")
-    out: dict[str, Any] = dict(rope_theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type)
+
+    def required(key):
+        if key not in params:
+            raise ValueError(f"config.json {src}.{key} is missing; "
+                             f"rope_type={rope_type!r} needs it")
+        return float(params[key])
+
+    out: dict[str, Any] = dict(rope_theta=float(params["rope_theta"]), rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
-        out["rope_factor"] = float(params["factor"])
+        out["rope_factor"] = required("factor")
     if rope_type == "llama3":
         out.update(
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_low_freq_factor=required("low_freq_factor"),
+            rope_high_freq_factor=required("high_freq_factor"),
             rope_original_max_position=int(params.get("original_max_position_embeddings")
                                            or hf.get("max_position_embeddings", 8192)),
         )
@@ -151,7 +172,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     n = hf["num_hidden_layers"]
-    window = hf.get("sliding_window")
+    # An absent key takes transformers' default; an explicit null means no window.
+    window = hf.get("sliding_window", None if model_type == "llama" else _HF_SLIDING_WINDOW)
     if model_type == "qwen2" and not hf.get("use_sliding_window", False):
         window = None  # Qwen2 only uses its window when use_sliding_window is set.
     if model_type == "llama" and window is not None:
@@ -164,7 +186,7 @@ def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
                              f"got {bad or len(layer_types)}")
         layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     elif model_type == "qwen2":
-        layers = tuple(range(hf.get("max_window_layers", n), n))
+        layers = tuple(range(hf.get("max_window_layers", _HF_MAX_WINDOW_LAYERS), n))
     else:
         layers = tuple(range(n))
     if window is None:
@@ -205,10 +227,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         dtype=jnp.dtype(cfg.param_dtype).name,
     )
     n = cfg.num_hidden_layers
+    # ModelConfig has already refused bias layouts the architecture cannot hold.
     if cfg.model_type == "llama":
-        if cfg.qkv_bias != cfg.o_bias or cfg.sliding_window is not None:
-            raise ValueError("llama has one attention_bias for q/k/v/o and no sliding window; "
-                             "this ModelConfig cannot be written as llama")
+        if cfg.sliding_window is not None:
+            raise ValueError("llama has no sliding window; this ModelConfig cannot be written as "
+                             "llama (use model_type='qwen2' or 'mistral')")
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     elif cfg.model_type == "qwen2":
         out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,

@@ -28,8 +28,11 @@ class ModelConfig:
         parameters of "linear" (factor only) and "llama3" scaling.
       max_position_embeddings: recorded for export; positions are not clipped to it.
       tie_word_embeddings: the LM head reuses the embedding matrix.
-      qkv_bias: biases on q/k/v projections (Qwen2 always; Llama with attention_bias).
-      o_bias: bias on the output projection (Llama with attention_bias only).
+      qkv_bias: biases on q/k/v projections (Qwen2 always; Llama with attention_bias). None (the
+        default) takes the architecture's own: True for qwen2, False otherwise.
+      o_bias: bias on the output projection (Llama with attention_bias only). Each architecture
+        holds only its own bias layout (qwen2: q/k/v only; mistral: none; llama: all four or
+        none); any other combination is refused here rather than lost at export.
       sliding_window: window W (a query sees the W most recent keys including itself) or None.
       sliding_window_layers: indices of the layers that use the window (Mistral: all; Qwen2: those
         >= max_window_layers when use_sliding_window).
@@ -57,7 +60,7 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
+    qkv_bias: bool | None = None
     o_bias: bool = False
     sliding_window: int | None = None
     sliding_window_layers: tuple[int, ...] = ()
@@ -78,6 +81,9 @@ class ModelConfig:
                 f"ModelConfig.model_type={self.model_type!r} is not supported; "
                 f"supported: {', '.join(ARCHITECTURES)}"
             )
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.model_type == "qwen2")
+        self._check_biases()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelConfig.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -96,6 +102,22 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window_layers has out-of-range layers {bad}")
         if self.sliding_window_layers and self.sliding_window is None:
             raise ValueError("ModelConfig.sliding_window_layers is set but sliding_window is None")
+
+    def _check_biases(self):
+        # transformers builds each architecture with a fixed bias layout and drops (or zero-fills)
+        # any other, so such a model would export without error and compute something else.
+        got = f"got qkv_bias={self.qkv_bias}, o_bias={self.o_bias}"
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ValueError(f"ModelConfig(model_type='qwen2') has biases on q/k/v and none on "
+                             f"o_proj: set qkv_bias=True and o_bias=False ({got})")
+        if self.model_type == "mistral" and (self.qkv_bias or self.o_bias):
+            raise ValueError(f"ModelConfig(model_type='mistral') has no attention biases: set "
+                             f"qkv_bias=False and o_bias=False, or use model_type='llama' (q/k/v/o "
+                             f"biases) or 'qwen2' (q/k/v biases) ({got})")
+        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
+            raise ValueError(f"ModelConfig(model_type='llama') has one attention_bias for q/k/v "
+                             f"and o_proj: set qkv_bias and o_bias equal, or use "
+                             f"model_type='qwen2' for q/k/v biases only ({got})")
 
     def replace(self, **changes) -> ModelConfig:
         """Returns a copy with `changes` applied (validated again)."""

@@ -50,7 +50,10 @@ class Embed(nnx.Module):
         # Gather from an all-gathered table (what FSDP does for every weight at use): a gather from
         # an embed-split table yields embed-split rows that XLA cannot cheaply turn batch-split.
         table = shard(self.embedding[...], (None, None))
-        return jnp.take(table, ids, axis=0).astype(self.dtype)
+        # Under jit the ids cannot be checked (CausalLM._check_ids does it when they are concrete):
+        # clip, so an out-of-range id (junk under padding) gives a finite row, not NaNs that
+        # attention spreads to every real token (0 * NaN).
+        return jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
 
 
 class DecoderModel(nnx.Module):
@@ -109,7 +112,8 @@ class CausalLM(nnx.Module):
         """Logits of the next token at every position.
 
         Args:
-          input_ids: int [B, S].
+          input_ids: int [B, S] in [0, vocab_size): checked (ValueError) when concrete; under jit
+            an out-of-range id is clipped, so junk ids under padding do not reach real tokens.
           attention_mask: optional [B, S], 1 for real tokens and 0 for padding (left or right).
           segment_ids: optional int [B, S] for packed rows: a token attends only to earlier tokens
             of its own segment; 0 marks padding.
@@ -228,12 +232,20 @@ class CausalLM(nnx.Module):
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return shard(logits, ("batch", "seq", "vocab"), self.rules)
 
-    @staticmethod
-    def _check_ids(input_ids) -> jax.Array:
+    def _check_ids(self, input_ids) -> jax.Array:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError("input_ids must be an int array [batch, seq], got "
                              f"{input_ids.dtype}{list(input_ids.shape)}")
+        # Values are known only outside jit (a tracer has none); inside, Embed clips instead.
+        if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            vocab = self.config.vocab_size
+            if lo < 0 or hi >= vocab:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={vocab}), got {lo if lo < 0 else hi}; "
+                    "pad with a valid id (e.g. the tokenizer's pad or eos id; padding is masked "
+                    "anyway) or resize the embeddings to the tokenizer's vocabulary")
         return input_ids
 
     @staticmethod

@@ -54,7 +54,7 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.A
     Example:
       >>> tokens = greedy_generate(model, ids, mask, max_new_tokens=16)
     """
-    input_ids = jnp.asarray(input_ids)
+    input_ids = model._check_ids(input_ids)  # values too: inside _generate they are traced
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if attention_mask is None:

@@ -5,10 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+import transformers
 from safetensors.numpy import load_file, save_file
 
 from taskpgm_jax.hf import config_from_hf, config_to_hf, load_hf_checkpoint, read_hf_config
 from taskpgm_jax.hf.config import SUPPORTED
+from taskpgm_jax.models import ModelConfig
+from tests.hf import tiny
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,98 @@ def test_unknown_attribute_is_named(llama_dir):
         config_from_hf({**hf, "qk_layernorm": True})
 
 
+def test_inert_keys_of_published_configs(llama_dir, checkpoints):
+    # LLaMA-1 configs carry max_sequence_length, Qwen2.5 configs "use_mrope": false; neither
+    # changes the model. use_mrope true (Qwen2-VL's multimodal rope) does, so it is named.
+    hf = read_hf_config(llama_dir)
+    assert config_from_hf({**hf, "max_sequence_length": 2048}) == config_from_hf(hf)
+    qwen = read_hf_config(checkpoints("qwen2_window_tied")[0])
+    assert config_from_hf({**qwen, "use_mrope": False}) == config_from_hf(qwen)
+    with pytest.raises(ValueError, match="use_mrope=True"):
+        config_from_hf({**qwen, "use_mrope": True})
+
+
+def hf_bias_layouts(model_type):
+    """(q/k/v bias, o_proj bias) of every tiny transformers model of `model_type`."""
+    model_cls = SUPPORTED[model_type]
+    config_cls = model_cls.replace("ForCausalLM", "Config")
+    layouts = set()
+    for attention_bias in (False, True):
+        cfg = getattr(transformers, config_cls)(**{**tiny.BASE, "num_hidden_layers": 1,
+                                                   "attention_bias": attention_bias})
+        attn = getattr(transformers, model_cls)(cfg).model.layers[0].self_attn
+        layouts.add((attn.q_proj.bias is not None, attn.o_proj.bias is not None))
+    return layouts
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+def test_model_config_holds_exactly_the_bias_layouts_transformers_builds(model_type):
+    # A layout transformers cannot build would export silently and lose (or zero) the biases.
+    sizes = dict(vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    allowed = hf_bias_layouts(model_type)
+    assert (ModelConfig(model_type=model_type, **sizes).qkv_bias, False) in allowed  # the default
+    named = f"model_type='{model_type}'.*qkv_bias.*o_bias"
+    for qkv in (False, True):
+        for o in (False, True):
+            if (qkv, o) in allowed:
+                ModelConfig(model_type=model_type, qkv_bias=qkv, o_bias=o, **sizes)
+            else:
+                with pytest.raises(ValueError, match=named):
+                    ModelConfig(model_type=model_type, qkv_bias=qkv, o_bias=o, **sizes)
+
+
+def test_mistral_attention_bias_is_refused(checkpoints):
+    # transformers builds Mistral without biases whatever attention_bias says (see above).
+    hf = read_hf_config(checkpoints("mistral_window_mqa")[0])
+    with pytest.raises(ValueError, match="attention_bias.*mistral"):
+        config_from_hf({**hf, "attention_bias": True})
+
+
+def windows_of(hf_config):
+    """(sliding window, indices of windowed layers) as transformers' config object reads them."""
+    window = hf_config.sliding_window
+    n = hf_config.num_hidden_layers
+    types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * n  # Mistral: all
+    if window is None:
+        return None, ()
+    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("mistral", {}),                                           # no sliding_window key
+    ("mistral", {"sliding_window": None}),                     # explicit null: no window
+    ("qwen2", {"use_sliding_window": True}),                   # no sliding_window key
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "num_hidden_layers": 30}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+])
+def test_absent_window_keys_take_transformers_defaults(model_type, extra):
+    config_cls = SUPPORTED[model_type].replace("ForCausalLM", "Config")
+    hf = {**tiny.BASE, "model_type": model_type, "num_key_value_heads": 2, **extra}
+    ours = config_from_hf(hf)
+    ref = getattr(transformers, config_cls).from_dict(hf)
+    assert (ours.sliding_window, ours.sliding_window_layers) == windows_of(ref)
+
+
+@pytest.mark.parametrize("rope", [
+    # transformers 5 reads a non-empty rope_scaling in preference to rope_parameters, with
+    # rope_theta from the chosen dict, else the top level.
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+         rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=1234.0),
+    dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+         rope_scaling=None, rope_theta=1234.0),
+    dict(rope_parameters={"rope_type": "linear", "factor": 3.0}, rope_scaling={}, rope_theta=99.0),
+])
+def test_rope_forms_read_as_transformers_reads_them(llama_dir, rope):
+    hf = {**read_hf_config(llama_dir), **rope}
+    ref = transformers.LlamaConfig.from_dict(hf).rope_parameters
+    ours = config_from_hf(hf)
+    assert (ours.rope_type, ours.rope_theta, ours.rope_factor) == (
+        ref["rope_type"], ref["rope_theta"], ref.get("factor", 1.0))
+
+
 def test_unsupported_values_are_named(llama_dir):
     hf = read_hf_config(llama_dir)
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
@@ -50,6 +145,13 @@ def test_unsupported_values_are_named(llama_dir):
         config_from_hf({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
     with pytest.raises(ValueError, match="mlp_bias"):
         config_from_hf({**hf, "mlp_bias": True})
+    with pytest.raises(ValueError, match=r"rope_parameters\.factor.*rope_type='linear'"):
+        config_from_hf({**hf, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}})
+    llama3 = dict(rope_type="llama3", factor=8.0, high_freq_factor=4.0)
+    with pytest.raises(ValueError, match=r"rope_parameters\.low_freq_factor.*rope_type='llama3'"):
+        config_from_hf({**hf, "rope_parameters": llama3})
+    with pytest.raises(ValueError, match=r"rope_scaling\.factor.*rope_type='linear'"):
+        config_from_hf({**hf, "rope_scaling": {"type": "linear"}})
 
 
 def test_unsupported_architecture_lists_supported(llama_dir):

@@ -10,9 +10,12 @@ import pytest
 import transformers
 from flax import nnx
 
+from safetensors.numpy import load_file
+
 from taskpgm_jax.hf import load_hf_checkpoint, save_hf_checkpoint
-from taskpgm_jax.models import LoraConfig, add_lora
+from taskpgm_jax.models import LoraConfig, ModelConfig, add_lora
 from tests.hf import tiny
+from tests.models.conftest import random_model
 
 ATOL = 1e-4
 
@@ -71,6 +74,39 @@ def test_transformers4_rope_form(checkpoints, rng, tmp_path):
     model = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
     assert model.config.rope_type == "llama3" and model.config.rope_theta == 500000.0
     assert_close_on_tokens(ours(model, ids, mask), tiny.torch_logits(torch_model, ids, mask), mask)
+
+
+def test_rope_scaling_wins_over_rope_parameters(checkpoints, rng, tmp_path):
+    # A transformers 5 config.json (rope_parameters) with an old-style rope_scaling added on top:
+    # transformers applies the rope_scaling, so must we.
+    path, torch_model = checkpoints("llama_mha_untied")
+    for name in os.listdir(path):
+        if name != "config.json":
+            os.symlink(os.path.join(path, name), tmp_path / name)
+    cfg = json.loads((path / "config.json").read_text())
+    assert "rope_parameters" in cfg
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids, mask = tiny.random_batch(rng)
+    scaled = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref = tiny.torch_logits(scaled, ids, mask)
+    # Not vacuous: the scaling changes transformers' logits.
+    assert np.abs(ref - tiny.torch_logits(torch_model, ids, mask))[mask.astype(bool)].max() > 1e-2
+    model = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert_close_on_tokens(ours(model, ids, mask), ref, mask)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "llama"])
+def test_default_model_config_exports_the_tensors_transformers_expects(model_type, tmp_path):
+    # ModelConfig(model_type=...) without bias flags takes the architecture's bias layout, so the
+    # export holds exactly transformers' tensors (none dropped or zero-filled) and reloads here.
+    cfg = ModelConfig(model_type=model_type, vocab_size=tiny.VOCAB, hidden_size=32,
+                      intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    save_hf_checkpoint(random_model(cfg), tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert set(load_file(tmp_path / "model.safetensors")) == set(hf.state_dict())
+    assert load_hf_checkpoint(tmp_path).config == cfg
 
 
 @pytest.mark.parametrize("case", ["qwen2_window_tied", "llama3_rope_mqa"])

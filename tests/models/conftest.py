@@ -8,10 +8,11 @@ from flax import nnx
 
 from taskpgm_jax.models import CausalLM, LoraConfig, ModelConfig, add_lora
 
-# GQA (4 query heads over 2 kv heads), a sliding window on layer 1, untied head, q/k/v biases.
-TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                   sliding_window_layers=(1,), dtype=jnp.float32, qkv_bias=True)
+# Qwen2 layout: GQA (4 query heads over 2 kv heads), a sliding window on layer 1, untied head,
+# q/k/v biases.
+TINY = ModelConfig(model_type="qwen2", vocab_size=61, hidden_size=32, intermediate_size=40,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   sliding_window=4, sliding_window_layers=(1,), dtype=jnp.float32, qkv_bias=True)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.3,

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from taskpgm_jax.models import LoraConfig, ModelConfig
+from taskpgm_jax.models import LoraConfig, ModelConfig, greedy_generate
 from tests.models.conftest import forward, random_model
 
 
@@ -116,6 +116,25 @@ def test_bad_inputs_name_the_argument(tiny_model):
         tiny_model(ids, jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="segment_ids"):
         tiny_model(ids, segment_ids=jnp.ones((5,), jnp.int32))
+    # Out-of-range ids (transformers raises IndexError) are named with the value, before any work.
+    for bad in (61, -1):
+        with pytest.raises(ValueError, match=f"input_ids.*vocab_size=61.*got {bad}"):
+            tiny_model(ids.at[1, 4].set(bad), jnp.ones((2, 5), jnp.int32))
+        with pytest.raises(ValueError, match=f"input_ids.*vocab_size=61.*got {bad}"):
+            greedy_generate(tiny_model, ids.at[0, 0].set(bad), max_new_tokens=2)
+
+
+def test_out_of_range_padding_ids_under_jit_leave_real_tokens_alone(tiny_model, rng):
+    # Inside jit ids cannot be checked; junk ids under padding must not turn logits into NaN.
+    ids = rng.integers(0, 61, size=(2, 7))
+    mask = np.asarray([[1] * 7, [1] * 4 + [0] * 3])
+    junk = ids.copy()
+    junk[1, 4:] = [61, -1, 10**6]
+    with jax.default_matmul_precision("highest"):
+        clean = forward(tiny_model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+        out = forward(tiny_model, jnp.asarray(junk, jnp.int32), jnp.asarray(mask, jnp.int32))
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(out[mask > 0], clean[mask > 0], atol=1e-5)
 
 
 def test_bad_config_names_the_field(tiny_cfg):
