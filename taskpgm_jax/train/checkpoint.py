@@ -41,7 +41,7 @@ def _all_positions(data_state: Any) -> list[Any]:
     buf = np.zeros(-(-int(np.max(sizes)) // 1024) * 1024, np.uint8)  # few distinct shapes
     buf[:raw.size] = raw
     rows = multihost_utils.process_allgather(buf)  # [P, bytes]
-    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes)]
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes, strict=True)]
 
 
 class Checkpointer:
@@ -139,6 +139,19 @@ class Checkpointer:
                           stacklevel=2)
             return out.state, None, out.meta
         return out.state, positions[jax.process_index()], out.meta
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The metadata of checkpoint `step` (default: the latest) alone, without the state: cheap,
+        and readable before knowing whether the state fits a target.
+
+        Raises:
+          FileNotFoundError: there is no checkpoint (at `step`).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
+                                    f"in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
         """Blocks until every started save is written."""

@@ -5,14 +5,20 @@ own seed), and a resumed run restores both, so it retraces the uninterrupted run
 
 The device runs ahead of the host: per-step metrics stay on the device as futures and are fetched
 together only on logging and checkpoint steps, where the loop also checks the state's sticky
-non-finite flag. A non-finite loss therefore stops the run at the next such step, before anything
-is saved, and the last good checkpoint is kept.
+non-finite flag. A non-finite loss, gradient or updated parameter therefore stops the run at the
+next such step, before anything is saved, and the last good checkpoint is kept.
+
+A checkpoint directory belongs to one run: every checkpoint records the settings that define the
+trajectory (seed, `TrainConfig`, trainer kind), a resume refuses a checkpoint made with other
+settings, and a fresh run (`resume=False`) refuses a directory that already holds checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +34,7 @@ __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN or inf.
+    """The loss, the gradient norm or the updated parameters became NaN or inf.
 
     Attributes:
       step: the first bad step (1-based: the step-th update produced it).
@@ -39,8 +45,8 @@ class NonFiniteLossError(FloatingPointError):
         self.step, self.last_checkpoint = step, last_checkpoint
         where = ("no checkpoint was written" if last_checkpoint is None
                  else f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}")
-        super().__init__(f"non-finite loss or gradient at step {step}; training stopped and "
-                         f"{where}. Lower TrainConfig.learning_rate or check the data.")
+        super().__init__(f"non-finite loss, gradient or parameters at step {step}; training "
+                         f"stopped and {where}. Lower TrainConfig.learning_rate or check the data.")
 
 
 @dataclasses.dataclass
@@ -79,15 +85,19 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     Args:
       trainer: a `Trainer` or `AdapterTrainer` (model, config and mesh bound).
       data: an iterator of host `Batch`es ([B, S], or [T, B, S] for adapters). With `state()` and
-        `restore()` (`HostIterator`, `StackedIterator`) its position is checkpointed and resumed.
+        `restore()` (`HostIterator`, `StackedIterator`) its position is checkpointed and resumed;
+        `checkpoint_dir` with `resume=True` requires both (a plain iterator would replay its data
+        from the start).
       num_steps: total steps of the run (default `trainer.cfg.total_steps`); a resumed run goes on
         to the same total.
-      seed: the run's seed (the step keys). A resumed run must pass the same seed.
+      seed: the run's seed (the step keys). A resumed run must pass the same seed, and a trainer
+        of the same kind and `TrainConfig` (`num_steps` may differ: the schedule is the config's).
       log_every: fetch and record metrics every this many steps (and at the end).
-      checkpoint_dir: where to checkpoint (None: no checkpoints).
+      checkpoint_dir: where to checkpoint (None: no checkpoints); one run's directory.
       checkpoint_every: checkpoint interval (default: `log_every`); the last step always saves.
       max_to_keep: checkpoints kept.
-      resume: continue from the newest checkpoint in `checkpoint_dir` if there is one.
+      resume: continue from the newest checkpoint in `checkpoint_dir` if there is one. False
+        starts afresh and requires a `checkpoint_dir` without checkpoints (it never deletes them).
       progress: show a tqdm progress bar.
       on_log: called with each history entry.
 
@@ -95,8 +105,10 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
       A `FinetuneResult`.
 
     Raises:
-      NonFiniteLossError: the loss became NaN/inf; the last good checkpoint is kept.
-      ValueError: bad arguments, data that ends early, or a checkpoint from another seed.
+      NonFiniteLossError: the loss, gradient or parameters became NaN/inf; the last good
+        checkpoint is kept.
+      ValueError: bad arguments, data that ends early or cannot be resumed, a checkpoint made
+        with other settings, or `resume=False` with checkpoints already in `checkpoint_dir`.
 
     Example:
       >>> data = HostIterator(encode_task(tok, pool[name].train, max_length=128), batch_size=8,
@@ -106,37 +118,81 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     """
     num_steps = trainer.cfg.total_steps if num_steps is None else num_steps
     for name, value in (("num_steps", num_steps), ("log_every", log_every)):
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = int(seed)  # JSON in the checkpoint metadata
     ckpt = None
     if checkpoint_dir is not None:
+        if resume and not _resumable(data):
+            raise ValueError(
+                f"data ({type(data).__name__}) has no state()/restore(), so a run checkpointed to "
+                f"checkpoint_dir={checkpoint_dir!r} with resume=True could not continue its data "
+                "where it stopped (it would replay it from the start): pass an iterator with both "
+                "(HostIterator, StackedIterator), or resume=False to write checkpoints that are "
+                "never resumed")
         ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every or log_every,
                             max_to_keep=max_to_keep)
     elif checkpoint_every is not None:
         raise ValueError("checkpoint_every is set but checkpoint_dir is None")
     try:
+        if ckpt is not None and not resume and ckpt.all_steps():
+            raise ValueError(
+                f"resume=False but checkpoint_dir {ckpt.directory} already holds checkpoints "
+                f"(steps {ckpt.all_steps()}): pass resume=True to continue that run, or give the "
+                "new run another (or an emptied) checkpoint_dir")
         return _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log)
     finally:
         if ckpt is not None:
             ckpt.close()
 
 
+def _resumable(data) -> bool:
+    return callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))
+
+
+def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
+    """What defines a run's trajectory besides its data: stored in every checkpoint, compared on
+    resume. `num_steps` is not among them (the schedule is `TrainConfig.total_steps`), so a run
+    may stop early and be continued further."""
+    settings = {"seed": seed, "trainer": type(trainer).__name__,
+                "num_adapters": getattr(trainer, "num_adapters", None)}
+    settings.update({f"TrainConfig.{k}": v for k, v in dataclasses.asdict(trainer.cfg).items()})
+    return settings
+
+
+def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -> None:
+    saved = meta.get("run")
+    if saved is None:  # written before the settings were stored: only the seed is known
+        warnings.warn(f"the checkpoint in {directory} does not record its TrainConfig; only its "
+                      "seed is checked against this run", stacklevel=4)
+        saved, now = {"seed": meta.get("seed")}, {"seed": now["seed"]}
+    missing = "<absent>"
+    diff = [f"{k}: {saved.get(k, missing)!r} vs {now.get(k, missing)!r}"
+            for k in sorted(saved.keys() | now.keys())
+            if saved.get(k, missing) != now.get(k, missing)]
+    if diff:
+        raise ValueError(f"the checkpoint in {directory} was made by another run (checkpoint vs "
+                         f"this run: {'; '.join(diff)}): resume with the same settings, or give "
+                         "the new run another (or an emptied) checkpoint_dir")
+
+
 def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log):
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []  # fetched per-step metrics since the last log entry
     resumed_from = None
+    settings = _run_settings(trainer, seed)
     if ckpt is not None and resume and ckpt.latest_step() is not None:
+        # The settings first: another trainer's state would fail to restore with a shape error.
+        _check_same_run(ckpt.read_meta(), settings, ckpt.directory)
         state, position, meta = ckpt.restore(trainer.abstract_state())
-        if meta.get("seed") != seed:
-            raise ValueError(f"checkpoint in {ckpt.directory} was made with seed={meta.get('seed')}, "
-                             f"this run has seed={seed}")
-        if position is not None:
-            if not hasattr(data, "restore"):
-                raise ValueError("the checkpoint holds a data position but `data` has no restore(); "
-                                 "pass the same kind of iterator (HostIterator, StackedIterator)")
-            data.restore(position)
-        elif hasattr(data, "restore"):
-            raise ValueError("the checkpoint holds no data position; cannot resume `data` exactly")
+        if position is None:
+            raise ValueError(f"the checkpoint in {ckpt.directory} holds no data position (its run "
+                             "had data without state(), or another number of processes), so "
+                             "`data` cannot continue where it stopped: give this run another (or "
+                             "an emptied) checkpoint_dir")
+        data.restore(position)  # `finetune` checked that data has restore()
         history, window = list(meta.get("history", [])), list(meta.get("window", []))
         resumed_from = ckpt.latest_step()
     else:
@@ -181,9 +237,9 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                 if on_log is not None:
                     on_log(entry)
             if save_now:
-                position = data.state() if hasattr(data, "state") else None
+                position = data.state() if callable(getattr(data, "state", None)) else None
                 ckpt.save(step, state, data_state=position,
-                          meta={"seed": seed, "history": history, "window": window},
+                          meta={"run": settings, "history": history, "window": window},
                           force=step == num_steps)
             bar.update(1)
     finally:

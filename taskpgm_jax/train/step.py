@@ -8,9 +8,10 @@ so LoRA training cannot touch it and T adapter states can share it (see `adapter
 
 One step: the global batch [B, S] is cut into k micro-batches (rows i, i + k, i + 2k, ... form
 micro-batch i, so every device keeps a share of each when B is split over the mesh), gradients of
-the *summed* target-token loss are accumulated with `lax.scan` and divided by the total number of
-target tokens of the whole batch. The result is the gradient of one k-times larger batch, whatever
-k. Then global-norm clipping and AdamW with warmup + cosine decay (Optax).
+the *summed* loss are accumulated with `lax.scan` and divided by the total token count the loss
+returns for the whole batch (its target tokens for `target_token_loss`). The result is the
+gradient of one k-times larger batch, whatever k. Then global-norm clipping and AdamW with
+warmup + cosine decay (Optax).
 
 Mixed precision comes from the model config: parameters (the master copy the optimiser updates)
 are stored in `param_dtype` (float32), matmuls run in `dtype` (bf16), logits are float32.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,6 +41,8 @@ __all__ = ["TrainConfig", "TrainState", "Trainer", "lr_schedule", "make_optimize
            "target_token_loss", "train_update"]
 
 TRAINABLE = ("full", "lora")
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
 
 # loss_fn(model, batch, rng) -> (sum of per-token losses, number of tokens it was summed over).
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array]]
@@ -53,8 +57,9 @@ class TrainConfig:
       total_steps: length of the schedule (warmup included); the cosine ends here.
       warmup_steps: linear warmup from 0 to `learning_rate`.
       end_lr_ratio: the cosine decays to `learning_rate * end_lr_ratio`.
-      weight_decay: decoupled (AdamW) decay, applied to matrices only (not norms or biases).
-      b1, b2, eps: Adam moments and epsilon.
+      weight_decay: decoupled (AdamW) decay, applied to matrices only (kernels, embeddings, LoRA
+        A and B; not norm weights or biases, scanned layers or not).
+      b1, b2, eps: Adam moments and epsilon (eps > 0: it guards Adam's division).
       max_grad_norm: clip the global gradient norm to this (None: no clipping).
       grad_accum: k, micro-batches per step; the batch size must be a multiple of k.
       trainable: "full" (every `nnx.Param`) or "lora" (only `LoRAParam` adapters).
@@ -76,11 +81,34 @@ class TrainConfig:
         def bad(name, why):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
 
+        # Numbers are checked as the float32 the optimiser computes in (1e39 is finite in Python
+        # but inf in float32) and stored as Python floats / ints: hashable, JSON-able (checkpoint
+        # metadata) and equal whether given as int, float or NumPy scalar.
+        for name in ("learning_rate", "end_lr_ratio", "weight_decay", "b1", "b2", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                bad(name, "must be a float")
+            if not abs(float(value)) <= _F32_MAX:  # also false for NaN
+                bad(name, "must be finite (in float32)")
+            object.__setattr__(self, name, float(value))
+        for name in ("total_steps", "warmup_steps", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                bad(name, "must be an int")
+            object.__setattr__(self, name, int(value))
+        if self.max_grad_norm is not None:
+            value = self.max_grad_norm
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                bad("max_grad_norm", "must be a float or None")
+            if not 0 < float(value) <= _F32_MAX:
+                bad("max_grad_norm", "must be finite and > 0, or None for no clipping")
+            object.__setattr__(self, "max_grad_norm", float(value))
+
         if not self.learning_rate > 0:
             bad("learning_rate", "must be > 0")
-        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
+        if self.total_steps <= 0:
             bad("total_steps", "must be a positive int")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+        if not 0 <= self.warmup_steps <= self.total_steps:
             bad("warmup_steps", f"must be an int in [0, total_steps={self.total_steps}]")
         if not 0 <= self.end_lr_ratio <= 1:
             bad("end_lr_ratio", "must be in [0, 1]")
@@ -88,9 +116,12 @@ class TrainConfig:
             bad("weight_decay", "must be >= 0")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             bad("b1" if not 0 <= self.b1 < 1 else "b2", "must be in [0, 1)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            bad("max_grad_norm", "must be > 0 or None")
-        if not isinstance(self.grad_accum, int) or self.grad_accum <= 0:
+        # Adam divides by sqrt(v) + eps, and v is 0 for a parameter whose gradient has been 0
+        # (a fresh LoRA A): eps = 0 gives 0/0 = NaN, and a subnormal eps is flushed to 0.
+        if not self.eps >= _F32_TINY:
+            bad("eps", f"must be >= {_F32_TINY:.3g} (float32's smallest normal number); "
+                "typical values are 1e-8 to 1e-6")
+        if self.grad_accum <= 0:
             bad("grad_accum", "must be a positive int")
         if self.trainable not in TRAINABLE:
             bad("trainable", f"must be one of {TRAINABLE}")
@@ -108,8 +139,8 @@ class TrainState(NamedTuple):
       params: the trainable variables (an `nnx.State`, float32 master weights).
       opt_state: the Optax state of `params`.
       rng: uint32 [2], the run's key; each step uses `fold_in(rng, step)`.
-      nonfinite_step: int32 [], the first step whose loss or gradient was not finite, -1 if none
-        (sticky, so the host can check it only on logging and checkpoint steps).
+      nonfinite_step: int32 [], the first step whose loss, gradient or updated parameters were not
+        finite, -1 if none (sticky, so the host can check it only on logging and checkpoint steps).
     Under `AdapterTrainer` every leaf has a leading adapter axis T.
     """
 
@@ -136,9 +167,28 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
         decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_ratio)
 
 
+def _is_matrix(path, leaf) -> bool:
+    """Whether a parameter is a weight matrix (kernel, embedding, LoRA A/B) rather than a norm
+    weight or bias, judged by what it is, not its rank: scanned layers stack a norm to [L, H]."""
+    axes = leaf.get_metadata().get("logical_axes") if isinstance(leaf, nnx.Variable) else None
+    if axes is not None:  # our modules: the logical axes without the stacked layer axis
+        return sum(a != "layers" for a in axes) >= 2
+    # No logical axes (a module of the user's): go by name, then by rank.
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if names and (names[-1] == "bias" or any("norm" in n for n in names)):
+        return False
+    return leaf.ndim >= 2
+
+
 def _decay_mask(params):
-    # Decay matrices only: decaying norm weights (init 1) or biases pulls them toward a meaningless 0.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    # Decay matrices only: decaying norm weights (init 1) or biases pulls them toward a
+    # meaningless 0.
+    def one(path, leaf):
+        flag = _is_matrix(path, leaf)
+        return leaf.replace(flag) if isinstance(leaf, nnx.Variable) else flag
+
+    return jax.tree_util.tree_map_with_path(one, params,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -206,39 +256,48 @@ def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: 
       batch: a `Batch` of [B, S] arrays, B a multiple of `cfg.grad_accum`.
 
     Returns:
-      (new state, metrics): metrics are float32 scalars "loss" (mean over target tokens),
-      "tokens" (target tokens), "grad_norm" (before clipping) and "lr" (the rate this step used).
+      (new state, metrics): metrics are float32 scalars "loss" (loss sum / token count, both as
+      `loss_fn` returns them, summed over the micro-batches), "tokens" (that count), "grad_norm"
+      (before clipping) and "lr" (the rate this step used).
     """
     k = cfg.grad_accum
     rng = jax.random.fold_in(state.rng, state.step)
-    total = jnp.sum(batch.loss_mask.astype(jnp.float32))
-    denom = jnp.maximum(total, 1.0)  # an all-padding batch gives loss 0, not NaN
 
-    def scaled_loss(params, mb, key):
-        loss_sum, _ = loss_fn(nnx.merge(graphdef, params, frozen), mb, key)
-        return loss_sum / denom
+    def loss_sum_fn(params, mb, key):
+        loss_sum, count = loss_fn(nnx.merge(graphdef, params, frozen), mb, key)
+        return jnp.asarray(loss_sum, jnp.float32), jnp.asarray(count, jnp.float32)
 
-    grad_fn = jax.value_and_grad(scaled_loss)
+    # Gradients of the *sums*, divided once by the loss's own total count: k micro-batches add up
+    # to one k-times larger batch, whatever count the loss reports (not necessarily loss_mask's).
+    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
     if k == 1:
-        loss, grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+        (loss_sum, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
     else:
         def body(carry, xs):
-            loss_acc, grad_acc = carry
+            loss_acc, count_acc, grad_acc = carry
             i, mb = xs
-            loss_i, grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            return (loss_acc + loss_i, jax.tree.map(jnp.add, grad_acc, grads_i)), None
+            (loss_i, count_i), grads_i = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (loss_acc + loss_i, count_acc + count_i,
+                    jax.tree.map(jnp.add, grad_acc, grads_i)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                        (jnp.arange(k), _micro_batches(batch, k)))
+        zero = jnp.zeros((), jnp.float32)
+        init = (zero, zero, jax.tree.map(jnp.zeros_like, state.params))
+        (loss_sum, count, grads), _ = jax.lax.scan(body, init,
+                                                   (jnp.arange(k), _micro_batches(batch, k)))
+    denom = jnp.where(count > 0, count, 1.0)  # an all-padding batch gives loss 0, not NaN
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new parameters too: an update can overflow or divide 0/0 (Adam on a zero gradient) while
+    # loss and gradient were finite, and such a state must never be checkpointed as good.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x))
+                                                   for x in jax.tree.leaves(params)]))
     bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
     new = TrainState(state.step + 1, params, opt_state, state.rng, bad.astype(jnp.int32))
-    metrics = {"loss": loss.astype(jnp.float32), "tokens": total,
-               "grad_norm": grad_norm.astype(jnp.float32),
+    metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm.astype(jnp.float32),
                "lr": jnp.asarray(lr_schedule(cfg)(state.step), jnp.float32)}
     return new, metrics
 

@@ -1,5 +1,6 @@
-"""The host loop: kill-and-resume equals an uninterrupted run; non-finite loss keeps the last good
-checkpoint; adapters and sequential full fine-tuning through the same loop."""
+"""The host loop: kill-and-resume equals an uninterrupted run; non-finite loss or parameters keep
+the last good checkpoint; a checkpoint directory belongs to one run; adapters and sequential full
+fine-tuning through the same loop."""
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from taskpgm_jax.train import (
 )
 from tests.train.conftest import LORA, iterator, random_model, tree_copy, tree_max_diff
 from tests.train.test_adapters import CFG as LORA_CFG
+from tests.train.test_step import embedding_loss
 
 STEPS = 8
 
@@ -71,7 +73,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 class Poisoned:
-    """Batch `at` gets out-of-vocabulary ids: the embedding gather yields NaN, so does the loss."""
+    """Batch `at` gets an infinite loss weight on its target tokens: loss and gradient are inf/NaN.
+    (Not out-of-vocabulary ids: the embedding clips them to a finite row.)"""
 
     def __init__(self, it, at):
         self.it, self.at, self.n = it, at, 0
@@ -80,11 +83,15 @@ class Poisoned:
         self.n += 1
         batch = next(self.it)
         if self.n == self.at:
-            batch = batch._replace(input_ids=np.full_like(batch.input_ids, 999))
+            batch = batch._replace(loss_mask=np.where(batch.loss_mask > 0, np.inf, 0.0)
+                                   .astype(batch.loss_mask.dtype))
         return batch
 
     def state(self):
         return self.it.state()
+
+    def restore(self, state):
+        self.it.restore(state)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -98,6 +105,66 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert manager.all_steps() == [2, 4]
     state, _, _ = manager.restore(Trainer(model, LORA_CFG).abstract_state())
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+
+def test_update_that_overflows_is_never_checkpointed(tmp_path):
+    """Loss and gradient finite, the updated parameters not: step 1 runs at lr 0 (warmup), step 2
+    at 3e38, whose decay term overflows float32. Step 2 must be the error, never a checkpoint."""
+    model = random_model(seed=9)
+    cfg = TrainConfig(learning_rate=3e38, total_steps=10, warmup_steps=1, weight_decay=10.0,
+                      max_grad_norm=None)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteLossError, match="step 2.*step 1") as err:
+        finetune(Trainer(model, cfg, loss_fn=embedding_loss), iterator(1), num_steps=4,
+                 checkpoint_dir=str(ckpt), checkpoint_every=1, progress=False)
+    assert err.value.step == 2 and err.value.last_checkpoint == 1
+    manager = Checkpointer(ckpt, every=1)
+    assert manager.all_steps() == [1]
+    state, _, _ = manager.restore(Trainer(model, cfg).abstract_state())
+    # lr 0 at step 1: the checkpoint holds the initial weights.
+    assert tree_max_diff(tree_copy(state.params), tree_copy(nnx.state(model, nnx.Param))) == 0.0
+
+
+def test_checkpoint_dir_belongs_to_one_run(tmp_path):
+    model = random_model(seed=8, lora=LORA)
+    ckpt = str(tmp_path / "ckpt")
+    kw = {"num_steps": 2, "seed": 3, "log_every": 2, "progress": False, "checkpoint_dir": ckpt}
+    # Data without state()/restore() cannot be resumed: refused before anything runs.
+    with pytest.raises(ValueError, match=r"data \(list_iterator\) has no state\(\)/restore\(\)"):
+        finetune(Trainer(model, LORA_CFG), iter([]), **kw)
+    finetune(Trainer(model, LORA_CFG), iterator(0), **kw)
+    manager = Checkpointer(ckpt, every=2)
+    assert manager.all_steps() == [2]
+    with pytest.raises(ValueError, match="resume=False but checkpoint_dir .* holds checkpoints"):
+        finetune(Trainer(model, LORA_CFG), iterator(0), **kw, resume=False)
+    with pytest.raises(ValueError, match=r"another run .*TrainConfig\.learning_rate: 0\.01 vs 0\.05"
+                                         r"; TrainConfig\.total_steps: 40 vs 50\)"):
+        finetune(Trainer(model, LORA_CFG.replace(learning_rate=0.05, total_steps=50)), iterator(0),
+                 **{**kw, "num_steps": 4})
+    with pytest.raises(ValueError, match=r"another run .*seed: 3 vs 4\)"):
+        finetune(Trainer(model, LORA_CFG), iterator(0), **{**kw, "seed": 4, "num_steps": 4})
+    assert manager.all_steps() == [2]  # nothing deleted or written
+    # resume=False may checkpoint plain data (never resumed); resuming it is refused.
+    plain = str(tmp_path / "plain")
+    finetune(Trainer(model, LORA_CFG), iter([next(iterator(0))] * 2),
+             **{**kw, "checkpoint_dir": plain}, resume=False)
+    with pytest.raises(ValueError, match="holds no data position"):
+        finetune(Trainer(model, LORA_CFG), iterator(0), **{**kw, "checkpoint_dir": plain})
+
+
+def test_checkpoint_without_run_settings_resumes_with_a_warning(tmp_path):
+    """Checkpoints written before the run settings were stored (meta holds only the seed)."""
+    model = random_model(seed=8, lora=LORA)
+    trainer = Trainer(model, LORA_CFG)
+    manager = Checkpointer(tmp_path, every=1)
+    manager.save(0, trainer.init(seed=3), data_state=iterator(0).state(), meta={"seed": 3})
+    manager.close()
+    kw = {"num_steps": 1, "progress": False, "checkpoint_dir": str(tmp_path)}
+    with pytest.raises(ValueError, match="seed: 3 vs 4"), pytest.warns(UserWarning):
+        finetune(trainer, iterator(0), seed=4, **kw)
+    with pytest.warns(UserWarning, match="does not record its TrainConfig"):
+        result = finetune(trainer, iterator(0), seed=3, **kw)
+    assert result.resumed_from == 0 and int(result.state.step) == 1
 
 
 def test_adapters_and_sequential_full_through_the_loop(tmp_path):

@@ -1,4 +1,5 @@
-"""The train step: loss falls, target-only loss, LoRA freezes the base, accumulation, schedule."""
+"""The train step: loss falls, target-only loss, LoRA freezes the base, accumulation, schedule,
+the decay mask, the loss's own token count, config validation."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from flax import nnx
 
 from taskpgm_jax.models import LoRAParam
 from taskpgm_jax.train import TrainConfig, Trainer, lr_schedule
+from taskpgm_jax.train.step import _decay_mask
 from tests.train.conftest import (
     LORA,
     TINY,
@@ -140,3 +142,93 @@ def test_lr_schedule_matches_the_formula(warmup):
             frac = (step - warmup) / (10 - warmup)
             want = 0.5 * (0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * frac)))
         assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-7), step
+
+
+def _by_name(tree):
+    """{path without layer indices: leaves}, so a scanned model's stacked variable and an
+    unscanned model's per-layer copies land under one name."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        name = "/".join(str(k.key) for k in path
+                        if isinstance(k, jax.tree_util.DictKey) and not isinstance(k.key, int))
+        out.setdefault(name, []).append(x)
+    return out
+
+
+def test_weight_decay_skips_norms_and_biases_scanned_or_not(rng):
+    """The decay mask depends on what a variable is, not its rank (scanning stacks a norm to
+    [L, H]); a zero-gradient step under scan then leaves norms and biases untouched and shrinks
+    every matrix by exactly (1 - lr * weight_decay)."""
+    masks = {}
+    for scan in (False, True):
+        model = random_model(TINY.replace(scan_layers=scan, qkv_bias=True, o_bias=True), seed=1)
+        mask = _by_name(_decay_mask(nnx.state(model, nnx.Param)))
+        assert all(len(set(v)) == 1 for v in mask.values())  # every layer alike
+        masks[scan] = {k: v[0] for k, v in mask.items()}
+    assert masks[True] == masks[False]
+    kept = sorted(k for k, m in masks[True].items() if not m)
+    assert kept and all(k.endswith("bias") or "norm" in k for k in kept)
+    assert all(k.endswith(("kernel", "embedding")) for k, m in masks[True].items() if m)
+
+    def zero_loss(model, batch, key):  # a gradient of exactly 0 for every parameter
+        return 0.0 * jnp.sum(model.lm_head.kernel[...]), jnp.asarray(1.0)
+
+    model = random_model(TINY.replace(scan_layers=True, qkv_bias=True, o_bias=True), seed=1)
+    before = _by_name(tree_copy(nnx.state(model, nnx.Param)))
+    cfg = TrainConfig(learning_rate=0.1, total_steps=10, weight_decay=0.5, max_grad_norm=None)
+    trainer = Trainer(model, cfg, loss_fn=zero_loss)
+    state, _ = trainer.step(trainer.init(seed=0), trainer.place_batch(batches(rng, 1)[0]))
+    after = _by_name(tree_copy(state.params))
+    for name, [x] in before.items():
+        want = x * (1 - 0.1 * 0.5) if masks[True][name] else x
+        np.testing.assert_allclose(after[name][0], want, rtol=1e-6, err_msg=name)
+
+
+def embedding_loss(model, batch, rng):
+    """Sum over every real token (prompt included) of |E[token]|^2, and that token count: a
+    count other than loss_mask's, a gradient computable by hand, no decoder to compile."""
+    del rng
+    e = model.model.embed_tokens.embedding[...][batch.input_ids]
+    real = batch.segment_ids > 0
+    return jnp.sum(jnp.where(real, jnp.sum(e * e, axis=-1), 0.0)), jnp.sum(real)
+
+
+def test_step_divides_by_the_count_the_loss_returns(rng):
+    b = batches(rng, 1)[0]
+    real = np.asarray(b.segment_ids) > 0
+    assert real.sum() != b.loss_mask.sum()
+    assert real[0::2].sum() != real[1::2].sum()  # micro-batches of unequal counts
+    model = random_model(seed=14)
+    # By hand, float64: loss = mean over real tokens of |E[id]|^2; dloss/dE[v] = 2 E[v] n_v / n.
+    emb = np.asarray(model.model.embed_tokens.embedding[...], np.float64)
+    ids, n = np.asarray(b.input_ids)[real], real.sum()
+    want_loss = np.sum(emb[ids] ** 2) / n
+    want_norm = np.linalg.norm(2 * emb * np.bincount(ids, minlength=len(emb))[:, None] / n)
+    for k in (1, 2):
+        trainer = Trainer(model, CFG.replace(grad_accum=k), loss_fn=embedding_loss)
+        _, metrics = trainer.step(trainer.init(seed=0), trainer.place_batch(b))
+        np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-5)
+        assert float(metrics["tokens"]) == n
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("learning_rate", float("inf"), "finite"), ("learning_rate", 1e39, "finite"),
+    ("learning_rate", 0.0, "> 0"), ("learning_rate", "1e-4", "float"),
+    ("weight_decay", float("nan"), "finite"), ("weight_decay", -0.1, ">= 0"),
+    ("eps", 0.0, ">= 1.18e-38"), ("eps", -1e-8, ">= 1.18e-38"), ("eps", 1e-45, ">= 1.18e-38"),
+    ("b2", float("nan"), "finite"), ("end_lr_ratio", 1.5, r"\[0, 1\]"),
+    ("max_grad_norm", float("inf"), "finite"), ("max_grad_norm", 0.0, "> 0"),
+    ("total_steps", True, "int"), ("grad_accum", True, "int"), ("warmup_steps", True, "int"),
+    ("total_steps", 10.0, "int"),
+])
+def test_train_config_refuses_bad_values_by_name(field, value, why):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}=.*{why}"):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_normalises_numbers():
+    cfg = TrainConfig(learning_rate=1, total_steps=np.int64(5), max_grad_norm=np.float32(2))
+    assert type(cfg.learning_rate) is float and type(cfg.total_steps) is int
+    assert type(cfg.max_grad_norm) is float
+    assert cfg == TrainConfig(learning_rate=1.0, total_steps=5, max_grad_norm=2.0)
