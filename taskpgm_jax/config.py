@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -295,9 +296,60 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.mrf.jsd_affinity == "rbf":
         need(cfg.mrf.jsd_tau is not None and cfg.mrf.jsd_tau > 0, "mrf.jsd_tau",
              "the rbf affinity needs a temperature > 0 (nats)")
+    _validate_ranges(cfg, need)
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
          f"axis sizes must be positive, with at most one -1; got {sizes}")
+
+
+def _validate_ranges(cfg: RunConfig, need) -> None:
+    """Sizes, counts and weights: checked here so that both a run and `--dry-run` refuse them
+    at load time, naming the key, instead of failing stages later (or dividing by zero)."""
+    from taskpgm_jax.models.config import LORA_TARGETS
+
+    def value(key: str):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    for key in ("lora.rank", "lora.alpha", "probe.batch_size", "eval.batch_size",
+                "eval.max_new_tokens", "model.pretrain.steps", "model.pretrain.learning_rate",
+                "model.pretrain.batch_size", "mixture.temperature_tau", "mrf.beta",
+                "data.synthetic.heldout_examples"):
+        need(value(key) > 0, key, f"must be > 0, got {value(key)!r}")
+    for key in ("data.max_examples_per_task", "probe.max_examples_per_task",
+                "eval.max_examples_per_task", "data.bigbench.max_tasks", "mrf.lam",
+                "mrf.jsd_tau", "mrf.select_tasks", "mrf.select_lam", "mesh.device_memory_gb"):
+        need(value(key) is None or value(key) > 0, key,
+             f"must be > 0 (or null for the default), got {value(key)!r}")
+    for key in ("single_task.warmup_steps", "single_task.weight_decay", "finetune.warmup_steps",
+                "finetune.weight_decay", "data.synthetic.n_unique", "data.synthetic.n_noise"):
+        need(value(key) >= 0, key, f"must be >= 0, got {value(key)!r}")
+    need(cfg.mrf.ridge is None or cfg.mrf.ridge >= 0, "mrf.ridge",
+         f"must be >= 0 (or null: a small multiple of the spectral radius), got {cfg.mrf.ridge!r}")
+    lora = cfg.lora
+    need(len(lora.targets) > 0 and set(lora.targets) <= set(LORA_TARGETS)
+         and len(set(lora.targets)) == len(lora.targets), "lora.targets",
+         f"give distinct projection names from {LORA_TARGETS}; got {list(lora.targets)}")
+    methods = cfg.mixture.methods
+    need(len(set(methods)) == len(methods), "mixture.methods",
+         f"each method at most once; got {list(methods)}")
+    if cfg.tokenizer.kind == "bpe":
+        # The byte-level BPE holds the 256 bytes and 3 special tokens before any merge.
+        need(cfg.tokenizer.vocab_size >= 259, "tokenizer.vocab_size",
+             f"must be >= 259 (256 bytes + 3 special tokens), got {cfg.tokenizer.vocab_size}")
+    for name, size in cfg.model.size:
+        need(isinstance(size, int) and size > 0, f"model.size.{name}",
+             f"must be a whole number > 0, got {size!r}")
+    syn = cfg.data.synthetic
+    need(len(syn.cluster_sizes) > 0 and all(1 <= c <= 4 for c in syn.cluster_sizes),
+         "data.synthetic.cluster_sizes",
+         f"give at least one cluster, each of 1 to 4 tasks (4 prompt forms per skill); got "
+         f"{list(syn.cluster_sizes)}")
+    lo, hi = syn.examples
+    need(1 <= lo <= hi, "data.synthetic.examples",
+         f"give [min, max] examples per task with 1 <= min <= max; got {[lo, hi]}")
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -320,7 +372,7 @@ def _convert(value: Any, tp, key: str):
             try:
                 return _convert(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -341,12 +393,39 @@ def _convert(value: Any, tp, key: str):
         if len(value) != len(args):
             raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {value!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+            return float(number)
+    if tp is int and type(value) is not int:
+        number = _number(value)
+        # 1e3 and 1000.0 are whole numbers; 2.5 for a count is a mistake, not a rounding job.
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        if isinstance(number, int):
+            return number
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} "
                       f"({type(value).__name__})")
+
+
+def _number(value) -> int | float | None:
+    """A number from YAML, or from a string Python parses: YAML 1.1 reads `1e-3` (no dot) as a
+    string, though everyone means the float."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return None
 
 
 def _freeze(value):

@@ -1,7 +1,8 @@
 """The run's inputs: the task pool and held-out suite, the tokenizer, and the base model config.
 
 `load_pools` reads the data every time (it is cheap next to training) and keys it by content:
-the fingerprint of every task's examples in pool order, so an edited file or a reordered pool
+the fingerprint of every task's examples in pool order, with everything evaluation reads
+(references, kind, metric), so an edited file or a reordered pool
 reruns what depends on it while an unchanged one does not.
 """
 
@@ -112,10 +113,18 @@ def load_pools(cfg: DataConfig) -> Pools:
                        else "lower data.probe_fraction / data.eval_fraction")
                 raise DataError(f"task {name!r} has no {part} examples ({pool.sizes[name]} in "
                                 f"all): {fix}, or drop the task")
-    prints = [(n, task_fingerprint(pool, n)) for n in pool.names]
-    held_prints = [(n, task_fingerprint(heldout, n)) for n in heldout.names]
+    prints = [(n, _task_print(pool, n)) for n in pool.names]
+    held_prints = [(n, _task_print(heldout, n)) for n in heldout.names]
     key = config_hash(prints, held_prints, dataclasses.asdict(split), clusters)
     return Pools(pool, heldout, clusters, key)
+
+
+def _task_print(pool: TaskPool, name: str) -> str:
+    """A task's content hash: `task_fingerprint` covers prompt, target, choices and answer only,
+    and evaluation also reads the references, the kind and the metric."""
+    task = pool[name]
+    refs = [list(r) for r in task.examples[:]["references"]]
+    return config_hash(task_fingerprint(pool, name), task.kind, task.metric, refs)
 
 
 def training_texts(pool: TaskPool):
@@ -138,6 +147,17 @@ def file_digest(paths) -> str:
         else:
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+# What `AutoTokenizer.from_pretrained` reads besides the class's own vocabulary files.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_digest(directory: Path, tokenizer) -> str:
+    """Content hash of the files `tokenizer` was loaded from (`load_tokenizer(directory)`)."""
+    names = {*_TOKENIZER_FILES, *getattr(tokenizer, "vocab_files_names", {}).values()}
+    return file_digest([directory / n for n in sorted(names) if (directory / n).is_file()])
 
 
 def checkpoint_dir(cfg: BaseModelConfig) -> Path:

@@ -37,6 +37,7 @@ from taskpgm_jax.pipeline.inputs import (
     checkpoint_dir,
     file_digest,
     load_pools,
+    tokenizer_digest,
 )
 from taskpgm_jax.pipeline.results import summarise
 
@@ -55,6 +56,9 @@ class StageLog:
         if run.done(name, key):
             info_file = run.path(name, key) / "stage.json"
             info = read_json(info_file) if info_file.exists() else {}
+            # The time it took when it ran: a cached rerun still reports every stage's cost.
+            if "seconds" in info:
+                self.seconds[label] = float(info["seconds"])
             self.echo(f"[{label}] cached ({name}-{key}) {describe(info.get('info', {}))}".rstrip())
             return run.path(name, key)
         start = time.perf_counter()
@@ -80,6 +84,18 @@ def _mesh(cfg: RunConfig):
         return None
     m = cfg.mesh
     return make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+
+def hf_base(cfg: RunConfig):
+    """`model.source: hf`: the checkpoint directory, the tokenizer and the base key, which hashes
+    the model config, the weights and the tokenizer (its config and the files it was loaded from:
+    the tokenizer decides every token the stages see, so another one reruns them all)."""
+    base_dir = checkpoint_dir(cfg.model)
+    tok_dir = Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else base_dir
+    tokenizer = load_tokenizer(tok_dir)
+    weights = file_digest([base_dir / "config.json", *base_dir.glob("*.safetensors")])
+    key = config_hash(cfg.model, weights, cfg.tokenizer, tokenizer_digest(tok_dir, tokenizer))
+    return base_dir, tokenizer, key
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
@@ -116,11 +132,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
                           "are only for `taskpgm run --dry-run`; use 'hf' with a checkpoint or "
                           "'scratch'")
     if cfg.model.source == "hf":
-        base_dir = checkpoint_dir(cfg.model)
-        base_key = config_hash(cfg.model, file_digest([base_dir / "config.json",
-                                                       *base_dir.glob("*.safetensors")]))
-        tokenizer = load_tokenizer(Path(cfg.tokenizer.path).expanduser()
-                                          if cfg.tokenizer.path else base_dir)
+        base_dir, tokenizer, base_key = hf_base(cfg)
     else:
         tok_key = config_hash("bpe", cfg.tokenizer, pools.key)
         tok_stage = log.run(run, "tokenizer", "tokenizer", tok_key, lambda work: (

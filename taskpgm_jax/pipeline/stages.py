@@ -2,7 +2,8 @@
 
 Each function computes one stage into a work directory (`RunDir.begin`) and leaves artifacts
 there; `run.py` decides what to run from the cache keys. Training stages checkpoint inside the
-work directory, so a run killed mid-stage resumes from the last checkpoint.
+work directory, so a run killed mid-stage resumes from the last checkpoint; an artifact saved
+again replaces the leftover of a run killed after saving it but before the stage was published.
 """
 
 from __future__ import annotations
@@ -57,18 +58,44 @@ def _train_config(ft: FinetuneConfig, trainable: str | None = None) -> TrainConf
 
 
 def _save_tree(path: Path, tree) -> None:
-    """An orbax checkpoint of a pure-dict pytree (every process writes its shards)."""
+    """An orbax checkpoint of a pure-dict pytree (every process writes its shards).
+
+    Replaces an existing one: inside an unpublished stage that is a leftover of a run killed
+    after the save (orbax itself writes to a temporary name and renames, so `path` is never
+    half-written)."""
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.absolute(), tree)
+        ckptr.save(path.absolute(), tree, force=True)
 
 
 def _restore_tree(path: Path, like):
     """Restores into the shapes, dtypes and shardings of `like`: device arrays (or abstract
-    ones) restore onto their devices, NumPy arrays onto the host."""
+    ones) restore onto their devices, NumPy arrays onto the host.
+
+    Raises:
+      ValueError: the checkpoint holds other keys or shapes than `like` (written with other
+        settings).
+    """
     target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path.absolute(), target)
+    stale = (f"checkpoint {path} does not hold the expected parameters{{}}; delete it (a "
+             "leftover of a run with other settings) and run again")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path.absolute(), target)
+    except ValueError as e:  # other keys (orbax's own message can be unhelpful)
+        raise ValueError(stale.format(f" ({e})")) from e
+    # Orbax restores the stored shapes whatever the target says: a mismatch must fail here, not
+    # as a wrong-sized array several stages later.
+    if jax.tree.structure(restored) != jax.tree.structure(target):
+        raise ValueError(stale.format(""))
+    bad = [f"{jax.tree_util.keystr(k)}: stored {x.shape} {x.dtype}, expected {y.shape} {y.dtype}"
+           for (k, x), y in zip(jax.tree_util.tree_leaves_with_path(restored),
+                                jax.tree.leaves(target))
+           if x.shape != y.shape or x.dtype != y.dtype]
+    if bad:
+        more = "; ..." if len(bad) > 3 else ""
+        raise ValueError(stale.format(f" ({'; '.join(bad[:3])}{more})"))
+    return restored
 
 
 def _lora(base, cfg: LoraSection, seed: int = 0):
@@ -134,8 +161,8 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
 
     Adapter t always starts from the same A (`init_adapters(..., seed=0)` row t), reads its task
     with data seed t and steps with key seed t, so the rounds do not change what it learns. Only
-    the current round is on the devices: finished rounds are saved (`work/rounds/<start>`, so a
-    killed run redoes at most one round) and wait on the host.
+    the current round is on the devices: finished rounds are saved (`work/rounds/<start>-<size>`,
+    so a killed run redoes at most one round) and wait on the host.
     """
     model = _lora(base, lora)
     T = len(pool)
@@ -143,27 +170,36 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
     finished, losses = [], {}
     for start in range(0, T, per_round):
         names = pool.names[start:start + per_round]
-        done = work / "rounds" / f"{start:05d}"
-        if not done.exists():
+        # Named by start and size: a run resumed with another adapters_per_round must not take
+        # a round of other adapters (or its checkpoints) for its own.
+        tag = f"{start:05d}-{len(names):05d}"
+        done, loss_file = work / "rounds" / tag, work / "rounds" / f"{tag}.json"
+        # The losses are written last, so they mark a complete round; a round killed after its
+        # save is redone, which resumes from its final checkpoint (no training steps).
+        if not loss_file.exists():
             chunk = init_adapters(model, len(names), seed=0, first=start)
             trainer = AdapterTrainer(model, _train_config(ft, "lora"), chunk, mesh=mesh)
             data = StackedIterator([
                 _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i)
                 for i, n in enumerate(names)])
             result = finetune(trainer, data, seed=start,
-                              checkpoint_dir=str(work / "checkpoints" / f"{start:05d}"),
+                              checkpoint_dir=str(work / "checkpoints" / tag),
                               checkpoint_every=ft.checkpoint_every, progress=progress,
                               log_every=max(ft.steps // 10, 1))
             _save_tree(done, nnx.to_pure_dict(trainer.adapters(result.state)))
             if is_writer():
-                write_json(work / "rounds" / f"{start:05d}.json",
+                write_json(loss_file,
                            dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]))))
         shapes = nnx.to_pure_dict(jax.eval_shape(functools.partial(
             init_adapters, model, len(names), seed=0, first=start)))
         finished.append(_restore_tree(done, jax.tree.map(
             lambda x: np.zeros(x.shape, x.dtype), shapes)))
-        losses.update(json.loads((work / "rounds" / f"{start:05d}.json").read_text()))
+        losses.update(json.loads(loss_file.read_text()))
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *finished)
+    leading = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if leading != {T} or list(losses) != list(pool.names):
+        raise RuntimeError(f"single_task: the rounds stack to {sorted(leading)} adapters for "
+                           f"{T} tasks; delete {work} and run again")
     _save_tree(work / "adapters", stacked)
     if is_writer():
         shutil.rmtree(work / "rounds", ignore_errors=True)

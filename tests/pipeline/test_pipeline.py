@@ -2,19 +2,24 @@
 the clear errors. One uninterrupted run is shared by the tests (module fixture); the others
 reuse its compiled shapes."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from taskpgm_jax import config as config_mod
 from taskpgm_jax.cli import main
 from taskpgm_jax.config import ConfigError, load_config
+from taskpgm_jax.data import TaskPool
 from taskpgm_jax.mrf import potentials
-from taskpgm_jax.pipeline import run_pipeline, stages
+from taskpgm_jax.pipeline import inputs, run_pipeline, stages
 from taskpgm_jax.pipeline.inputs import load_pools
+from taskpgm_jax.pipeline.run import hf_base
 from taskpgm_jax.train import AdapterTrainer
 from tests.mrf.reference import active_set_simplex_qp, energy64
 
@@ -173,7 +178,7 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=Lines())
     partial = list(run_dir.glob("stages/single_task-*.partial"))
-    assert len(partial) == 1 and list((partial[0] / "checkpoints" / "00000").iterdir())
+    assert len(partial) == 1 and list((partial[0] / "checkpoints" / "00000-00004").iterdir())
     assert not list(run_dir.glob("stages/single_task-*[0-9a-f]"))
     # 2. Killed between stages: the probe never starts its work.
     monkeypatch.setattr(stages, "finetune", real_finetune)
@@ -198,6 +203,123 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
     for method in METHODS:
         assert results["methods"][method]["seeds"] == pytest.approx(
             ref_results["methods"][method]["seeds"])
+
+
+def _tree(path):
+    with ocp.StandardCheckpointer() as ckptr:
+        return jax.tree.map(np.asarray, ckptr.restore(path.absolute()))
+
+
+def test_kill_after_a_save_and_changed_rounds_resume_to_the_same_artifacts(finished, tmp_path,
+                                                                          monkeypatch):
+    """A kill right after an orbax save (a round, the stacked adapters, a fine-tune's params),
+    before the stage is published, with a round of another adapters_per_round left in the work
+    directory: the run still completes, with the uninterrupted run's artifacts. The killed stages
+    are deleted from a copy of the finished run, so only they run again."""
+    ref_dir, ref_results, _ = finished
+    run_dir = tmp_path / "saves"
+    shutil.copytree(ref_dir, run_dir)
+    single = _stage_dir(run_dir, "single_task")
+    ref_adapters = _tree(single / "adapters")
+    for label in ("single_task", "finetune/uniform/seed0"):
+        shutil.rmtree(_stage_dir(run_dir, label))
+    # What a run with rounds of 2 leaves after its first round (its adapters 0 and 1, but not
+    # as this run trains them): it must not be taken for a round of this run's size.
+    rounds = single.with_name(single.name + ".partial") / "rounds"
+    stages._save_tree(rounds / "00000-00002", jax.tree.map(lambda x: x[:2] + 1, ref_adapters))
+    (rounds / "00000-00002.json").write_text('{"a": 0.0, "b": 0.0}')
+    real_save = stages._save_tree
+
+    def kill_after(name):
+        def save(path, tree):
+            real_save(path, tree)
+            if path.name == name:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(stages, "_save_tree", save)
+
+    def run():
+        return run_pipeline(_tiny(), run_dir, progress=False, echo=Lines(), report=False)
+
+    # 1. Killed after the round is saved, before its losses are written; 2. after the stacked
+    # adapters are saved; 3. after the fine-tune's params are saved. Each time the stage is
+    # not published, and its leftover must not block the next attempt.
+    for name, left in (("00000-00006", ["00000-00002", "00000-00002.json", "00000-00006"]),
+                       ("adapters", None), ("params", None)):
+        kill_after(name)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        if left:
+            assert sorted(p.name for p in rounds.iterdir()) == left
+    monkeypatch.undo()
+    results = run()
+    assert not list(run_dir.glob("stages/*.partial"))
+    for label, name in (("single_task", "adapters"), ("finetune/uniform/seed0", "params")):
+        got = _tree(_stage_dir(run_dir, label) / name)
+        want = _tree(_stage_dir(ref_dir, label) / name)
+        assert jax.tree.structure(got) == jax.tree.structure(want), label
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=label)
+    assert results["methods"]["uniform"]["seeds"] == ref_results["methods"]["uniform"]["seeds"]
+    # Cached stages report the seconds they took when they ran, not nothing.
+    assert results["stage_seconds"].keys() == ref_results["stage_seconds"].keys()
+    assert results["stage_seconds"]["probe"] == ref_results["stage_seconds"]["probe"]
+
+
+def test_restore_refuses_other_shapes(tmp_path):
+    stages._save_tree(tmp_path / "tree", {"a": np.ones((2, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"stored \(2, 3\).*expected \(3, 3\)"):
+        stages._restore_tree(tmp_path / "tree", {"a": np.zeros((3, 3), np.float32)})
+    with pytest.raises(ValueError, match="expected parameters"):
+        stages._restore_tree(tmp_path / "tree", {"b": np.zeros((2, 3), np.float32)})
+
+
+def test_data_key_covers_what_evaluation_reads(monkeypatch):
+    cfg = _tiny().data
+    key = load_pools(cfg).key
+    real = inputs.synthetic_suite
+
+    def edited(edit):
+        def suite(*args, **kwargs):
+            pool = real(*args, **kwargs)
+            held = pool.heldout
+            tasks = [edit(t) if i == 0 else t for i, t in enumerate(held.tasks)]
+            return TaskPool(pool.tasks, pool.split_spec, cluster_labels=pool.cluster_labels,
+                            heldout=TaskPool(tasks, held.split_spec))
+        return suite
+
+    def more_refs(task):
+        examples = task.examples.map(lambda ex: {"references": [*ex["references"], "also"]})
+        return dataclasses.replace(task, examples=examples)
+
+    for edit in (more_refs, lambda t: dataclasses.replace(t, metric="other_metric"),
+                 lambda t: dataclasses.replace(t, kind="multiple_choice")):
+        monkeypatch.setattr(inputs, "synthetic_suite", edited(edit))
+        assert load_pools(cfg).key != key
+    monkeypatch.setattr(inputs, "synthetic_suite", edited(lambda t: t))
+    assert load_pools(cfg).key == key
+
+
+def test_hf_base_key_covers_the_tokenizer(finished, tmp_path):
+    """Only the keys: the checkpoint's weights are never read here."""
+    ref_dir, _, _ = finished
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(next(ref_dir.glob("stages/tokenizer-*")) / "tokenizer", ckpt)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    settings = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 7}))
+
+    def key(*extra):
+        return hf_base(_tiny("model.source=hf", f"model.checkpoint={ckpt}",
+                             "tokenizer.kind=pretrained", *extra))[2]
+
+    base = key()
+    assert key() == base
+    assert key(f"tokenizer.path={other}") != base   # another tokenizer's files
+    shutil.copy(other / "tokenizer_config.json", ckpt / "tokenizer_config.json")
+    assert key() != base   # the checkpoint's own tokenizer, edited in place
 
 
 def test_changed_setting_reruns_only_its_dependants(finished, tmp_path):

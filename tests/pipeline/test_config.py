@@ -1,0 +1,62 @@
+"""Config values: every impossible one is refused at load time, naming its dotted key, so a run
+and `--dry-run` stop before any work; numbers in the forms people write them are accepted."""
+
+import pytest
+
+from taskpgm_jax.cli import main
+from taskpgm_jax.config import ConfigError, load_config
+from tests.pipeline.test_pipeline import DEMO
+
+BAD = [
+    ("lora.rank=0", "lora.rank"), ("lora.alpha=-1", "lora.alpha"),
+    ("lora.targets=[]", "lora.targets"), ("lora.targets=[qproj]", "lora.targets"),
+    ("probe.batch_size=0", "probe.batch_size"), ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("tokenizer.vocab_size=-5", "tokenizer.vocab_size"),
+    ("model.size={hidden_size: 0}", "model.size.hidden_size"),
+    ("model.pretrain.steps=0", "model.pretrain.steps"),
+    ("model.pretrain.learning_rate=0", "model.pretrain.learning_rate"),
+    ("model.pretrain.batch_size=-1", "model.pretrain.batch_size"),
+    ("single_task.warmup_steps=-1", "single_task.warmup_steps"),
+    ("finetune.weight_decay=-0.1", "finetune.weight_decay"),
+    ("mrf.beta=0", "mrf.beta"), ("mrf.beta=.nan", "mrf.beta"), ("mrf.lam=.inf", "mrf.lam"),
+    ("mrf.lam=0", "mrf.lam"), ("mrf.ridge=-1", "mrf.ridge"), ("mrf.jsd_tau=0", "mrf.jsd_tau"),
+    ("mrf.select_tasks=0", "mrf.select_tasks"), ("mrf.select_lam=-1", "mrf.select_lam"),
+    ("mixture.temperature_tau=0", "mixture.temperature_tau"),
+    ("mixture.methods=[uniform, uniform]", "mixture.methods"),
+    ("data.synthetic.examples=[300, 150]", "data.synthetic.examples"),
+    ("data.synthetic.examples=[0, 10]", "data.synthetic.examples"),
+    ("data.synthetic.cluster_sizes=[5]", "data.synthetic.cluster_sizes"),
+    ("data.synthetic.n_noise=-1", "data.synthetic.n_noise"),
+    ("data.synthetic.heldout_examples=0", "data.synthetic.heldout_examples"),
+    ("data.max_examples_per_task=0", "data.max_examples_per_task"),
+    ("probe.max_examples_per_task=0", "probe.max_examples_per_task"),
+    ("eval.max_examples_per_task=-3", "eval.max_examples_per_task"),
+    ("mesh.device_memory_gb=0", "mesh.device_memory_gb"),
+    # Wrong types of optional keys (these once crashed with a TypeError).
+    ("mrf.lam=abc", "mrf.lam"), ("data.bigbench.tasks=navigate", "data.bigbench.tasks"),
+    ("single_task.steps=2.5", "single_task.steps"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD, ids=[b[0] for b in BAD])
+def test_impossible_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(DEMO, [override])
+
+
+def test_dry_run_refuses_at_load_time(capsys):
+    assert main(["run", str(DEMO), "--dry-run", "probe.batch_size=0"]) == 2
+    assert "probe.batch_size" in capsys.readouterr().err
+
+
+def test_numbers_as_written(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; whole numbers in float form are fine for ints.
+    cfg = load_config(DEMO, ["finetune.learning_rate=1e-3", "single_task.steps=1e2",
+                             "mrf.lam=2e1", "probe.max_examples_per_task=6.0"])
+    assert cfg.finetune.learning_rate == 1e-3 and cfg.single_task.steps == 100
+    assert cfg.mrf.lam == 20.0 and cfg.probe.max_examples_per_task == 6
+    assert type(cfg.single_task.steps) is int
+    path = tmp_path / "c.yaml"
+    path.write_text(DEMO.read_text().replace("temperature_tau: 2.0", "temperature_tau: 5e-1"))
+    assert load_config(path).mixture.temperature_tau == 0.5
