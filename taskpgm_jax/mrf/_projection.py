@@ -29,24 +29,42 @@ def pad_matrix(m, size: int):
     return jnp.pad(m, ((0, extra), (0, extra)))
 
 
+# |sum(w) - 1| above this is reported as not converged: a float32 sum of a mixture is good to a
+# few ulps of 1, so anything larger is a projection that lost its digits.
+SUM_TOL = 1e-6
+
+
+def _fix_sum(w, free, lower=0.0, upper=1.0):
+    """Spread the leftover 1 - sum(w) evenly over the free entries (the projection's rounding
+    lands there; entries on a bound stay exactly on it)."""
+    n_free = jnp.maximum(jnp.sum(free), 1).astype(w.dtype)
+    w = jnp.where(free, w + (1.0 - jnp.sum(w)) / n_free, w)
+    return jnp.where(free, jnp.clip(w, lower, upper), w)
+
+
 def project_simplex(x, mask):
     """Euclidean projection of the masked entries of x onto the unit simplex (optax's sort-based
-    projection); padded entries are 0.
+    projection); padded entries are 0. Returns x's dtype.
 
-    Padded entries are set to max(x) - 2 before projecting: the threshold of the projection is
-    at least max(x) - 1 (the largest entry gets at most mass 1), so they land exactly on 0.
+    The projection ignores a constant added to every entry, so x is shifted to max(x) = 0 first:
+    the support then holds entries in [-1, 0], and inputs of size 1e4 (closed form at large
+    beta / lam) do not cancel in float32. Padded entries are set to -2, below any threshold.
     """
     top = jnp.max(jnp.where(mask, x, -jnp.inf))
-    x = jnp.where(mask, x, top - 2.0)
-    return jnp.where(mask, optax.projections.projection_simplex(x), 0.0)
+    x = jnp.where(mask, x - top, -2.0)
+    # optax computes in float64 under x64 whatever x's dtype; bring it back.
+    w = jnp.where(mask, optax.projections.projection_simplex(x).astype(x.dtype), 0.0)
+    return _fix_sum(w, mask & (w > 0))
 
 
 def project_capped_simplex(x, mask, lower, upper):
     """Euclidean projection onto {lower <= w <= upper, sum(w) = 1} over the masked entries.
 
     The projection is clip(x - tau, lower, upper) with tau the root of the decreasing function
-    phi(tau) = sum clip(x - tau, lower, upper) - 1. Bisection brackets tau; a final exact step
-    solves phi = 0 on the entries strictly between their bounds, so the sum is 1 to rounding.
+    phi(tau) = sum clip(x - tau, lower, upper) - 1. Bisection brackets tau; then x is centred on
+    that estimate (the difference of nearby floats is exact, so entries near the root keep their
+    digits even when x is 1e4) and exact steps solve phi = 0 on the entries strictly between
+    their bounds, so the sum is 1 to rounding.
     Requires sum(lower) <= 1 <= sum(upper) (checked at the API boundary); padded entries must
     have lower = upper = 0.
     """
@@ -68,15 +86,21 @@ def project_capped_simplex(x, mask, lower, upper):
     # Enough halvings to shrink the bracket to the dtype's resolution.
     steps = jnp.finfo(x.dtype).nmant + 12
     lo, hi = jax.lax.fori_loop(0, steps, bisect, (lo, hi))
-    tau = 0.5 * (lo + hi)
-    free = mask & (xm - tau > lower) & (xm - tau < upper)
-    at_lower = mask & (xm - tau <= lower)
-    at_upper = mask & (xm - tau >= upper)
-    fixed_mass = jnp.sum(jnp.where(at_lower, lower, 0.0)) + jnp.sum(jnp.where(at_upper, upper, 0.0))
-    n_free = jnp.sum(free)
-    exact_tau = (jnp.sum(jnp.where(free, xm, 0.0)) - (1.0 - fixed_mass)) / jnp.maximum(n_free, 1)
-    tau = jnp.where(n_free > 0, exact_tau, tau)
-    return jnp.where(mask, jnp.clip(xm - tau, lower, upper), 0.0)
+    z = jnp.where(mask, xm - 0.5 * (lo + hi), 0.0)
+
+    def exact_step(_, delta):
+        # phi is linear on the entries strictly inside their bounds: solve it there. The
+        # bisection left delta within rounding of the root, so two steps settle the free set.
+        free = mask & (z - delta > lower) & (z - delta < upper)
+        fixed = jnp.where(mask & ~free, jnp.clip(z - delta, lower, upper), 0.0)
+        n_free = jnp.sum(free)
+        step = ((jnp.sum(jnp.where(free, z, 0.0)) - (1.0 - jnp.sum(fixed)))
+                / jnp.maximum(n_free, 1).astype(x.dtype))
+        return jnp.where(n_free > 0, step, delta)
+
+    delta = jax.lax.fori_loop(0, 2, exact_step, jnp.zeros((), x.dtype))
+    w = jnp.where(mask, jnp.clip(z - delta, lower, upper), 0.0)
+    return _fix_sum(w, mask & (w > lower) & (w < upper), lower, upper)
 
 
 def frank_wolfe_gap(w, grad, mask, lower=None, upper=None):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from taskpgm_jax.mrf._projection import frank_wolfe_gap, project_capped_simplex, project_simplex
+from taskpgm_jax.mrf._projection import (SUM_TOL, frank_wolfe_gap, project_capped_simplex,
+                                         project_simplex)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -131,7 +132,9 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
     KKT residual that bounds E(w) - E*) <= tol * scale, or at the gap's float rounding floor.
     """
     def project(x):
-        return project_capped_simplex(x, mask, lower, upper) if bounded else project_simplex(x, mask)
+        if bounded:
+            return project_capped_simplex(x, mask, lower, upper)
+        return project_simplex(x, mask)
 
     def project_face(x, face, w):
         # Tasks off the face stay where they are (on a bound).
@@ -248,7 +251,9 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
 
     w, Mw, _, _, _, _, _, it, gap, limit = jax.lax.while_loop(cond, body, init)
     e, _ = _energy_parts(w, Mw, u, beta, lam)
-    return w, e, it, gap, gap <= limit, jnp.bool_(False)
+    # A mixture that does not sum to 1 is not a solution, whatever the gap says.
+    ok = (gap <= limit) & (jnp.abs(jnp.sum(w) - 1.0) <= SUM_TOL)
+    return w, e, it, gap, ok, jnp.bool_(False)
 
 
 @functools.partial(jax.jit, static_argnames=("bounded",))
@@ -267,13 +272,15 @@ def closed_form_core(M, u, beta, lam, mask, lower, upper, *, bounded: bool):
     nu = (beta * jnp.sum(a) - lam) / jnp.sum(b)
     raw = jnp.where(mask, (beta * a - nu * b) / lam, 0.0)
     w = project_capped_simplex(raw, mask, lower, upper) if bounded else project_simplex(raw, mask)
-    # "Clipped" = the projection moved a weight by more than rounding could explain.
-    clipped = jnp.max(jnp.abs(w - raw)) > jnp.sqrt(jnp.finfo(dtype).eps)
+    # "Clipped" = a raw weight lies outside its bounds by more than rounding of the raw vector
+    # (a few ulps of its largest entry) explains; lower / upper are 0 / 1 when unbounded.
+    slack = 8 * jnp.finfo(dtype).eps * jnp.max(jnp.abs(raw))
+    clipped = jnp.any(mask & ((raw < lower - slack) | (raw > upper + slack)))
     Mw = _matvec(M, w)
     e, _ = _energy_parts(w, Mw, u, beta, lam)
     gap = frank_wolfe_gap(w, lam * Mw - beta * u, mask, *((lower, upper) if bounded else ()))
-    finite = jnp.all(jnp.isfinite(raw))
-    return w, e, jnp.int32(1), gap, finite, clipped
+    ok = jnp.all(jnp.isfinite(raw)) & (jnp.abs(jnp.sum(w) - 1.0) <= SUM_TOL)
+    return w, e, jnp.int32(1), gap, ok, clipped
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "max_iter"))

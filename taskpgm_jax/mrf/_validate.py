@@ -26,6 +26,24 @@ def float_dtype(x):
     return jnp.zeros((), jnp.float32).dtype
 
 
+def consistent_potentials(pot):
+    """`pot` with matrix and unary in one dtype that JAX holds in the current x64 mode.
+
+    Potentials built under `jax.enable_x64` and used outside it carry float64 arrays that every
+    float32 operation would reject; float32 ones used inside x64 stay float32 (their precision
+    is all there is). The unary follows the matrix.
+    """
+    dtype = float_dtype(pot.matrix)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"potentials: expected a float matrix, got dtype {pot.matrix.dtype}; "
+                         "build them with taskpgm_jax.mrf.potentials(...).")
+    matrix, unary = pot.matrix, pot.unary
+    if matrix.dtype != dtype or unary.dtype != dtype:
+        matrix, unary = jnp.asarray(matrix).astype(dtype), jnp.asarray(unary).astype(dtype)
+        pot = pot._replace(matrix=matrix, unary=unary)
+    return pot
+
+
 def as_float_array(x, name: str, *, ndim: int, dtype=None):
     """`x` as a JAX float array of rank `ndim`; raises for other ranks or non-numeric dtypes."""
     if isinstance(x, (list, tuple, int, float)):
@@ -87,8 +105,14 @@ def check_bounds(floor, cap, num_tasks: int, dtype):
     """
     if floor is None and cap is None:
         return jnp.zeros((num_tasks,), dtype), jnp.ones((num_tasks,), dtype), False
-    lo = np.broadcast_to(np.asarray(0.0 if floor is None else floor, np.float64), (num_tasks,))
-    hi = np.broadcast_to(np.asarray(1.0 if cap is None else cap, np.float64), (num_tasks,))
+    def per_task(value, default, name):
+        arr = np.asarray(default if value is None else value, np.float64)
+        if arr.shape not in ((), (1,), (num_tasks,)):
+            raise ValueError(f"{name}: expected a scalar or {num_tasks} entries (one per task), "
+                             f"got shape {arr.shape}.")
+        return np.broadcast_to(arr, (num_tasks,))
+
+    lo, hi = per_task(floor, 0.0, "floor"), per_task(cap, 1.0, "cap")
     for arr, name in ((lo, "floor"), (hi, "cap")):
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name}: contains NaN or inf.")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
-from taskpgm_jax.mrf._validate import check_positive
+from taskpgm_jax.mrf._validate import check_positive, consistent_potentials
 from taskpgm_jax.mrf.energy import Potentials
 
 
@@ -60,8 +60,14 @@ def set_value(pot: Potentials, subset) -> float:
 
 
 @jax.jit
-def _greedy_core(M, u, beta, lam, costs, mask, budget):
-    """Plain greedy on padded inputs; every step is a masked argmax and one row update."""
+def _greedy_core(M, u, beta, lam, costs, costs64, mask, budget64):
+    """Plain greedy on padded inputs; every step is a masked argmax and one row update.
+
+    costs64 / budget64 are float64 (the caller runs this under `jax.enable_x64`): the budget
+    test spent + cost <= budget is then the same float64 arithmetic as the lazy variant's, so
+    both pick the same tasks and the reported cost never exceeds the budget (costs in tokens
+    pass 2^24, where float32 stops counting). Gains and scores stay in M's dtype.
+    """
     P = M.shape[0]
 
     def cond(state):
@@ -69,20 +75,21 @@ def _greedy_core(M, u, beta, lam, costs, mask, budget):
         return (~done) & (k < P)
 
     def body(state):
-        gains, chosen, order, step_gains, left, k, _ = state
-        feasible = mask & ~chosen & (costs <= left) & (gains > 0)
+        gains, chosen, order, step_gains, spent, k, _ = state
+        feasible = mask & ~chosen & (spent + costs64 <= budget64) & (gains > 0)
         score = jnp.where(feasible, gains / costs, -jnp.inf)
-        e = jnp.argmax(score)
+        e = jnp.argmax(score).astype(jnp.int32)
         ok = feasible[e]
         gain_e = gains[e]
         row = jax.lax.dynamic_index_in_dim(M, e, keepdims=False)
         gains = jnp.where(ok, gains - lam * row, gains)
         return (gains, chosen.at[e].set(chosen[e] | ok), order.at[k].set(jnp.where(ok, e, -1)),
                 step_gains.at[k].set(jnp.where(ok, gain_e, 0.0)),
-                jnp.where(ok, left - costs[e], left), k + ok.astype(jnp.int32), ~ok)
+                jnp.where(ok, spent + costs64[e], spent), k + ok.astype(jnp.int32), ~ok)
 
     state = (beta * u, jnp.zeros((P,), bool), jnp.full((P,), -1, jnp.int32),
-             jnp.zeros((P,), M.dtype), budget, jnp.int32(0), jnp.bool_(False))
+             jnp.zeros((P,), M.dtype), jnp.zeros((), budget64.dtype), jnp.int32(0),
+             jnp.bool_(False))
     _, _, order, step_gains, _, k, _ = jax.lax.while_loop(cond, body, state)
     return order, step_gains, k
 
@@ -100,13 +107,13 @@ def _lazy_greedy(pot: Potentials, costs: np.ndarray, budget: float):
     seen = np.zeros(T, np.int64)        # how many chosen tasks penalty[i] covers
     heap = [(-(pot.beta * u[i]) / costs[i], i) for i in range(T)]
     heapq.heapify(heap)
-    chosen, gains, left, evals = [], [], budget, T
+    chosen, gains, spent, evals = [], [], 0.0, T
     while heap:
         bound, i = heapq.heappop(heap)
         if -bound <= 0:
             break
-        if costs[i] > left:
-            continue  # the budget only shrinks: it never fits again
+        if not spent + costs[i] <= budget:
+            continue  # the spending only grows: it never fits again
         if seen[i] < len(chosen):
             penalty[i] += S[i, chosen[seen[i]:]].sum(dtype=np.float64)
             seen[i] = len(chosen)
@@ -117,7 +124,7 @@ def _lazy_greedy(pot: Potentials, costs: np.ndarray, budget: float):
                 break
             chosen.append(i)
             gains.append(gain)
-            left -= costs[i]
+            spent += costs[i]
         else:
             heapq.heappush(heap, (-gain / costs[i], i))
     return np.asarray(chosen, np.int64), np.asarray(gains), evals
@@ -163,6 +170,7 @@ def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> 
     """
     if not isinstance(pot, Potentials):
         raise ValueError("pot: expected Potentials from taskpgm_jax.mrf.potentials(...).")
+    pot = consistent_potentials(pot)
     T = pot.num_tasks
     costs, budget = check_costs(costs, T, budget)
     if lazy:
@@ -176,11 +184,15 @@ def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> 
     else:
         P = padded_size(T)
         dtype = pot.matrix.dtype
-        order, gains, k = _greedy_core(
-            pad_matrix(pot.matrix, P), pad_vector(pot.unary, P), jnp.asarray(pot.beta, dtype),
-            jnp.asarray(pot.lam, dtype), pad_vector(jnp.asarray(costs, dtype), P, 1.0),
-            jnp.arange(P) < T, jnp.asarray(budget, dtype))
-        k = int(k)
+        padded_costs = np.concatenate([costs, np.ones(P - T)])
+        # float64 budget bookkeeping, as in the lazy variant (see _greedy_core).
+        with jax.enable_x64(True):
+            order, gains, k = _greedy_core(
+                pad_matrix(pot.matrix, P), pad_vector(pot.unary, P),
+                jnp.asarray(pot.beta, dtype), jnp.asarray(pot.lam, dtype),
+                jnp.asarray(padded_costs, dtype), jnp.asarray(padded_costs, jnp.float64),
+                jnp.arange(P, dtype=jnp.int32) < T, jnp.asarray(budget, jnp.float64))
+            k = int(k)
         order, gains = np.asarray(order[:k], np.int64), np.asarray(gains[:k], np.float64)
         evals = T * max(k, 1)
     greedy_value = set_value(pot, order)
@@ -192,5 +204,8 @@ def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> 
         indices, step_gains = np.array([best_single]), np.array([single_values[best_single]])
     else:
         indices, step_gains = order, gains
-    return Selection(indices, step_gains, set_value(pot, indices), float(costs[indices].sum()),
+    spent = 0.0
+    for i in indices:  # summed in the order chosen, as the budget test did: cost <= budget
+        spent += float(costs[i])
+    return Selection(indices, step_gains, set_value(pot, indices), spent,
                      greedy_value, best_single, used_single, bool(lazy), int(evals))

@@ -19,7 +19,8 @@ import optax
 
 from taskpgm_jax.mrf import _solvers
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
-from taskpgm_jax.mrf._validate import check_bounds, check_positive, check_vector, is_traced
+from taskpgm_jax.mrf._validate import (check_bounds, check_positive, check_vector,
+                                       consistent_potentials, is_traced)
 from taskpgm_jax.mrf.energy import Potentials
 
 METHODS = ("exact", "closed_form", "softmax")
@@ -70,6 +71,13 @@ class SolutionPath(NamedTuple):
     support: jax.Array
     method: str
     clipped: jax.Array | None = None
+
+
+def _checked_potentials(pot):
+    if not isinstance(pot, Potentials):
+        raise ValueError(f"pot: expected Potentials from taskpgm_jax.mrf.potentials(...), got "
+                         f"{type(pot).__name__}.")
+    return consistent_potentials(pot)
 
 
 def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temperature):
@@ -156,7 +164,7 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
 
     Args:
       pot: from `potentials(...)`; its dtype (float32, or float64 under `jax.enable_x64(True)`)
-        is the solver's.
+        is the solver's. Float64 potentials used outside x64 are solved in float32.
       method: "exact" (accelerated projected gradient with restart, the global minimiser),
         "closed_form" (the paper's KKT solution with only sum(w) = 1, then projected; exact
         only when `.clipped` is False) or "softmax" (w = softmax(theta / temperature), theta
@@ -178,6 +186,7 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
       >>> sol = solve(pot, floor=0.01, cap=0.2)
       >>> float(sol.weights.sum()), bool(sol.converged)     # (1.0, True)
     """
+    pot = _checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, init, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or _default_optimizer(opts["max_iter"])
@@ -210,6 +219,7 @@ def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, ca
     ratios_np = np.asarray(ratios, np.float64).reshape(-1)
     if ratios_np.size == 0 or not np.all(np.isfinite(ratios_np)) or np.any(ratios_np <= 0):
         raise ValueError("ratios: expected a non-empty 1-D array of positive, finite beta / lam.")
+    pot = _checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, None, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or _default_optimizer(opts["max_iter"])

@@ -112,3 +112,17 @@ def test_best_single_task_wins_when_greedy_ratio_misleads():
     pot = potentials(S, np.array([1.0, 10.0]), beta=1.0, lam=1.0, ridge=0.0)
     sel = select_tasks(pot, 10.0, np.array([1.0, 10.0]))
     assert sel.used_single and sel.indices.tolist() == [1] and sel.value == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("costs, budget, fits", [
+    (np.full(6, 1 / 3), 1.0, 3),                  # float32 1/3 x 3 rounds above 1
+    (np.full(6, 50_000_001.0), 100_000_001.0, 1),  # token counts past float32's 2^24
+])
+def test_budget_is_kept_in_float64_by_both_variants(costs, budget, fits):
+    T = 6
+    S = np.eye(T) + 0.01 * (1 - np.eye(T))
+    pot = potentials(S, np.ones(T), beta=1.0, lam=1.0)
+    plain = select_tasks(pot, budget, costs)
+    lazy = select_tasks(pot, budget, costs, lazy=True)
+    assert len(plain.indices) == len(lazy.indices) == fits
+    assert plain.cost <= budget and lazy.cost <= budget

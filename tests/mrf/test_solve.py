@@ -255,3 +255,95 @@ def test_authors_matrix_ridge_matters(authors_pmi):
         assert np.linalg.cond(np.asarray(repaired.matrix)) < 1e7
         w = np.asarray(solve(repaired, "closed_form").weights)
         assert abs(w.sum() - 1) < 1e-9
+
+
+def _simplex_projection64(x, lower=None, upper=None):
+    """Float64 Euclidean projection onto {lower <= w <= upper, sum w = 1} by bisection on tau."""
+    x = np.asarray(x, np.float64)
+    lower = np.zeros_like(x) if lower is None else np.broadcast_to(lower, x.shape)
+    upper = np.ones_like(x) if upper is None else np.broadcast_to(upper, x.shape)
+    lo, hi = np.min(x - upper) - 1, np.max(x - lower) + 1
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.clip(x - mid, lower, upper).sum() > 1 else (lo, mid)
+    return np.clip(x - 0.5 * (lo + hi), lower, upper)
+
+
+def test_float32_potentials_inside_x64_and_float64_outside(rng):
+    S = random_affinity(rng, 20, "psd")
+    u = rng.normal(size=20)
+    with jax.enable_x64(True):
+        pot32 = potentials(S.astype(np.float32), u.astype(np.float32), beta=0.2, lam=1.0)
+        pot64 = potentials(S, u, beta=0.2, lam=1.0)
+        sol = solve(pot32)
+        path = solve_path(pot32, [0.1, 0.2])
+    Q, c = _qp(pot64)
+    w_ref, _ = active_set_simplex_qp(Q, c)
+    e_ref, scale = energy64(w_ref, Q, c), _scale(w_ref, Q, c)
+    outside = solve(pot64)  # float64 arrays made under x64, solved without it
+    for w, ok in ((sol.weights, sol.converged), (path.weights[1], path.converged[1]),
+                  (outside.weights, outside.converged)):
+        assert w.dtype == jnp.float32 and bool(ok)
+        assert abs(energy64(np.asarray(w, np.float64), Q, c) - e_ref) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("bounds", [False, True])
+def test_closed_form_sums_to_one_at_large_ratio(rng, bounds):
+    """beta u / lam ~ 1e3-1e4 makes the raw KKT vector large; the projection must not cancel."""
+    T = 20
+    X = rng.normal(size=(T, T))
+    S = X @ X.T / T
+    u = rng.normal(size=T)
+    floor, cap = (0.001, 0.9) if bounds else (None, None)
+    for ratio in (300.0, 3000.0):
+        pot = potentials(S, u, beta=ratio, lam=1.0)
+        sol = solve(pot, "closed_form", floor=floor, cap=cap)
+        w = np.asarray(sol.weights, np.float64)
+        assert abs(w.sum() - 1) <= 1e-6 and bool(sol.converged)
+        # Float64 reference: the KKT solution with sum(w) = 1, projected.
+        Q, c = _qp(pot)
+        Qi_c, Qi_1 = np.linalg.solve(Q, c), np.linalg.solve(Q, np.ones(T))
+        raw = Qi_c - (Qi_c.sum() - 1) / Qi_1.sum() * Qi_1
+        lo, hi = (0.0, 1.0) if floor is None else (floor, cap)
+        np.testing.assert_allclose(w, _simplex_projection64(raw, lo, hi), atol=2e-3)
+        assert bool(sol.clipped) == bool(raw.min() < lo or raw.max() > hi)
+
+
+def test_capped_projection_of_large_inputs_matches_float64(rng):
+    from taskpgm_jax.mrf._projection import project_capped_simplex, project_simplex
+    T = 32
+    mask = jnp.arange(T) < 29
+    lower = np.where(np.arange(T) < 29, np.round(rng.uniform(0, 0.02, T), 3), 0.0)
+    upper = np.where(np.arange(T) < 29, np.round(rng.uniform(0.2, 1.0, T), 2), 0.0)
+    for scale in (1.0, 3e2, 3e4):
+        x = (scale * rng.normal(size=T)).astype(np.float32)
+        x[:3] = x[0] + np.float32([0.0, 0.05, -0.3])  # a few entries near the top
+        w = np.asarray(project_capped_simplex(jnp.asarray(x), mask, jnp.asarray(lower, jnp.float32),
+                                              jnp.asarray(upper, jnp.float32)), np.float64)
+        ref = _simplex_projection64(x[:29], lower[:29], upper[:29])
+        assert abs(w.sum() - 1) <= 1e-6
+        np.testing.assert_allclose(w[:29], ref, atol=1e-6)
+        w = np.asarray(project_simplex(jnp.asarray(x), mask), np.float64)
+        assert abs(w.sum() - 1) <= 1e-6
+        np.testing.assert_allclose(w[:29], _simplex_projection64(x[:29]), atol=1e-6)
+
+
+def test_exact_with_bounds_sums_to_one_on_large_unary(rng):
+    T = 8
+    X = rng.normal(size=(T, T))
+    pot = potentials(X @ X.T / T, 3e4 * rng.normal(size=T), beta=1.0, lam=1.0)
+    floor = np.round(rng.uniform(0, 0.06, size=T), 3)
+    cap = np.round(rng.uniform(0.2, 1, size=T), 2)
+    cap[np.argmax(pot.unary)] = 1.0  # feasible: some cap takes the rest
+    sol = solve(pot, floor=floor, cap=cap)
+    w = np.asarray(sol.weights, np.float64)
+    assert abs(w.sum() - 1) <= 1e-6 and bool(sol.converged)
+    assert np.all(w >= floor - 1e-7) and np.all(w <= cap + 1e-7)
+    # Float64 Frank-Wolfe gap: fill the mass above the floors into the smallest gradients.
+    Q, c = _qp(pot)
+    g = Q @ w - c
+    s_vertex, left = floor.copy(), 1 - floor.sum()
+    for i in np.argsort(g):
+        s_vertex[i] += min(cap[i] - floor[i], left)
+        left -= s_vertex[i] - floor[i]
+    assert g @ (w - s_vertex) <= 1e-5 * _scale(w, Q, c)
