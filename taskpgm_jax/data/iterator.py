@@ -1,9 +1,12 @@
 """A deterministic, resumable, multi-host data iterator over encoded sequences.
 
-Host p of P owns the fixed shard p, p + P, p + 2P, ... of the sequence list (cut to the same
-length on every host, so all hosts take the same number of sequences per epoch) and shuffles it
-with a seeded permutation per epoch. A host therefore only ever touches its own shard: pass a
-lazy sequence (`LazyEncoded`) and each host tokenizes only its share, with no communication.
+Each epoch, every host computes the same global order of the N sequences (a permutation seeded
+by (seed, epoch); without shuffling, the given order continued cyclically from where the last
+epoch stopped), keeps its first P * (N // P) entries so all hosts take the same number of
+sequences, and host p of P reads entries p, p + P, p + 2P, ... of it. Hosts never share a
+sequence within an epoch, and the N % P sequences left out change from epoch to epoch, so every
+sequence is read. A host only ever touches its own share: pass a lazy sequence (`LazyEncoded`)
+and each host tokenizes only its share, with no communication.
 
 The state is (epoch, cursor): the next sequence to read in this host's shuffled shard. Batches are
 built in order from that point (in-order packing, no shuffle buffer), so restoring the state
@@ -60,7 +63,8 @@ class HostIterator:
       seq_len: tokens per row.
       seed: the shuffle seed.
       pack: pack several sequences per row (else one per row, padded).
-      shuffle: permute each epoch (else the given order).
+      shuffle: permute each epoch (else the given order, which continues cyclically across
+        epochs, so the N % process_count sequences left out of an epoch differ every time).
       num_epochs: stop after this many passes (None: endless).
       process_index, process_count: this host and the number of hosts; default
         `jax.process_index()` and `jax.process_count()`.
@@ -94,12 +98,14 @@ class HostIterator:
     def _share(self, epoch: int) -> np.ndarray:
         """This host's sequence indices, in reading order, for one epoch."""
         if self._share_cache is None or self._share_cache[0] != epoch:
-            shard = np.arange(self.process_index, self._per_epoch * self.process_count,
-                              self.process_count)
+            n, taken = len(self._seqs), self._per_epoch * self.process_count
+            # The same global order on every host (seeded by (seed, epoch) only), so the hosts'
+            # shares are disjoint; the tail left out differs between epochs.
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch, self.process_index])
-                shard = rng.permutation(shard)
-            self._share_cache = (epoch, shard)
+                order = np.random.default_rng([self.seed, epoch]).permutation(n)[:taken]
+            else:
+                order = (epoch * taken + np.arange(taken)) % n
+            self._share_cache = (epoch, order[self.process_index::self.process_count])
         return self._share_cache[1]
 
     def _peek(self) -> Encoded | None:

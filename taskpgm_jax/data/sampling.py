@@ -54,7 +54,9 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     """Integer example counts per task, by largest remainder: they sum exactly to `budget`.
 
     Each task gets floor(w_i / sum(w) * budget); the examples left over go one each to the tasks
-    with the largest fractional parts (ties to the earlier task).
+    with the largest fractional parts (ties to the earlier task). The arithmetic is exact on the
+    weights as given (`taskpgm_jax.mrf.mixture.largest_remainder`), so integer weights that tie
+    are tied.
 
     Args:
       weights: non-negative weights (normalised here): a mapping name -> weight, an array, or a
@@ -70,15 +72,16 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     """
     if int(budget) != budget or budget < 0:
         raise data_error(f"budget must be a non-negative integer, got {budget!r}")
-    # One definition of the rounding for the whole project: taskpgm_jax.mrf's Mixture.
-    from taskpgm_jax.mrf.mixture import Mixture
+    # One definition of the rounding for the whole project (Mixture.to_counts uses it too), on
+    # the weights as given: normalising them first in floating point would turn exact ties
+    # (integer weights 7 and 2 at budget 2) into rounding noise.
+    from taskpgm_jax.mrf.mixture import largest_remainder
 
     w, keys = _as_vector(weights, None)
-    names = keys if keys is not None else tuple(str(i) for i in range(w.size))
-    counts = Mixture.from_counts(dict(zip(names, w))).to_counts(int(budget))
+    counts = largest_remainder(w, int(budget))
     if keys is not None:
-        return counts
-    return np.array([counts[n] for n in names], dtype=np.int64)
+        return dict(zip(keys, (int(c) for c in counts)))
+    return counts
 
 
 def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,

@@ -45,13 +45,18 @@ class DataError(ValueError):
     """Bad task data. The message names the file, task, field and line where they are known."""
 
 
-def _where(task: str | None = None, source: str | None = None, line: int | None = None,
+def _at(line: int | str) -> str:
+    # A string is a ready label for sources without lines, e.g. "example 3" for BIG-bench.
+    return line if isinstance(line, str) else f"line {line}"
+
+
+def _where(task: str | None = None, source: str | None = None, line: int | str | None = None,
            field: str | None = None) -> str:
     parts = []
     if source:
-        parts.append(f"{source}" + (f" line {line}" if line is not None else ""))
+        parts.append(f"{source}" + (f" {_at(line)}" if line is not None else ""))
     elif line is not None:
-        parts.append(f"line {line}")
+        parts.append(_at(line))
     if task:
         parts.append(f"task {task!r}")
     if field:
@@ -60,8 +65,11 @@ def _where(task: str | None = None, source: str | None = None, line: int | None 
 
 
 def data_error(message: str, *, task: str | None = None, source: str | None = None,
-               line: int | None = None, field: str | None = None) -> DataError:
-    """Builds a `DataError` whose message starts with where the problem is."""
+               line: int | str | None = None, field: str | None = None) -> DataError:
+    """Builds a `DataError` whose message starts with where the problem is.
+
+    `line` is a 1-based line or row number, or a label such as "example 3" where the source has
+    no lines."""
     where = _where(task, source, line, field)
     return DataError(f"{where}: {message}" if where else message)
 
@@ -150,7 +158,7 @@ class Task:
 
 
 def _check_example(ex: Mapping[str, Any], kind: str, task: str, source: str,
-                   line: int | None) -> None:
+                   line: int | str | None) -> None:
     def fail(msg, field):
         raise data_error(msg, task=task, source=source, line=line, field=field)
 
@@ -162,18 +170,29 @@ def _check_example(ex: Mapping[str, Any], kind: str, task: str, source: str,
         if len(choices) < 2:
             fail(f"a multiple-choice example needs at least 2 choices, got {len(choices)}",
                  "choices")
+        # An empty choice scores log-likelihood 0 (no target tokens), the highest possible, so
+        # it would win every example; a repeated one makes the answer ambiguous.
+        if "" in choices:
+            fail(f"choice {list(choices).index('')} is empty: it has no tokens to score, so it "
+                 f"would always win; remove it or give it text", "choices")
+        first: dict[str, int] = {}
+        for j, c in enumerate(choices):
+            if c in first:
+                fail(f"choices {first[c]} and {j} are both {c!r}: the answer is ambiguous; "
+                     f"make the choices distinct", "choices")
+            first[c] = j
         if not 0 <= ex["answer"] < len(choices):
             fail(f"answer index {ex['answer']} is not among the {len(choices)} choices",
                  "answer")
         if ex["target"] != choices[ex["answer"]]:
             fail("target differs from choices[answer]", "target")
-    elif ex["target"] == "":
-        fail("empty target: a generative example needs text to learn", "target")
+    if ex["target"] == "":
+        fail("empty target: an example needs text to learn and score", "target")
 
 
 def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric: str | None = None,
               source: str = "", description: str = "", keywords: Iterable[str] = (),
-              canary: str = "", lines: Sequence[int] | None = None) -> Task:
+              canary: str = "", lines: Sequence[int | str] | None = None) -> Task:
     """Validates rows and builds a `Task` with the fixed columns.
 
     Args:
@@ -183,14 +202,16 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
         (an int index, or the correct choice's text); optional `id` and `references`.
       metric: defaults to "exact_match" / "multiple_choice_grade" by kind.
       source, description, keywords, canary: provenance, see `Task`.
-      lines: for error messages, the source line (or row) number of each row.
+      lines: for error messages, the source line (or row) number of each row, or a label per
+        row such as "example 3" (default: 1-based row numbers).
 
     Returns:
       The validated `Task`.
 
     Raises:
-      DataError: empty task, unknown kind, a missing field, or an answer not among the choices;
-        the message names the source, task, field and line.
+      DataError: empty task, unknown kind, a missing field, an empty target or choice, repeated
+        choices, an answer not among the choices, references that are not strings, or a repeated
+        id; the message names the source, task, field and line.
     """
     if kind not in KINDS:
         raise data_error(f"unknown kind {kind!r}; expected one of {KINDS}", task=name,
@@ -201,11 +222,17 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     # Our own content fingerprint: `datasets` would otherwise pickle-hash the whole table,
     # which costs more than building it.
     fingerprint = hashlib.sha256(f"{name}\0{kind}".encode())
+    id_lines: dict[str, int | str] = {}
     for i, row in enumerate(rows):
         line = lines[i] if lines is not None else i + 1
         ex = _normalise_row(row, kind, name, source, line)
         _check_example(ex, kind, name, source, line)
         ex["id"] = str(row["id"]) if row.get("id") is not None else f"{name}:{i}"
+        if ex["id"] in id_lines:  # results and manifests are keyed by id
+            raise data_error(f"duplicate id {ex['id']!r}, first used at {_at(id_lines[ex['id']])}; "
+                             f"give every example its own id (or none)", task=name,
+                             source=source, line=line, field="id")
+        id_lines[ex["id"]] = line
         for k in cols:
             cols[k].append(ex[k])
         fingerprint.update(repr([ex[k] for k in cols]).encode("utf-8"))
@@ -224,7 +251,7 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
 
 
 def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,
-                       lines: Sequence[int] | None) -> None:
+                       lines: Sequence[int | str] | None) -> None:
     """Raises a `DataError` at the first string that is not valid Unicode (found only on failure,
     so valid data pays nothing for the check)."""
     for field, values in cols.items():
@@ -242,7 +269,7 @@ def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,
 
 
 def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
-                   line: int) -> dict[str, Any]:
+                   line: int | str) -> dict[str, Any]:
     def need(field):
         if field not in row or row[field] is None:
             raise data_error("missing required field", task=task, source=source, line=line,
@@ -253,6 +280,11 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
     if kind == "generate":
         target = need("target")
         refs = row.get("references") or [target]
+        if isinstance(refs, str):  # one reference, not a sequence of characters
+            refs = [refs]
+        if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
+            raise data_error(f"references must be a string or a list of strings, got {refs!r}",
+                             task=task, source=source, line=line, field="references")
         return {"prompt": prompt, "target": target, "choices": [], "answer": -1,
                 "references": list(refs)}
     choices = need("choices")

@@ -8,6 +8,11 @@ first into one token, and then that token is neither prompt nor target). The pap
 Truncation keeps the target: the prompt is cut from the left (its end, nearest the answer, is
 what matters), keeping a leading BOS token when the tokenizer adds one. Only when the target alone
 is longer than the limit is the target cut, from the right, and its EOS dropped.
+
+Every row keeps at least one token before its target, because the loss on a token is taken at the
+position before it: with no such token the first target token would silently get no loss. An empty
+prompt gets the tokenizer's BOS token (an error if it has none), and a target cut to fit keeps one
+context token (the BOS, else the prompt's last token).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from taskpgm_jax.data.tasks import DataError
 
 __all__ = [
     "Encoded", "encode_choices", "encode_example", "encode_task", "load_tokenizer",
@@ -81,9 +88,18 @@ def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_si
       min_frequency: minimum pair count for a merge.
 
     Returns:
-      The loaded `transformers` tokenizer (`<|pad|>` id 0, `<|bos|>` 1, `<|eos|>` 2).
+      The loaded `transformers` tokenizer (`<|pad|>` id 0, `<|bos|>` 1, `<|eos|>` 2). It prepends
+      `<|bos|>` when called with `add_special_tokens=True` (as Llama tokenizers do), and
+      `decode(..., skip_special_tokens=True)` drops it again.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|pad|>", "<|bos|>", "<|eos|>"]
@@ -97,6 +113,12 @@ def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_si
                                   special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    # A BOS on every prompt gives the first target token a position to be predicted from even
+    # when the prompt is empty or cut away; saved in tokenizer.json, so AutoTokenizer keeps it.
+    bos = tok.token_to_id(specials[1])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{specials[1]} $A", pair=f"{specials[1]} $A $B:1",
+        special_tokens=[(specials[1], bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0],
                                    bos_token=specials[1], eos_token=specials[2])
     out_dir = Path(out_dir)
@@ -120,11 +142,27 @@ def _assemble(prompt_ids: list[int], target_ids: list[int], max_length: int | No
         if room >= 0:
             cut = len(body) - room
             prompt_ids = head + body[cut:]
-        else:  # the target alone does not fit: no prompt left but the head, target cut right
-            cut = len(body) + (len(target_ids) - (max_length - len(head)))
+        else:  # the target alone does not fit: the target is cut from the right
+            # Keep one token before the target (the BOS, else the prompt's last token, nearest
+            # the answer): it is the position the first target token is predicted from.
+            if target_ids and not head:
+                head = prompt_ids[-1:]
+            cut = len(prompt_ids) - len(head) + len(target_ids) - (max_length - len(head))
             prompt_ids = head
             target_ids = target_ids[:max_length - len(head)]
     return prompt_ids, target_ids, cut
+
+
+def _lead(tokenizer, prompt_ids: list[int], what: str) -> list[int]:
+    """The prompt ids, or [BOS] for an empty prompt: a row needs a token before its target."""
+    if prompt_ids:
+        return prompt_ids
+    if tokenizer.bos_token_id is None:
+        raise DataError(
+            f"{what}: empty prompt and the tokenizer has no BOS token, so no position would "
+            f"predict the first target token (it would get no loss and no score); give the "
+            f"example a prompt, pass a separator, or use a tokenizer with a BOS token")
+    return [tokenizer.bos_token_id]
 
 
 def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | None = None,
@@ -136,7 +174,8 @@ def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | Non
       tokenizer: a `transformers` tokenizer; its special tokens (BOS) go on the prompt.
       prompt: the input text.
       target: the text to learn / score.
-      max_length: the longest sequence allowed; the prompt is cut from the left to fit.
+      max_length: the longest sequence allowed (at least 2); the prompt is cut from the left to
+        fit, and a target longer than that is cut from the right after one context token.
       add_eos: append the EOS token to the target (so the model learns to stop). Scoring rows
         for multiple choice usually pass False.
       separator: text appended to the prompt (e.g. " " for the paper's `inputs + " " + targets`).
@@ -144,6 +183,9 @@ def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | Non
 
     Returns:
       An `Encoded`.
+
+    Raises:
+      DataError: an empty prompt (with the separator) and a tokenizer without a BOS token.
 
     Example:
       >>> enc = encode_example(tok, "add 2+3 = ", "5", max_length=32)
@@ -155,14 +197,20 @@ def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | Non
 
 def _build(tokenizer, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
            add_eos: bool, example: int, choice: int) -> Encoded:
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (one context token and one target "
+                         f"token), got {max_length}")
     target_ids = list(target_ids)
+    where = (f"example {example}" if example >= 0 else "this example") + (
+        f" choice {choice}" if choice >= 0 else "")
+    prompt_ids = _lead(tokenizer, list(prompt_ids), where)
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no EOS token")
         target_ids.append(tokenizer.eos_token_id)
     keep_first = (tokenizer.bos_token_id is not None and bool(prompt_ids)
                   and prompt_ids[0] == tokenizer.bos_token_id)
-    p, t, cut = _assemble(list(prompt_ids), target_ids, max_length, keep_first)
+    p, t, cut = _assemble(prompt_ids, target_ids, max_length, keep_first)
     ids = np.asarray(p + t, dtype=np.int32)
     mask = np.zeros(len(ids), dtype=bool)
     mask[len(p):] = True
@@ -172,12 +220,16 @@ def _build(tokenizer, prompt_ids: list[int], target_ids: list[int], max_length: 
 def encode_prompt(tokenizer, prompt: str, *, max_length: int | None = None,
                   separator: str = "") -> tuple[list[int], int]:
     """A generation prompt tokenized exactly as training rows tokenize theirs: `prompt +
-    separator` with the special tokens, cut from the left to `max_length` keeping a leading BOS.
+    separator` with the special tokens, cut from the left to `max_length` keeping a leading BOS;
+    an empty prompt is [BOS], as in training rows.
 
     Returns:
       (token ids, number of prompt tokens cut).
+
+    Raises:
+      DataError: an empty prompt and a tokenizer without a BOS token.
     """
-    ids = _ids(tokenizer, prompt + separator, special=True)
+    ids = _lead(tokenizer, _ids(tokenizer, prompt + separator, special=True), "generation prompt")
     keep_first = (tokenizer.bos_token_id is not None and bool(ids)
                   and ids[0] == tokenizer.bos_token_id)
     ids, _, cut = _assemble(ids, [], max_length, keep_first)

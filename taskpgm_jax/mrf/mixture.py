@@ -9,13 +9,46 @@ formats the JAX training stacks read (reference/peers.md 4); baseline mixtures.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import json
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 UNITS = ("examples", "tokens")
+
+
+def largest_remainder(weights, budget: int) -> np.ndarray:
+    """Integer counts proportional to `weights` that sum exactly to `budget`.
+
+    floor(budget * w_i / sum(w)), then one more for the largest fractional parts, ties to the
+    earlier task. The arithmetic is exact (integers over a common power-of-two denominator: every
+    float is a binary fraction), so a tie is an exact tie of the weights as given (integer
+    weights [1, 7, 2] at budget 2 tie, and the 7 wins), never broken by rounding noise. Weights
+    that tie only in decimal are not ties once stored as floats (0.7 is stored just below 7/10).
+
+    Args:
+      weights: finite non-negative numbers, not all zero (need not sum to 1).
+      budget: a non-negative integer.
+
+    Returns:
+      int64 counts, one per weight.
+
+    Example:
+      >>> largest_remainder([0, 1, 7, 2, 0], 2)   # array([0, 0, 2, 0, 0])
+    """
+    fr = [fractions.Fraction(float(w)) for w in np.asarray(weights, np.float64).reshape(-1)]
+    denom = max(f.denominator for f in fr)  # all powers of two: the largest is a multiple of all
+    num = [f.numerator * (denom // f.denominator) for f in fr]
+    total, budget = sum(num), int(budget)
+    counts = [n * budget // total for n in num]
+    rem = [n * budget - c * total for n, c in zip(num, counts)]  # numerators over `total`
+    order = sorted(range(len(num)), key=lambda i: (-rem[i], i))
+    for i in order[:budget - sum(counts)]:
+        counts[i] += 1
+    return np.array(counts, dtype=np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +84,11 @@ class Mixture:
         if self.unit not in UNITS:
             raise ValueError(f"unit: expected one of {UNITS}, got {self.unit!r}.")
         object.__setattr__(self, "names", names)
-        object.__setattr__(self, "weights", tuple(float(x) for x in w / w.sum()))
-        object.__setattr__(self, "provenance", dict(self.provenance))
+        # Kept as given (the constructors below normalise): dividing by a sum that is 1 only to
+        # within rounding again would change the last bits on every JSON round trip.
+        object.__setattr__(self, "weights", tuple(float(x) for x in w))
+        object.__setattr__(self, "provenance", {k: _json_value(v, k)
+                                                for k, v in dict(self.provenance).items()})
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -79,17 +115,14 @@ class Mixture:
     def to_counts(self, budget: int) -> dict[str, int]:
         """Integer counts by largest remainder: floor(w_i * budget), then one more for the
         largest fractional parts (ties to the earlier task) until they sum exactly to budget.
+        Exact arithmetic on the stored weights (see `largest_remainder`).
 
         Example:
           >>> Mixture(("a", "b", "c"), (0.5, 0.3, 0.2)).to_counts(7)   # {a: 4, b: 2, c: 1}
         """
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
             raise ValueError(f"budget: expected a non-negative integer, got {budget!r}.")
-        exact = np.asarray(self.weights) * int(budget)
-        counts = np.floor(exact).astype(np.int64)
-        short = int(budget) - int(counts.sum())
-        order = np.argsort(-(exact - counts), kind="stable")
-        counts[order[:short]] += 1
+        counts = largest_remainder(self.weights, int(budget))
         return dict(zip(self.names, (int(c) for c in counts)))
 
     # -- JSON -----------------------------------------------------------------------------
@@ -113,6 +146,10 @@ class Mixture:
 
     @classmethod
     def from_seqio(cls, rates: Sequence[tuple[str, float]], **kw) -> "Mixture":
+        names = [name for name, _ in rates]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:  # dict() would keep the last rate silently
+            raise ValueError(f"rates: duplicate task names {dup}; give each task one rate.")
         return cls.from_counts(dict(rates), **kw)
 
     def to_levanter(self) -> dict[str, dict[str, float]]:
@@ -156,9 +193,24 @@ def _sizes(names, sizes):
     return s
 
 
+def _json_value(value, key):
+    """A provenance value as plain JSON types (NumPy scalars and arrays become Python ones), so
+    `to_json` cannot fail after the mixture was built."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
+    try:
+        json.dumps(value)
+    except TypeError:
+        raise ValueError(f"provenance: {key!r} = {value!r} is not JSON data (numbers, strings, "
+                         "lists, dicts).") from None
+    return value
+
+
 def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
     """Every task the same weight."""
     n = len(names)
+    if n == 0:
+        raise ValueError("names: a mixture needs at least one task.")
     return Mixture(tuple(names), (1.0 / n,) * n, unit, {"method": "uniform"})
 
 
@@ -171,8 +223,10 @@ def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examp
 def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
                         unit: str = "examples") -> Mixture:
     """w_i proportional to n_i^(1 / tau): tau = 1 is size-proportional, tau -> inf uniform."""
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (
+            math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau: must be a positive number, got {tau!r}.")
+    tau = float(tau)
     logits = np.log(_sizes(names, sizes)) / tau
     w = np.exp(logits - logits.max())
     return Mixture(tuple(names), tuple(w / w.sum()), unit, {"method": "temperature", "tau": tau})

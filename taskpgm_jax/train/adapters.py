@@ -273,7 +273,18 @@ class StackedIterator:
         return self
 
     def __next__(self) -> Batch:
-        batches = [next(it) for it in self.iterators]
+        # When a finite task iterator stops, the ones before it have already given a batch that
+        # is never yielded: roll them back so that state() stays where training stopped.
+        saved = [it.state() if hasattr(it, "state") else None for it in self.iterators]
+        batches = []
+        for it in self.iterators:
+            try:
+                batches.append(next(it))
+            except StopIteration:
+                for done, st in zip(self.iterators[:len(batches)], saved):
+                    if st is not None:
+                        done.restore(st)
+                raise
         shapes = {np.shape(b.input_ids) for b in batches}
         if len(shapes) != 1:
             raise ValueError(f"per-task batches differ in shape: {sorted(shapes)}")

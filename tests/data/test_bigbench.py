@@ -177,15 +177,34 @@ def test_bbh_missing_and_errors(tmp_path, rng):
     bad["examples"][2]["target_scores"] = {"a": 0, "b": 0}
     (tmp_path / "bad").mkdir()
     with pytest.raises(DataError,
-                       match=r"task 'bad'.*field 'target_scores'.*example 2.*no correct"):
+                       match=r"example 2, task 'bad', field 'target_scores'.*no correct"):
         load_bigbench("bad", archive=_build_archive(tmp_path / "bad" / "bigbench-1.0.0.tar.gz",
                                                     {"bad": bad}))
     gen = _gen_task(rng, "gen", 3)
     del gen["examples"][1]["target"]
     (tmp_path / "gen").mkdir()
-    with pytest.raises(DataError, match=r"task 'gen'.*field 'target'.*example 1"):
+    with pytest.raises(DataError, match=r"example 1, task 'gen', field 'target'"):
         load_bigbench("gen", archive=_build_archive(tmp_path / "gen" / "bigbench-1.0.0.tar.gz",
                                                     {"gen": gen}))
+
+
+def test_bad_examples_name_the_example_and_field():
+    def convert(examples):
+        data = {"examples": examples, "preferred_score": "multiple_choice_grade"}
+        return bb.convert_task(data, "x/y", "bigbench:1.0.0/x/y")
+
+    good = {"input": "q", "target_scores": {"a": 1, "b": 0}}
+    for scores in ({"a": "high", "b": 0}, {"a": None, "b": 0}, {"a": float("nan"), "b": 0}):
+        with pytest.raises(DataError, match=r"^bigbench:1.0.0/x/y example 1, task 'x/y', field "
+                                            r"'target_scores': scores must be"):
+            convert([good, {"input": "r", "target_scores": scores}])
+    # Errors found by make_task count examples from 0 too, not "line 1".
+    with pytest.raises(DataError, match=r"example 1, task 'x/y', field 'choices': choice 0 is "
+                                        r"empty"):
+        convert([good, {"input": "r", "target_scores": {"": 1, "b": 0}}])
+    with pytest.raises(DataError, match=r"example 0, task 'x/y', field 'target': empty target"):
+        bb.convert_task({"examples": [{"input": "q", "target": ["", "yes"]}]}, "x/y",
+                        "bigbench:1.0.0/x/y")
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

@@ -60,6 +60,13 @@ def test_single_file_with_task_column_and_mapping(tmp_path, rng):
     # Without a task column the file is one task named after it.
     _write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "target": "t"}] * 3)
     assert load_task_files(tmp_path / "one.jsonl").names == ("one",)
+    # A task column on any row (not just the first) makes the file multi-task: rows without a
+    # task name are errors, not silently merged into one task.
+    _write_jsonl(tmp_path / "late.jsonl", [{"prompt": "a", "target": "1"},
+                                           {"task": "t1", "prompt": "b", "target": "2"}])
+    with pytest.raises(DataError, match=r"late.jsonl line 1, field 'task': missing or empty "
+                                        r"task name \(got None\)"):
+        load_task_files(tmp_path / "late.jsonl")
 
 
 def test_bad_files_name_file_line_and_field(tmp_path, rng):
@@ -125,6 +132,17 @@ def test_hub_column_mapping_with_a_local_builder(tmp_path, rng):
                              "task": "whole", "columns": {"prompt": "inputs", "target": "targets"},
                              "cache_dir": str(tmp_path / "hf")})
     assert single.sizes == {"whole": 40}
+    numbered = [{**r, "name": i % 2} for i, r in enumerate(rows)]  # integer (ClassLabel) tasks
+    _write_jsonl(tmp_path / "numbered.jsonl", numbered)
+    assert load_hub_tasks([HubSpec("json", data_files=str(tmp_path / "numbered.jsonl"),
+                                   task_column="name", columns=spec.columns,
+                                   cache_dir=str(tmp_path / "hf"))]).names == ("0", "1")
+    rows[2]["name"] = None  # a null task is an error naming its row, not a task named "None"
+    _write_jsonl(tmp_path / "null.jsonl", rows)
+    with pytest.raises(DataError, match=r"hub:json:train line 3, field 'name': missing or empty"):
+        load_hub_tasks([HubSpec("json", data_files=str(tmp_path / "null.jsonl"),
+                                task_column="name", columns=spec.columns,
+                                cache_dir=str(tmp_path / "hf"))])
 
 
 def test_hub_offline_error_explains_local_files():

@@ -1,6 +1,5 @@
 """The host iterator: determinism, exact resume, multi-host shares, global arrays."""
 
-import collections
 import json
 
 import jax
@@ -75,21 +74,30 @@ class _Recording(list):
         return super().__getitem__(i)
 
 
-def test_hosts_read_disjoint_shares(rng):
-    n, hosts = 83, 4
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_hosts_read_disjoint_shares(rng, shuffle):
+    n, hosts, epochs, batch = 83, 4, 6, 4
+    per_epoch = n // hosts  # 20 per host, 3 sequences left out of each epoch
     seqs = _seqs(rng, n)
-    per_host, touched = [], []
+    reads = []  # reads[p][e]: the sequences host p read in epoch e
     for p in range(hosts):
         rec = _Recording(seqs)
-        it = HostIterator(rec, batch_size=2, seq_len=24, seed=11, num_epochs=3,
-                          process_index=p, process_count=hosts)
-        per_host.append([i for b in it for i in _ids_in(b)])
-        touched.append(rec.touched)
-    # Each host reads only its shard, the same shard every epoch, each example once per epoch.
-    for a in range(hosts):
-        assert all(not (touched[a] & touched[b]) for b in range(a + 1, hosts))
-        assert len(touched[a]) == n // hosts
-        assert collections.Counter(per_host[a]) == {i: 3 for i in touched[a]}
+        it = HostIterator(rec, batch_size=batch, seq_len=24, seed=11, num_epochs=epochs,
+                          pack=False, shuffle=shuffle, process_index=p, process_count=hosts)
+        ids = [i for b in it for i in _ids_in(b)]  # unpacked: batches align with epochs
+        assert len(ids) == epochs * per_epoch
+        reads.append([ids[e * per_epoch:(e + 1) * per_epoch] for e in range(epochs)])
+        assert rec.touched == set(ids)  # a host touches only what it reads
+    left_out = []
+    for e in range(epochs):
+        shares = [set(reads[p][e]) for p in range(hosts)]
+        # Within an epoch: no sequence twice on a host, no sequence on two hosts.
+        assert all(len(s) == per_epoch for s in shares)
+        assert len(set().union(*shares)) == hosts * per_epoch
+        left_out.append(frozenset(range(n)) - set().union(*shares))
+    # The left-out tail moves between epochs, so every sequence is read.
+    assert len(set(left_out)) > 1
+    assert set().union(*(set(r) for host in reads for r in host)) == set(range(n))
     with pytest.raises(ValueError, match="process_index"):
         HostIterator(seqs, batch_size=2, seq_len=24, process_index=4, process_count=4)
 

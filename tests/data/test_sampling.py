@@ -41,6 +41,8 @@ def test_counts_sum_to_budget_and_follow_weights(weights, budget):
 
 def test_counts_keep_names_and_reject_bad_weights(rng):
     assert mixture_counts({"a": 0.5, "b": 0.3, "c": 0.2}, 7) == {"a": 4, "b": 2, "c": 1}
+    # The weights as given, not renormalised in floating point: 7 and 2 tie at budget 2.
+    assert mixture_counts({"w": 0, "x": 1, "y": 7, "z": 2}, 2) == {"w": 0, "x": 0, "y": 2, "z": 0}
     mix = random_mixture([f"t{i}" for i in range(9)], seed=int(rng.integers(1 << 30)))
     assert mixture_counts(mix, 1001) == mix.to_counts(1001)  # accepts an mrf.Mixture
     tokens = Mixture(mix.names, mix.weights, unit="tokens")

@@ -140,3 +140,36 @@ def test_errors_name_task_and_field(rng):
         TaskPool([small], SplitSpec(probe=0.1, min_probe=50))
     with pytest.raises(ValueError, match="sum to at most 1"):
         SplitSpec(probe=0.6, eval=0.5)
+
+
+def test_rows_that_would_score_wrongly_are_rejected():
+    ok = {"prompt": "q ", "choices": ["no", "yes"], "answer": 1}
+    # An empty choice (answer or not) has no tokens: log-likelihood 0, it would always win.
+    for bad in ({**ok, "choices": ["", "yes"]}, {**ok, "choices": ["", "yes"], "answer": 0}):
+        with pytest.raises(DataError,
+                           match=r"line 2, task 'm', field 'choices': choice 0 is empty"):
+            make_task("m", "multiple_choice", [ok, bad])
+    with pytest.raises(DataError, match=r"line 2, task 'm', field 'choices': choices 0 and 2 are "
+                                        r"both 'yes'"):
+        make_task("m", "multiple_choice", [ok, {**ok, "choices": ["yes", "no", "yes"]}])
+    with pytest.raises(DataError, match=r"line 1, task 'g', field 'target': empty target"):
+        make_task("g", "generate", [{"prompt": "q", "target": ""}])
+    # Ids key results: a repeat names both lines.
+    rows = [{"id": "a", "prompt": "p", "target": "1"}, {"id": "b", "prompt": "p", "target": "2"},
+            {"id": "a", "prompt": "r", "target": "3"}]
+    with pytest.raises(DataError, match=r"line 3, task 'g', field 'id': duplicate id 'a', first "
+                                        r"used at line 1"):
+        make_task("g", "generate", rows)
+    with pytest.raises(DataError, match=r"f.jsonl line 9, task 'g', field 'id'.*at line 7"):
+        make_task("g", "generate", rows, source="f.jsonl", lines=[7, 8, 9])
+
+
+def test_references_are_a_string_or_a_list_of_strings():
+    rows = [{"prompt": "a", "target": "42", "references": "42"},  # one reference, not "4", "2"
+            {"prompt": "b", "target": "7", "references": ["7", "seven"]},
+            {"prompt": "c", "target": "8"}]
+    task = make_task("g", "generate", rows)
+    assert task.examples["references"] == [["42"], ["7", "seven"], ["8"]]
+    for refs in ([4], 4, ["4", None], {"a": "b"}):
+        with pytest.raises(DataError, match=r"line 2, task 'g', field 'references'"):
+            make_task("g", "generate", [rows[0], {**rows[1], "references": refs}])

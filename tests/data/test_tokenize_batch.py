@@ -5,8 +5,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from taskpgm_jax.data import (
-    Encoded, encode_choices, encode_example, encode_task, pack_batches, pack_rows, pad_batch,
-    synthetic_suite,
+    DataError, Encoded, encode_choices, encode_example, encode_prompt, encode_task, pack_batches,
+    pack_rows, pad_batch, synthetic_suite,
 )
 
 
@@ -20,6 +20,12 @@ def test_tokenizer_dir_is_standard(tokenizer_dir, tokenizer):
     assert auto(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert auto.decode(auto(text, add_special_tokens=False)["input_ids"]) == text
     assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+    # The BOS is prepended on reload from disk, and decoding without specials drops it.
+    ids = auto(text)["input_ids"]
+    assert ids[0] == auto.bos_token_id == 1 and ids[1:] == auto(text, add_special_tokens=False)[
+        "input_ids"]
+    assert auto.decode(ids, skip_special_tokens=True) == text
+    assert auto(["", "ab"])["input_ids"][0] == [1]
 
 
 def test_loss_mask_covers_exactly_the_target(tokenizer, rng):
@@ -46,12 +52,13 @@ def test_truncation_cuts_the_prompt_from_the_left(tokenizer, rng):
     max_len = n_target + 5
     cut = encode_example(tokenizer, prompt, target, max_length=max_len)
     assert len(cut) == max_len and cut.truncated == len(full) - max_len
-    # The kept prompt tokens are the *last* ones, the target is whole.
-    assert cut.input_ids.tolist() == full.input_ids[-max_len:].tolist()
+    # The BOS, then the *last* prompt tokens; the target is whole.
+    bos = tokenizer.bos_token_id
+    assert cut.input_ids.tolist() == [bos] + full.input_ids[1 - max_len:].tolist()
     assert cut.target_mask.sum() == n_target
-    # A target longer than the limit keeps its head.
+    # A target longer than the limit keeps its head, after the BOS.
     short = encode_example(tokenizer, prompt, target * 10, max_length=4)
-    assert len(short) == 4 and short.target_mask.all()
+    assert len(short) == 4 and short.target_mask.tolist() == [False, True, True, True]
     whole = encode_example(tokenizer, "", target * 10)
     assert short.input_ids.tolist() == whole.input_ids[:4].tolist()
 
@@ -71,6 +78,52 @@ def test_truncation_keeps_bos():
     assert enc.input_ids.tolist() == [1, ord("g") + 10, ord("h") + 10, ord("x") + 10,
                                       ord("y") + 10, 2]
     assert enc.target_mask.tolist() == [False, False, False, True, True, True]
+
+
+class _NoBosTok:
+    """A tokenizer stub without BOS, as Qwen2 tokenizers are; one id per character."""
+
+    bos_token_id, eos_token_id = None, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
+        return {"input_ids": [ord(c) + 10 for c in text]}
+
+
+def _c(text):
+    return [ord(c) + 10 for c in text]
+
+
+def test_first_target_token_always_has_a_position_before_it(tokenizer):
+    """The loss on token t is taken at position t - 1: every row keeps a token before its target,
+    so pad_batch scores every target token (checked against hand-built rows)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    five = tokenizer("5", add_special_tokens=False)["input_ids"]
+    enc = encode_example(tokenizer, "", "5")  # an empty prompt gets the BOS
+    assert enc.input_ids.tolist() == [bos, *five, eos]
+    assert enc.target_mask.tolist() == [False] + [True] * (len(five) + 1)
+    batch = pad_batch([enc], seq_len=8)
+    assert batch.loss_mask.sum() == enc.target_mask.sum()
+    assert encode_prompt(tokenizer, "", max_length=4) == ([bos], 0)
+    # Without a BOS: the prompt's last token stays before a target cut to fit ...
+    enc = encode_example(_NoBosTok(), "abc", "wxyz", max_length=3)
+    assert enc.input_ids.tolist() == _c("cwx") and enc.target_mask.tolist() == [False, True, True]
+    assert enc.truncated == 2 + 3  # "ab" of the prompt, "yz" and the EOS of the target
+    assert pad_batch([enc], seq_len=3).loss_mask.sum() == 2
+    # ... (with a BOS, the BOS stays) ...
+    enc = encode_example(_BosTok(), "abc", "wxyz", max_length=3)
+    assert enc.input_ids.tolist() == [1, *_c("wx")] and enc.truncated == 3 + 3
+    # ... and an empty prompt is an error naming the example, unless a separator fills it.
+    rows = [{"prompt": "a", "target": "b", "choices": []}, {"prompt": "", "target": "b",
+                                                             "choices": []}]
+    with pytest.raises(DataError, match=r"example 1: empty prompt.*no BOS token"):
+        encode_task(_NoBosTok(), rows)
+    assert encode_task(_NoBosTok(), rows, separator=" ")[1].input_ids.tolist() == _c(" b") + [2]
+    with pytest.raises(DataError, match="generation prompt: empty prompt"):
+        encode_prompt(_NoBosTok(), "")
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        encode_example(_BosTok(), "abc", "w", max_length=1)
 
 
 def test_multiple_choice_rows(tokenizer, rng):

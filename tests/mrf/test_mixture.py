@@ -1,5 +1,6 @@
 """Mixture counts, JSON and exporter round trips, baselines."""
 
+import fractions
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from taskpgm_jax.mrf import (Mixture, potentials, random_mixture, size_proportional_mixture,
                              solve, temperature_mixture, uniform_mixture)
+from taskpgm_jax.mrf.mixture import largest_remainder
 
 weights = st.lists(st.floats(0.0, 10.0), min_size=1, max_size=40).filter(lambda w: sum(w) > 0)
 
@@ -31,9 +33,41 @@ def test_largest_remainder_example():
     assert Mixture(("a", "b", "c"), (0.5, 0.3, 0.2)).to_counts(7) == {"a": 4, "b": 2, "c": 1}
 
 
+def _exact_counts(weights, budget):
+    """The documented rule in exact rationals: floors, then the largest remainders, ties to the
+    earlier task."""
+    f = [fractions.Fraction(float(w)) for w in weights]
+    quota = [x / sum(f) * budget for x in f]
+    counts = [int(q) for q in quota]
+    order = sorted(range(len(f)), key=lambda i: (counts[i] - quota[i], i))
+    for i in order[:budget - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def test_ties_go_to_the_earlier_task_exactly(rng):
+    # Float noise used to decide this one: 7/10 * 2 and 2/10 * 2 have the same remainder 0.4.
+    assert largest_remainder([0, 1, 7, 2, 0], 2).tolist() == [0, 0, 2, 0, 0]
+    for trial in range(1500):
+        n = int(rng.integers(1, 8))
+        if trial % 3 == 0:  # small integers: many exact ties
+            w = rng.integers(0, 6, size=n).astype(float)
+        elif trial % 3 == 1:  # repeated values in any order: ties among equal weights
+            w = rng.choice(rng.uniform(0, 3, size=2), size=n)
+        else:
+            w = rng.uniform(0, 1, size=n) ** 3
+        if w.sum() == 0:
+            continue
+        budget = int(rng.integers(0, 50)) if trial % 2 else int(rng.integers(0, 10**7))
+        assert largest_remainder(w, budget).tolist() == _exact_counts(w, budget), (w, budget)
+        mix = Mixture.from_counts({f"t{i}": x for i, x in enumerate(w)})
+        assert list(mix.to_counts(budget).values()) == _exact_counts(mix.weights, budget)
+
+
 @given(weights)
 def test_exporters_round_trip(w):
     mix = _mix(w)
+    assert Mixture.from_json(mix.to_json()) == mix  # JSON keeps every bit
     for back in (Mixture.from_json(mix.to_json()), Mixture.from_seqio(mix.to_seqio()),
                  Mixture.from_levanter(mix.to_levanter()),
                  Mixture.from_open_instruct(mix.to_open_instruct())):
@@ -88,3 +122,20 @@ def test_bad_baseline_inputs_raise():
         uniform_mixture(["a"]).to_counts(-1)
     with pytest.raises(ValueError, match="paths"):
         uniform_mixture(["a"]).to_maxtext({})
+    with pytest.raises(ValueError, match="names: a mixture needs at least one task"):
+        uniform_mixture([])
+    with pytest.raises(ValueError, match=r"rates: duplicate task names \['a'\]"):
+        Mixture.from_seqio([("a", 0.5), ("b", 0.25), ("a", 0.25)])
+    with pytest.raises(ValueError, match="provenance: 'obj'"):
+        uniform_mixture(["a"]).from_counts({"a": 1}, obj=object())
+
+
+def test_numpy_scalars_are_accepted_and_serialised():
+    """tau and provenance values often arrive as NumPy scalars (from a sweep or a solver)."""
+    names, sizes = ["a", "b"], [100, 400]
+    ref = np.sqrt(sizes) / np.sqrt(sizes).sum()
+    for tau in (np.float32(2.0), np.int64(2)):
+        np.testing.assert_allclose(temperature_mixture(names, sizes, tau).weights, ref)
+    mix = Mixture.from_counts({"a": 1, "b": 3}, beta=np.float32(0.5), sizes=np.arange(2))
+    back = json.loads(mix.to_json())["provenance"]
+    assert back == {"beta": 0.5, "sizes": [0, 1]}

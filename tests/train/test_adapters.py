@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.data import Batch
+from taskpgm_jax.data import Batch, HostIterator
 from taskpgm_jax.models import LoRAParam, lora_state, stack_adapters
 from taskpgm_jax.train import AdapterTrainer, StackedIterator, TrainConfig, Trainer
 from tests.train.conftest import (
@@ -14,6 +14,7 @@ from tests.train.conftest import (
     batches,
     iterator,
     random_model,
+    successor_seqs,
     tree_copy,
     tree_max_diff,
 )
@@ -71,6 +72,24 @@ def test_stacked_iterator_resumes_every_task():
     got = next(again)
     assert got.input_ids.shape == (2, 4, 16)
     for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stacked_iterator_stops_without_losing_batches():
+    """When the shorter task runs out, the longer one is not left a batch ahead."""
+    def finite(seed, n):
+        return HostIterator(successor_seqs(np.random.default_rng(seed), n), batch_size=2,
+                            seq_len=16, seed=seed, pack=False, num_epochs=1)
+
+    short, long_ = finite(1, 6), finite(2, 10)  # 3 and 5 batches
+    its = StackedIterator([long_, short])  # the long one is drawn first
+    assert len(list(its)) == 3
+    assert [s["step"] for s in its.state()["tasks"]] == [3, 3]
+    # The long task's next batch is its 4th: nothing was consumed by the failed draw.
+    ref = finite(2, 10)
+    for _ in range(3):
+        next(ref)
+    for a, b in zip(next(long_), next(ref)):
         np.testing.assert_array_equal(a, b)
 
 

@@ -25,6 +25,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import os
 import sys
 import tarfile
@@ -263,7 +264,7 @@ def convert_task(data: dict, path: str, source: str) -> Task:
     rows = []
     for i, ex in enumerate(examples):
         def fail(msg, field, i=i):
-            return data_error(f"example {i}: {msg}", task=path, source=source, field=field)
+            return data_error(msg, task=path, source=source, line=f"example {i}", field=field)
 
         if not isinstance(ex.get("input"), str):
             raise fail("missing or non-string input", "input")
@@ -272,7 +273,14 @@ def convert_task(data: dict, path: str, source: str) -> Task:
             if not isinstance(scores, dict) or len(scores) < 2:
                 raise fail("a multiple-choice example needs target_scores with 2+ choices",
                            "target_scores")
-            choices, values = list(scores), [float(v) for v in scores.values()]
+            choices = list(scores)
+            try:
+                values = [float(v) for v in scores.values()]
+            except (TypeError, ValueError):
+                raise fail(f"scores must be numbers, got {list(scores.values())!r}",
+                           "target_scores") from None
+            if not all(math.isfinite(v) for v in values):
+                raise fail(f"scores must be finite, got {values}", "target_scores")
             if max(values) <= min(values):
                 raise fail("no correct choice (all target_scores equal)", "target_scores")
             rows.append({"prompt": _prompt(ex, fmt, choices), "choices": choices,
@@ -284,9 +292,11 @@ def convert_task(data: dict, path: str, source: str) -> Task:
                 raise fail("missing target (a string or a list of strings)", "target")
             rows.append({"prompt": _prompt(ex, fmt, None), "target": refs[0], "references": refs,
                          "id": f"{path}:{i}"})
+    # Examples are numbered from 0, as in the file's "examples" list (there are no lines).
     return make_task(path, kind, rows, metric=preferred or None, source=source,
                      description=data.get("description", ""), keywords=data.get("keywords", []),
-                     canary=data.get("canary", ""))
+                     canary=data.get("canary", ""),
+                     lines=[f"example {i}" for i in range(len(rows))])
 
 
 def bbh_names(index: dict[str, Any]) -> tuple[list[str], list[str]]:

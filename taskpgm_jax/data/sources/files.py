@@ -9,6 +9,7 @@ file needs the number. Parquet is read with pyarrow (the format `datasets` itsel
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -161,6 +162,19 @@ def task_from_records(name: str, records: list[dict], lines: list[int], source: 
     return make_task(name, kind, rows, metric=metric, source=source, lines=lines)
 
 
+def task_name(record: Mapping[str, Any], column: str, source: str, line: int) -> str:
+    """The task name in a record's task column; an error naming the line if it has none.
+    Integer labels (e.g. a Hugging Face ClassLabel column) name their task by the number."""
+    name = record.get(column)
+    if isinstance(name, numbers.Integral) and not isinstance(name, bool):
+        return str(name)
+    if not isinstance(name, str) or not name:
+        raise data_error(f"missing or empty task name (got {name!r}); with a task column, every "
+                         f"row needs a task name string there", source=source, line=line,
+                         field=column)
+    return name
+
+
 def _files_in(path: Path) -> list[Path]:
     files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
     if not files:
@@ -213,13 +227,12 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
                                             metric))
     else:
         records, lines = read_records(path)
-        if records and task_column in records[0]:
+        # Any row with a task column makes the file multi-task (not just the first row's),
+        # so rows without one are errors rather than silently merged into one task.
+        if any(task_column in rec for rec in records):
             groups: dict[str, tuple[list, list]] = {}
             for rec, line in zip(records, lines):
-                name = rec.get(task_column)
-                if not isinstance(name, str) or not name:
-                    raise data_error("missing or empty task name", source=str(path), line=line,
-                                     field=task_column)
+                name = task_name(rec, task_column, str(path), line)
                 groups.setdefault(name, ([], []))
                 groups[name][0].append(rec)
                 groups[name][1].append(line)

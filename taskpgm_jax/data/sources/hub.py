@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from taskpgm_jax.data.sources.files import task_from_records
+from taskpgm_jax.data.sources.files import task_from_records, task_name
 from taskpgm_jax.data.tasks import DataError, SplitSpec, Task, TaskPool, data_error
 
 __all__ = ["HubSpec", "HubUnavailableError", "load_hub_tasks"]
@@ -88,9 +88,11 @@ def _spec_tasks(spec: HubSpec) -> list[Task]:
                          source=source, field=spec.task_column)
     groups: dict[str, tuple[list, list]] = {}
     for row, rec in enumerate(records, start=1):
-        groups.setdefault(str(rec[spec.task_column]), ([], []))
-        groups[str(rec[spec.task_column])][0].append(rec)
-        groups[str(rec[spec.task_column])][1].append(row)
+        # Checked as in local files: a null would otherwise become a task named "None".
+        name = task_name(rec, spec.task_column, source, row)
+        groups.setdefault(name, ([], []))
+        groups[name][0].append(rec)
+        groups[name][1].append(row)
     return [task_from_records(n, recs, rows, source, spec.columns, spec.kind, None)
             for n, (recs, rows) in groups.items()]
 
