@@ -122,10 +122,7 @@ class Checkpointer:
         Raises:
           FileNotFoundError: there is no checkpoint (at `step`).
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
-                                    f"in {self.directory}")
+        step = self._existing_step(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         out = self.manager.restore(step, args=args)
@@ -140,6 +137,14 @@ class Checkpointer:
             return out.state, None, out.meta
         return out.state, positions[jax.process_index()], out.meta
 
+    def _existing_step(self, step: int | None) -> int:
+        """`step`, or the latest when None; FileNotFoundError when there is no such checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
+                                    f"in {self.directory}")
+        return step
+
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The metadata of checkpoint `step` (default: the latest) alone, without the state: cheap,
         and readable before knowing whether the state fits a target.
@@ -147,10 +152,7 @@ class Checkpointer:
         Raises:
           FileNotFoundError: there is no checkpoint (at `step`).
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
-                                    f"in {self.directory}")
+        step = self._existing_step(step)
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
