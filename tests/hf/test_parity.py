@@ -59,13 +59,18 @@ def test_sliding_window_is_exercised(checkpoints, rng):
     assert np.abs(tiny.torch_logits(full, ids, mask) - tiny.torch_logits(torch_model, ids, mask)).max() > 1e-2
 
 
-def test_transformers4_rope_form(checkpoints, rng, tmp_path):
-    # Older config.json files carry rope_theta / rope_scaling at the top level.
-    path, torch_model = checkpoints("llama3_rope_mqa")
+def _linked_copy(path, tmp_path):
+    """The checkpoint's files linked into tmp_path, except config.json: returned for editing."""
     for name in os.listdir(path):
         if name != "config.json":
             os.symlink(os.path.join(path, name), tmp_path / name)
-    cfg = json.loads((path / "config.json").read_text())
+    return json.loads((path / "config.json").read_text())
+
+
+def test_transformers4_rope_form(checkpoints, rng, tmp_path):
+    # Older config.json files carry rope_theta / rope_scaling at the top level.
+    path, torch_model = checkpoints("llama3_rope_mqa")
+    cfg = _linked_copy(path, tmp_path)
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
     cfg["rope_scaling"] = rope
@@ -80,10 +85,7 @@ def test_rope_scaling_wins_over_rope_parameters(checkpoints, rng, tmp_path):
     # A transformers 5 config.json (rope_parameters) with an old-style rope_scaling added on top:
     # transformers applies the rope_scaling, so must we.
     path, torch_model = checkpoints("llama_mha_untied")
-    for name in os.listdir(path):
-        if name != "config.json":
-            os.symlink(os.path.join(path, name), tmp_path / name)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _linked_copy(path, tmp_path)
     assert "rope_parameters" in cfg
     cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
