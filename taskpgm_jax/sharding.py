@@ -16,6 +16,7 @@ K kv heads, H head dim, F MLP hidden, V vocabulary, L layers, T adapters (tasks)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -97,6 +98,10 @@ def _mesh_axis_size(mesh_shape: Mapping[str, int], axis: str | tuple[str, ...] |
     return int(np.prod([mesh_shape.get(n, 1) for n in names]))
 
 
+# Arrays at least this large (as float32) warn when a mesh axis that should split them cannot.
+_WARN_REPLICATED_BYTES = 64 * 2**20
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     rules: Rules | None = None,
@@ -132,6 +137,15 @@ def logical_to_spec(
         names = tuple(n for n in names if n not in used)
         if shape is not None and mesh_shape is not None and names:
             if shape[i] % _mesh_axis_size(mesh_shape, names):
+                # Replicated instead; fine for the tiny test models (one kv head), an OOM at
+                # scale, so say so when the array is large.
+                size_bytes = 4 * int(np.prod(shape))
+                if size_bytes >= _WARN_REPLICATED_BYTES:
+                    warnings.warn(
+                        f"logical axis {name!r} (size {shape[i]}) is not divisible by mesh axes "
+                        f"{names} (size {_mesh_axis_size(mesh_shape, names)}): this "
+                        f"{size_bytes / 2**20:.0f} MiB array is replicated along them; choose "
+                        "a mesh whose axis sizes divide the model's dimensions", stacklevel=2)
                 names = ()
         used.update(names)
         spec.append(None if not names else (names[0] if len(names) == 1 else names))

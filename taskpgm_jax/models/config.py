@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -149,8 +151,20 @@ class LoraConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) \
+                or self.rank <= 0:
             raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        for name in ("alpha", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value) or value < 0 or (name == "alpha" and value == 0):
+                raise ValueError(f"LoraConfig.{name} must be a finite number "
+                                 f"{'> 0' if name == 'alpha' else '>= 0'}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.targets, str):
+            raise ValueError(f"LoraConfig.targets must be a tuple of projection names, got the "
+                             f"string {self.targets!r}; write ({self.targets!r},)")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
             raise ValueError(

@@ -86,9 +86,29 @@ def stack_adapters(adapters: Sequence[nnx.State]) -> nnx.State:
     Returns:
       One state whose arrays have a leading axis of size T.
     """
+    if isinstance(adapters, nnx.State) or not isinstance(adapters, Sequence):
+        raise ValueError("stack_adapters: adapters must be a list of lora_state results, got "
+                         f"{type(adapters).__name__}")
     if not adapters:
         raise ValueError("stack_adapters: adapters is empty")
+    for i, adapter in enumerate(adapters[1:], 1):
+        _check_like(adapter, adapters[0], f"stack_adapters: adapters[{i}]", "adapters[0]")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
+
+
+def _check_like(state, reference, what: str, against: str, leading: int = 0) -> None:
+    """Same targets, shapes (less `leading` stacked axes) and dtypes as `reference`, or a
+    ValueError naming the first leaf that differs: mixing ranks would run with the wrong
+    alpha / rank scale, mixing dtypes would promote silently."""
+    if jax.tree.structure(state) != jax.tree.structure(reference):
+        raise ValueError(f"{what} does not have the structure of {against} (same targets, "
+                         "scanned or not)")
+    got = jax.tree_util.tree_leaves_with_path(state)
+    for (path, x), y in zip(got, jax.tree.leaves(reference), strict=True):
+        if tuple(x.shape[leading:]) != tuple(y.shape) or x.dtype != y.dtype:
+            raise ValueError(f"{what} differs from {against} at {jax.tree_util.keystr(path)}: "
+                             f"{x.dtype}{list(x.shape[leading:])} vs {y.dtype}{list(y.shape)} "
+                             "(rank, targets and dtype must match)")
 
 
 def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax.Array,
@@ -125,9 +145,8 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     graphdef, own, rest = nnx.split(model, LoRAParam, ...)
     if not jax.tree.leaves(own):
         raise ValueError("multi_adapter_forward: the model has no LoRA adapters; call add_lora first")
-    if jax.tree.structure(own) != jax.tree.structure(adapters):
-        raise ValueError("multi_adapter_forward: adapters do not have the structure of the model's "
-                         "adapters (same targets, scanned or not)")
+    _check_like(adapters, own, "multi_adapter_forward: adapters", "the model's adapters",
+                leading=1)  # shapes and dtypes are static: checked under jit too
     sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
     if len(sizes) != 1:
         raise ValueError("multi_adapter_forward: adapters disagree on the adapter axis size: "

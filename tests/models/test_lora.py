@@ -1,5 +1,7 @@
 """Multi-adapter forward against separate forwards; zero adapters; merge."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,26 @@ def test_multi_adapter_errors(tiny_model, adapted):
         multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), ids, adapter_chunk=0)
     with pytest.raises(ValueError, match="2 rows on its adapter axis but there are 1 adapters"):
         multi_adapter_forward(adapted, stack_adapters([lora_state(adapted)]), jnp.zeros((2, 1, 4), jnp.int32))
+    # Adapters of another rank would run with this model's alpha / rank scale: refused by leaf.
+    other = add_lora(nnx.clone(tiny_model), dataclasses.replace(LORA, rank=3), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"adapters differs from the model's adapters at .*, 3\] vs"):
+        multi_adapter_forward(adapted, stack_adapters([lora_state(other)]), ids)
+    with pytest.raises(ValueError, match=r"stack_adapters: adapters\[1\] differs from adapters\[0\]"):
+        stack_adapters([lora_state(adapted), lora_state(other)])
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lora_state(adapted))
+    with pytest.raises(ValueError, match=r"adapters\[1\] differs .*bfloat16"):
+        stack_adapters([lora_state(adapted), half])
+    with pytest.raises(ValueError, match="must be a list of lora_state results"):
+        stack_adapters(lora_state(adapted))
+
+
+def test_lora_config_values_are_named():
+    assert LoraConfig(rank=np.int64(4)).rank == 4
+    for kwargs, field in (({"alpha": "16"}, "alpha"), ({"alpha": -1.0}, "alpha"),
+                          ({"rank": True}, "rank"), ({"init_std": -1.0}, "init_std"),
+                          ({"targets": "q_proj"}, "targets")):
+        with pytest.raises(ValueError, match=f"LoraConfig.{field}"):
+            LoraConfig(**kwargs)
 
 
 def test_multi_adapter_unscanned_layers_in_chunks(rng):

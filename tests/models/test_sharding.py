@@ -1,5 +1,7 @@
 """Mesh construction and logical -> mesh axis rules."""
 
+import warnings
+
 import jax
 import pytest
 from jax.sharding import AxisType
@@ -29,6 +31,17 @@ def test_rules_with_divisibility_and_reuse():
     with pytest.raises(ValueError, match="'nonsense'"):
         logical_to_spec(("nonsense",))
     assert len(jax.devices()) == 8
+
+
+def test_large_arrays_the_mesh_cannot_split_warn():
+    """Replicating a tiny kv-head axis is fine; replicating a 7B-size weight is an OOM: warn."""
+    shape = {"data": 1, "fsdp": 6, "tensor": 1}
+    with pytest.warns(UserWarning, match=r"'embed' \(size 4096\) is not divisible .*fsdp"):
+        spec = logical_to_spec(("embed", "mlp"), mesh_shape=shape, shape=(4096, 11008))
+    assert spec == P(None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert logical_to_spec(("embed", "kv_heads"), mesh_shape=shape, shape=(64, 3)) == P(None, None)
 
 
 def test_init_model_creates_parameters_in_their_shardings():
