@@ -100,7 +100,25 @@ def project_capped_simplex(x, mask, lower, upper):
 
     delta = jax.lax.fori_loop(0, 2, exact_step, jnp.zeros((), x.dtype))
     w = jnp.where(mask, jnp.clip(z - delta, lower, upper), 0.0)
-    return _fix_sum(w, mask & (w > lower) & (w < upper), lower, upper)
+    w = _fix_sum(w, mask & (w > lower) & (w < upper), lower, upper)
+    return _fill_leftover(w, z, mask, lower, upper)
+
+
+def _fill_leftover(w, z, mask, lower, upper):
+    """Feasibility when rounding left no free entry to take the leftover (inputs ~1e6 resolve
+    tau only to ~0.06 in float32, so an entry that should sit just above its floor can land on
+    it): the leftover 1 - sum(w) goes to the entries nearest to moving, in order of z (largest
+    first when mass is missing, smallest first when there is too much), each up to its bound."""
+    leftover = 1.0 - jnp.sum(w)
+    up = leftover > 0
+    room = jnp.where(mask, jnp.where(up, upper - w, w - lower), 0.0)
+    key = jnp.where(mask, jnp.where(up, -z, z), jnp.inf)
+    order = jnp.argsort(key)
+    room_sorted = room[order]
+    before = jnp.cumsum(room_sorted) - room_sorted
+    take = jnp.clip(jnp.abs(leftover) - before, 0.0, room_sorted)
+    change = jnp.zeros_like(w).at[order].add(take)
+    return w + jnp.where(up, change, -change)
 
 
 def frank_wolfe_gap(w, grad, mask, lower=None, upper=None):
