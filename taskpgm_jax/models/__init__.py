@@ -5,12 +5,13 @@ from taskpgm_jax.models.decoder import CausalLM, KVCache
 from taskpgm_jax.models.generate import greedy_generate
 from taskpgm_jax.models.init import count_params, init_model
 from taskpgm_jax.models.layers import LoRAParam
-from taskpgm_jax.models.lora import (add_lora, lora_state, merge_lora, merged_kernels,
-                                     multi_adapter_forward, stack_adapters)
+from taskpgm_jax.models.lora import (add_lora, check_adapters_like, lora_state, merge_lora,
+                                     merged_kernels, multi_adapter_forward, stack_adapters)
 from taskpgm_jax.models.presets import PRESETS, PUBLISHED_PARAM_COUNTS
 
 __all__ = [
     "ModelConfig", "LoraConfig", "LORA_TARGETS", "CausalLM", "KVCache", "greedy_generate",
-    "init_model", "count_params", "LoRAParam", "add_lora", "lora_state", "stack_adapters",
+    "init_model", "count_params", "LoRAParam", "add_lora", "check_adapters_like", "lora_state",
+    "stack_adapters",
     "multi_adapter_forward", "merge_lora", "merged_kernels", "PRESETS", "PUBLISHED_PARAM_COUNTS",
 ]

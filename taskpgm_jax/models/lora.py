@@ -17,7 +17,8 @@ from taskpgm_jax.models.config import LoraConfig
 from taskpgm_jax.models.layers import Dense, LoRAParam
 from taskpgm_jax.sharding import named_sharding
 
-__all__ = ["LoRAParam", "add_lora", "lora_state", "stack_adapters", "multi_adapter_forward",
+__all__ = ["LoRAParam", "add_lora", "check_adapters_like", "lora_state", "stack_adapters",
+           "multi_adapter_forward",
            "merge_lora", "merged_kernels"]
 
 
@@ -92,11 +93,11 @@ def stack_adapters(adapters: Sequence[nnx.State]) -> nnx.State:
     if not adapters:
         raise ValueError("stack_adapters: adapters is empty")
     for i, adapter in enumerate(adapters[1:], 1):
-        _check_like(adapter, adapters[0], f"stack_adapters: adapters[{i}]", "adapters[0]")
+        check_adapters_like(adapter, adapters[0], f"stack_adapters: adapters[{i}]", "adapters[0]")
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
-def _check_like(state, reference, what: str, against: str, leading: int = 0) -> None:
+def check_adapters_like(state, reference, what: str, against: str, leading: int = 0) -> None:
     """Same targets, shapes (less `leading` stacked axes) and dtypes as `reference`, or a
     ValueError naming the first leaf that differs: mixing ranks would run with the wrong
     alpha / rank scale, mixing dtypes would promote silently."""
@@ -145,7 +146,7 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     graphdef, own, rest = nnx.split(model, LoRAParam, ...)
     if not jax.tree.leaves(own):
         raise ValueError("multi_adapter_forward: the model has no LoRA adapters; call add_lora first")
-    _check_like(adapters, own, "multi_adapter_forward: adapters", "the model's adapters",
+    check_adapters_like(adapters, own, "multi_adapter_forward: adapters", "the model's adapters",
                 leading=1)  # shapes and dtypes are static: checked under jit too
     sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
     if len(sizes) != 1:

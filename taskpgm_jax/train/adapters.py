@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from taskpgm_jax.data import Batch
-from taskpgm_jax.models import LoRAParam, stack_adapters
+from taskpgm_jax.models import LoRAParam, check_adapters_like, stack_adapters
 from taskpgm_jax.sharding import Rules, logical_to_spec, named_sharding
 from taskpgm_jax.train.step import (
     _STEP_CACHE,
@@ -124,16 +124,11 @@ class AdapterTrainer(Trainer):
         super().__init__(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
         if not isinstance(adapters, nnx.State):
             adapters = stack_adapters(list(adapters))
-        if jax.tree.structure(adapters) != jax.tree.structure(self._params):
-            raise ValueError("adapters do not have the structure of the model's adapters "
-                             "(same targets, scanned or not)")
+        check_adapters_like(adapters, self._params, "adapters", "the model's adapters", leading=1)
         sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
-        bad = [(x.shape[1:], y.shape) for x, y in zip(jax.tree.leaves(adapters),
-                                                      jax.tree.leaves(self._params))
-               if x.shape[1:] != y.shape]
-        if len(sizes) != 1 or bad:
+        if len(sizes) != 1:
             raise ValueError(f"adapters must be stacked along one leading axis T; adapter axis sizes "
-                             f"{sorted(sizes)}, mismatched shapes (stacked[1:], model) {bad[:3]}")
+                             f"{sorted(sizes)}")
         self.num_adapters = sizes.pop()
         self._stacked = adapters
 
