@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.data.tokenize import Encoded
 
 __all__ = ["Batch", "pack_batches", "pack_rows", "pad_batch", "rows_to_batch"]
@@ -66,6 +67,7 @@ def pack_rows(seqs: Sequence[Encoded], seq_len: int) -> list[list[Encoded]]:
     Returns:
       A list of rows, each a list of the sequences it holds.
     """
+    seq_len = check_int(seq_len, "seq_len", 1)
     rows: list[list[Encoded]] = []
     used = seq_len + 1  # forces a new row for the first sequence
     for s in seqs:
@@ -90,7 +92,8 @@ def rows_to_batch(rows: Sequence[Sequence[Encoded]], seq_len: int,
     Returns:
       A `Batch` of shape [batch_size, seq_len].
     """
-    batch_size = len(rows) if batch_size is None else batch_size
+    seq_len = check_int(seq_len, "seq_len", 1)
+    batch_size = len(rows) if batch_size is None else check_int(batch_size, "batch_size", 1)
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit in batch_size {batch_size}")
     shape = (batch_size, seq_len)
@@ -122,6 +125,7 @@ def pad_batch(seqs: Sequence[Encoded], seq_len: int, batch_size: int | None = No
     Example:
       >>> batch = pad_batch(encode_task(tok, pool.probe(name), max_length=64), seq_len=64)
     """
+    seq_len = check_int(seq_len, "seq_len", 1)
     for s in seqs:
         _check_fits(s, seq_len)
     return rows_to_batch([[s] for s in seqs], seq_len, batch_size)
@@ -139,6 +143,7 @@ def pack_batches(seqs: Sequence[Encoded], seq_len: int, batch_size: int,
     Returns:
       A list of `Batch`.
     """
+    batch_size = check_int(batch_size, "batch_size", 1)
     rows = pack_rows(seqs, seq_len)
     batches = [rows_to_batch(rows[i:i + batch_size], seq_len, batch_size)
                for i in range(0, len(rows), batch_size)]

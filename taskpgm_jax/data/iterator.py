@@ -17,12 +17,13 @@ puts a different number of sequences in each host's rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from taskpgm_jax.data.batch import Batch, rows_to_batch
+from taskpgm_jax.data.tasks import DataError, check_int, check_seed
 from taskpgm_jax.data.tokenize import Encoded, encode_example
 
 __all__ = ["HostIterator", "LazyEncoded", "global_batch"]
@@ -69,6 +70,11 @@ class HostIterator:
       process_index, process_count: this host and the number of hosts; default
         `jax.process_index()` and `jax.process_count()`.
 
+    Raises:
+      DataError (a ValueError): a size that is not a positive int, a seed outside [0, 2**32),
+        pack / shuffle not a bool, or fewer sequences than hosts. The settings are kept as
+        Python ints and bools, so `state()` is JSON.
+
     Example:
       >>> it = HostIterator(seqs, batch_size=8, seq_len=128, seed=0)
       >>> batch = next(it); state = it.state()          # save with the checkpoint
@@ -83,10 +89,19 @@ class HostIterator:
 
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        process_count = check_int(process_count, "process_count", 1)
+        process_index = check_int(process_index, "process_index", 0, process_count)
+        batch_size = check_int(batch_size, "batch_size", 1)
+        seq_len = check_int(seq_len, "seq_len", 1)
+        seed = check_seed(seed)
+        if num_epochs is not None:
+            num_epochs = check_int(num_epochs, "num_epochs", 1)
+        for name, flag in (("pack", pack), ("shuffle", shuffle)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise DataError(f"{name} must be True or False, got {flag!r}")
+        pack, shuffle = bool(pack), bool(shuffle)
         if len(seqs) < process_count:
-            raise ValueError(f"{len(seqs)} sequences cannot be shared by {process_count} hosts")
+            raise DataError(f"{len(seqs)} sequences cannot be shared by {process_count} hosts")
         self._seqs = seqs
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.pack, self.shuffle, self.num_epochs = pack, shuffle, num_epochs
@@ -159,13 +174,22 @@ class HostIterator:
         """Continues from a saved `state()`; the next batch is the one that came next then.
 
         Raises:
-          ValueError: the state was saved by an iterator with other data or settings.
+          ValueError: the state was saved by an iterator with other data or settings, or is
+            not a `state()` dict (DataError).
         """
+        if not isinstance(state, Mapping):
+            raise DataError(f"state must be a dict from state(), got {type(state).__name__}")
         mine = self._config()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError(f"iterator state does not match this iterator (saved, now): {diff}")
-        self._epoch, self._cursor, self._step = state["epoch"], state["cursor"], state["step"]
+        try:
+            self._epoch, self._cursor, self._step = (
+                check_int(state.get("epoch"), "state['epoch']"),
+                check_int(state.get("cursor"), "state['cursor']", 0, self._per_epoch),
+                check_int(state.get("step"), "state['step']"))
+        except DataError as e:
+            raise DataError(f"{e}; pass a state saved by state()") from None
 
 
 def global_batch(batch: Batch, sharding) -> Batch:

@@ -14,8 +14,11 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from taskpgm_jax.data.sampling import MixtureSample
 from taskpgm_jax.data.tasks import TaskPool, _example_key, data_error
@@ -46,6 +49,39 @@ def task_fingerprint(pool: TaskPool, name: str) -> str:
     return h.hexdigest()
 
 
+# The manifest's own entries, which `extra` may not replace.
+_RESERVED = ("format", "file", "sha256", "rows", "seed", "split", "split_spec", "budget",
+             "weights", "counts", "repeated", "tasks", "canaries", "created_by")
+
+
+def _plain(value: Any) -> Any:
+    """`json.dumps` fallback: NumPy scalars and arrays as Python numbers and lists."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"type {type(value).__name__} is not JSON-serialisable")
+
+
+def _check_extra(extra: Any) -> dict[str, Any]:
+    """`extra` as plain JSON values, checked before anything is written."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise data_error(f"extra must be a dict of manifest entries, got {type(extra).__name__}")
+    out = {}
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise data_error(f"extra keys must be strings, got {key!r}")
+        if key in _RESERVED:
+            raise data_error(f"extra[{key!r}] would replace the manifest's own {key!r} entry; "
+                             f"use another key (reserved: {', '.join(_RESERVED)})")
+        try:
+            out[key] = json.loads(json.dumps(value, default=_plain))
+        except (TypeError, ValueError) as e:
+            raise data_error(f"extra[{key!r}] cannot be written to JSON ({e}); pass numbers, "
+                             f"strings, lists and dicts") from None
+    return out
+
+
 def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os.PathLike, *,
                         extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Writes `mixture.jsonl` and `manifest.json` into `out_dir` (a run directory).
@@ -54,11 +90,16 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
       pool: the pool the sample was drawn from.
       sample: from `sample_mixture`.
       out_dir: created if needed.
-      extra: more JSON-serialisable entries for the manifest (e.g. the solver and its config).
+      extra: more JSON-serialisable entries for the manifest (e.g. the solver and its config);
+        NumPy values become numbers and lists; the manifest's own keys are refused.
       overwrite: replace a mixture already written in `out_dir` (otherwise that raises).
 
     Returns:
       The path of `manifest.json`.
+
+    Raises:
+      DataError: tasks missing from the pool, a mixture already in `out_dir`, or an `extra`
+        that is not JSON or reuses a manifest key; nothing is written then.
 
     Example:
       >>> s = sample_mixture(pool, weights, budget=25_000, seed=0)
@@ -67,6 +108,7 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
     missing = [n for n in sample.names if n not in pool]
     if missing:
         raise data_error(f"the sample names tasks that are not in the pool: {missing}")
+    extra = _check_extra(extra)
     out = Path(out_dir)
     data_path, manifest_path = out / "mixture.jsonl", out / "manifest.json"
     existing = [p.name for p in (data_path, manifest_path) if p.exists()]
@@ -107,11 +149,11 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
                       "available": int(len(pool.indices(n, sample.split))),
                       "content_sha256": task_fingerprint(pool, n)} for n in sample.names},
         "canaries": canaries,
-        **(extra or {}),
+        **extra,
     }
     manifest["created_by"] = f"taskpgm_jax {_version()}"
     tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False, default=_plain) + "\n")
     os.replace(tmp, manifest_path)
     return manifest_path
 

@@ -11,12 +11,14 @@ with `repeat="iid"`, drawn i.i.d. with replacement; either way the task is liste
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from taskpgm_jax.data.tasks import TaskPool, data_error
+from taskpgm_jax.data.tasks import DataError, TaskPool, check_int, check_seed, data_error
 
 __all__ = [
     "MixtureSample", "baseline_weights", "interleave_mixture", "mixture_counts", "sample_mixture",
@@ -100,9 +102,23 @@ def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
 
     Returns:
       Weights on the simplex, name -> weight, in the order of `sizes`.
+
+    Raises:
+      DataError: `sizes` not a non-empty mapping, `temperature` not a finite number > 0, `cap`
+        not a positive int, `seed` not an int in [0, 2**32), or an empty task for size weights.
     """
     from taskpgm_jax.mrf import mixture as mrf_mixture
 
+    # Checked here, so the message names this function's arguments, not the mrf ones.
+    if not isinstance(sizes, Mapping) or not sizes:
+        raise DataError(f"sizes must be a non-empty mapping task name -> size, e.g. "
+                        f"pool.split_sizes('train'); got {sizes!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not 0 < float(temperature) < math.inf:
+        raise DataError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if cap is not None:
+        cap = check_int(cap, "cap", 1)
+    seed = check_seed(seed)
     names = tuple(sizes)
     n = np.array([min(s, cap) if cap is not None else s for s in sizes.values()], np.float64)
     if kind not in ("uniform", "random") and np.any(n <= 0):
@@ -182,7 +198,7 @@ def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float
       weights: name -> weight (absent names weigh 0), an array in pool order, or an
         `taskpgm_jax.mrf.Mixture`.
       budget: total number of examples.
-      seed: the sampling seed (same seed, same pool -> same sample).
+      seed: the sampling seed, an int in [0, 2**32) (same seed, same pool -> same sample).
       split: the split to draw from ("train" normally).
       repeat: how a task smaller than its count is repeated: "balanced" (every example
         floor/ceil(count / size) times) or "iid" (with replacement).
@@ -191,10 +207,12 @@ def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float
       A `MixtureSample`; `repeated` lists the tasks drawn with repetition.
 
     Raises:
-      DataError: weights on unknown tasks, or a positive count for a task whose split is empty.
+      DataError: weights on unknown tasks, a positive count for a task whose split is empty, or
+        a seed that is not an int in [0, 2**32).
     """
     if repeat not in ("balanced", "iid"):
         raise ValueError(f"repeat must be 'balanced' or 'iid', got {repeat!r}")
+    seed = check_seed(seed)  # a plain int: it goes into the manifest
     w, names = _as_vector(weights, pool.names)
     counts_vec = mixture_counts(w, budget)
     # One generator per task, keyed by (seed, task position and name): a task's draw does not
@@ -234,6 +252,7 @@ def interleave_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[f
     """
     import datasets
 
+    seed = check_seed(seed)
     w, names = _as_vector(weights, pool.names)
     keep = [i for i in range(len(names)) if w[i] > 0]
     parts = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -72,6 +73,38 @@ def data_error(message: str, *, task: str | None = None, source: str | None = No
     no lines."""
     where = _where(task, source, line, field)
     return DataError(f"{where}: {message}" if where else message)
+
+
+def check_int(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
+    """`value` as a Python int in [low, high) (NumPy integers too, never bool), or a `DataError`
+    naming the argument `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DataError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else \
+            f"in [{low}, {'2**32' if high == 2**32 else high})"
+        raise DataError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed as a Python int in [0, 2**32) (what NumPy and the configs accept)."""
+    return check_int(value, name, 0, 2**32)
+
+
+def check_names(value: Any, name: str) -> tuple[str, ...]:
+    """A collection of name strings as a tuple; one string is refused rather than read as its
+    characters."""
+    if isinstance(value, str):
+        raise DataError(f"{name} must be a list of strings, not one string; pass [{value!r}]")
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise DataError(f"{name} must be a list of strings, got {type(value).__name__}")
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise DataError(f"{name} must be a list of strings; not strings: {bad[:5]!r}")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,15 +242,28 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
       The validated `Task`.
 
     Raises:
-      DataError: empty task, unknown kind, a missing field, an empty target or choice, repeated
-        choices, an answer not among the choices, references that are not strings, or a repeated
-        id; the message names the source, task, field and line.
+      DataError: no name, empty task, unknown kind, a missing field, a target that is not a
+        string, an empty target or choice, repeated choices, an answer not among the choices,
+        references that are not strings, a repeated id, keywords given as one string, or not one
+        entry of `lines` per row; the message names the source, task, field and line.
     """
+    if not isinstance(name, str) or not name:
+        raise data_error(f"name must be a non-empty string, got {name!r}", source=source)
     if kind not in KINDS:
         raise data_error(f"unknown kind {kind!r}; expected one of {KINDS}", task=name,
                          source=source, field="kind")
+    if isinstance(rows, (str, bytes, Mapping)):
+        raise data_error(f"rows must be a list of dicts, got one {type(rows).__name__}",
+                         task=name, source=source)
     if not rows:
         raise data_error("the task has no examples", task=name, source=source)
+    if lines is not None and len(lines) != len(rows):
+        raise data_error(f"lines has {len(lines)} entries for {len(rows)} rows; give one per row",
+                         task=name, source=source)
+    try:
+        keywords = check_names(keywords, "keywords")
+    except DataError as e:
+        raise data_error(str(e), task=name, source=source) from None
     cols: dict[str, list] = {k: [] for k in EXAMPLE_FEATURES}
     # Our own content fingerprint: `datasets` would otherwise pickle-hash the whole table,
     # which costs more than building it.
@@ -247,7 +293,7 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
                                 fingerprint=fingerprint.hexdigest()[:32])
     metric = metric or ("multiple_choice_grade" if kind == "multiple_choice" else "exact_match")
     return Task(name=name, kind=kind, metric=metric, examples=examples, source=source,
-                description=description, keywords=tuple(keywords), canary=canary)
+                description=description, keywords=keywords, canary=canary)
 
 
 def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,
@@ -270,6 +316,10 @@ def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,
 
 def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
                    line: int | str) -> dict[str, Any]:
+    if not isinstance(row, Mapping):
+        raise data_error(f"expected a dict per row, got {type(row).__name__}", task=task,
+                         source=source, line=line)
+
     def need(field):
         if field not in row or row[field] is None:
             raise data_error("missing required field", task=task, source=source, line=line,
@@ -279,6 +329,10 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
     prompt = need("prompt")
     if kind == "generate":
         target = need("target")
+        if not isinstance(target, str):  # checked here: it is also the default reference
+            raise data_error(f"expected a string, got {type(target).__name__} {target!r}; "
+                             f"convert it to a string (\"{target}\")", task=task,
+                             source=source, line=line, field="target")
         refs = row.get("references") or [target]
         if isinstance(refs, str):  # one reference, not a sequence of characters
             refs = [refs]
@@ -316,7 +370,8 @@ class TaskPool:
       heldout: optional pool of evaluation-only tasks that no mixture draws from.
 
     Raises:
-      DataError: duplicate task names, or a probe split smaller than `split.min_probe`.
+      DataError: an entry that is not a `Task`, a `split` that is not a `SplitSpec`, duplicate
+        task names, or a probe split smaller than `split.min_probe`.
 
     Example:
       >>> pool = synthetic_suite(seed=0)
@@ -327,8 +382,17 @@ class TaskPool:
     def __init__(self, tasks: Sequence[Task], split: SplitSpec = SplitSpec(), *,
                  cluster_labels: Mapping[str, str] | None = None,
                  heldout: TaskPool | None = None):
+        if not isinstance(split, SplitSpec):
+            raise DataError(f"split must be a SplitSpec, got {type(split).__name__}; e.g. "
+                            f"SplitSpec(probe=0.1, eval=0.1)")
+        if isinstance(tasks, (str, Task)) or not isinstance(tasks, Iterable):
+            raise DataError(f"tasks must be a list of Task objects, got {type(tasks).__name__}")
+        tasks = list(tasks)
         seen: dict[str, str] = {}
-        for t in tasks:
+        for i, t in enumerate(tasks):
+            if not isinstance(t, Task):
+                raise DataError(f"tasks[{i}] is a {type(t).__name__}, not a Task; build tasks "
+                                f"with make_task or a loader (load_task_files, ...)")
             if t.name in seen:
                 also = f" (first from {seen[t.name]})" if seen[t.name] else ""
                 raise data_error(f"duplicate task name{also}", task=t.name, source=t.source)
@@ -403,10 +467,11 @@ class TaskPool:
         """The probe split of a task; with `size`, its first `size` examples.
 
         Raises:
-          DataError: the probe split holds fewer than `size` examples.
+          DataError: `size` is not a non-negative int, or the probe split holds fewer examples.
         """
         idx = self.indices(name, "probe")
         if size is not None:
+            size = check_int(size, "size")
             if len(idx) < size:
                 task = self[name]
                 raise data_error(

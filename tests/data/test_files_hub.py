@@ -150,3 +150,16 @@ def test_hub_offline_error_explains_local_files():
         load_hub_tasks(HubSpec("nobody-here/no-such-dataset", "cfg"))
     msg = str(err.value)
     assert "offline" in msg and "no-such-dataset" in msg and "load_task_files" in msg
+
+
+def test_task_names_are_a_list_and_targets_strings(tmp_path):
+    _write_jsonl(tmp_path / "arith.jsonl", [{"prompt": "1+1=", "target": "2"}] * 3)
+    with pytest.raises(DataError, match=r"tasks must be a list of strings, not one string; "
+                                        r"pass \['arith'\]"):
+        load_task_files(tmp_path, tasks="arith")
+    assert load_task_files(tmp_path, tasks=("arith",)).names == ("arith",)
+    _write_jsonl(tmp_path / "arith.jsonl", [{"prompt": "1+1=", "target": "2"},
+                                            {"prompt": "2+3=", "target": 5}])
+    with pytest.raises(DataError, match=r"arith.jsonl line 2, task 'arith', field 'target': "
+                                        r"expected a string, got int 5"):
+        load_task_files(tmp_path)

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from taskpgm_jax.data import Encoded, HostIterator, LazyEncoded, encode_task, global_batch
+from taskpgm_jax.data import (
+    DataError, Encoded, HostIterator, LazyEncoded, encode_task, global_batch, pack_batches,
+    pad_batch, rows_to_batch,
+)
 
 
 def _seqs(rng, n, max_len=20):
@@ -124,3 +127,44 @@ def test_global_batch_on_the_mesh(rng, cpu_mesh_devices):
     g = global_batch(local, NamedSharding(mesh, P("data", None)))
     assert g.input_ids.shape == (8, 16) and len(g.segment_ids.addressable_shards) == 8
     np.testing.assert_array_equal(jax.device_get(g.positions), local.positions)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"batch_size": None}, r"batch_size must be an int, got None"),  # used to loop forever
+    ({"batch_size": 0}, r"batch_size must be >= 1, got 0"),  # used to stop at once
+    ({"batch_size": 2.0}, r"batch_size must be an int"),
+    ({"seq_len": 0}, r"seq_len must be >= 1"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"num_epochs": 0}, r"num_epochs must be >= 1"),
+    ({"shuffle": "yes"}, r"shuffle must be True or False"),
+])
+def test_bad_iterator_arguments_are_named(rng, kw, match):
+    seqs = _seqs(rng, 4)
+    with pytest.raises(DataError, match=match):
+        HostIterator(seqs, **{"batch_size": 2, "seq_len": 24, **kw})
+
+
+def test_numpy_settings_give_a_json_state(rng):
+    seqs = _seqs(rng, 6)
+    it = HostIterator(seqs, batch_size=np.int64(2), seq_len=np.int32(24), seed=np.int64(3),
+                      shuffle=np.bool_(True), process_index=np.int64(0), process_count=1)
+    next(it)
+    state = json.loads(json.dumps(it.state()))  # raised on NumPy ints before
+    again = HostIterator(seqs, batch_size=2, seq_len=24, seed=3)
+    again.restore(state)
+    assert _same(next(again), next(it))
+    for bad, match in [(None, r"state must be a dict"), ({**state, "cursor": 99},
+                                                          r"state\['cursor'\] must be in")]:
+        with pytest.raises(DataError, match=match):
+            again.restore(bad)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: pack_batches(s, 24, -1), r"batch_size must be >= 1, got -1"),  # returned []
+    (lambda s: pack_batches(s, 24, 0), r"batch_size must be >= 1, got 0"),
+    (lambda s: pad_batch(s, 24, -1), r"batch_size must be >= 1"),
+    (lambda s: rows_to_batch([], -1, 2), r"seq_len must be >= 1, got -1"),
+])
+def test_bad_batch_shapes_are_named(rng, call, match):
+    with pytest.raises(DataError, match=match):
+        call(_seqs(rng, 3))

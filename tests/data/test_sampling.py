@@ -156,3 +156,40 @@ def test_materialise_round_trip(tmp_path, rng):
     (tmp_path / "mix" / "mixture.jsonl").write_bytes(data[:-10] + b"tampered\n")
     with pytest.raises(DataError, match="changed since it was written"):
         load_materialized(tmp_path / "mix")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: sample_mixture(p, [1, 1], 10, seed=-1), r"seed must be in \[0, 2\*\*32\), got -1"),
+    (lambda p: sample_mixture(p, [1, 1], 10, seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+    (lambda p: sample_mixture(p, [1, 1], 10, seed=1.5), r"seed must be an int, got 1.5"),
+    (lambda p: interleave_mixture(p, [1, 1], seed=-1), r"seed must be in \[0, 2\*\*32\)"),
+    # The messages name this function's arguments, not those of the mrf helpers behind it.
+    (lambda p: baseline_weights({"a": 1, "b": 2}, "temperature", temperature=0),
+     r"temperature must be a finite number > 0, got 0"),
+    (lambda p: baseline_weights({}), r"sizes must be a non-empty mapping"),
+    (lambda p: baseline_weights([1, 2], "size"), r"sizes must be a non-empty mapping"),
+    (lambda p: baseline_weights({"a": 1}, "size", cap=0), r"cap must be >= 1, got 0"),
+    (lambda p: baseline_weights({"a": 1}, "random", seed=None), r"seed must be an int"),
+])
+def test_bad_seeds_and_baseline_arguments_are_named(rng, call, match):
+    with pytest.raises(DataError, match=match):
+        call(_pool(rng, [10, 10]))
+
+
+def test_materialise_checks_extra_before_writing(tmp_path, rng):
+    pool = _pool(rng, [20, 20])
+    s = sample_mixture(pool, [1, 1], 10, seed=np.int64(3))
+    assert type(s.seed) is int
+    for extra, match in [({"seed": 123}, r"extra\['seed'\] would replace the manifest's own"),
+                         ({"sha256": "abc"}, r"extra\['sha256'\] would replace"),
+                         ({"x": object()}, r"extra\['x'\] cannot be written to JSON"),
+                         ({1: "a"}, r"extra keys must be strings"),
+                         (["solver"], r"extra must be a dict")]:
+        with pytest.raises(DataError, match=match):
+            materialize_mixture(pool, s, tmp_path / "mix", extra=extra)
+        assert not (tmp_path / "mix").exists()  # nothing written, so a retry works
+    # NumPy values become plain JSON numbers and lists.
+    path = materialize_mixture(pool, s, tmp_path / "mix",
+                               extra={"beta": np.float32(0.5), "w": np.array([1, 2])})
+    manifest = json.loads(path.read_text())
+    assert manifest["beta"] == 0.5 and manifest["w"] == [1, 2] and manifest["seed"] == 3

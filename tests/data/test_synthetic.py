@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from taskpgm_jax.data import synthetic_suite
+from taskpgm_jax.data import DataError, synthetic_suite
 from taskpgm_jax.data.sources.synthetic import SKILLS
 
 
@@ -132,3 +132,11 @@ def test_tasks_do_not_depend_on_other_tasks(rng):
     assert all(a[n] == b[n] for n in a)
     with pytest.raises(ValueError, match="skills"):
         synthetic_suite(seed, cluster_sizes=(4, 4, 4, 4, 4, 4), n_unique=5)
+
+
+@pytest.mark.parametrize("seed, match", [(-1, r"seed must be in \[0, 2\*\*32\), got -1"),
+                                         (2**32, r"seed must be in \[0, 2\*\*32\)"),
+                                         (None, r"seed must be an int, got None")])
+def test_bad_seed_is_refused_before_generating(seed, match):
+    with pytest.raises(DataError, match=match):
+        synthetic_suite(seed)

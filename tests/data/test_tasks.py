@@ -173,3 +173,36 @@ def test_references_are_a_string_or_a_list_of_strings():
     for refs in ([4], 4, ["4", None], {"a": "b"}):
         with pytest.raises(DataError, match=r"line 2, task 'g', field 'references'"):
             make_task("g", "generate", [rows[0], {**rows[1], "references": refs}])
+
+
+_ROW = {"prompt": "q", "target": "a"}
+
+
+@pytest.mark.parametrize("call, match", [
+    # A number as target names the target field and says to convert it (not 'references').
+    (lambda: make_task("g", "generate", [_ROW, {"prompt": "2+3=", "target": 5}]),
+     r"line 2, task 'g', field 'target': expected a string, got int 5; convert it"),
+    (lambda: make_task("g", "generate", [_ROW], keywords="math"),
+     r"keywords must be a list of strings, not one string; pass \['math'\]"),
+    (lambda: make_task("g", "generate", [_ROW, _ROW], lines=[1]),
+     r"task 'g': lines has 1 entries for 2 rows"),
+    (lambda: make_task(None, "generate", [_ROW]), r"name must be a non-empty string, got None"),
+    (lambda: make_task("g", "generate", _ROW), r"rows must be a list of dicts, got one dict"),
+    (lambda: make_task("g", "generate", [_ROW, "q a"]), r"line 2, task 'g': expected a dict"),
+    (lambda: TaskPool(["t"]), r"tasks\[0\] is a str, not a Task"),
+    (lambda: TaskPool([], {"probe": 0.1}), r"split must be a SplitSpec, got dict"),
+])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises(DataError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("size, match", [(-1, r"size must be >= 0, got -1"),
+                                         (2.5, r"size must be an int, got 2.5"),
+                                         (True, r"size must be an int, got True")])
+def test_probe_size_must_be_a_count(size, match):
+    pool = TaskPool([make_task("t", "generate", [{"prompt": f"p{i}", "target": "a"}
+                                                 for i in range(40)])], SplitSpec(probe=0.5))
+    assert len(pool.probe("t", size=np.int64(3))) == 3
+    with pytest.raises(DataError, match=match):
+        pool.probe("t", size=size)

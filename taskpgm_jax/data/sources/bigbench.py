@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, data_error, make_task
+from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, check_names, data_error, make_task
 
 __all__ = [
     "BBH_MISSING", "BBH_SOURCES", "BIGBENCH_SHA256", "BIGBENCH_VERSION", "archive_index",
@@ -357,6 +357,8 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
     Example:
       >>> pool = load_bigbench(["navigate", "logical_deduction/three_objects"])
     """
+    if keywords is not None:
+        keywords = check_names(keywords, "keywords")
     archive = (Path(archive) if archive is not None
                else (Path(cache_dir) if cache_dir is not None else default_cache_dir())
                / _archive_name(BIGBENCH_VERSION))

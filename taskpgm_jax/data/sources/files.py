@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, data_error, make_task
+from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, check_names, data_error, make_task
 
 __all__ = ["DEFAULT_COLUMNS", "load_task_files", "read_records"]
 
@@ -203,7 +203,7 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
       task_column: the column naming the task in a single file.
       split: the split fractions and seed.
       metric: the metric of every task (default by kind).
-      tasks: keep only these task names (in this order).
+      tasks: keep only these task names (in this order); a list, even for one task.
 
     Returns:
       A `TaskPool`.
@@ -216,6 +216,8 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
       >>> pool = load_task_files("data/tasks/", columns={"prompt": "inputs", "target": "targets"})
       >>> pool.train("my_task")[0]["prompt"]
     """
+    if tasks is not None:
+        tasks = check_names(tasks, "tasks")
     path = Path(path)
     if not path.exists():
         raise data_error("no such file or directory", source=str(path))

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, make_task
+from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, check_seed, make_task
 
 __all__ = ["SKILLS", "synthetic_suite"]
 
@@ -158,7 +158,8 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
     """Generates the planted suite.
 
     Args:
-      seed: determines which skills form clusters, every example, and the task order.
+      seed: determines which skills form clusters, every example, and the task order; an int in
+        [0, 2**32).
       cluster_sizes: number of near-duplicate tasks in each redundant cluster (each at most 4).
       n_unique: skills that appear as a single task.
       n_noise: tasks with random targets (each its own cluster).
@@ -178,6 +179,7 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
       >>> pool.cluster_labels["add_0"] == pool.cluster_labels["add_1"]
       True
     """
+    seed = check_seed(seed)
     n_skills = len(cluster_sizes) + n_unique
     if n_skills > len(SKILLS):
         raise ValueError(f"{len(cluster_sizes)} clusters + {n_unique} unique tasks need "
