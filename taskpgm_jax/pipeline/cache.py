@@ -10,7 +10,10 @@
 
 A finished stage directory only ever appears through one `os.replace` of its complete partial
 directory, so a half-written artifact is never taken for a finished one. Files written outside
-stages (results, manifest) go through a temporary name and a rename too.
+stages (results, manifest) go through a temporary name and a rename too. A stage's scratch
+(training checkpoints, finished rounds) is removed only after the stage is published, and by
+renaming it away first: a kill while it is being deleted can leave a stray folder in a finished
+stage (swept on the next start) but never a half-deleted checkpoint that a resume would read.
 """
 
 from __future__ import annotations
@@ -54,6 +57,24 @@ def write_npy(path: str | os.PathLike, array) -> None:
     os.replace(tmp, path)
 
 
+# Sub-directories of a stage's work directory that only serve to resume inside the stage.
+SCRATCH = ("checkpoints", "rounds")
+_TRASH_SUFFIX = ".trash"
+
+
+def remove_tree(path: Path) -> None:
+    """Deletes a directory tree so that an interruption never leaves it half there: it is
+    renamed to a hidden `.trash` sibling (atomic) and the sibling deleted; leftovers of an
+    interrupted delete are only ever trash, which `sweep_trash` removes."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}{_TRASH_SUFFIX}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
 def _barrier(name: str) -> None:
     import jax
 
@@ -80,6 +101,20 @@ class RunDir:
         self.stages = self.root / "stages"
         self.stages.mkdir(parents=True, exist_ok=True)
         self.manifest: dict[str, str] = {}
+        if is_writer():
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Removes what a kill during `finish` can leave: scratch folders in finished stages
+        and trash anywhere one level down (a partial stage's own checkpoints are kept)."""
+        for stage in self.stages.iterdir():
+            if not stage.is_dir():
+                continue
+            for trash in stage.glob(f".*{_TRASH_SUFFIX}"):
+                shutil.rmtree(trash, ignore_errors=True)
+            if not stage.name.endswith(".partial"):
+                for name in SCRATCH:
+                    remove_tree(stage / name)
 
     def path(self, name: str, key: str) -> Path:
         return self.stages / f"{name}-{key}"
@@ -100,11 +135,11 @@ class RunDir:
         # rename must be done before any process reads the final directory.
         _barrier(f"taskpgm written {name}-{key}")
         if is_writer():
-            work = self.stages / f"{name}-{key}.partial"
-            ckpt = work / "checkpoints"
-            if ckpt.exists():  # training checkpoints are only needed to resume inside the stage
-                shutil.rmtree(ckpt)
-            os.replace(work, final)
+            # Publish first, then drop the scratch (only needed to resume inside the stage): a
+            # kill in between leaves a finished stage with stray scratch, swept on the next start.
+            os.replace(self.stages / f"{name}-{key}.partial", final)
+            for scratch in SCRATCH:
+                remove_tree(final / scratch)
         _barrier(f"taskpgm finished {name}-{key}")
         return final
 

@@ -53,7 +53,7 @@ from taskpgm_jax.train.adapters import init_adapters, stacked_adapter_shardings
 
 def _train_config(ft: FinetuneConfig, trainable: str | None = None) -> TrainConfig:
     return TrainConfig(learning_rate=ft.learning_rate, total_steps=ft.steps,
-                       warmup_steps=min(ft.warmup_steps, ft.steps), weight_decay=ft.weight_decay,
+                       warmup_steps=ft.warmup_steps, weight_decay=ft.weight_decay,
                        grad_accum=ft.grad_accum, trainable=trainable or ft.trainable)
 
 
@@ -200,9 +200,9 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
     if leading != {T} or list(losses) != list(pool.names):
         raise RuntimeError(f"single_task: the rounds stack to {sorted(leading)} adapters for "
                            f"{T} tasks; delete {work} and run again")
+    # The rounds stay until the stage is published: `RunDir.finish` removes them afterwards, so
+    # a kill while they are deleted cannot leave a round marker next to a half-deleted round.
     _save_tree(work / "adapters", stacked)
-    if is_writer():
-        shutil.rmtree(work / "rounds", ignore_errors=True)
     return {"final_loss_per_task": losses, "rounds": -(-T // per_round)}
 
 

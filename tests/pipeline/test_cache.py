@@ -1,0 +1,64 @@
+"""RunDir publishing: a kill while a stage's scratch is deleted never leaves a half-deleted
+checkpoint where a resume would read it (found with real SIGKILLs during `shutil.rmtree`)."""
+
+import shutil
+
+import pytest
+
+from taskpgm_jax.pipeline import cache
+from taskpgm_jax.pipeline.cache import RunDir
+
+
+def _fill_scratch(work):
+    for scratch, leaf in (("checkpoints", "40/state/data"), ("rounds", "00000-00004/a/data")):
+        path = work / scratch / leaf
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+        (work / scratch / f"{leaf.split('/')[0]}.json").write_text("{}")
+    (work / "adapters.npy").write_text("artifact")
+
+
+def test_finish_publishes_the_artifacts_and_drops_the_scratch(tmp_path):
+    run = RunDir(tmp_path)
+    _fill_scratch(run.begin("single_task", "k1"))
+    final = run.finish("single_task", "k1")
+    assert run.done("single_task", "k1")
+    assert sorted(p.name for p in final.iterdir()) == ["adapters.npy"]
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+def test_a_kill_while_the_scratch_is_deleted_leaves_a_finished_stage(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    _fill_scratch(run.begin("finetune", "k2"))
+    real_rmtree = shutil.rmtree
+
+    def rmtree_killed_halfway(path, *args, **kwargs):
+        # Delete one file of the tree, as the first unlinks of a real rmtree would, then die.
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        raise _Killed
+
+    monkeypatch.setattr(cache.shutil, "rmtree", rmtree_killed_halfway)
+    with pytest.raises(_Killed):
+        run.finish("finetune", "k2")
+    monkeypatch.setattr(cache.shutil, "rmtree", real_rmtree)
+
+    # The stage is published: a rerun does not resume inside it, so nothing reads the
+    # half-deleted tree; the next start sweeps it away.
+    assert run.done("finetune", "k2")
+    assert not (tmp_path / "stages" / "finetune-k2.partial").exists()
+    final = run.path("finetune", "k2")
+    assert not (final / "checkpoints").exists()  # renamed away before any file was deleted
+    RunDir(tmp_path)
+    assert sorted(p.name for p in final.iterdir()) == ["adapters.npy"]
+
+
+def test_a_partial_stage_keeps_its_checkpoints_across_restarts(tmp_path):
+    run = RunDir(tmp_path)
+    work = run.begin("base", "k3")
+    _fill_scratch(work)
+    RunDir(tmp_path)  # a restart of the run must not sweep a stage still in progress
+    assert (work / "checkpoints" / "40" / "state" / "data").read_text() == "x"
+    assert (work / "rounds" / "00000-00004.json").exists()
