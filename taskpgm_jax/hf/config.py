@@ -9,6 +9,7 @@ computes something else.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Any
 
@@ -47,12 +48,49 @@ _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "h
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError("the Hugging Face config must be a dict, a checkpoint directory or a "
+                        f"config.json path, got {type(path).__name__}")
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise ValueError(f"no config.json at {file}")
     with open(file) as f:
-        return json.load(f)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} must hold a JSON object of config attributes, got "
+                         f"{type(hf).__name__}")
+    return hf
+
+
+def _int(hf: dict[str, Any], key: str, default=None, *, minimum: int = 1,
+         null_is_default: bool = False) -> int:
+    """config.json `key` as an int >= minimum, else a ValueError naming it. An absent key takes
+    `default`, and so does null where transformers reads it so (`null_is_default`)."""
+    value = hf.get(key, default)
+    if value is None and null_is_default:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"config.json {key} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _num(where: str, value) -> float:
+    """A number of config.json (`where` names it), else a ValueError; the range is
+    ModelConfig's to check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"config.json {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _flag(hf: dict[str, Any], key: str) -> bool:
+    value = hf.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json {key} must be true or false, got {value!r}")
+    return value
 
 
 def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
@@ -70,8 +108,9 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
       The `ModelConfig`.
 
     Raises:
-      ValueError: unsupported architecture (listing the supported ones) or any attribute that
-        would change the computation and is not implemented (naming it).
+      ValueError: unsupported architecture (listing the supported ones), any attribute that
+        would change the computation and is not implemented, or a value of the wrong type or
+        range (e.g. null, 0 heads, a fractional sliding_window), each naming the key.
     """
     if not isinstance(hf, dict):
         hf = read_hf_config(hf)
@@ -80,6 +119,8 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
         raise ValueError(f"config.json model_type={model_type!r} is not supported; supported: "
                          + ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
     archs = hf.get("architectures") or [SUPPORTED[model_type]]
+    if not isinstance(archs, list):
+        raise ValueError(f"config.json architectures must be a list of class names, got {archs!r}")
     bad_arch = [a for a in archs if a not in SUPPORTED.values()]
     if bad_arch:
         raise ValueError(f"config.json architectures={bad_arch} not supported; supported: "
@@ -104,26 +145,25 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
         if key not in hf:
             raise ValueError(f"config.json is missing required attribute {key!r}")
 
-    heads = hf["num_attention_heads"]
+    sizes = {k: _int(hf, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                       "num_hidden_layers", "num_attention_heads")}
+    heads = sizes["num_attention_heads"]
+    # As transformers: null (or absent) kv heads and head_dim take these defaults; 0 is refused.
     kwargs: dict[str, Any] = dict(
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        **sizes,
+        num_key_value_heads=_int(hf, "num_key_value_heads", heads, null_is_default=True),
+        head_dim=_int(hf, "head_dim", sizes["hidden_size"] // heads, null_is_default=True),
+        rms_norm_eps=_num("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
+        max_position_embeddings=_int(hf, "max_position_embeddings", 4096),
     )
     kwargs.update(_rope_from_hf(hf))
     if model_type == "qwen2":
         # Qwen2 q/k/v projections always have a bias; o_proj never does.
         kwargs.update(qkv_bias=True, o_bias=False)
     elif model_type == "llama":
-        bias = bool(hf.get("attention_bias", False))
+        bias = _flag(hf, "attention_bias")
         kwargs.update(qkv_bias=bias, o_bias=bias)
     else:
         kwargs.update(qkv_bias=False, o_bias=False)
@@ -155,17 +195,20 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         if key not in params:
             raise ValueError(f"config.json {src}.{key} is missing; "
                              f"rope_type={rope_type!r} needs it")
-        return float(params[key])
+        return _num(f"{src}.{key}", params[key])
 
-    out: dict[str, Any] = dict(rope_theta=float(params["rope_theta"]), rope_type=rope_type)
+    theta_from = src if "rope_theta" in (hf.get(src) or {}) else "rope_theta"
+    out: dict[str, Any] = dict(rope_theta=_num(theta_from, params["rope_theta"]),
+                               rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
         out["rope_factor"] = required("factor")
     if rope_type == "llama3":
         out.update(
             rope_low_freq_factor=required("low_freq_factor"),
             rope_high_freq_factor=required("high_freq_factor"),
-            rope_original_max_position=int(params.get("original_max_position_embeddings")
-                                           or hf.get("max_position_embeddings", 8192)),
+            rope_original_max_position=_int(params, "original_max_position_embeddings",
+                                            hf.get("max_position_embeddings") or 8192,
+                                            null_is_default=True),
         )
     return out
 
@@ -174,24 +217,29 @@ def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     n = hf["num_hidden_layers"]
     # An absent key takes transformers' default; an explicit null means no window.
     window = hf.get("sliding_window", None if model_type == "llama" else _HF_SLIDING_WINDOW)
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+    if model_type == "qwen2" and not _flag(hf, "use_sliding_window"):
         window = None  # Qwen2 only uses its window when use_sliding_window is set.
     if model_type == "llama" and window is not None:
         raise ValueError("config.json sliding_window is not part of the llama architecture")
     layer_types = hf.get("layer_types")
     if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ValueError(f"config.json layer_types must be a list, got {layer_types!r}")
         bad = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
         if bad or len(layer_types) != n:
             raise ValueError(f"config.json layer_types must be {n} of full_attention/sliding_attention, "
                              f"got {bad or len(layer_types)}")
         layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     elif model_type == "qwen2":
-        layers = tuple(range(hf.get("max_window_layers", _HF_MAX_WINDOW_LAYERS), n))
+        layers = tuple(range(_int(hf, "max_window_layers", _HF_MAX_WINDOW_LAYERS, minimum=0),
+                             n))
     else:
         layers = tuple(range(n))
     if window is None:
         return dict(sliding_window=None, sliding_window_layers=())
-    return dict(sliding_window=int(window), sliding_window_layers=layers)
+    # Here window came from a non-null key or, absent, from the default.
+    return dict(sliding_window=_int(hf, "sliding_window", _HF_SLIDING_WINDOW),
+                sliding_window_layers=layers)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Iterator
@@ -16,22 +17,35 @@ from safetensors.numpy import save_file
 from taskpgm_jax.hf.config import config_to_hf
 from taskpgm_jax.hf.keymap import to_hf
 from taskpgm_jax.hf.load import INDEX_FILE, SINGLE_FILE
+from taskpgm_jax.models.config import float_dtype
 from taskpgm_jax.models.lora import merged_kernels
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
-    unit = match.group(2).upper() if match else None
-    if not match or (unit or "B") not in _UNITS:
-        raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or an int of bytes")
-    return int(float(match.group(1)) * _UNITS[unit or "B"])
+    """Bytes in `size`: an int (NumPy ints too), or a string like "5GB", "500MB", "2GiB"; at
+    least one byte."""
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (numbers.Integral, str)):
+        raise ValueError(f"max_shard_size must be an int of bytes or a string like '5GB', got "
+                         f"{size!r}")
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = (match.group(2).upper() or "B") if match else None
+        if unit not in _UNITS:
+            raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or an int of "
+                             "bytes")
+        nbytes = int(float(match.group(1)) * _UNITS[unit])
+    else:
+        nbytes = int(size)
+    if nbytes < 1:
+        raise ValueError(f"max_shard_size must be at least one byte, got {size!r}")
+    return nbytes
+
+
+def _export_dtype(dtype):
+    """None, or `dtype` as a floating `jnp.dtype`: an int cast would silently ruin the weights."""
+    return None if dtype is None else float_dtype(dtype, "dtype")
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -49,11 +63,12 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
 
     Args:
       model: a `CausalLM`.
-      dtype: cast to this dtype (default: keep the parameter dtype).
+      dtype: cast to this floating dtype (default: keep the parameter dtype).
 
     Yields:
       (HF tensor name, array).
     """
+    dtype = _export_dtype(dtype)
     cfg = model.config
     merged = merged_kernels(model)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -68,7 +83,7 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
 
 def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     """All of `iter_hf_tensors` as a dict {HF tensor name: array} (holds the whole model on the host)."""
-    return dict(iter_hf_tensors(model, dtype))
+    return dict(iter_hf_tensors(model, _export_dtype(dtype)))
 
 
 def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -82,7 +97,8 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
       path: output directory (created).
       max_shard_size: largest safetensors file, bytes or a string like "5GB"; above it the
         tensors are split over model-0000i-of-0000n.safetensors with an index.
-      dtype: tensor dtype in the files (default: the parameter dtype).
+      dtype: floating tensor dtype in the files, e.g. jnp.bfloat16 or "bfloat16" (default: the
+        parameter dtype).
 
     Returns:
       The written safetensors file names.
@@ -90,7 +106,8 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
     Example:
       >>> save_hf_checkpoint(model, "/tmp/export", max_shard_size="2GB", dtype=jnp.bfloat16)
     """
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)  # both checked before anything is written
+    dtype = _export_dtype(dtype)
     path = os.fspath(path)
     writer = jax.process_index() == 0
     os.makedirs(path, exist_ok=True)

@@ -41,7 +41,15 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+            try:
+                weight_map = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index} is not valid JSON: {e}") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor name -> safetensors file; "
+                             "save the checkpoint again (save_pretrained writes one)")
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     single = os.path.join(path, SINGLE_FILE)
     if not os.path.exists(single):

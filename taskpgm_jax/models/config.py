@@ -5,12 +5,77 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
+from collections.abc import Iterable
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """`value` as a Python int >= minimum, or a ValueError naming `name`. NumPy ints and concrete
+    JAX int scalars are accepted (they convert with `operator.index`), bools and floats are not."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return number
+
+
+def _int(owner: str, name: str, value, minimum: int = 1) -> int:
+    return check_int(f"{owner}.{name}", value, minimum)
+
+
+def _real(owner: str, name: str, value, positive: bool = True) -> float:
+    """`value` as a finite float > 0 (>= 0 unless `positive`), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{owner}.{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _bool(owner: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _tuple(owner: str, name: str, value, item) -> tuple:
+    """A list or tuple as a tuple of distinct `item(owner, name[i], x)` (a config must be
+    hashable: it is a static jit argument)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{owner}.{name} must be a tuple, got {value!r}")
+    value = tuple(item(owner, f"{name}[{i}]", x) for i, x in enumerate(value))
+    if len(set(value)) != len(value):
+        raise ValueError(f"{owner}.{name} has duplicates: {list(value)}")
+    return value
+
+
+def _name(owner: str, name: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{owner}.{name} must be a string, got {value!r}")
+    return value
+
+
+def float_dtype(value, name: str) -> np.dtype:
+    """`value` (a floating dtype, its scalar type or its name) as a `jnp.dtype`, else a ValueError
+    naming `name`."""
+    try:
+        dtype = None if value is None else jnp.dtype(value)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating dtype such as jnp.float32, jnp.bfloat16 or "
+                         f"'bfloat16', got {value!r}")
+    return dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +93,8 @@ class ModelConfig:
       rope_type: "default", "linear" or "llama3".
       rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_position:
         parameters of "linear" (factor only) and "llama3" scaling.
+      rms_norm_eps, rope_theta, rope_factor, rope_*_freq_factor: finite and > 0; for "llama3"
+        rope_high_freq_factor > rope_low_freq_factor.
       max_position_embeddings: recorded for export; positions are not clipped to it.
       tie_word_embeddings: the LM head reuses the embedding matrix.
       qkv_bias: biases on q/k/v projections (Qwen2 always; Llama with attention_bias). None (the
@@ -37,12 +104,18 @@ class ModelConfig:
         none); any other combination is refused here rather than lost at export.
       sliding_window: window W (a query sees the W most recent keys including itself) or None.
       sliding_window_layers: indices of the layers that use the window (Mistral: all; Qwen2: those
-        >= max_window_layers when use_sliding_window).
+        >= max_window_layers when use_sliding_window), no duplicates; a list is stored as a tuple
+        (the config is hashable: it is a static argument under jit).
       dtype: compute dtype of matmuls (bf16 by default). Norms, softmax and logits are always f32.
       param_dtype: storage dtype of parameters (f32 by default, for training).
+        Both take any floating dtype `jnp.dtype` understands (jnp.bfloat16, np.float32,
+        "bfloat16") and are stored as a `jnp.dtype`, so equal dtypes give equal configs.
       scan_layers: stack the layers and run them with `lax.scan` (compile time independent of depth).
       remat: recompute each layer's activations in the backward pass (`jax.checkpoint`).
       init_std: standard deviation of random initialisation.
+
+    Sizes are ints (NumPy ints are accepted and stored as int, bools are refused); the flags are
+    bools. Anything else raises a ValueError naming the field.
     """
 
     vocab_size: int
@@ -73,11 +146,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        self._check_types()
         if self.model_type not in ARCHITECTURES:
             raise ValueError(
                 f"ModelConfig.model_type={self.model_type!r} is not supported; "
@@ -97,13 +166,41 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"ModelConfig.sliding_window must be positive, got {self.sliding_window}")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("ModelConfig.rope_high_freq_factor must be > rope_low_freq_factor for "
+                             f"rope_type='llama3', got {self.rope_high_freq_factor} and "
+                             f"{self.rope_low_freq_factor}")
         bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"ModelConfig.sliding_window_layers has out-of-range layers {bad}")
         if self.sliding_window_layers and self.sliding_window is None:
             raise ValueError("ModelConfig.sliding_window_layers is set but sliding_window is None")
+
+    def _check_types(self):
+        """Checks (and normalises) every field's type and range; stored back in place."""
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        own = "ModelConfig"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "rope_original_max_position", "max_position_embeddings"):
+            put(name, _int(own, name, getattr(self, name)))
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            put(name, _real(own, name, getattr(self, name)))
+        put("init_std", _real(own, "init_std", self.init_std, positive=False))
+        for name in ("tie_word_embeddings", "o_bias", "scan_layers", "remat"):
+            put(name, _bool(own, name, getattr(self, name)))
+        if self.qkv_bias is not None:
+            put("qkv_bias", _bool(own, "qkv_bias", self.qkv_bias))
+        if self.sliding_window is not None:
+            put("sliding_window", _int(own, "sliding_window", self.sliding_window))
+        layers = _tuple(own, "sliding_window_layers", self.sliding_window_layers,
+                        lambda o, n, i: _int(o, n, i, minimum=0))
+        put("sliding_window_layers", layers)
+        put("dtype", float_dtype(self.dtype, "ModelConfig.dtype"))
+        put("param_dtype", float_dtype(self.param_dtype, "ModelConfig.param_dtype"))
 
     def _check_biases(self):
         # transformers builds each architecture with a fixed bias layout and drops (or zero-fills)
@@ -141,7 +238,8 @@ class LoraConfig:
     Attributes:
       rank: R.
       alpha: scale numerator; the update is scaled by alpha / rank.
-      targets: projection names that get an adapter (subset of `LORA_TARGETS`).
+      targets: projection names that get an adapter (subset of `LORA_TARGETS`, no duplicates; a
+        list is stored as a tuple so the config stays hashable).
       init_std: std of A's random init; B starts at zero so a fresh adapter changes nothing.
     """
 
@@ -151,20 +249,14 @@ class LoraConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) \
-                or self.rank <= 0:
-            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
-        object.__setattr__(self, "rank", int(self.rank))
-        for name in ("alpha", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                    or not math.isfinite(value) or value < 0 or (name == "alpha" and value == 0):
-                raise ValueError(f"LoraConfig.{name} must be a finite number "
-                                 f"{'> 0' if name == 'alpha' else '>= 0'}, got {value!r}")
-            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "rank", _int("LoraConfig", "rank", self.rank))
+        object.__setattr__(self, "alpha", _real("LoraConfig", "alpha", self.alpha))
+        object.__setattr__(self, "init_std", _real("LoraConfig", "init_std", self.init_std,
+                                                   positive=False))
         if isinstance(self.targets, str):
             raise ValueError(f"LoraConfig.targets must be a tuple of projection names, got the "
                              f"string {self.targets!r}; write ({self.targets!r},)")
+        object.__setattr__(self, "targets", _tuple("LoraConfig", "targets", self.targets, _name))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
             raise ValueError(

@@ -151,7 +151,9 @@ class CausalLM(nnx.Module):
 
         Args:
           input_ids: int [B, S], written to cache slots index .. index + S - 1.
-          cache: the `KVCache`.
+          cache: the `KVCache` from `init_cache(B, M)`; index + S must not exceed M (checked
+            when the index is concrete; under jit a write past the end would overwrite earlier
+            slots, so size M for the whole generation).
           token_mask: optional [B, S], 0 for padding tokens (never attended to).
           positions: int [B, S] RoPE positions of the new tokens.
 
@@ -160,7 +162,9 @@ class CausalLM(nnx.Module):
         """
         input_ids = self._check_ids(input_ids)
         b, s = input_ids.shape
-        valid_new = jnp.ones((b, s), bool) if token_mask is None else token_mask.astype(bool)
+        self._check_cache(cache, b, s)
+        valid_new = jnp.ones((b, s), bool) if token_mask is None else self._check_2d(
+            token_mask, "token_mask", (b, s)).astype(bool)
         positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
         at = (0, cache.index)
         valid = jax.lax.dynamic_update_slice(cache.valid, valid_new, at)
@@ -247,6 +251,20 @@ class CausalLM(nnx.Module):
                     "pad with a valid id (e.g. the tokenizer's pad or eos id; padding is masked "
                     "anyway) or resize the embeddings to the tokenizer's vocabulary")
         return input_ids
+
+    @staticmethod
+    def _check_cache(cache: KVCache, b: int, s: int) -> None:
+        batch, m = cache.valid.shape
+        if batch != b:
+            raise ValueError(f"decode: cache was built for batch {batch} (init_cache), but "
+                             f"input_ids has batch {b}")
+        # The index is known only outside jit; a traced one is the caller's to keep in range.
+        index = None if isinstance(cache.index, jax.core.Tracer) else int(cache.index)
+        if s > m or (index is not None and index + s > m):
+            at = "" if index is None else f" at cache index {index}"
+            raise ValueError(f"decode: {s} new tokens{at} do not fit the cache's "
+                             f"max_length={m}; build it with init_cache(batch, max_length) large "
+                             "enough for the prompt and every new token")
 
     @staticmethod
     def _check_2d(x, name: str, shape: tuple[int, int]) -> jax.Array:

@@ -6,8 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from taskpgm_jax.models.config import check_int
 from taskpgm_jax.models.decoder import CausalLM
 
 
@@ -45,21 +47,43 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.A
       model: the `CausalLM`.
       input_ids: int [B, S] prompts (padding on either side, marked in attention_mask).
       attention_mask: [B, S], 1 for prompt tokens (default: all ones).
-      max_new_tokens: number of tokens to generate (static).
-      eos_token_id: once a row emits it, the row keeps emitting it.
+      max_new_tokens: number of tokens to generate (static), an int >= 1.
+      eos_token_id: once a row emits it, the row keeps emitting it. An int in [0, vocab_size) or
+        None; a NumPy or concrete JAX int scalar is converted to int (it is a static argument).
 
     Returns:
       int32 [B, max_new_tokens] generated tokens.
+
+    Raises:
+      ValueError: empty prompts (S = 0, or a row of attention_mask without a 1), a mask that is
+        not 0/1, or an argument of the wrong type or range (naming it).
 
     Example:
       >>> tokens = greedy_generate(model, ids, mask, max_new_tokens=16)
     """
     input_ids = model._check_ids(input_ids)  # values too: inside _generate they are traced
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    if jnp.shape(attention_mask) != input_ids.shape:
-        raise ValueError(f"attention_mask shape {list(jnp.shape(attention_mask))} != input_ids shape "
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}): each prompt "
+                         "needs at least one, e.g. the tokenizer's BOS")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    if eos_token_id is not None:
+        eos_token_id = check_int("eos_token_id", eos_token_id, minimum=0)
+        if eos_token_id >= model.config.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id} is not below the model's vocab_size="
+                             f"{model.config.vocab_size}: the model can never emit it; pass the "
+                             "tokenizer that matches the model")
+    attention_mask = jnp.asarray(jnp.ones_like(input_ids) if attention_mask is None
+                                 else attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
                          f"{list(input_ids.shape)}")
-    return _generate(model, input_ids, jnp.asarray(attention_mask), max_new_tokens, eos_token_id)
+    if not isinstance(attention_mask, jax.core.Tracer):
+        mask = np.asarray(attention_mask)
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold 1 for prompt tokens and 0 for padding, got "
+                             f"{sorted(set(np.unique(mask).tolist()) - {0, 1})[:3]}")
+        empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
+        if empty.size:
+            raise ValueError(f"attention_mask rows {empty[:5].tolist()} have no prompt token; "
+                             "each prompt needs at least one")
+    return _generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id)

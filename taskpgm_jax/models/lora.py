@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from taskpgm_jax.models.config import LoraConfig
+from taskpgm_jax.models.config import LoraConfig, check_int
 from taskpgm_jax.models.layers import Dense, LoRAParam
 from taskpgm_jax.sharding import named_sharding
 
@@ -50,14 +50,27 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Modul
     Returns:
       `model`, for chaining.
 
+    Raises:
+      ValueError: no targeted projection, or a targeted projection already has an adapter
+        (replacing it would discard its training; `merge_lora` first).
+
     Example:
       >>> model = add_lora(model, LoraConfig(rank=8, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
       >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=LoRAParam)
     """
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"add_lora: cfg must be a LoraConfig, got {type(cfg).__name__}")
     rules = getattr(model, "rules", None)
-    found = False
-    for _, dense in _targets(model, cfg.targets):
-        found = True
+    targets = list(_targets(model, cfg.targets))
+    if not targets:
+        raise ValueError(f"add_lora: no projection named {cfg.targets} in the model")
+    # Replacing an adapter would silently throw away what it learned (B becomes zero again).
+    taken = [".".join(map(str, path)) for path, dense in targets if dense.lora_a is not None]
+    if taken:
+        raise ValueError(f"add_lora: the model already has adapters on {', '.join(taken[:3])}"
+                         f"{' ...' if len(taken) > 3 else ''}; merge_lora(model) folds them in "
+                         "first, or add adapters to a copy of the model without them")
+    for _, dense in targets:
         kernel = dense.kernel[...]
         *lead, d_in, d_out = kernel.shape
         lead_axes = ("layers",) * len(lead)
@@ -68,8 +81,6 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Modul
         dense.lora_a = LoRAParam(_place(a, kernel, axes_a, rules), logical_axes=axes_a)
         dense.lora_b = LoRAParam(_place(b, kernel, axes_b, rules), logical_axes=axes_b)
         dense.lora_scale = float(cfg.scale)
-    if not found:
-        raise ValueError(f"add_lora: no projection named {cfg.targets} in the model")
     return model
 
 
@@ -153,9 +164,8 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
         raise ValueError("multi_adapter_forward: adapters disagree on the adapter axis size: "
                          f"{sorted(sizes)}")
     (num_adapters,) = sizes
-    if adapter_chunk is not None and adapter_chunk < 1:
-        raise ValueError(f"multi_adapter_forward: adapter_chunk must be a positive int or None, "
-                         f"got {adapter_chunk}")
+    if adapter_chunk is not None:
+        adapter_chunk = check_int("multi_adapter_forward: adapter_chunk", adapter_chunk)
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim not in (2, 3):
         raise ValueError(f"input_ids must be [B, S] or [T, B, S], got shape {list(input_ids.shape)}")
@@ -165,8 +175,16 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
                          f"adapter axis but there are {num_adapters} adapters")
     # Shared inputs are broadcast to [T, B, S] (ints: cheap), so every group folds the same way.
     lead = input_ids.shape if per_adapter else (num_adapters, *input_ids.shape)
-    inputs = tuple(None if v is None else jnp.broadcast_to(jnp.asarray(v), lead)
-                   for v in (input_ids, attention_mask, segment_ids, positions))
+    inputs = [input_ids]
+    for name, v in (("attention_mask", attention_mask), ("segment_ids", segment_ids),
+                    ("positions", positions)):
+        if v is not None:  # [B, S] (shared by the adapters) or [T, B, S]
+            v = jnp.asarray(v)
+            if v.shape not in (lead, lead[1:]):
+                raise ValueError(f"multi_adapter_forward: {name} must have shape {list(lead[1:])}"
+                                 f" or {list(lead)} like input_ids, got {list(v.shape)}")
+        inputs.append(v)
+    inputs = tuple(None if v is None else jnp.broadcast_to(v, lead) for v in inputs)
 
     def run_group(group, group_inputs):
         """Adapters [G, ...] over inputs [G, B, S]: logits [G, B, S, V]."""

@@ -3,15 +3,19 @@
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from taskpgm_jax.hf import config_from_hf, config_to_hf, load_hf_checkpoint, read_hf_config
+from taskpgm_jax.hf import (checkpoint_files, config_from_hf, config_to_hf, load_hf_checkpoint,
+                            read_hf_config, save_hf_checkpoint)
 from taskpgm_jax.hf.config import SUPPORTED
+from taskpgm_jax.hf.export import parse_size
 from taskpgm_jax.models import ModelConfig
 from tests.hf import tiny
+from tests.models.conftest import random_model
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +185,60 @@ def test_no_weights_file(llama_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(read_hf_config(llama_dir)))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_hf_checkpoint(tmp_path)
+
+
+_LLAMA = {**tiny.BASE, "model_type": "llama", "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be an int >= 1, got 0"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be an int"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be an int >= 1, got 0"),
+    ({"head_dim": 0}, "head_dim must be an int >= 1, got 0"),
+    ({"vocab_size": 96.0}, "vocab_size must be an int"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a number, got None"),
+    ({"rope_theta": None}, "rope_theta must be a number, got None"),
+    ({"max_position_embeddings": None}, "max_position_embeddings must be an int"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": None}}, r"rope_scaling\.factor must be"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+    ({"model_type": "mistral", "sliding_window": 4.7}, "sliding_window must be an int"),
+    ({"model_type": "mistral", "layer_types": "fs"}, "layer_types must be a list"),
+])
+def test_bad_config_values_name_the_key(extra, match):
+    with pytest.raises(ValueError, match=f"config.json {match}"):
+        config_from_hf({**_LLAMA, **extra})
+
+
+def test_null_heads_take_transformers_defaults():
+    cfg = config_from_hf({**_LLAMA, "num_key_value_heads": None, "head_dim": None})
+    assert (cfg.num_key_value_heads, cfg.head_dim) == (4, 8)
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("config.json", "{bad", r"config\.json is not valid JSON"),
+    ("config.json", "[1, 2]", r"config\.json must hold a JSON object"),
+    ("model.safetensors.index.json", '{"metadata": {}}', r"index\.json has no weight_map"),
+])
+def test_malformed_json_files_are_named(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    read = config_from_hf if name == "config.json" else checkpoint_files
+    with pytest.raises(ValueError, match=match):
+        read(tmp_path)
+
+
+@pytest.mark.parametrize("size, match", [
+    (True, "max_shard_size must be an int of bytes"), (0.5, "max_shard_size must be an int"),
+    ("0GB", "max_shard_size must be at least one byte, got '0GB'"),
+    ("5 parsecs", "max_shard_size='5 parsecs'"),
+])
+def test_save_refuses_bad_arguments_before_writing(tmp_path, size, match):
+    model = random_model(ModelConfig(**{k: v for k, v in _LLAMA.items() if k != "model_type"},
+                                     head_dim=8, dtype=jnp.float32))
+    out = tmp_path / "export"
+    with pytest.raises(ValueError, match=match):
+        save_hf_checkpoint(model, out, max_shard_size=size)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        save_hf_checkpoint(model, out, dtype=jnp.int8)  # would write int8 weights
+    assert not out.exists()
+    assert parse_size(np.int64(1000)) == 1000 and parse_size("1.5KB") == 1500

@@ -151,3 +151,45 @@ def test_bad_config_names_the_field(tiny_cfg):
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig(vocab_size=8, hidden_size=0, intermediate_size=8, num_hidden_layers=1,
                     num_attention_heads=1, num_key_value_heads=1, head_dim=4)
+
+
+_SIZES = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"vocab_size": True}, "vocab_size"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_theta": 0.0}, "rope_theta"),
+    ({"rope_theta": "1e4"}, "rope_theta"),
+    ({"rope_type": "linear", "rope_factor": 0.0}, "rope_factor"),
+    ({"rope_type": "llama3", "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0},
+     "rope_high_freq_factor"),
+    ({"init_std": -1.0}, "init_std"),
+    ({"sliding_window": True, "sliding_window_layers": (0,)}, "sliding_window"),
+    ({"sliding_window": 2.5, "sliding_window_layers": (0,)}, "sliding_window"),
+    ({"sliding_window": 2, "sliding_window_layers": (0, 0)}, "sliding_window_layers"),
+    ({"sliding_window": 2, "sliding_window_layers": "01"}, "sliding_window_layers"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
+    ({"dtype": jnp.int32}, "dtype"),
+    ({"param_dtype": "float33"}, "param_dtype"),
+])
+def test_model_config_refuses_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\b"):
+        ModelConfig(**{**_SIZES, **kwargs})
+
+
+def test_model_config_normalises_accepted_values():
+    cfg = ModelConfig(**{**_SIZES, "vocab_size": np.int64(32), "dtype": "bfloat16",
+                         "sliding_window": np.int32(2), "sliding_window_layers": [1, 0]})
+    assert type(cfg.vocab_size) is int and type(cfg.sliding_window) is int
+    assert cfg.sliding_window_layers == (1, 0)
+    same = ModelConfig(**{**_SIZES, "dtype": jnp.bfloat16, "sliding_window": 2,
+                          "sliding_window_layers": (1, 0)})
+    assert cfg == same and hash(cfg) == hash(same)  # usable as a static jit argument
+    lora = LoraConfig(targets=["q_proj", "v_proj"])
+    assert lora.targets == ("q_proj", "v_proj") and hash(lora) == hash(LoraConfig())
+    with pytest.raises(ValueError, match="LoraConfig.targets has duplicates"):
+        LoraConfig(targets=("q_proj", "q_proj"))

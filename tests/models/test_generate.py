@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+import taskpgm_jax.models.generate as generate_module
 from taskpgm_jax.models import greedy_generate
 from tests.models.conftest import TINY, forward
 
@@ -51,3 +53,44 @@ def test_decode_logits_equal_forward(tiny_model, rng):
     np.testing.assert_allclose(first, ref[:, :6], atol=1e-5)
     np.testing.assert_allclose(jnp.concatenate(rest, axis=1), ref[:, 6:], atol=1e-5)
     assert int(cache.index) == 9
+
+
+def test_decode_refuses_a_cache_it_does_not_fit(tiny_model):
+    ids = jnp.zeros((1, 4), jnp.int32)
+    pos = jnp.arange(4, dtype=jnp.int32)[None]
+    cache = tiny_model.init_cache(1, 6)
+    # A write past the end would be clamped by dynamic_update_slice and overwrite slots 2-3.
+    with pytest.raises(ValueError, match="4 new tokens at cache index 4 .*max_length=6"):
+        tiny_model.decode(ids, cache._replace(index=jnp.int32(4)), positions=pos + 4)
+    with pytest.raises(ValueError, match="token_mask must have shape"):
+        tiny_model.decode(ids, cache, token_mask=jnp.ones((1, 3)), positions=pos)
+    with pytest.raises(ValueError, match="cache was built for batch 2"):
+        tiny_model.decode(ids, tiny_model.init_cache(2, 6), positions=pos)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"input_ids": np.zeros((1, 0), np.int32)}, "input_ids has no tokens"),
+    ({"attention_mask": np.asarray([[1, 1, 1], [0, 0, 0]])}, r"attention_mask rows \[1\]"),
+    ({"attention_mask": np.asarray([[1, 1, 1], [0.5, 1, 1]])}, "attention_mask must hold 1"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens"),
+    ({"max_new_tokens": None}, "max_new_tokens"),
+    ({"max_new_tokens": True}, "max_new_tokens"),
+    ({"eos_token_id": TINY.vocab_size}, "eos_token_id=61 .*vocab_size=61"),
+    ({"eos_token_id": -1}, "eos_token_id"),
+    ({"eos_token_id": [1, 2]}, "eos_token_id"),
+])
+def test_generate_refuses_bad_arguments(tiny_model, kwargs, match):
+    args = {"input_ids": np.ones((2, 3), np.int32), "attention_mask": None, "max_new_tokens": 2,
+            **kwargs}
+    with pytest.raises(ValueError, match=match):
+        greedy_generate(tiny_model, args.pop("input_ids"), args.pop("attention_mask"), **args)
+
+
+def test_generate_converts_scalar_arguments_to_static_ints(tiny_model, monkeypatch):
+    # jit's static arguments must be hashable: a JAX or NumPy scalar is passed on as an int.
+    seen = {}
+    monkeypatch.setattr(generate_module, "_generate",
+                        lambda model, ids, mask, new, eos: seen.update(new=new, eos=eos))
+    greedy_generate(tiny_model, np.ones((1, 3), np.int32), max_new_tokens=np.int64(2),
+                    eos_token_id=jnp.int32(7))
+    assert seen == {"new": 2, "eos": 7} and type(seen["eos"]) is int

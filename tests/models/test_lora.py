@@ -127,3 +127,25 @@ def test_multi_adapter_unscanned_layers_in_chunks(rng):
     real = np.asarray(mask) > 0
     for t in range(T):
         np.testing.assert_allclose(np.asarray(out[t])[real], np.asarray(singles[t])[real], atol=1e-5)
+
+
+def test_add_lora_refuses_to_replace_adapters(adapted):
+    model = nnx.clone(adapted)
+    q = model.model.layers.self_attn.q_proj
+    q.lora_b[...] = jnp.ones_like(q.lora_b[...])  # as if trained
+    with pytest.raises(ValueError, match="already has adapters on .*q_proj.*merge_lora"):
+        add_lora(model, LoraConfig(rank=4, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(2))
+    assert q.lora_b[...].shape[-2] == LORA.rank and bool(jnp.all(q.lora_b[...] == 1))
+    assert model.model.layers.self_attn.v_proj.lora_a is None  # nothing half-added
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attention_mask": jnp.ones((1, 3))}, r"attention_mask must have shape \[1, 4\]"),
+    ({"positions": jnp.zeros((2, 4), jnp.int32)}, "positions must have shape"),
+    ({"adapter_chunk": 1.0}, "adapter_chunk"),
+    ({"adapter_chunk": True}, "adapter_chunk"),
+])
+def test_multi_adapter_refuses_bad_arguments(adapted, kwargs, match):
+    stacked = stack_adapters([lora_state(adapted)] * 2)
+    with pytest.raises(ValueError, match=f"multi_adapter_forward: {match}"):
+        multi_adapter_forward(adapted, stacked, jnp.zeros((1, 4), jnp.int32), **kwargs)
