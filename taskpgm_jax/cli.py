@@ -37,6 +37,9 @@ def _read_names(path: str | None, count: int) -> list[str]:
     if len(names) != count:
         raise CliError(f"--names: {path} has {len(names)} names but the affinity matrix has "
                        f"{count} rows; give one task name per line.")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CliError(f"--names: {path} repeats {dup}; give each task its own name.")
     return names
 
 
@@ -66,6 +69,8 @@ def mixture_solve(args) -> int:
 
     from taskpgm_jax.mrf import Mixture, potentials, solve
 
+    if args.budget is not None and args.budget < 0:
+        raise CliError(f"--budget: must be >= 0 (training examples to split), got {args.budget}.")
     matrix = _load_affinity(args.affinity)
     names = _read_names(args.names, matrix.shape[0])
     # 2T: beta / lam = 1 / (2T), halfway from uniform (1 / T) to the inverse-affinity weights.
@@ -77,15 +82,17 @@ def mixture_solve(args) -> int:
         raise CliError(str(e)) from None
     mixture = Mixture.from_solution(names, sol, unit="examples", beta=args.beta, lam=lam,
                                     affinity=str(args.affinity))
+    # Every export is built before the first file is written: an error leaves nothing behind.
+    files = {"mixture.json": mixture.to_json(),
+             "levanter.json": json.dumps(mixture.to_levanter(), indent=2),
+             "seqio.json": json.dumps(mixture.to_seqio(), indent=2),
+             "open_instruct.json": json.dumps(mixture.to_open_instruct(args.budget), indent=2)}
+    if args.budget is not None:
+        files["counts.json"] = json.dumps(mixture.to_counts(args.budget), indent=2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "mixture.json", mixture.to_json())
-    _write(out / "levanter.json", json.dumps(mixture.to_levanter(), indent=2))
-    _write(out / "seqio.json", json.dumps(mixture.to_seqio(), indent=2))
-    _write(out / "open_instruct.json",
-           json.dumps(mixture.to_open_instruct(args.budget), indent=2))
-    if args.budget is not None:
-        _write(out / "counts.json", json.dumps(mixture.to_counts(args.budget), indent=2))
+    for name, text in files.items():
+        _write(out / name, text)
     weights = np.asarray(mixture.weights)
     order = np.argsort(-weights)
     print(f"{args.method}: energy {float(sol.energy):.6g}, KKT residual "

@@ -243,6 +243,9 @@ def _validate(cfg: RunConfig) -> None:
     d, m = cfg.data, cfg.model
     need(len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds",
          f"give at least one seed, without repeats; got {list(cfg.seeds)}")
+    for key, seeds in (("seeds", cfg.seeds), ("data.synthetic.seed", (d.synthetic.seed,))):
+        need(all(0 <= s < 2**32 for s in seeds), key,
+             f"seeds must lie in [0, 2**32) (NumPy's seed range); got {list(seeds)}")
     need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
     need(0 < d.probe_fraction and 0 < d.eval_fraction and d.probe_fraction + d.eval_fraction < 1,
          "data.probe_fraction", "probe and eval fractions must be > 0 and sum to less than 1")
@@ -250,6 +253,7 @@ def _validate(cfg: RunConfig) -> None:
         need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
     if d.source == "hub":
         need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
+    _validate_hub(d.hub, need)
     need(cfg.tokenizer.kind in ("bpe", "pretrained"), "tokenizer.kind",
          f"must be 'bpe' or 'pretrained', got {cfg.tokenizer.kind!r}")
     need(m.source in ("scratch", "hf", "preset"), "model.source",
@@ -277,6 +281,9 @@ def _validate(cfg: RunConfig) -> None:
         need(ft.batch_size % ft.grad_accum == 0, f"{section}.grad_accum",
              f"must divide batch_size={ft.batch_size}")
         need(ft.learning_rate > 0, f"{section}.learning_rate", "must be > 0")
+        need(ft.warmup_steps <= ft.steps, f"{section}.warmup_steps",
+             f"must be <= {section}.steps={ft.steps} (the warmup is part of the run), got "
+             f"{ft.warmup_steps}")
         need(ft.adapters_per_round is None or ft.adapters_per_round > 0,
              f"{section}.adapters_per_round", "must be > 0 (or null: all at once)")
     need(cfg.single_task.trainable == "lora", "single_task.trainable",
@@ -297,9 +304,47 @@ def _validate(cfg: RunConfig) -> None:
         need(cfg.mrf.jsd_tau is not None and cfg.mrf.jsd_tau > 0, "mrf.jsd_tau",
              "the rbf affinity needs a temperature > 0 (nats)")
     _validate_ranges(cfg, need)
+    _validate_unused(cfg, need)
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
          f"axis sizes must be positive, with at most one -1; got {sizes}")
+
+
+def _validate_unused(cfg: RunConfig, need) -> None:
+    """Keys the chosen variant never reads: refused rather than silently ignored. Their
+    defaults are None, so a value here is one the user set."""
+    tok, m, mrf = cfg.tokenizer, cfg.model, cfg.mrf
+    unused = [("tokenizer.path", tok.path, "tokenizer.kind", tok.kind, tok.kind != "pretrained",
+               "a bpe tokenizer is trained on the pool; set tokenizer.kind: pretrained to load "
+               "one"),
+              ("model.checkpoint", m.checkpoint, "model.source", m.source, m.source != "hf",
+               "set model.source: hf to start from a checkpoint"),
+              ("mrf.jsd_tau", mrf.jsd_tau, "mrf.jsd_affinity", mrf.jsd_affinity,
+               mrf.jsd_affinity != "rbf", "only the rbf affinity has a temperature")]
+    for key, value, setting, chosen, ignored, fix in unused:
+        need(value is None or not ignored, key,
+             f"unused because {setting} is {chosen!r} ({fix}); remove {key}")
+
+
+def _validate_hub(hub: HubData, need) -> None:
+    """Each hub entry holds `HubSpec` fields (a typo would otherwise fail only when loading)."""
+    if not hub.train and not hub.heldout:
+        return
+    from taskpgm_jax.data.sources.hub import HubSpec
+
+    fields = [f.name for f in dataclasses.fields(HubSpec)]
+    for part in ("train", "heldout"):
+        for i, entry in enumerate(getattr(hub, part)):
+            key = f"data.hub.{part}[{i}]"
+            given = [k for k, _ in entry]
+            bad = [k for k in given if k not in fields]
+            if bad:
+                close = difflib.get_close_matches(bad[0], fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                need(False, f"{key}.{bad[0]}", f"unknown dataset field{hint}; valid: "
+                     f"{', '.join(fields)}")
+            need("path" in given, f"{key}.path", "every dataset needs a path (the hub name or "
+                 "a builder such as json)")
 
 
 def _validate_ranges(cfg: RunConfig, need) -> None:

@@ -16,6 +16,7 @@ K kv heads, H head dim, F MLP hidden, V vocabulary, L layers, T adapters (tasks)
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -75,7 +76,13 @@ def make_mesh(
       >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)   # 8 devices
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    if not devices:
+        raise ValueError("make_mesh: devices is empty; pass at least one device (default: all "
+                         "of jax.devices()).")
+    if len(set(devices)) != len(devices):
+        raise ValueError("make_mesh: devices lists a device more than once; each device can "
+                         "hold one mesh position.")
+    sizes = [_axis_size(v, name) for v, name in zip((data, fsdp, tensor), MESH_AXES, strict=True)]
     if sizes.count(-1) > 1:
         raise ValueError("make_mesh: at most one of data/fsdp/tensor may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -89,6 +96,20 @@ def make_mesh(
         )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _axis_size(value, name: str) -> int:
+    """A mesh axis size: a positive int (NumPy ints too) or -1."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        size = operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or not (size > 0 or size == -1):
+        raise ValueError(f"make_mesh: {name} must be a positive integer or -1 (the devices left "
+                         f"over), got {value!r}")
+    return size
 
 
 def _mesh_axis_size(mesh_shape: Mapping[str, int], axis: str | tuple[str, ...] | None) -> int:
@@ -124,7 +145,16 @@ def logical_to_spec(
     Returns:
       The `PartitionSpec`.
     """
+    if isinstance(logical_axes, str):
+        raise ValueError(f"logical_axes: expected one name per dimension, got the string "
+                         f"{logical_axes!r}; write ({logical_axes!r},)")
+    if shape is not None and len(logical_axes) > len(shape):
+        raise ValueError(f"logical_axes: {len(logical_axes)} names {tuple(logical_axes)} for an "
+                         f"array of rank {len(shape)} (shape {tuple(shape)}); give one per "
+                         "dimension")
     table = dict(DEFAULT_RULES if rules is None else rules)
+    if rules is not None:
+        _check_rules(table, mesh_shape)
     used: set[str] = set()
     spec = []
     for i, name in enumerate(logical_axes):
@@ -152,6 +182,17 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def _check_rules(table: dict, mesh_shape: Mapping[str, int] | None) -> None:
+    """Custom rules may only name axes of the mesh: a typo would silently replicate."""
+    known = tuple(mesh_shape) if mesh_shape is not None else MESH_AXES
+    for logical, axis in table.items():
+        names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ValueError(f"rules: logical axis {logical!r} maps to mesh axis {bad[0]!r}, "
+                             f"which the mesh does not have; mesh axes: {list(known)}")
+
+
 def named_sharding(
     mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int], rules: Rules | None = None
 ) -> NamedSharding:
@@ -166,6 +207,9 @@ def named_sharding(
     Returns:
       A `NamedSharding`.
     """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh: expected a jax.sharding.Mesh (e.g. from make_mesh), got "
+                         f"{type(mesh).__name__}")
     spec = logical_to_spec(logical_axes, rules, mesh_shape=dict(mesh.shape), shape=shape)
     return NamedSharding(mesh, spec)
 

@@ -52,3 +52,15 @@ def test_mixture_solve_errors_are_one_line(tmp_path, capsys):
     assert "square" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["mixture", "solve"])  # argparse: --affinity is required
+
+
+def test_mixture_solve_refuses_bad_input_before_writing_anything(tmp_path, capsys):
+    np.save(tmp_path / "S.npy", np.eye(3))
+    (tmp_path / "names.txt").write_text("a\na\nb\n")
+    out = tmp_path / "out"
+    base = ["mixture", "solve", "--affinity", str(tmp_path / "S.npy"), "--out", str(out)]
+    assert main([*base, "--budget", "-5"]) == 2
+    assert "--budget: must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--names", str(tmp_path / "names.txt")]) == 2
+    assert "--names: " in capsys.readouterr().err
+    assert not out.exists()

@@ -156,6 +156,15 @@ def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False,
     return w32 if rescale else w
 
 
+def check_models_and_positions(x, name: str) -> None:
+    """A [T, N, V] input needs at least one model and one position."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: the models axis (T, axis 0) is empty; give at least one "
+                         "model.")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: the positions axis (N) is empty.")
+
+
 def check_positive_int(value, name: str, *, allow_none: bool = False):
     if value is None and allow_none:
         return value

@@ -76,6 +76,7 @@ class CrossLikelihood:
           task_ids: [B] integer task of each example; -1 marks padding (ignored).
           num_tokens: [B] target-token counts; required with `per_token=True`.
         """
+        self._check_state(state)
         scores = jnp.asarray(scores)
         task_ids = jnp.asarray(task_ids)
         if scores.ndim != 2 or scores.shape[0] != self.num_models:
@@ -126,8 +127,16 @@ class CrossLikelihood:
             scores = scores / counts[None, :]
         return _update_impl(state, scores, task_ids, num_tasks=self.num_tasks)
 
+    def _check_state(self, state) -> None:
+        if not isinstance(state, CrossLikState) or (not is_traced(state.sums) and (
+                state.sums.shape != (self.num_models, self.num_tasks)
+                or state.counts.shape != (self.num_tasks,))):
+            raise ValueError("state: expected the CrossLikState returned by this accumulator's "
+                             "init() or update().")
+
     def result(self, state: CrossLikState):
         """[M, T] float32 matrix L. Raises when a task has no examples (outside a jit)."""
+        self._check_state(state)
         if not is_traced(state.counts):
             missing = np.flatnonzero(np.asarray(state.counts) == 0)
             if missing.size:

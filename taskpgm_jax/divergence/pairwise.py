@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from taskpgm_jax.divergence import streaming
-from taskpgm_jax.divergence._validate import check_distribution, check_weights
+from taskpgm_jax.divergence._validate import (check_distribution, check_models_and_positions,
+                                              check_weights)
 from taskpgm_jax.divergence.streaming import StreamingJSD
 
 
@@ -38,8 +39,7 @@ def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
       >>> D = pairwise_jsd(logprobs)           # [4, 4]
     """
     logprobs = check_distribution(logprobs, "logprobs", rank=3, from_logits=from_logits)
-    if logprobs.shape[1] == 0:
-        raise ValueError("logprobs: the positions axis (N) is empty.")
+    check_models_and_positions(logprobs, "logprobs")
     if weights is not None:
         weights = check_weights(weights, "weights", logprobs.shape[1], rescale=True)
     return pairwise_jsd_unchecked(logprobs, weights, from_logits=from_logits,

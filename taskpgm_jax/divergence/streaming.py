@@ -221,14 +221,16 @@ class StreamingJSD:
             weights = jnp.ones((batch,), jnp.float32)
         weights = check_weights(weights, "weights", batch, allow_all_zero=True)
         groups = self._check_groups(groups, batch)
-        if not isinstance(state, JSDState) or (
-                not is_traced(state.pair_sums)
-                and state.pair_sums.shape != (self.config.schedule.num_outputs,
-                                              self.config.num_groups)):
-            raise ValueError("state: expected the JSDState returned by this accumulator's "
-                             "init() or update().")
+        self._check_state(state)
         return _update_jit(state, jnp.asarray(logprobs), jnp.asarray(weights), groups,
                            config=self.config)
+
+    def _check_state(self, state) -> None:
+        shape = (self.config.schedule.num_outputs, self.config.num_groups)
+        if not isinstance(state, JSDState) or (not is_traced(state.pair_sums) and (
+                state.pair_sums.shape != shape or state.weight.shape != shape[1:])):
+            raise ValueError("state: expected the JSDState returned by this accumulator's "
+                             "init() or update().")
 
     def _check_groups(self, groups, batch: int):
         if not self.grouped:
@@ -256,6 +258,7 @@ class StreamingJSD:
         Raises ValueError when no position with positive weight has been seen (checked only
         outside a jit).
         """
+        self._check_state(state)
         if not is_traced(state.weight) and float(jnp.sum(state.weight)) <= 0:
             raise ValueError("state: no position with positive weight has been accumulated; "
                              "call update() with at least one weighted position first.")
@@ -282,7 +285,8 @@ def task_balanced_weights(task_ids, num_tasks: int | None = None):
     valid = ids >= 0
     if not np.any(valid):
         raise ValueError("task_ids: every position is padding (-1); nothing to weight.")
-    num_tasks = int(ids.max()) + 1 if num_tasks is None else int(num_tasks)
+    num_tasks = (int(ids.max()) + 1 if num_tasks is None
+                 else check_positive_int(num_tasks, "num_tasks"))
     if ids.max() >= num_tasks:
         raise ValueError(f"task_ids: id {ids.max()} is out of range for num_tasks={num_tasks}.")
     counts = np.bincount(ids[valid], minlength=num_tasks)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from taskpgm_jax.divergence._kernel import LN2
-from taskpgm_jax.divergence._validate import (check_distribution, check_positive_int,
-                                              check_weights)
+from taskpgm_jax.divergence._validate import (check_distribution, check_models_and_positions,
+                                              check_positive_int, check_weights)
 from taskpgm_jax.divergence.pairwise import pairwise_jsd_unchecked
 
 # The absolute float32 accuracy of `pairwise_jsd` (the tests hold it to this against scipy in
@@ -86,6 +86,7 @@ def truncated_pairwise_jsd(logprobs, weights=None, *, top_k: int = 64, from_logi
       A `TruncatedJSD` with lower and upper bound matrices and the tail masses.
     """
     logprobs = check_distribution(logprobs, "logprobs", rank=3, from_logits=from_logits)
+    check_models_and_positions(logprobs, "logprobs")
     top_k = check_positive_int(top_k, "top_k")
     if top_k > logprobs.shape[-1]:
         raise ValueError(f"top_k: {top_k} exceeds the vocabulary size {logprobs.shape[-1]}.")

@@ -7,6 +7,8 @@ shape) run there and the caller owns the values.
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +100,38 @@ def check_nonnegative(value, name: str) -> float:
     return v
 
 
+def checked_potentials(pot):
+    """`pot` (a `Potentials`) in one consistent dtype; raises naming `pot` for anything else."""
+    from taskpgm_jax.mrf.energy import Potentials
+
+    if not isinstance(pot, Potentials):
+        raise ValueError(f"pot: expected Potentials from taskpgm_jax.mrf.potentials(...), got "
+                         f"{type(pot).__name__}.")
+    return consistent_potentials(pot)
+
+
+def check_int(value, name: str, *, minimum: int, what: str = "integer") -> int:
+    """A Python int >= minimum from an int or NumPy integer (bool and floats are refused)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected {what}, got {value!r}.") from None
+    if v < minimum:
+        raise ValueError(f"{name}: expected {what}, got {value!r}.")
+    return v
+
+
+def real_numpy(value, name: str) -> np.ndarray:
+    """`value` as a float64 NumPy array; strings, bools and other non-numbers are refused
+    (NumPy would parse "0.1" silently)."""
+    arr = np.asarray(value)
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise ValueError(f"{name}: expected numbers, got {value!r} (dtype {arr.dtype}).")
+    return arr.astype(np.float64)
+
+
 def check_bounds(floor, cap, num_tasks: int, dtype):
     """Per-task bounds as [T] arrays (scalars broadcast); raises when no mixture satisfies them.
 
@@ -106,7 +140,7 @@ def check_bounds(floor, cap, num_tasks: int, dtype):
     if floor is None and cap is None:
         return jnp.zeros((num_tasks,), dtype), jnp.ones((num_tasks,), dtype), False
     def per_task(value, default, name):
-        arr = np.asarray(default if value is None else value, np.float64)
+        arr = real_numpy(default if value is None else value, name)
         if arr.shape not in ((), (1,), (num_tasks,)):
             raise ValueError(f"{name}: expected a scalar or {num_tasks} entries (one per task), "
                              f"got shape {arr.shape}.")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_positive,
-                                       check_vector)
+                                       check_vector, checked_potentials)
 from taskpgm_jax.mrf.affinity import psd_repair
 
 
@@ -148,7 +148,11 @@ def energy(weights, pot: Potentials):
     Example:
       >>> energy(jnp.full(T, 1 / T), pot)
     """
+    pot = checked_potentials(pot)
     w = jnp.asarray(weights, pot.matrix.dtype)
+    if w.ndim == 0 or w.shape[-1] != pot.num_tasks:
+        raise ValueError(f"weights: expected [..., {pot.num_tasks}] mixtures (one weight per "
+                         f"task), got shape {tuple(w.shape)}.")
     quad = jnp.einsum("...i,ij,...j->...", w, pot.matrix, w,
                       precision=jax.lax.Precision.HIGHEST)
     return -pot.beta * (w @ pot.unary) + 0.5 * pot.lam * quad

@@ -66,7 +66,7 @@ class Mixture:
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        names = tuple(str(n) for n in self.names)
+        names = tuple(str(n) for n in _names(self.names))
         w = np.asarray(self.weights, np.float64).reshape(-1)
         if len(names) != w.size:
             raise ValueError(f"weights: {w.size} weights for {len(names)} names; give one weight "
@@ -99,12 +99,15 @@ class Mixture:
         info = {"method": solution.method, "energy": float(solution.energy),
                 "kkt_residual": float(solution.kkt_residual),
                 "iterations": int(solution.iterations)}
-        return cls(tuple(names), tuple(w / w.sum()), unit, {**info, **provenance})
+        return cls(_names(names), tuple(w / w.sum()), unit, {**info, **provenance})
 
     @classmethod
     def from_counts(cls, counts: Mapping[str, float], *, unit: str = "examples",
                     **provenance) -> "Mixture":
         """From {name: count} (any non-negative numbers, not all zero)."""
+        if not isinstance(counts, Mapping):
+            raise ValueError(f"counts: expected a mapping {{name: count}}, got "
+                             f"{type(counts).__name__}.")
         names = tuple(counts)
         c = np.asarray([counts[n] for n in names], np.float64)
         if c.size == 0 or not np.all(np.isfinite(c)) or np.any(c < 0) or c.sum() <= 0:
@@ -132,8 +135,9 @@ class Mixture:
 
     @classmethod
     def from_json(cls, text: str) -> "Mixture":
-        d = json.loads(text)
-        return cls(tuple(d["names"]), tuple(d["weights"]), d.get("unit", "examples"),
+        d = _load_json(text, "text", "a JSON object with 'names' and 'weights'")
+        _require(d, ("names", "weights"), "text", "the output of Mixture.to_json()")
+        return cls(_names(d["names"]), tuple(d["weights"]), d.get("unit", "examples"),
                    d.get("provenance", {}))
 
     def as_dict(self) -> dict[str, float]:
@@ -146,6 +150,11 @@ class Mixture:
 
     @classmethod
     def from_seqio(cls, rates: Sequence[tuple[str, float]], **kw) -> "Mixture":
+        rates = [] if isinstance(rates, (str, Mapping)) else list(rates)
+        if not rates or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rates):
+            raise ValueError("rates: expected a non-empty list of (task_name, rate) pairs, as "
+                             "in seqio's Mixture(tasks=[...]); for a {name: rate} mapping use "
+                             "from_counts.")
         names = [name for name, _ in rates]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:  # dict() would keep the last rate silently
@@ -158,7 +167,8 @@ class Mixture:
 
     @classmethod
     def from_levanter(cls, config: Mapping[str, Mapping[str, float]], **kw) -> "Mixture":
-        return cls.from_counts(dict(config["train_weights"]), **kw)
+        _require(config, ("train_weights",), "config", 'Levanter\'s {"train_weights": {...}}')
+        return cls.from_counts(config["train_weights"], **kw)
 
     def to_maxtext(self, paths: Mapping[str, str]) -> str:
         """MaxText / Grain `grain_train_mixture_config_path` JSON: {name: {path, weight}}."""
@@ -170,7 +180,9 @@ class Mixture:
 
     @classmethod
     def from_maxtext(cls, text: str, **kw) -> tuple["Mixture", dict[str, str]]:
-        d = json.loads(text)
+        d = _load_json(text, "text", "a JSON object {name: {path, weight}}")
+        for n, v in d.items():
+            _require(v, ("path", "weight"), f"text[{n!r}]", "{path, weight}")
         mix = cls.from_counts({n: v["weight"] for n, v in d.items()}, **kw)
         return mix, {n: v["path"] for n, v in d.items()}
 
@@ -185,12 +197,41 @@ class Mixture:
 
 # -- baselines ------------------------------------------------------------------------------
 def _sizes(names, sizes):
+    names = _names(names)
     s = np.asarray(sizes, np.float64)
     if s.shape != (len(names),):
         raise ValueError(f"sizes: expected {len(names)} entries (one per task), got {s.shape}.")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError("sizes: every task needs a positive, finite size.")
     return s
+
+
+def _names(names) -> tuple:
+    """Task names as a tuple; a single string is refused (it would split into characters)."""
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"names: expected a list of task names, got the string {names!r}; "
+                         f"wrap a single name in a list: [{names!r}].")
+    try:
+        return tuple(names)
+    except TypeError:
+        raise ValueError(f"names: expected a list of task names, got "
+                         f"{type(names).__name__}.") from None
+
+
+def _load_json(text, name: str, expected: str) -> dict:
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not valid JSON ({e}); expected {expected}.") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: expected {expected}, got a JSON {type(d).__name__}.")
+    return d
+
+
+def _require(d, keys, name: str, expected: str) -> None:
+    missing = [k for k in keys if not isinstance(d, Mapping) or k not in d]
+    if missing:
+        raise ValueError(f"{name}: missing {missing}; expected {expected}.")
 
 
 def _json_value(value, key):
@@ -208,10 +249,11 @@ def _json_value(value, key):
 
 def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
     """Every task the same weight."""
+    names = _names(names)
     n = len(names)
     if n == 0:
         raise ValueError("names: a mixture needs at least one task.")
-    return Mixture(tuple(names), (1.0 / n,) * n, unit, {"method": "uniform"})
+    return Mixture(names, (1.0 / n,) * n, unit, {"method": "uniform"})
 
 
 def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examples") -> Mixture:
@@ -234,5 +276,6 @@ def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
 
 def random_mixture(names: Sequence[str], seed: int, *, unit: str = "examples") -> Mixture:
     """A Dirichlet(1) draw: uniform over the simplex, reproducible from the seed."""
+    names = _names(names)
     w = np.random.default_rng(seed).dirichlet(np.ones(len(names)))
-    return Mixture(tuple(names), tuple(w), unit, {"method": "random", "seed": int(seed)})
+    return Mixture(names, tuple(w), unit, {"method": "random", "seed": int(seed)})

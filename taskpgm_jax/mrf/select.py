@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
-from taskpgm_jax.mrf._validate import check_positive, consistent_potentials
+from taskpgm_jax.mrf._validate import check_positive, checked_potentials, real_numpy
 from taskpgm_jax.mrf.energy import Potentials
 
 
@@ -51,7 +51,8 @@ def set_value(pot: Potentials, subset) -> float:
     Example:
       >>> set_value(pot, [0, 3, 5])
     """
-    A = np.asarray(list(subset), dtype=np.int64)
+    pot = checked_potentials(pot)
+    A = check_indices(subset, pot.num_tasks, "subset")
     if A.size == 0:
         return 0.0
     S = np.asarray(pot.matrix, np.float64)[np.ix_(A, A)]
@@ -130,12 +131,36 @@ def _lazy_greedy(pot: Potentials, costs: np.ndarray, budget: float):
     return np.asarray(chosen, np.int64), np.asarray(gains), evals
 
 
-def check_costs(costs, num_tasks: int, budget) -> tuple[np.ndarray, float]:
-    """Validated [T] float64 costs (all 1 when None) and budget; raises on bad input."""
-    budget = check_positive(budget, "budget")
+def check_indices(subset, num_tasks: int, name: str) -> np.ndarray:
+    """Distinct task indices in [0, T) as int64; a boolean mask, floats, negative (wrapping) or
+    repeated indices are refused."""
+    if not hasattr(subset, "shape"):
+        try:
+            subset = list(subset)
+        except TypeError:
+            raise ValueError(f"{name}: expected a list of task indices, got {subset!r}.") from None
+    A = np.asarray(subset)
+    if A.size == 0:
+        return np.zeros((0,), np.int64)
+    if A.dtype == bool:
+        raise ValueError(f"{name}: expected task indices, got a boolean mask; pass "
+                         "np.flatnonzero(mask).")
+    if A.ndim != 1 or not np.issubdtype(A.dtype, np.integer):
+        raise ValueError(f"{name}: expected a 1-D list of integer task indices, got shape "
+                         f"{A.shape} dtype {A.dtype}.")
+    if A.min() < 0 or A.max() >= num_tasks:
+        raise ValueError(f"{name}: indices must lie in [0, {num_tasks}), got range "
+                         f"[{A.min()}, {A.max()}].")
+    if np.unique(A).size != A.size:
+        raise ValueError(f"{name}: repeated task indices; each task counts once.")
+    return A.astype(np.int64)
+
+
+def check_cost_vector(costs, num_tasks: int) -> np.ndarray:
+    """[T] positive finite float64 costs (all 1 when None)."""
     if costs is None:
-        costs = np.ones(num_tasks)
-    costs = np.asarray(costs, np.float64)
+        return np.ones(num_tasks)
+    costs = real_numpy(costs, "costs")
     if costs.shape != (num_tasks,):
         raise ValueError(f"costs: expected {num_tasks} entries (one per task), got shape "
                          f"{costs.shape}.")
@@ -144,6 +169,13 @@ def check_costs(costs, num_tasks: int, budget) -> tuple[np.ndarray, float]:
     if np.any(costs <= 0):
         raise ValueError(f"costs: every task must cost > 0 (examples or tokens), got min "
                          f"{costs.min():.3g}.")
+    return costs
+
+
+def check_costs(costs, num_tasks: int, budget) -> tuple[np.ndarray, float]:
+    """Validated [T] float64 costs (all 1 when None) and budget; raises on bad input."""
+    budget = check_positive(budget, "budget")
+    costs = check_cost_vector(costs, num_tasks)
     if budget < costs.min():
         raise ValueError(f"budget: {budget:g} is below the cheapest task ({costs.min():g}); no "
                          "task fits. Raise the budget.")
@@ -168,9 +200,7 @@ def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> 
       >>> sel = select_tasks(pot, budget=10)           # at most 10 tasks
       >>> sel.indices, sel.value, sel.gains
     """
-    if not isinstance(pot, Potentials):
-        raise ValueError("pot: expected Potentials from taskpgm_jax.mrf.potentials(...).")
-    pot = consistent_potentials(pot)
+    pot = checked_potentials(pot)
     T = pot.num_tasks
     costs, budget = check_costs(costs, T, budget)
     if lazy:

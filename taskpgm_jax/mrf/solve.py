@@ -19,8 +19,8 @@ import optax
 
 from taskpgm_jax.mrf import _solvers
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
-from taskpgm_jax.mrf._validate import (check_bounds, check_positive, check_vector,
-                                       consistent_potentials, is_traced)
+from taskpgm_jax.mrf._validate import (check_bounds, check_int, check_positive, check_vector,
+                                       checked_potentials, is_traced, real_numpy)
 from taskpgm_jax.mrf.energy import Potentials
 
 METHODS = ("exact", "closed_form", "softmax")
@@ -73,17 +73,7 @@ class SolutionPath(NamedTuple):
     clipped: jax.Array | None = None
 
 
-def _checked_potentials(pot):
-    if not isinstance(pot, Potentials):
-        raise ValueError(f"pot: expected Potentials from taskpgm_jax.mrf.potentials(...), got "
-                         f"{type(pot).__name__}.")
-    return consistent_potentials(pot)
-
-
 def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temperature):
-    if not isinstance(pot, Potentials):
-        raise ValueError(f"pot: expected Potentials from taskpgm_jax.mrf.potentials(...), got "
-                         f"{type(pot).__name__}.")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
     T = pot.num_tasks
@@ -103,9 +93,8 @@ def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temp
         raise ValueError("floor: softmax cannot impose floors or caps; use method='exact'.")
     if tol is not None:
         tol = check_positive(tol, "tol")
-    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
-                                 or max_iter < 1):
-        raise ValueError(f"max_iter: expected a positive integer, got {max_iter!r}.")
+    if max_iter is not None:  # a Python int: a static jit argument and a cache key
+        max_iter = check_int(max_iter, "max_iter", minimum=1, what="a positive integer")
     temperature = check_positive(temperature, "temperature")
     P = padded_size(T)
     mask = jnp.arange(P) < T
@@ -186,7 +175,7 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
       >>> sol = solve(pot, floor=0.01, cap=0.2)
       >>> float(sol.weights.sum()), bool(sol.converged)     # (1.0, True)
     """
-    pot = _checked_potentials(pot)
+    pot = checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, init, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or _default_optimizer(opts["max_iter"])
@@ -216,10 +205,17 @@ def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, ca
       >>> path = solve_path(pot, jnp.geomspace(0.1 / T, 10 / T, 12))
       >>> path.support                          # tasks kept, per ratio
     """
-    ratios_np = np.asarray(ratios, np.float64).reshape(-1)
+    if is_traced(ratios):
+        raise ValueError("ratios: needs concrete values (the grid is vmapped here); call "
+                         "solve_path outside jit.")
+    ratios_np = real_numpy(ratios, "ratios")
+    if ratios_np.ndim > 1:
+        raise ValueError(f"ratios: expected a 1-D array of beta / lam, got shape "
+                         f"{ratios_np.shape}.")
+    ratios_np = ratios_np.reshape(-1)
     if ratios_np.size == 0 or not np.all(np.isfinite(ratios_np)) or np.any(ratios_np <= 0):
         raise ValueError("ratios: expected a non-empty 1-D array of positive, finite beta / lam.")
-    pot = _checked_potentials(pot)
+    pot = checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, None, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or _default_optimizer(opts["max_iter"])

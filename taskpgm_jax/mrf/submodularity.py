@@ -11,8 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from taskpgm_jax.mrf._validate import check_int, checked_potentials
 from taskpgm_jax.mrf.energy import Potentials
-from taskpgm_jax.mrf.select import Selection
+from taskpgm_jax.mrf.select import Selection, check_cost_vector, check_indices
 
 EXACT_MAX_TASKS = 12
 
@@ -111,11 +112,19 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *, costs=None,
       >>> rep = submodularity_ratio(pot, k=5)
       >>> rep.gamma, rep.bound, rep.theorem
     """
+    pot = checked_potentials(pot)
     T = pot.num_tasks
-    k = T if k is None else int(k)
-    if k < 1:
-        raise ValueError(f"k: expected a positive set size, got {k}.")
+    k = T if k is None else check_int(k, "k", minimum=1, what="a positive set size")
     k = min(k, T)
+    if costs is not None:
+        costs = check_cost_vector(costs, T)
+    if selection is not None:
+        if not isinstance(selection, Selection):
+            raise ValueError(f"selection: expected the Selection from select_tasks(pot, ...), "
+                             f"got {type(selection).__name__}.")
+        check_indices(selection.indices, T, "selection")
+    num_samples = check_int(num_samples, "num_samples", minimum=1, what="a positive integer")
+    seed = check_int(seed, "seed", minimum=0, what="a non-negative integer")
     S = np.asarray(pot.matrix, np.float64)
     u = np.asarray(pot.unary, np.float64)
     if T <= EXACT_MAX_TASKS:
@@ -126,8 +135,7 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *, costs=None,
         gamma, monotone = _sampled_ratio(S, u, pot.beta, pot.lam, k, num_samples, seed, chain)
         exact, samples = False, int(num_samples)
     gamma = 1.0 if not np.isfinite(gamma) else min(gamma, 1.0)
-    uniform = costs is None or np.allclose(np.asarray(costs, np.float64),
-                                           np.asarray(costs, np.float64).flat[0])
+    uniform = costs is None or np.allclose(costs, costs[0])
     if not monotone:
         bound, theorem = 0.0, ("none: F is not monotone (a marginal gain is negative), and the "
                                "weak-submodularity bounds assume monotone F")

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh  # noqa: F401  (documents the accepted mesh type)
 
-from taskpgm_jax.divergence import (StreamingJSD, entropy, jsd, kl, pairwise_jsd,
-                                    task_balanced_weights)
+from taskpgm_jax.divergence import (CrossLikelihood, StreamingJSD, entropy, jsd, kl,
+                                    pairwise_jsd, task_balanced_weights,
+                                    truncated_pairwise_jsd)
 from tests.divergence.distributions import random_logprobs
 
 
@@ -100,3 +101,35 @@ def test_option_errors(lp):
         StreamingJSD(3, mesh="cpu")
     with pytest.raises(ValueError, match="task_ids"):
         task_balanced_weights(np.array([-1, -1]))
+
+
+_STATE_ERROR = "state: expected the .*State returned by this accumulator"
+
+
+@pytest.mark.parametrize("call, match", [
+    # Empty axes once hit a ZeroDivisionError or blamed num_models instead of the input.
+    (lambda: pairwise_jsd(jnp.zeros((0, 5, 7))), r"logprobs: the models axis \(T"),
+    (lambda: truncated_pairwise_jsd(jnp.zeros((2, 0, 4)), top_k=2),
+     r"logprobs: the positions axis \(N\)"),
+    (lambda: truncated_pairwise_jsd(jnp.zeros((0, 3, 4)), top_k=2), r"logprobs: the models"),
+    # Another accumulator's state, or none, once failed deep inside with a raw error.
+    (lambda: CrossLikelihood(2).update(CrossLikelihood(3).init(), -jnp.ones((2, 4)),
+                                       jnp.array([0, 1, 0, 1])), _STATE_ERROR),
+    (lambda: CrossLikelihood(2).update(None, -jnp.ones((2, 4)), jnp.array([0, 1, 0, 1])),
+     _STATE_ERROR),
+    (lambda: CrossLikelihood(2).result(None), _STATE_ERROR),
+    (lambda: StreamingJSD(3).result(None), _STATE_ERROR),
+    (lambda: StreamingJSD(3).result(StreamingJSD(4).init()), _STATE_ERROR),
+    # num_tasks=2.7 was truncated to 2 and "3" parsed.
+    (lambda: task_balanced_weights([0, 1], num_tasks=2.7), "num_tasks: expected a positive"),
+    (lambda: task_balanced_weights([0, 1], num_tasks="3"), "num_tasks: expected a positive"),
+    (lambda: task_balanced_weights([0, 1], num_tasks=0), "num_tasks: expected a positive"),
+])
+def test_empty_axes_foreign_states_and_counts_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_task_balanced_weights_takes_numpy_integers():
+    np.testing.assert_allclose(np.asarray(task_balanced_weights([0, 1, 1], np.int64(3))),
+                               [0.5, 0.25, 0.25])

@@ -3,18 +3,20 @@
 import warnings
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from taskpgm_jax.models import init_model
-from taskpgm_jax.sharding import logical_to_spec, make_mesh
+from taskpgm_jax.sharding import logical_to_spec, make_mesh, named_sharding
 
 
 def test_mesh_axes_and_types():
     mesh = make_mesh(data=2, fsdp=-1, tensor=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert dict(make_mesh(data=np.int64(2), fsdp=-1).shape)["fsdp"] == 4  # NumPy ints are fine
     with pytest.raises(ValueError, match="devices"):
         make_mesh(data=3, fsdp=1, tensor=1)
 
@@ -53,3 +55,23 @@ def test_init_model_creates_parameters_in_their_shardings():
     assert gate.sharding.mesh == mesh and gate.sharding.spec == P(None, "fsdp", "tensor")
     assert gate.addressable_shards[0].data.shape == (1, 16, 20)
     assert float(gate.std()) > 0  # really initialised, not zeros
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: make_mesh(data=0), "make_mesh: data must be a positive integer or -1"),
+    (lambda: make_mesh(data=-2, fsdp=2, tensor=2), "make_mesh: data must be"),
+    (lambda: make_mesh(tensor=2.0), "make_mesh: tensor must be"),
+    (lambda: make_mesh(data=True), "make_mesh: data must be"),
+    (lambda: make_mesh(devices=[]), "make_mesh: devices is empty"),
+    (lambda: make_mesh(devices=[jax.devices()[0]] * 4), "make_mesh: devices lists a device"),
+    # A typo in a custom rule once replicated the axis silently.
+    (lambda: logical_to_spec(("embed",), (("embed", "fdsp"),)), "rules: .*'embed' .*'fdsp'"),
+    (lambda: named_sharding(make_mesh(data=2, fsdp=4), ("embed",), (8,), (("embed", "fdsp"),)),
+     "rules: .*'fdsp'"),
+    (lambda: logical_to_spec(("batch", "embed"), shape=(4,)), "logical_axes: 2 names"),
+    (lambda: logical_to_spec("embed"), "logical_axes: .*the string 'embed'"),
+    (lambda: named_sharding(None, ("batch",), (4,)), "mesh: expected a jax.sharding.Mesh"),
+])
+def test_bad_mesh_and_rules_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

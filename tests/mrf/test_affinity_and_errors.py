@@ -12,6 +12,7 @@ import taskpgm_jax.mrf as mrf
 from taskpgm_jax.mrf import (affinity_from_jsd, potentials, psd_repair, select_tasks, solve,
                              solve_path, utility_unary)
 from taskpgm_jax.mrf._spectrum import _lanczos_extremes, extreme_eigenvalues
+from taskpgm_jax.mrf.solve import _prepare
 from tests.mrf.conftest import random_affinity
 
 
@@ -135,7 +136,39 @@ def _pot(n=4):
     (lambda: select_tasks(_pot(), 3, costs=np.array([1.0, -1, 1, 1])), "costs: every task"),
     (lambda: select_tasks(_pot(), 3, costs=np.ones(3)), "costs: expected 4"),
     (lambda: select_tasks(_pot(), 0), "budget"),
+    # Strings were parsed by NumPy, 2-D ratios flattened, index lists misread.
+    (lambda: solve(_pot(), floor="0.1"), "floor: expected numbers"),
+    (lambda: solve_path(_pot(), "0.1"), "ratios: expected numbers"),
+    (lambda: solve_path(_pot(), [[0.1, 0.2]]), r"ratios: expected a 1-D array .* \(1, 2\)"),
+    (lambda: select_tasks(_pot(), 2, costs=["a"] * 4), "costs: expected numbers"),
+    (lambda: mrf.set_value(_pot(), [True, False, True]), "subset: .*boolean mask"),
+    (lambda: mrf.set_value(_pot(), [-1]), r"subset: indices must lie in \[0, 4\)"),
+    (lambda: mrf.set_value(_pot(), [5]), r"subset: indices must lie in \[0, 4\)"),
+    (lambda: mrf.set_value(_pot(), [0, 0]), "subset: repeated"),
+    (lambda: mrf.set_value(_pot(), [0.7]), "subset: expected a 1-D list of integer"),
+    (lambda: mrf.set_value(np.eye(4), [0]), "pot: expected Potentials"),
+    (lambda: mrf.energy(np.ones(3) / 3, _pot()), r"weights: expected \[\.\.\., 4\]"),
+    (lambda: mrf.energy(np.ones(4) / 4, np.eye(4)), "pot: expected Potentials"),
+    (lambda: mrf.submodularity_ratio(_pot(), num_samples=0), "num_samples: expected a positive"),
+    (lambda: mrf.submodularity_ratio(_pot(), k=1.7), "k: expected a positive set size"),
+    (lambda: mrf.submodularity_ratio(_pot(), k="x"), "k: expected a positive set size"),
+    (lambda: mrf.submodularity_ratio(_pot(), seed="a"), "seed: expected a non-negative"),
+    (lambda: mrf.submodularity_ratio(_pot(), costs=[1, 2]), "costs: expected 4 entries"),
+    (lambda: mrf.submodularity_ratio(_pot(), costs=[]), "costs: expected 4 entries"),
+    (lambda: mrf.submodularity_ratio(_pot(), selection=[0, 1]), "selection: expected the"),
+    (lambda: mrf.submodularity_ratio(np.eye(4)), "pot: expected Potentials"),
 ])
 def test_bad_input_raises_a_named_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    pot = _pot()
+    # Checked without a solve (a compile): max_iter reaches the solver as a plain int, the
+    # static jit argument and optimiser cache key that an int 100 gives.
+    _, opts = _prepare(pot, "exact", None, None, None, None, np.int64(100), 1.0)
+    assert opts["max_iter"] == 100 and type(opts["max_iter"]) is int
+    assert mrf.set_value(pot, np.array([0, 2])) == mrf.set_value(pot, [0, 2])
+    rep = mrf.submodularity_ratio(pot, k=np.int64(2), num_samples=np.int32(5), seed=np.uint8(1))
+    assert rep == mrf.submodularity_ratio(pot, k=2)

@@ -139,3 +139,31 @@ def test_numpy_scalars_are_accepted_and_serialised():
     mix = Mixture.from_counts({"a": 1, "b": 3}, beta=np.float32(0.5), sizes=np.arange(2))
     back = json.loads(mix.to_json())["provenance"]
     assert back == {"beta": 0.5, "sizes": [0, 1]}
+
+
+class _Solution:  # what from_solution reads of a `solve` result
+    weights, method, energy, kkt_residual, iterations = np.ones(3) / 3, "exact", 0.0, 0.0, 1
+
+
+@pytest.mark.parametrize("call, match", [
+    # A string for names once split into one task per character.
+    (lambda: uniform_mixture("arith"), r"names: .*the string 'arith'"),
+    (lambda: Mixture("ab", (0.5, 0.5)), r"names: .*the string 'ab'"),
+    (lambda: Mixture.from_solution("abc", _Solution()), r"names: .*the string 'abc'"),
+    (lambda: size_proportional_mixture("ab", [1, 2]), r"names: .*the string 'ab'"),
+    (lambda: random_mixture("ab", 0), r"names: .*the string 'ab'"),
+    (lambda: Mixture(None, (1.0,)), "names: expected a list"),
+    # Importers: missing keys and wrong shapes, named instead of KeyError / unpacking errors.
+    (lambda: Mixture.from_json('{"weights": [1.0]}'), r"text: missing \['names'\]"),
+    (lambda: Mixture.from_json("[1]"), "text: expected a JSON object"),
+    (lambda: Mixture.from_json("{"), "text: not valid JSON"),
+    (lambda: Mixture.from_levanter({"weights": {"a": 1}}), r"config: missing \['train_weights'\]"),
+    (lambda: Mixture.from_maxtext('{"a": {"path": "x"}}'), r"text\['a'\]: missing \['weight'\]"),
+    (lambda: Mixture.from_maxtext('{"a": 1}'), r"text\['a'\]: missing"),
+    (lambda: Mixture.from_seqio({"a": 1, "b": 2}), "rates: expected a non-empty list"),
+    (lambda: Mixture.from_seqio([("a", 1, 2)]), "rates: expected a non-empty list"),
+    (lambda: Mixture.from_counts([("a", 1)]), "counts: expected a mapping"),
+])
+def test_bad_names_and_imports_raise_named_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

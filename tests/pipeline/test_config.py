@@ -1,6 +1,8 @@
 """Config values: every impossible one is refused at load time, naming its dotted key, so a run
 and `--dry-run` stop before any work; numbers in the forms people write them are accepted."""
 
+import re
+
 import pytest
 
 from taskpgm_jax.cli import main
@@ -36,13 +38,41 @@ BAD = [
     # Wrong types of optional keys (these once crashed with a TypeError).
     ("mrf.lam=abc", "mrf.lam"), ("data.bigbench.tasks=navigate", "data.bigbench.tasks"),
     ("single_task.steps=2.5", "single_task.steps"),
+    # Seeds outside NumPy's range once failed only when a stage drew with them.
+    ("seeds=[-1]", "seeds"), ("seeds=[4294967296]", "seeds"),
+    ("data.synthetic.seed=-1", "data.synthetic.seed"),
+    # A warmup longer than the run was silently cut to the run's length (demo: 150 steps).
+    ("single_task.warmup_steps=151", "single_task.warmup_steps"),
+    ("finetune.warmup_steps=1000", "finetune.warmup_steps"),
+    # Unknown or missing hub dataset fields once passed the checks and crashed the run.
+    ("data.hub.train=[{path: x, foo: 1}]", "data.hub.train[0].foo"),
+    ("data.hub.heldout=[{name: x}]", "data.hub.heldout[0].path"),
 ]
 
 
 @pytest.mark.parametrize("override, key", BAD, ids=[b[0] for b in BAD])
 def test_impossible_values_name_their_key(override, key):
-    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
         load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("tokenizer.path=/x", "tokenizer.kind is 'bpe'"),
+    ("model.checkpoint=/x", "model.source is 'scratch'"),
+    ("mrf.jsd_tau=0.1", "mrf.jsd_affinity is 'linear'"),
+])
+def test_keys_the_chosen_variant_ignores_are_refused(override, setting):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}': unused because {setting}"):
+        load_config(DEMO, [override])
+
+
+def test_the_same_keys_are_accepted_where_they_are_used():
+    cfg = load_config(DEMO, ["mrf.jsd_affinity=rbf", "mrf.jsd_tau=0.1", "seeds=[0, 4294967295]",
+                             "single_task.warmup_steps=150",
+                             "data.hub.train=[{path: x, name: y, split: test}]"])
+    assert cfg.mrf.jsd_tau == 0.1 and cfg.seeds == (0, 2**32 - 1)
+    assert cfg.single_task.warmup_steps == cfg.single_task.steps
 
 
 def test_dry_run_refuses_at_load_time(capsys):
