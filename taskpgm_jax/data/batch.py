@@ -11,6 +11,7 @@ Both give the same `Batch`, the form the decoder takes
   0 at a segment's last token and on padding. Logits at t are scored against targets[t].
 * `loss_mask` [batch, seq] float32: 1 where targets[t] is a target token (the answer or its EOS),
   so sum(loss_mask * -log p(targets)) is the target-only loss and, per segment, log p(y | x).
+  Values lie in [0, 1]: a fraction weights its token's loss (`check_batch_values`).
 
 Shapes never depend on the data, so nothing recompiles. Packing is greedy and in order: each
 sequence goes into the current row if it fits, else it opens a new row. In-order packing makes
@@ -27,7 +28,8 @@ import numpy as np
 from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.data.tokenize import Encoded
 
-__all__ = ["Batch", "pack_batches", "pack_rows", "pad_batch", "rows_to_batch"]
+__all__ = ["Batch", "check_batch_values", "pack_batches", "pack_rows", "pad_batch",
+           "rows_to_batch"]
 
 
 class Batch(NamedTuple):
@@ -150,3 +152,41 @@ def pack_batches(seqs: Sequence[Encoded], seq_len: int, batch_size: int,
     if drop_remainder and rows and len(rows) % batch_size:
         batches.pop()
     return batches
+
+
+def check_batch_values(batch, vocab_size: int | None = None, name: str = "batch") -> None:
+    """Checks a host batch's values before a jitted step (inside, nothing can be checked: an
+    out-of-range input id is clipped and an out-of-range target gathers NaN).
+
+    Args:
+      batch: a `Batch`-like object of host arrays.
+      vocab_size: the model's vocabulary: `input_ids` (padding included: pad with a valid id)
+        and the `targets` under a non-zero `loss_mask` must lie in [0, vocab_size); targets
+        under padding may be anything (HF-style -100 included). None skips the id checks.
+      name: how the error names the batch.
+
+    Raises:
+      ValueError: ids that are not ints or outside the vocabulary, or a `loss_mask` value
+        outside [0, 1] (1 on target tokens, 0 elsewhere; a fraction weights a token's loss).
+    """
+    mask = np.asarray(batch.loss_mask)
+    bad = mask[~((mask >= 0) & (mask <= 1))]  # NaN fails both comparisons
+    if bad.size:
+        raise ValueError(f"{name}.loss_mask must lie in [0, 1] (1 on target tokens, 0 elsewhere; "
+                         f"a fraction weights a token's loss), got {bad.flat[0]}")
+    if vocab_size is None:
+        return
+    for field in ("input_ids", "targets"):
+        x = np.asarray(getattr(batch, field))
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name}.{field} must be an int array, got {x.dtype}")
+        if field == "targets":
+            x = x[mask > 0]
+        # NumPy, not a device op: that would wait for the step still running (no running ahead).
+        if x.size and (x.min() < 0 or x.max() >= vocab_size):
+            value = x.min() if x.min() < 0 else x.max()
+            raise ValueError(
+                f"{name}.{field}: ids must lie in [0, vocab_size={vocab_size}), got {value}"
+                f"{' under loss_mask > 0' if field == 'targets' else ''}; the tokenizer and the "
+                "model must share a vocabulary (pad with a valid id, e.g. the tokenizer's pad or "
+                "eos id)")

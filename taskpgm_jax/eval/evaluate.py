@@ -8,16 +8,18 @@ or a stop string, exact match after normalisation (strip, case, whitespace).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from taskpgm_jax.data import Batch, TaskPool, encode_choices, encode_prompt, pad_batch
+from taskpgm_jax.data import (
+    Batch, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
+)
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
-from taskpgm_jax.eval.score import token_logprobs
+from taskpgm_jax.eval.score import _vocab_size, token_logprobs
 from taskpgm_jax.models import greedy_generate
 
 
@@ -36,18 +38,51 @@ class EvalResult(NamedTuple):
 @nnx.jit
 def _row_loglik(model, batch: Batch):
     logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
-    lp = token_logprobs(logits, batch.targets) * batch.loss_mask
+    mask = batch.loss_mask
+    # where: a target under padding may gather NaN (HF's -100), and 0 * NaN is NaN.
+    lp = jnp.where(mask > 0, token_logprobs(logits, batch.targets) * mask, 0.0)
     return jnp.sum(lp, axis=-1), jnp.sum(batch.loss_mask, axis=-1)
+
+
+def _check_ints(*specs) -> None:
+    """Each (name, value, least): `value` must be an int (NumPy too, not bool) >= least."""
+    for name, value, least in specs:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}.")
+
+
+def _check_strings(name: str, value, *, nonempty: bool = False) -> tuple[str, ...]:
+    """`value` as a tuple of strings; one string (which would be read as its characters) or
+    anything else is refused."""
+    what = "non-empty strings" if nonempty else "strings"
+    if isinstance(value, str):
+        raise ValueError(f"{name}: expected a sequence of {what}, not one string; "
+                         f"pass [{value!r}].")
+    items = tuple(value) if isinstance(value, Iterable) else None
+    if items is None or not all(isinstance(v, str) and (v or not nonempty) for v in items):
+        raise ValueError(f"{name}: expected a sequence of {what}, got {value!r}.")
+    return items
+
+
+def _check_examples(examples) -> list:
+    examples = list(examples)
+    if not examples:
+        raise ValueError("examples: no examples to score.")
+    return examples
 
 
 def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
     """Summed target log-likelihood and target-token count of each encoded row, in order.
 
-    Rows are scored `batch_size` at a time, padded to `seq_len` (one compiled shape)."""
-    sums, counts = [], []
+    Rows are scored `batch_size` at a time, padded to `seq_len` (one compiled shape). A
+    `CausalLM`'s ids are checked against its vocabulary first (ValueError): under jit an
+    out-of-range id would be clipped, or give NaN as a target. No rows give two empty arrays."""
+    _check_ints(("seq_len", seq_len, 1), ("batch_size", batch_size, 1))
+    sums, counts = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = pad_batch(chunk, seq_len, batch_size)
+        check_batch_values(batch, _vocab_size(model), f"rows[{start}:{start + len(chunk)}]")
         s, c = _row_loglik(model, jax_batch(batch))
         sums.append(np.asarray(s)[:len(chunk)])
         counts.append(np.asarray(c)[:len(chunk)])
@@ -61,6 +96,7 @@ def jax_batch(batch: Batch) -> Batch:
 def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
                           separator: str = "") -> dict[str, Any]:
     """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`)."""
+    examples = _check_examples(examples)
     rows, owner, truncated = [], [], 0
     for k, ex in enumerate(examples):
         enc = encode_choices(tokenizer, ex["prompt"], ex["choices"], max_length=seq_len,
@@ -90,6 +126,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
     first stop string. Each prompt is `prompt + separator` tokenized as in training
     (`data.encode_prompt`: a long prompt loses its left, never its BOS), left-padded to
     `prompt_len`."""
+    prompts = _check_strings("prompts", prompts)
     return _generate(model, tokenizer, prompts, prompt_len=prompt_len,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
                      separator=separator)[0]
@@ -98,6 +135,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
 def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_size, stop,
               separator) -> tuple[list[str], int]:
     """`generate_texts` and the number of prompts that were cut to fit."""
+    _check_ints(("prompt_len", prompt_len, 1), ("max_new_tokens", max_new_tokens, 1),
+                ("batch_size", batch_size, 1))
+    stop = _check_strings("stop", stop, nonempty=True)
     eos = tokenizer.eos_token_id
     out, truncated = [], 0
     for start in range(0, len(prompts), batch_size):
@@ -125,12 +165,12 @@ def score_generation(model, tokenizer, examples, *, prompt_len: int, max_new_tok
                      batch_size: int, stop: Sequence[str] = (),
                      separator: str = "") -> dict[str, Any]:
     """Exact match of a generative split (rows with `prompt`, `target`, `references`)."""
-    examples = list(examples)
+    examples = _check_examples(examples)
     preds, truncated = _generate(model, tokenizer, [ex["prompt"] for ex in examples],
                                  prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, stop=stop, separator=separator)
     hits = [exact_match(p, list(ex["references"]) or [ex["target"]])
-            for p, ex in zip(preds, examples)]
+            for p, ex in zip(preds, examples, strict=True)]
     return {"metric": "exact_match", "value": float(np.mean(hits)), "count": len(hits),
             "truncated": truncated, "predictions": preds}
 
@@ -158,14 +198,11 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
     """
     if not isinstance(tasks, TaskPool):
         raise ValueError(f"tasks: expected a TaskPool, got {type(tasks).__name__}.")
-    for name, value, least in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                               ("max_new_tokens", max_new_tokens, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}.")
+    _check_ints(("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
+                ("max_new_tokens", max_new_tokens, 1))
     if not isinstance(separator, str):
         raise ValueError(f"separator: expected a string, got {type(separator).__name__}.")
-    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop: expected a sequence of non-empty strings, got {stop!r}.")
+    stop = _check_strings("stop", stop, nonempty=True)
     per_task = {}
     for name in tasks.names:
         examples = tasks.split(name, split)

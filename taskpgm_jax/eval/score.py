@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from taskpgm_jax.data import check_batch_values
 from taskpgm_jax.divergence import (
     CrossLikelihood,
     CrossLikState,
@@ -40,6 +41,11 @@ def token_logprobs(logits, targets):
     return jnp.take_along_axis(logp, idx, axis=-1)[..., 0]
 
 
+def _vocab_size(model) -> int | None:
+    """The vocabulary a model's ids must lie in, or None for a module without a config."""
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
 def segment_sums(values, loss_mask, segment_ids, max_segments: int):
     """Sum of `values * loss_mask` over each segment of each row.
 
@@ -53,7 +59,9 @@ def segment_sums(values, loss_mask, segment_ids, max_segments: int):
       [..., B, max_segments] sums (0 for segments that do not exist).
     """
     onehot = (segment_ids[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)
-    weighted = values * loss_mask.astype(jnp.float32)
+    # where, not multiply: a target under padding (HF's -100, say) gathers NaN, and 0 * NaN
+    # is NaN.
+    weighted = jnp.where(loss_mask > 0, values * loss_mask.astype(jnp.float32), 0.0)
     return jnp.einsum("...bs,bsm->...bm", weighted, onehot,
                       precision=jax.lax.Precision.HIGHEST)
 
@@ -80,7 +88,9 @@ class ProbeScorer:
     """Streams probe batches through M = T (+ 1 base) models and accumulates L and the JSD.
 
     Args:
-      forward: `(params, batch) -> logits [M, B, S, V]`; see `adapter_probe_forward`.
+      forward: `(params, batch) -> logits [M, B, S, V]`; see `adapter_probe_forward`. If it has
+        a `model` attribute (a `CausalLM`, as `adapter_probe_forward` sets), every batch's
+        `input_ids` and `targets` are checked against its vocabulary before the step.
       num_models: T, the single-task models (rows 0..T-1 of the forward's output).
       num_tasks: K, the tasks whose probe examples are scored (columns of L).
       max_segments: sequences per row at most (1 for padded batches, more for packed ones).
@@ -129,7 +139,12 @@ class ProbeScorer:
             positions), all [B, S].
           segment_tasks: int [B, max_segments], the task of each packed sequence (-1 where a
             row has fewer sequences).
+
+        Raises:
+          ValueError: ids outside the model's vocabulary (see `check_batch_values`), a
+            `loss_mask` outside [0, 1], or bad `segment_tasks`.
         """
+        check_batch_values(batch, _vocab_size(getattr(self.forward, "model", None)))
         segment_tasks = jnp.asarray(segment_tasks)
         b = batch.input_ids.shape[0]
         if segment_tasks.shape != (b, self.max_segments) or not jnp.issubdtype(
@@ -209,4 +224,5 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
                                      positions=jnp.asarray(batch.positions),
                                      adapter_chunk=adapter_chunk)
 
+    forward.model = model  # its vocabulary, for ProbeScorer.update's id check
     return forward, (base_state, adapters)

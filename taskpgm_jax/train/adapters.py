@@ -35,6 +35,8 @@ from taskpgm_jax.train.step import (
     TrainState,
     _CompiledStep,
     attach_shardings,
+    check_int,
+    check_seed,
     make_optimizer,
     train_update,
 )
@@ -49,7 +51,7 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     Args:
       model: a model with adapters (`add_lora`); only their shapes are used.
       num_adapters: T.
-      seed: adapter t draws A from `fold_in(PRNGKey(seed), first + t)`.
+      seed: adapter t draws A from `fold_in(PRNGKey(seed), first + t)`; in [0, 2**32).
       std: standard deviation of A.
       first: the index of the first adapter, so that adapters `first .. first + T - 1` of a
         larger set can be made without the others (training them in rounds).
@@ -58,10 +60,9 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
       A stacked adapter state, leading axis T (the form `AdapterTrainer` and
       `multi_adapter_forward` take).
     """
-    if not isinstance(num_adapters, int) or num_adapters <= 0:
-        raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
-    if not isinstance(first, int) or first < 0:
-        raise ValueError(f"first must be a non-negative int, got {first!r}")
+    num_adapters = check_int(num_adapters, "num_adapters", 1)
+    first = check_int(first, "first", 0)
+    seed = check_seed(seed)
     template = nnx.state(model, LoRAParam)
     if not jax.tree.leaves(template):
         raise ValueError("init_adapters: the model has no LoRAParam variables; call add_lora first")
@@ -71,7 +72,7 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
         keys = jax.random.split(key, len(leaves))
         out = [jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p)
                else std * jax.random.normal(k, x.shape, x.dtype)
-               for (p, x), k in zip(leaves, keys)]
+               for (p, x), k in zip(leaves, keys, strict=True)]
         return jax.tree.unflatten(treedef, out)
 
     keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(
@@ -112,9 +113,9 @@ class AdapterTrainer(Trainer):
       >>> state, m = trainer.step(state, trainer.place_batch(stacked_batch))   # m["loss"]: [8]
     """
 
-    def __init__(self, model: nnx.Module, cfg: TrainConfig, adapters: nnx.State | Sequence[nnx.State],
-                 *, mesh: Mesh | None = None, rules: Rules | None = None,
-                 loss_fn: LossFn | None = None):
+    def __init__(self, model: nnx.Module, cfg: TrainConfig,
+                 adapters: nnx.State | Sequence[nnx.State], *, mesh: Mesh | None = None,
+                 rules: Rules | None = None, loss_fn: LossFn | None = None):
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         if cfg.trainable != "lora":
@@ -127,8 +128,8 @@ class AdapterTrainer(Trainer):
         check_adapters_like(adapters, self._params, "adapters", "the model's adapters", leading=1)
         sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
         if len(sizes) != 1:
-            raise ValueError(f"adapters must be stacked along one leading axis T; adapter axis sizes "
-                             f"{sorted(sizes)}")
+            raise ValueError("adapters must be stacked along one leading axis T; adapter axis "
+                             f"sizes {sorted(sizes)}")
         self.num_adapters = sizes.pop()
         self._stacked = adapters
 
@@ -148,6 +149,9 @@ class AdapterTrainer(Trainer):
     def _abstract_opt_state(self):
         return jax.eval_shape(jax.vmap(self.tx.init), self._stacked)
 
+    def _trainable(self) -> nnx.State:
+        return self._stacked
+
     def batch_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding:
         """Sharding of a [T, B, S] batch: the adapter axis replicated, rows over the data axes."""
         if self.mesh is None:
@@ -166,11 +170,12 @@ class AdapterTrainer(Trainer):
         """The stacked state: adapter t starts from `adapters[t]` with key `PRNGKey(seed + t)`.
 
         Args:
-          seed: the first adapter's seed.
+          seed: the first adapter's seed; seed + T - 1 must be < 2**32.
 
         Returns:
           A `TrainState` whose leaves have a leading axis T.
         """
+        seed = check_seed(seed, self.num_adapters)
         init = jax.jit(self._init_fn, out_shardings=self.state_shardings())
         stacked = self._stacked
         if self.mesh is not None:
@@ -203,7 +208,8 @@ class AdapterTrainer(Trainer):
     # -- step --------------------------------------------------------------------------------------
 
     def place_batch(self, batch: Batch) -> Batch:
-        """[T, B_host, S] NumPy rows (adapter t's own task) -> global arrays split over the data axes.
+        """[T, B_host, S] NumPy rows (adapter t's own task) -> global arrays split over the data
+        axes.
 
         Args:
           batch: a `Batch` of [T, B_host, S] arrays, e.g. from `StackedIterator`.
@@ -211,15 +217,16 @@ class AdapterTrainer(Trainer):
         Returns:
           The `Batch` as `jax.Array`s of shape [T, B_host * process_count, S].
         """
-        self._check_batch(batch, 1)
+        if isinstance(batch, Batch):
+            batch = Batch(*(np.asarray(x) for x in batch))  # host values, checked
+        self._check_batch(batch, 1, values=True)
         shape = np.shape(batch.input_ids)
         if shape[0] != self.num_adapters:
             raise ValueError(f"batch has {shape[0]} task rows on axis 0, expected "
                              f"num_adapters={self.num_adapters}")
         glob = (shape[0], shape[1] * jax.process_count(), shape[2])
         sharding = self.batch_sharding(glob)
-        return Batch(*(jax.make_array_from_process_local_data(sharding, np.asarray(x), glob)
-                       for x in batch))
+        return Batch(*(jax.make_array_from_process_local_data(sharding, x, glob) for x in batch))
 
     def _cache_key(self):
         return ("adapters", self.num_adapters) + super()._cache_key()[1:]
@@ -239,12 +246,12 @@ class AdapterTrainer(Trainer):
 
         Args:
           state: the stacked state.
-          batch: a placed [T, B, S] batch.
+          batch: a placed [T, B, S] batch (or NumPy arrays on a single device, checked here).
 
         Returns:
           (new state, metrics of shape [T]).
         """
-        self._check_batch(batch, 1)
+        self._check_batch(batch, 1, values=True)
         return self._compiled()(state, self.frozen, batch, self.mesh)
 
 
@@ -276,14 +283,14 @@ class StackedIterator:
             try:
                 batches.append(next(it))
             except StopIteration:
-                for done, st in zip(self.iterators[:len(batches)], saved):
+                for done, st in zip(self.iterators[:len(batches)], saved, strict=False):
                     if st is not None:
                         done.restore(st)
                 raise
         shapes = {np.shape(b.input_ids) for b in batches}
         if len(shapes) != 1:
             raise ValueError(f"per-task batches differ in shape: {sorted(shapes)}")
-        return Batch(*(np.stack(xs) for xs in zip(*batches)))
+        return Batch(*(np.stack(xs) for xs in zip(*batches, strict=True)))
 
     def state(self) -> dict[str, Any]:
         """Every task iterator's position (JSON-serialisable)."""
@@ -291,10 +298,16 @@ class StackedIterator:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continues every task iterator from a saved `state()`."""
-        tasks = state.get("tasks", [])
+        tasks = state.get("tasks") if isinstance(state, dict) else None
+        if not isinstance(tasks, (list, tuple)):
+            got = "a dict without a 'tasks' list" if isinstance(state, dict) else \
+                type(state).__name__
+            raise ValueError("state must be a dict {'tasks': [...]} from StackedIterator.state(), "
+                             f"got {got}")
         if len(tasks) != len(self.iterators):
-            raise ValueError(f"saved state has {len(tasks)} tasks, this iterator {len(self.iterators)}")
-        for it, st in zip(self.iterators, tasks):
+            raise ValueError(f"saved state has {len(tasks)} tasks, this iterator "
+                             f"{len(self.iterators)}")
+        for it, st in zip(self.iterators, tasks, strict=True):
             it.restore(st)
 
 
@@ -324,6 +337,8 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
 
     from taskpgm_jax.train.loop import finetune
 
+    data = list(data)
+    seed = check_seed(seed, max(len(data), 1), "task")
     trainer = Trainer(model, cfg, mesh=mesh, rules=rules)
     out = []
     for t, task_data in enumerate(data):

@@ -27,9 +27,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from taskpgm_jax.train.step import TrainState
+from taskpgm_jax.train.step import TrainState, check_int
 
 __all__ = ["Checkpointer"]
+
+
+def _plain_json(value: Any, name: str) -> Any:
+    """`value` as plain JSON data (NumPy scalars become Python numbers), checked here: orbax
+    writes JSON in a background thread, where a failure surfaces late and without a name."""
+    def numpy_scalar(x):
+        if isinstance(x, np.generic):
+            return x.item()
+        raise TypeError(f"{type(x).__name__} {x!r}")
+
+    try:
+        return json.loads(json.dumps(value, default=numpy_scalar))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} is not JSON-serialisable ({err}): pass dicts, lists, "
+                         "strings, numbers and None only (arrays as .tolist())") from None
 
 
 def _all_positions(data_state: Any) -> list[Any]:
@@ -62,10 +77,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, every: int, max_to_keep: int | None = 3,
                  async_save: bool = True):
-        if not isinstance(every, int) or every <= 0:
-            raise ValueError(f"checkpoint every must be a positive int, got {every!r}")
-        if max_to_keep is not None and max_to_keep <= 0:
-            raise ValueError(f"max_to_keep must be positive or None, got {max_to_keep!r}")
+        every = check_int(every, "every", 1)
+        if max_to_keep is not None:
+            max_to_keep = check_int(max_to_keep, "max_to_keep", 1)
         self.directory = os.path.abspath(os.fspath(directory))
         self.every = every
         # The interval is ours (`should_save`): orbax's own policy also saves the first step.
@@ -96,15 +110,22 @@ class Checkpointer:
             none); every process passes its own.
           meta: JSON-serialisable loop metadata.
           force: save even if `step` is not on the interval (the final step).
+          NumPy scalars in `data_state` and `meta` are stored as Python numbers.
 
         Returns:
           Whether a checkpoint was started.
+
+        Raises:
+          ValueError: `data_state` or `meta` is not JSON-serialisable (checked before anything
+            is written).
         """
         if not (force or self.should_save(step)):
             return False
+        data_state = _plain_json(data_state, "data_state")
+        meta = _plain_json(dict(meta or {}), "meta")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave({"positions": _all_positions(data_state)}),
-                                  meta=ocp.args.JsonSave(dict(meta or {})))
+                                  meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state: TrainState, step: int | None = None

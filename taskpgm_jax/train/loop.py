@@ -9,14 +9,14 @@ non-finite flag. A non-finite loss, gradient or updated parameter therefore stop
 next such step, before anything is saved, and the last good checkpoint is kept.
 
 A checkpoint directory belongs to one run: every checkpoint records the settings that define the
-trajectory (seed, `TrainConfig`, trainer kind), a resume refuses a checkpoint made with other
-settings, and a fresh run (`resume=False`) refuses a directory that already holds checkpoints.
+trajectory (seed, `TrainConfig`, trainer kind, the trainable parameters' shapes and dtypes), a
+resume refuses a checkpoint made with other settings, and a fresh run (`resume=False`) refuses a
+directory that already holds checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from taskpgm_jax.data import Batch
 from taskpgm_jax.train.checkpoint import Checkpointer
-from taskpgm_jax.train.step import Trainer, TrainState
+from taskpgm_jax.train.step import Trainer, TrainState, check_int, check_seed
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
 
@@ -90,11 +90,14 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
         from the start).
       num_steps: total steps of the run (default `trainer.cfg.total_steps`); a resumed run goes on
         to the same total.
-      seed: the run's seed (the step keys). A resumed run must pass the same seed, and a trainer
-        of the same kind and `TrainConfig` (`num_steps` may differ: the schedule is the config's).
+      seed: the run's seed (the step keys), in [0, 2**32) (for T adapters seed + T - 1 too). A
+        resumed run must pass the same seed, and a trainer of the same kind, `TrainConfig` and
+        trainable parameter shapes, e.g. LoRA rank and targets (`num_steps` may differ: the
+        schedule is the config's).
       log_every: fetch and record metrics every this many steps (and at the end).
       checkpoint_dir: where to checkpoint (None: no checkpoints); one run's directory.
-      checkpoint_every: checkpoint interval (default: `log_every`); the last step always saves.
+      checkpoint_every: checkpoint interval, a positive int (default: `log_every`); the last step
+        always saves.
       max_to_keep: checkpoints kept.
       resume: continue from the newest checkpoint in `checkpoint_dir` if there is one. False
         starts afresh and requires a `checkpoint_dir` without checkpoints (it never deletes them).
@@ -116,13 +119,12 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
       >>> result = finetune(Trainer(model, TrainConfig(total_steps=500)), data,
       ...                   checkpoint_dir="/tmp/run/ckpt", checkpoint_every=100)
     """
-    num_steps = trainer.cfg.total_steps if num_steps is None else num_steps
-    for name, value in (("num_steps", num_steps), ("log_every", log_every)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    seed = int(seed)  # JSON in the checkpoint metadata
+    num_steps = check_int(trainer.cfg.total_steps if num_steps is None else num_steps,
+                          "num_steps", 1)
+    log_every = check_int(log_every, "log_every", 1)
+    if checkpoint_every is not None:
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
+    seed = check_seed(seed, getattr(trainer, "num_adapters", 1))  # a Python int: JSON metadata
     ckpt = None
     if checkpoint_dir is not None:
         if resume and not _resumable(data):
@@ -132,8 +134,8 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
                 "where it stopped (it would replay it from the start): pass an iterator with both "
                 "(HostIterator, StackedIterator), or resume=False to write checkpoints that are "
                 "never resumed")
-        ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every or log_every,
-                            max_to_keep=max_to_keep)
+        every = log_every if checkpoint_every is None else checkpoint_every
+        ckpt = Checkpointer(checkpoint_dir, every=every, max_to_keep=max_to_keep)
     elif checkpoint_every is not None:
         raise ValueError("checkpoint_every is set but checkpoint_dir is None")
     try:
@@ -152,13 +154,20 @@ def _resumable(data) -> bool:
     return callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))
 
 
+_PARAM = "param "  # prefix of the settings keys that hold a trainable parameter's shape
+
+
 def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
     """What defines a run's trajectory besides its data: stored in every checkpoint, compared on
-    resume. `num_steps` is not among them (the schedule is `TrainConfig.total_steps`), so a run
-    may stop early and be continued further."""
+    resume (before orbax restores anything, so a changed LoRA rank or target list is named by
+    parameter). `num_steps` is not among them (the schedule is `TrainConfig.total_steps`), so a
+    run may stop early and be continued further."""
     settings = {"seed": seed, "trainer": type(trainer).__name__,
                 "num_adapters": getattr(trainer, "num_adapters", None)}
     settings.update({f"TrainConfig.{k}": v for k, v in dataclasses.asdict(trainer.cfg).items()})
+    for path, x in jax.tree_util.tree_leaves_with_path(trainer._trainable()):
+        name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+        settings[_PARAM + name] = f"{x.dtype}{list(x.shape)}"
     return settings
 
 
@@ -168,10 +177,14 @@ def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -
         warnings.warn(f"the checkpoint in {directory} does not record its TrainConfig; only its "
                       "seed is checked against this run", stacklevel=4)
         saved, now = {"seed": meta.get("seed")}, {"seed": now["seed"]}
+    elif not any(k.startswith(_PARAM) for k in saved):  # written before shapes were stored
+        now = {k: v for k, v in now.items() if not k.startswith(_PARAM)}
     missing = "<absent>"
     diff = [f"{k}: {saved.get(k, missing)!r} vs {now.get(k, missing)!r}"
             for k in sorted(saved.keys() | now.keys())
             if saved.get(k, missing) != now.get(k, missing)]
+    if len(diff) > 8:
+        diff = diff[:8] + [f"... {len(diff) - 8} more"]
     if diff:
         raise ValueError(f"the checkpoint in {directory} was made by another run (checkpoint vs "
                          f"this run: {'; '.join(diff)}): resume with the same settings, or give "

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from taskpgm_jax.data import Batch
+from taskpgm_jax.data import Batch, check_batch_values
 from taskpgm_jax.models import LoRAParam
 from taskpgm_jax.models.init import state_shardings
 from taskpgm_jax.sharding import Rules, logical_to_spec, shard
@@ -46,6 +46,26 @@ _F32_TINY = float(np.finfo(np.float32).tiny)
 
 # loss_fn(model, batch, rng) -> (sum of per-token losses, number of tokens it was summed over).
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def check_int(value: Any, name: str, low: int = 0, high: int | None = None, why: str = "") -> int:
+    """`value` as a Python int in [low, high) (NumPy integers too, never bool), or a ValueError
+    naming `name` (with `why` appended)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else \
+            f"in [{low}, {'2**32' if high == 2**32 else high})"
+        raise ValueError(f"{name} must be {bound}, got {value}" + (f" ({why})" if why else ""))
+    return value
+
+
+def check_seed(seed: Any, span: int = 1, what: str = "adapter") -> int:
+    """A run seed as a Python int; seeds seed .. seed + span - 1 (one per adapter or task) must
+    all lie in [0, 2**32), the uint32 `PRNGKey` seed (a larger one would wrap around)."""
+    why = f"{what} t uses seed + t, for t < {span}" if span > 1 else ""
+    return check_int(seed, "seed", 0, 2**32 - span + 1, why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +230,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 
 
-def target_token_loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def target_token_loss(model: nnx.Module, batch: Batch,
+                      rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy over target tokens (`batch.loss_mask`) only.
 
     Args:
@@ -221,6 +242,9 @@ def target_token_loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[
     Returns:
       (sum over target tokens of -log p(target), number of target tokens), float32 scalars.
       Returning the sum, not the mean, lets micro-batches add up exactly to the full batch.
+      `loss_mask` is 1 on target tokens and 0 elsewhere; a value in between weights its token
+      (sum of mask * nll, and the mask's sum as the count). `Trainer` refuses values outside
+      [0, 1].
     """
     del rng
     logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
@@ -340,9 +364,9 @@ def attach_shardings(shapes, shardings):
 def _check_master_dtype(params: nnx.State) -> None:
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
     if dtypes - {"float32"}:
-        raise ValueError(f"trainable parameters are {sorted(dtypes)}, but the optimiser needs float32 "
-                         "master weights: build the model with ModelConfig.param_dtype=float32 "
-                         "(ModelConfig.dtype sets the compute dtype)")
+        raise ValueError(f"trainable parameters are {sorted(dtypes)}, but the optimiser needs "
+                         "float32 master weights: build the model with ModelConfig.param_dtype="
+                         "float32 (ModelConfig.dtype sets the compute dtype)")
 
 
 class Trainer:
@@ -374,9 +398,12 @@ class Trainer:
         wrt = LoRAParam if cfg.trainable == "lora" else nnx.Param
         self.graphdef, params, frozen = nnx.split(model, wrt, ...)
         if not jax.tree.leaves(params):
+            hint = " (call add_lora first)" if wrt is LoRAParam else ""
             raise ValueError(f"TrainConfig.trainable={cfg.trainable!r} but the model has no "
-                             f"{wrt.__name__} variables" + (" (call add_lora first)" if wrt is LoRAParam else ""))
+                             f"{wrt.__name__} variables{hint}")
         _check_master_dtype(params)
+        # For the id checks of host batches (under jit ids cannot be checked).
+        self._vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.cfg, self.mesh, self.rules = cfg, mesh, rules
         self.loss_fn = loss_fn or target_token_loss
         self.tx = make_optimizer(cfg)
@@ -409,6 +436,10 @@ class Trainer:
     def _abstract_opt_state(self):
         return jax.eval_shape(self.tx.init, self._params)
 
+    def _trainable(self) -> nnx.State:
+        """The trainable variables the state starts from (their shapes define a checkpoint's)."""
+        return self._params
+
     def state_shardings(self) -> TrainState:
         """The sharding of every leaf of the `TrainState` (optimiser moments follow their params;
         scalars and keys are replicated)."""
@@ -428,7 +459,7 @@ class Trainer:
                                shape=shape)
         return NamedSharding(self.mesh, spec)
 
-    # -- state ---------------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
 
     def _init_fn(self, params, seed):
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params),
@@ -438,12 +469,13 @@ class Trainer:
         """A fresh `TrainState` (step 0, the model's current trainable values, key from `seed`).
 
         Args:
-          seed: the run's seed (the key every step folds its step number into).
+          seed: the run's seed (the key every step folds its step number into), in [0, 2**32).
 
         Returns:
           The state, laid out in `state_shardings()` (a copy: donating it never frees the model's
           own arrays).
         """
+        seed = check_seed(seed)
         init = jax.jit(self._init_fn, out_shardings=self.state_shardings())
         return init(self._place(self._params), jnp.uint32(seed))
 
@@ -467,22 +499,35 @@ class Trainer:
 
         Returns:
           The `Batch` as `jax.Array`s of shape [B_host * process_count, S].
+
+        Raises:
+          ValueError: fields of different shapes, a batch size that is not a multiple of
+            `grad_accum`, ids outside the model's vocabulary, or `loss_mask` outside [0, 1].
         """
-        self._check_batch(batch, 0)
+        if isinstance(batch, Batch):
+            batch = Batch(*(np.asarray(x) for x in batch))  # host values, checked
+        self._check_batch(batch, 0, values=True)
         shape = (batch.input_ids.shape[0] * jax.process_count(), batch.input_ids.shape[1])
         sharding = self.batch_sharding(shape)
-        return Batch(*(jax.make_array_from_process_local_data(sharding, np.asarray(x))
-                       for x in batch))
+        return Batch(*(jax.make_array_from_process_local_data(sharding, x) for x in batch))
 
-    def _check_batch(self, batch, lead: int) -> None:
+    def _check_batch(self, batch, lead: int, *, values: bool) -> None:
+        """Shapes always; values (ids, loss_mask) when `values` and the arrays are on the host
+        (a placed batch's values would have to be fetched from the devices)."""
         if not isinstance(batch, Batch):
             raise ValueError(f"batch must be a taskpgm_jax.data.Batch, got {type(batch).__name__}")
         shape = np.shape(batch.input_ids)
         if len(shape) != 2 + lead:
             raise ValueError(f"batch.input_ids must have {2 + lead} dims, got shape {list(shape)}")
+        for name, x in zip(Batch._fields, batch, strict=True):
+            if np.shape(x) != shape:
+                raise ValueError(f"batch.{name} must have the shape of batch.input_ids "
+                                 f"{list(shape)}, got {list(np.shape(x))}")
         if shape[lead] % self.cfg.grad_accum:
             raise ValueError(f"batch size {shape[lead]} is not a multiple of "
                              f"TrainConfig.grad_accum={self.cfg.grad_accum}")
+        if values and not any(isinstance(x, jax.Array) for x in batch):
+            check_batch_values(batch, self._vocab_size)
 
     @property
     def traces(self) -> int:
@@ -508,10 +553,11 @@ class Trainer:
 
         Args:
           state: the current state.
-          batch: a placed batch (`place_batch`), or NumPy arrays on a single device.
+          batch: a placed batch (`place_batch`, which checks its values), or NumPy arrays on a
+            single device (checked here).
 
         Returns:
           (new state, metrics dict of device scalars; fetch them only when logging).
         """
-        self._check_batch(batch, 0)
+        self._check_batch(batch, 0, values=True)
         return self._compiled()(state, self.frozen, batch, self.mesh)

@@ -8,10 +8,11 @@ import pytest
 from flax import nnx
 from scipy.special import log_softmax
 
-from taskpgm_jax.data import (SplitSpec, TaskPool, encode_example, encode_prompt, make_task,
-                              train_byte_bpe)
-from taskpgm_jax.eval import (choice_predictions, cut_at_stop, evaluate, exact_match,
-                              generate_texts, macro_mean, normalize_text, score_multiple_choice)
+from taskpgm_jax.data import (SplitSpec, TaskPool, encode_choices, encode_example, encode_prompt,
+                              make_task, train_byte_bpe)
+from taskpgm_jax.eval import (choice_logliks, choice_predictions, cut_at_stop, evaluate,
+                              exact_match, generate_texts, macro_mean, normalize_text,
+                              score_generation, score_multiple_choice)
 from taskpgm_jax.models import ModelConfig
 from tests.models.conftest import random_model
 
@@ -171,3 +172,37 @@ def test_metric_helpers():
         macro_mean({})
     with pytest.raises(ValueError, match="tasks: expected a TaskPool"):
         evaluate(None, None, [])
+
+
+def test_model_smaller_than_the_tokenizer_is_refused(tokenizer, rng):
+    """Tokenizer ids >= the model's vocab_size: under jit inputs would be clipped and targets
+    give NaN log-likelihoods (every choice NaN, choice 0 picked), so they are refused first."""
+    rows = encode_choices(tokenizer, "question yes? answer ", ["green", "blue"])
+    big = max(int(r.input_ids.max()) for r in rows)
+    with pytest.raises(ValueError, match=rf"rows\[0:2\]\.input_ids: ids must lie in "
+                                         rf"\[0, vocab_size={big}\), got {big}"):
+        choice_logliks(_tiny_lm(big, rng), rows, seq_len=16, batch_size=4)
+    sums, counts = choice_logliks(None, [], seq_len=16, batch_size=4)  # no rows, no scores
+    assert sums.shape == counts.shape == (0,)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: exact_match("a", "abc"), r"references: expected a sequence of strings, not one"),
+    (lambda: cut_at_stop("42 Quite: x", "Q:"), r"stop: expected a sequence of strings, not one"),
+    (lambda: generate_texts(None, None, "abc", prompt_len=8, max_new_tokens=2, batch_size=2),
+     "prompts: expected a sequence of strings, not one string"),
+    (lambda: generate_texts(None, None, ["a"], prompt_len=8, max_new_tokens=2, batch_size=2,
+                            stop="Q:"), "stop: expected a sequence of non-empty strings"),
+    (lambda: generate_texts(None, None, ["a"], prompt_len=0, max_new_tokens=2, batch_size=1),
+     "prompt_len: expected an int >= 1, got 0"),
+    (lambda: generate_texts(None, None, ["a"], prompt_len=4, max_new_tokens=2, batch_size=0),
+     "batch_size: expected an int >= 1, got 0"),
+    (lambda: choice_logliks(None, [], seq_len=4, batch_size=0), "batch_size: expected an int"),
+    (lambda: score_generation(None, None, [], prompt_len=4, max_new_tokens=2, batch_size=1),
+     "examples: no examples to score"),
+    (lambda: score_multiple_choice(None, None, [], seq_len=4, batch_size=1),
+     "examples: no examples to score"),
+])
+def test_eval_helpers_refuse_bad_arguments_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -96,6 +96,13 @@ def test_probe_scoring_matches_per_example_reference(rng, packed):
         for batch, seg_tasks in batches:
             state = scorer.update(state, params, batch, seg_tasks)
     L, base_row, D, examples = scorer.result(state)
+    # HF-style -100 targets under padding (loss_mask 0) change nothing (same compiled shape).
+    hf_state = scorer.init()
+    with jax.default_matmul_precision("highest"):
+        for batch, seg_tasks in batches:
+            hf_batch = batch._replace(targets=np.where(batch.loss_mask > 0, batch.targets, -100))
+            hf_state = scorer.update(hf_state, params, hf_batch, seg_tasks)
+    np.testing.assert_array_equal(np.asarray(scorer.result(hf_state)[0]), np.asarray(L))
     ref_L, ref_base, ref_D = _reference(model, adapters, seqs, tasks)
     np.testing.assert_allclose(np.asarray(L), ref_L, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(base_row), ref_base, rtol=1e-5, atol=1e-4)
@@ -122,3 +129,15 @@ def test_probe_scorer_errors(rng):
             scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 1), int))
     with pytest.raises(ValueError, match="max_segments"):
         ProbeScorer(forward, T, T, max_segments=0)
+    # Ids outside the vocabulary (37): under jit an input id would be clipped and a target would
+    # make the whole cross-likelihood NaN. A bad loss_mask would weight tokens wrongly.
+    tasks = np.zeros((BATCH, 1), int)
+    for field, value, match in (("input_ids", 37, r"batch\.input_ids: ids must lie in \[0, "
+                                 r"vocab_size=37\), got 37"),
+                                ("targets", -1, r"batch\.targets: ids must lie in \[0, "
+                                 r"vocab_size=37\), got -1"),
+                                ("loss_mask", 2.0, r"batch\.loss_mask must lie in \[0, 1\]")):
+        x = np.array(getattr(batch, field))
+        x[np.unravel_index(np.argmax(batch.loss_mask), x.shape)] = value  # a target token
+        with pytest.raises(ValueError, match=match):
+            scorer.update(scorer.init(), params, batch._replace(**{field: x}), tasks)

@@ -102,6 +102,8 @@ def test_adapter_trainer_errors():
         AdapterTrainer(model, CFG, nnx.State({"x": jnp.zeros((2, 3))}))
     trainer = AdapterTrainer(model, CFG, adapters)
     b = batches(np.random.default_rng(0), 1)[0]
+    with pytest.raises(ValueError, match=r"state must be a dict \{'tasks': \[\.\.\.\]\}"):
+        StackedIterator([iterator(0)]).restore(None)
     with pytest.raises(ValueError, match="num_adapters=2"):
         trainer.place_batch(Batch(*(np.stack([x] * 3) for x in b)))
     assert not any(isinstance(v, LoRAParam) for v in jax.tree.leaves(
@@ -116,12 +118,15 @@ def test_init_adapters_in_rounds_equals_all_at_once(rng):
     model = random_model(seed=int(rng.integers(1000)), lora=LORA)
     seed = int(rng.integers(1 << 20))
     whole = init_adapters(model, 6, seed=seed, std=0.5)
-    part = init_adapters(model, 2, seed=seed, std=0.5, first=3)
+    part = init_adapters(model, np.int64(2), seed=np.int64(seed), std=0.5, first=np.int32(3))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(part)):
         np.testing.assert_array_equal(np.asarray(a)[3:5], np.asarray(b))
         if "lora_b" in jax.tree_util.keystr(path):
             assert not np.any(np.asarray(a))
         else:
             assert 0.3 < np.std(np.asarray(a)) < 0.7
-    with pytest.raises(ValueError, match="first"):
-        init_adapters(model, 2, first=-1)
+    for kwargs, match in (({"first": -1}, "first must be >= 0, got -1"),
+                          ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
+                          ({"num_adapters": True}, "num_adapters must be an int, got True")):
+        with pytest.raises(ValueError, match=match):
+            init_adapters(model, **{"num_adapters": 2, **kwargs})

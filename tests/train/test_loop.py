@@ -2,6 +2,9 @@
 the last good checkpoint; a checkpoint directory belongs to one run; adapters and sequential full
 fine-tuning through the same loop."""
 
+import dataclasses
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -64,7 +67,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
                        checkpoint_every=3, **kw)
     assert resumed.resumed_from == 6
     assert tree_max_diff(tree_copy(full.state.params), tree_copy(resumed.state.params)) <= 1e-6
-    assert tree_max_diff(tree_copy(full.state.opt_state), tree_copy(resumed.state.opt_state)) <= 1e-6
+    assert tree_max_diff(tree_copy(full.state.opt_state),
+                         tree_copy(resumed.state.opt_state)) <= 1e-6
     assert int(resumed.state.step) == STEPS
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a["step"] == b["step"]
@@ -74,7 +78,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 class Poisoned:
     """Batch `at` gets an infinite loss weight on its target tokens: loss and gradient are inf/NaN.
-    (Not out-of-vocabulary ids: the embedding clips them to a finite row.)"""
+    The trainer refuses such a loss_mask on the host, so it goes to an `UncheckedTrainer`."""
 
     def __init__(self, it, at):
         self.it, self.at, self.n = it, at, 0
@@ -94,11 +98,19 @@ class Poisoned:
         self.it.restore(state)
 
 
+class UncheckedTrainer(Trainer):
+    """Skips the host checks of batch values (shapes still checked); shares Trainer's compiled
+    step, so a poisoned batch costs no compile."""
+
+    def _check_batch(self, batch, lead, *, values):
+        super()._check_batch(batch, lead, values=False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model = random_model(seed=9, lora=LORA)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(NonFiniteLossError, match="step 5.*step 4") as err:
-        finetune(Trainer(model, LORA_CFG), Poisoned(iterator(1), 5), num_steps=STEPS,
+        finetune(UncheckedTrainer(model, LORA_CFG), Poisoned(iterator(1), 5), num_steps=STEPS,
                  checkpoint_dir=str(ckpt), checkpoint_every=2, log_every=4, progress=False)
     assert err.value.step == 5 and err.value.last_checkpoint == 4
     manager = Checkpointer(ckpt, every=2)
@@ -143,6 +155,16 @@ def test_checkpoint_dir_belongs_to_one_run(tmp_path):
                  **{**kw, "num_steps": 4})
     with pytest.raises(ValueError, match=r"another run .*seed: 3 vs 4\)"):
         finetune(Trainer(model, LORA_CFG), iterator(0), **{**kw, "seed": 4, "num_steps": 4})
+    # Another LoRA rank or target list: named by parameter, before orbax sees the state.
+    q_a = "param model/layers/0/self_attn/q_proj/lora_a"
+    for lora, change in ((dataclasses.replace(LORA, rank=4), f"{q_a}: 'float32[16, 2]' vs "
+                          "'float32[16, 4]'"),
+                         (dataclasses.replace(LORA, targets=("q_proj", "v_proj")),
+                          "param model/layers/0/mlp/up_proj/lora_a: 'float32[16, 2]' vs "
+                          "'<absent>'")):
+        with pytest.raises(ValueError, match=r"another run .*" + re.escape(change)):
+            finetune(Trainer(random_model(seed=8, lora=lora), LORA_CFG), iterator(0),
+                     **{**kw, "num_steps": 4})
     assert manager.all_steps() == [2]  # nothing deleted or written
     # resume=False may checkpoint plain data (never resumed); resuming it is refused.
     plain = str(tmp_path / "plain")
@@ -156,8 +178,15 @@ def test_checkpoint_without_run_settings_resumes_with_a_warning(tmp_path):
     """Checkpoints written before the run settings were stored (meta holds only the seed)."""
     model = random_model(seed=8, lora=LORA)
     trainer = Trainer(model, LORA_CFG)
-    manager = Checkpointer(tmp_path, every=1)
-    manager.save(0, trainer.init(seed=3), data_state=iterator(0).state(), meta={"seed": 3})
+    manager = Checkpointer(tmp_path, every=np.int64(1))
+    # NumPy scalars are stored as numbers (orbax's JSON writer thread would fail on them)...
+    position = {k: np.int64(v) if isinstance(v, int) else v for k, v in iterator(0).state().items()}
+    manager.save(0, trainer.init(seed=3), data_state=position, meta={"seed": np.int64(3)})
+    # ...anything else not JSON is refused, by name, before anything is written.
+    with pytest.raises(ValueError, match=r"meta is not JSON-serialisable \(set"):
+        manager.save(1, None, meta={"seen": {1, 2}})
+    manager.wait()
+    assert manager.all_steps() == [0] and manager.read_meta() == {"seed": 3}
     manager.close()
     kw = {"num_steps": 1, "progress": False, "checkpoint_dir": str(tmp_path)}
     with pytest.raises(ValueError, match="seed: 3 vs 4"), pytest.warns(UserWarning):
@@ -178,7 +207,8 @@ def test_adapters_and_sequential_full_through_the_loop(tmp_path):
     assert result.state.step.shape == (3,)
     b0 = np.asarray(nnx.state(trainer.model(result.state, 1), nnx.Param)
                     ["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...])
-    np.testing.assert_array_equal(b0, np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...]))
+    np.testing.assert_array_equal(
+        b0, np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...]))
 
     full_cfg = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_decay=0.01,
                            max_grad_norm=1.0)
@@ -188,11 +218,24 @@ def test_adapters_and_sequential_full_through_the_loop(tmp_path):
     assert len(states) == 2 and tree_max_diff(tree_copy(states[0]), tree_copy(states[1])) > 0
 
 
-def test_loop_argument_errors(tmp_path):
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_steps": 0}, "num_steps must be >= 1, got 0"),
+    ({"num_steps": 2.0}, "num_steps must be an int"), ({"log_every": True}, "log_every must be"),
+    ({"checkpoint_every": 2}, "checkpoint_every is set but checkpoint_dir is None"),
+    ({"checkpoint_every": 0, "checkpoint_dir": "x"}, "checkpoint_every must be >= 1, got 0"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
+    ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\)"),
+])
+def test_loop_argument_errors(tmp_path, kwargs, match):
     trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
-    with pytest.raises(ValueError, match="num_steps"):
-        finetune(trainer, iterator(0), num_steps=0)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        finetune(trainer, iterator(0), checkpoint_every=2)
-    with pytest.raises(ValueError, match="data ran out"):
-        finetune(trainer, iter([]), num_steps=1, progress=False)
+    if "checkpoint_dir" in kwargs:
+        kwargs = {**kwargs, "checkpoint_dir": str(tmp_path / kwargs["checkpoint_dir"])}
+    with pytest.raises(ValueError, match=match):
+        finetune(trainer, iterator(0), progress=False, **kwargs)
+    assert not (tmp_path / "x").exists()  # refused before a checkpoint directory is made
+
+
+def test_loop_accepts_numpy_ints():
+    trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
+    with pytest.raises(ValueError, match="data ran out at step 1 of 1"):  # got past the checks
+        finetune(trainer, iter([]), num_steps=np.int64(1), log_every=np.int32(1), progress=False)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.models import LoRAParam
-from taskpgm_jax.train import TrainConfig, Trainer, lr_schedule
+from taskpgm_jax.models import LoRAParam, lora_state, stack_adapters
+from taskpgm_jax.train import AdapterTrainer, TrainConfig, Trainer, lr_schedule
 from taskpgm_jax.train.step import _decay_mask
 from tests.train.conftest import (
     LORA,
@@ -25,7 +25,8 @@ CFG = TrainConfig(learning_rate=1e-2, total_steps=40, warmup_steps=3, weight_dec
 
 def reference_loss(model, batch):
     """Mean -log p(target) over loss_mask tokens, in NumPy float64 from the model's logits."""
-    logits = np.asarray(model(jnp.asarray(batch.input_ids), segment_ids=jnp.asarray(batch.segment_ids),
+    logits = np.asarray(model(jnp.asarray(batch.input_ids),
+                              segment_ids=jnp.asarray(batch.segment_ids),
                               positions=jnp.asarray(batch.positions)), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     logp = np.take_along_axis(logits, batch.targets[..., None], -1)[..., 0] - logz
@@ -125,6 +126,71 @@ def test_bad_config_and_inputs_name_the_key():
     trainer = Trainer(model, CFG.replace(grad_accum=3))
     with pytest.raises(ValueError, match="grad_accum=3"):
         trainer.place_batch(batches(np.random.default_rng(0), 1)[0])
+
+
+@pytest.mark.parametrize("field,fix,match", [
+    # Out of the vocabulary (32): under jit an input id is clipped, a target gives NaN.
+    ("input_ids", lambda x: np.where(x == x.max(), 40, x), r"batch\.input_ids: ids must lie in "
+     r"\[0, vocab_size=32\), got 40"),
+    ("targets", lambda x: x + 32, r"batch\.targets: ids must lie in "
+     r"\[0, vocab_size=32\), got \d+ under loss_mask > 0"),
+    ("targets", lambda x: x - 100, r"batch\.targets: ids must lie in \[0, vocab_size=32\), got -"),
+    ("input_ids", lambda x: x.astype(np.float32), r"batch\.input_ids must be an int array"),
+    ("targets", lambda x: x[:, :4], r"batch\.targets must have the shape of batch\.input_ids"),
+    ("loss_mask", lambda x: 2 * x, r"batch\.loss_mask must lie in \[0, 1\].*got 2\.0"),
+    ("loss_mask", lambda x: x - 1, r"batch\.loss_mask must lie in \[0, 1\].*got -1\.0"),
+    ("loss_mask", lambda x: x * np.nan, r"batch\.loss_mask must lie in \[0, 1\].*got nan"),
+])
+def test_host_batches_are_checked_before_the_step(lora_trainers, field, fix, match):
+    """Values are checked on the host (place_batch, or step given NumPy arrays): under jit they
+    cannot be. Refused before any state is touched (no state is even passed)."""
+    single, side_by_side = lora_trainers
+    good = batches(np.random.default_rng(0), 1)[0]
+    bad = good._replace(**{field: fix(getattr(good, field))})
+    for check in (single.place_batch, lambda b: single.step(None, b)):
+        with pytest.raises(ValueError, match=match):
+            check(bad)
+    with pytest.raises(ValueError, match=match):  # [T, B, S]
+        side_by_side.place_batch(type(bad)(*(np.stack([x, x]) for x in bad)))
+
+
+def test_targets_under_padding_may_be_anything(rng):
+    """HF-style -100 targets where loss_mask is 0 pass the host check and change nothing: the
+    loss takes `where` on the mask, so the NaN they gather never reaches the sum."""
+    from taskpgm_jax.data import check_batch_values
+    from taskpgm_jax.train import target_token_loss
+
+    good = batches(rng, 1)[0]
+    hf_style = good._replace(targets=np.where(good.loss_mask > 0, good.targets, -100))
+    check_batch_values(hf_style, TINY.vocab_size)
+    model = random_model(seed=int(rng.integers(1000)))
+    want = target_token_loss(model, good, None)
+    got = target_token_loss(model, hf_style, None)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.isfinite(np.asarray(got[0]))
+
+
+@pytest.fixture(scope="module")
+def lora_trainers():
+    model = random_model(seed=0, lora=LORA)
+    lora_cfg = CFG.replace(trainable="lora")
+    return (Trainer(model, lora_cfg),
+            AdapterTrainer(model, lora_cfg, stack_adapters([lora_state(model)] * 2)))
+
+
+def test_loss_mask_fractions_are_weights_and_seeds_are_checked(lora_trainers):
+    single, side_by_side = lora_trainers
+    b = batches(np.random.default_rng(0), 1)[0]
+    placed = single.place_batch(b._replace(loss_mask=0.5 * b.loss_mask))  # a weight: accepted
+    np.testing.assert_array_equal(np.asarray(placed.loss_mask), 0.5 * b.loss_mask)
+    for seed, match in ((-1, r"seed must be in \[0, 2\*\*32\), got -1"),
+                        (2**32, r"seed must be in \[0, 2\*\*32\)"),
+                        (None, "seed must be an int, got None"), (True, "seed must be an int")):
+        with pytest.raises(ValueError, match=match):
+            single.init(seed)
+    # Adapter t uses seed + t: the last one must fit in uint32 too (it would wrap around).
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 4294967295\).*seed \+ t"):
+        side_by_side.init(2**32 - 1)
 
 
 @pytest.mark.parametrize("warmup", [0, 3, 10])
