@@ -151,8 +151,14 @@ def test_closed_form_unclipped_at_uniform_ratio(rng):
     pot = potentials(random_affinity(rng, T, "signed"), beta=1.0, lam=float(T))
     cf = solve(pot, "closed_form")
     assert not bool(cf.clipped)
-    np.testing.assert_allclose(np.asarray(cf.weights), 1.0 / T, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(solve(pot).weights), 1.0 / T, atol=1e-4)
+    # A float32 solve with S~ loses up to cond(S~) * eps relative, and the PSD repair can leave
+    # cond ~2e5: a fixed 1e-5 failed 1 seed in 20. Over 400 seeds the error stayed below
+    # 0.39 cond * eps / T (closed form; the exact solver 0.33).
+    cond = np.linalg.cond(np.asarray(pot.matrix, np.float64))
+    float32_error = cond * np.finfo(np.float32).eps / T
+    np.testing.assert_allclose(np.asarray(cf.weights), 1.0 / T, atol=max(1e-5, float32_error))
+    np.testing.assert_allclose(np.asarray(solve(pot).weights), 1.0 / T,
+                               atol=max(1e-4, float32_error))
 
 
 @settings(max_examples=8)
