@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ("divergence", "mrf", "model", "adapters", "probe")
+DATASETS = ("bigbench",)
 METHODS = ("exact", "closed_form", "softmax")
 
 
@@ -199,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     solve_p.add_argument("--names", help="task names, one per line (default task_0 ...)")
     solve_p.add_argument("--method", default="exact", choices=METHODS)
     solve_p.add_argument("--beta", type=float, default=1.0, help="unary weight (> 0)")
-    solve_p.add_argument("--lam", type=float, default=None, help="pairwise weight (default 2T; at beta/lam = 1/T the "
-                         "centrality mixture is exactly uniform)")
+    solve_p.add_argument("--lam", type=float, default=None,
+                         help="pairwise weight (default 2T; at beta/lam = 1/T the centrality "
+                         "mixture is exactly uniform)")
     solve_p.add_argument("--budget", type=int, default=None,
                          help="also write integer example counts summing to this budget")
     solve_p.add_argument("--out", default="mixture", help="output directory")
@@ -209,11 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="action", required=True)
     fetch = dsub.add_parser("fetch", help="download a dataset once into its cache",
                             add_help=False)
-    fetch.add_argument("dataset", help="bigbench")
+    # Without add_help, `NAME --help` reaches the script; a bare --help is answered in `main`.
+    fetch.add_argument("dataset", nargs="?", choices=DATASETS)
 
     bench_p = sub.add_parser("bench", help="run a benchmark script", add_help=False)
-    bench_p.add_argument("name", choices=BENCHMARKS)
+    bench_p.add_argument("name", nargs="?", choices=BENCHMARKS)
     return parser
+
+
+def _passthrough_usage(args, rest) -> int | None:
+    """`taskpgm bench --help` / `taskpgm data fetch --help` (no name): list the names and how
+    to see one's options (exit 0); no name at all is a usage error. None when a name is given."""
+    command, names, what = (("bench", BENCHMARKS, "benchmark") if args.command == "bench"
+                            else ("data fetch", DATASETS, "dataset"))
+    if (args.name if args.command == "bench" else args.dataset) is not None:
+        return None
+    usage = (f"usage: taskpgm {command} {{{','.join(names)}}} [options]\n"
+             f"  taskpgm {command} NAME --help lists the options of that {what}")
+    if any(r in ("-h", "--help") for r in rest):
+        print(usage)
+        return 0
+    print(f"{usage}\ntaskpgm {command}: error: give a {what} name", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -227,6 +246,8 @@ def main(argv=None) -> int:
         rest = [r for r in rest if r not in extra]
     if rest and not passthrough:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    if passthrough and (status := _passthrough_usage(args, rest)) is not None:
+        return status
     try:
         if args.command == "run":
             return run(args)

@@ -64,3 +64,15 @@ def test_mixture_solve_refuses_bad_input_before_writing_anything(tmp_path, capsy
     assert main([*base, "--names", str(tmp_path / "names.txt")]) == 2
     assert "--names: " in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command,names", [(["bench"], "divergence,mrf,model,adapters,probe"),
+                                           (["data", "fetch"], "bigbench")])
+def test_passthrough_commands_answer_a_bare_help(command, names, capsys):
+    """`taskpgm bench --help` lists the names (options belong to each script: NAME --help);
+    without a name it is a usage error, not a traceback."""
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "{" + names + "}" in out and "NAME --help" in out
+    assert main(command) == 2
+    assert "error: give a" in capsys.readouterr().err
