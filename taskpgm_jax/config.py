@@ -243,7 +243,8 @@ def _validate(cfg: RunConfig) -> None:
     d, m = cfg.data, cfg.model
     need(len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds",
          f"give at least one seed, without repeats; got {list(cfg.seeds)}")
-    for key, seeds in (("seeds", cfg.seeds), ("data.synthetic.seed", (d.synthetic.seed,))):
+    for key, seeds in (("seeds", cfg.seeds), ("data.synthetic.seed", (d.synthetic.seed,)),
+                       ("data.split_seed", (d.split_seed,))):
         need(all(0 <= s < 2**32 for s in seeds), key,
              f"seeds must lie in [0, 2**32) (NumPy's seed range); got {list(seeds)}")
     need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")

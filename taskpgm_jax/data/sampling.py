@@ -72,8 +72,7 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
       >>> mixture_counts({"a": 0.5, "b": 0.3, "c": 0.2}, 7)
       {'a': 4, 'b': 2, 'c': 1}
     """
-    if int(budget) != budget or budget < 0:
-        raise data_error(f"budget must be a non-negative integer, got {budget!r}")
+    budget = check_int(budget, "budget")
     # One definition of the rounding for the whole project (Mixture.to_counts uses it too), on
     # the weights as given: normalising them first in floating point would turn exact ties
     # (integer weights 7 and 2 at budget 2) into rounding noise.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -124,6 +125,14 @@ class SplitSpec:
     min_probe: int = 0
 
     def __post_init__(self):
+        for name in ("probe", "eval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value):
+                raise DataError(f"SplitSpec.{name} must be a fraction in [0, 1], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "seed", check_int(self.seed, "SplitSpec.seed"))
+        object.__setattr__(self, "min_probe", check_int(self.min_probe, "SplitSpec.min_probe"))
         if not (0.0 <= self.probe and 0.0 <= self.eval and self.probe + self.eval <= 1.0):
             raise ValueError(
                 f"split fractions must be >= 0 and sum to at most 1 (train keeps the rest); got "

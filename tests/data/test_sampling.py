@@ -162,6 +162,9 @@ def test_materialise_round_trip(tmp_path, rng):
     (lambda p: sample_mixture(p, [1, 1], 10, seed=-1), r"seed must be in \[0, 2\*\*32\), got -1"),
     (lambda p: sample_mixture(p, [1, 1], 10, seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
     (lambda p: sample_mixture(p, [1, 1], 10, seed=1.5), r"seed must be an int, got 1.5"),
+    (lambda p: sample_mixture(p, [1, 1], True), r"budget must be an int, got True"),
+    (lambda p: mixture_counts([1, 1], 10.5), r"budget must be an int, got 10.5"),
+    (lambda p: mixture_counts([1, 1], -3), r"budget must be >= 0, got -3"),
     (lambda p: interleave_mixture(p, [1, 1], seed=-1), r"seed must be in \[0, 2\*\*32\)"),
     # The messages name this function's arguments, not those of the mrf helpers behind it.
     (lambda p: baseline_weights({"a": 1, "b": 2}, "temperature", temperature=0),

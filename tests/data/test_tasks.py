@@ -191,6 +191,10 @@ _ROW = {"prompt": "q", "target": "a"}
     (lambda: make_task("g", "generate", [_ROW, "q a"]), r"line 2, task 'g': expected a dict"),
     (lambda: TaskPool(["t"]), r"tasks\[0\] is a str, not a Task"),
     (lambda: TaskPool([], {"probe": 0.1}), r"split must be a SplitSpec, got dict"),
+    (lambda: SplitSpec(probe="0.1"), r"SplitSpec\.probe must be a fraction in \[0, 1\], got '0\.1'"),
+    (lambda: SplitSpec(eval=float("nan")), r"SplitSpec\.eval must be a fraction"),
+    (lambda: SplitSpec(seed="0"), r"SplitSpec\.seed must be an int, got '0'"),
+    (lambda: SplitSpec(min_probe=-1), r"SplitSpec\.min_probe must be >= 0, got -1"),
 ])
 def test_bad_arguments_are_named(call, match):
     with pytest.raises(DataError, match=match):

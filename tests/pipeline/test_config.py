@@ -41,6 +41,7 @@ BAD = [
     # Seeds outside NumPy's range once failed only when a stage drew with them.
     ("seeds=[-1]", "seeds"), ("seeds=[4294967296]", "seeds"),
     ("data.synthetic.seed=-1", "data.synthetic.seed"),
+    ("data.split_seed=-1", "data.split_seed"),
     # A warmup longer than the run was silently cut to the run's length (demo: 150 steps).
     ("single_task.warmup_steps=151", "single_task.warmup_steps"),
     ("finetune.warmup_steps=1000", "finetune.warmup_steps"),
