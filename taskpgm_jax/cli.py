@@ -151,8 +151,9 @@ def report(args) -> int:
 def data_fetch(args, rest) -> int:
     from taskpgm_jax.data.sources import bigbench
 
-    if args.dataset != "bigbench":
-        raise CliError(f"data fetch: unknown dataset {args.dataset!r}; available: bigbench.")
+    if args.dataset not in DATASETS:
+        raise CliError(f"data fetch: unknown dataset {args.dataset!r}; available: "
+                       f"{', '.join(DATASETS)}.")
     return bigbench.main(rest)
 
 
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = dsub.add_parser("fetch", help="download a dataset once into its cache",
                             add_help=False)
     # Without add_help, `NAME --help` reaches the script; a bare --help is answered in `main`.
-    fetch.add_argument("dataset", nargs="?", choices=DATASETS)
+    fetch.add_argument("dataset", nargs="?", help="one of: " + ", ".join(DATASETS))
 
     bench_p = sub.add_parser("bench", help="run a benchmark script", add_help=False)
     bench_p.add_argument("name", nargs="?", choices=BENCHMARKS)
