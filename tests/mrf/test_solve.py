@@ -36,7 +36,7 @@ problems = st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 200),
                      st.sampled_from(["centrality", "array"]))
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(problems)
 def test_exact_matches_active_set_reference(problem):
     pot, _ = _random_problem(*problem)
