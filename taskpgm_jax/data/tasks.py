@@ -76,16 +76,17 @@ def data_error(message: str, *, task: str | None = None, source: str | None = No
     return DataError(f"{where}: {message}" if where else message)
 
 
-def check_int(value: Any, name: str, low: int = 0, high: int | None = None) -> int:
+def check_int(value: Any, name: str, low: int = 0, high: int | None = None,
+              why: str = "") -> int:
     """`value` as a Python int in [low, high) (NumPy integers too, never bool), or a `DataError`
-    naming the argument `name`."""
+    (a ValueError) naming the argument `name`, with `why` appended. Shared by `train`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise DataError(f"{name} must be an int, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value >= high):
         bound = f">= {low}" if high is None else \
             f"in [{low}, {'2**32' if high == 2**32 else high})"
-        raise DataError(f"{name} must be {bound}, got {value}")
+        raise DataError(f"{name} must be {bound}, got {value}" + (f" ({why})" if why else ""))
     return value
 
 

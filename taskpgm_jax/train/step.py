@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from taskpgm_jax.data import Batch, check_batch_values
+from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.models import LoRAParam
 from taskpgm_jax.models.init import state_shardings
 from taskpgm_jax.sharding import Rules, logical_to_spec, shard
@@ -46,19 +47,6 @@ _F32_TINY = float(np.finfo(np.float32).tiny)
 
 # loss_fn(model, batch, rng) -> (sum of per-token losses, number of tokens it was summed over).
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array]]
-
-
-def check_int(value: Any, name: str, low: int = 0, high: int | None = None, why: str = "") -> int:
-    """`value` as a Python int in [low, high) (NumPy integers too, never bool), or a ValueError
-    naming `name` (with `why` appended)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else \
-            f"in [{low}, {'2**32' if high == 2**32 else high})"
-        raise ValueError(f"{name} must be {bound}, got {value}" + (f" ({why})" if why else ""))
-    return value
 
 
 def check_seed(seed: Any, span: int = 1, what: str = "adapter") -> int:
