@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from taskpgm_jax.models.config import ModelConfig
+from taskpgm_jax.models.config import ModelConfig, check_int
 from taskpgm_jax.models.decoder import CausalLM
 from taskpgm_jax.sharding import Rules, named_sharding
 
@@ -45,13 +45,17 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
 
     Args:
       cfg: the model config.
-      seed: PRNG seed of the initialisation.
+      seed: PRNG seed of the initialisation, an int in [0, 2**32) (NumPy ints too).
       mesh: optional mesh to shard the parameters over.
       rules: logical -> mesh rules.
 
     Returns:
       The model.
     """
+    seed = check_int("init_model: seed", seed, minimum=0)
+    if seed >= 2**32:  # the uint32 PRNGKey seed: a larger one would wrap around
+        raise ValueError(f"init_model: seed must be < 2**32, got {seed}")
+
     def make():
         return CausalLM(cfg, rngs=nnx.Rngs(seed), rules=rules)
 

@@ -277,5 +277,7 @@ def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
 def random_mixture(names: Sequence[str], seed: int, *, unit: str = "examples") -> Mixture:
     """A Dirichlet(1) draw: uniform over the simplex, reproducible from the seed."""
     names = _names(names)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"random_mixture: seed must be an int in [0, 2**32), got {seed!r}")
     w = np.random.default_rng(seed).dirichlet(np.ones(len(names)))
     return Mixture(names, tuple(w), unit, {"method": "random", "seed": int(seed)})

@@ -193,3 +193,15 @@ def test_model_config_normalises_accepted_values():
     assert lora.targets == ("q_proj", "v_proj") and hash(lora) == hash(LoraConfig())
     with pytest.raises(ValueError, match="LoraConfig.targets has duplicates"):
         LoraConfig(targets=("q_proj", "q_proj"))
+
+
+@pytest.mark.parametrize("seed,match", [(-1, "an int >= 0"), (1.5, "an int >= 0"),
+                                        (2**32, "< 2\\*\\*32")])
+def test_init_model_refuses_bad_seeds(seed, match):
+    """Checked before anything is traced (nnx.Rngs would wrap or fail deep inside)."""
+    from taskpgm_jax.models.init import init_model
+
+    with pytest.raises(ValueError, match=rf"init_model: seed .*{match}"):
+        init_model(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                               num_hidden_layers=1, num_attention_heads=1,
+                               num_key_value_heads=1, head_dim=8), seed=seed)

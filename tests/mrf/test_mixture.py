@@ -152,6 +152,9 @@ class _Solution:  # what from_solution reads of a `solve` result
     (lambda: Mixture.from_solution("abc", _Solution()), r"names: .*the string 'abc'"),
     (lambda: size_proportional_mixture("ab", [1, 2]), r"names: .*the string 'ab'"),
     (lambda: random_mixture("ab", 0), r"names: .*the string 'ab'"),
+    (lambda: random_mixture(["a", "b"], -1),
+     r"random_mixture: seed must be an int in \[0, 2\*\*32\)"),
+    (lambda: random_mixture(["a", "b"], 1.5), r"random_mixture: seed must be an int"),
     (lambda: Mixture(None, (1.0,)), "names: expected a list"),
     # Importers: missing keys and wrong shapes, named instead of KeyError / unpacking errors.
     (lambda: Mixture.from_json('{"weights": [1.0]}'), r"text: missing \['names'\]"),
