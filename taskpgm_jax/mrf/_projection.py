@@ -101,7 +101,11 @@ def project_capped_simplex(x, mask, lower, upper):
     delta = jax.lax.fori_loop(0, 2, exact_step, jnp.zeros((), x.dtype))
     w = jnp.where(mask, jnp.clip(z - delta, lower, upper), 0.0)
     w = _fix_sum(w, mask & (w > lower) & (w < upper), lower, upper)
-    return _fill_leftover(w, z, mask, lower, upper)
+    w = _fill_leftover(w, z, mask, lower, upper)
+    # The fill's leftover was computed at the size of a sum far from 1 (an over-full 1.8 when
+    # every entry had landed on a bound), so its rounding (~1e-6) remains; computed again near 1
+    # it goes to the entries the fill left free.
+    return _fix_sum(w, mask & (w > lower) & (w < upper), lower, upper)
 
 
 def _fill_leftover(w, z, mask, lower, upper):
