@@ -100,7 +100,8 @@ def truncated_pairwise_jsd(logprobs, weights=None, *, top_k: int = 64, from_logi
     # public entry point does not apply; the input itself was checked above.
     kept_part = pairwise_jsd_unchecked(kept, w, **kernel_options)
     tail_term = pairwise_jsd_unchecked(tail, w, **kernel_options)
-    tail_mass = jnp.exp(tail[..., 0]) @ w / jnp.sum(w)
+    tail_mass = jnp.matmul(jnp.exp(tail[..., 0]), w,  # full float32: it widens a certified bound
+                           precision=jax.lax.Precision.HIGHEST) / jnp.sum(w)
     off_diagonal = 1.0 - jnp.eye(kept_part.shape[0], dtype=kept_part.dtype)
     # Widened by the kernel's float32 accuracy, so they bound the exact value, not just the
     # exact value of these float32 sums (with no tail they would tie and round either way).

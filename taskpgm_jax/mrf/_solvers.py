@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from taskpgm_jax.mrf._precision import full_float32
 from taskpgm_jax.mrf._projection import (SUM_TOL, frank_wolfe_gap, project_capped_simplex,
                                          project_simplex)
 
@@ -120,6 +121,7 @@ def _face_step(M, u, beta, lam, mask, lower, upper, w, Mw, face, *, cg_iters: in
 
 
 @functools.partial(jax.jit, static_argnames=("bounded", "max_iter", "cg_iters", "max_drops"))
+@full_float32
 def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bounded: bool,
                max_iter: int, cg_iters: int = 64, max_drops: int = 64):
     """Accelerated projected gradient (FISTA) with restart, plus conjugate-gradient steps on
@@ -257,6 +259,7 @@ def exact_core(M, u, beta, lam, lipschitz, mask, lower, upper, w0, tol, *, bound
 
 
 @functools.partial(jax.jit, static_argnames=("bounded",))
+@full_float32
 def closed_form_core(M, u, beta, lam, mask, lower, upper, *, bounded: bool):
     """w = (lam S~)^-1 (beta u - nu 1) with 1^T w = 1, then the Euclidean projection.
 
@@ -284,6 +287,7 @@ def closed_form_core(M, u, beta, lam, mask, lower, upper, *, bounded: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "max_iter"))
+@full_float32
 def softmax_core(M, u, beta, lam, mask, theta0, temperature, tol, *,
                  optimizer: optax.GradientTransformation, max_iter: int):
     """w = softmax(theta / temperature); theta minimised by an Optax optimiser inside a

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taskpgm_jax.mrf._precision import full_float32
+
 DENSE_MAX = 2048
 LANCZOS_STEPS = 256
 # Convergence is tested every LANCZOS_BLOCK steps once LANCZOS_MIN_STEPS are done: both extreme
@@ -39,6 +41,7 @@ def _tridiagonal(alphas, betas, alive):
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "block", "min_steps"))
+@full_float32
 def _lanczos_extremes(matrix, *, steps: int, block: int = LANCZOS_BLOCK,
                       min_steps: int = LANCZOS_MIN_STEPS, tol: float = LANCZOS_TOL):
     """(min, max) Ritz values of `matrix` and the number of Lanczos rows used (at most `steps`,

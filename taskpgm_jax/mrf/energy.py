@@ -155,4 +155,5 @@ def energy(weights, pot: Potentials):
                          f"task), got shape {tuple(w.shape)}.")
     quad = jnp.einsum("...i,ij,...j->...", w, pot.matrix, w,
                       precision=jax.lax.Precision.HIGHEST)
-    return -pot.beta * (w @ pot.unary) + 0.5 * pot.lam * quad
+    lin = jnp.matmul(w, pot.unary, precision=jax.lax.Precision.HIGHEST)
+    return -pot.beta * lin + 0.5 * pot.lam * quad

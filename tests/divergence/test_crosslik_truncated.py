@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from taskpgm_jax.divergence import CrossLikelihood, pmi_affinity, truncated_pairwise_jsd
 from taskpgm_jax.divergence.truncated import ROUNDING_ALLOWANCE
 from tests.divergence.distributions import KINDS, random_logprobs, reference_pairwise
+from tests.precision import HIGHEST, dot_precisions
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -125,3 +126,18 @@ def test_truncated_peaked_models_are_tight(rng):
     with pytest.raises(ValueError, match="top_k"):
         truncated_pairwise_jsd(lp, top_k=V + 1)
     assert jax.numpy.asarray(out.lower).shape == (T, T)
+
+
+def test_truncated_and_cross_likelihood_products_use_highest_precision(rng):
+    """The tail mass widens a certified bound and L is a sum over thousands of examples: neither
+    may take a GPU's TF32 default (traced under bf16 default, read from the program)."""
+    lp = jax.numpy.asarray(random_logprobs(rng, (3, 5, 40), "flat"))
+    with jax.default_matmul_precision("bfloat16"):
+        bounds = jax.make_jaxpr(lambda x: truncated_pairwise_jsd(x, top_k=3).upper)(lp)
+        acc = CrossLikelihood(3)
+        scores = jax.numpy.asarray(rng.normal(size=(3, 6)), jax.numpy.float32)
+        tasks = jax.numpy.asarray(rng.integers(0, 3, size=6), jax.numpy.int32)
+        crosslik = jax.make_jaxpr(lambda s: acc.update(acc.init(), s, tasks))(scores)
+    for name, jaxpr in (("truncated", bounds), ("cross-likelihood", crosslik)):
+        precisions = dot_precisions(jaxpr)
+        assert precisions and all(p == HIGHEST for p in precisions), (name, precisions)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state, merge_lora,
                                 multi_adapter_forward, stack_adapters)
+from taskpgm_jax.models.lora import merged_kernels
 from tests.models.conftest import TINY, forward, random_model
 
 T = 3
@@ -71,6 +72,19 @@ def test_merge_keeps_outputs_and_removes_adapters(adapted, rng):
         after = forward(model, ids, mask)
     assert not jax.tree.leaves(nnx.state(model, LoRAParam))
     np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def test_merge_products_ask_for_full_float32_precision(adapted):
+    """On a GPU the default float32 matmul rounds its operands (TF32), which moved exported logits
+    by 2e-4 on an H200: the one-off merge products must ask for HIGHEST whatever the default."""
+    with jax.default_matmul_precision("bfloat16"):
+        jaxpr = jax.make_jaxpr(lambda: merged_kernels(adapted))()
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    # one product per target, batched over the layers when they are scanned
+    assert len(dots) == len(LORA.targets) * (1 if TINY.scan_layers else TINY.num_hidden_layers)
+    highest = jax.lax.Precision.HIGHEST
+    assert all(e.params["precision"] == (highest, highest) for e in dots), \
+        [e.params["precision"] for e in dots]
 
 
 def test_add_lora_rejects_absent_targets(tiny_model):
