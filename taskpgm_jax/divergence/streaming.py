@@ -27,11 +27,13 @@ from taskpgm_jax.divergence._validate import (check_distribution, check_positive
                                               check_weights, is_traced)
 
 # Tile sizes per platform. CPU: 4 positions x 4096 tokens was fastest on a 2-core EPYC in a
-# sweep of 1-8 positions x 1024-4096 tokens (benchmarks/divergence.py). Accelerators want far more
-# parallel work per step; these sizes bound one block to ~16 MiB and are not yet tuned on hardware.
+# sweep of 1-8 positions x 1024-4096 tokens (benchmarks/divergence.py). Accelerators: 32 x 4096
+# was fastest on an H200 in a sweep of {8, 32, 128} x {4096, 32000} at T x N x V = 32 x 1024 x
+# 32000 (benchmarks/divergence_tiles.py: 1.70x the log ceiling, against 2.18x at 8 x 4096); one
+# tile then holds 2 x 32 x 4096 float32 per (padded) model, 1 MiB: 64 MiB at T = 64.
 _DEFAULT_TILES = {
     "cpu": dict(pair_block=1 << 16, position_block=4, vocab_chunk=4096),
-    "accelerator": dict(pair_block=1 << 16, position_block=8, vocab_chunk=4096),
+    "accelerator": dict(pair_block=1 << 16, position_block=32, vocab_chunk=4096),
 }
 
 
