@@ -21,6 +21,7 @@ It prints a table and, with --json, writes the figures with a top-level `ratios`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -91,11 +92,25 @@ def loss_fn(model, ids):
     return jnp.sum(nll * weight) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
-@nnx.jit(donate_argnums=(0, 1))
-def train_step(model, optimizer, ids):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, ids)
-    optimizer.update(model, grads)
-    return loss
+def jitted_steps(model, optimizer):
+    """Our forward and training step, jitted on split state (`nnx.split` once, `jax.jit` on the
+    state pytree), as `taskpgm_jax.train.Trainer` runs them: `nnx.jit` walks the module graph on
+    every call, about 3 ms a call on the H200 host, more than a small model's whole step."""
+    graphdef, state = nnx.split((model, optimizer))
+
+    @jax.jit
+    def forward(state, ids):
+        model, _ = nnx.merge(graphdef, state)
+        return model(ids)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, ids):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, ids)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    return graphdef, state, forward, train_step
 
 
 def bench_config(name, repeats, dtype, peak, torch_on, adapters=True):
@@ -118,12 +133,18 @@ def bench_config(name, repeats, dtype, peak, torch_on, adapters=True):
     embed = model.model.embed_tokens.embedding[...]
     matmul_params = n_params - (0 if model.config.tie_word_embeddings else int(embed.size))
 
-    fwd = nnx.jit(lambda m, x: m(x))
     optimizer = commit_state(nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param))
+    graphdef, state, forward, train_step = jitted_steps(model, optimizer)
+    box = {"state": state}
+
+    def ours_train():
+        box["state"], loss = train_step(box["state"], ids)
+        return loss
+
     # Each of ours is timed in rounds with its PyTorch counterpart (`timed_together`), so that
     # drift of the machine over the run does not bias the ratio.
-    fwd_fns = {"ours": lambda: fwd(model, ids)}
-    train_fns = {"ours": lambda: train_step(model, optimizer, ids)}
+    fwd_fns = {"ours": lambda: forward(box["state"], ids)}
+    train_fns = {"ours": ours_train}
     if torch_on:
         import contextlib
 
@@ -182,16 +203,18 @@ def bench_config(name, repeats, dtype, peak, torch_on, adapters=True):
 
     if not adapters:
         return row
+    model, _ = nnx.merge(graphdef, box.pop("state"))  # the trained model (the old arrays were donated)
     # T adapters: one multi-adapter call against T sequential calls (both jitted, same adapters).
     add_lora(model, LoraConfig(rank=8, targets=("q_proj", "k_proj", "v_proj", "o_proj")), rngs=nnx.Rngs(1))
     commit_state(model)  # fresh LoRA arrays are uncommitted: the second call would compile again
     adapters = [jax.tree.map(lambda x, t=t: x + 0.01 * (t + 1), lora_state(model)) for t in range(ADAPTERS)]
     stacked = stack_adapters(adapters)
-    graphdef, _, rest = nnx.split(model, LoRAParam, ...)
+    graphdef, lora_now, rest = nnx.split(model, LoRAParam, ...)
     single = jax.jit(lambda lora, rest, x: nnx.merge(graphdef, lora, rest)(x))
-    multi = nnx.jit(lambda m, a, x: multi_adapter_forward(m, a, x))
+    # jitted on split state too, like the sequential forwards (see `jitted_steps`)
+    multi = jax.jit(lambda lora, rest, a, x: multi_adapter_forward(nnx.merge(graphdef, lora, rest), a, x))
     for tag, x in (("batch", ids), ("probe1", ids[:1]), ("probe32", ids[:1, :32])):
-        got = timed_together({"multi": lambda: multi(model, stacked, x),
+        got = timed_together({"multi": lambda: multi(lora_now, rest, stacked, x),
                               "seq": lambda: [single(a, rest, x) for a in adapters]}, repeats)
         first, med_multi, _, _ = got["multi"]
         med_seq = got["seq"][1]

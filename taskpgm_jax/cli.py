@@ -4,7 +4,7 @@
     taskpgm report RUN_DIR
     taskpgm mixture solve --affinity S.npy [--names names.txt] [--method exact] [--budget N]
     taskpgm data fetch bigbench [--cache-dir DIR]
-    taskpgm bench divergence|mrf|model|adapters|probe [benchmark options]
+    taskpgm bench divergence|divergence_tiles|mrf|model|adapters|probe [benchmark options]
 
 Errors are one line naming the option, config key or file and what to do; `--debug` shows the
 traceback.
@@ -19,7 +19,7 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("divergence", "mrf", "model", "adapters", "probe")
+BENCHMARKS = ("divergence", "divergence_tiles", "mrf", "model", "adapters", "probe")
 DATASETS = ("bigbench",)
 METHODS = ("exact", "closed_form", "softmax")
 

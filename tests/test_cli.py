@@ -66,7 +66,7 @@ def test_mixture_solve_refuses_bad_input_before_writing_anything(tmp_path, capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command,names", [(["bench"], "divergence,mrf,model,adapters,probe"),
+@pytest.mark.parametrize("command,names", [(["bench"], "divergence,divergence_tiles,mrf,model,adapters,probe"),
                                            (["data", "fetch"], "bigbench")])
 def test_passthrough_commands_answer_a_bare_help(command, names, capsys):
     """`taskpgm bench --help` lists the names (options belong to each script: NAME --help);
