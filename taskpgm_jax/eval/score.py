@@ -8,8 +8,9 @@ in a single multi-adapter forward, plus the base model itself), takes float32 lo
 * the streaming JSD accumulator: the log-probs at every target position, grouped by task so
   each task's positions carry equal total weight (DESIGN.md 4).
 
-Memory is bounded by one batch of logits; nothing but the accumulators' small states survives a
-step, and nothing leaves the device until `result`.
+Memory is bounded by one batch of logits, stored once (no normalised copy: see `token_logprobs`
+and the JSD's `from_logits`); nothing but the accumulators' small states survives a step, and
+nothing leaves the device until `result`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [
 
 
 def token_logprobs(logits, targets):
-    """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    idx = jnp.broadcast_to(targets[..., None], logp.shape[:-1] + (1,))
-    return jnp.take_along_axis(logp, idx, axis=-1)[..., 0]
+    """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S].
+
+    The target's logit minus its row's logsumexp: two fused reads of the logits, where a
+    log_softmax would store a normalised float32 copy of them all (the probe step's and the
+    evaluation's peak memory would double)."""
+    logits32 = logits.astype(jnp.float32)
+    idx = jnp.broadcast_to(targets[..., None], logits.shape[:-1] + (1,))
+    picked = jnp.take_along_axis(logits32, idx, axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits32, axis=-1)
 
 
 def _vocab_size(model) -> int | None:
@@ -122,7 +128,12 @@ class ProbeScorer:
         self.include_base = bool(include_base)
         self.cross = CrossLikelihood(num_models, num_tasks, per_token=per_token)
         self.base = CrossLikelihood(1, num_tasks, per_token=per_token) if include_base else None
-        self.jsd = StreamingJSD(num_models, num_groups=num_tasks, **jsd_options)
+        # from_logits: the kernel normalises the raw logits tile by tile, so no normalised copy
+        # of the batch's [M, B, S, V] logits is ever stored (one batch of logits is the peak).
+        # All M models, the base too, with its pairs dropped in `result`: slicing the T task
+        # models out of the logits would store a copy of T / M of them (measured: +90% peak).
+        self.jsd = StreamingJSD(num_models + self.include_base, num_groups=num_tasks,
+                                from_logits=True, **jsd_options)
         self._step = jax.jit(self._step_impl)
 
     def init(self) -> ProbeState:
@@ -182,15 +193,16 @@ class ProbeScorer:
         pos_task = jnp.take_along_axis(segment_tasks, jnp.maximum(seg - 1, 0), axis=1)
         pos_task = jnp.where((seg > 0) & (mask > 0), pos_task, -1).reshape(-1)
         b, s = seg.shape
-        logp = jax.nn.log_softmax(logits[:t].astype(jnp.float32), axis=-1).reshape(t, b * s, -1)
-        jsd = self.jsd.update(state.jsd, logp, mask.reshape(-1), pos_task)
+        jsd = self.jsd.update(state.jsd, logits.reshape(m, b * s, -1), mask.reshape(-1),
+                              pos_task)
         return ProbeState(cross, base, jsd)
 
     def result(self, state: ProbeState) -> ProbeResult:
         """The cross-likelihood matrix, the base row, the JSD matrix and the examples per task."""
         base_row = self.base.result(state.base)[0] if self.base else None
-        return ProbeResult(self.cross.result(state.cross), base_row, self.jsd.result(state.jsd),
-                           state.cross.counts)
+        t = self.num_models
+        jsd = self.jsd.result(state.jsd)[:t, :t]
+        return ProbeResult(self.cross.result(state.cross), base_row, jsd, state.cross.counts)
 
 
 def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = True,

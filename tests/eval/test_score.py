@@ -109,6 +109,17 @@ def test_probe_scoring_matches_per_example_reference(rng, packed):
     np.testing.assert_array_equal(np.asarray(examples), np.bincount(tasks, minlength=T))
     assert_close_to_reference(np.asarray(D), ref_D, "probe JSD")
     assert np.max(np.asarray(D)) > 1e-3  # the adapters really differ
+    if not packed:  # without the base model: same L and D (the JSD then runs on T models only)
+        forward, params = adapter_probe_forward(model, adapters, include_base=False)
+        scorer = ProbeScorer(forward, T, T, include_base=False)
+        state = scorer.init()
+        with jax.default_matmul_precision("highest"):
+            for batch, seg_tasks in batches:
+                state = scorer.update(state, params, batch, seg_tasks)
+        L_only, no_base, D_only, _ = scorer.result(state)
+        assert no_base is None
+        np.testing.assert_allclose(np.asarray(L_only), ref_L, rtol=1e-5, atol=1e-4)
+        assert_close_to_reference(np.asarray(D_only), ref_D, "probe JSD without the base")
 
 
 def test_probe_scorer_errors(rng):
@@ -141,3 +152,23 @@ def test_probe_scorer_errors(rng):
         x[np.unravel_index(np.argmax(batch.loss_mask), x.shape)] = value  # a target token
         with pytest.raises(ValueError, match=match):
             scorer.update(scorer.init(), params, batch._replace(**{field: x}), tasks)
+
+
+def test_probe_step_stores_one_batch_of_logits(rng):
+    """The compiled step's peak memory stays near one batch of [T + 1, B, S, V] logits: no
+    normalised copy, no copy of the T task models' slice (2.8x one batch before, 1.08x after)."""
+    cfg = ModelConfig(vocab_size=4096, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, dtype=jnp.float32)
+    model = add_lora(random_model(cfg, seed=int(rng.integers(2**31))),
+                     LoraConfig(rank=2, targets=("q_proj",)), rngs=nnx.Rngs(1))
+    forward, params = adapter_probe_forward(model, [lora_state(model)] * T)
+    scorer = ProbeScorer(forward, T, T)
+    b, s = 2, 64
+    seqs = [Encoded(rng.integers(1, cfg.vocab_size, size=s).astype(np.int32),
+                    np.r_[np.zeros(s // 2, bool), np.ones(s // 2, bool)]) for _ in range(b)]
+    batch = pad_batch(seqs, s, b)
+    tasks = jnp.zeros((b, 1), jnp.int32)
+    mem = scorer._step.lower(scorer.init(), params, batch, tasks).compile().memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+    logits_bytes = (T + 1) * b * s * cfg.vocab_size * 4
+    assert peak < 1.4 * logits_bytes, (peak / logits_bytes, peak, logits_bytes)
