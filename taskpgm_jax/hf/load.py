@@ -28,6 +28,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def _safe_open(file: str):
+    """`safe_open` with errors that name the file and say what to do."""
+    try:
+        return safe_open(file, framework="numpy")
+    except FileNotFoundError:
+        raise ValueError(f"{file}: the checkpoint lists this file but it is missing; copy the "
+                         "whole checkpoint directory again") from None
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error type for bad headers)
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "download or save the checkpoint again") from None
+
+
 def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> safetensors file for a checkpoint directory (single file or sharded index).
 
@@ -54,7 +66,7 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     single = os.path.join(path, SINGLE_FILE)
     if not os.path.exists(single):
         raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    with safe_open(single, framework="numpy") as f:
+    with _safe_open(single) as f:
         return {k: single for k in f.keys()}
 
 
@@ -132,7 +144,7 @@ def load_hf_checkpoint(
     with contextlib.ExitStack() as stack:
         # One handle per file, opened once: every parameter (and every layer of a stacked one) reads
         # its slices through these while make_array_from_callback builds the arrays below.
-        opened = {f: stack.enter_context(safe_open(f, framework="numpy"))
+        opened = {f: stack.enter_context(_safe_open(f))
                   for f in sorted(set(files.values()))}
         handles = {name: opened[f] for name, f in files.items()}
         missing, misshaped, used = [], [], set()

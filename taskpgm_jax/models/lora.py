@@ -36,7 +36,7 @@ def _place(value: jax.Array, like: jax.Array, axes: tuple, rules) -> jax.Array:
     return value
 
 
-def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs | int) -> nnx.Module:
     """Adds a LoRA adapter to every targeted projection of `model` (in place).
 
     A: [*lead, in, R] random normal(init_std); B: [*lead, R, out] zeros, so the model's output is
@@ -45,7 +45,7 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Modul
     Args:
       model: a `CausalLM` (or any module built from `Dense`).
       cfg: rank, alpha and target projection names.
-      rngs: random streams for A.
+      rngs: random streams for A (`nnx.Rngs`), or an int seed.
 
     Returns:
       `model`, for chaining.
@@ -60,6 +60,12 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Modul
     """
     if not isinstance(cfg, LoraConfig):
         raise ValueError(f"add_lora: cfg must be a LoraConfig, got {type(cfg).__name__}")
+    if not isinstance(rngs, nnx.Rngs):
+        try:
+            rngs = nnx.Rngs(check_int("rngs", rngs, minimum=0))
+        except ValueError:
+            raise ValueError(f"add_lora: rngs must be an nnx.Rngs or an int seed >= 0, "
+                             f"got {rngs!r}") from None
     rules = getattr(model, "rules", None)
     targets = list(_targets(model, cfg.targets))
     if not targets:

@@ -187,6 +187,21 @@ def test_no_weights_file(llama_dir, tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
+def test_unreadable_and_missing_weight_files_are_named(llama_dir, tmp_path):
+    garbage = copy_checkpoint(llama_dir, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x00\x01not a safetensors header" * 3)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_hf_checkpoint(garbage)
+    sharded = copy_checkpoint(llama_dir, tmp_path / "sharded")
+    names = list(load_file(sharded / "model.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: "model-00001-of-00001.safetensors" for name in names}}))
+    (sharded / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"model-00001-of-00001\.safetensors: the checkpoint "
+                                         r"lists this file but it is missing"):
+        load_hf_checkpoint(sharded)
+
+
 _LLAMA = {**tiny.BASE, "model_type": "llama", "num_key_value_heads": 2}
 
 

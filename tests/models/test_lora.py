@@ -87,6 +87,17 @@ def test_merge_products_ask_for_full_float32_precision(adapted):
         [e.params["precision"] for e in dots]
 
 
+def test_add_lora_takes_an_int_seed_and_refuses_other_rngs(tiny_model):
+    seeded = add_lora(nnx.clone(tiny_model), LORA, rngs=5)
+    streams = add_lora(nnx.clone(tiny_model), LORA, rngs=nnx.Rngs(5))
+    for a, b in zip(jax.tree.leaves(lora_state(seeded)), jax.tree.leaves(lora_state(streams)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in ("5", 1.5, None, -1, True):
+        with pytest.raises(ValueError, match="add_lora: rngs must be an nnx.Rngs or an int seed"):
+            add_lora(nnx.clone(tiny_model), LORA, rngs=bad)
+
+
 def test_add_lora_rejects_absent_targets(tiny_model):
     with pytest.raises(ValueError, match="no projection"):
         add_lora(nnx.clone(tiny_model.model.norm), LoraConfig(targets=("q_proj",)), rngs=nnx.Rngs(0))
