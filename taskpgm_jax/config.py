@@ -320,6 +320,12 @@ def _validate_unused(cfg: RunConfig, need) -> None:
                "one"),
               ("model.checkpoint", m.checkpoint, "model.source", m.source, m.source != "hf",
                "set model.source: hf to start from a checkpoint"),
+              # hf reads the preset too: the dry run sizes a missing checkpoint from it
+              ("model.preset", m.preset, "model.source", m.source, m.source == "scratch",
+               "a scratch model takes its sizes from model.size; set model.source: preset for "
+               "a named architecture"),
+              ("model.size", dict(m.size) or None, "model.source", m.source,
+               m.source != "scratch", "a checkpoint's config.json or the preset fixes the sizes"),
               ("mrf.jsd_tau", mrf.jsd_tau, "mrf.jsd_affinity", mrf.jsd_affinity,
                mrf.jsd_affinity != "rbf", "only the rbf affinity has a temperature")]
     for key, value, setting, chosen, ignored, fix in unused:

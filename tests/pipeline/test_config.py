@@ -57,15 +57,19 @@ def test_impossible_values_name_their_key(override, key):
         load_config(DEMO, [override])
 
 
-@pytest.mark.parametrize("override, setting", [
-    ("tokenizer.path=/x", "tokenizer.kind is 'bpe'"),
-    ("model.checkpoint=/x", "model.source is 'scratch'"),
-    ("mrf.jsd_tau=0.1", "mrf.jsd_affinity is 'linear'"),
+@pytest.mark.parametrize("overrides, setting", [
+    (["tokenizer.path=/x"], "tokenizer.kind is 'bpe'"),
+    (["model.checkpoint=/x"], "model.source is 'scratch'"),
+    (["model.preset=llama2_7b"], "model.source is 'scratch'"),
+    (["model.source=preset", "model.preset=llama2_7b", "model.size={hidden_size: 64}"],
+     "model.source is 'preset'"),
+    (["mrf.jsd_tau=0.1"], "mrf.jsd_affinity is 'linear'"),
 ])
-def test_keys_the_chosen_variant_ignores_are_refused(override, setting):
-    key = override.split("=")[0]
-    with pytest.raises(ConfigError, match=f"config key '{key}': unused because {setting}"):
-        load_config(DEMO, [override])
+def test_keys_the_chosen_variant_ignores_are_refused(overrides, setting):
+    key = overrides[-1].split("=")[0]  # the last override is the unused key
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': unused because "
+                                          f"{re.escape(setting)}"):
+        load_config(DEMO, overrides)
 
 
 def test_the_same_keys_are_accepted_where_they_are_used():
