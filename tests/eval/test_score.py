@@ -68,6 +68,14 @@ def _reference(model, adapters, seqs, tasks):
     return np.asarray(rows[:T]), np.asarray(rows[T]), jsd
 
 
+def _score(scorer, params, batches):
+    state = scorer.init()
+    with jax.default_matmul_precision("highest"):
+        for batch, seg_tasks in batches:
+            state = scorer.update(state, params, batch, seg_tasks)
+    return scorer.result(state)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_probe_scoring_matches_per_example_reference(rng, packed):
     model = _random_model(rng)
@@ -91,18 +99,12 @@ def test_probe_scoring_matches_per_example_reference(rng, packed):
                    for i in range(0, len(seqs), BATCH)]
     forward, params = adapter_probe_forward(model, adapters)
     scorer = ProbeScorer(forward, T, T, max_segments=max_segments)
-    state = scorer.init()
-    with jax.default_matmul_precision("highest"):
-        for batch, seg_tasks in batches:
-            state = scorer.update(state, params, batch, seg_tasks)
-    L, base_row, D, examples = scorer.result(state)
+    L, base_row, D, examples = _score(scorer, params, batches)
     # HF-style -100 targets under padding (loss_mask 0) change nothing (same compiled shape).
-    hf_state = scorer.init()
-    with jax.default_matmul_precision("highest"):
-        for batch, seg_tasks in batches:
-            hf_batch = batch._replace(targets=np.where(batch.loss_mask > 0, batch.targets, -100))
-            hf_state = scorer.update(hf_state, params, hf_batch, seg_tasks)
-    np.testing.assert_array_equal(np.asarray(scorer.result(hf_state)[0]), np.asarray(L))
+    hf_batches = [(batch._replace(targets=np.where(batch.loss_mask > 0, batch.targets, -100)),
+                   seg_tasks) for batch, seg_tasks in batches]
+    np.testing.assert_array_equal(np.asarray(_score(scorer, params, hf_batches)[0]),
+                                  np.asarray(L))
     ref_L, ref_base, ref_D = _reference(model, adapters, seqs, tasks)
     np.testing.assert_allclose(np.asarray(L), ref_L, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(base_row), ref_base, rtol=1e-5, atol=1e-4)
@@ -112,11 +114,7 @@ def test_probe_scoring_matches_per_example_reference(rng, packed):
     if not packed:  # without the base model: same L and D (the JSD then runs on T models only)
         forward, params = adapter_probe_forward(model, adapters, include_base=False)
         scorer = ProbeScorer(forward, T, T, include_base=False)
-        state = scorer.init()
-        with jax.default_matmul_precision("highest"):
-            for batch, seg_tasks in batches:
-                state = scorer.update(state, params, batch, seg_tasks)
-        L_only, no_base, D_only, _ = scorer.result(state)
+        L_only, no_base, D_only, _ = _score(scorer, params, batches)
         assert no_base is None
         np.testing.assert_allclose(np.asarray(L_only), ref_L, rtol=1e-5, atol=1e-4)
         assert_close_to_reference(np.asarray(D_only), ref_D, "probe JSD without the base")
