@@ -236,8 +236,12 @@ def target_token_loss(model: nnx.Module, batch: Batch,
     """
     del rng
     logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # logsumexp minus the target's logit, not a log_softmax: that would store a normalised float32
+    # copy of the [B, S, V] logits (temporaries 4.5x the logits with it, 2.5x without; the
+    # fused form was also 1.5x faster for LM head + loss on the CPU).
+    logits = logits.astype(jnp.float32)
+    targets = batch.targets[..., None].astype(jnp.int32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
     mask = batch.loss_mask.astype(jnp.float32)
     # where, not multiply: a padding row's logits may be anything, and 0 * inf would be NaN.
     return jnp.sum(jnp.where(mask > 0, nll * mask, 0.0)), jnp.sum(mask)
