@@ -324,8 +324,8 @@ def _validate_unused(cfg: RunConfig, need) -> None:
               ("model.preset", m.preset, "model.source", m.source, m.source == "scratch",
                "a scratch model takes its sizes from model.size; set model.source: preset for "
                "a named architecture"),
-              ("model.size", dict(m.size) or None, "model.source", m.source,
-               m.source != "scratch", "a checkpoint's config.json or the preset fixes the sizes"),
+              # model.size is not here: a scratch config switched to model.source=hf on the
+              # command line keeps its sizes, and no override can clear a mapping
               ("mrf.jsd_tau", mrf.jsd_tau, "mrf.jsd_affinity", mrf.jsd_affinity,
                mrf.jsd_affinity != "rbf", "only the rbf affinity has a temperature")]
     for key, value, setting, chosen, ignored, fix in unused:

@@ -61,8 +61,6 @@ def test_impossible_values_name_their_key(override, key):
     (["tokenizer.path=/x"], "tokenizer.kind is 'bpe'"),
     (["model.checkpoint=/x"], "model.source is 'scratch'"),
     (["model.preset=llama2_7b"], "model.source is 'scratch'"),
-    (["model.source=preset", "model.preset=llama2_7b", "model.size={hidden_size: 64}"],
-     "model.source is 'preset'"),
     (["mrf.jsd_tau=0.1"], "mrf.jsd_affinity is 'linear'"),
 ])
 def test_keys_the_chosen_variant_ignores_are_refused(overrides, setting):
