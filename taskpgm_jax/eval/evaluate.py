@@ -20,7 +20,7 @@ from taskpgm_jax.data import (
 )
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
-from taskpgm_jax.models import greedy_generate
+from taskpgm_jax.models import greedy_generator
 
 
 class EvalResult(NamedTuple):
@@ -143,6 +143,7 @@ def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_si
     stop = _check_strings("stop", stop, nonempty=True)
     eos = tokenizer.eos_token_id
     out, truncated = [], 0
+    generate = greedy_generator(model)  # the model's graph walked once, not per batch
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         ids = np.zeros((batch_size, prompt_len), np.int32)
@@ -154,8 +155,8 @@ def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_si
             ids[r, prompt_len - len(toks):] = toks
             mask[r, prompt_len - len(toks):] = 1
         mask[len(chunk):, -1] = 1  # filler rows: one token, so no row is empty
-        gen = np.asarray(greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
-                                         max_new_tokens=max_new_tokens, eos_token_id=eos))
+        gen = np.asarray(generate(jnp.asarray(ids), jnp.asarray(mask),
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos))
         for row in gen[:len(chunk)]:
             row = row.tolist()
             if eos is not None and eos in row:

@@ -61,6 +61,38 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.A
     Example:
       >>> tokens = greedy_generate(model, ids, mask, max_new_tokens=16)
     """
+    args = _checked_arguments(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
+    return _generate(model, *args)
+
+
+def greedy_generator(model: CausalLM):
+    """`greedy_generate` bound to one model, for a loop over many prompt batches.
+
+    `greedy_generate(model, ...)` walks the model's module graph on every call (milliseconds on
+    a deep model, more than a short generation on a small one); the callable returned here walks
+    it once. The model must not be changed while the callable is in use.
+
+    Returns:
+      `generate(input_ids, attention_mask=None, *, max_new_tokens, eos_token_id=None)`, with the
+      arguments, checks and result of `greedy_generate`.
+
+    Example:
+      >>> generate = greedy_generator(model)
+      >>> outputs = [generate(ids, mask, max_new_tokens=16) for ids, mask in prompt_batches]
+    """
+    run = nnx.cached_partial(_generate, model)
+
+    def generate(input_ids, attention_mask=None, *, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> jax.Array:
+        return run(*_checked_arguments(model, input_ids, attention_mask, max_new_tokens,
+                                       eos_token_id))
+
+    return generate
+
+
+def _checked_arguments(model, input_ids, attention_mask, max_new_tokens, eos_token_id):
+    """greedy_generate's arguments checked (values too: inside _generate they are traced) and
+    normalised: (input_ids, attention_mask, max_new_tokens, eos_token_id)."""
     input_ids = model._check_ids(input_ids)  # values too: inside _generate they are traced
     if input_ids.shape[1] == 0:
         raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}): each prompt "
@@ -86,4 +118,4 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.A
         if empty.size:
             raise ValueError(f"attention_mask rows {empty[:5].tolist()} have no prompt token; "
                              "each prompt needs at least one")
-    return _generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
+    return input_ids, attention_mask, max_new_tokens, eos_token_id

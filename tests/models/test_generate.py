@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import taskpgm_jax.models.generate as generate_module
-from taskpgm_jax.models import greedy_generate
+from taskpgm_jax.models import greedy_generate, greedy_generator
 from tests.models.conftest import TINY, forward
 
 NEW = 5
@@ -35,6 +35,18 @@ def test_cached_greedy_equals_full_recomputation(tiny_model, rng):
             full_ids[:, s + t] = token
             full_mask[:, s + t] = 1
     np.testing.assert_array_equal(got, np.stack(want, axis=1))
+    # The bound generator (one graph walk for many batches) gives the same tokens, and its
+    # arguments get the same checks.
+    generate = greedy_generator(tiny_model)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_array_equal(np.asarray(generate(ids, mask, max_new_tokens=NEW)), got)
+        eos = int(got[0, 1])
+        np.testing.assert_array_equal(
+            np.asarray(generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos)),
+            np.asarray(greedy_generate(tiny_model, ids, mask, max_new_tokens=NEW,
+                                       eos_token_id=eos)))
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        generate(ids, mask, max_new_tokens=0)
 
 
 def test_decode_logits_equal_forward(tiny_model, rng):
