@@ -231,8 +231,7 @@ class AdapterTrainer(Trainer):
     def _cache_key(self):
         return ("adapters", self.num_adapters) + super()._cache_key()[1:]
 
-    def _compiled(self) -> _CompiledStep:
-        key = self._cache_key()
+    def _shared_step(self, key) -> _CompiledStep:
         if key not in _STEP_CACHE:
             update = functools.partial(train_update, self.graphdef, make_optimizer(self.cfg),
                                        self.cfg, self.loss_fn)
