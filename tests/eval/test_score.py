@@ -154,7 +154,8 @@ def test_probe_scorer_errors(rng):
 
 def test_probe_step_stores_one_batch_of_logits(rng):
     """The compiled step's peak memory stays near one batch of [T + 1, B, S, V] logits: no
-    normalised copy, no copy of the T task models' slice (2.8x one batch before, 1.08x after)."""
+    normalised copy, no copy of the T task models' slice (2.8x one batch before, 1.2x after, at
+    this size; the rest is arguments and parameters)."""
     cfg = ModelConfig(vocab_size=4096, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, dtype=jnp.float32)
     model = add_lora(random_model(cfg, seed=int(rng.integers(2**31))),
