@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,15 @@ def test_benchmark_runs_and_writes_ratios(name, tmp_path):
     assert set(expected) <= set(ratios), sorted(ratios)
     for key in expected:  # speed-ups and memory ratios
         assert ratios[key] > 0, (key, ratios[key])
+
+
+def test_accelerator_script_parses_and_names_existing_files():
+    """benchmarks/accelerator.sh runs only on a GPU host; here: its syntax, and every benchmark
+    script and test path it names exists (so it cannot rot unseen between GPU sessions)."""
+    script = ROOT / "benchmarks" / "accelerator.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"(?:benchmarks|tests)/[\w/]+(?:\.\w+)?", text))
+    assert any(n.startswith("tests/") for n in named) and len(named) > 8, named
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing
