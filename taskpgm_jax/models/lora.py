@@ -141,7 +141,10 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     base weights shared (never copied T times); only the rank-R LoRA products are grouped per
     adapter (`layers.lora_delta`). A `jax.vmap` over the adapter axis computes the same thing, but
     XLA then contracts attention in a transposed batched layout (on CPU those contractions ran 2x
-    slower, the whole call ~5%). Wrap in `nnx.jit` (the model is an argument).
+    slower, the whole call ~5%). Wrap in `nnx.jit` (the model is an argument); in a loop over
+    many batches bind the model once (`nnx.cached_partial`, or `jax.jit` on `nnx.split` state as
+    `eval.adapter_probe_forward` does): `nnx.jit` walks the module graph on every call (3-6 ms,
+    more than the whole call on a small model).
 
     Speed: one call pays where a single model's call is small (on this project's 2-core CPU, 8
     adapters over 32 probe tokens ran 1.6x faster than 8 sequential calls). Where one call is
