@@ -109,7 +109,21 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
-        """Logits of the next token at every position.
+        """Logits of the next token at every position: `logits_from_hidden(hidden_states(...))`.
+
+        Args and checks as `hidden_states`.
+
+        Returns:
+          float32 logits [B, S, V]. Rows of padding positions are meaningless.
+        """
+        return self.logits_from_hidden(self.hidden_states(
+            input_ids, attention_mask, segment_ids=segment_ids, positions=positions))
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
+        """The final (normed) hidden states, before the LM head: for losses that apply the head
+        a chunk of positions at a time, so that [B, S, V] logits never exist at once.
 
         Args:
           input_ids: int [B, S] in [0, vocab_size): checked (ValueError) when concrete; under jit
@@ -122,7 +136,7 @@ class CausalLM(nnx.Module):
             0..S-1.
 
         Returns:
-          float32 logits [B, S, V]. Rows of padding positions are meaningless.
+          [B, S, hidden_size] in the compute dtype. Rows of padding positions are meaningless.
         """
         input_ids = self._check_ids(input_ids)
         b, s = input_ids.shape
@@ -142,8 +156,8 @@ class CausalLM(nnx.Module):
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) \
             & (slots[:, None, :] <= slots[:, :, None])
-        logits, _ = self._run(input_ids, positions, allowed, positions, None, None)
-        return logits
+        h, _ = self._run(input_ids, positions, allowed, positions, None, None)
+        return h
 
     def decode(self, input_ids: jax.Array, cache: KVCache, *, token_mask: jax.Array | None = None,
                positions: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -172,8 +186,8 @@ class CausalLM(nnx.Module):
         m = valid.shape[1]
         q_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
         allowed = valid[:, None, :] & (jnp.arange(m, dtype=jnp.int32)[None, None, :] <= q_slot[None, :, None])
-        logits, (k, v) = self._run(input_ids, positions, allowed, kpos, (cache.k, cache.v), cache.index)
-        return logits, KVCache(k, v, valid, kpos, cache.index + s)
+        h, (k, v) = self._run(input_ids, positions, allowed, kpos, (cache.k, cache.v), cache.index)
+        return self.logits_from_hidden(h), KVCache(k, v, valid, kpos, cache.index + s)
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty `KVCache` for `batch` rows of at most `max_length` tokens."""
@@ -222,10 +236,11 @@ class CausalLM(nnx.Module):
                     ks.append(layer_cache[0])
                     vs.append(layer_cache[1])
             new_cache = (jnp.stack(ks), jnp.stack(vs)) if ks else None
-        h = self.model.norm(h)
-        return self._logits(h), new_cache
+        return self.model.norm(h), new_cache
 
-    def _logits(self, h: jax.Array) -> jax.Array:
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """The LM head: float32 logits [B, S', V] from hidden states [B, S', hidden_size] (S' may
+        be a chunk of the positions)."""
         # Logits leave the model in float32 whatever the compute dtype (softmax / CE downstream).
         if self.lm_head is None:
             w = self.model.embed_tokens.embedding[...].astype(h.dtype).T

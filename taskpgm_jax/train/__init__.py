@@ -13,6 +13,7 @@ from taskpgm_jax.train.step import (
                                         TrainConfig,
                                         Trainer,
                                         TrainState,
+                                        chunked_target_token_loss,
                                         lr_schedule,
                                         make_optimizer,
                                         target_token_loss,
@@ -22,5 +23,4 @@ from taskpgm_jax.train.step import (
 __all__ = ["AdapterTrainer", "Checkpointer", "FinetuneResult", "NonFiniteLossError",
            "StackedIterator", "TrainConfig", "TrainState", "Trainer", "finetune", "init_adapters",
            "lr_schedule", "make_optimizer", "sequential_finetune", "stacked_adapter_shardings",
-           "target_token_loss",
-           "train_update"]
+           "chunked_target_token_loss", "target_token_loss", "train_update"]

@@ -164,7 +164,10 @@ def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
     run may stop early and be continued further."""
     settings = {"seed": seed, "trainer": type(trainer).__name__,
                 "num_adapters": getattr(trainer, "num_adapters", None)}
-    settings.update({f"TrainConfig.{k}": v for k, v in dataclasses.asdict(trainer.cfg).items()})
+    # loss_chunk changes only the float32 summation order: a run may resume with it changed
+    # (e.g. turned on to fit memory).
+    settings.update({f"TrainConfig.{k}": v for k, v in dataclasses.asdict(trainer.cfg).items()
+                     if k != "loss_chunk"})
     for path, x in jax.tree_util.tree_leaves_with_path(trainer._trainable()):
         name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
         settings[_PARAM + name] = f"{x.dtype}{list(x.shape)}"

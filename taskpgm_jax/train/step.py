@@ -71,6 +71,10 @@ class TrainConfig:
       max_grad_norm: clip the global gradient norm to this (None: no clipping).
       grad_accum: k, micro-batches per step; the batch size must be a multiple of k.
       trainable: "full" (every `nnx.Param`) or "lora" (only `LoRAParam` adapters).
+      loss_chunk: apply the LM head and the default loss this many positions at a time
+        (`chunked_target_token_loss`): the step then holds about one chunk of [B, S, V] logits
+        instead of 2.5x all of them, for one more LM-head matmul per chunk. None: all at once.
+        Not part of a run's identity on resume (it changes only the float32 summation order).
     """
 
     learning_rate: float = 1e-4
@@ -84,6 +88,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     grad_accum: int = 1
     trainable: str = "full"
+    loss_chunk: int | None = None
 
     def __post_init__(self):
         def bad(name, why):
@@ -133,6 +138,11 @@ class TrainConfig:
             bad("grad_accum", "must be a positive int")
         if self.trainable not in TRAINABLE:
             bad("trainable", f"must be one of {TRAINABLE}")
+        if self.loss_chunk is not None:
+            if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, numbers.Integral) \
+                    or self.loss_chunk < 1:
+                bad("loss_chunk", "must be a positive int (positions per chunk) or None")
+            object.__setattr__(self, "loss_chunk", int(self.loss_chunk))
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with `changes` applied (validated again)."""
@@ -236,15 +246,68 @@ def target_token_loss(model: nnx.Module, batch: Batch,
     """
     del rng
     logits = model(batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions)
+    mask = batch.loss_mask.astype(jnp.float32)
+    return _masked_nll_sum(logits, batch.targets, mask), jnp.sum(mask)
+
+
+def _masked_nll_sum(logits, targets, mask):
+    """sum of mask * -log softmax(logits)[target] over target tokens."""
     # logsumexp minus the target's logit, not a log_softmax: that would store a normalised float32
     # copy of the [B, S, V] logits (temporaries 4.5x the logits with it, 2.5x without; the
     # fused form was also 1.5x faster for LM head + loss on the CPU).
     logits = logits.astype(jnp.float32)
-    targets = batch.targets[..., None].astype(jnp.int32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
-    mask = batch.loss_mask.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     # where, not multiply: a padding row's logits may be anything, and 0 * inf would be NaN.
-    return jnp.sum(jnp.where(mask > 0, nll * mask, 0.0)), jnp.sum(mask)
+    return jnp.sum(jnp.where(mask > 0, nll * mask, 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_target_token_loss(chunk: int) -> LossFn:
+    """`target_token_loss` with the LM head and the loss applied `chunk` positions at a time.
+
+    The [B, S, V] float32 logits never exist at once: each chunk's logits are made, reduced to
+    its loss and dropped, and rebuilt in the backward pass (`jax.checkpoint`), so the step holds
+    about one chunk of logits where the plain loss holds 2.5x all of them. The price is one more
+    LM-head matmul per chunk in the backward pass. Same value and gradients as
+    `target_token_loss` (up to float32 summation order).
+
+    Args:
+      chunk: positions per chunk, a positive int (S need not be a multiple: the last chunk is
+        padded with positions of weight 0).
+
+    Returns:
+      A loss function `(model, batch, rng) -> (loss sum, token count)`; the same object for the
+      same `chunk`, so trainers built with it share one compiled step.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = int(chunk)
+
+    def loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        del rng
+        h = model.hidden_states(batch.input_ids, segment_ids=batch.segment_ids,
+                                positions=batch.positions)
+        mask = batch.loss_mask.astype(jnp.float32)
+        b, s, d = h.shape
+        n = -(-s // chunk)
+        pad = n * chunk - s
+
+        def split(x):  # [B, S, ...] -> [n, B, chunk, ...], padding positions of weight 0
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+            return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def piece(total, xs):
+            h_c, t_c, m_c = xs
+            return total + _masked_nll_sum(model.logits_from_hidden(h_c), t_c, m_c), None
+
+        total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32),
+                                (split(h), split(batch.targets), split(mask)))
+        return total, jnp.sum(mask)
+
+    loss.__name__ = loss.__qualname__ = f"chunked_target_token_loss({chunk})"
+    return loss
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -397,7 +460,12 @@ class Trainer:
         # For the id checks of host batches (under jit ids cannot be checked).
         self._vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.cfg, self.mesh, self.rules = cfg, mesh, rules
-        self.loss_fn = loss_fn or target_token_loss
+        if loss_fn is not None and cfg.loss_chunk is not None:
+            raise ValueError("TrainConfig.loss_chunk chunks the default loss only; with a custom "
+                             "loss_fn drop loss_chunk (or pass chunked_target_token_loss(n) as "
+                             "loss_fn)")
+        self.loss_fn = loss_fn or (target_token_loss if cfg.loss_chunk is None
+                                   else chunked_target_token_loss(cfg.loss_chunk))
         self.tx = make_optimizer(cfg)
         # Fresh Variable objects around the same arrays: later in-place updates of `model`
         # (nnx.update) do not reach into this trainer.
