@@ -63,7 +63,7 @@ def test_trainers_with_loss_chunk_match_the_plain_ones(rng):
     model = random_model(seed=4, lora=LORA)
     adapters = stack_adapters([jax.tree.map(lambda x, t=t: x + 0.01 * (t + 1), lora_state(model))
                                for t in range(2)])
-    stacked = Batch(*(np.stack(xs) for xs in zip(*batches(rng, 2))))
+    stacked = Batch(*(np.stack(xs) for xs in zip(*batches(rng, 2), strict=True)))
     out = {}
     for chunk in (None, 7):
         trainer = AdapterTrainer(model, CFG.replace(trainable="lora", loss_chunk=chunk), adapters)
