@@ -46,7 +46,7 @@ if [ "$tests" = "--tests" ]; then
   # The single-device tests on the accelerator (the sharded ones need 8 CPU devices).
   # On an H200 (2026-11-29) the first six files took ~150 s; the last two check the MRF solvers
   # and probe scoring under the GPU's TF32 default, which the CPU cannot.
-  part tests 300 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider -rfE \
+  part tests 200 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider -rfE \
     --durations=5 tests/divergence tests/hf/test_parity.py tests/models/test_decoder.py \
     tests/models/test_generate.py tests/train/test_step.py tests/train/test_adapters.py \
     tests/mrf/test_solve.py tests/eval/test_score.py -k "not shard and not mesh"
