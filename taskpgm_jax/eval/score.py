@@ -30,21 +30,15 @@ from taskpgm_jax.divergence import (
     JSDState,
     StreamingJSD,
 )
-from taskpgm_jax.models import multi_adapter_forward, stack_adapters
+from taskpgm_jax.models import multi_adapter_forward, stack_adapters, target_logprobs
 
 Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
 
 
 def token_logprobs(logits, targets):
-    """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S].
-
-    The target's logit minus its row's logsumexp: two fused reads of the logits, where a
-    log_softmax would store a normalised float32 copy of them all (the probe step's and the
-    evaluation's peak memory would double)."""
-    logits32 = logits.astype(jnp.float32)
-    idx = jnp.broadcast_to(targets[..., None], logits.shape[:-1] + (1,))
-    picked = jnp.take_along_axis(logits32, idx, axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits32, axis=-1)
+    """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S]
+    (`models.target_logprobs`: no normalised copy of the logits is stored)."""
+    return target_logprobs(logits, targets)
 
 
 def _vocab_size(model) -> int | None:

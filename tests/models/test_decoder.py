@@ -205,3 +205,16 @@ def test_init_model_refuses_bad_seeds(seed, match):
         init_model(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
                                num_hidden_layers=1, num_attention_heads=1,
                                num_key_value_heads=1, head_dim=8), seed=seed)
+
+
+def test_target_logprobs_match_a_float64_log_softmax(rng):
+    from scipy.special import log_softmax
+
+    from taskpgm_jax.models import target_logprobs
+
+    logits = (3.0 * rng.standard_normal((2, 5, 37))).astype(np.float32)
+    targets = rng.integers(0, 37, size=(2, 5))
+    want = np.take_along_axis(log_softmax(logits.astype(np.float64), axis=-1),
+                              targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(target_logprobs(jnp.asarray(logits), targets)), want,
+                               atol=1e-5)
