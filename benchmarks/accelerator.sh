@@ -39,6 +39,9 @@ part divergence_tiles 100 "$py" benchmarks/divergence_tiles.py --size 32x1024x32
 # PyTorch shares the GPU with JAX here: stop JAX from taking 75% of its memory up front.
 part model 180 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 "$py" benchmarks/model.py \
   --configs small medium --json "$out/model.json"
+# Flash attention (cuDNN) on the 0.5B model, asserted against "dot" first; PyTorch already ran.
+part model_cudnn 100 "$py" benchmarks/model.py --configs medium --attention cudnn --skip-torch \
+  --json "$out/model_cudnn.json"
 part adapters 90 "$py" benchmarks/adapters.py --config small --json "$out/adapters.json"
 part probe 60 "$py" benchmarks/probe.py --batch-size 32 --seq-len 512 --vocab 32000 \
   --json "$out/probe.json"
@@ -48,6 +51,6 @@ if [ "$tests" = "--tests" ]; then
   # and probe scoring under the GPU's TF32 default, which the CPU cannot.
   part tests 200 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider -rfE \
     --durations=5 tests/divergence tests/hf/test_parity.py tests/models/test_decoder.py \
-    tests/models/test_generate.py tests/train/test_step.py tests/train/test_adapters.py \
+    tests/models/test_generate.py tests/models/test_attention_impl.py tests/train/test_step.py tests/train/test_adapters.py \
     tests/mrf/test_solve.py tests/eval/test_score.py -k "not shard and not mesh"
 fi

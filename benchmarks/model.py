@@ -15,6 +15,9 @@ On a GPU host with a CUDA build of PyTorch the comparison runs there too: PyTorc
 with float32 weights under bf16 autocast and its default (SDPA) attention, the mixed precision we
 run; both sides' MFU is reported against `--peak-tflops` (or a built-in table of device peaks).
 On a TPU, or a GPU without CUDA PyTorch, PyTorch is skipped and only our MFU is reported.
+`--attention xla|cudnn` runs our side with that `ModelConfig.attention_impl` (cudnn: flash
+attention, NVIDIA GPUs) after asserting its logits and gradients against the default "dot" on the
+same weights; `--skip-torch` leaves PyTorch out (its figures do not depend on our attention).
 It prints a table and, with --json, writes the figures with a top-level `ratios` object.
 """
 
@@ -113,7 +116,31 @@ def jitted_steps(model, optimizer):
     return graphdef, state, forward, train_step
 
 
-def bench_config(name, repeats, dtype, peak, torch_on, adapters=True):
+def check_attention(tmp, dtype, attention, ids):
+    """Asserts that `attention` gives the logits, loss and gradients of the default "dot" path
+    on the same checkpoint, to the rounding of the compute dtype."""
+    def run(model):
+        graphdef, state = nnx.split(model)
+
+        def loss(state):
+            return loss_fn(nnx.merge(graphdef, state), ids)
+
+        logits = jax.jit(lambda state: nnx.merge(graphdef, state)(ids))(state)
+        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+        return np.asarray(logits, np.float32), float(value), float(optax.global_norm(grads))
+
+    runs = {impl: run(load_hf_checkpoint(tmp, dtype=dtype, attention_impl=impl))
+            for impl in ("dot", attention)}
+    (ref, ref_loss, ref_norm), (got, loss, norm) = runs["dot"], runs[attention]
+    tol = 5e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= tol, f"--attention {attention}: logits differ from 'dot' by {err:.2e} (relative)"
+    assert abs(loss - ref_loss) <= tol * abs(ref_loss), (loss, ref_loss)
+    assert abs(norm - ref_norm) <= 2 * tol * ref_norm, (norm, ref_norm)
+    return err
+
+
+def bench_config(name, repeats, dtype, peak, torch_on, adapters=True, attention="dot"):
     d, n_layers, heads, kv, mlp, vocab, batch, seq = CONFIGS[name]
     tokens = batch * seq
     rng = np.random.default_rng(0)
@@ -124,7 +151,10 @@ def bench_config(name, repeats, dtype, peak, torch_on, adapters=True):
         # PyTorch's default SDPA attention on a GPU (its fast path); eager on the CPU, where
         # SDPA is no faster at these sizes and eager is the reference the targets were set on.
         hf = build_hf(name, tmp, "sdpa" if torch_on == "cuda" else "eager")
-        model = load_hf_checkpoint(tmp, dtype=dtype)
+        if attention != "dot":
+            row["attention_rel_err"] = check_attention(tmp, dtype, attention, ids)
+        model = load_hf_checkpoint(tmp, dtype=dtype, attention_impl=attention)
+    row["attention"] = attention
     if torch_on is None:
         del hf
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -231,6 +261,9 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
+    parser.add_argument("--attention", default="dot", choices=["dot", "xla", "cudnn"],
+                        help="our ModelConfig.attention_impl (checked against 'dot' first)")
+    parser.add_argument("--skip-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -242,18 +275,19 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     threads = os.cpu_count()
-    torch_on = torch_device()
+    torch_on = None if args.skip_torch else torch_device()
     if torch_on == "cpu":
         import torch
 
         torch.set_num_threads(threads)  # PyTorch gets every core, like XLA:CPU's thread pool
     print(f"backend={backend} device={device} threads={threads} dtype={dtype.name} jax={jax.__version__}"
-          f" torch={torch_on or 'skipped'}")
+          f" torch={torch_on or 'skipped'} attention={args.attention}")
 
     rows, ratios = [], {}
     for i, name in enumerate(args.configs):
         # The adapter comparison runs on the first config only (it dominates the run time on a CPU).
-        row = bench_config(name, args.repeats, dtype, None if on_cpu else peak, torch_on, adapters=i == 0)
+        row = bench_config(name, args.repeats, dtype, None if on_cpu else peak, torch_on, adapters=i == 0,
+                           attention=args.attention)
         rows.append(row)
         if torch_on:
             ratios[f"forward_ours_over_torch[{name}]"] = row["fwd_tok_s"] / row["torch_fwd_tok_s"]
@@ -275,6 +309,9 @@ def main(argv=None):
               + (" ".join(f"{r[f'adapters_{tag}_seq_s'] / r[f'adapters_{tag}_multi_s']:13.2f}x"
                           for tag in ("batch", "probe1", "probe32"))
                  if "adapters_batch_multi_s" in r else " ".join([f"{'-':>14}"] * 3)))
+        if "attention_rel_err" in r:
+            print(f"        attention {r['attention']}: logits within {r['attention_rel_err']:.1e} "
+                  "(relative) of 'dot', loss and gradient norm too")
         if "train_mfu" in r:
             print(f"        MFU forward {r['fwd_mfu']:.1%}  train {r['train_mfu']:.1%} (peak {peak} TFLOP/s)"
                   + (f"; PyTorch forward {r['torch_fwd_mfu']:.1%}  train {r['torch_train_mfu']:.1%}"

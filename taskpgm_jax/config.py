@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+# The values of `ModelConfig.attention_impl` (kept here too: this module imports no JAX).
+ATTENTION_IMPLS = ("dot", "xla", "cudnn")
+
 SCRATCH_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 SOURCES = ("synthetic", "bigbench", "files", "hub")
@@ -131,6 +134,9 @@ class BaseModelConfig:
     param_dtype: str = "float32"
     seq_len: int = 64
     remat: bool = False
+    # "dot", "xla" or "cudnn" (flash attention: NVIDIA GPUs, dtype bfloat16); the same results,
+    # so it stays out of the stage keys (`results_view`). See `ModelConfig.attention_impl`.
+    attention_impl: str = "dot"
     pretrain: PretrainConfig = PretrainConfig()
 
 
@@ -273,6 +279,10 @@ def _validate(cfg: RunConfig) -> None:
         need(getattr(m, key) in ("float32", "bfloat16"), f"model.{key}",
              f"must be 'float32' or 'bfloat16', got {getattr(m, key)!r}")
     need(m.seq_len >= 8, "model.seq_len", f"must be >= 8, got {m.seq_len}")
+    need(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+         f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+    need(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
+         f"'cudnn' (flash attention) needs model.dtype 'bfloat16', got {m.dtype!r}")
     for section in ("single_task", "finetune"):
         ft: FinetuneConfig = getattr(cfg, section)
         need(ft.trainable in ("lora", "full"), f"{section}.trainable",
@@ -574,6 +584,15 @@ def to_dict(obj) -> Any:
     if isinstance(obj, (tuple, list)):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def results_view(model: BaseModelConfig) -> dict:
+    """The `model` section as stage keys hash it: without `attention_impl`, which changes how
+    attention runs and never its results (a run resumes across it; keys of configs from before
+    the field existed are unchanged)."""
+    view = to_dict(model)
+    del view["attention_impl"]
+    return view
 
 
 def config_hash(*parts: Any) -> str:

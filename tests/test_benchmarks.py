@@ -30,7 +30,7 @@ CASES = {
     "mrf": (["--sizes", "40", "--greedy-sizes", "60", "--repeats", "1"],
             ["exact_speedup_vs_slsqp_T40", "softmax_speedup_vs_slsqp_T40",
              "greedy_T60_k6_seconds_vs_2s_target", "lazy_vs_plain_greedy_time_T60"]),
-    "model": (["--configs", "tiny", "--repeats", "1"],
+    "model": (["--configs", "tiny", "--repeats", "1", "--attention", "xla"],
               ["forward_ours_over_torch[tiny]", "train_ours_over_torch[tiny]",
                "adapters_sequential_over_multi[tiny,probe32]"]),
     "adapters": (["--config", "tiny", "--adapters", "2", "--repeats", "1"],

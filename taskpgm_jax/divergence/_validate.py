@@ -87,9 +87,12 @@ def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = No
         raise ValueError(f"{name}: the vocabulary (last) axis is empty.")
     if is_traced(x) or x.size == 0:
         return x
-    worst = float(_worst_logsumexp(x) if from_logits else _worst_log_mass(x))
-    if not math.isfinite(worst):
-        _raise_bad_values(x, name)
+    # Eagerly, also when a concrete array is closed over inside the caller's jit (there the
+    # reduction would otherwise be traced and have no value to read).
+    with jax.ensure_compile_time_eval():
+        worst = float(_worst_logsumexp(x) if from_logits else _worst_log_mass(x))
+        if not math.isfinite(worst):
+            _raise_bad_values(x, name)
     tol = normalisation_tolerance(x.dtype, x.shape[-1])
     if not from_logits and worst > tol:
         raise ValueError(

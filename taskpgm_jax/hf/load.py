@@ -111,6 +111,7 @@ def load_hf_checkpoint(
     param_dtype=jnp.float32,
     scan_layers: bool = True,
     remat: bool = False,
+    attention_impl: str = "dot",
 ) -> CausalLM:
     """Loads a Llama / Qwen2 / Mistral checkpoint directory as a `CausalLM`.
 
@@ -123,6 +124,8 @@ def load_hf_checkpoint(
       param_dtype: storage dtype of the parameters (cast while reading).
       scan_layers: stack layers for `lax.scan`.
       remat: recompute layer activations in the backward pass.
+      attention_impl: "dot", "xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16 / fp16
+        compute): see `ModelConfig.attention_impl`.
 
     Returns:
       The model; `model(input_ids, attention_mask)` gives float32 logits [B, S, V].
@@ -135,7 +138,8 @@ def load_hf_checkpoint(
       >>> mesh = make_mesh(data=1, fsdp=4, tensor=2)
       >>> model = load_hf_checkpoint("/ckpt/Llama-2-7b-hf", mesh=mesh)
     """
-    cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
+    cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                         remat=remat, attention_impl=attention_impl)
     files = checkpoint_files(path)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
     graphdef, state = nnx.split(abstract)

@@ -14,6 +14,7 @@ import numpy as np
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_IMPLS = ("dot", "xla", "cudnn")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -112,6 +113,14 @@ class ModelConfig:
         "bfloat16") and are stored as a `jnp.dtype`, so equal dtypes give equal configs.
       scan_layers: stack the layers and run them with `lax.scan` (compile time independent of depth).
       remat: recompute each layer's activations in the backward pass (`jax.checkpoint`).
+      attention_impl: how attention runs; every choice computes the same function.
+        "dot" (the default): our einsums with a float32 softmax; the [B, N, S, S] scores are
+          materialised (and kept for the backward pass unless `remat`).
+        "xla": `jax.nn.dot_product_attention` with its XLA implementation (the same algorithm;
+          there so that the fused path's layout and masks are tested on any backend).
+        "cudnn": `jax.nn.dot_product_attention` with cuDNN flash attention: scores never
+          materialise, causal blocks above the diagonal are skipped. NVIDIA GPUs only (checked
+          when traced), `dtype` bfloat16 or float16 and head_dim a multiple of 8 (checked here).
       init_std: standard deviation of random initialisation.
 
     Sizes are ints (NumPy ints are accepted and stored as int, bools are refused); the flags are
@@ -143,6 +152,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: bool = False
+    attention_impl: str = "dot"
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -175,6 +185,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window_layers has out-of-range layers {bad}")
         if self.sliding_window_layers and self.sliding_window is None:
             raise ValueError("ModelConfig.sliding_window_layers is set but sliding_window is None")
+        self._check_attention_impl()
 
     def _check_types(self):
         """Checks (and normalises) every field's type and range; stored back in place."""
@@ -201,6 +212,21 @@ class ModelConfig:
         put("sliding_window_layers", layers)
         put("dtype", float_dtype(self.dtype, "ModelConfig.dtype"))
         put("param_dtype", float_dtype(self.param_dtype, "ModelConfig.param_dtype"))
+
+    def _check_attention_impl(self):
+        impl = self.attention_impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"ModelConfig.attention_impl={impl!r} is not supported; choose one of "
+                             f"{ATTENTION_IMPLS}")
+        if impl != "cudnn":
+            return
+        if self.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 "
+                             f"(cuDNN flash attention has no float32 kernel), got dtype={self.dtype}; "
+                             f"set dtype=jnp.bfloat16 or attention_impl='dot'")
+        if self.head_dim % 8:
+            raise ValueError(f"ModelConfig.attention_impl='cudnn' needs head_dim a multiple of 8, "
+                             f"got {self.head_dim}; use attention_impl='dot'")
 
     def _check_biases(self):
         # transformers builds each architecture with a fixed bias layout and drops (or zero-fills)

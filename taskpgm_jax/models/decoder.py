@@ -271,9 +271,11 @@ class CausalLM(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError("input_ids must be an int array [batch, seq], got "
                              f"{input_ids.dtype}{list(input_ids.shape)}")
-        # Values are known only outside jit (a tracer has none); inside, Embed clips instead.
+        # Values are known only for concrete arrays (a tracer has none; Embed clips instead).
+        # Read eagerly: a concrete array closed over inside a caller's jit has values too.
         if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            with jax.ensure_compile_time_eval():
+                lo, hi = int(input_ids.min()), int(input_ids.max())
             vocab = self.config.vocab_size
             if lo < 0 or hi >= vocab:
                 raise ValueError(

@@ -186,6 +186,31 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dty
     return jnp.einsum("bkgqs,bskh->bqkgh", probs.astype(dtype), v.astype(dtype))
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool,
+                    implementation: str) -> jax.Array:
+    """`dot_attention` through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention).
+
+    Args:
+      q: [B, Sq, K, G, H] queries; k, v: [B, Sk, K, H]; all in one compute dtype.
+      mask: bool [B, Sq, Sk], True where the query may see the key (shared by all heads).
+      causal: the mask already hides every key after its query (Sq == Sk): cuDNN then skips
+        the blocks above the diagonal. It never changes the result, only the work.
+      implementation: "xla" or "cudnn".
+
+    Returns:
+      [B, Sq, K, G, H] in the compute dtype; the softmax runs in float32 in both implementations.
+    """
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                         f"{jax.default_backend()!r}: use attention_impl='dot' (or 'xla') here")
+    b, sq, kv, g, h = q.shape
+    # Heads are kv-major (head n = kv * G + g), the grouping jax.nn uses for grouped queries.
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, sq, kv * g, h), k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
+        is_causal=causal, implementation=implementation)
+    return out.reshape(b, sq, kv, g, h)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped kv heads, RoPE and optional q/k/v (and o) biases.
 
@@ -205,11 +230,13 @@ class Attention(nnx.Module):
         self.o_proj = Dense(n * h, d, ("heads", "embed"), cfg, use_bias=cfg.o_bias, lead=lead, rngs=rngs)
         self.shape = (n, k, h)
         self.dtype = cfg.dtype
+        self.impl = cfg.attention_impl
         self.rules = rules
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x: [B, S, D]; mask: bool [B, S, Sk]; cache: optional (k, v) [B, M, K, H] written at
-        `cache_index` (then Sk = M). Returns (output [B, S, D], updated cache or None)."""
+        `cache_index` (then Sk = M). Without a cache the mask must be causal (no query sees a later
+        key), as `CausalLM` builds it. Returns (output [B, S, D], updated cache or None)."""
         n, kv, h = self.shape
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, s, n, h), cos, sin)
@@ -221,7 +248,12 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             cache = (k, v)
         q = shard(q.reshape(b, s, kv, n // kv, h), ("batch", "seq", "kv_heads", None, "head_dim"), self.rules)
-        out = dot_attention(q, k, v, mask, self.dtype).reshape(b, s, n * h)
+        if self.impl == "dot":
+            out = dot_attention(q, k, v, mask, self.dtype)
+        else:
+            out = fused_attention(q.astype(self.dtype), k, v, mask, causal=cache is None,
+                                  implementation=self.impl)
+        out = out.reshape(b, s, n * h)
         return self.o_proj(out), cache
 
 

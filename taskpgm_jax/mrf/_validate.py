@@ -60,7 +60,11 @@ def as_float_array(x, name: str, *, ndim: int, dtype=None):
 
 
 def check_finite(x, name: str) -> None:
-    if not is_traced(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if is_traced(x):
+        return
+    with jax.ensure_compile_time_eval():  # eager for a concrete array inside a caller's jit too
+        finite = bool(jnp.all(jnp.isfinite(x)))
+    if not finite:
         raise ValueError(f"{name}: contains NaN or inf; every entry must be finite.")
 
 

@@ -13,6 +13,9 @@
             + (8 + c) * N * S / p             (attention scores and probabilities, f32 + c:
                                                the attention is materialised, S x S per head)
 
+  With `model.attention_impl: cudnn` (flash attention) the last term becomes c * S + 4 N / p:
+  the mask as one additive bias row shared by the heads, and the softmax's log-sum-exp.
+
   Training keeps `layer` for every layer plus one for the backward pass (L + 1 layers); with
   `model.remat` it keeps each layer's input (c * D per layer) and one recomputed layer with its
   gradient (2 x layer). Logits add 4 * V / p bytes per token per copy: three copies in training
@@ -137,9 +140,13 @@ def _layer_bytes_per_token(m: ModelConfig, seq_len: int, tensor: int) -> float:
     def p(size):
         return _tensor_split(size, tensor)
 
+    if m.attention_impl == "cudnn":
+        attention = c * seq_len + 4 * n / p(n)  # no scores: the bias row and log-sum-exp
+    else:
+        attention = (8 + c) * n * seq_len / p(n)
     return (c * 4 * d + 8 * d
             + c * (2 * n * h / p(n) + 2 * k * h / p(k) + 3 * f / p(f))
-            + (8 + c) * n * seq_len / p(n))
+            + attention)
 
 
 def _optimizer_parts(what: str, state: tuple[int, int], copies: int, grad_accum: int):

@@ -184,7 +184,8 @@ def resolve_mesh(cfg: RunConfig, num_devices: int) -> dict[str, int]:
 def _resolve_model(cfg: RunConfig) -> tuple[ModelConfig, str, list[str]]:
     m = cfg.model
     dtype, param_dtype = model_dtypes(m)
-    dtypes = {"dtype": dtype, "param_dtype": param_dtype, "remat": m.remat}
+    dtypes = {"dtype": dtype, "param_dtype": param_dtype, "remat": m.remat,
+              "attention_impl": m.attention_impl}
     notes: list[str] = []
 
     def from_preset(name: str) -> ModelConfig:
@@ -297,6 +298,9 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
                         + f" (now {rows} rows per device)")
         if train and not cfg.model.remat:
             tips.append("model.remat=true")
+        if "activations" in big and cfg.model.attention_impl != "cudnn":
+            tips.append("model.attention_impl=cudnn on an NVIDIA GPU (flash attention: no "
+                        "S x S scores per head)")
         tips.append("mesh.tensor > 1 (splits the vocabulary, heads and MLP)")
         tips.append("a shorter model.seq_len")
     if any(w in big for w in ("params", "grads", "moments", "adapters")):
@@ -437,7 +441,8 @@ def format_dry_run(report: DryRunReport) -> str:
                       f"{m.head_dim}), vocab {m.vocab_size}{window}: {_count(r.base_params)} "
                       "parameters"))
     lines.append(_row("", f"compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}, "
-                      f"seq_len {cfg.model.seq_len}, remat {'on' if m.remat else 'off'}"))
+                      f"seq_len {cfg.model.seq_len}, remat {'on' if m.remat else 'off'}, "
+                      f"attention {m.attention_impl}"))
     if r.adapter_params:
         lines.append(_row("lora", f"rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
                           f"{_count(r.adapter_params)} per adapter, "

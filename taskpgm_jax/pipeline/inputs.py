@@ -182,6 +182,7 @@ def scratch_config(cfg: BaseModelConfig, vocab_size: int) -> ModelConfig:
         sizes["intermediate_size"] = 2 * sizes["hidden_size"]
     return ModelConfig(vocab_size=vocab_size, dtype=_DTYPES[cfg.dtype],
                        param_dtype=_DTYPES[cfg.param_dtype], remat=cfg.remat,
+                       attention_impl=cfg.attention_impl,
                        max_position_embeddings=max(cfg.seq_len, 128), **sizes)
 
 

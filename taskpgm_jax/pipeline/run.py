@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from taskpgm_jax.config import ConfigError, RunConfig, config_hash, dump_config, to_dict
+from taskpgm_jax.config import ConfigError, RunConfig, config_hash, dump_config, results_view, to_dict
 from taskpgm_jax.data import load_tokenizer
 from taskpgm_jax.mrf import Mixture
 from taskpgm_jax.pipeline import stages
@@ -94,7 +94,8 @@ def hf_base(cfg: RunConfig):
     tok_dir = Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else base_dir
     tokenizer = load_tokenizer(tok_dir)
     weights = file_digest([base_dir / "config.json", *base_dir.glob("*.safetensors")])
-    key = config_hash(cfg.model, weights, cfg.tokenizer, tokenizer_digest(tok_dir, tokenizer))
+    key = config_hash(results_view(cfg.model), weights, cfg.tokenizer,
+                      tokenizer_digest(tok_dir, tokenizer))
     return base_dir, tokenizer, key
 
 
@@ -138,7 +139,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
         tok_stage = log.run(run, "tokenizer", "tokenizer", tok_key, lambda work: (
             stages.train_tokenizer(pool, cfg.tokenizer.vocab_size, work) or {}))
         tokenizer = load_tokenizer(tok_stage / "tokenizer")
-        base_key = config_hash(cfg.model, tok_key, pools.key)
+        base_key = config_hash(results_view(cfg.model), tok_key, pools.key)
         base_dir = log.run(
             run, "base", "base", base_key,
             lambda work: stages.pretrain_base(pool, tokenizer, cfg.model, work, mesh=mesh,

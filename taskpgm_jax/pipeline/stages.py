@@ -144,7 +144,7 @@ def load_base(directory: Path, cfg: BaseModelConfig, *, mesh=None):
     """The base model from a Hugging Face checkpoint directory (ours or the user's)."""
     dtype, param_dtype = dtypes(cfg)
     return load_hf_checkpoint(directory, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
-                              remat=cfg.remat)
+                              remat=cfg.remat, attention_impl=cfg.attention_impl)
 
 
 # -- single-task adapters -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Bad input gets a ValueError that names the argument, before any kernel runs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def test_nan_and_posinf_are_refused(lp, bad, message):
         pairwise_jsd(x)
     with pytest.raises(ValueError, match=f"logq: {message}"):
         kl(lp[0], x[1])
+
+
+def test_concrete_arrays_closed_over_in_a_jit_are_checked(lp):
+    # A closure constant inside the caller's jit has values: they are checked (eagerly), and a
+    # good one gives the result of the call outside jit.
+    good = jnp.asarray(lp)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda: pairwise_jsd(good))()),
+                               np.asarray(pairwise_jsd(good)), atol=1e-7)
+    bad = good.at[1, 2, 3].set(jnp.nan)
+    with pytest.raises(ValueError, match="logprobs: contains NaN"):
+        jax.jit(lambda: pairwise_jsd(bad))()
 
 
 def test_unnormalised_rows_suggest_from_logits(lp):

@@ -41,11 +41,13 @@ def test_logits_match_transformers(case, checkpoints, rng):
     assert_close_on_tokens(out, ref, mask)
 
 
-@pytest.mark.parametrize("case", ["mistral_window_mqa"])
-def test_unscanned_remat_layers_match_transformers(case, checkpoints, rng):
-    path, torch_model = checkpoints(case)
+@pytest.mark.parametrize("options", [{"scan_layers": False, "remat": True},
+                                     {"attention_impl": "xla"}], ids=["unscanned_remat", "fused"])
+def test_layer_options_match_transformers(options, checkpoints, rng):
+    # Multi-query attention with a sliding window: the hardest layout for the fused attention.
+    path, torch_model = checkpoints("mistral_window_mqa")
     ids, mask = tiny.random_batch(rng)
-    model = load_hf_checkpoint(path, dtype=jnp.float32, scan_layers=False, remat=True)
+    model = load_hf_checkpoint(path, dtype=jnp.float32, **options)
     assert_close_on_tokens(ours(model, ids, mask), tiny.torch_logits(torch_model, ids, mask), mask)
 
 

@@ -124,6 +124,21 @@ def test_bad_inputs_name_the_argument(tiny_model):
             greedy_generate(tiny_model, ids.at[0, 0].set(bad), max_new_tokens=2)
 
 
+def test_concrete_ids_closed_over_in_a_jit_are_checked_and_run(tiny_model, rng):
+    # A concrete array inside someone's jit (a closure constant) still has values: the range
+    # check reads them eagerly rather than failing on a traced reduction.
+    graphdef, state = nnx.split(tiny_model)
+    ids = jnp.asarray(rng.integers(0, 61, size=(2, 5)), jnp.int32)
+    mask = jnp.ones((2, 5), jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda st: nnx.merge(graphdef, st)(ids, mask))(state)
+        want = forward(tiny_model, ids, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    bad = ids.at[0, 2].set(61)
+    with pytest.raises(ValueError, match="input_ids.*vocab_size=61.*got 61"):
+        jax.jit(lambda st: nnx.merge(graphdef, st)(bad, mask))(state)
+
+
 def test_out_of_range_padding_ids_under_jit_leave_real_tokens_alone(tiny_model, rng):
     # Inside jit ids cannot be checked; junk ids under padding must not turn logits into NaN.
     ids = rng.integers(0, 61, size=(2, 7))

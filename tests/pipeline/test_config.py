@@ -48,6 +48,8 @@ BAD = [
     # Unknown or missing hub dataset fields once passed the checks and crashed the run.
     ("data.hub.train=[{path: x, foo: 1}]", "data.hub.train[0].foo"),
     ("data.hub.heldout=[{name: x}]", "data.hub.heldout[0].path"),
+    ("model.attention_impl=flash", "model.attention_impl"),
+    ("model.attention_impl=cudnn", "model.attention_impl"),  # the demo computes in float32
 ]
 
 
@@ -93,3 +95,25 @@ def test_numbers_as_written(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(DEMO.read_text().replace("temperature_tau: 2.0", "temperature_tau: 5e-1"))
     assert load_config(path).mixture.temperature_tau == 0.5
+
+
+def test_attention_impl_reaches_the_model_and_stays_out_of_the_stage_keys():
+    import dataclasses
+
+    from taskpgm_jax.config import ATTENTION_IMPLS, config_hash, results_view, to_dict
+    from taskpgm_jax.models.config import ATTENTION_IMPLS as MODEL_IMPLS
+    from taskpgm_jax.pipeline.inputs import scratch_config
+
+    assert ATTENTION_IMPLS == MODEL_IMPLS
+    cfg = load_config(DEMO, ["model.attention_impl=xla"])
+    assert scratch_config(cfg.model, 300).attention_impl == "xla"
+    # The key of the model section is the hash of every other field: what it was before the
+    # field existed, and the same for every attention_impl.
+    others = {f.name: to_dict(getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)
+              if f.name != "attention_impl"}
+    assert config_hash(results_view(cfg.model)) == config_hash(others)
+    assert config_hash(results_view(load_config(DEMO).model)) == config_hash(others)
+    assert config_hash(results_view(load_config(DEMO, ["model.seq_len=72"]).model)) \
+        != config_hash(others)
+    cudnn = load_config(DEMO, ["model.dtype=bfloat16", "model.attention_impl=cudnn"])
+    assert cudnn.model.attention_impl == "cudnn"

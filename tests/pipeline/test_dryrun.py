@@ -58,10 +58,11 @@ def _config(**sections):
     return config_from_dict(raw)
 
 
-def _hf_7b(preset: str, memory_gb=32, **extra):
+def _hf_7b(preset: str, memory_gb=32, attention_impl="dot", **extra):
     raw = {"name": preset, "tokenizer": {"kind": "pretrained"},
            "model": {"source": "hf", "checkpoint": "/nonexistent/ckpt", "preset": preset,
-                     "dtype": "bfloat16", "seq_len": 1024, "remat": True},
+                     "dtype": "bfloat16", "seq_len": 1024, "remat": True,
+                     "attention_impl": attention_impl},
            "data": {"source": "files", "files": {"path": "/nonexistent/tasks"}},
            "mesh": {"data": 1, "fsdp": 8, "tensor": 1, "device_memory_gb": memory_gb}, **extra}
     return config_from_dict(raw)
@@ -400,3 +401,24 @@ def test_bfloat16_master_weights_are_flagged():
                                                "param_dtype": "bfloat16"}), num_devices=8)
     assert any("float32 master weights" in n for n in report.notes)
     np.testing.assert_equal(report.base_params, PUBLISHED_PARAM_COUNTS["qwen2_7b"])
+
+
+def test_cudnn_attention_drops_the_score_matrices_from_the_plan():
+    # Llama-2-7B at seq 1024 with remat: the recomputed layer and its gradient (2 layers) hold
+    # the S x S scores and probabilities of all 32 heads; flash attention holds a bias row and
+    # the log-sum-exp instead.
+    dot = _hf_7b("llama2_7b", memory_gb=16)
+    flash = _hf_7b("llama2_7b", memory_gb=16, attention_impl="cudnn")
+    a, b = dry_run(dot, num_devices=8), dry_run(flash, num_devices=8)
+    n, s, c = 32, 1024, 2  # heads, seq_len, bf16
+    rows = dot.finetune.batch_size // dot.finetune.grad_accum // 8  # batch over fsdp = 8
+    saved = 2 * rows * s * ((8 + c) * n * s - (c * s + 4 * n))
+    act_a = a.stage("mixture_finetune").part("activations").per_device
+    act_b = b.stage("mixture_finetune").part("activations").per_device
+    assert act_a - act_b == pytest.approx(saved, rel=1e-6)
+    assert "attention cudnn" in format_dry_run(b) and "attention dot" in format_dry_run(a)
+    # The probe does not fit in 16 GiB, its activations (the scores) the largest part: the
+    # advice names the switch, unless it is already on.
+    probe_a = next(o for o in a.over if o.startswith("probe:"))
+    assert "model.attention_impl=cudnn" in probe_a
+    assert not any("attention_impl" in o for o in b.over)

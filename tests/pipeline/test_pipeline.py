@@ -170,9 +170,11 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
             return real_finetune(trainer, data, **{**kw, "log_every": 1, "on_log": on_log})
         return finetune
 
-    # This run trains the adapters in rounds of 4 and probes 3 models per pass: memory-only
-    # settings, so it must end where the all-at-once reference run ended.
-    chunked = ("single_task.adapters_per_round=4", "probe.adapter_chunk=3")
+    # This run trains the adapters in rounds of 4, probes 3 models per pass and runs attention
+    # through jax.nn.dot_product_attention: settings of memory and speed only, so it must end
+    # where the all-at-once, einsum-attention reference run ended.
+    chunked = ("single_task.adapters_per_round=4", "probe.adapter_chunk=3",
+               "model.attention_impl=xla")
     # 1. Killed inside the single-task stage, after its checkpoint at step 2 of the first round.
     monkeypatch.setattr(stages, "finetune", killed_at_step(3))
     with pytest.raises(KeyboardInterrupt):

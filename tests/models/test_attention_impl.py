@@ -1,0 +1,121 @@
+"""`ModelConfig.attention_impl`: the fused path (jax.nn.dot_product_attention) against our einsums.
+
+CPU has no cuDNN, so the fused path runs here with its XLA implementation: that checks everything
+of ours on that path (head grouping, masks for padding, packing, sliding windows and the KV cache,
+the causal flag, gradients). The cuDNN kernel itself is checked by `benchmarks/model.py
+--attention cudnn` on a GPU host, which asserts its logits against "dot" before timing.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from taskpgm_jax.models import ModelConfig, greedy_generate, target_logprobs
+from taskpgm_jax.models.layers import dot_attention, fused_attention
+from tests.models.conftest import TINY, forward, random_model
+
+
+@pytest.fixture(scope="module")
+def fused_model(tiny_model):
+    model = random_model(TINY.replace(attention_impl="xla"))
+    nnx.update(model, nnx.state(tiny_model))
+    return model
+
+
+def _batch(rng):
+    """Right and left padding plus a packed row, longer than layer 1's window of 4."""
+    ids = rng.integers(0, TINY.vocab_size, size=(3, 9))
+    seg = np.array([[1] * 9, [0, 0] + [1] * 7, [1] * 4 + [2] * 3 + [0] * 2])
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32)
+
+
+def test_fused_attention_equals_a_float64_softmax(rng):
+    # Grouped queries (2 kv heads x 3 queries each), an arbitrary causal mask with an empty row.
+    b, s, kv, g, h = 2, 7, 2, 3, 8
+    q = rng.standard_normal((b, s, kv, g, h)).astype(np.float32)
+    k = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    v = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    mask = np.tril(rng.random((b, s, s)) < 0.7)
+    mask[:, np.arange(s), np.arange(s)] = True
+    mask[1, 3] = False  # a query that sees nothing (padding): any finite output
+    scores = np.einsum("bqkgh,bskh->bkgqs", q.astype(np.float64), k) / np.sqrt(h)
+    scores = np.where(mask[:, None, None], scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True, initial=0.0, where=np.isfinite(scores))
+    probs = np.exp(scores - top)
+    probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-300)
+    want = np.einsum("bkgqs,bskh->bqkgh", probs, v)
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(fused_attention(*map(jnp.asarray, (q, k, v, mask)), causal=True,
+                                         implementation="xla"))
+        ours = np.asarray(dot_attention(*map(jnp.asarray, (q, k, v, mask)), jnp.float32))
+    seen = mask.any(-1)  # [B, S]
+    np.testing.assert_allclose(got[seen], want[seen], atol=2e-6)
+    np.testing.assert_allclose(ours[seen], want[seen], atol=2e-6)
+    assert np.isfinite(got).all()
+
+
+def test_fused_model_equals_dot_on_padding_packing_and_windows(tiny_model, fused_model, rng):
+    ids, seg = _batch(rng)
+    run = nnx.jit(lambda m, i, s: m(i, segment_ids=s))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(run(tiny_model, ids, seg))
+        got = np.asarray(run(fused_model, ids, seg))
+        # And through the plain attention_mask path the other tests share.
+        mask = (seg > 0).astype(jnp.int32)
+        np.testing.assert_allclose(np.asarray(forward(fused_model, ids, mask))[mask > 0],
+                                   np.asarray(forward(tiny_model, ids, mask))[mask > 0], atol=1e-5)
+    real = np.asarray(seg) > 0
+    np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+
+
+def test_fused_model_gradients_equal_dot(tiny_model, fused_model, rng):
+    ids, seg = _batch(rng)
+    targets = jnp.roll(ids, -1, axis=1)
+
+    def loss(model, ids, seg, targets):
+        lp = target_logprobs(model(ids, segment_ids=seg), targets)
+        return -jnp.sum(jnp.where(seg > 0, lp, 0.0))
+
+    grad = nnx.jit(nnx.grad(loss))
+    with jax.default_matmul_precision("highest"):
+        want = nnx.to_flat_state(grad(tiny_model, ids, seg, targets))
+        got = nnx.to_flat_state(grad(fused_model, ids, seg, targets))
+    assert len(want) > 0
+    for (path, a), (_, b) in zip(want, got, strict=True):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5, rtol=1e-4,
+                                   err_msg=str(path))
+
+
+def test_fused_model_generates_the_same_tokens(tiny_model, fused_model, rng):
+    # Prefill and single-token decode run against the KV cache (not causal-aligned: causal=False).
+    ids = rng.integers(0, TINY.vocab_size, size=(2, 6))
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(greedy_generate(tiny_model, ids, mask, max_new_tokens=5))
+        got = np.asarray(greedy_generate(fused_model, ids, mask, max_new_tokens=5))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attention_impl": "flash"}, "attention_impl='flash' is not supported"),
+    ({"attention_impl": "cudnn"}, "needs dtype bfloat16 or float16"),
+    ({"attention_impl": "cudnn", "dtype": jnp.bfloat16, "head_dim": 12},
+     "needs head_dim a multiple of 8"),
+])
+def test_attention_impl_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TINY.replace(**kwargs)
+
+
+def test_cudnn_refused_off_gpu_by_name(rng):
+    if jax.default_backend() == "gpu":
+        pytest.skip("this process has a GPU: the refusal is for other backends")
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      dtype=jnp.bfloat16, attention_impl="cudnn")
+    model = random_model(cfg)
+    with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+        model(jnp.asarray(rng.integers(0, 61, size=(1, 4)), jnp.int32))
