@@ -137,6 +137,10 @@ class BaseModelConfig:
     # "dot", "xla" or "cudnn" (flash attention: NVIDIA GPUs, dtype bfloat16); the same results,
     # so it stays out of the stage keys (`results_view`). See `ModelConfig.attention_impl`.
     attention_impl: str = "dot"
+    # Every training stage applies the LM head and the loss this many positions at a time
+    # (`TrainConfig.loss_chunk`): the [B, S, V] logits never exist at once. Memory only: out of
+    # the stage keys too. None: all positions at once.
+    loss_chunk: int | None = None
     pretrain: PretrainConfig = PretrainConfig()
 
 
@@ -279,6 +283,8 @@ def _validate(cfg: RunConfig) -> None:
         need(getattr(m, key) in ("float32", "bfloat16"), f"model.{key}",
              f"must be 'float32' or 'bfloat16', got {getattr(m, key)!r}")
     need(m.seq_len >= 8, "model.seq_len", f"must be >= 8, got {m.seq_len}")
+    need(m.loss_chunk is None or m.loss_chunk > 0, "model.loss_chunk",
+         "must be > 0 (positions per chunk), or null: all at once")
     need(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
          f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
     need(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
@@ -587,11 +593,11 @@ def to_dict(obj) -> Any:
 
 
 def results_view(model: BaseModelConfig) -> dict:
-    """The `model` section as stage keys hash it: without `attention_impl`, which changes how
-    attention runs and never its results (a run resumes across it; keys of configs from before
-    the field existed are unchanged)."""
+    """The `model` section as stage keys hash it: without `attention_impl` and `loss_chunk`,
+    which change how the model runs and never its results (beyond float32 rounding): a run
+    resumes across them, and keys of configs from before these fields existed are unchanged."""
     view = to_dict(model)
-    del view["attention_impl"]
+    del view["attention_impl"], view["loss_chunk"]
     return view
 
 

@@ -19,7 +19,8 @@
   Training keeps `layer` for every layer plus one for the backward pass (L + 1 layers); with
   `model.remat` it keeps each layer's input (c * D per layer) and one recomputed layer with its
   gradient (2 x layer). Logits add 4 * V / p bytes per token per copy: three copies in training
-  (logits, log-softmax, gradient), two in a forward pass. A forward pass (probe, eval) holds one
+  (logits, log-softmax, gradient), two in a forward pass; with `model.loss_chunk` C, training
+  holds those three copies for C positions of each row only (the chunked loss). A forward pass (probe, eval) holds one
   layer at a time. Tokens per device are the rows a device holds (the batch is split over
   data x fsdp only when that product divides it, as the real sharding does) times the sequence.
   FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
@@ -172,6 +173,7 @@ class StageMemory:
       mesh: {"data": ., "fsdp": ., "tensor": .} sizes.
       seq_len: `model.seq_len`.
       param_dtype: `model.param_dtype` (named in the parts).
+      loss_chunk: `model.loss_chunk` (None: the training loss takes all positions at once).
     """
 
     model: ModelConfig
@@ -179,6 +181,7 @@ class StageMemory:
     mesh: dict[str, int]
     seq_len: int
     param_dtype: str
+    loss_chunk: int | None = None
 
     def activations(self, rows: int, *, train: bool, label: str) -> list[MemoryPart]:
         """Activations, logits and gathered weights for `rows` x `seq_len` tokens on one device."""
@@ -193,14 +196,17 @@ class StageMemory:
         else:
             act, how = tokens * (m.num_hidden_layers + 1) * layer, "no remat"
         copies = 3 if train else 2
-        logits = tokens * copies * 4 * m.vocab_size // _tensor_split(m.vocab_size, tensor)
+        chunked = train and self.loss_chunk is not None and self.loss_chunk < seq
+        logit_tokens = rows * self.loss_chunk if chunked else tokens
+        logits = logit_tokens * copies * 4 * m.vocab_size // _tensor_split(m.vocab_size, tensor)
+        which = f", {self.loss_chunk} positions a row at a time" if chunked else ""
         fsdp = self.mesh["fsdp"] > 1
         embed = self.sizes.embed_bytes if fsdp else 0
         gathered = 2 * self.sizes.layer_params * c // tensor + embed
         return [
             MemoryPart(f"activations: {label} ({how})", int(act), int(act)),
             MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"
-                       + (", gradient)" if train else ")"), int(logits), int(logits)),
+                       + (", gradient" if train else "") + f"{which})", int(logits), int(logits)),
             MemoryPart("gathered weights (two layers in compute dtype"
                        + (" + embedding table)" if fsdp else ")"), gathered, gathered),
         ]

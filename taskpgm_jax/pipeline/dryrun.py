@@ -298,6 +298,9 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
                         + f" (now {rows} rows per device)")
         if train and not cfg.model.remat:
             tips.append("model.remat=true")
+        if train and "logits" in big and cfg.model.loss_chunk is None:
+            tips.append(f"model.loss_chunk={max(cfg.model.seq_len // 8, 1)} (the training loss "
+                        "a chunk of positions at a time)")
         if "activations" in big and cfg.model.attention_impl != "cudnn":
             tips.append("model.attention_impl=cudnn on an NVIDIA GPU (flash attention: no "
                         "S x S scores per head)")
@@ -360,7 +363,8 @@ def dry_run(cfg: RunConfig, *, num_devices: int | None = None) -> DryRunReport:
         notes.append(f"model.param_dtype={cfg.model.param_dtype}: the trainer needs float32 "
                      "master weights for what it trains (train/step.py refuses others); use "
                      "param_dtype float32 with dtype bfloat16 for bf16 compute")
-    mem = StageMemory(model, sizes, mesh, cfg.model.seq_len, cfg.model.param_dtype)
+    mem = StageMemory(model, sizes, mesh, cfg.model.seq_len, cfg.model.param_dtype,
+                      cfg.model.loss_chunk)
     st, pr, ft = cfg.single_task, cfg.probe, cfg.finetune
 
     # The round size and probe chunk exactly as the pipeline uses them (null: all at once), and
@@ -442,7 +446,8 @@ def format_dry_run(report: DryRunReport) -> str:
                       "parameters"))
     lines.append(_row("", f"compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}, "
                       f"seq_len {cfg.model.seq_len}, remat {'on' if m.remat else 'off'}, "
-                      f"attention {m.attention_impl}"))
+                      f"attention {m.attention_impl}"
+                      + (f", loss_chunk {cfg.model.loss_chunk}" if cfg.model.loss_chunk else "")))
     if r.adapter_params:
         lines.append(_row("lora", f"rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: "
                           f"{_count(r.adapter_params)} per adapter, "

@@ -155,7 +155,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     single_dir = log.run(
         run, "single_task", "single_task", single_key,
         lambda work: stages.train_single_task(base, tokenizer, pool, cfg.single_task, cfg.lora,
-                                              seq_len, work, mesh=mesh, progress=progress),
+                                              seq_len, work, mesh=mesh, progress=progress,
+                                              loss_chunk=cfg.model.loss_chunk),
         lambda info: f"{len(pool)} adapters trained side by side")
     probe_key = config_hash(dataclasses.replace(cfg.probe, adapter_chunk=None), single_key,
                             seq_len)
@@ -212,7 +213,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
                 run, f"finetune/{tag}", "finetune", ft_key,
                 lambda work, w=weights, s=seed: stages.finetune_mixture(
                     base, tokenizer, pool, w, cfg.mixture.budget, s, cfg.finetune, cfg.lora,
-                    seq_len, work, mesh=mesh, progress=progress),
+                    seq_len, work, mesh=mesh, progress=progress,
+                    loss_chunk=cfg.model.loss_chunk),
                 lambda info: f"final loss {info.get('final_loss', float('nan')):.3f}")
             eval_key = config_hash(cfg.eval, ft_key, pools.key, seq_len)
 

@@ -51,10 +51,12 @@ from taskpgm_jax.train import (
 from taskpgm_jax.train.adapters import init_adapters, stacked_adapter_shardings
 
 
-def _train_config(ft: FinetuneConfig, trainable: str | None = None) -> TrainConfig:
+def _train_config(ft: FinetuneConfig, trainable: str | None = None,
+                  loss_chunk: int | None = None) -> TrainConfig:
     return TrainConfig(learning_rate=ft.learning_rate, total_steps=ft.steps,
                        warmup_steps=ft.warmup_steps, weight_decay=ft.weight_decay,
-                       grad_accum=ft.grad_accum, trainable=trainable or ft.trainable)
+                       grad_accum=ft.grad_accum, trainable=trainable or ft.trainable,
+                       loss_chunk=loss_chunk)
 
 
 def _save_tree(path: Path, tree) -> None:
@@ -128,7 +130,7 @@ def pretrain_base(pool: TaskPool, tokenizer, cfg: BaseModelConfig, work: Path, *
     pre = cfg.pretrain
     trainer = Trainer(model, TrainConfig(learning_rate=pre.learning_rate, total_steps=pre.steps,
                                          warmup_steps=min(20, pre.steps // 10),
-                                         trainable="full"), mesh=mesh)
+                                         trainable="full", loss_chunk=cfg.loss_chunk), mesh=mesh)
     data = HostIterator(seqs, batch_size=pre.batch_size, seq_len=cfg.seq_len, seed=0)
     result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=max(pre.steps // 4, 1), progress=progress,
@@ -155,7 +157,8 @@ def _task_iterator(tokenizer, rows, seq_len: int, batch_size: int, seed: int) ->
 
 
 def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora: LoraSection,
-                      seq_len: int, work: Path, *, mesh=None, progress: bool = True) -> dict:
+                      seq_len: int, work: Path, *, mesh=None, progress: bool = True,
+                      loss_chunk: int | None = None) -> dict:
     """T LoRA adapters on the base, trained side by side (one vmapped step), in rounds of
     `ft.adapters_per_round`; saved stacked to `work/adapters`.
 
@@ -178,7 +181,7 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
         # save is redone, which resumes from its final checkpoint (no training steps).
         if not loss_file.exists():
             chunk = init_adapters(model, len(names), seed=0, first=start)
-            trainer = AdapterTrainer(model, _train_config(ft, "lora"), chunk, mesh=mesh)
+            trainer = AdapterTrainer(model, _train_config(ft, "lora", loss_chunk), chunk, mesh=mesh)
             data = StackedIterator([
                 _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i)
                 for i, n in enumerate(names)])
@@ -266,14 +269,14 @@ def run_probe(model, adapters, tokenizer, pool: TaskPool, cfg: ProbeConfig, seq_
 
 def finetune_mixture(base, tokenizer, pool: TaskPool, weights: dict[str, float], budget: int,
                      seed: int, ft: FinetuneConfig, lora: LoraSection, seq_len: int, work: Path,
-                     *, mesh=None, progress: bool = True) -> dict:
+                     *, mesh=None, progress: bool = True, loss_chunk: int | None = None) -> dict:
     """The target model on one mixture: `budget` examples drawn with `seed`, then `ft.steps`
     steps (LoRA on the base, or full fine-tuning); the trained weights go to `work/params`."""
     sample = sample_mixture(pool, weights, budget, seed=seed)
     rows = list(sample.rows(pool))
     seqs = encode_task(tokenizer, rows, max_length=seq_len)
     model = _lora(base, lora, seed) if ft.trainable == "lora" else base
-    trainer = Trainer(model, _train_config(ft), mesh=mesh)
+    trainer = Trainer(model, _train_config(ft, loss_chunk=loss_chunk), mesh=mesh)
     data = HostIterator(seqs, batch_size=ft.batch_size, seq_len=seq_len, seed=seed)
     result = finetune(trainer, data, seed=seed, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=ft.checkpoint_every, progress=progress,

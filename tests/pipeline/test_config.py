@@ -49,6 +49,7 @@ BAD = [
     ("data.hub.train=[{path: x, foo: 1}]", "data.hub.train[0].foo"),
     ("data.hub.heldout=[{name: x}]", "data.hub.heldout[0].path"),
     ("model.attention_impl=flash", "model.attention_impl"),
+    ("model.loss_chunk=0", "model.loss_chunk"),
     ("model.attention_impl=cudnn", "model.attention_impl"),  # the demo computes in float32
 ]
 
@@ -97,7 +98,7 @@ def test_numbers_as_written(tmp_path):
     assert load_config(path).mixture.temperature_tau == 0.5
 
 
-def test_attention_impl_reaches_the_model_and_stays_out_of_the_stage_keys():
+def test_attention_and_loss_chunk_reach_the_model_and_stay_out_of_the_stage_keys():
     import dataclasses
 
     from taskpgm_jax.config import ATTENTION_IMPLS, config_hash, results_view, to_dict
@@ -105,12 +106,13 @@ def test_attention_impl_reaches_the_model_and_stays_out_of_the_stage_keys():
     from taskpgm_jax.pipeline.inputs import scratch_config
 
     assert ATTENTION_IMPLS == MODEL_IMPLS
-    cfg = load_config(DEMO, ["model.attention_impl=xla"])
+    cfg = load_config(DEMO, ["model.attention_impl=xla", "model.loss_chunk=16"])
     assert scratch_config(cfg.model, 300).attention_impl == "xla"
-    # The key of the model section is the hash of every other field: what it was before the
-    # field existed, and the same for every attention_impl.
+    assert cfg.model.loss_chunk == 16
+    # The key of the model section is the hash of every other field: what it was before these
+    # fields existed, and the same for every attention_impl and loss_chunk.
     others = {f.name: to_dict(getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)
-              if f.name != "attention_impl"}
+              if f.name not in ("attention_impl", "loss_chunk")}
     assert config_hash(results_view(cfg.model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO).model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO, ["model.seq_len=72"]).model)) \

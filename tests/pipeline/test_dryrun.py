@@ -58,11 +58,11 @@ def _config(**sections):
     return config_from_dict(raw)
 
 
-def _hf_7b(preset: str, memory_gb=32, attention_impl="dot", **extra):
+def _hf_7b(preset: str, memory_gb=32, attention_impl="dot", loss_chunk=None, **extra):
     raw = {"name": preset, "tokenizer": {"kind": "pretrained"},
            "model": {"source": "hf", "checkpoint": "/nonexistent/ckpt", "preset": preset,
                      "dtype": "bfloat16", "seq_len": 1024, "remat": True,
-                     "attention_impl": attention_impl},
+                     "attention_impl": attention_impl, "loss_chunk": loss_chunk},
            "data": {"source": "files", "files": {"path": "/nonexistent/tasks"}},
            "mesh": {"data": 1, "fsdp": 8, "tensor": 1, "device_memory_gb": memory_gb}, **extra}
     return config_from_dict(raw)
@@ -422,3 +422,25 @@ def test_cudnn_attention_drops_the_score_matrices_from_the_plan():
     probe_a = next(o for o in a.over if o.startswith("probe:"))
     assert "model.attention_impl=cudnn" in probe_a
     assert not any("attention_impl" in o for o in b.over)
+
+
+def test_loss_chunk_plans_one_chunk_of_training_logits():
+    # Qwen2-7B (V = 152064) at seq 1024: the training logits are the largest part; chunked, a
+    # step holds 128 positions of each row's logits, and the forward-only stages all of them.
+    full = dry_run(_hf_7b("qwen2_7b", memory_gb=16), num_devices=8)
+    chunked = dry_run(_hf_7b("qwen2_7b", memory_gb=16, loss_chunk=128), num_devices=8)
+    rows = full.config.finetune.batch_size // full.config.finetune.grad_accum // 8
+    v = 152064
+    train_full = full.stage("mixture_finetune").part("logits")
+    train_chunked = chunked.stage("mixture_finetune").part("logits")
+    assert train_full.per_device == rows * 1024 * 3 * 4 * v
+    assert train_chunked.per_device == rows * 128 * 3 * 4 * v
+    assert "128 positions a row at a time" in train_chunked.name
+    assert chunked.stage("probe").part("logits") == full.stage("probe").part("logits")
+    assert "loss_chunk 128" in format_dry_run(chunked)
+    # One adapter of 4 rows per device in 6 GiB: the training logits are the largest part of a
+    # stage that does not fit, and the advice names the setting (seq_len / 8).
+    tight = dry_run(_hf_7b("qwen2_7b", memory_gb=6,
+                           single_task={"adapters_per_round": 1, "batch_size": 32}), num_devices=8)
+    single = next(o for o in tight.over if o.startswith("single_task:"))
+    assert "model.loss_chunk=128" in single

@@ -161,6 +161,7 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
 
     def killed_at_step(k):
         def finetune(trainer, data, **kw):
+            chunks.add(trainer.cfg.loss_chunk)
             if not isinstance(trainer, AdapterTrainer):  # the base pretraining runs through
                 return real_finetune(trainer, data, **kw)
 
@@ -170,15 +171,18 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
             return real_finetune(trainer, data, **{**kw, "log_every": 1, "on_log": on_log})
         return finetune
 
-    # This run trains the adapters in rounds of 4, probes 3 models per pass and runs attention
-    # through jax.nn.dot_product_attention: settings of memory and speed only, so it must end
+    # This run trains the adapters in rounds of 4, probes 3 models per pass, runs attention
+    # through jax.nn.dot_product_attention and every training loss 16 positions at a time:
+    # settings of memory and speed only, so it must end
     # where the all-at-once, einsum-attention reference run ended.
     chunked = ("single_task.adapters_per_round=4", "probe.adapter_chunk=3",
-               "model.attention_impl=xla")
+               "model.attention_impl=xla", "model.loss_chunk=16")
+    chunks = set()
     # 1. Killed inside the single-task stage, after its checkpoint at step 2 of the first round.
     monkeypatch.setattr(stages, "finetune", killed_at_step(3))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=Lines())
+    assert chunks == {16}  # the base pretraining and the single-task rounds
     partial = list(run_dir.glob("stages/single_task-*.partial"))
     assert len(partial) == 1 and list((partial[0] / "checkpoints" / "00000-00004").iterdir())
     assert not list(run_dir.glob("stages/single_task-*[0-9a-f]"))
@@ -195,9 +199,12 @@ def test_resume_after_kills_inside_and_between_stages(finished, tmp_path, monkey
     assert "single_task" in lines.ran() and {"tokenizer", "base"} <= lines.cached()
     monkeypatch.undo()
     # 3. Started again: finishes with the uninterrupted run's results.
+    chunks.clear()
+    monkeypatch.setattr(stages, "finetune", killed_at_step(10 ** 9))  # records, never kills
     lines = Lines()
     results = run_pipeline(_tiny(*chunked), run_dir, progress=False, echo=lines, report=False)
     assert {"tokenizer", "base", "single_task"} <= lines.cached() and "probe" in lines.ran()
+    assert chunks == {16}  # the mixture fine-tunes
     for name in ("divergence", "crosslik", "base_loglik"):
         np.testing.assert_allclose(np.load(_stage_dir(run_dir, "probe") / f"{name}.npy"),
                                    np.load(_stage_dir(ref_dir, "probe") / f"{name}.npy"),
