@@ -20,8 +20,8 @@
   `model.remat` it keeps each layer's input (c * D per layer) and one recomputed layer with its
   gradient (2 x layer). Logits add 4 * V / p bytes per token per copy: three copies in training
   (logits, log-softmax, gradient), two in a forward pass; with `model.loss_chunk` C, training
-  holds those three copies for C positions of each row only (the chunked loss). A forward pass (probe, eval) holds one
-  layer at a time. Tokens per device are the rows a device holds (the batch is split over
+  holds those three copies for C positions of each row only (the chunked loss). A forward
+  pass (probe, eval) holds one layer at a time. Tokens per device are the rows a device holds (the batch is split over
   data x fsdp only when that product divides it, as the real sharding does) times the sequence.
   FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
   table are counted as "gathered weights".
