@@ -169,8 +169,14 @@ class CausalLM(nnx.Module):
                 positions = _segment_positions(seg)
         positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) \
-            & (slots[:, None, :] <= slots[:, :, None])
+        if (self.config.attention_impl != "dot" and attention_mask is None and segment_ids is None
+                and self.config.sliding_window is None):
+            # Plain causal rows: a fused kernel applies causality itself, with no mask operand
+            # (cuDNN then runs its mask-free flash kernel and never computes a bias gradient).
+            allowed = None
+        else:
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) \
+                & (slots[:, None, :] <= slots[:, :, None])
         h, _ = self._run(input_ids, positions, allowed, positions, None, None)
         return h
 
@@ -223,6 +229,7 @@ class CausalLM(nnx.Module):
         h = shard(self.model.embed_tokens(input_ids), ("batch", "seq", "act_embed"), self.rules)
 
         def layer_fn(layer, h, window, layer_cache):
+            # allowed None: plain causal attention, no windows (`hidden_states`, fused only).
             mask = allowed if dist is None else allowed & (dist < window)
             return layer(h, cos, sin, mask, layer_cache, cache_index)
 

@@ -186,15 +186,17 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dty
     return jnp.einsum("bkgqs,bskh->bqkgh", probs.astype(dtype), v.astype(dtype))
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool,
-                    implementation: str) -> jax.Array:
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                    causal: bool, implementation: str) -> jax.Array:
     """`dot_attention` through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention).
 
     Args:
       q: [B, Sq, K, G, H] queries; k, v: [B, Sk, K, H]; all in one compute dtype.
-      mask: bool [B, Sq, Sk], True where the query may see the key (shared by all heads).
-      causal: the mask already hides every key after its query (Sq == Sk): cuDNN then skips
-        the blocks above the diagonal. It never changes the result, only the work.
+      mask: bool [B, Sq, Sk], True where the query may see the key (shared by all heads); it
+        reaches the kernel as an additive bias. None: plain causal attention (needs `causal`),
+        cuDNN's mask-free flash kernel.
+      causal: every key after its query is hidden (Sq == Sk): cuDNN then skips the blocks above
+        the diagonal. With a mask it never changes the result, only the work.
       implementation: "xla" or "cudnn".
 
     Returns:
@@ -203,11 +205,14 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
                          f"{jax.default_backend()!r}: use attention_impl='dot' (or 'xla') here")
+    if mask is None and not causal:
+        raise ValueError("fused_attention: mask=None means plain causal attention; pass causal=True")
     b, sq, kv, g, h = q.shape
     # Heads are kv-major (head n = kv * G + g), the grouping jax.nn uses for grouped queries.
     out = jax.nn.dot_product_attention(
-        q.reshape(b, sq, kv * g, h), k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
-        is_causal=causal, implementation=implementation)
+        q.reshape(b, sq, kv * g, h), k.astype(q.dtype), v.astype(q.dtype),
+        mask=None if mask is None else mask[:, None], is_causal=causal,
+        implementation=implementation)
     return out.reshape(b, sq, kv, g, h)
 
 
@@ -236,7 +241,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         """x: [B, S, D]; mask: bool [B, S, Sk]; cache: optional (k, v) [B, M, K, H] written at
         `cache_index` (then Sk = M). Without a cache the mask must be causal (no query sees a later
-        key), as `CausalLM` builds it. Returns (output [B, S, D], updated cache or None)."""
+        key), as `CausalLM` builds it; a fused `attention_impl` also takes mask None (plain causal).
+        Returns (output [B, S, D], updated cache or None)."""
         n, kv, h = self.shape
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, s, n, h), cos, sin)

@@ -54,6 +54,15 @@ def test_fused_attention_equals_a_float64_softmax(rng):
     np.testing.assert_allclose(got[seen], want[seen], atol=2e-6)
     np.testing.assert_allclose(ours[seen], want[seen], atol=2e-6)
     assert np.isfinite(got).all()
+    # mask=None: plain causal attention.
+    causal = np.broadcast_to(np.tril(np.ones((s, s), bool)), (b, s, s))
+    with jax.default_matmul_precision("highest"):
+        plain = np.asarray(fused_attention(*map(jnp.asarray, (q, k, v)), None, causal=True,
+                                           implementation="xla"))
+        ref = np.asarray(dot_attention(*map(jnp.asarray, (q, k, v, causal)), jnp.float32))
+    np.testing.assert_allclose(plain, ref, atol=2e-6)
+    with pytest.raises(ValueError, match="mask=None means plain causal attention"):
+        fused_attention(*map(jnp.asarray, (q, k, v)), None, causal=False, implementation="xla")
 
 
 def test_fused_model_equals_dot_on_padding_packing_and_windows(tiny_model, fused_model, rng):
@@ -68,6 +77,38 @@ def test_fused_model_equals_dot_on_padding_packing_and_windows(tiny_model, fused
                                    np.asarray(forward(tiny_model, ids, mask))[mask > 0], atol=1e-5)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+
+
+def test_plain_causal_rows_reach_the_kernel_without_a_mask(rng, monkeypatch):
+    # No padding, packing or window: the fused kernel gets mask=None and is_causal (cuDNN's
+    # mask-free flash path), and the logits and gradients stay those of "dot".
+    cfg = TINY.replace(sliding_window=None, sliding_window_layers=())
+    dot = random_model(cfg, seed=2)
+    fused = random_model(cfg.replace(attention_impl="xla"), seed=2)
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["mask"] is None, kwargs["is_causal"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 9)), jnp.int32)
+
+    def loss(model, ids):
+        return jnp.sum(target_logprobs(model(ids), jnp.roll(ids, -1, axis=1)))
+
+    with jax.default_matmul_precision("highest"):
+        want, want_grad = nnx.value_and_grad(loss)(dot, ids)
+        got, got_grad = nnx.value_and_grad(loss)(fused, ids)
+        masked = fused(ids, jnp.ones_like(ids))  # an attention_mask: the masked path
+    assert seen and all(s == (True, True) for s in seen[:-1]) and seen[-1] == (False, True)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(dot(ids)), atol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(want_grad), nnx.to_flat_state(got_grad),
+                                 strict=True):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5, rtol=1e-4,
+                                   err_msg=str(path))
 
 
 def test_fused_model_gradients_equal_dot(tiny_model, fused_model, rng):

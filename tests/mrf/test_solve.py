@@ -145,6 +145,22 @@ def test_closed_form_equals_exact_when_unclipped(problem):
     assert energy64(w_cf, Q, c) >= energy64(w_ex, Q, c) - 1e-6 * _scale(w_ex, Q, c)
 
 
+def test_closed_form_is_accurate_when_the_repair_leaves_a_near_null_direction():
+    # A signed 2-task affinity whose PSD repair leaves S~ with eigenvalues 0.64 and 3e-6, the
+    # near-null direction along 1 (found by CI): the formula alone subtracts two ~1e5-sized
+    # vectors and its float32 weights were 4e-3 off; the simplex problem itself is well
+    # conditioned, and the refined solve matches the float64 reference.
+    pot, _ = _random_problem(685021411, 2, "signed", "array")
+    Q, c = _qp(pot)
+    assert np.linalg.cond(Q) > 1e5
+    cf = solve(pot, "closed_form")
+    w_ref, _ = active_set_simplex_qp(Q, c)
+    assert not bool(cf.clipped) and w_ref.min() > 0.1
+    np.testing.assert_allclose(np.asarray(cf.weights, np.float64), w_ref, atol=1e-5)
+    assert abs(energy64(np.asarray(cf.weights, np.float64), Q, c) - energy64(w_ref, Q, c)) \
+        <= 1e-6 * _scale(w_ref, Q, c)
+
+
 def test_closed_form_unclipped_at_uniform_ratio(rng):
     """With centrality unary, beta / lam = 1 / T makes the KKT solution exactly uniform."""
     T = 24
