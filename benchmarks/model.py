@@ -129,18 +129,14 @@ def check_attention(tmp, dtype, attention, ids):
     def run(model, attention_mask):
         graphdef, state = nnx.split(model)
 
-        def forward(state):
-            return nnx.merge(graphdef, state)(ids, attention_mask)
-
-        def loss(state):  # mean next-token NLL over the real positions
-            logits = forward(state)
+        def loss(state):  # mean next-token NLL over the real positions, and the logits
+            logits = nnx.merge(graphdef, state)(ids, attention_mask)
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.roll(ids, -1, axis=1))
             weight = jnp.ones(ids.shape) if attention_mask is None else jnp.roll(attention_mask, -1, 1)
             weight = weight.at[:, -1].set(0)
-            return jnp.sum(nll * weight) / jnp.sum(weight)
+            return jnp.sum(nll * weight) / jnp.sum(weight), logits
 
-        logits = jax.jit(forward)(state)
-        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+        (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
         real = np.ones(ids.shape, bool) if attention_mask is None else attention_mask > 0
         return np.asarray(logits, np.float32)[real], float(value), float(optax.global_norm(grads))
 
