@@ -84,15 +84,19 @@ def torch_device():
     return None
 
 
-def loss_fn(model, ids):
-    """Mean next-token cross-entropy over the B x (S - 1) predicted positions, as HF computes it
-    with labels=ids. The labels are shifted, not the logits: slicing [B, S, V] logits is a copy in
-    XLA (and a pad of the gradient), where in PyTorch it is a free view."""
-    logits = model(ids)
+def loss_fn(model, ids, attention_mask=None, with_logits=False):
+    """Mean next-token cross-entropy over the predicted positions (B x (S - 1) without a mask),
+    as HF computes it with labels=ids; with `with_logits`, (loss, logits). The labels are
+    shifted, not the logits: slicing [B, S, V] logits is a copy in XLA (and a pad of the
+    gradient), where in PyTorch it is a free view."""
+    logits = model(ids, attention_mask)
     labels = jnp.roll(ids, -1, axis=1)  # the last position's label is unused (weight 0)
     weight = (jnp.arange(ids.shape[1]) < ids.shape[1] - 1).astype(jnp.float32)
+    if attention_mask is not None:  # a position counts when the token it predicts is real
+        weight = weight * jnp.roll(attention_mask, -1, axis=1)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(nll * weight) / (ids.shape[0] * (ids.shape[1] - 1))
+    loss = jnp.sum(nll * weight) / jnp.sum(jnp.broadcast_to(weight, ids.shape))
+    return (loss, logits) if with_logits else loss
 
 
 def jitted_steps(model, optimizer):
@@ -129,12 +133,8 @@ def check_attention(tmp, dtype, attention, ids):
     def run(model, attention_mask):
         graphdef, state = nnx.split(model)
 
-        def loss(state):  # mean next-token NLL over the real positions, and the logits
-            logits = nnx.merge(graphdef, state)(ids, attention_mask)
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.roll(ids, -1, axis=1))
-            weight = jnp.ones(ids.shape) if attention_mask is None else jnp.roll(attention_mask, -1, 1)
-            weight = weight.at[:, -1].set(0)
-            return jnp.sum(nll * weight) / jnp.sum(weight), logits
+        def loss(state):
+            return loss_fn(nnx.merge(graphdef, state), ids, attention_mask, with_logits=True)
 
         (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
         real = np.ones(ids.shape, bool) if attention_mask is None else attention_mask > 0

@@ -153,12 +153,14 @@ def test_attention_impl_config_errors_name_the_field(kwargs, match):
         TINY.replace(**kwargs)
 
 
-def test_cudnn_refused_off_gpu_by_name(rng):
-    if jax.default_backend() == "gpu":
-        pytest.skip("this process has a GPU: the refusal is for other backends")
+@pytest.mark.parametrize("backend", ["cpu", "tpu"])
+def test_cudnn_refused_off_gpu_by_name(rng, monkeypatch, backend):
+    # The backend is pinned, so the refusal is checked on any host (a GPU one included).
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                       dtype=jnp.bfloat16, attention_impl="cudnn")
     model = random_model(cfg)
-    with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    with pytest.raises(ValueError, match=f"attention_impl='cudnn' needs an NVIDIA GPU, but JAX "
+                                         f"runs on '{backend}'"):
         model(jnp.asarray(rng.integers(0, 61, size=(1, 4)), jnp.int32))
