@@ -95,17 +95,19 @@ def check_seed(value: Any, name: str = "seed") -> int:
     return check_int(value, name, 0, 2**32)
 
 
-def check_names(value: Any, name: str) -> tuple[str, ...]:
-    """A collection of name strings as a tuple; one string is refused rather than read as its
-    characters."""
+def check_names(value: Any, name: str, *, nonempty: bool = False) -> tuple[str, ...]:
+    """A collection of strings (names, stop strings, references) as a tuple; one string is
+    refused rather than read as its characters, and with `nonempty` so is an empty string.
+    Shared by `eval`."""
+    what = "non-empty strings" if nonempty else "strings"
     if isinstance(value, str):
-        raise DataError(f"{name} must be a list of strings, not one string; pass [{value!r}]")
+        raise DataError(f"{name} must be a list of {what}, not one string; pass [{value!r}]")
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
-        raise DataError(f"{name} must be a list of strings, got {type(value).__name__}")
+        raise DataError(f"{name} must be a list of {what}, got {type(value).__name__}")
     names = tuple(value)
-    bad = [v for v in names if not isinstance(v, str)]
+    bad = [v for v in names if not isinstance(v, str) or (nonempty and not v)]
     if bad:
-        raise DataError(f"{name} must be a list of strings; not strings: {bad[:5]!r}")
+        raise DataError(f"{name} must be a list of {what}; not: {bad[:5]!r}")
     return names
 
 

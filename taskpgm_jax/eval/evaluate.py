@@ -8,7 +8,7 @@ or a stop string, exact match after normalisation (strip, case, whitespace).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from flax import nnx
 from taskpgm_jax.data import (
     Batch, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
 )
+from taskpgm_jax.data.tasks import check_int, check_names
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
 from taskpgm_jax.models import greedy_generator
@@ -44,26 +45,6 @@ def _row_loglik(model, batch: Batch):
     return jnp.sum(lp, axis=-1), jnp.sum(batch.loss_mask, axis=-1)
 
 
-def _check_ints(*specs) -> None:
-    """Each (name, value, least): `value` must be an int (NumPy too, not bool) >= least."""
-    for name, value, least in specs:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}.")
-
-
-def _check_strings(name: str, value, *, nonempty: bool = False) -> tuple[str, ...]:
-    """`value` as a tuple of strings; one string (which would be read as its characters) or
-    anything else is refused."""
-    what = "non-empty strings" if nonempty else "strings"
-    if isinstance(value, str):
-        raise ValueError(f"{name}: expected a sequence of {what}, not one string; "
-                         f"pass [{value!r}].")
-    items = tuple(value) if isinstance(value, Iterable) else None
-    if items is None or not all(isinstance(v, str) and (v or not nonempty) for v in items):
-        raise ValueError(f"{name}: expected a sequence of {what}, got {value!r}.")
-    return items
-
-
 def _check_examples(examples) -> list:
     examples = list(examples)
     if not examples:
@@ -77,7 +58,8 @@ def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
     Rows are scored `batch_size` at a time, padded to `seq_len` (one compiled shape). A
     `CausalLM`'s ids are checked against its vocabulary first (ValueError): under jit an
     out-of-range id would be clipped, or give NaN as a target. No rows give two empty arrays."""
-    _check_ints(("seq_len", seq_len, 1), ("batch_size", batch_size, 1))
+    check_int(seq_len, "seq_len", 1)
+    check_int(batch_size, "batch_size", 1)
     sums, counts = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
     # The model's graph is walked once, not per batch (nnx.jit's walk cost ~6 ms a call here on a
     # 4-layer model, twice the forward itself).
@@ -129,7 +111,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
     first stop string. Each prompt is `prompt + separator` tokenized as in training
     (`data.encode_prompt`: a long prompt loses its left, never its BOS), left-padded to
     `prompt_len`."""
-    prompts = _check_strings("prompts", prompts)
+    prompts = check_names(prompts, "prompts")
     return _generate(model, tokenizer, prompts, prompt_len=prompt_len,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
                      separator=separator)[0]
@@ -138,9 +120,10 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
 def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_size, stop,
               separator) -> tuple[list[str], int]:
     """`generate_texts` and the number of prompts that were cut to fit."""
-    _check_ints(("prompt_len", prompt_len, 1), ("max_new_tokens", max_new_tokens, 1),
-                ("batch_size", batch_size, 1))
-    stop = _check_strings("stop", stop, nonempty=True)
+    check_int(prompt_len, "prompt_len", 1)
+    check_int(max_new_tokens, "max_new_tokens", 1)
+    check_int(batch_size, "batch_size", 1)
+    stop = check_names(stop, "stop", nonempty=True)
     eos = tokenizer.eos_token_id
     out, truncated = [], 0
     generate = greedy_generator(model)  # the model's graph walked once, not per batch
@@ -202,11 +185,12 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
     """
     if not isinstance(tasks, TaskPool):
         raise ValueError(f"tasks: expected a TaskPool, got {type(tasks).__name__}.")
-    _check_ints(("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                ("max_new_tokens", max_new_tokens, 1))
+    check_int(seq_len, "seq_len", 2)
+    check_int(batch_size, "batch_size", 1)
+    check_int(max_new_tokens, "max_new_tokens", 1)
     if not isinstance(separator, str):
         raise ValueError(f"separator: expected a string, got {type(separator).__name__}.")
-    stop = _check_strings("stop", stop, nonempty=True)
+    stop = check_names(stop, "stop", nonempty=True)
     per_task = {}
     for name in tasks.names:
         examples = tasks.split(name, split)

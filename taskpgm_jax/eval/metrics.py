@@ -6,21 +6,17 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from taskpgm_jax.data.tasks import check_names
+
 
 def normalize_text(text: str) -> str:
     """Strip, lower-case and collapse whitespace: the normalisation exact match compares under."""
     return " ".join(text.strip().lower().split())
 
 
-def _not_one_string(name: str, value) -> None:
-    if isinstance(value, str):  # would be read as its characters
-        raise ValueError(f"{name}: expected a sequence of strings, not one string; "
-                         f"pass [{value!r}].")
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to the first occurrence of any stop string (the whole text if none occurs)."""
-    _not_one_string("stop", stop)
+    stop = check_names(stop, "stop")
     cut = len(text)
     for s in stop:
         if s:
@@ -32,7 +28,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def exact_match(prediction: str, references: Iterable[str]) -> bool:
     """True when the normalised prediction equals any normalised reference."""
-    _not_one_string("references", references)
+    references = check_names(references, "references")
     pred = normalize_text(prediction)
     return any(pred == normalize_text(r) for r in references)
 

@@ -134,11 +134,11 @@ def test_generation_and_evaluate_match_recomputation(tokenizer, rng):
         got = generate_texts(model, tokenizer, bare, prompt_len=12, max_new_tokens=6,
                              batch_size=4, separator=" ")
     assert got == ref[:4]
-    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(model, tokenizer, pool, batch_size=0)
-    with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
         evaluate(model, tokenizer, pool, seq_len=1)
-    with pytest.raises(ValueError, match="stop: expected a sequence of non-empty strings"):
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings, not one string"):
         evaluate(model, tokenizer, pool, stop="\n")
 
 
@@ -187,17 +187,20 @@ def test_model_smaller_than_the_tokenizer_is_refused(tokenizer, rng):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: exact_match("a", "abc"), r"references: expected a sequence of strings, not one"),
-    (lambda: cut_at_stop("42 Quite: x", "Q:"), r"stop: expected a sequence of strings, not one"),
+    (lambda: exact_match("a", "abc"), r"references must be a list of strings, not one string"),
+    (lambda: cut_at_stop("42 Quite: x", "Q:"), r"stop must be a list of strings, not one string"),
     (lambda: generate_texts(None, None, "abc", prompt_len=8, max_new_tokens=2, batch_size=2),
-     "prompts: expected a sequence of strings, not one string"),
+     "prompts must be a list of strings, not one string"),
     (lambda: generate_texts(None, None, ["a"], prompt_len=8, max_new_tokens=2, batch_size=2,
-                            stop="Q:"), "stop: expected a sequence of non-empty strings"),
+                            stop="Q:"), "stop must be a list of non-empty strings"),
     (lambda: generate_texts(None, None, ["a"], prompt_len=0, max_new_tokens=2, batch_size=1),
-     "prompt_len: expected an int >= 1, got 0"),
+     "prompt_len must be >= 1, got 0"),
     (lambda: generate_texts(None, None, ["a"], prompt_len=4, max_new_tokens=2, batch_size=0),
-     "batch_size: expected an int >= 1, got 0"),
-    (lambda: choice_logliks(None, [], seq_len=4, batch_size=0), "batch_size: expected an int"),
+     "batch_size must be >= 1, got 0"),
+    (lambda: choice_logliks(None, [], seq_len=4, batch_size=0), "batch_size must be >= 1"),
+    (lambda: choice_logliks(None, [], seq_len=4, batch_size=True), "batch_size must be an int"),
+    (lambda: generate_texts(None, None, ["a"], prompt_len=8, max_new_tokens=2, batch_size=2,
+                            stop=["Q:", ""]), r"stop must be a list of non-empty strings; not: \[''\]"),
     (lambda: score_generation(None, None, [], prompt_len=4, max_new_tokens=2, batch_size=1),
      "examples: no examples to score"),
     (lambda: score_multiple_choice(None, None, [], seq_len=4, batch_size=1),
