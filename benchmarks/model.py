@@ -281,7 +281,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
-    parser.add_argument("--attention", default="dot", choices=["dot", "xla", "cudnn"],
+    parser.add_argument("--attention", default="dot", choices=["dot", "chunked", "xla", "cudnn"],
                         help="our ModelConfig.attention_impl (checked against 'dot' first)")
     parser.add_argument("--skip-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 # The values of `ModelConfig.attention_impl` (kept here too: this module imports no JAX).
-ATTENTION_IMPLS = ("dot", "xla", "cudnn")
+ATTENTION_IMPLS = ("dot", "chunked", "xla", "cudnn")
 
 SCRATCH_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
@@ -134,8 +134,9 @@ class BaseModelConfig:
     param_dtype: str = "float32"
     seq_len: int = 64
     remat: bool = False
-    # "dot", "xla" or "cudnn" (flash attention: NVIDIA GPUs, dtype bfloat16); the same results,
-    # so it stays out of the stage keys (`results_view`). See `ModelConfig.attention_impl`.
+    # "dot", "chunked" (keys 512 at a time, online softmax), "xla" or "cudnn" (flash attention:
+    # NVIDIA GPUs, dtype bfloat16); the same results, so it stays out of the stage keys
+    # (`results_view`). See `ModelConfig.attention_impl`.
     attention_impl: str = "dot"
     # Every training stage applies the LM head and the loss this many positions at a time
     # (`TrainConfig.loss_chunk`): the [B, S, V] logits never exist at once. Memory only: out of

@@ -112,6 +112,7 @@ def load_hf_checkpoint(
     scan_layers: bool = True,
     remat: bool = False,
     attention_impl: str = "dot",
+    attention_chunk: int = 512,
 ) -> CausalLM:
     """Loads a Llama / Qwen2 / Mistral checkpoint directory as a `CausalLM`.
 
@@ -124,8 +125,9 @@ def load_hf_checkpoint(
       param_dtype: storage dtype of the parameters (cast while reading).
       scan_layers: stack layers for `lax.scan`.
       remat: recompute layer activations in the backward pass.
-      attention_impl: "dot", "xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16 / fp16
-        compute): see `ModelConfig.attention_impl`.
+      attention_impl: "dot", "chunked", "xla" or "cudnn" (flash attention on NVIDIA GPUs,
+        bf16 / fp16 compute): see `ModelConfig.attention_impl`.
+      attention_chunk: keys per step of "chunked" attention.
 
     Returns:
       The model; `model(input_ids, attention_mask)` gives float32 logits [B, S, V].
@@ -139,7 +141,8 @@ def load_hf_checkpoint(
       >>> model = load_hf_checkpoint("/ckpt/Llama-2-7b-hf", mesh=mesh)
     """
     cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                         remat=remat, attention_impl=attention_impl)
+                         remat=remat, attention_impl=attention_impl,
+                         attention_chunk=attention_chunk)
     files = checkpoint_files(path)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
     graphdef, state = nnx.split(abstract)

@@ -14,7 +14,7 @@ import numpy as np
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = ("dot", "xla", "cudnn")
+ATTENTION_IMPLS = ("dot", "chunked", "xla", "cudnn")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -116,11 +116,14 @@ class ModelConfig:
       attention_impl: how attention runs; every choice computes the same function.
         "dot" (the default): our einsums with a float32 softmax; the [B, N, S, S] scores are
           materialised (and kept for the backward pass unless `remat`).
+        "chunked": the keys `attention_chunk` at a time with an online softmax (any backend):
+          [B, N, S, attention_chunk] scores at a time instead of [B, N, S, S].
         "xla": `jax.nn.dot_product_attention` with its XLA implementation (the same algorithm;
           there so that the fused path's layout and masks are tested on any backend).
         "cudnn": `jax.nn.dot_product_attention` with cuDNN flash attention: scores never
           materialise, causal blocks above the diagonal are skipped. NVIDIA GPUs only (checked
           when traced), `dtype` bfloat16 or float16 and head_dim a multiple of 8 (checked here).
+      attention_chunk: keys per step of "chunked" attention (a positive int; unused otherwise).
       init_std: standard deviation of random initialisation.
 
     Sizes are ints (NumPy ints are accepted and stored as int, bools are refused); the flags are
@@ -153,6 +156,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat: bool = False
     attention_impl: str = "dot"
+    attention_chunk: int = 512
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -195,7 +199,7 @@ class ModelConfig:
         own = "ModelConfig"
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "rope_original_max_position", "max_position_embeddings"):
+                     "rope_original_max_position", "max_position_embeddings", "attention_chunk"):
             put(name, _int(own, name, getattr(self, name)))
         for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
                      "rope_high_freq_factor"):

@@ -15,13 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from taskpgm_jax.models.attention import chunked_attention, dot_attention, fused_attention
 from taskpgm_jax.models.config import ModelConfig
 from taskpgm_jax.sharding import Rules, shard
-
-# Large negative score for masked keys: finite, so a row with no visible key (a padding query)
-# gives a uniform softmax instead of NaN.
-_MASKED = float(np.finfo(np.float32).min)
-
 
 class LoRAParam(nnx.Variable):
     """A LoRA adapter matrix: its own variable type, so `wrt=LoRAParam` trains adapters only and
@@ -167,55 +163,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype) -> jax.Array:
-    """Grouped-query attention with a float32 softmax.
-
-    Args:
-      q: [B, Sq, K, G, H] queries (G query heads share each kv head).
-      k, v: [B, Sk, K, H].
-      mask: bool [B, Sq, Sk], True where the query may see the key.
-      dtype: compute dtype of the value product.
-
-    Returns:
-      [B, Sq, K, G, H].
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bqkgh,bskh->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bkgqs,bskh->bqkgh", probs.astype(dtype), v.astype(dtype))
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                    causal: bool, implementation: str) -> jax.Array:
-    """`dot_attention` through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention).
-
-    Args:
-      q: [B, Sq, K, G, H] queries; k, v: [B, Sk, K, H]; all in one compute dtype.
-      mask: bool [B, Sq, Sk], True where the query may see the key (shared by all heads); it
-        reaches the kernel as an additive bias. None: plain causal attention (needs `causal`),
-        cuDNN's mask-free flash kernel.
-      causal: every key after its query is hidden (Sq == Sk): cuDNN then skips the blocks above
-        the diagonal. With a mask it never changes the result, only the work.
-      implementation: "xla" or "cudnn".
-
-    Returns:
-      [B, Sq, K, G, H] in the compute dtype; the softmax runs in float32 in both implementations.
-    """
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
-                         f"{jax.default_backend()!r}: use attention_impl='dot' (or 'xla') here")
-    if mask is None and not causal:
-        raise ValueError("fused_attention: mask=None means plain causal attention; pass causal=True")
-    b, sq, kv, g, h = q.shape
-    # Heads are kv-major (head n = kv * G + g), the grouping jax.nn uses for grouped queries.
-    out = jax.nn.dot_product_attention(
-        q.reshape(b, sq, kv * g, h), k.astype(q.dtype), v.astype(q.dtype),
-        mask=None if mask is None else mask[:, None], is_causal=causal,
-        implementation=implementation)
-    return out.reshape(b, sq, kv, g, h)
-
-
 class Attention(nnx.Module):
     """Multi-head attention with grouped kv heads, RoPE and optional q/k/v (and o) biases.
 
@@ -236,6 +183,7 @@ class Attention(nnx.Module):
         self.shape = (n, k, h)
         self.dtype = cfg.dtype
         self.impl = cfg.attention_impl
+        self.chunk = cfg.attention_chunk
         self.rules = rules
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -256,6 +204,8 @@ class Attention(nnx.Module):
         q = shard(q.reshape(b, s, kv, n // kv, h), ("batch", "seq", "kv_heads", None, "head_dim"), self.rules)
         if self.impl == "dot":
             out = dot_attention(q, k, v, mask, self.dtype)
+        elif self.impl == "chunked":
+            out = chunked_attention(q, k, v, mask, chunk=self.chunk, dtype=self.dtype)
         else:
             out = fused_attention(q.astype(self.dtype), k, v, mask, causal=cache is None,
                                   implementation=self.impl)

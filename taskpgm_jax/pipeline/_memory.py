@@ -14,15 +14,19 @@
                                                the attention is materialised, S x S per head)
 
   With `model.attention_impl: cudnn` (flash attention) the last term becomes c * S + 4 N / p:
-  the mask as one additive bias row shared by the heads, and the softmax's log-sum-exp.
+  the mask as one additive bias row shared by the heads, and the softmax's log-sum-exp. With
+  `chunked` (C = `ModelConfig.attention_chunk` keys a step) it becomes (8 + c) N min(C, S) / p
+  + 4 N H ceil(S / C) / p: one step's scores, and the running output each step keeps for the
+  backward pass.
 
   Training keeps `layer` for every layer plus one for the backward pass (L + 1 layers); with
   `model.remat` it keeps each layer's input (c * D per layer) and one recomputed layer with its
   gradient (2 x layer). Logits add 4 * V / p bytes per token per copy: three copies in training
   (logits, log-softmax, gradient), two in a forward pass; with `model.loss_chunk` C, training
   holds those three copies for C positions of each row only (the chunked loss). A forward
-  pass (probe, eval) holds one layer at a time. Tokens per device are the rows a device holds (the batch is split over
-  data x fsdp only when that product divides it, as the real sharding does) times the sequence.
+  pass (probe, eval) holds one layer at a time. Tokens per device are the rows a device holds
+  (the batch is split over data x fsdp only when that product divides it, as the real sharding
+  does) times the sequence.
   FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
   table are counted as "gathered weights".
 * The single-task stage also counts the round's initial adapters, whole (unsplit) on the
@@ -143,6 +147,9 @@ def _layer_bytes_per_token(m: ModelConfig, seq_len: int, tensor: int) -> float:
 
     if m.attention_impl == "cudnn":
         attention = c * seq_len + 4 * n / p(n)  # no scores: the bias row and log-sum-exp
+    elif m.attention_impl == "chunked":
+        chunk = m.attention_chunk
+        attention = ((8 + c) * n * min(chunk, seq_len) + 4 * n * h * -(-seq_len // chunk)) / p(n)
     else:
         attention = (8 + c) * n * seq_len / p(n)
     return (c * 4 * d + 8 * d

@@ -301,9 +301,9 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
         if train and "logits" in big and cfg.model.loss_chunk is None:
             tips.append(f"model.loss_chunk={max(cfg.model.seq_len // 8, 1)} (the training loss "
                         "a chunk of positions at a time)")
-        if "activations" in big and cfg.model.attention_impl != "cudnn":
+        if "activations" in big and cfg.model.attention_impl == "dot":
             tips.append("model.attention_impl=cudnn on an NVIDIA GPU (flash attention: no "
-                        "S x S scores per head)")
+                        "S x S scores per head), or chunked elsewhere (512 keys at a time)")
         tips.append("mesh.tensor > 1 (splits the vocabulary, heads and MLP)")
         tips.append("a shorter model.seq_len")
     if any(w in big for w in ("params", "grads", "moments", "adapters")):

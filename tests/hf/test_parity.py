@@ -42,7 +42,9 @@ def test_logits_match_transformers(case, checkpoints, rng):
 
 
 @pytest.mark.parametrize("options", [{"scan_layers": False, "remat": True},
-                                     {"attention_impl": "xla"}], ids=["unscanned_remat", "fused"])
+                                     {"attention_impl": "xla"},
+                                     {"attention_impl": "chunked", "attention_chunk": 4}],
+                         ids=["unscanned_remat", "fused", "chunked"])
 def test_layer_options_match_transformers(options, checkpoints, rng):
     # Multi-query attention with a sliding window: the hardest layout for the fused attention.
     path, torch_model = checkpoints("mistral_window_mqa")

@@ -41,13 +41,13 @@ def test_parameters_carry_rule_shardings(sharded):
     assert q.addressable_shards[0].data.size == q.size // 4
 
 
-@pytest.mark.parametrize("attention_impl", ["dot", "xla"])
+@pytest.mark.parametrize("attention_impl", ["dot", "chunked", "xla"])
 def test_sharded_logits_equal_unsharded(sharded, rng, attention_impl):
-    # "xla": the fused attention under tensor-parallel heads and a data x fsdp batch.
+    # Chunked and fused attention under tensor-parallel heads and a data x fsdp batch.
     path, mesh, model = sharded
     if attention_impl != "dot":
         model = load_hf_checkpoint(path, mesh=mesh, dtype=jnp.float32,
-                                   attention_impl=attention_impl)
+                                   attention_impl=attention_impl, attention_chunk=4)
     ids, mask = tiny.random_batch(rng, batch=4)
     single = load_hf_checkpoint(path, dtype=jnp.float32)
     with jax.default_matmul_precision("highest"):

@@ -1,9 +1,10 @@
-"""`ModelConfig.attention_impl`: the fused path (jax.nn.dot_product_attention) against our einsums.
+"""`ModelConfig.attention_impl`: the chunked and fused paths against our einsums ("dot").
 
-CPU has no cuDNN, so the fused path runs here with its XLA implementation: that checks everything
-of ours on that path (head grouping, masks for padding, packing, sliding windows and the KV cache,
-the causal flag, gradients). The cuDNN kernel itself is checked by `benchmarks/model.py
---attention cudnn` on a GPU host, which asserts its logits against "dot" before timing.
+"chunked" runs here as everywhere. CPU has no cuDNN, so the fused path runs here with its XLA
+implementation: that checks everything of ours on that path (head grouping, masks for padding,
+packing, sliding windows and the KV cache, the causal flag, gradients). The cuDNN kernel itself
+is checked by `benchmarks/model.py --attention cudnn` on a GPU host, which asserts its logits
+and gradients against "dot" before timing.
 """
 
 import jax
@@ -13,13 +14,18 @@ import pytest
 from flax import nnx
 
 from taskpgm_jax.models import ModelConfig, greedy_generate, target_logprobs
-from taskpgm_jax.models.layers import dot_attention, fused_attention
+from taskpgm_jax.models.attention import chunked_attention, dot_attention, fused_attention
 from tests.models.conftest import TINY, forward, random_model
 
+# Chunks of 4 keys: the 9- and 11-slot tests below take 3 steps, the last one padded.
+IMPLS = {"xla": {"attention_impl": "xla"},
+         "chunked": {"attention_impl": "chunked", "attention_chunk": 4}}
 
-@pytest.fixture(scope="module")
-def fused_model(tiny_model):
-    model = random_model(TINY.replace(attention_impl="xla"))
+
+@pytest.fixture(scope="module", params=sorted(IMPLS))
+def other_model(request, tiny_model):
+    """TINY's weights under another attention_impl."""
+    model = random_model(TINY.replace(**IMPLS[request.param]))
     nnx.update(model, nnx.state(tiny_model))
     return model
 
@@ -31,7 +37,7 @@ def _batch(rng):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32)
 
 
-def test_fused_attention_equals_a_float64_softmax(rng):
+def test_kernels_equal_a_float64_softmax(rng):
     # Grouped queries (2 kv heads x 3 queries each), an arbitrary causal mask with an empty row.
     b, s, kv, g, h = 2, 7, 2, 3, 8
     q = rng.standard_normal((b, s, kv, g, h)).astype(np.float32)
@@ -46,34 +52,39 @@ def test_fused_attention_equals_a_float64_softmax(rng):
     probs = np.exp(scores - top)
     probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-300)
     want = np.einsum("bkgqs,bskh->bqkgh", probs, v)
+    args = tuple(map(jnp.asarray, (q, k, v, mask)))
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(fused_attention(*map(jnp.asarray, (q, k, v, mask)), causal=True,
-                                         implementation="xla"))
-        ours = np.asarray(dot_attention(*map(jnp.asarray, (q, k, v, mask)), jnp.float32))
+        got = np.asarray(fused_attention(*args, causal=True, implementation="xla"))
+        ours = np.asarray(dot_attention(*args, jnp.float32))
+        chunks = {c: np.asarray(chunked_attention(*args, chunk=c, dtype=jnp.float32))
+                  for c in (1, 3, 7, 16)}  # one key a step, a padded last step, one step, past Sk
     seen = mask.any(-1)  # [B, S]
-    np.testing.assert_allclose(got[seen], want[seen], atol=2e-6)
-    np.testing.assert_allclose(ours[seen], want[seen], atol=2e-6)
-    assert np.isfinite(got).all()
+    for out in (got, ours, *chunks.values()):
+        np.testing.assert_allclose(out[seen], want[seen], atol=2e-6)
+        assert np.isfinite(out).all()
     # mask=None: plain causal attention.
     causal = np.broadcast_to(np.tril(np.ones((s, s), bool)), (b, s, s))
     with jax.default_matmul_precision("highest"):
         plain = np.asarray(fused_attention(*map(jnp.asarray, (q, k, v)), None, causal=True,
                                            implementation="xla"))
         ref = np.asarray(dot_attention(*map(jnp.asarray, (q, k, v, causal)), jnp.float32))
+        plain_chunked = np.asarray(chunked_attention(*map(jnp.asarray, (q, k, v)), None, chunk=3,
+                                                     dtype=jnp.float32))
     np.testing.assert_allclose(plain, ref, atol=2e-6)
+    np.testing.assert_allclose(plain_chunked, ref, atol=2e-6)
     with pytest.raises(ValueError, match="mask=None means plain causal attention"):
         fused_attention(*map(jnp.asarray, (q, k, v)), None, causal=False, implementation="xla")
 
 
-def test_fused_model_equals_dot_on_padding_packing_and_windows(tiny_model, fused_model, rng):
+def test_model_equals_dot_on_padding_packing_and_windows(tiny_model, other_model, rng):
     ids, seg = _batch(rng)
     run = nnx.jit(lambda m, i, s: m(i, segment_ids=s))
     with jax.default_matmul_precision("highest"):
         want = np.asarray(run(tiny_model, ids, seg))
-        got = np.asarray(run(fused_model, ids, seg))
+        got = np.asarray(run(other_model, ids, seg))
         # And through the plain attention_mask path the other tests share.
         mask = (seg > 0).astype(jnp.int32)
-        np.testing.assert_allclose(np.asarray(forward(fused_model, ids, mask))[mask > 0],
+        np.testing.assert_allclose(np.asarray(forward(other_model, ids, mask))[mask > 0],
                                    np.asarray(forward(tiny_model, ids, mask))[mask > 0], atol=1e-5)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(got[real], want[real], atol=1e-5)
@@ -85,6 +96,7 @@ def test_plain_causal_rows_reach_the_kernel_without_a_mask(rng, monkeypatch):
     cfg = TINY.replace(sliding_window=None, sliding_window_layers=())
     dot = random_model(cfg, seed=2)
     fused = random_model(cfg.replace(attention_impl="xla"), seed=2)
+    chunked = random_model(cfg.replace(**IMPLS["chunked"]), seed=2)  # its causal mask per step
     seen = []
     real = jax.nn.dot_product_attention
 
@@ -104,16 +116,18 @@ def test_plain_causal_rows_reach_the_kernel_without_a_mask(rng, monkeypatch):
         got, got_grad = grad(fused, ids)
         masked = forward(fused, ids, jnp.ones_like(ids))  # an attention_mask: the masked path
         plain = forward(dot, ids, jnp.ones_like(ids))
+        got_c, got_c_grad = grad(chunked, ids)
     assert seen and all(s == (True, True) for s in seen[:-1]) and seen[-1] == (False, True)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(masked), np.asarray(plain), atol=1e-5)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(want_grad), nnx.to_flat_state(got_grad),
-                                 strict=True):
-        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5, rtol=1e-4,
-                                   err_msg=str(path))
+    for value, grads in ((got, got_grad), (got_c, got_c_grad)):
+        np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(want_grad), nnx.to_flat_state(grads),
+                                     strict=True):
+            np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5,
+                                       rtol=1e-4, err_msg=str(path))
 
 
-def test_fused_model_gradients_equal_dot(tiny_model, fused_model, rng):
+def test_model_gradients_equal_dot(tiny_model, other_model, rng):
     ids, seg = _batch(rng)
     targets = jnp.roll(ids, -1, axis=1)
 
@@ -124,21 +138,21 @@ def test_fused_model_gradients_equal_dot(tiny_model, fused_model, rng):
     grad = nnx.jit(nnx.grad(loss))
     with jax.default_matmul_precision("highest"):
         want = nnx.to_flat_state(grad(tiny_model, ids, seg, targets))
-        got = nnx.to_flat_state(grad(fused_model, ids, seg, targets))
+        got = nnx.to_flat_state(grad(other_model, ids, seg, targets))
     assert len(want) > 0
     for (path, a), (_, b) in zip(want, got, strict=True):
         np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=2e-5, rtol=1e-4,
                                    err_msg=str(path))
 
 
-def test_fused_model_generates_the_same_tokens(tiny_model, fused_model, rng):
+def test_model_generates_the_same_tokens(tiny_model, other_model, rng):
     # Prefill and single-token decode run against the KV cache (not causal-aligned: causal=False).
     ids = rng.integers(0, TINY.vocab_size, size=(2, 6))
     mask = np.ones((2, 6), np.int64)
     mask[1, :2] = 0
     with jax.default_matmul_precision("highest"):
         want = np.asarray(greedy_generate(tiny_model, ids, mask, max_new_tokens=5))
-        got = np.asarray(greedy_generate(fused_model, ids, mask, max_new_tokens=5))
+        got = np.asarray(greedy_generate(other_model, ids, mask, max_new_tokens=5))
     np.testing.assert_array_equal(got, want)
 
 
@@ -147,6 +161,7 @@ def test_fused_model_generates_the_same_tokens(tiny_model, fused_model, rng):
     ({"attention_impl": "cudnn"}, "needs dtype bfloat16 or float16"),
     ({"attention_impl": "cudnn", "dtype": jnp.bfloat16, "head_dim": 12},
      "needs head_dim a multiple of 8"),
+    ({"attention_impl": "chunked", "attention_chunk": 0}, "attention_chunk must be a positive int"),
 ])
 def test_attention_impl_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -420,8 +420,14 @@ def test_cudnn_attention_drops_the_score_matrices_from_the_plan():
     # The probe does not fit in 16 GiB, its activations (the scores) the largest part: the
     # advice names the switch, unless it is already on.
     probe_a = next(o for o in a.over if o.startswith("probe:"))
-    assert "model.attention_impl=cudnn" in probe_a
+    assert "model.attention_impl=cudnn" in probe_a and "or chunked elsewhere" in probe_a
     assert not any("attention_impl" in o for o in b.over)
+    # Chunked, 512 keys a step (two steps at seq 1024): one step's scores, two running outputs.
+    chunked = dry_run(_hf_7b("llama2_7b", memory_gb=16, attention_impl="chunked"), num_devices=8)
+    act_c = chunked.stage("mixture_finetune").part("activations").per_device
+    h = 128
+    assert act_a - act_c == pytest.approx(
+        2 * rows * s * ((8 + c) * n * s - ((8 + c) * n * 512 + 4 * n * h * 2)), rel=1e-6)
 
 
 def test_loss_chunk_plans_one_chunk_of_training_logits():
