@@ -3,6 +3,9 @@
 #   make test   set up .venv and run the test suite (offline, CPU)
 PYTHON ?= python3
 VENV   ?= .venv
+# Test processes: XLA compiles one at a time per process, so two keep two cores busy. Tests of a
+# file stay in one process (--dist loadfile), sharing its fixtures and compiled shapes.
+TEST_WORKERS ?= 2
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
@@ -22,7 +25,7 @@ bench-divergence: $(STAMP)
 	$(PY) benchmarks/divergence.py --json divergence_bench.json
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
