@@ -206,7 +206,7 @@ class StageMemory:
         chunked = train and self.loss_chunk is not None and self.loss_chunk < seq
         logit_tokens = rows * self.loss_chunk if chunked else tokens
         logits = logit_tokens * copies * 4 * m.vocab_size // _tensor_split(m.vocab_size, tensor)
-        which = f", {self.loss_chunk} positions a row at a time" if chunked else ""
+        which = f", {self.loss_chunk}-position chunks" if chunked else ""
         fsdp = self.mesh["fsdp"] > 1
         embed = self.sizes.embed_bytes if fsdp else 0
         gathered = 2 * self.sizes.layer_params * c // tensor + embed

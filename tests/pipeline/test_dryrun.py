@@ -441,7 +441,7 @@ def test_loss_chunk_plans_one_chunk_of_training_logits():
     train_chunked = chunked.stage("mixture_finetune").part("logits")
     assert train_full.per_device == rows * 1024 * 3 * 4 * v
     assert train_chunked.per_device == rows * 128 * 3 * 4 * v
-    assert "128 positions a row at a time" in train_chunked.name
+    assert "128-position chunks" in train_chunked.name
     assert chunked.stage("probe").part("logits") == full.stage("probe").part("logits")
     assert "loss_chunk 128" in format_dry_run(chunked)
     # One adapter of 4 rows per device in 6 GiB: the training logits are the largest part of a
