@@ -7,6 +7,7 @@ shape) run there and the caller owns the values.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -17,6 +18,23 @@ import numpy as np
 def is_traced(x) -> bool:
     """True when `x` is a tracer (inside someone's jit/vmap/grad: values are unknown)."""
     return isinstance(x, jax.core.Tracer)
+
+
+def eager_when_concrete(fn):
+    """Run `fn` eagerly when none of its array arguments is a tracer.
+
+    Functions that read values on the host (spectra, range checks, greedy choices) work on
+    concrete arrays. Inside a caller's jit, a closure constant is concrete but every JAX
+    operation on it is staged out, so the host reads would fail on tracers; evaluating at
+    trace time gives the same result as outside the jit, baked in as a constant.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(is_traced(leaf) for leaf in jax.tree.leaves((args, kwargs))):
+            return fn(*args, **kwargs)
+        with jax.ensure_compile_time_eval():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def float_dtype(x):

@@ -14,13 +14,15 @@ import jax.numpy as jnp
 
 from taskpgm_jax.mrf._spectrum import extreme_eigenvalues
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_nonnegative,
-                                       check_positive, check_square, is_traced)
+                                       check_positive, check_square, eager_when_concrete,
+                                       is_traced)
 
 LN2 = math.log(2.0)
 DEFAULT_RELATIVE_RIDGE = 1e-5
 SYMMETRY_TOL = 1e-5
 
 
+@eager_when_concrete
 def affinity_from_jsd(divergence, kind: str = "linear", tau: float | None = None):
     """Task affinity from a task-level JSD matrix D (nats).
 
@@ -115,6 +117,7 @@ def _add_to_diagonal(S, shift):
     return S + shift * jnp.eye(S.shape[0], dtype=S.dtype)  # fused: no T x T identity is stored
 
 
+@eager_when_concrete
 def psd_repair(affinity, ridge: float | None = None, *, spectrum: str = "auto") -> PSDRepair:
     """Symmetrise S and shift its spectrum so that S~ is positive definite (DESIGN.md 4).
 

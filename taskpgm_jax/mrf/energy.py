@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_positive,
-                                       check_vector, checked_potentials)
+                                       check_vector, checked_potentials, eager_when_concrete)
 from taskpgm_jax.mrf.affinity import psd_repair
 
 
@@ -85,6 +85,7 @@ def utility_unary(cross_likelihood, base_likelihood):
     return gain.sum(axis=1) / max(T - 1, 1)
 
 
+@eager_when_concrete
 def potentials(affinity, unary="centrality", *, beta: float = 1.0, lam: float = 1.0,
                ridge: float | None = None, cross_likelihood=None, base_likelihood=None,
                spectrum: str = "auto") -> Potentials:

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
-from taskpgm_jax.mrf._validate import check_positive, checked_potentials, real_numpy
+from taskpgm_jax.mrf._validate import (check_positive, checked_potentials, eager_when_concrete,
+                                       real_numpy)
 from taskpgm_jax.mrf.energy import Potentials
 
 
@@ -182,6 +183,7 @@ def check_costs(costs, num_tasks: int, budget) -> tuple[np.ndarray, float]:
     return costs, budget
 
 
+@eager_when_concrete
 def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> Selection:
     """Greedy budgeted selection of tasks maximising F (DESIGN.md 4).
 

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,3 +176,35 @@ def test_numpy_integers_are_accepted_as_counts():
     assert mrf.set_value(pot, np.array([0, 2])) == mrf.set_value(pot, [0, 2])
     rep = mrf.submodularity_ratio(pot, k=np.int64(2), num_samples=np.int32(5), seed=np.uint8(1))
     assert rep == mrf.submodularity_ratio(pot, k=2)
+
+
+def test_concrete_arrays_closed_over_in_a_jit_build_the_same_mixture(rng):
+    """Inside a caller's jit a closure constant has values, but every JAX operation on it is
+    staged out: the host reads (spectrum, range checks, greedy choices) run eagerly instead, and
+    the whole chain gives what it gives outside jit; a bad constant gets the named error."""
+    T = 5
+    P = rng.dirichlet(np.full(16, 0.3), size=T)
+    D = jnp.asarray([[jensenshannon(P[i], P[j]) ** 2 for j in range(T)] for i in range(T)],
+                    jnp.float32)
+
+    def chain():
+        pot = potentials(affinity_from_jsd(D), beta=1.0, lam=4.0)
+        return (psd_repair(D).matrix, pot.matrix, solve(pot).weights,
+                jnp.asarray(select_tasks(pot, 2).indices))
+
+    for inside, outside in zip(jax.jit(chain)(), chain(), strict=True):
+        np.testing.assert_allclose(np.asarray(inside), np.asarray(outside), rtol=1e-6, atol=1e-7)
+    # The solver's answer is the simplex minimiser: check it against the float64 KKT conditions.
+    S = 1 - np.asarray(D, np.float64) / math.log(2)
+    w = np.asarray(jax.jit(chain)()[2], np.float64)
+    grad = 4.0 * S @ w - S.sum(1)
+    support = w > 1e-6
+    assert abs(w.sum() - 1) < 1e-5
+    assert np.ptp(grad[support]) < 1e-3 and grad[~support].min(initial=np.inf) > grad[support].max() - 1e-3
+
+    bad = D.at[0, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match="divergence: contains NaN"):
+        jax.jit(lambda: affinity_from_jsd(bad))()
+    asymmetric = D.at[0, 1].add(0.1)
+    with pytest.raises(ValueError, match="affinity: not symmetric"):
+        jax.jit(lambda: psd_repair(asymmetric))()
