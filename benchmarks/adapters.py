@@ -124,7 +124,7 @@ def bench_adapters(name, dtype, num, repeats):
     per_task = [random_batch(rng, vocab, batch, seq) for _ in range(num)]
 
     joint = AdapterTrainer(model, cfg, stack_adapters(adapters))
-    stacked = joint.place_batch(Batch(*(np.stack(xs) for xs in zip(*per_task))))
+    stacked = joint.place_batch(Batch(*(np.stack(xs) for xs in zip(*per_task, strict=True))))
     box = {"state": joint.init(seed=0)}
 
     def side_by_side():

@@ -153,7 +153,7 @@ def bench_size(t, n, v, repeats, scipy_budget=SCIPY_BUDGET_S):
     row["scipy_pairs_timed"] = len(subset)
     ours_np = np.asarray(ours_out, np.float64)
     row["max_abs_error_vs_scipy"] = float(max(abs(ours_np[i, j] - val)
-                                              for (i, j), val in zip(subset, vals)))
+                                              for (i, j), val in zip(subset, vals, strict=True)))
     assert abs(ours_np[0, 1] - first_val) < 1e-5
     del lp64
     return row

@@ -23,7 +23,7 @@ def test_mixture_solve_writes_the_optimal_mixture_and_exports(tmp_path, rng, cap
                  "--out", str(out)])
     assert code == 0
     mix = json.loads((out / "mixture.json").read_text())
-    w = np.array([dict(zip(mix["names"], mix["weights"]))[n] for n in names])
+    w = np.array([dict(zip(mix["names"], mix["weights"], strict=True))[n] for n in names])
     # Independent float64 reference on the same (repaired) problem.
     pot = potentials(S, beta=2.0, lam=2.0 * t)  # the default pairwise weight is 2T
     Q = np.asarray(pot.matrix, np.float64) * pot.lam
@@ -66,8 +66,9 @@ def test_mixture_solve_refuses_bad_input_before_writing_anything(tmp_path, capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command,names", [(["bench"], "divergence,divergence_tiles,mrf,model,adapters,probe"),
-                                           (["data", "fetch"], "bigbench")])
+@pytest.mark.parametrize("command,names", [
+    (["bench"], "divergence,divergence_tiles,mrf,model,adapters,probe"),
+    (["data", "fetch"], "bigbench")])
 def test_passthrough_commands_answer_a_bare_help(command, names, capsys):
     """`taskpgm bench --help` lists the names (options belong to each script: NAME --help);
     without a name it is a usage error, not a traceback."""

@@ -43,8 +43,8 @@ def task_fingerprint(pool: TaskPool, name: str) -> str:
     """SHA-256 over a task's example contents in order: changes iff the data changes."""
     h = hashlib.sha256()
     cols = pool[name].examples[:]
-    for values in zip(*(cols[k] for k in ("prompt", "target", "choices", "answer"))):
-        h.update(_example_key(dict(zip(("prompt", "target", "choices", "answer"), values))))
+    for values in zip(*(cols[k] for k in ("prompt", "target", "choices", "answer")), strict=True):
+        h.update(_example_key(dict(zip(("prompt", "target", "choices", "answer"), values, strict=True))))
         h.update(b"\n")
     return h.hexdigest()
 
@@ -141,7 +141,7 @@ def materialize_mixture(pool: TaskPool, sample: MixtureSample, out_dir: str | os
         "split": sample.split,
         "split_spec": dataclasses.asdict(pool.split_spec),
         "budget": sample.budget,
-        "weights": dict(zip(sample.names, (float(w) for w in sample.weights))),
+        "weights": dict(zip(sample.names, (float(w) for w in sample.weights), strict=True)),
         "counts": sample.counts,
         "repeated": {n: {"count": c, "available": a} for n, (c, a) in sample.repeated.items()},
         "tasks": {n: {"source": pool[n].source, "kind": pool[n].kind, "metric": pool[n].metric,

@@ -81,7 +81,7 @@ def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     w, keys = _as_vector(weights, None)
     counts = largest_remainder(w, int(budget))
     if keys is not None:
-        return dict(zip(keys, (int(c) for c in counts)))
+        return dict(zip(keys, (int(c) for c in counts), strict=True))
     return counts
 
 
@@ -121,7 +121,7 @@ def baseline_weights(sizes: Mapping[str, int], kind: str = "uniform", *,
     names = tuple(sizes)
     n = np.array([min(s, cap) if cap is not None else s for s in sizes.values()], np.float64)
     if kind not in ("uniform", "random") and np.any(n <= 0):
-        empty = [k for k, v in zip(names, n) if v <= 0]
+        empty = [k for k, v in zip(names, n, strict=True) if v <= 0]
         raise data_error(f"size-based weights need every task non-empty; empty: {empty}")
     if kind == "uniform":
         mix = mrf_mixture.uniform_mixture(names)
@@ -217,7 +217,7 @@ def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float
     # One generator per task, keyed by (seed, task position and name): a task's draw does not
     # depend on the tasks after it.
     counts, indices, repeated = {}, {}, {}
-    for t, (name, c) in enumerate(zip(names, counts_vec)):
+    for t, (name, c) in enumerate(zip(names, counts_vec, strict=True)):
         c = int(c)
         available = len(pool.indices(name, split))
         if c and not available:

@@ -457,7 +457,7 @@ class TaskPool:
             task = self[name]
             # Column lists, not row iteration: a Dataset row access costs far more than a hash.
             ex = task.examples[:]
-            rows = zip(ex["prompt"], ex["target"], ex["choices"], ex["answer"])
+            rows = zip(ex["prompt"], ex["target"], ex["choices"], ex["answer"], strict=True)
             labels = np.array([split_of({"prompt": p, "target": t, "choices": c, "answer": a},
                                         name, self.split_spec) for p, t, c, a in rows])
             self._split_index[name] = {s: np.flatnonzero(labels == s) for s in SPLITS}

@@ -288,4 +288,4 @@ def encode_task(tokenizer, examples: Iterable[Mapping[str, Any]], *, max_length:
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     t_ids = tokenizer([j[3] for j in jobs], add_special_tokens=False)["input_ids"]
     return [_build(tokenizer, p_ids[slot], t, max_length, add_eos, i, c)
-            for (i, c, slot, _), t in zip(jobs, t_ids)]
+            for (i, c, slot, _), t in zip(jobs, t_ids, strict=True)]

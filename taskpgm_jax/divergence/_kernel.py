@@ -1,15 +1,15 @@
 """The blocked all-pairs JSD kernel shared by `pairwise_jsd` and the streaming accumulator.
 
 Layout of the work: the [T, N, V] log-probs are cut into tiles of all T models x `position_block`
-positions x `vocab_chunk` tokens, read once each (the input is never copied, padded or
-normalised as a whole). Against each tile every pair is evaluated once, in the order of a
-`PairSchedule`: recursive halving of the model axis turns the upper triangle into a few
-broadcast blocks ([groups, s, 1] rows against [groups, 1, s] rows), which XLA fuses with the reduction over the vocabulary, so nothing of
-size pairs x tile is materialised (a gather of pair rows would be, and cost ~1.5x). The
-probabilities P = exp(log P) are computed per tile (T exps against T(T-1)/2 pairs, so nearly
-free) and never stored for the whole input: peak memory is the input plus a few tiles (the
-halves each step reads are copied out of the tile on CPU; the pairs of the small leaf groups,
-at most `pair_block` per step, are gathered) and the [pairs, position_block] partial sums,
+positions x `vocab_chunk` tokens, read once each (the input is never copied, padded or normalised
+as a whole). Against each tile every pair is evaluated once, in the order of a `PairSchedule`:
+recursive halving of the model axis turns the upper triangle into a few broadcast blocks
+([groups, s, 1] rows against [groups, 1, s] rows), which XLA fuses with the reduction over the
+vocabulary, so nothing of size pairs x tile is materialised (a gather of pair rows would be, and
+cost ~1.5x). The probabilities P = exp(log P) are computed per tile (T exps against T(T-1)/2
+pairs, so nearly free) and never stored for the whole input: peak memory is the input plus a few
+tiles (the halves each step reads are copied out of the tile on CPU; the pairs of the small leaf
+groups, at most `pair_block` per step, are gathered) and the [pairs, position_block] partial sums,
 independent of the number of positions.
 
 Per element and pair the kernel evaluates the KL form of DESIGN.md 4,

@@ -77,7 +77,7 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
         arr = _host(value if dtype is None else value.astype(dtype))
         tmap = to_hf(tuple(path), cfg.num_hidden_layers)
         blocks = list(arr) if tmap.stacked else [arr]
-        for name, block in zip(tmap.hf_names, blocks):
+        for name, block in zip(tmap.hf_names, blocks, strict=True):
             yield name, np.ascontiguousarray(block.T if tmap.transpose else block)
 
 
@@ -138,7 +138,7 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
     n = len(temp_names)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     if writer:
-        for temp, final in zip(temp_names, names):
+        for temp, final in zip(temp_names, names, strict=True):
             os.replace(os.path.join(path, temp), os.path.join(path, final))
         if n > 1:
             index = {"metadata": {"total_size": int(total)},

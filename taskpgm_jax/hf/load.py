@@ -182,7 +182,7 @@ def load_hf_checkpoint(
             raise ValueError(f"checkpoint {os.fspath(path)} does not match the model:\n  "
                              + "\n  ".join(parts))
 
-        for path_, var, tmap in plan:
+        for _, var, tmap in plan:
             if mesh is not None:
                 axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
                 sharding = named_sharding(mesh, axes, var.shape, rules)

@@ -44,7 +44,7 @@ def largest_remainder(weights, budget: int) -> np.ndarray:
     num = [f.numerator * (denom // f.denominator) for f in fr]
     total, budget = sum(num), int(budget)
     counts = [n * budget // total for n in num]
-    rem = [n * budget - c * total for n, c in zip(num, counts)]  # numerators over `total`
+    rem = [n * budget - c * total for n, c in zip(num, counts, strict=True)]  # numerators over `total`
     order = sorted(range(len(num)), key=lambda i: (-rem[i], i))
     for i in order[:budget - sum(counts)]:
         counts[i] += 1
@@ -126,7 +126,7 @@ class Mixture:
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
             raise ValueError(f"budget: expected a non-negative integer, got {budget!r}.")
         counts = largest_remainder(self.weights, int(budget))
-        return dict(zip(self.names, (int(c) for c in counts)))
+        return dict(zip(self.names, (int(c) for c in counts), strict=True))
 
     # -- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -141,12 +141,12 @@ class Mixture:
                    d.get("provenance", {}))
 
     def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.names, self.weights))
+        return dict(zip(self.names, self.weights, strict=True))
 
     # -- exporters (reference/peers.md 4) -------------------------------------------------
     def to_seqio(self) -> list[tuple[str, float]]:
         """seqio / t5x `Mixture(name, tasks=[(task_name, rate), ...])` rates (relative)."""
-        return list(zip(self.names, self.weights))
+        return list(zip(self.names, self.weights, strict=True))
 
     @classmethod
     def from_seqio(cls, rates: Sequence[tuple[str, float]], **kw) -> "Mixture":
@@ -176,7 +176,7 @@ class Mixture:
         if missing:
             raise ValueError(f"paths: no data path for tasks {missing}.")
         return json.dumps({n: {"path": paths[n], "weight": w}
-                           for n, w in zip(self.names, self.weights)}, indent=2)
+                           for n, w in zip(self.names, self.weights, strict=True)}, indent=2)
 
     @classmethod
     def from_maxtext(cls, text: str, **kw) -> tuple["Mixture", dict[str, str]]:

@@ -131,7 +131,7 @@ def training_texts(pool: TaskPool):
     """Every prompt, target and choice of the training splits (the tokenizer's corpus)."""
     for name in pool.names:
         cols = pool.train(name)[:]
-        for prompt, target, choices in zip(cols["prompt"], cols["target"], cols["choices"]):
+        for prompt, target, choices in zip(cols["prompt"], cols["target"], cols["choices"], strict=True):
             yield prompt
             yield target
             yield from choices

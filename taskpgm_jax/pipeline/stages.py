@@ -92,7 +92,7 @@ def _restore_tree(path: Path, like):
         raise ValueError(stale.format(""))
     bad = [f"{jax.tree_util.keystr(k)}: stored {x.shape} {x.dtype}, expected {y.shape} {y.dtype}"
            for (k, x), y in zip(jax.tree_util.tree_leaves_with_path(restored),
-                                jax.tree.leaves(target))
+                                jax.tree.leaves(target), strict=True)
            if x.shape != y.shape or x.dtype != y.dtype]
     if bad:
         more = "; ..." if len(bad) > 3 else ""
@@ -192,7 +192,7 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
             _save_tree(done, nnx.to_pure_dict(trainer.adapters(result.state)))
             if is_writer():
                 write_json(loss_file,
-                           dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]))))
+                           dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]), strict=True)))
         shapes = nnx.to_pure_dict(jax.eval_shape(functools.partial(
             init_adapters, model, len(names), seed=0, first=start)))
         finished.append(_restore_tree(done, jax.tree.map(

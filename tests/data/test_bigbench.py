@@ -80,7 +80,7 @@ def _check_fixture(pool, tasks, canary=CANARY):
         assert ex.num_rows == len(src["examples"])
         fmt = (src.get("task_prefix", ""), src.get("example_input_prefix", "\nQ: "),
                src.get("example_output_prefix", "\nA: "), src.get("choice_prefix", "\n  choice: "))
-        for row, e in zip(ex, src["examples"]):
+        for row, e in zip(ex, src["examples"], strict=True):
             if "target_scores" in e:
                 choices = list(e["target_scores"])
                 shown = ""

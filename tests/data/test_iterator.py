@@ -30,7 +30,7 @@ def _ids_in(batch):
 
 
 def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a, b))
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("pack", [True, False])

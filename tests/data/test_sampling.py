@@ -95,7 +95,7 @@ def test_sample_follows_counts_without_needless_replacement(rng):
     # Rows are the train rows the indices name.
     rows = list(s.rows(pool))
     train_prompts = {n: pool.train(n)["prompt"] for n in pool.names}
-    for (t, k), row in zip(s.order[:50], rows[:50]):
+    for (t, k), row in zip(s.order[:50], rows[:50], strict=True):
         name = pool.names[t]
         assert row["task"] == name
         assert row["prompt"] == train_prompts[name][s.indices[name][k]]
@@ -124,7 +124,7 @@ def test_interleave_follows_probabilities(rng):
     for name, p in w.items():
         assert abs(first[name] / 300 - p) < 5 * np.sqrt(p * (1 - p) / 300)
     stream = interleave_mixture(pool, {"t0": 1.0, "t1": 1.0}, seed=0, streaming=True)
-    got = [row["task"] for _, row in zip(range(20), stream)]
+    got = [row["task"] for _, row in zip(range(20), stream, strict=False)]
     assert set(got) <= {"t0", "t1"} and len(got) == 20
 
 

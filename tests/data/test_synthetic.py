@@ -22,7 +22,7 @@ def _oracle(skill, x):
     if skill == "boolean":  # left to right, no precedence
         toks = x.split()
         val = toks[0] == "T"
-        for op, lit in zip(toks[1::2], toks[2::2]):
+        for op, lit in zip(toks[1::2], toks[2::2], strict=True):
             b = lit == "T"
             val = {"and": val & b, "or": val | b, "xor": val ^ b}[op]
         return "T" if val else "F"
@@ -53,7 +53,7 @@ def _split_prompt(prompt):
 
 
 def _all_examples(pool):
-    return {n: list(zip(pool[n].examples["prompt"], pool[n].examples["target"]))
+    return {n: list(zip(pool[n].examples["prompt"], pool[n].examples["target"], strict=True))
             for n in pool.names}
 
 
@@ -84,7 +84,7 @@ def test_planted_structure(rng):
 
     train_forms = set()
     for name in pool.names:
-        for prompt, target in zip(pool[name].examples["prompt"], pool[name].examples["target"]):
+        for prompt, target in zip(pool[name].examples["prompt"], pool[name].examples["target"], strict=True):
             word, x = _split_prompt(prompt)
             train_forms.add((word, prompt[len(word) + 1 + len(x):]))
             if name.startswith("noise_"):
@@ -95,7 +95,7 @@ def test_planted_structure(rng):
         desc_skill = pool[name].keywords[0]
         ex = pool[name].examples
         hits = np.mean([t == _oracle(desc_skill, _split_prompt(p)[1])
-                        for p, t in zip(ex["prompt"], ex["target"])])
+                        for p, t in zip(ex["prompt"], ex["target"], strict=True)])
         assert hits < 0.3
     # Near-duplicates: same skill, different prompt forms.
     for skill in skills_used:
@@ -109,7 +109,7 @@ def test_planted_structure(rng):
     train_words = {w for w, _ in train_forms}
     for name in held.names:
         assert held.split_sizes("train")[name] == 0
-        for prompt, target in zip(held[name].examples["prompt"], held[name].examples["target"]):
+        for prompt, target in zip(held[name].examples["prompt"], held[name].examples["target"], strict=True):
             word, x = _split_prompt(prompt)
             assert word in train_words
             assert (word, prompt[len(word) + 1 + len(x):]) not in train_forms

@@ -64,7 +64,7 @@ def test_pool_split_accessors_return_the_hashed_rows(rng):
             (r["prompt"], r["target"]))
     for split, got in (("train", pool.train("a")), ("probe", pool.probe("a")),
                        ("eval", pool.eval("a"))):
-        assert list(zip(got["prompt"], got["target"])) == want[split]
+        assert list(zip(got["prompt"], got["target"], strict=True)) == want[split]
     k = len(want["probe"]) // 2
     assert pool.probe("a", size=k)["prompt"] == [p for p, _ in want["probe"][:k]]
     with pytest.raises(DataError, match=r"task 'a'.*probe split too small"):

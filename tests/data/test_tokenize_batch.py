@@ -130,7 +130,7 @@ def test_multiple_choice_rows(tokenizer, rng):
     choices = [_word(rng, 2, 9) for _ in range(4)]
     rows = encode_choices(tokenizer, "which? ", choices, example=7)
     assert [r.choice for r in rows] == [0, 1, 2, 3] and {r.example for r in rows} == {7}
-    for r, c in zip(rows, choices):
+    for r, c in zip(rows, choices, strict=True):
         assert tokenizer.decode(r.input_ids[r.target_mask]) == c
     ds = [{"prompt": "p1 ", "target": "b", "choices": ["a", "b"]},
           {"prompt": "p2 ", "target": "zz", "choices": []}]
@@ -215,7 +215,7 @@ def test_packing_isolates_segments(rng):
     assert seen == [s.input_ids.tolist() for s in seqs]
     # Greedy packing: no row could have taken the next row's first sequence.
     rows = pack_rows(seqs, seq_len)
-    for a, b in zip(rows, rows[1:]):
+    for a, b in zip(rows[:-1], rows[1:], strict=True):
         assert sum(map(len, a)) + len(b[0]) > seq_len
 
 

@@ -78,7 +78,7 @@ def test_streaming_uneven_batches_equal_pairwise(seed, cuts):
     acc = StreamingJSD(T)
     state = acc.init()
     bounds = [0, *sorted(cuts), N]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         state = acc.update(state, lp[:, a:b], w[a:b])
     streamed = np.asarray(acc.result(state))
     ref = reference_pairwise(lp, w)
@@ -176,7 +176,7 @@ def test_single_model_and_task_balanced_weights(rng):
 def test_pair_schedule_visits_every_pair_exactly_once(num_models, pair_block):
     schedule = _kernel.PairSchedule(num_models, pair_block)
     pairs = list(zip(schedule.pair_i[schedule.valid].tolist(),
-                     schedule.pair_j[schedule.valid].tolist()))
+                     schedule.pair_j[schedule.valid].tolist(), strict=True))
     expected = {(i, j) for i in range(num_models) for j in range(i + 1, num_models)}
     assert len(pairs) == len(expected) and set(pairs) == expected
     # Padding to s * 2^m (s <= 16) adds at most ~1/8 of the models: < 30% more pairs.

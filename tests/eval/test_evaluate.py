@@ -54,9 +54,9 @@ def test_multiple_choice_scores_equal_the_bigram_reference(tokenizer, rng):
         examples.append({"prompt": prompt, "choices": choices, "answer": int(rng.integers(3))})
     out = score_multiple_choice(model, tokenizer, examples, seq_len=16, batch_size=4)
     correct = correct_norm = 0
-    for ex, pred in zip(examples, out["predictions"]):
+    for ex, pred in zip(examples, out["predictions"], strict=True):
         ref = [_reference_loglik(table, tokenizer, ex["prompt"], c) for c in ex["choices"]]
-        pick, pick_norm = choice_predictions(*map(np.asarray, zip(*ref)))
+        pick, pick_norm = choice_predictions(*map(np.asarray, zip(*ref, strict=True)))
         assert pred == pick
         correct += pick == ex["answer"]
         correct_norm += pick_norm == ex["answer"]
@@ -112,7 +112,7 @@ def test_generation_and_evaluate_match_recomputation(tokenizer, rng):
     # evaluate(): a generative task whose references are the model's own output for the first
     # three prompts (hits) and something else for the last two (misses), and a choice task.
     rows = [{"prompt": p, "target": (r if k < 3 else "zebra") or "zebra"}
-            for k, (p, r) in enumerate(zip(prompts, ref))]
+            for k, (p, r) in enumerate(zip(prompts, ref, strict=True))]
     choice_rows = [{"prompt": f"pick {w} ", "choices": ["red", "blue"], "answer": 0}
                    for w in WORDS[:4]]
     pool = TaskPool([make_task("gen", "generate", rows),

@@ -62,7 +62,7 @@ def _reference(model, adapters, seqs, tasks):
             per_position.append(logp[target_at])
         rows.append([np.mean(np.asarray(per_example)[tasks == k]) for k in range(T)])
         positions.append(np.concatenate(per_position))
-    pos_tasks = np.concatenate([[k] * int(s.target_mask[1:].sum()) for s, k in zip(seqs, tasks)])
+    pos_tasks = np.concatenate([[k] * int(s.target_mask[1:].sum()) for s, k in zip(seqs, tasks, strict=True)])
     lp = np.stack(positions[:T]).astype(np.float32)
     jsd = np.mean([reference_pairwise(lp[:, pos_tasks == k]) for k in range(T)], axis=0)
     return np.asarray(rows[:T]), np.asarray(rows[T]), jsd

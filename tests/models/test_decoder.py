@@ -41,7 +41,7 @@ def test_scan_unscanned_remat_agree(tiny_cfg, tiny_model, rng):
         unrolled = random_model(tiny_cfg.replace(scan_layers=False, remat=True), seed=5)
         # Copy the stacked weights into the list of layers, layer by layer.
         for i, layer in enumerate(unrolled.model.layers):
-            nnx.update(layer, jax.tree.map(lambda x: x[i], nnx.state(tiny_model.model.layers)))
+            nnx.update(layer, jax.tree.map(lambda x, i=i: x[i], nnx.state(tiny_model.model.layers)))
         for name in ("embed_tokens", "norm"):
             nnx.update(getattr(unrolled.model, name), nnx.state(getattr(tiny_model.model, name)))
         nnx.update(unrolled.lm_head, nnx.state(tiny_model.lm_head))

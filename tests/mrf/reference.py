@@ -59,7 +59,7 @@ def slsqp_qp(Q, c, lower=None, upper=None, w0=None, ftol=1e-15):
     upper = np.ones(n) if upper is None else np.broadcast_to(upper, (n,))
     x0 = np.clip(np.full(n, 1.0 / n) if w0 is None else w0, lower, upper)
     res = minimize(lambda w: 0.5 * w @ Q @ w - c @ w, x0, jac=lambda w: Q @ w - c,
-                   method="SLSQP", bounds=list(zip(lower, upper)),
+                   method="SLSQP", bounds=list(zip(lower, upper, strict=True)),
                    constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
                                  "jac": lambda w: np.ones(n)}],
                    options={"ftol": ftol, "maxiter": 2000})

@@ -266,7 +266,7 @@ def test_kill_after_a_save_and_changed_rounds_resume_to_the_same_artifacts(finis
         got = _tree(_stage_dir(run_dir, label) / name)
         want = _tree(_stage_dir(ref_dir, label) / name)
         assert jax.tree.structure(got) == jax.tree.structure(want), label
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=label)
     assert results["methods"]["uniform"]["seeds"] == ref_results["methods"]["uniform"]["seeds"]
     # Cached stages report the seconds they took when they ran, not nothing.

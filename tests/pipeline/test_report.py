@@ -131,7 +131,7 @@ def _tables(text):
             block = list(itertools.takewhile(lambda ln: ln.startswith("|"), lines[i:]))
             cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in block]
             header = cells[0]
-            tables.append({row[0]: dict(zip(header, row)) for row in cells[2:]})
+            tables.append({row[0]: dict(zip(header, row, strict=True)) for row in cells[2:]})
     return tables
 
 
@@ -191,7 +191,7 @@ def test_report_files_and_numbers(tmp_path, rng):
     shares = _tables(_section(text, "Planted clusters (synthetic suite)"))[-1]
     for m, mix in mixtures.items():
         for label in set(clusters.values()):
-            share = sum(w for t, w in zip(mix["names"], mix["weights"]) if clusters[t] == label)
+            share = sum(w for t, w in zip(mix["names"], mix["weights"], strict=True) if clusters[t] == label)
             assert shares[label][m] == f"{share / sum(mix['weights']):.3f}"
     total = sum(results["stage_seconds"].values())
     assert f"| **total** | {total:.1f} |" in text
@@ -209,7 +209,7 @@ def test_weights_table_matches_mixtures(tmp_path, rng):
     names = json.loads((run / "stages/probe-abc123/names.json").read_text())
     assert sorted(weights) == sorted(names)
     for m, mix in mixtures.items():
-        w = dict(zip(mix["names"], np.asarray(mix["weights"]) / np.sum(mix["weights"])))
+        w = dict(zip(mix["names"], np.asarray(mix["weights"]) / np.sum(mix["weights"]), strict=True))
         for t in names:
             assert weights[t][m] == f"{w.get(t, 0.0):.3f}"
     # No planted clusters, no greedy record: neither figure nor section.

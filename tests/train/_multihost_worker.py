@@ -75,7 +75,7 @@ class BothShares:
         return self
 
     def __next__(self):
-        return Batch(*(np.concatenate(xs) for xs in zip(*(next(h) for h in self.hosts))))
+        return Batch(*(np.concatenate(xs) for xs in zip(*(next(h) for h in self.hosts), strict=True)))
 
     def state(self):
         return {"hosts": [h.state() for h in self.hosts]}
@@ -122,7 +122,7 @@ def gather(tree):
     leaves = [x for _, x in named]
     if MODE == "multi":
         leaves = multihost_utils.process_allgather(leaves, tiled=True)
-    return {jax.tree_util.keystr(p): np.asarray(x) for (p, _), x in zip(named, leaves)}
+    return {jax.tree_util.keystr(p): np.asarray(x) for (p, _), x in zip(named, leaves, strict=True)}
 
 
 def spans_both_processes(x):

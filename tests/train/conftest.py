@@ -51,7 +51,8 @@ def iterator(seed, *, offset=1, n=40, batch=BATCH):
 
 
 def tree_max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
 
 
 def tree_copy(tree):

@@ -40,7 +40,7 @@ def test_side_by_side_equals_separate_runs(rng):
     state = trainer.init(seed=10)
     joint_losses = []
     for s in range(3):
-        stacked = Batch(*(np.stack(xs) for xs in zip(*[data[t][s] for t in range(T)])))
+        stacked = Batch(*(np.stack(xs) for xs in zip(*[data[t][s] for t in range(T)], strict=True)))
         state, metrics = trainer.step(state, trainer.place_batch(stacked))
         assert metrics["loss"].shape == (T,)
         joint_losses.append(np.asarray(metrics["loss"]))
@@ -71,7 +71,7 @@ def test_stacked_iterator_resumes_every_task():
     again.restore(saved)
     got = next(again)
     assert got.input_ids.shape == (2, 4, 16)
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -89,7 +89,7 @@ def test_stacked_iterator_stops_without_losing_batches():
     ref = finite(2, 10)
     for _ in range(3):
         next(ref)
-    for a, b in zip(next(long_), next(ref)):
+    for a, b in zip(next(long_), next(ref), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -119,7 +119,7 @@ def test_init_adapters_in_rounds_equals_all_at_once(rng):
     seed = int(rng.integers(1 << 20))
     whole = init_adapters(model, 6, seed=seed, std=0.5)
     part = init_adapters(model, np.int64(2), seed=np.int64(seed), std=0.5, first=np.int32(3))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(part)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(part), strict=True):
         np.testing.assert_array_equal(np.asarray(a)[3:5], np.asarray(b))
         if "lora_b" in jax.tree_util.keystr(path):
             assert not np.any(np.asarray(a))

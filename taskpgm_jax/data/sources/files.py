@@ -233,7 +233,7 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
         # so rows without one are errors rather than silently merged into one task.
         if any(task_column in rec for rec in records):
             groups: dict[str, tuple[list, list]] = {}
-            for rec, line in zip(records, lines):
+            for rec, line in zip(records, lines, strict=True):
                 name = task_name(rec, task_column, str(path), line)
                 groups.setdefault(name, ([], []))
                 groups[name][0].append(rec)

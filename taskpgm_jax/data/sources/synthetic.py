@@ -63,10 +63,10 @@ def _boolean(rng):
     lits = [bool(v) for v in rng.integers(0, 2, size=n)]
     ops = [str(o) for o in rng.choice(["and", "or", "xor"], size=n - 1)]
     val = lits[0]
-    for op, b in zip(ops, lits[1:]):
+    for op, b in zip(ops, lits[1:], strict=True):
         val = {"and": val and b, "or": val or b, "xor": val != b}[op]
     sym = {True: "T", False: "F"}
-    text = sym[lits[0]] + "".join(f" {op} {sym[b]}" for op, b in zip(ops, lits[1:]))
+    text = sym[lits[0]] + "".join(f" {op} {sym[b]}" for op, b in zip(ops, lits[1:], strict=True))
     return text, sym[val]
 
 
@@ -99,7 +99,7 @@ def _lookup(rng):
     keys = rng.choice(list(_LETTERS), size=3, replace=False)
     vals = rng.integers(0, 10, size=3)
     q = int(rng.integers(0, 3))
-    table = " ".join(f"{k}={v}" for k, v in zip(keys, vals))
+    table = " ".join(f"{k}={v}" for k, v in zip(keys, vals, strict=True))
     return f"{table} ; {keys[q]}", str(vals[q])
 
 
@@ -193,7 +193,7 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
     sizes = list(cluster_sizes) + [1] * n_unique
 
     tasks, labels = [], {}
-    for skill, size in zip(skills, sizes):
+    for skill, size in zip(skills, sizes, strict=True):
         words = SKILLS[skill][1]
         for i in range(size):
             name = f"{skill}_{i}"
