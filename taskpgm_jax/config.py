@@ -133,7 +133,7 @@ class BaseModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     seq_len: int = 64
-    remat: bool = False
+    remat: bool = False  # recompute activations in the backward pass: memory only, out of the keys
     # "dot", "chunked" (keys 512 at a time, online softmax), "xla" or "cudnn" (flash attention:
     # NVIDIA GPUs, dtype bfloat16); the same results, so it stays out of the stage keys
     # (`results_view`). See `ModelConfig.attention_impl`.
@@ -163,9 +163,10 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
-    checkpoint_every: int = 50
-    # single_task only: train this many adapters side by side per round (None: all T at once).
-    # Bounds activation memory (`--dry-run` says what fits); results do not depend on it.
+    checkpoint_every: int = 50  # when to save for a resume, not what is trained: out of the keys
+    # single_task only (refused under finetune): train this many adapters side by side per
+    # round (None: all T at once). Bounds activation memory (`--dry-run` says what fits);
+    # results do not depend on it.
     adapters_per_round: int | None = None
 
 
@@ -259,12 +260,21 @@ def _validate(cfg: RunConfig) -> None:
         need(all(0 <= s < 2**32 for s in seeds), key,
              f"seeds must lie in [0, 2**32) (NumPy's seed range); got {list(seeds)}")
     need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
-    need(0 < d.probe_fraction and 0 < d.eval_fraction and d.probe_fraction + d.eval_fraction < 1,
-         "data.probe_fraction", "probe and eval fractions must be > 0 and sum to less than 1")
+    for key in ("probe_fraction", "eval_fraction"):
+        need(getattr(d, key) > 0, f"data.{key}", f"must be > 0, got {getattr(d, key)!r}")
+    if d.probe_fraction + d.eval_fraction >= 1:
+        raise ConfigError(f"config keys 'data.probe_fraction' and 'data.eval_fraction': must sum "
+                          f"to less than 1 (the rest is the training split), got "
+                          f"{d.probe_fraction} + {d.eval_fraction}")
     if d.source == "files":
         need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
+        need(d.files.heldout_path is not None, "data.files.heldout_path",
+             "source 'files' needs the held-out evaluation tasks (e.g. a BBH directory of "
+             "JSONL files)")
     if d.source == "hub":
         need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
+        need(len(d.hub.heldout) > 0, "data.hub.heldout",
+             "source 'hub' needs at least one held-out evaluation dataset")
     _validate_hub(d.hub, need)
     need(cfg.tokenizer.kind in ("bpe", "pretrained"), "tokenizer.kind",
          f"must be 'bpe' or 'pretrained', got {cfg.tokenizer.kind!r}")
@@ -329,8 +339,8 @@ def _validate(cfg: RunConfig) -> None:
 
 
 def _validate_unused(cfg: RunConfig, need) -> None:
-    """Keys the chosen variant never reads: refused rather than silently ignored. Their
-    defaults are None, so a value here is one the user set."""
+    """Keys the chosen variant never reads: refused rather than silently ignored. A value
+    other than the default (None, or the section's defaults) is one the user set."""
     tok, m, mrf = cfg.tokenizer, cfg.model, cfg.mrf
     unused = [("tokenizer.path", tok.path, "tokenizer.kind", tok.kind, tok.kind != "pretrained",
                "a bpe tokenizer is trained on the pool; set tokenizer.kind: pretrained to load "
@@ -348,6 +358,21 @@ def _validate_unused(cfg: RunConfig, need) -> None:
     for key, value, setting, chosen, ignored, fix in unused:
         need(value is None or not ignored, key,
              f"unused because {setting} is {chosen!r} ({fix}); remove {key}")
+    # Only the chosen source's section is read. Not data.synthetic: the demo's suite settings
+    # stay put when a command line switches data.source.
+    d = cfg.data
+    for source in ("bigbench", "files", "hub"):
+        if d.source == source:
+            continue
+        section, default = getattr(d, source), getattr(DataConfig(), source)
+        changed = [f.name for f in dataclasses.fields(section)
+                   if getattr(section, f.name) != getattr(default, f.name)]
+        key = f"data.{source}.{changed[0]}" if changed else ""
+        need(not changed, key, f"unused because data.source is {d.source!r} (only source "
+             f"{source!r} reads data.{source}); remove it, or set data.source: {source}")
+    need(cfg.finetune.adapters_per_round is None, "finetune.adapters_per_round",
+         "unused: each mixture fine-tune trains one model (only single_task trains adapters "
+         "side by side, in rounds); remove finetune.adapters_per_round")
 
 
 def _validate_hub(hub: HubData, need) -> None:
@@ -497,12 +522,35 @@ def _number(value) -> int | float | None:
     return None
 
 
+class _Pairs(tuple):
+    """A mapping under an `Any` key, frozen (hashable) as (key, value) pairs. A tuple, so it
+    hashes and dumps as before; its type tells `thaw` to give back a dict, which a list of
+    pairs (also a tuple of tuples once frozen) is not."""
+
+    __slots__ = ()
+
+
 def _freeze(value):
     if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
+        return _Pairs((k, _freeze(v)) for k, v in value.items())
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value
+
+
+def thaw(value):
+    """A frozen config value as written: mappings as dicts, sequences as lists."""
+    if isinstance(value, _Pairs):
+        return {k: thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def hub_specs(entries: tuple[tuple[tuple[str, Any], ...], ...]) -> list[dict[str, Any]]:
+    """`data.hub.train` / `heldout` entries as the dicts a user passes to `load_hub_tasks`
+    (nested mappings such as `data_files` and `columns` as dicts, not frozen pairs)."""
+    return [{k: thaw(v) for k, v in entry} for entry in entries]
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -594,11 +642,20 @@ def to_dict(obj) -> Any:
 
 
 def results_view(model: BaseModelConfig) -> dict:
-    """The `model` section as stage keys hash it: without `attention_impl` and `loss_chunk`,
-    which change how the model runs and never its results (beyond float32 rounding): a run
-    resumes across them, and keys of configs from before these fields existed are unchanged."""
+    """The `model` section as stage keys hash it: without `attention_impl`, `loss_chunk` and
+    `remat`, which change how the model runs (speed, memory) and never its results (beyond
+    float32 rounding), so a run resumes across them."""
     view = to_dict(model)
-    del view["attention_impl"], view["loss_chunk"]
+    del view["attention_impl"], view["loss_chunk"], view["remat"]
+    return view
+
+
+def finetune_view(ft: FinetuneConfig) -> dict:
+    """A `single_task` / `finetune` section as stage keys hash it: without `checkpoint_every`
+    (when a resumable checkpoint is saved, not what is trained) and `adapters_per_round`
+    (memory only for single_task; finetune never reads it)."""
+    view = to_dict(ft)
+    del view["checkpoint_every"], view["adapters_per_round"]
     return view
 
 

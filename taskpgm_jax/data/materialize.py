@@ -163,6 +163,7 @@ def load_materialized(out_dir: str | os.PathLike):
 
     Returns:
       (dataset, manifest): a `datasets.Dataset` of the rows in order, and the manifest dict.
+      Its `canary` column (when any task has one) is "" on the rows of tasks without one.
 
     Raises:
       DataError: the manifest is missing or the data file does not match its SHA-256.
@@ -182,4 +183,8 @@ def load_materialized(out_dir: str | os.PathLike):
         raise data_error(f"file content changed since it was written (sha256 {h[:12]}... != "
                          f"manifest {manifest['sha256'][:12]}...)", source=str(data_path))
     records, _ = read_records(data_path)
-    return datasets.Dataset.from_list(records), manifest
+    # `from_list` takes its columns from the first row alone, and only rows of tasks with a
+    # canary carry one: the columns are the union of every row's keys, "" where a row has none.
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    columns = {k: [r.get(k, "") for r in records] for k in keys}
+    return datasets.Dataset.from_dict(columns), manifest

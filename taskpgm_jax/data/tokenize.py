@@ -139,7 +139,9 @@ def _assemble(prompt_ids: list[int], target_ids: list[int], max_length: int | No
         head = prompt_ids[:1] if keep_first and prompt_ids else []
         body = prompt_ids[len(head):]
         room = max_length - len(target_ids) - len(head)
-        if room >= 0:
+        # room == 0 without a head would leave no token before the target (its first token
+        # unscored): that case cuts the target instead, below.
+        if room > 0 or (room == 0 and (head or not target_ids)):
             cut = len(body) - room
             prompt_ids = head + body[cut:]
         else:  # the target alone does not fit: the target is cut from the right

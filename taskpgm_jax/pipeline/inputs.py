@@ -21,6 +21,7 @@ from taskpgm_jax.config import (
     ConfigError,
     DataConfig,
     config_hash,
+    hub_specs,
 )
 from taskpgm_jax.data import (
     DataError,
@@ -90,10 +91,10 @@ def load_pools(cfg: DataConfig) -> Pools:
                               "evaluation tasks (e.g. a BBH directory of JSONL files)")
         heldout = load_task_files(f.heldout_path, split=eval_only, **kw)
     else:
-        pool = load_hub_tasks([dict(s) for s in cfg.hub.train], split=split)
+        pool = load_hub_tasks(hub_specs(cfg.hub.train), split=split)
         if not cfg.hub.heldout:
             raise ConfigError("config key 'data.hub.heldout': give at least one held-out dataset")
-        heldout = load_hub_tasks([dict(s) for s in cfg.hub.heldout], split=eval_only)
+        heldout = load_hub_tasks(hub_specs(cfg.hub.heldout), split=eval_only)
     if len(pool) < 2:
         raise ConfigError(f"config key 'data.source' ({cfg.source}): the task pool has "
                           f"{len(pool)} task(s); TaskPGM needs at least two (check the task "

@@ -19,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from taskpgm_jax.config import ConfigError, RunConfig, config_hash, dump_config, results_view, to_dict
+from taskpgm_jax.config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    dump_config,
+    finetune_view,
+    results_view,
+    to_dict,
+)
 from taskpgm_jax.data import load_tokenizer
 from taskpgm_jax.mrf import Mixture
 from taskpgm_jax.pipeline import stages
@@ -99,6 +107,22 @@ def hf_base(cfg: RunConfig):
     return base_dir, tokenizer, key
 
 
+def single_task_key(cfg: RunConfig, base_key: str, data_key: str) -> str:
+    """The single_task stage key. Memory-only settings (rounds, the checkpoint interval) stay
+    out of it (`finetune_view`): changing them resumes the stage instead of rerunning it."""
+    return config_hash(finetune_view(cfg.single_task), cfg.lora, base_key, data_key,
+                       cfg.model.seq_len)
+
+
+def finetune_key(cfg: RunConfig, weights: dict[str, float], seed: int, base_key: str,
+                 data_key: str) -> str:
+    """The key of one mixture fine-tune (`finetune_view` of its section, as single_task)."""
+    ft = cfg.finetune
+    return config_hash(finetune_view(ft), cfg.lora if ft.trainable == "lora" else None,
+                       sorted(weights.items()), cfg.mixture.budget, seed, base_key, data_key,
+                       cfg.model.seq_len)
+
+
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
                  echo: Callable[[str], None] = print, report: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the experiment `cfg` in `run_dir`.
@@ -150,8 +174,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
 
     # Single-task adapters, then the probe.
     # Memory-only settings (rounds, chunks) do not change results: they stay out of the keys.
-    single_key = config_hash(dataclasses.replace(cfg.single_task, adapters_per_round=None),
-                             cfg.lora, base_key, pools.key, seq_len)
+    single_key = single_task_key(cfg, base_key, pools.key)
     single_dir = log.run(
         run, "single_task", "single_task", single_key,
         lambda work: stages.train_single_task(base, tokenizer, pool, cfg.single_task, cfg.lora,
@@ -206,9 +229,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
         weights = mixture.as_dict()
         for seed in cfg.seeds:
             tag = f"{method}/seed{seed}"
-            ft_key = config_hash(cfg.finetune, cfg.lora if cfg.finetune.trainable == "lora" else None,
-                                 sorted(weights.items()), cfg.mixture.budget, seed, base_key,
-                                 pools.key, seq_len)
+            ft_key = finetune_key(cfg, weights, seed, base_key, pools.key)
             ft_dir = log.run(
                 run, f"finetune/{tag}", "finetune", ft_key,
                 lambda work, w=weights, s=seed: stages.finetune_mixture(

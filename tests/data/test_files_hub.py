@@ -163,3 +163,41 @@ def test_task_names_are_a_list_and_targets_strings(tmp_path):
     with pytest.raises(DataError, match=r"arith.jsonl line 2, task 'arith', field 'target': "
                                         r"expected a string, got int 5"):
         load_task_files(tmp_path)
+
+
+def test_a_mapped_column_that_is_absent_is_refused(tmp_path, rng):
+    """A mapping for an optional field (references, id) naming a column the file lacks is an
+    error naming the file, the field, the column and the columns there: not ignored."""
+    rows = [{"q": f"q{i}", "a": f"a{rng.integers(99)}", "alts": [f"b{i}"], "key": f"k{i}"}
+            for i in range(int(rng.integers(3, 9)))]
+    _write_jsonl(tmp_path / "t.jsonl", rows)
+    base = {"prompt": "q", "target": "a"}
+    for field, col in (("references", "alt"), ("id", f"key{rng.integers(9)}")):
+        with pytest.raises(DataError) as err:
+            load_task_files(tmp_path / "t.jsonl", columns={**base, field: col})
+        msg = str(err.value)
+        assert f"t.jsonl, field '{field}'" in msg and repr(col) in msg
+        assert str(sorted(rows[0])) in msg  # the columns present
+    pool = load_task_files(tmp_path / "t.jsonl",
+                           columns={**base, "references": "alts", "id": "key"})
+    assert pool["t"].examples["references"] == [r["alts"] for r in rows]
+    assert pool["t"].examples["id"] == [r["key"] for r in rows]
+    # In a file of several tasks, a mapped column need only be in some of them: the others
+    # keep the default (their target as the one reference).
+    multi = [{"task": "t1", **rows[0]}, {"task": "t2", "q": "x", "a": "y"}]
+    _write_jsonl(tmp_path / "multi.jsonl", multi)
+    pool = load_task_files(tmp_path / "multi.jsonl", columns={**base, "references": "alts"})
+    assert pool["t1"].examples["references"] == [rows[0]["alts"]]
+    assert pool["t2"].examples["references"] == [["y"]]
+
+
+def test_json_array_errors_name_the_element(tmp_path, rng):
+    """An element of a .json array spans lines: errors name its position, not a line."""
+    n = int(rng.integers(2, 8))
+    bad = int(rng.integers(n))
+    rows = [{"prompt": f"p{i}", "target": f"t{i}"} for i in range(n)]
+    del rows[bad]["target"]
+    (tmp_path / "arr.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=rf"arr.json element {bad + 1}, task 'arr', "
+                                        r"field 'target': missing required field"):
+        load_task_files(tmp_path / "arr.json")

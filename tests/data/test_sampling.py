@@ -1,6 +1,7 @@
 """Mixture weights -> counts -> examples; baselines; streaming interleave; materialisation."""
 
 import collections
+import dataclasses
 import hashlib
 import json
 
@@ -156,6 +157,24 @@ def test_materialise_round_trip(tmp_path, rng):
     (tmp_path / "mix" / "mixture.jsonl").write_bytes(data[:-10] + b"tampered\n")
     with pytest.raises(DataError, match="changed since it was written"):
         load_materialized(tmp_path / "mix")
+
+
+def test_canary_read_back_when_the_first_row_has_none(tmp_path, rng):
+    """Only rows of a task with a canary carry one; reading back must keep it on those rows even
+    when the first row belongs to a task without one."""
+    canary = f"CANARY-{rng.integers(1 << 30)}"
+    pool = _pool(rng, [int(rng.integers(20, 40)), int(rng.integers(20, 40))], canary=canary)
+    s = sample_mixture(pool, {"t0": 0.5, "t1": 0.5}, 30, seed=int(rng.integers(1000)))
+    # Put a row of t1 (no canary) first, whatever order the seed drew.
+    first = int(np.flatnonzero(s.order[:, 0] == 1)[0])
+    order = np.concatenate([s.order[first:first + 1], np.delete(s.order, first, axis=0)])
+    s = dataclasses.replace(s, order=order)
+    materialize_mixture(pool, s, tmp_path / "mix")
+    ds, _ = load_materialized(tmp_path / "mix")
+    want = [canary if r["task"] == "t0" else "" for r in s.rows(pool)]
+    assert want[0] == "" and canary in want
+    assert ds["canary"] == want
+    assert ds["prompt"] == [r["prompt"] for r in s.rows(pool)]
 
 
 @pytest.mark.parametrize("call, match", [

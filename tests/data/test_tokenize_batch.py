@@ -126,6 +126,22 @@ def test_first_target_token_always_has_a_position_before_it(tokenizer):
         encode_example(_BosTok(), "abc", "w", max_length=1)
 
 
+def test_target_filling_max_length_exactly_keeps_a_context_token(rng):
+    """Without a BOS, a target whose tokens plus EOS are exactly max_length long: the prompt's
+    last token stays and the target loses its last token, so every target token kept is scored
+    (before, the prompt was cut to nothing and the first target token went unscored)."""
+    for _ in range(5):
+        prompt = _word(rng, 1, 6)
+        max_len = int(rng.integers(2, 8))
+        target = _word(rng, max_len - 1, max_len - 1)  # + EOS = max_len tokens
+        enc = encode_example(_NoBosTok(), prompt, target, max_length=max_len)
+        kept = (_c(target) + [2])[:max_len - 1]
+        assert enc.input_ids.tolist() == _c(prompt[-1]) + kept
+        assert enc.target_mask.tolist() == [False] + [True] * len(kept)
+        assert enc.truncated == len(prompt) - 1 + 1  # the rest of the prompt, and the EOS
+        assert pad_batch([enc], seq_len=max_len).loss_mask.sum() == len(kept)
+
+
 def test_multiple_choice_rows(tokenizer, rng):
     choices = [_word(rng, 2, 9) for _ in range(4)]
     rows = encode_choices(tokenizer, "which? ", choices, example=7)

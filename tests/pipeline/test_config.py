@@ -51,7 +51,15 @@ BAD = [
     ("model.attention_impl=flash", "model.attention_impl"),
     ("model.loss_chunk=0", "model.loss_chunk"),
     ("model.attention_impl=cudnn", "model.attention_impl"),  # the demo computes in float32
+    # A zero eval fraction was reported as 'data.probe_fraction'.
+    ("data.eval_fraction=0", "data.eval_fraction"),
+    ("data.probe_fraction=-0.1", "data.probe_fraction"),
 ]
+
+# Sources without held-out data once failed only when the run loaded its data (after --dry-run
+# had accepted them).
+NO_HELDOUT = [(["data.source=files", "data.files.path=/x"], "data.files.heldout_path"),
+              (["data.source=hub", "data.hub.train=[{path: x}]"], "data.hub.heldout")]
 
 
 @pytest.mark.parametrize("override, key", BAD, ids=[b[0] for b in BAD])
@@ -60,11 +68,33 @@ def test_impossible_values_name_their_key(override, key):
         load_config(DEMO, [override])
 
 
+@pytest.mark.parametrize("overrides, key", NO_HELDOUT, ids=[k for _, k in NO_HELDOUT])
+def test_a_source_without_heldout_data_is_refused_at_load_time(overrides, key, capsys):
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': source"):
+        load_config(DEMO, overrides)
+    assert main(["run", str(DEMO), "--dry-run", *overrides]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_fractions_summing_to_one_name_both_keys():
+    with pytest.raises(ConfigError, match=r"'data.probe_fraction' and 'data.eval_fraction': must "
+                                          r"sum to less than 1.*0.5 \+ 0.5"):
+        load_config(DEMO, ["data.probe_fraction=0.5", "data.eval_fraction=0.5"])
+
+
 @pytest.mark.parametrize("overrides, setting", [
     (["tokenizer.path=/x"], "tokenizer.kind is 'bpe'"),
     (["model.checkpoint=/x"], "model.source is 'scratch'"),
     (["model.preset=llama2_7b"], "model.source is 'scratch'"),
     (["mrf.jsd_tau=0.1"], "mrf.jsd_affinity is 'linear'"),
+    # The sections of the sources not chosen (the demo's is synthetic).
+    (["data.files.path=/x"], "data.source is 'synthetic'"),
+    (["data.files.task_column=name"], "data.source is 'synthetic'"),
+    (["data.bigbench.max_tasks=3"], "data.source is 'synthetic'"),
+    (["data.hub.heldout=[{path: x}]"], "data.source is 'synthetic'"),
+    (["data.source=bigbench", "data.hub.train=[{path: x}]"], "data.source is 'bigbench'"),
+    (["data.source=hub", "data.hub.train=[{path: x}]", "data.hub.heldout=[{path: y}]",
+      "data.bigbench.heldout=[navigate]"], "data.source is 'hub'"),
 ])
 def test_keys_the_chosen_variant_ignores_are_refused(overrides, setting):
     key = overrides[-1].split("=")[0]  # the last override is the unused key
@@ -73,12 +103,27 @@ def test_keys_the_chosen_variant_ignores_are_refused(overrides, setting):
         load_config(DEMO, overrides)
 
 
+def test_finetune_adapters_per_round_is_refused():
+    # Only single_task trains adapters side by side; the mixture fine-tunes never read it.
+    with pytest.raises(ConfigError, match=r"config key 'finetune.adapters_per_round': unused.*"
+                                          r"remove finetune.adapters_per_round"):
+        load_config(DEMO, ["finetune.adapters_per_round=2"])
+    assert load_config(DEMO, ["single_task.adapters_per_round=2"]).single_task \
+        .adapters_per_round == 2
+
+
 def test_the_same_keys_are_accepted_where_they_are_used():
     cfg = load_config(DEMO, ["mrf.jsd_affinity=rbf", "mrf.jsd_tau=0.1", "seeds=[0, 4294967295]",
-                             "single_task.warmup_steps=150",
-                             "data.hub.train=[{path: x, name: y, split: test}]"])
+                             "single_task.warmup_steps=150", "data.source=hub",
+                             "data.hub.train=[{path: x, name: y, split: test}]",
+                             "data.hub.heldout=[{path: z}]"])
     assert cfg.mrf.jsd_tau == 0.1 and cfg.seeds == (0, 2**32 - 1)
     assert cfg.single_task.warmup_steps == cfg.single_task.steps
+    files = load_config(DEMO, ["data.source=files", "data.files.path=/x",
+                               "data.files.heldout_path=/y", "data.files.task_column=name"])
+    assert files.data.files.task_column == "name"
+    assert load_config(DEMO, ["data.source=bigbench", "data.bigbench.max_tasks=3"]) \
+        .data.bigbench.max_tasks == 3
 
 
 def test_dry_run_refuses_at_load_time(capsys):
@@ -112,10 +157,79 @@ def test_attention_and_loss_chunk_reach_the_model_and_stay_out_of_the_stage_keys
     # The key of the model section is the hash of every other field: what it was before these
     # fields existed, and the same for every attention_impl and loss_chunk.
     others = {f.name: to_dict(getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)
-              if f.name not in ("attention_impl", "loss_chunk")}
+              if f.name not in ("attention_impl", "loss_chunk", "remat")}
     assert config_hash(results_view(cfg.model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO).model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO, ["model.seq_len=72"]).model)) \
         != config_hash(others)
     cudnn = load_config(DEMO, ["model.dtype=bfloat16", "model.attention_impl=cudnn"])
     assert cudnn.model.attention_impl == "cudnn"
+
+
+def test_hub_entries_reach_the_loader_as_written(tmp_path, rng):
+    """Nested mappings in a hub entry (data_files, columns) reach `datasets` as the dicts the
+    user wrote, not as frozen pairs (which crashed `load_dataset`)."""
+    import json
+
+    from taskpgm_jax.config import config_from_dict, hub_specs
+    from taskpgm_jax.pipeline.inputs import load_pools
+
+    rows = {}
+    for part in ("pool", "held"):
+        names = [f"{part}{i}" for i in range(int(rng.integers(2, 4)))]
+        rows[part] = [{"name": names[i % len(names)], "q": f"q{i} {rng.integers(1 << 30)}",
+                       "a": f"a{rng.integers(9)}"} for i in range(40 * len(names))]
+        with open(tmp_path / f"{part}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[part])
+
+    def entry(part):
+        return {"path": "json", "data_files": {"train": [str(tmp_path / f"{part}.jsonl")]},
+                "task_column": "name", "columns": {"prompt": "q", "target": "a"},
+                "cache_dir": str(tmp_path / "hf")}
+
+    cfg = config_from_dict({"data": {"source": "hub", "hub": {"train": [entry("pool")],
+                                                              "heldout": [entry("held")]}}})
+    assert hub_specs(cfg.data.hub.train) == [entry("pool")]
+    pools = load_pools(cfg.data)
+    for pool, part in ((pools.train, "pool"), (pools.heldout, "held")):
+        want = {}
+        for r in rows[part]:
+            want.setdefault(r["name"], []).append(r["q"])
+        assert {n: pool[n].examples["prompt"] for n in pool.names} == want
+
+
+def test_memory_only_settings_stay_out_of_the_stage_keys(rng):
+    """remat, checkpoint_every and adapters_per_round decide memory and when to save, never what
+    is trained: the base, single_task and finetune keys ignore them, and still follow a setting
+    that changes results."""
+    import dataclasses
+
+    from taskpgm_jax.config import config_hash, finetune_view, results_view
+    from taskpgm_jax.pipeline.run import finetune_key, single_task_key
+
+    tok, data = f"tok{rng.integers(1 << 30)}", f"data{rng.integers(1 << 30)}"
+    weights = {"a": float(rng.random()), "b": float(rng.random())}
+    seed = int(rng.integers(100))
+
+    def keys(overrides):
+        cfg = load_config(DEMO, overrides)
+        base = config_hash(results_view(cfg.model), tok, data)  # as run_pipeline hashes it
+        return (base, single_task_key(cfg, base, data),
+                finetune_key(cfg, weights, seed, base, data))
+
+    ref = keys([])
+    every = int(rng.integers(1, 1000))
+    for same in (["model.remat=true"], [f"single_task.checkpoint_every={every}"],
+                 [f"finetune.checkpoint_every={every}"],
+                 [f"single_task.adapters_per_round={int(rng.integers(1, 9))}"]):
+        assert keys(same) == ref, same
+    base, single, ft = keys(["model.seq_len=72"])
+    assert base != ref[0] and single != ref[1] and ft != ref[2]
+    lr = f"{float(rng.uniform(1e-4, 1e-2))!r}"
+    st = keys([f"single_task.learning_rate={lr}"])
+    assert st[0] == ref[0] and st[1] != ref[1] and st[2] == ref[2]
+    fl = keys([f"finetune.learning_rate={lr}"])
+    assert fl[:2] == ref[:2] and fl[2] != ref[2]
+    # finetune.adapters_per_round is refused at load; the key would ignore it all the same.
+    ft = load_config(DEMO).finetune
+    assert finetune_view(dataclasses.replace(ft, adapters_per_round=4)) == finetune_view(ft)

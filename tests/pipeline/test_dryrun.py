@@ -63,7 +63,8 @@ def _hf_7b(preset: str, memory_gb=32, attention_impl="dot", loss_chunk=None, **e
            "model": {"source": "hf", "checkpoint": "/nonexistent/ckpt", "preset": preset,
                      "dtype": "bfloat16", "seq_len": 1024, "remat": True,
                      "attention_impl": attention_impl, "loss_chunk": loss_chunk},
-           "data": {"source": "files", "files": {"path": "/nonexistent/tasks"}},
+           "data": {"source": "files", "files": {"path": "/nonexistent/tasks",
+                                                 "heldout_path": "/nonexistent/bbh"}},
            "mesh": {"data": 1, "fsdp": 8, "tensor": 1, "device_memory_gb": memory_gb}, **extra}
     return config_from_dict(raw)
 
@@ -362,13 +363,17 @@ def test_task_counts(tmp_path):
     assert tasks({"source": "bigbench", "bigbench": {"max_tasks": 7}}) == (7, True)
     assert tasks({"source": "bigbench"}) == (PLANNING_TASKS, False)
     hub = [{"path": "a/b"}, {"path": "c/d", "name": "x"}, {"path": "e/f"}]
-    assert tasks({"source": "hub", "hub": {"train": hub}}) == (3, True)
-    assert tasks({"source": "hub", "hub": {"train": [{"path": "a/b", "task_column": "task"}]}}) \
-        == (PLANNING_TASKS, False)
+    held = [{"path": "g/h"}]  # source hub needs held-out data (the plan does not count it)
+    assert tasks({"source": "hub", "hub": {"train": hub, "heldout": held}}) == (3, True)
+    assert tasks({"source": "hub", "hub": {"train": [{"path": "a/b", "task_column": "task"}],
+                                           "heldout": held}}) == (PLANNING_TASKS, False)
     for name in ("a.jsonl", "b.parquet", "c.jsonl", "README.md"):
         (tmp_path / name).write_text("")
-    assert tasks({"source": "files", "files": {"path": str(tmp_path)}}) == (3, True)
-    report = dry_run(_config(data={"source": "files", "files": {"path": str(tmp_path / "x")}}),
+    held = str(tmp_path / "bbh")
+    assert tasks({"source": "files", "files": {"path": str(tmp_path), "heldout_path": held}}) \
+        == (3, True)
+    report = dry_run(_config(data={"source": "files", "files": {"path": str(tmp_path / "x"),
+                                                                "heldout_path": held}}),
                      num_devices=8)
     assert f"planning with T = {PLANNING_TASKS}" in format_dry_run(report)
 

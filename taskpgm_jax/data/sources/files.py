@@ -32,7 +32,7 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
+def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int | str]]:
     """Reads a JSON Lines or Parquet file into records and their line (row) numbers.
 
     Args:
@@ -40,7 +40,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
         `.parquet` file.
 
     Returns:
-      (records, lines): one dict per non-blank line / row, and its 1-based line or row number.
+      (records, lines): one dict per non-blank line / row, and its 1-based line or row number
+        (for a JSON array, a label "element N": an element's position is not its line).
 
     Raises:
       DataError: text that is not UTF-8, a line that is not a JSON object (with its number).
@@ -82,8 +83,9 @@ def _starts_with_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """A `.json` file holding one array of objects; numbers are 1-based array positions."""
+def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """A `.json` file holding one array of objects, labelled "element N" (1-based): an
+    element spans several lines, so a line number would point at the wrong place."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -100,7 +102,7 @@ def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         if not isinstance(rec, dict):
             raise data_error(f"array element {i} is a {type(rec).__name__}, not an object",
                              source=str(path))
-    return records, list(range(1, len(records) + 1))
+    return records, [f"element {i}" for i in range(1, len(records) + 1)]
 
 
 def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -120,8 +122,10 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
 
 
 def _resolve_columns(present: set[str], columns: Mapping[str, str] | None, source: str,
-                     kind: str | None) -> dict[str, str]:
-    """Our field -> the file's column, from the user's mapping or the defaults."""
+                     kind: str | None, file_columns: set[str] | None = None) -> dict[str, str]:
+    """Our field -> the file's column, from the user's mapping or the defaults. `present`: the
+    task's columns; `file_columns`: the whole file's (default `present`), which every column
+    the user maps must be among."""
     columns = dict(columns or {})
     unknown = set(columns) - set(DEFAULT_COLUMNS)
     if unknown:
@@ -146,23 +150,34 @@ def _resolve_columns(present: set[str], columns: Mapping[str, str] | None, sourc
                 f"missing column for {kind} field {field!r} (looked for {tried}); columns present: "
                 f"{sorted(present)}. Map it with columns={{{field!r}: '<column>'}}",
                 source=source, field=field)
+    # A mapped column that is absent would otherwise leave an optional field (id, references)
+    # at its default without a word: most likely a typo in the mapping.
+    file_columns = present if file_columns is None else file_columns
+    for field, col in columns.items():
+        if col not in file_columns:
+            raise data_error(
+                f"the column mapping {{{field!r}: {col!r}}} names a column that is not there; "
+                f"columns present: {sorted(file_columns)}. Fix the column name, or drop "
+                f"{field!r} from the mapping", source=source, field=field)
     resolved["_kind"] = kind
     return resolved
 
 
-def task_from_records(name: str, records: list[dict], lines: list[int], source: str,
+def task_from_records(name: str, records: list[dict], lines: Sequence[int | str], source: str,
                        columns: Mapping[str, str] | None, kind: str | None,
-                       metric: str | None) -> Task:
+                       metric: str | None, file_columns: set[str] | None = None) -> Task:
+    """One task from its records; `file_columns`: the columns of the whole source when it
+    holds several tasks (a mapped column need only be in some of them)."""
     if not records:
         raise data_error("the task has no examples", task=name, source=source)
     present = set().union(*(r.keys() for r in records))
-    cols = _resolve_columns(present, columns, source, kind)
+    cols = _resolve_columns(present, columns, source, kind, file_columns)
     kind = cols.pop("_kind")
     rows = [{field: rec.get(col) for field, col in cols.items()} for rec in records]
     return make_task(name, kind, rows, metric=metric, source=source, lines=lines)
 
 
-def task_name(record: Mapping[str, Any], column: str, source: str, line: int) -> str:
+def task_name(record: Mapping[str, Any], column: str, source: str, line: int | str) -> str:
     """The task name in a record's task column; an error naming the line if it has none.
     Integer labels (e.g. a Hugging Face ClassLabel column) name their task by the number."""
     name = record.get(column)
@@ -232,6 +247,7 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
         # Any row with a task column makes the file multi-task (not just the first row's),
         # so rows without one are errors rather than silently merged into one task.
         if any(task_column in rec for rec in records):
+            file_columns = set().union(*(r.keys() for r in records))
             groups: dict[str, tuple[list, list]] = {}
             for rec, line in zip(records, lines, strict=True):
                 name = task_name(rec, task_column, str(path), line)
@@ -239,7 +255,8 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
                 groups[name][0].append(rec)
                 groups[name][1].append(line)
             for name, (recs, lns) in groups.items():
-                built.append(task_from_records(name, recs, lns, str(path), columns, kind, metric))
+                built.append(task_from_records(name, recs, lns, str(path), columns, kind, metric,
+                                               file_columns))
         else:
             built.append(task_from_records(path.stem, records, lines, str(path), columns, kind,
                                             metric))
