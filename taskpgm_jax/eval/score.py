@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from taskpgm_jax.data import check_batch_values
+from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.divergence import (
     CrossLikelihood,
     CrossLikState,
@@ -95,6 +96,8 @@ class ProbeScorer:
       num_tasks: K, the tasks whose probe examples are scored (columns of L).
       max_segments: sequences per row at most (1 for padded batches, more for packed ones).
       include_base: the forward's last output (row T) is the base model; its row of L is kept.
+        Must match the forward's own `include_base` attribute where it has one (as
+        `adapter_probe_forward` sets).
       per_token: L from per-token means instead of per-example sums.
       **jsd_options: tile / mesh options for the `StreamingJSD` accumulator.
 
@@ -112,9 +115,14 @@ class ProbeScorer:
                  **jsd_options):
         if not callable(forward):
             raise ValueError("forward: expected a callable (params, batch) -> logits.")
-        if isinstance(max_segments, bool) or not isinstance(max_segments, int) \
-                or max_segments < 1:
-            raise ValueError(f"max_segments: expected a positive int, got {max_segments!r}.")
+        max_segments = check_int(max_segments, "max_segments", 1)  # NumPy ints too
+        built_with = getattr(forward, "include_base", None)  # set by adapter_probe_forward
+        if built_with is not None and bool(built_with) != bool(include_base):
+            # Otherwise the row count is off by one and the error comes from deep inside the
+            # accumulators, without naming include_base.
+            raise ValueError(f"include_base={bool(include_base)} but the forward was built with "
+                             f"adapter_probe_forward(..., include_base={bool(built_with)}): pass "
+                             "the same include_base to both")
         self.forward = forward
         self.num_models = num_models
         self.num_tasks = num_tasks
@@ -211,7 +219,8 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
 
     Returns:
       (forward, params): `forward(params, batch)` gives logits [T (+1), B, S, V]; pass `params`
-      to `ProbeScorer.update`.
+      to `ProbeScorer.update`, and the same `include_base` to `ProbeScorer` (recorded as
+      `forward.include_base`, checked there).
     """
     if isinstance(adapters, (list, tuple)):
         adapters = stack_adapters(adapters)
@@ -231,4 +240,5 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
                                      adapter_chunk=adapter_chunk)
 
     forward.model = model  # its vocabulary, for ProbeScorer.update's id check
+    forward.include_base = bool(include_base)  # ProbeScorer refuses a mismatch by name
     return forward, (base_state, adapters)

@@ -131,7 +131,9 @@ class AdapterTrainer(Trainer):
             raise ValueError("adapters must be stacked along one leading axis T; adapter axis "
                              f"sizes {sorted(sizes)}")
         self.num_adapters = sizes.pop()
-        self._stacked = adapters
+        # Fresh Variables around the same arrays, as `Trainer._place` does for the model: a
+        # later in-place update of the caller's State must not change what `init` starts from.
+        self._stacked = jax.tree.map(lambda x: x, adapters)
 
     # -- shardings: a replicated adapter axis in front of every per-adapter sharding -------------
 
@@ -254,8 +256,15 @@ class AdapterTrainer(Trainer):
         return self._compiled()(state, self.frozen, batch, self.mesh)
 
 
+def _has_position(it) -> bool:
+    return callable(getattr(it, "state", None)) and callable(getattr(it, "restore", None))
+
+
 class StackedIterator:
     """Zips T per-task iterators into [T, B, S] batches, with a joint resumable position.
+
+    The position (`state()` / `restore()`) exists only if every task iterator has one
+    (`resumable`); `finetune` checks that before a run that would need it.
 
     Args:
       iterators: one iterator of `Batch` per task (e.g. `HostIterator`s), same batch shape.
@@ -276,7 +285,7 @@ class StackedIterator:
     def __next__(self) -> Batch:
         # When a finite task iterator stops, the ones before it have already given a batch that
         # is never yielded: roll them back so that state() stays where training stopped.
-        saved = [it.state() if hasattr(it, "state") else None for it in self.iterators]
+        saved = [it.state() if _has_position(it) else None for it in self.iterators]
         batches = []
         for it in self.iterators:
             try:
@@ -291,12 +300,27 @@ class StackedIterator:
             raise ValueError(f"per-task batches differ in shape: {sorted(shapes)}")
         return Batch(*(np.stack(xs) for xs in zip(*batches, strict=True)))
 
+    @property
+    def resumable(self) -> bool:
+        """Whether every task iterator has `state()` and `restore()` (so this one has a
+        position); plain iterators (generators, `iter(list)`) do not."""
+        return all(_has_position(it) for it in self.iterators)
+
+    def _check_resumable(self, method: str) -> None:
+        plain = [t for t, it in enumerate(self.iterators) if not _has_position(it)]
+        if plain:
+            raise ValueError(f"StackedIterator.{method}(): task iterators {plain} have no "
+                             "state()/restore(), so this iterator has no position; use "
+                             "HostIterators (or check `resumable` first)")
+
     def state(self) -> dict[str, Any]:
-        """Every task iterator's position (JSON-serialisable)."""
+        """Every task iterator's position (JSON-serialisable); requires `resumable`."""
+        self._check_resumable("state")
         return {"tasks": [it.state() for it in self.iterators]}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continues every task iterator from a saved `state()`."""
+        """Continues every task iterator from a saved `state()`; requires `resumable`."""
+        self._check_resumable("restore")
         tasks = state.get("tasks") if isinstance(state, dict) else None
         if not isinstance(tasks, (list, tuple)):
             got = "a dict without a 'tasks' list" if isinstance(state, dict) else \

@@ -37,16 +37,32 @@ class NonFiniteLossError(FloatingPointError):
     """The loss, the gradient norm or the updated parameters became NaN or inf.
 
     Attributes:
-      step: the first bad step (1-based: the step-th update produced it).
+      step: the first bad step (1-based: the step-th update produced it); for an
+        `AdapterTrainer`, the earliest over the adapters.
       last_checkpoint: the step of the newest checkpoint kept (None if there is none).
+      adapters: for an `AdapterTrainer`, the indices of the adapters that went bad at `step`
+        (None for a `Trainer`).
+      adapter_steps: for an `AdapterTrainer`, every bad adapter's first bad step (1-based), by
+        index (None for a `Trainer`).
     """
 
-    def __init__(self, step: int, last_checkpoint: int | None, directory: str | None):
+    def __init__(self, step: int, last_checkpoint: int | None, directory: str | None,
+                 adapter_steps: dict[int, int] | None = None):
         self.step, self.last_checkpoint = step, last_checkpoint
+        self.adapter_steps = adapter_steps
+        self.adapters = (None if adapter_steps is None
+                         else tuple(t for t, s in adapter_steps.items() if s == step))
+        which = ""
+        if adapter_steps is not None:
+            first = ", ".join(str(t) for t in self.adapters)
+            later = [f"adapter {t} at step {s}" for t, s in adapter_steps.items() if s != step]
+            which = f" (adapter{'s' if len(self.adapters) > 1 else ''} {first}" + \
+                (f"; later {', '.join(later)})" if later else ")")
         where = ("no checkpoint was written" if last_checkpoint is None
                  else f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}")
-        super().__init__(f"non-finite loss, gradient or parameters at step {step}; training "
-                         f"stopped and {where}. Lower TrainConfig.learning_rate or check the data.")
+        super().__init__(f"non-finite loss, gradient or parameters at step {step}{which}; "
+                         f"training stopped and {where}. Lower TrainConfig.learning_rate or "
+                         "check the data.")
 
 
 @dataclasses.dataclass
@@ -84,10 +100,12 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
 
     Args:
       trainer: a `Trainer` or `AdapterTrainer` (model, config and mesh bound).
-      data: an iterator of host `Batch`es ([B, S], or [T, B, S] for adapters). With `state()` and
-        `restore()` (`HostIterator`, `StackedIterator`) its position is checkpointed and resumed;
-        `checkpoint_dir` with `resume=True` requires both (a plain iterator would replay its data
-        from the start).
+      data: an iterator of host `Batch`es ([B, S], or [T, B, S] for adapters; a list must be
+        wrapped in `iter(...)`). With `state()` and `restore()` (`HostIterator`, a
+        `StackedIterator` whose task iterators all have them) its position is checkpointed and
+        resumed; `checkpoint_dir` with `resume=True` requires both (a plain iterator would replay
+        its data from the start), with `resume=False` a plain iterator's checkpoints hold no
+        position.
       num_steps: total steps of the run (default `trainer.cfg.total_steps`); a resumed run goes on
         to the same total.
       seed: the run's seed (the step keys), in [0, 2**32) (for T adapters seed + T - 1 too). A
@@ -102,7 +120,7 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
       resume: continue from the newest checkpoint in `checkpoint_dir` if there is one. False
         starts afresh and requires a `checkpoint_dir` without checkpoints (it never deletes them).
       progress: show a tqdm progress bar.
-      on_log: called with each history entry.
+      on_log: a callable, called with each history entry (or None).
 
     Returns:
       A `FinetuneResult`.
@@ -125,15 +143,28 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     if checkpoint_every is not None:
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
     seed = check_seed(seed, getattr(trainer, "num_adapters", 1))  # a Python int: JSON metadata
+    # Checked here, not on first use: a list fails at the first next(), a bad on_log only after
+    # log_every steps of training.
+    if not callable(getattr(data, "__next__", None)):
+        raise ValueError(f"data must be an iterator of Batch (with __next__), got "
+                         f"{type(data).__name__}: wrap a list of batches in iter(...), or pass a "
+                         "HostIterator / StackedIterator (which can also be resumed)")
+    if on_log is not None and not callable(on_log):
+        raise ValueError(f"on_log must be a callable taking each history entry (a dict) or None, "
+                         f"got {type(on_log).__name__}")
     ckpt = None
     if checkpoint_dir is not None:
         if resume and not _resumable(data):
+            has_methods = callable(getattr(data, "state", None)) and \
+                callable(getattr(data, "restore", None))
+            what = ("has state()/restore() but resumable=False (a StackedIterator: a task "
+                    "iterator without them)" if has_methods else "has no state()/restore()")
             raise ValueError(
-                f"data ({type(data).__name__}) has no state()/restore(), so a run checkpointed to "
+                f"data ({type(data).__name__}) {what}, so a run checkpointed to "
                 f"checkpoint_dir={checkpoint_dir!r} with resume=True could not continue its data "
                 "where it stopped (it would replay it from the start): pass an iterator with both "
-                "(HostIterator, StackedIterator), or resume=False to write checkpoints that are "
-                "never resumed")
+                "(HostIterator, StackedIterator of HostIterators), or resume=False to write "
+                "checkpoints that are never resumed")
         every = log_every if checkpoint_every is None else checkpoint_every
         ckpt = Checkpointer(checkpoint_dir, every=every, max_to_keep=max_to_keep)
     elif checkpoint_every is not None:
@@ -151,7 +182,24 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
 
 
 def _resumable(data) -> bool:
-    return callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))
+    """Whether `data` has a position to save and restore. A wrapper of other iterators
+    (`StackedIterator`) has state()/restore() methods even when its children have none: its
+    `resumable` property says whether they all do."""
+    return (callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))
+            and bool(getattr(data, "resumable", True)))
+
+
+def _raise_nonfinite(bad: np.ndarray, ckpt: Checkpointer | None) -> None:
+    """Raises `NonFiniteLossError` for the per-state first bad steps `bad` (0-based, -1: fine;
+    [T] for adapters): the earliest bad step, and for adapters which ones went bad."""
+    last = None if ckpt is None else ckpt.latest_step()
+    directory = None if ckpt is None else ckpt.directory
+    if bad.ndim == 0:
+        raise NonFiniteLossError(int(bad) + 1, last, directory)
+    # The minimum over the bad ones: the max would report a later step than the first bad one
+    # (fine adapters hold -1).
+    steps = {int(t): int(s) + 1 for t, s in enumerate(bad.reshape(-1)) if s >= 0}
+    raise NonFiniteLossError(min(steps.values()), last, directory, adapter_steps=steps)
 
 
 _PARAM = "param "  # prefix of the settings keys that hold a trainable parameter's shape
@@ -236,10 +284,9 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                 bar.update(1)
                 continue
             # Sync point: the non-finite flag must be clear before anything is saved.
-            bad = int(np.max(jax.device_get(state.nonfinite_step)))
-            if bad >= 0:
-                last = None if ckpt is None else ckpt.latest_step()
-                raise NonFiniteLossError(bad + 1, last, None if ckpt is None else ckpt.directory)
+            bad = np.asarray(jax.device_get(state.nonfinite_step))  # [] or [T]; -1: fine
+            if np.any(bad >= 0):
+                _raise_nonfinite(bad, ckpt)
             window += [{k: np.asarray(v).tolist() for k, v in m.items()}
                        for m in jax.device_get(pending)]
             pending = []
@@ -253,7 +300,9 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                 if on_log is not None:
                     on_log(entry)
             if save_now:
-                position = data.state() if callable(getattr(data, "state", None)) else None
+                # Data that cannot be resumed stores no position (resume=False only: `finetune`
+                # refused it otherwise); a resume from such a checkpoint is refused by name.
+                position = data.state() if _resumable(data) else None
                 ckpt.save(step, state, data_state=position,
                           meta={"run": settings, "history": history, "window": window},
                           force=step == num_steps)

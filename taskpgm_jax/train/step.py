@@ -430,7 +430,10 @@ class Trainer:
 
     Args:
       model: a `CausalLM` (with adapters for `trainable="lora"`). Its trainable arrays are copied
-        into the state by `init`; the model object itself is not modified by training.
+        into the state by `init`; the model object itself is not modified by training. The
+        trainer keeps a snapshot of the model's variables as they are now (sharing their
+        arrays): updating the model afterwards (`nnx.update`) changes neither its training nor
+        its frozen base, with a mesh or without.
       cfg: the train config.
       mesh: optional `jax.sharding.Mesh` from `taskpgm_jax.sharding.make_mesh`.
       rules: logical -> mesh rules (default `DEFAULT_RULES`).
@@ -482,8 +485,12 @@ class Trainer:
         return state_shardings(state, self.mesh, self.rules)
 
     def _place(self, state: nnx.State) -> nnx.State:
+        """`state` laid out for this trainer, in fresh Variable objects with or without a mesh, so
+        that a later `nnx.update(model, ...)` reaches into neither path. The arrays themselves
+        are shared, not copied (immutable; `device_put` to the sharding they already have is a
+        no-op), so a large frozen base is never duplicated on the device."""
         if self.mesh is None:
-            return state
+            return jax.tree.map(lambda x: x, state)
         return jax.device_put(state, self._var_shardings(state))
 
     def _param_shardings(self):

@@ -136,8 +136,18 @@ def test_probe_scorer_errors(rng):
     if batch.segment_ids.max() > 1:
         with pytest.raises(ValueError, match="more than max_segments=1"):
             scorer.update(scorer.init(), params, batch, np.zeros((BATCH, 1), int))
-    with pytest.raises(ValueError, match="max_segments"):
+    with pytest.raises(ValueError, match="max_segments must be >= 1, got 0"):
         ProbeScorer(forward, T, T, max_segments=0)
+    assert ProbeScorer(forward, T, T, max_segments=np.int64(2)).max_segments == 2  # NumPy ints
+    # include_base must match the forward's: otherwise the row count is off by one and the
+    # error came from inside the accumulators, without naming include_base.
+    with pytest.raises(ValueError, match=r"include_base=False but the forward was built with "
+                                         r"adapter_probe_forward\(\.\.\., include_base=True\)"):
+        ProbeScorer(forward, T, T, include_base=False)
+    no_base, _ = adapter_probe_forward(model, [lora_state(model)] * T, include_base=False)
+    with pytest.raises(ValueError, match=r"include_base=True but .*include_base=False\): pass the "
+                                         r"same include_base to both"):
+        ProbeScorer(no_base, T, T)
     # Ids outside the vocabulary (37): under jit an input id would be clipped and a target would
     # make the whole cross-likelihood NaN. A bad loss_mask would weight tokens wrongly.
     tasks = np.zeros((BATCH, 1), int)

@@ -104,10 +104,24 @@ def test_adapter_trainer_errors():
     b = batches(np.random.default_rng(0), 1)[0]
     with pytest.raises(ValueError, match=r"state must be a dict \{'tasks': \[\.\.\.\]\}"):
         StackedIterator([iterator(0)]).restore(None)
+    # A plain task iterator has no position: named, not an AttributeError from inside.
+    plain = StackedIterator([iterator(0), iter([b])])
+    assert not plain.resumable
+    for method, args in (("state", ()), ("restore", ({"tasks": [{}, {}]},))):
+        with pytest.raises(ValueError, match=rf"StackedIterator\.{method}\(\): task iterators \[1\] "
+                                             r"have no state\(\)/restore\(\)"):
+            getattr(plain, method)(*args)
     with pytest.raises(ValueError, match="num_adapters=2"):
         trainer.place_batch(Batch(*(np.stack([x] * 3) for x in b)))
     assert not any(isinstance(v, LoRAParam) for v in jax.tree.leaves(
         trainer.frozen, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    # The trainer starts from the adapters as they were when it was built: an in-place edit of
+    # the caller's State afterwards does not reach it (the arrays are shared, not copied).
+    given = [np.asarray(x) for x in jax.tree.leaves(adapters)]
+    for var in jax.tree.leaves(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var[...] = var[...] + 1.0
+    kept = jax.tree.leaves(trainer._trainable())
+    assert all(np.array_equal(np.asarray(k), g) for k, g in zip(kept, given, strict=True))
 
 
 def test_init_adapters_in_rounds_equals_all_at_once(rng):

@@ -113,10 +113,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         finetune(UncheckedTrainer(model, LORA_CFG), Poisoned(iterator(1), 5), num_steps=STEPS,
                  checkpoint_dir=str(ckpt), checkpoint_every=2, log_every=4, progress=False)
     assert err.value.step == 5 and err.value.last_checkpoint == 4
+    assert err.value.adapters is None and err.value.adapter_steps is None  # a single model
     manager = Checkpointer(ckpt, every=2)
     assert manager.all_steps() == [2, 4]
     state, _, _ = manager.restore(Trainer(model, LORA_CFG).abstract_state())
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state))
+
+
+class UncheckedAdapterTrainer(AdapterTrainer):
+    """`UncheckedTrainer` for adapters: shares AdapterTrainer's compiled step."""
+
+    def _check_batch(self, batch, lead, *, values):
+        super()._check_batch(batch, lead, values=False)
+
+
+def test_non_finite_adapters_report_the_first_bad_step_and_which_adapter():
+    """Adapter 1 goes bad at step 2, adapter 0 at step 3, adapter 2 never: the error is at step 2
+    and names adapter 1 (fine adapters hold -1, so a max over adapters said step 3)."""
+    model = random_model(seed=10, lora=LORA)
+    trainer = UncheckedAdapterTrainer(model, LORA_CFG, init_adapters(model, 3, seed=0))
+    poisoned_at = (3, 2, STEPS + 1)
+    data = StackedIterator([Poisoned(iterator(t, offset=t + 1), at)
+                            for t, at in enumerate(poisoned_at)])
+    with pytest.raises(NonFiniteLossError,
+                       match=r"at step 2 \(adapter 1; later adapter 0 at step 3\); training") as err:
+        finetune(trainer, data, num_steps=4, log_every=4, progress=False)
+    assert err.value.step == 2 and err.value.last_checkpoint is None
+    assert err.value.adapters == (1,) and err.value.adapter_steps == {0: 3, 1: 2}
 
 
 def test_update_that_overflows_is_never_checkpointed(tmp_path):
@@ -174,6 +197,38 @@ def test_checkpoint_dir_belongs_to_one_run(tmp_path):
         finetune(Trainer(model, LORA_CFG), iterator(0), **{**kw, "checkpoint_dir": plain})
 
 
+def _plain(it):
+    """A generator over `it`: no state()/restore()."""
+    while True:
+        yield next(it)
+
+
+def test_stacked_plain_iterators_are_not_resumable(tmp_path):
+    """A StackedIterator has state()/restore() of its own, but its position exists only if every
+    task iterator has one: with plain ones resume=True is refused up front (it used to train
+    until the first save, then fail on the generator), and resume=False checkpoints without a
+    position."""
+    model = random_model(seed=10, lora=LORA)
+    trainer = AdapterTrainer(model, LORA_CFG, init_adapters(model, 3, seed=0))
+
+    def data(plain):
+        its = [iterator(t, offset=t + 1) for t in range(3)]
+        return StackedIterator([_plain(it) for it in its] if plain else its)
+
+    assert data(plain=False).resumable and not data(plain=True).resumable
+    ckpt = tmp_path / "ckpt"
+    kw = {"num_steps": 2, "log_every": 2, "progress": False, "checkpoint_dir": str(ckpt)}
+    with pytest.raises(ValueError, match=r"data \(StackedIterator\) has state\(\)/restore\(\) but "
+                                         r"resumable=False .* or resume=False"):
+        finetune(trainer, data(plain=True), **kw)
+    assert not ckpt.exists()  # refused before anything ran or was written
+    result = finetune(trainer, data(plain=True), **kw, resume=False)
+    assert result.state.step.tolist() == [2, 2, 2]
+    assert Checkpointer(ckpt, every=2).all_steps() == [2]
+    with pytest.raises(ValueError, match="holds no data position"):
+        finetune(trainer, data(plain=False), **{**kw, "num_steps": 4})
+
+
 def test_checkpoint_without_run_settings_resumes_with_a_warning(tmp_path):
     """Checkpoints written before the run settings were stored (meta holds only the seed)."""
     model = random_model(seed=8, lora=LORA)
@@ -225,6 +280,9 @@ def test_adapters_and_sequential_full_through_the_loop(tmp_path):
     ({"checkpoint_every": 0, "checkpoint_dir": "x"}, "checkpoint_every must be >= 1, got 0"),
     ({"seed": -1}, r"seed must be in \[0, 2\*\*32\), got -1"),
     ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\)"),
+    # Checked at entry, not after log_every steps of training.
+    ({"on_log": "print", "checkpoint_dir": "x"},
+     r"on_log must be a callable taking each history entry \(a dict\) or None, got str"),
 ])
 def test_loop_argument_errors(tmp_path, kwargs, match):
     trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
@@ -233,6 +291,15 @@ def test_loop_argument_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         finetune(trainer, iterator(0), progress=False, **kwargs)
     assert not (tmp_path / "x").exists()  # refused before a checkpoint directory is made
+
+
+def test_loop_refuses_a_list_of_batches_up_front(tmp_path):
+    trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
+    with pytest.raises(ValueError, match=r"data must be an iterator of Batch \(with __next__\), "
+                                         r"got list: wrap a list of batches in iter\(\.\.\.\)"):
+        finetune(trainer, [next(iterator(0))], num_steps=1, progress=False, resume=False,
+                 checkpoint_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_loop_accepts_numpy_ints():

@@ -1,10 +1,13 @@
 """Training on 8 emulated devices (data x fsdp x tensor = 2 x 2 x 2) equals one device."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from taskpgm_jax.models import lora_state, stack_adapters
+from taskpgm_jax.models import LoRAParam, lora_state, stack_adapters
 from taskpgm_jax.sharding import make_mesh
 from taskpgm_jax.train import AdapterTrainer, StackedIterator, Trainer, finetune
 from tests.train.conftest import (
@@ -69,3 +72,21 @@ def test_sharded_adapters_resume_into_sharded_state(tmp_path, cpu_mesh_devices):
     assert tree_max_diff(tree_copy(single.state.params), tree_copy(resumed.state.params)) < 1e-5
     np.testing.assert_allclose([h["loss"] for h in single.history],
                                [h["loss"] for h in resumed.history], rtol=1e-5)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_trainer_keeps_the_base_as_it_was_when_built(sharded, cpu_mesh_devices):
+    """Editing the model after building the Trainer changes neither path's frozen base (without
+    a mesh it used to alias the model's variables, with one it was a snapshot); without a mesh
+    the arrays themselves are shared, not copied (a large base is not duplicated)."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=cpu_mesh_devices) if sharded else None
+    model = random_model(seed=12, lora=LORA)
+    frozen = nnx.Not(LoRAParam)
+    arrays = jax.tree.leaves(nnx.state(model, frozen))  # the arrays, not the (live) Variables
+    before = tree_copy(nnx.state(model, frozen))
+    trainer = Trainer(model, LORA_CFG, mesh=mesh)
+    nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.All(nnx.Param, frozen))))
+    assert tree_max_diff(tree_copy(nnx.state(model, frozen)), before) > 0.1  # edited
+    assert tree_max_diff(tree_copy(trainer.frozen), before) == 0.0
+    if not sharded:
+        assert all(a is b for a, b in zip(jax.tree.leaves(trainer.frozen), arrays, strict=True))
