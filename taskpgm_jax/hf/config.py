@@ -38,10 +38,13 @@ _INERT = {
     "cross_attention_hidden_size", "is_decoder", "bad_words_ids", "max_length", "temperature",
     "max_sequence_length",  # LLaMA-1 configs: a copy of max_position_embeddings, read by nothing
 }
-# transformers 5 defaults of keys a config.json may omit (MistralConfig, Qwen2Config); read as
-# constants because importing those classes imports torch.
+# transformers 5 defaults of keys a config.json may omit (LlamaConfig, Qwen2Config,
+# MistralConfig); read as constants because importing those classes imports torch.
 _HF_SLIDING_WINDOW = 4096
 _HF_MAX_WINDOW_LAYERS = 28
+_HF_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+# None: num_attention_heads. An explicit null means num_attention_heads in all three.
+_HF_KV_HEADS = {"llama": None, "qwen2": 32, "mistral": 8}
 _ROPE_KEYS = {"rope_theta", "rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
               "original_max_position_embeddings", "partial_rotary_factor"}
 
@@ -98,7 +101,11 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
 
     Accepts both rope forms: top-level `rope_theta` / `rope_scaling` (transformers 4) and
     `rope_parameters` (transformers 5); when both are present, `rope_scaling` wins, as in
-    transformers. Keys absent from config.json take transformers' defaults.
+    transformers. Keys absent from config.json take the defaults of transformers' config class
+    for the architecture (e.g. max_position_embeddings 2048 / 32768 / 131072 and
+    num_key_value_heads = heads / 32 / 8 for llama / qwen2 / mistral). A mistral config with
+    `layer_types` is read as `AutoModelForCausalLM` reads it (as MinistralForCausalLM: the window
+    on the sliding_attention layers only); without it the window is on every layer.
 
     Args:
       hf: the parsed config.json, or where to read it.
@@ -148,17 +155,18 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     sizes = {k: _int(hf, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                        "num_hidden_layers", "num_attention_heads")}
     heads = sizes["num_attention_heads"]
+    max_positions = _int(hf, "max_position_embeddings", _HF_MAX_POSITIONS[model_type])
     # As transformers: null (or absent) kv heads and head_dim take these defaults; 0 is refused.
     kwargs: dict[str, Any] = dict(
         model_type=model_type,
         **sizes,
-        num_key_value_heads=_int(hf, "num_key_value_heads", heads, null_is_default=True),
+        num_key_value_heads=_kv_heads(hf, model_type, heads),
         head_dim=_int(hf, "head_dim", sizes["hidden_size"] // heads, null_is_default=True),
         rms_norm_eps=_num("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
-        max_position_embeddings=_int(hf, "max_position_embeddings", 4096),
+        max_position_embeddings=max_positions,
     )
-    kwargs.update(_rope_from_hf(hf))
+    kwargs.update(_rope_from_hf(hf, max_positions))
     if model_type == "qwen2":
         # Qwen2 q/k/v projections always have a bias; o_proj never does.
         kwargs.update(qkv_bias=True, o_bias=False)
@@ -172,7 +180,21 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     return ModelConfig(**kwargs)
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def _kv_heads(hf: dict[str, Any], model_type: str, heads: int) -> int:
+    """num_key_value_heads as transformers reads it: absent takes the architecture's default,
+    null takes num_attention_heads."""
+    if "num_key_value_heads" in hf:
+        return _int(hf, "num_key_value_heads", heads, null_is_default=True)
+    kv = _HF_KV_HEADS[model_type] or heads
+    if heads % kv:
+        # Without this the error would name ModelConfig fields the user never wrote.
+        raise ValueError(f"config.json has no num_key_value_heads, and transformers' default for "
+                         f"{model_type} ({kv}) does not divide num_attention_heads={heads}; add "
+                         f"num_key_value_heads to config.json")
+    return kv
+
+
+def _rope_from_hf(hf: dict[str, Any], max_positions: int) -> dict[str, Any]:
     # As transformers 5 (convert_rope_params_to_dict): a non-empty rope_scaling wins over
     # rope_parameters, and rope_theta comes from the chosen dict, else the top level, else 1e4.
     src = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -206,9 +228,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         out.update(
             rope_low_freq_factor=required("low_freq_factor"),
             rope_high_freq_factor=required("high_freq_factor"),
+            # transformers fills it from max_position_embeddings (or that key's default).
             rope_original_max_position=_int(params, "original_max_position_embeddings",
-                                            hf.get("max_position_embeddings") or 8192,
-                                            null_is_default=True),
+                                            max_positions, null_is_default=True),
         )
     return out
 
@@ -229,6 +251,9 @@ def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         if bad or len(layer_types) != n:
             raise ValueError(f"config.json layer_types must be {n} of full_attention/sliding_attention, "
                              f"got {bad or len(layer_types)}")
+        # For mistral too: transformers' AutoConfig reads a mistral config.json with layer_types
+        # (Ministral-style) as "ministral", whose window is on the sliding_attention layers
+        # only. MistralForCausalLM alone would ignore the key, with a warning to use AutoModel.
         layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
     elif model_type == "qwen2":
         layers = tuple(range(_int(hf, "max_window_layers", _HF_MAX_WINDOW_LAYERS, minimum=0),
@@ -275,11 +300,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         dtype=jnp.dtype(cfg.param_dtype).name,
     )
     n = cfg.num_hidden_layers
-    # ModelConfig has already refused bias layouts the architecture cannot hold.
+    # ModelConfig has already refused bias and window layouts the architecture cannot hold.
     if cfg.model_type == "llama":
-        if cfg.sliding_window is not None:
-            raise ValueError("llama has no sliding window; this ModelConfig cannot be written as "
-                             "llama (use model_type='qwen2' or 'mistral')")
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     elif cfg.model_type == "qwen2":
         out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
@@ -287,7 +309,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                    layer_types=["sliding_attention" if i in cfg.sliding_window_layers else "full_attention"
                                 for i in range(n)])
     else:
-        if cfg.sliding_window is not None and tuple(cfg.sliding_window_layers) != tuple(range(n)):
-            raise ValueError("mistral applies its sliding window to every layer")
         out.update(sliding_window=cfg.sliding_window)
+        if cfg.sliding_window is not None and sorted(cfg.sliding_window_layers) != list(range(n)):
+            # A window on some layers only is Ministral's layout: transformers' Auto classes
+            # load a mistral config.json with layer_types as MinistralForCausalLM.
+            out.update(layer_types=["sliding_attention" if i in cfg.sliding_window_layers
+                                    else "full_attention" for i in range(n)])
     return out

@@ -20,6 +20,7 @@ from taskpgm_jax.hf.load import INDEX_FILE, SINGLE_FILE
 from taskpgm_jax.models.config import float_dtype
 from taskpgm_jax.models.lora import merged_kernels
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -94,7 +95,10 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
 
     Args:
       model: a `CausalLM` (adapters are merged into the written weights).
-      path: output directory (created).
+      path: output directory (created). This is the export's own target: a checkpoint already
+        there (config.json, model.safetensors, the index and its model-*-of-*.safetensors
+        shards) is removed first, so no old file is left beside the new ones; other files are
+        kept.
       max_shard_size: largest safetensors file, bytes or a string like "5GB"; above it the
         tensors are split over model-0000i-of-0000n.safetensors with an index.
       dtype: floating tensor dtype in the files, e.g. jnp.bfloat16 or "bfloat16" (default: the
@@ -106,14 +110,20 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
     Example:
       >>> save_hf_checkpoint(model, "/tmp/export", max_shard_size="2GB", dtype=jnp.bfloat16)
     """
-    limit = parse_size(max_shard_size)  # both checked before anything is written
+    # Arguments and config are all checked before anything is written or removed.
+    limit = parse_size(max_shard_size)
     dtype = _export_dtype(dtype)
+    hf_cfg = config_to_hf(model.config)
+    if dtype is not None:
+        hf_cfg["dtype"] = jnp.dtype(dtype).name
     path = os.fspath(path)
     writer = jax.process_index() == 0
     os.makedirs(path, exist_ok=True)
     if writer:
-        for stale in (INDEX_FILE, SINGLE_FILE):  # never leave an old layout beside the new one
-            if os.path.exists(os.path.join(path, stale)):
+        # Never leave an old checkpoint's files beside the new ones: an old config.json beside
+        # new weights (should this export fail before writing its own) would load as a mix.
+        for stale in os.listdir(path):
+            if stale in ("config.json", INDEX_FILE, SINGLE_FILE) or _SHARD_NAME.fullmatch(stale):
                 os.remove(os.path.join(path, stale))
     # Shards are written under temporary names; the final "-of-N" names need the count N.
     temp_names, weight_map, total = [], {}, 0
@@ -145,9 +155,7 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
                      "weight_map": {t: names[i] for t, i in weight_map.items()}}
             with open(os.path.join(path, INDEX_FILE), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
-        hf_cfg = config_to_hf(model.config)
-        if dtype is not None:
-            hf_cfg["dtype"] = jnp.dtype(dtype).name
+        # Written last: a directory with a config.json holds a complete checkpoint.
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
     return names

@@ -134,7 +134,8 @@ def load_hf_checkpoint(
 
     Raises:
       ValueError: unsupported config attribute, or (all listed at once) tensors missing from the
-        checkpoint, tensors the model does not use, and tensors of the wrong shape.
+        checkpoint, tensors absent from the file the index names for them, tensors the model
+        does not use, and tensors of the wrong shape.
 
     Example:
       >>> mesh = make_mesh(data=1, fsdp=4, tensor=2)
@@ -154,7 +155,10 @@ def load_hf_checkpoint(
         opened = {f: stack.enter_context(_safe_open(f))
                   for f in sorted(set(files.values()))}
         handles = {name: opened[f] for name, f in files.items()}
-        missing, misshaped, used = [], [], set()
+        # An index may name a file that lacks the tensor; get_slice would then fail with a bare
+        # SafetensorError, so membership is checked and reported with the other problems.
+        held = {f: set(h.keys()) for f, h in opened.items()}
+        missing, misplaced, misshaped, used = [], [], [], set()
         plan = []
         for path_, var in flat:
             tmap = to_hf(path_, cfg.num_hidden_layers)
@@ -164,6 +168,9 @@ def load_hf_checkpoint(
                     missing.append(name)
                     continue
                 used.add(name)
+                if name not in held[files[name]]:
+                    misplaced.append(f"{name} (the index names {os.path.basename(files[name])})")
+                    continue
                 got = tuple(handles[name].get_slice(name).get_shape())
                 if got != want:
                     misshaped.append(f"{name}: checkpoint {list(got)}, model expects {list(want)}")
@@ -171,10 +178,13 @@ def load_hf_checkpoint(
         ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         unexpected = sorted(n for n in files if n not in used and n not in ignorable
                             and not n.endswith(IGNORABLE_SUFFIXES))
-        if missing or unexpected or misshaped:
+        if missing or misplaced or unexpected or misshaped:
             parts = []
             if missing:
                 parts.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+            if misplaced:
+                parts.append(f"tensors not in the file {INDEX_FILE} names ({len(misplaced)}): "
+                             f"{', '.join(misplaced)}; fix the index or save the checkpoint again")
             if unexpected:
                 parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
             if misshaped:

@@ -104,9 +104,12 @@ class ModelConfig:
         holds only its own bias layout (qwen2: q/k/v only; mistral: none; llama: all four or
         none); any other combination is refused here rather than lost at export.
       sliding_window: window W (a query sees the W most recent keys including itself) or None.
-      sliding_window_layers: indices of the layers that use the window (Mistral: all; Qwen2: those
-        >= max_window_layers when use_sliding_window), no duplicates; a list is stored as a tuple
-        (the config is hashable: it is a static argument under jit).
+      sliding_window_layers: indices of the layers that use the window (Mistral: all, or those
+        of layer_types; Qwen2: those >= max_window_layers when use_sliding_window), no
+        duplicates; a list is stored as a tuple (the config is hashable: it is a static argument
+        under jit). Llama has no window (one is refused, as transformers builds none). A
+        mistral window on some layers only is Ministral's layout: exported with `layer_types`,
+        which transformers' Auto classes load as MinistralForCausalLM.
       dtype: compute dtype of matmuls (bf16 by default). Norms, softmax and logits are always f32.
       param_dtype: storage dtype of parameters (f32 by default, for training).
         Both take any floating dtype `jnp.dtype` understands (jnp.bfloat16, np.float32,
@@ -189,6 +192,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window_layers has out-of-range layers {bad}")
         if self.sliding_window_layers and self.sliding_window is None:
             raise ValueError("ModelConfig.sliding_window_layers is set but sliding_window is None")
+        self._check_window_layout()
         self._check_attention_impl()
 
     def _check_types(self):
@@ -247,6 +251,15 @@ class ModelConfig:
             raise ValueError(f"ModelConfig(model_type='llama') has one attention_bias for q/k/v "
                              f"and o_proj: set qkv_bias and o_bias equal, or use "
                              f"model_type='qwen2' for q/k/v biases only ({got})")
+
+    def _check_window_layout(self):
+        # As with biases: transformers' Llama has no window, so a llama config with one would
+        # export as a model that computes something else.
+        if self.model_type == "llama" and self.sliding_window is not None:
+            raise ValueError(f"ModelConfig(model_type='llama') has no sliding window, got "
+                             f"sliding_window={self.sliding_window}: set sliding_window=None, or "
+                             f"use model_type='mistral' or 'qwen2' (window on the layers in "
+                             f"sliding_window_layers)")
 
     def replace(self, **changes) -> ModelConfig:
         """Returns a copy with `changes` applied (validated again)."""

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from taskpgm_jax.models.config import ModelConfig
+from taskpgm_jax.models.config import ModelConfig, check_int
 
 
 def llama2_7b(**overrides) -> ModelConfig:
     """meta-llama/Llama-2-7b-hf: 32 layers, multi-head attention, 32k vocabulary."""
-    return ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-                       **overrides)
+    fields = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+    return ModelConfig(**{**fields, **overrides})
 
 
 def llama3_8b(**overrides) -> ModelConfig:
@@ -31,18 +31,29 @@ def llama31_8b(**overrides) -> ModelConfig:
 
 def qwen2_7b(**overrides) -> ModelConfig:
     """Qwen/Qwen2-7B: q/k/v biases, 4 kv heads, 152k vocabulary, theta 1e6, no sliding window."""
-    return ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
-                       qkv_bias=True, **overrides)
+    fields = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
+                  qkv_bias=True)
+    return ModelConfig(**{**fields, **overrides})
 
 
 def mistral_7b(**overrides) -> ModelConfig:
-    """mistralai/Mistral-7B-v0.1: 8 kv heads, sliding window 4096 on every layer."""
-    return ModelConfig(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
-                       sliding_window=4096, sliding_window_layers=tuple(range(32)), **overrides)
+    """mistralai/Mistral-7B-v0.1: 8 kv heads, sliding window 4096 on every layer.
+
+    Unless given, sliding_window_layers follows the final num_hidden_layers and sliding_window
+    (every layer, or none when sliding_window=None).
+    """
+    fields = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
+                  sliding_window=4096)
+    fields.update(overrides)
+    if "sliding_window_layers" not in overrides:
+        layers = check_int("ModelConfig.num_hidden_layers", fields["num_hidden_layers"])
+        fields["sliding_window_layers"] = (
+            tuple(range(layers)) if fields["sliding_window"] is not None else ())
+    return ModelConfig(**fields)
 
 
 PRESETS = {

@@ -257,3 +257,103 @@ def test_save_refuses_bad_arguments_before_writing(tmp_path, size, match):
         save_hf_checkpoint(model, out, dtype=jnp.int8)  # would write int8 weights
     assert not out.exists()
     assert parse_size(np.int64(1000)) == 1000 and parse_size("1.5KB") == 1500
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+def test_absent_sizes_take_each_architecture_defaults(model_type):
+    # transformers' config classes differ: LlamaConfig kv heads = heads and 2048 positions,
+    # Qwen2Config 32 and 32768, MistralConfig 8 and 131072; an absent llama3
+    # original_max_position_embeddings is filled from max_position_embeddings.
+    config_cls = SUPPORTED[model_type].replace("ForCausalLM", "Config")
+    hf = {**{k: v for k, v in tiny.BASE.items() if k != "max_position_embeddings"},
+          "model_type": model_type, "hidden_size": 64, "num_attention_heads": 32,
+          "rope_parameters": dict(rope_type="llama3", rope_theta=1e4, factor=8.0,
+                                  low_freq_factor=1.0, high_freq_factor=4.0)}
+    ref = getattr(transformers, config_cls).from_dict(hf)
+    ours = config_from_hf(hf)
+    assert (ours.num_key_value_heads, ours.max_position_embeddings,
+            ours.rope_original_max_position) == (
+        ref.num_key_value_heads, ref.max_position_embeddings,
+        ref.rope_parameters["original_max_position_embeddings"])
+    # An explicit null is num_attention_heads, as LlamaConfig and Qwen2Config read it.
+    # MistralConfig 5 refuses null in its type check, though its __post_init__ (and
+    # transformers 4) reads it the same way; we accept it as the others.
+    null = {**hf, "num_key_value_heads": None}
+    assert config_from_hf(null).num_key_value_heads == 32
+    if model_type != "mistral":
+        assert getattr(transformers, config_cls).from_dict(null).num_key_value_heads == 32
+
+
+def test_absent_kv_heads_default_that_cannot_divide_is_named():
+    # MistralConfig's default of 8 kv heads cannot serve 4 query heads.
+    with pytest.raises(ValueError, match="no num_key_value_heads.*mistral.*add num_key_value_heads"):
+        config_from_hf({**tiny.BASE, "model_type": "mistral"})
+
+
+def test_tensor_absent_from_the_file_the_index_names(llama_dir, tmp_path):
+    # Reported with the other problems, naming the tensor and the file, not as a raw
+    # SafetensorError from deep inside the read.
+    tensors = load_file(llama_dir / "model.safetensors")
+    names = sorted(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    moved, dropped = "model.layers.1.mlp.down_proj.weight", "model.norm.weight"
+    assert moved in second and dropped in second
+    shards = {"model-00001-of-00002.safetensors": first,
+              "model-00002-of-00002.safetensors": [n for n in second if n not in (moved, dropped)]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, tmp_path / file, metadata={"format": "pt"})
+    weight_map = {n: f for f, keys in shards.items() for n in keys}
+    weight_map[moved] = "model-00001-of-00002.safetensors"  # the wrong file
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(read_hf_config(llama_dir)))
+    with pytest.raises(ValueError) as err:
+        load_hf_checkpoint(tmp_path)
+    msg = str(err.value)
+    assert "missing tensors (1): model.norm.weight" in msg
+    assert (f"tensors not in the file model.safetensors.index.json names (1): {moved} "
+            "(the index names model-00001-of-00002.safetensors)") in msg
+
+
+def _export_model(seed=0):
+    return random_model(ModelConfig(**{k: v for k, v in _LLAMA.items() if k != "model_type"},
+                                    head_dim=8, dtype=jnp.float32), seed=seed)
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_export_converts_the_config_before_writing(tmp_path, monkeypatch):
+    from taskpgm_jax.hf import export
+
+    save_hf_checkpoint(_export_model(0), tmp_path, max_shard_size="20KB")
+    before = _files(tmp_path)
+
+    def refuse(cfg):
+        raise ValueError("cannot convert")
+
+    monkeypatch.setattr(export, "config_to_hf", refuse)
+    with pytest.raises(ValueError, match="cannot convert"):
+        save_hf_checkpoint(_export_model(1), tmp_path)
+    assert _files(tmp_path) == before  # the old checkpoint is untouched, no new weights beside it
+
+
+def test_export_replaces_every_file_of_an_old_checkpoint(tmp_path, monkeypatch):
+    from taskpgm_jax.hf import export
+
+    save_hf_checkpoint(_export_model(0), tmp_path, max_shard_size="20KB")
+    (tmp_path / "notes.txt").write_text("kept")
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    save_hf_checkpoint(_export_model(1), tmp_path)  # one file now: no old shard may stay
+    assert sorted(_files(tmp_path)) == ["config.json", "model.safetensors", "notes.txt"]
+
+    # An export that fails while writing weights leaves no config.json, so the directory never
+    # loads as an old config beside new weights.
+    def broken(model, dtype=None):
+        yield from []
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "iter_hf_tensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf_checkpoint(_export_model(2), tmp_path)
+    assert sorted(_files(tmp_path)) == ["notes.txt"]

@@ -102,6 +102,48 @@ def test_rope_scaling_wins_over_rope_parameters(checkpoints, rng, tmp_path):
     assert_close_on_tokens(ours(model, ids, mask), ref, mask)
 
 
+def test_mistral_layer_types_read_and_written_as_transformers_auto_classes(checkpoints, rng,
+                                                                           tmp_path):
+    # Ministral-style config.json files are model_type mistral with layer_types: transformers'
+    # Auto classes load them as MinistralForCausalLM, the window on the sliding layers only.
+    path, torch_model = checkpoints("mistral_window_mqa")
+    (tmp_path / "in").mkdir()
+    cfg = _linked_copy(path, tmp_path / "in")
+    cfg["layer_types"] = ["full_attention", "sliding_attention"]
+    (tmp_path / "in" / "config.json").write_text(json.dumps(cfg))
+    ids, mask = tiny.random_batch(rng)
+    auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in").eval()
+    assert type(auto).__name__ == "MinistralForCausalLM"
+    ref = tiny.torch_logits(auto, ids, mask)
+    # Not vacuous: windowing both layers (plain Mistral) gives other logits.
+    assert np.abs(ref - tiny.torch_logits(torch_model, ids, mask))[mask.astype(bool)].max() > 1e-2
+    model = load_hf_checkpoint(tmp_path / "in", dtype=jnp.float32)
+    assert model.config.sliding_window_layers == (1,)
+    assert_close_on_tokens(ours(model, ids, mask), ref, mask)
+    # Re-exported with its layer_types, it loads back as the same model.
+    save_hf_checkpoint(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert_close_on_tokens(tiny.torch_logits(back, ids, mask), ref, mask, atol=1e-6)
+
+
+def test_llama3_rope_without_max_positions_takes_transformers_defaults(checkpoints, rng, tmp_path):
+    # Without max_position_embeddings transformers takes LlamaConfig's 2048 and fills the absent
+    # original_max_position_embeddings from it. theta 1e4 puts the head's frequencies on both
+    # sides of the llama3 thresholds, so another default would change the logits.
+    path, _ = checkpoints("llama3_rope_mqa")
+    cfg = _linked_copy(path, tmp_path)
+    del cfg["max_position_embeddings"]
+    cfg["rope_parameters"] = dict(rope_type="llama3", rope_theta=1e4, factor=8.0,
+                                  low_freq_factor=1.0, high_freq_factor=4.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids, mask = tiny.random_batch(rng)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert model.config.rope_original_max_position == \
+        hf.config.rope_parameters["original_max_position_embeddings"] == 2048
+    assert_close_on_tokens(ours(model, ids, mask), tiny.torch_logits(hf, ids, mask), mask)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "mistral", "llama"])
 def test_default_model_config_exports_the_tensors_transformers_expects(model_type, tmp_path):
     # ModelConfig(model_type=...) without bias flags takes the architecture's bias layout, so the

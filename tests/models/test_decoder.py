@@ -197,17 +197,35 @@ def test_model_config_refuses_bad_values(kwargs, field):
 
 
 def test_model_config_normalises_accepted_values():
-    cfg = ModelConfig(**{**_SIZES, "vocab_size": np.int64(32), "dtype": "bfloat16",
-                         "sliding_window": np.int32(2), "sliding_window_layers": [1, 0]})
+    cfg = ModelConfig(**{**_SIZES, "model_type": "qwen2", "vocab_size": np.int64(32),
+                         "dtype": "bfloat16", "sliding_window": np.int32(2),
+                         "sliding_window_layers": [1, 0]})
     assert type(cfg.vocab_size) is int and type(cfg.sliding_window) is int
     assert cfg.sliding_window_layers == (1, 0)
-    same = ModelConfig(**{**_SIZES, "dtype": jnp.bfloat16, "sliding_window": 2,
-                          "sliding_window_layers": (1, 0)})
+    same = ModelConfig(**{**_SIZES, "model_type": "qwen2", "dtype": jnp.bfloat16,
+                          "sliding_window": 2, "sliding_window_layers": (1, 0)})
     assert cfg == same and hash(cfg) == hash(same)  # usable as a static jit argument
     lora = LoraConfig(targets=["q_proj", "v_proj"])
     assert lora.targets == ("q_proj", "v_proj") and hash(lora) == hash(LoraConfig())
     with pytest.raises(ValueError, match="LoraConfig.targets has duplicates"):
         LoraConfig(targets=("q_proj", "q_proj"))
+
+
+@pytest.mark.parametrize("model_type, layers", [
+    ("llama", (0, 1)), ("llama", ()), ("mistral", (0, 1)), ("mistral", (1,)), ("qwen2", (1,)),
+])
+def test_model_config_refuses_a_llama_window(model_type, layers):
+    # transformers' Llama has no window: it would export as a model that computes something
+    # else. Mistral (a window on some layers is Ministral's layout) and Qwen2 take any layers.
+    kwargs = {**_SIZES, "model_type": model_type, "sliding_window": 2,
+              "sliding_window_layers": layers}
+    if model_type == "llama":
+        with pytest.raises(ValueError, match=r"model_type='llama'\) has no sliding window.*"
+                                             r"sliding_window=None"):
+            ModelConfig(**kwargs)
+    else:
+        assert ModelConfig(**kwargs).sliding_window_layers == layers
+    assert ModelConfig(**{**_SIZES, "model_type": model_type}).sliding_window is None
 
 
 @pytest.mark.parametrize("seed,match", [(-1, "an int >= 0"), (1.5, "an int >= 0"),
