@@ -138,15 +138,28 @@ def training_texts(pool: TaskPool):
             yield from choices
 
 
+_WHOLE_FILE_MAX = 64 << 20
+_SAMPLE = 1 << 20
+
+
 def file_digest(paths) -> str:
-    """Content hash of files (tokenizers, configs); sizes only for large weight files."""
+    """Content hash of files: whole files up to 64 MiB (tokenizers, configs); for larger ones
+    (weights) the size and three 1 MiB samples (start, middle, end). Reading GBs to hash them
+    would take minutes; the size alone would take a checkpoint replaced by another fine-tune of
+    the same architecture (same size, same safetensors header) for the old one, and reuse
+    stale stages. The samples lie in the tensor data, which any two trainings differ in."""
     h = hashlib.sha256()
     for p in sorted(Path(x) for x in paths):
         h.update(p.name.encode())
-        if p.stat().st_size > 64 << 20:
-            h.update(str(p.stat().st_size).encode())  # weights: reading GBs to hash is too slow
-        else:
+        size = p.stat().st_size
+        if size <= _WHOLE_FILE_MAX:
             h.update(p.read_bytes())
+            continue
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            for offset in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE))
     return h.hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from taskpgm_jax.pipeline import cache
 from taskpgm_jax.pipeline.cache import RunDir
+from taskpgm_jax.pipeline.inputs import file_digest
 
 
 def _fill_scratch(work):
@@ -62,3 +63,31 @@ def test_a_partial_stage_keeps_its_checkpoints_across_restarts(tmp_path):
     RunDir(tmp_path)  # a restart of the run must not sweep a stage still in progress
     assert (work / "checkpoints" / "40" / "state" / "data").read_text() == "x"
     assert (work / "rounds" / "00000-00004.json").exists()
+
+
+def test_file_digest_sees_a_replaced_weight_file_of_the_same_size(tmp_path, rng):
+    """Weight files above 64 MiB are hashed by size and three samples, not read whole: another
+    fine-tune of the same architecture (same size, same header) must still change the digest,
+    and an untouched copy must not. The files are sparse: only the written bytes take space."""
+    size = (64 << 20) + int(rng.integers(1 << 20, 8 << 20))
+    header = rng.bytes(4096)
+
+    def weights(name, middle):
+        path = tmp_path / name / "model.safetensors"
+        path.parent.mkdir()
+        with open(path, "wb") as f:
+            f.write(header)
+            f.seek(size // 2)
+            f.write(middle)
+            f.truncate(size)
+        return path
+
+    first = rng.bytes(64)
+    a, same, other = weights("a", first), weights("b", first), weights("c", rng.bytes(64))
+    assert file_digest([a]) == file_digest([same])
+    assert file_digest([a]) != file_digest([other])
+    small = tmp_path / "config.json"
+    small.write_bytes(header)  # small files are read whole: one changed byte changes the digest
+    before = file_digest([small])
+    small.write_bytes(header[:-1] + bytes([header[-1] ^ 1]))
+    assert file_digest([small]) != before
