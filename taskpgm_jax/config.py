@@ -94,7 +94,7 @@ class DataConfig:
     probe_fraction: float = 0.1
     eval_fraction: float = 0.1
     split_seed: int = 0
-    max_examples_per_task: int | None = None  # cap on each task's examples (first N by hash)
+    max_examples_per_task: int | None = None  # cap: each task's first N examples, in file order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +275,9 @@ def _validate(cfg: RunConfig) -> None:
         need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
         need(len(d.hub.heldout) > 0, "data.hub.heldout",
              "source 'hub' needs at least one held-out evaluation dataset")
+    # An empty list would read as "no selection" (every task): say which is meant.
+    need(d.bigbench.tasks is None or len(d.bigbench.tasks) > 0, "data.bigbench.tasks",
+         "an empty list selects no task; leave it out (null) for every JSON task not held out")
     _validate_hub(d.hub, need)
     need(cfg.tokenizer.kind in ("bpe", "pretrained"), "tokenizer.kind",
          f"must be 'bpe' or 'pretrained', got {cfg.tokenizer.kind!r}")

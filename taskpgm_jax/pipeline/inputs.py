@@ -49,7 +49,8 @@ class Pools(NamedTuple):
 
 
 def cap_examples(pool: TaskPool, limit: int | None, heldout: TaskPool | None = None) -> TaskPool:
-    """The pool with each task's first `limit` examples (the splits follow by hash)."""
+    """The pool with each task's first `limit` examples in source order (from a file sorted by
+    difficulty, one end of it); the probe / eval / train splits then follow by hash."""
     if limit is None:
         return pool
     tasks = [dataclasses.replace(t, examples=t.examples.select(range(min(limit, len(t)))))

@@ -56,6 +56,14 @@ BAD = [
     ("data.probe_fraction=-0.1", "data.probe_fraction"),
 ]
 
+
+def test_an_empty_bigbench_task_list_is_refused():
+    # It once meant every task (an empty list is falsy), the opposite of what it says.
+    with pytest.raises(ConfigError, match="config key 'data.bigbench.tasks': an empty list"):
+        load_config(DEMO, ["data.source=bigbench", "data.bigbench.tasks=[]"])
+    cfg = load_config(DEMO, ["data.source=bigbench", "data.bigbench.tasks=[navigate]"])
+    assert cfg.data.bigbench.tasks == ("navigate",)
+
 # Sources without held-out data once failed only when the run loaded its data (after --dry-run
 # had accepted them).
 NO_HELDOUT = [(["data.source=files", "data.files.path=/x"], "data.files.heldout_path"),
