@@ -143,7 +143,8 @@ class CausalLM(nnx.Module):
         Args:
           input_ids: int [B, S] in [0, vocab_size): checked (ValueError) when concrete; under jit
             an out-of-range id is clipped, so junk ids under padding do not reach real tokens.
-          attention_mask: optional [B, S], 1 for real tokens and 0 for padding (left or right).
+          attention_mask: optional [B, S], 1 (any non-zero, as in transformers) for real tokens
+            and 0 for padding (left or right).
           segment_ids: optional int [B, S] for packed rows: a token attends only to earlier tokens
             of its own segment; 0 marks padding.
           positions: optional int [B, S] RoPE positions. Default: the index inside the segment
@@ -156,15 +157,17 @@ class CausalLM(nnx.Module):
         input_ids = self._check_ids(input_ids)
         b, s = input_ids.shape
         if segment_ids is None:
-            seg = jnp.ones((b, s), jnp.int32) if attention_mask is None else self._check_2d(
-                attention_mask, "attention_mask", (b, s)).astype(jnp.int32)
+            # As transformers: any non-zero mask entry is a real token (not a segment id).
+            seg = jnp.ones((b, s), jnp.int32) if attention_mask is None else (self._check_2d(
+                attention_mask, "attention_mask", (b, s)) != 0).astype(jnp.int32)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0) if attention_mask is not None \
                     else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         else:
             seg = self._check_2d(segment_ids, "segment_ids", (b, s)).astype(jnp.int32)
             if attention_mask is not None:
-                seg = seg * self._check_2d(attention_mask, "attention_mask", (b, s)).astype(jnp.int32)
+                seg = seg * (self._check_2d(attention_mask, "attention_mask", (b, s)) != 0).astype(
+                    jnp.int32)
             if positions is None:
                 positions = _segment_positions(seg)
         positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)

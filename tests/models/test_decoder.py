@@ -31,6 +31,12 @@ def test_packed_segments_equal_separate_rows(tiny_model, rng):
     np.testing.assert_allclose(out[0, :4], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 4:9], alone_b[0], atol=1e-5)
     np.testing.assert_allclose(explicit[0, :9], out[0, :9], atol=1e-6)
+    # As in transformers, any non-zero attention_mask entry marks a real token: a mask of 3s
+    # (not 1s) once split the row into segments and shifted the positions.
+    with jax.default_matmul_precision("highest"):
+        threes = forward(tiny_model, jnp.asarray(np.pad(a, (0, 6))[None], jnp.int32),
+                         jnp.asarray([[3] * 4 + [0] * 6], jnp.int32))[:, :4]
+    np.testing.assert_allclose(threes, alone_a, atol=1e-6)
 
 
 def test_scan_unscanned_remat_agree(tiny_cfg, tiny_model, rng):
