@@ -86,10 +86,16 @@ def mixture_solve(args) -> int:
     # Every export is built before the first file is written: an error leaves nothing behind.
     files = {"mixture.json": mixture.to_json(),
              "levanter.json": json.dumps(mixture.to_levanter(), indent=2),
-             "seqio.json": json.dumps(mixture.to_seqio(), indent=2),
-             "open_instruct.json": json.dumps(mixture.to_open_instruct(args.budget), indent=2)}
+             "seqio.json": json.dumps(mixture.to_seqio(), indent=2)}
     if args.budget is not None:
         files["counts.json"] = json.dumps(mixture.to_counts(args.budget), indent=2)
+        # open-instruct reads a value <= 1 as a fraction of that dataset: only counts say what
+        # the weights mean there.
+        try:
+            files["open_instruct.json"] = json.dumps(mixture.to_open_instruct(args.budget),
+                                                     indent=2)
+        except ValueError as e:
+            raise CliError(str(e).replace("budget:", "--budget:", 1)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

@@ -33,6 +33,8 @@ def test_mixture_solve_writes_the_optimal_mixture_and_exports(tmp_path, rng, cap
     assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-6 * scale
     counts = json.loads((out / "counts.json").read_text())
     assert sum(counts.values()) == 1000 and set(counts) == set(names)
+    # open-instruct reads values <= 1 as fractions of a dataset: it gets the counts.
+    assert json.loads((out / "open_instruct.json").read_text()) == counts
     levanter = json.loads((out / "levanter.json").read_text())["train_weights"]
     np.testing.assert_allclose([levanter[n] for n in names], w, atol=1e-12)
     assert "tasks with weight > 0" in capsys.readouterr().out
@@ -63,6 +65,10 @@ def test_mixture_solve_refuses_bad_input_before_writing_anything(tmp_path, capsy
     assert "--budget: must be >= 0" in capsys.readouterr().err
     assert main([*base, "--names", str(tmp_path / "names.txt")]) == 2
     assert "--names: " in capsys.readouterr().err
+    # Three equal weights and a budget of 3: counts of 1, which open-instruct reads as whole
+    # datasets.
+    assert main([*base, "--budget", "3"]) == 2
+    assert "--budget: 3 gives a count of 1" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -102,8 +102,11 @@ def check_vector(x, name: str, size: int, *, dtype) -> jax.Array:
 
 
 def check_positive(value, name: str) -> float:
-    """A positive finite Python float (beta, lam, tau, temperature, ...)."""
+    """A positive finite Python float (beta, lam, tau, temperature, ...); bools are refused
+    (True would pass as 1)."""
     try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a positive number, got {value!r}.") from None
@@ -114,6 +117,8 @@ def check_positive(value, name: str) -> float:
 
 def check_nonnegative(value, name: str) -> float:
     try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a non-negative number, got {value!r}.") from None

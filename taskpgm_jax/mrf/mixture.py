@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from taskpgm_jax.mrf._validate import real_numpy
+
 UNITS = ("examples", "tokens")
 
 
@@ -55,9 +57,10 @@ def largest_remainder(weights, budget: int) -> np.ndarray:
 class Mixture:
     """Mixture weights over named tasks.
 
-    names: task names (unique). weights: floats >= 0 summing to 1 (checked to 1e-6, then
-    renormalised in float64 so that exported numbers sum to 1). unit: what a weight is a share
-    of, "examples" or "tokens". provenance: how it was made (method, parameters), JSON-able.
+    names: task names (unique). weights: floats >= 0 summing to 1 (checked to 1e-6 and kept as
+    given; the constructors below normalise in float64). unit: what a weight is a share of,
+    "examples" or "tokens". provenance: how it was made (method, parameters), a JSON-able
+    mapping, stored as its JSON round trip (so `from_json(to_json())` gives it back exactly).
     """
 
     names: tuple[str, ...]
@@ -87,8 +90,11 @@ class Mixture:
         # Kept as given (the constructors below normalise): dividing by a sum that is 1 only to
         # within rounding again would change the last bits on every JSON round trip.
         object.__setattr__(self, "weights", tuple(float(x) for x in w))
-        object.__setattr__(self, "provenance", {k: _json_value(v, k)
-                                                for k, v in dict(self.provenance).items()})
+        if not isinstance(self.provenance, Mapping):
+            raise ValueError(f"provenance: expected a mapping {{key: JSON value}}, got "
+                             f"{type(self.provenance).__name__}.")
+        object.__setattr__(self, "provenance", {str(k): _json_value(v, k)
+                                                for k, v in self.provenance.items()})
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -186,24 +192,78 @@ class Mixture:
         mix = cls.from_counts({n: v["weight"] for n, v in d.items()}, **kw)
         return mix, {n: v["path"] for n, v in d.items()}
 
-    def to_open_instruct(self, budget: int | None = None) -> dict[str, float | int]:
-        """open-instruct `dataset_mixer`: fractions, or integer counts when `budget` is given."""
-        return self.as_dict() if budget is None else self.to_counts(budget)
+    def to_open_instruct(self, budget: int | None = None, *,
+                         sizes: Mapping[str, float] | None = None) -> dict[str, float | int]:
+        """open-instruct `dataset_mixer` values, which it reads per dataset: a value v > 1 as v
+        examples, v <= 1 as that fraction of the dataset (`int(v * len(dataset))`). So weights
+        cannot be written as they are; give exactly one of:
+
+        budget: integer counts by largest remainder (`to_counts`). A count of exactly 1 would
+          read as the whole dataset, so it is refused (raise the budget or drop the task).
+        sizes: {name: examples in the dataset}: fractions f_i = c w_i / n_i with the largest
+          c that every dataset can supply (the largest f_i is 1), so the examples taken are in
+          proportion to the weights.
+        """
+        if (budget is None) == (sizes is None):
+            raise ValueError("budget / sizes: give exactly one; open-instruct reads a value <= 1 "
+                             "as a fraction of that dataset, so the weights alone do not say "
+                             "how many examples to take.")
+        if budget is not None:
+            counts = self.to_counts(budget)
+            ones = [n for n, c in counts.items() if c == 1]
+            if ones:
+                raise ValueError(f"budget: {budget} gives a count of 1 to {ones}, which "
+                                 "open-instruct reads as the whole dataset; raise the budget, or "
+                                 "drop those tasks.")
+            return counts
+        n = _sizes(self.names, _sizes_by_name(sizes, self.names))
+        w = np.asarray(self.weights)
+        ratio = np.where(w > 0, n / np.where(w > 0, w, 1.0), np.inf)
+        f = np.minimum(ratio.min() * w / n, 1.0)
+        f[np.argmin(ratio)] = 1.0  # the dataset that limits the scale is taken whole, exactly
+        return {name: float(x) for name, x in zip(self.names, f, strict=True)}
 
     @classmethod
-    def from_open_instruct(cls, mixer: Mapping[str, float], **kw) -> "Mixture":
-        return cls.from_counts(dict(mixer), **kw)
+    def from_open_instruct(cls, mixer: Mapping[str, float], *,
+                           sizes: Mapping[str, float] | None = None, **kw) -> "Mixture":
+        """From a `dataset_mixer`, read as open-instruct reads it: v > 1 examples, v <= 1 that
+        fraction of the dataset, which needs `sizes` ({name: examples}) unless every v is > 1
+        or 0."""
+        if not isinstance(mixer, Mapping):
+            raise ValueError(f"mixer: expected a mapping {{name: value}}, got "
+                             f"{type(mixer).__name__}.")
+        values = real_numpy(list(mixer.values()), "mixer")  # strings, bools refused by name
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError("mixer: values must be finite and >= 0.")
+        mixer = dict(zip(mixer, values.tolist(), strict=True))
+        as_fractions = [n for n, v in mixer.items() if 0 < v <= 1]
+        if as_fractions and sizes is None:
+            raise ValueError(f"sizes: the values of {as_fractions} are <= 1, which open-instruct "
+                             "reads as fractions of those datasets; pass sizes={name: examples}.")
+        n = dict(zip(mixer, _sizes(tuple(mixer), _sizes_by_name(sizes, tuple(mixer))),
+                     strict=True)) if as_fractions else {}
+        return cls.from_counts({k: (v if v > 1 or v == 0 else v * n[k])
+                                for k, v in mixer.items()}, **kw)
 
 
 # -- baselines ------------------------------------------------------------------------------
-def _sizes(names, sizes):
-    names = _names(names)
+def _sizes(names: tuple, sizes):
     s = np.asarray(sizes, np.float64)
     if s.shape != (len(names),):
         raise ValueError(f"sizes: expected {len(names)} entries (one per task), got {s.shape}.")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError("sizes: every task needs a positive, finite size.")
     return s
+
+
+def _sizes_by_name(sizes, names: tuple) -> list:
+    if not isinstance(sizes, Mapping):
+        raise ValueError(f"sizes: expected a mapping {{name: examples}}, got "
+                         f"{type(sizes).__name__}.")
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        raise ValueError(f"sizes: no size for tasks {missing}.")
+    return [sizes[n] for n in names]
 
 
 def _names(names) -> tuple:
@@ -234,17 +294,21 @@ def _require(d, keys, name: str, expected: str) -> None:
         raise ValueError(f"{name}: missing {missing}; expected {expected}.")
 
 
-def _json_value(value, key):
-    """A provenance value as plain JSON types (NumPy scalars and arrays become Python ones), so
-    `to_json` cannot fail after the mixture was built."""
+def _numpy_to_python(value):
     if isinstance(value, (np.generic, np.ndarray)):
-        value = value.tolist()
+        return value.tolist()
+    raise TypeError
+
+
+def _json_value(value, key):
+    """A provenance value as its JSON round trip (NumPy scalars and arrays, also nested, become
+    Python numbers and lists; tuples lists; keys strings), so `to_json` cannot fail after the
+    mixture was built and `from_json(to_json())` gives the same mixture back."""
     try:
-        json.dumps(value)
-    except TypeError:
+        return json.loads(json.dumps(value, default=_numpy_to_python, allow_nan=True))
+    except (TypeError, ValueError):
         raise ValueError(f"provenance: {key!r} = {value!r} is not JSON data (numbers, strings, "
                          "lists, dicts).") from None
-    return value
 
 
 def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
@@ -258,8 +322,9 @@ def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
 
 def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examples") -> Mixture:
     """w_i proportional to n_i (examples or tokens per task)."""
+    names = _names(names)  # once: a generator would be empty the second time
     s = _sizes(names, sizes)
-    return Mixture(tuple(names), tuple(s / s.sum()), unit, {"method": "size_proportional"})
+    return Mixture(names, tuple(s / s.sum()), unit, {"method": "size_proportional"})
 
 
 def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
@@ -269,9 +334,10 @@ def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
             math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau: must be a positive number, got {tau!r}.")
     tau = float(tau)
+    names = _names(names)
     logits = np.log(_sizes(names, sizes)) / tau
     w = np.exp(logits - logits.max())
-    return Mixture(tuple(names), tuple(w / w.sum()), unit, {"method": "temperature", "tau": tau})
+    return Mixture(names, tuple(w / w.sum()), unit, {"method": "temperature", "tau": tau})
 
 
 def random_mixture(names: Sequence[str], seed: int, *, unit: str = "examples") -> Mixture:

@@ -121,7 +121,8 @@ def _lazy_greedy(pot: Potentials, costs: np.ndarray, budget: float):
             seen[i] = len(chosen)
         gain = pot.beta * u[i] - pot.lam * penalty[i]
         evals += 1
-        if not heap or gain / costs[i] >= -heap[0][0]:
+        # Ties go to the lower index, as in the plain greedy's argmax: compare (ratio, index).
+        if not heap or (-gain / costs[i], i) <= heap[0]:
             if gain <= 0:
                 break
             chosen.append(i)

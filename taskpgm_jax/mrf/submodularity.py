@@ -135,7 +135,9 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *, costs=None,
         gamma, monotone = _sampled_ratio(S, u, pot.beta, pot.lam, k, num_samples, seed, chain)
         exact, samples = False, int(num_samples)
     gamma = 1.0 if not np.isfinite(gamma) else min(gamma, 1.0)
-    uniform = costs is None or np.allclose(costs, costs[0])
+    # Relative only: allclose's absolute 1e-8 would call any costs below 1e-8 (shares of a
+    # budget, say) uniform and claim the cardinality bound for a knapsack.
+    uniform = costs is None or np.allclose(costs, costs[0], rtol=1e-9, atol=0.0)
     if not monotone:
         bound, theorem = 0.0, ("none: F is not monotone (a marginal gain is negative), and the "
                                "weak-submodularity bounds assume monotone F")

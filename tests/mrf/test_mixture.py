@@ -69,15 +69,13 @@ def test_exporters_round_trip(w):
     mix = _mix(w)
     assert Mixture.from_json(mix.to_json()) == mix  # JSON keeps every bit
     for back in (Mixture.from_json(mix.to_json()), Mixture.from_seqio(mix.to_seqio()),
-                 Mixture.from_levanter(mix.to_levanter()),
-                 Mixture.from_open_instruct(mix.to_open_instruct())):
+                 Mixture.from_levanter(mix.to_levanter())):
         assert back.names == mix.names
         np.testing.assert_allclose(back.weights, mix.weights, rtol=1e-12, atol=1e-15)
     paths = {n: f"gs://bucket/{n}/*.arrayrecord" for n in mix.names}
     back, back_paths = Mixture.from_maxtext(mix.to_maxtext(paths))
     assert back_paths == paths
     np.testing.assert_allclose(back.weights, mix.weights, rtol=1e-12)
-    assert sum(mix.to_open_instruct(1000).values()) == 1000
     assert json.loads(mix.to_json())["unit"] == "examples"
 
 
@@ -170,3 +168,59 @@ class _Solution:  # what from_solution reads of a `solve` result
 def test_bad_names_and_imports_raise_named_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _open_instruct_examples(mixer, sizes):
+    """How open-instruct's dataset_mixer reads each value (open_instruct/utils.py,
+    combine_dataset): `int(v) if v > 1.0 else int(v * len(dataset))` examples."""
+    return {k: int(v) if v > 1.0 else int(v * sizes[k]) for k, v in mixer.items()}
+
+
+def test_open_instruct_values_take_examples_in_proportion_to_the_weights(rng):
+    """A weight written as it is would read as a fraction of that dataset (a mix in proportion
+    to w_i n_i), and a count of 1 as the whole dataset: neither is the mixture."""
+    T = int(rng.integers(3, 9))
+    names = [f"t{i}" for i in range(T)]
+    w = rng.dirichlet(np.ones(T)) + 0.01  # every count below is >= 10 (a 1 is refused)
+    w[rng.integers(T)] = 0.0
+    mix = Mixture.from_counts(dict(zip(names, w, strict=True)))
+    sizes = {n: int(rng.integers(10**4, 10**6)) for n in names}
+    fractions_ = mix.to_open_instruct(sizes=sizes)
+    taken = _open_instruct_examples(fractions_, sizes)
+    total = sum(taken.values())
+    np.testing.assert_allclose([taken[n] / total for n in names], mix.weights, atol=T / total)
+    assert max(fractions_.values()) == 1.0  # as many examples as the datasets supply
+    budget = int(rng.integers(10**4, 10**5))
+    counts = mix.to_open_instruct(budget)
+    assert counts == mix.to_counts(budget) and _open_instruct_examples(counts, sizes) == counts
+    # Read back as open-instruct reads them.
+    for mixer in (fractions_, counts):
+        back = Mixture.from_open_instruct(mixer, sizes=sizes)
+        np.testing.assert_allclose(back.weights, mix.weights, atol=1e-12 if mixer is fractions_
+                                   else 1.0 / budget)
+    with pytest.raises(ValueError, match=r"budget: 3 gives a count of 1 to \['a', 'b', 'c'\]"):
+        uniform_mixture(["a", "b", "c"]).to_open_instruct(3)
+    with pytest.raises(ValueError, match="budget / sizes: give exactly one"):
+        mix.to_open_instruct()
+    with pytest.raises(ValueError, match=r"sizes: no size for tasks \['t0'\]"):
+        mix.to_open_instruct(sizes={n: 5 for n in names[1:]})
+    with pytest.raises(ValueError, match=r"sizes: the values of \['a'\] are <= 1"):
+        Mixture.from_open_instruct({"a": 0.5, "b": 300})
+    with pytest.raises(ValueError, match="mixer: expected numbers"):
+        Mixture.from_open_instruct({"a": "0.5"})
+
+
+def test_provenance_round_trips_exactly_through_json():
+    mix = Mixture.from_counts({"a": 1, "b": 3}, bounds=(0.0, 0.5), per_task={1: 2},
+                              nested=[np.int64(3), (np.float32(0.5),)])
+    assert mix.provenance == {"bounds": [0.0, 0.5], "per_task": {"1": 2}, "nested": [3, [0.5]]}
+    assert Mixture.from_json(mix.to_json()) == mix
+    with pytest.raises(ValueError, match="provenance: expected a mapping"):
+        Mixture(("a",), (1.0,), provenance=[1])
+
+
+def test_baselines_take_names_from_a_generator():
+    sizes = [100, 300]
+    mix = size_proportional_mixture((n for n in ["a", "b"]), sizes)
+    assert mix.names == ("a", "b") and mix.weights == pytest.approx((0.25, 0.75))
+    assert temperature_mixture((n for n in ["a", "b"]), sizes, 1.0).names == ("a", "b")

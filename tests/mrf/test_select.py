@@ -126,3 +126,44 @@ def test_budget_is_kept_in_float64_by_both_variants(costs, budget, fits):
     lazy = select_tasks(pot, budget, costs, lazy=True)
     assert len(plain.indices) == len(lazy.indices) == fits
     assert plain.cost <= budget and lazy.cost <= budget
+
+
+def test_lazy_and_plain_greedy_break_exact_ties_alike(rng):
+    """Tasks with identical rows tie exactly: both variants take the lower index, as the
+    documented greedy (argmax) does; the lazy one once took a re-evaluated later task."""
+    T = int(rng.integers(4, 8))
+    groups = rng.integers(0, 2, size=T)        # two blocks of identical tasks
+    S = np.where(groups[:, None] == groups[None], 1.0, 0.2)
+    pot = potentials(S, np.ones(T), beta=1.0, lam=0.1)
+    budget = int(rng.integers(2, T))
+    plain = select_tasks(pot, budget)
+    lazy = select_tasks(pot, budget, lazy=True)
+    np.testing.assert_array_equal(lazy.indices, plain.indices)
+    # The reference greedy in float64, first index on ties.
+    M = np.asarray(pot.matrix, np.float64)
+    chosen = []
+    for _ in range(budget):
+        gains = [(-np.inf if i in chosen else 1.0 - 0.1 * (0.5 * M[i, i] + M[i, chosen].sum()))
+                 for i in range(T)]
+        if max(gains) <= 0:
+            break
+        chosen.append(int(np.argmax(gains)))
+    assert plain.indices.tolist() == chosen
+
+
+def test_knapsack_bound_is_claimed_for_tiny_costs_too(rng):
+    """Costs of any scale that differ are a knapsack: the cardinality bound 1 - e^-gamma was
+    once claimed for costs below 1e-8 (allclose's absolute tolerance)."""
+    T = 4
+    pot = potentials(np.eye(T), rng.uniform(0.5, 1.5, size=T), beta=1.0, lam=1.0)
+    costs = rng.uniform(1.0, 2.0, size=T)
+    reports = [submodularity_ratio(pot, costs=costs * scale) for scale in (1.0, 1e-10)]
+    assert reports[0].theorem == reports[1].theorem and reports[0].bound == reports[1].bound
+    assert reports[0].bound < 1 - np.exp(-reports[0].gamma)   # not the cardinality bound
+    same = submodularity_ratio(pot, costs=np.full(T, 3e-11))  # equal costs: cardinality
+    assert same.bound == pytest.approx(1 - np.exp(-same.gamma))
+
+
+def test_a_bool_budget_is_refused():
+    with pytest.raises(ValueError, match="budget: expected a positive number"):
+        select_tasks(potentials(np.eye(3)), True)
