@@ -153,7 +153,8 @@ def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False,
     if not np.isfinite(total32):
         raise ValueError(f"{name}: the weights overflow float32 (sum {wn.sum():.3g}); rescale "
                          "them (only their ratios matter within a batch).")
-    if np.any(wn > 0) and not np.any(w32 > 0):
+    # Subnormal float32 counts as zero: XLA on CPU flushes subnormals to 0.
+    if np.any(wn > 0) and not np.any(w32 >= np.finfo(np.float32).tiny):
         raise ValueError(f"{name}: every positive weight underflows to 0 in float32 (max "
                          f"{wn.max():.3g}); rescale them.")
     return w32 if rescale else w

@@ -29,7 +29,8 @@ def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
       pair_block: pairs evaluated together in one fused step.
       position_block, vocab_chunk: tile of positions x tokens (all T models) per step.
         Tile options left as `None` take `default_tiles(mesh)` for the platform.
-      mesh: spread the pair blocks over all devices of this `jax.sharding.Mesh`.
+      mesh: split the positions over all devices of this `jax.sharding.Mesh`; each device
+        evaluates every pair on its share and the partial sums are added.
 
     Returns:
       [T, T] float32 symmetric, zero diagonal, entries in [0, ln 2] nats.

@@ -8,12 +8,14 @@
 
 `update` validates at the Python boundary, then runs one jitted kernel (the blocked pair kernel of
 `_kernel.py`, vectorised over task pairs and the batch). Batches of the same shape reuse one
-compiled program. With a `mesh`, the pair blocks are spread over all of its devices.
+compiled program. With a `mesh`, the positions are split over all of its devices (each
+evaluates every pair on its share; the partial sums are added).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import NamedTuple
 
@@ -79,8 +81,10 @@ class _KernelConfig:
 
 def _pair_sums(logprobs, weights, config: _KernelConfig):
     offset = None
-    if config.from_logits:
-        offset = jax.nn.logsumexp(logprobs.astype(jnp.float32), axis=-1)
+    if config.from_logits:  # [2, T, N]: the row max and the log-sum after it (see the kernel)
+        x = logprobs.astype(jnp.float32)
+        row_max = jnp.max(x, axis=-1)  # finite: a row of -inf only is refused before this
+        offset = jnp.stack([row_max, jnp.log(jnp.sum(jnp.exp(x - row_max[..., None]), -1))])
     kernel = functools.partial(_kernel.pair_weighted_sums, schedule=config.schedule,
                                position_block=config.position_block,
                                vocab_chunk=config.vocab_chunk)
@@ -94,12 +98,14 @@ def _pair_sums(logprobs, weights, config: _KernelConfig):
     n = logprobs.shape[1]
     pad = -n % devices
     if pad:  # padding positions carry weight 0 and a valid (uniform) distribution
-        logprobs = jnp.pad(logprobs, ((0, 0), (0, pad), (0, 0)))
+        # One pad with the uniform log-prob as its constant: a zero pad followed by
+        # `.at[:, n:].set(...)` came out of the SPMD partitioner (jax 0.10) with the last
+        # local position of every device but the last zeroed, i.e. P = 1 on every token.
+        fill = 0.0 if offset is not None else -math.log(logprobs.shape[2])
+        logprobs = jnp.pad(logprobs, ((0, 0), (0, pad), (0, 0)), constant_values=fill)
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
         if offset is not None:
-            offset = jnp.pad(offset, ((0, 0), (0, pad)))
-        else:
-            logprobs = logprobs.at[:, n:].set(-jnp.log(logprobs.shape[2]).astype(logprobs.dtype))
+            offset = jnp.pad(offset, ((0, 0), (0, 0), (0, pad)))
     by_position = PartitionSpec(None, axes)
 
     def local(lp, w, off):
@@ -108,7 +114,7 @@ def _pair_sums(logprobs, weights, config: _KernelConfig):
     sharded = jax.shard_map(
         local, mesh=config.mesh,
         in_specs=(by_position, PartitionSpec(axes),
-                  None if offset is None else by_position),
+                  None if offset is None else PartitionSpec(None, None, axes)),
         out_specs=PartitionSpec(),
         # The kernel's scan carries start as unvarying zeros and become per-device values
         # before the psum; the varying-axes check would reject that carry for no benefit.
@@ -257,13 +263,23 @@ class StreamingJSD:
     def result(self, state: JSDState):
         """[T, T] float32 symmetric matrix of weighted mean JSD (nats), zero diagonal.
 
-        Raises ValueError when no position with positive weight has been seen (checked only
-        outside a jit).
+        Raises ValueError when no position with positive weight has been seen, or when the
+        accumulated weights overflowed float32 (checked only outside a jit).
         """
         self._check_state(state)
-        if not is_traced(state.weight) and float(jnp.sum(state.weight)) <= 0:
-            raise ValueError("state: no position with positive weight has been accumulated; "
-                             "call update() with at least one weighted position first.")
+        if not is_traced(state.weight):
+            total = float(jnp.sum(state.weight))
+            # Each batch's weights are checked, but their running sum can still overflow; the
+            # compensated sum then holds inf - inf = NaN, which would read as "never seen".
+            if not (np.isfinite(total) and bool(jnp.all(jnp.isfinite(state.pair_sums)))):
+                raise ValueError("state: the accumulated weights or sums overflowed float32; "
+                                 "rescale the weights passed to update() (only their ratios "
+                                 "matter) so that their total over all batches stays below "
+                                 "~3e38.")
+            if total <= 0:
+                raise ValueError("state: no position with positive weight has been "
+                                 "accumulated; call update() with at least one weighted "
+                                 "position first.")
         return _result_impl(state, config=self.config)
 
 

@@ -85,6 +85,16 @@ def test_weight_scale_does_not_matter_or_is_refused(lp):
         acc.update(acc.init(), lp, np.full(4, 1e39))
     with pytest.raises(ValueError, match="weights: every positive weight underflows"):
         acc.update(acc.init(), lp, np.full(4, 1e-50))
+    # Subnormal in float32 (XLA on CPU flushes those to 0): refused the same way.
+    with pytest.raises(ValueError, match="weights: every positive weight underflows"):
+        acc.update(acc.init(), lp, np.full(4, 1e-39))
+    # Each batch fits float32, their running total does not: result refuses rather than
+    # returning a matrix of zeros (NaN totals once read as "nothing seen").
+    state = acc.init()
+    for _ in range(4):
+        state = acc.update(state, lp, np.full(4, 3e37))
+    with pytest.raises(ValueError, match="state: the accumulated weights or sums overflowed"):
+        acc.result(state)
 
 
 def test_empty_rows_and_weights(lp):
