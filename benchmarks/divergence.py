@@ -38,6 +38,7 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _args import check_json_path, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import timed, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence import streaming  # noqa: E402
@@ -174,13 +175,8 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if not args.scipy_budget > 0:
         parser.error(f"--scipy-budget must be positive, got {args.scipy_budget}")
-    sizes = []
-    for s in args.sizes:
-        try:
-            t, n, v = (int(x) for x in s.lower().split("x"))
-        except ValueError:
-            parser.error(f"--sizes: expected TxNxV such as 16x256x4096, got {s!r}")
-        sizes.append((t, n, v))
+    sizes = [parse_sizes(parser, "--sizes", s, "16x256x4096") for s in args.sizes]
+    check_json_path(parser, args.json)
 
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
           f"jax={jax.__version__} cpu_count={os.cpu_count()} machine={platform.machine()}")

@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _args import DTYPES, check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import commit_state, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.hf import load_hf_checkpoint  # noqa: E402
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # noqa: E402
@@ -279,7 +280,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small", "large"], choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default=None,
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, for MFU")
     parser.add_argument("--attention", default="dot", choices=["dot", "chunked", "xla", "cudnn"],
@@ -289,6 +290,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    check_json_path(parser, args.json)
 
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind

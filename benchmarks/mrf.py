@@ -29,6 +29,7 @@ from scipy.optimize import minimize
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import _timing  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.mrf import affinity_from_jsd, potentials, select_tasks, solve  # noqa: E402
 
 PMI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "authors_pmi_316.npy")
@@ -156,6 +157,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     sizes, gsizes = (_sizes(ap, flag, text) for flag, text in
                      (("--sizes", args.sizes), ("--greedy-sizes", args.greedy_sizes)))
+    check_json_path(ap, args.json)
     srows, sratios = solver_rows(sizes, args.repeats, rng)
     grows, gratios = greedy_rows(gsizes, args.repeats, rng)
 

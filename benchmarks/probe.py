@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _args import check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.data import Batch  # noqa: E402
 from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward  # noqa: E402
 from taskpgm_jax.models import (CausalLM, LoraConfig, ModelConfig, add_lora,  # noqa: E402
@@ -66,6 +67,7 @@ def main(argv=None):
         parser.error(f"--seq-len must be at least 4, got {args.seq_len}")
     if args.vocab < 4:  # token ids are drawn from [3, vocab)
         parser.error(f"--vocab must be at least 4, got {args.vocab}")
+    check_json_path(parser, args.json)
     rng = np.random.default_rng(0)
     t = args.adapters
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=128, intermediate_size=256,

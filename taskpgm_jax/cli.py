@@ -54,6 +54,9 @@ def _load_affinity(path: str):
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise CliError(f"--affinity: {path} holds shape {matrix.shape}; expected a square "
                        "[T, T] matrix.")
+    if matrix.shape[0] == 0:  # no tasks to weight (and the default lam, 2T, would be 0)
+        raise CliError(f"--affinity: {path} holds a 0 x 0 matrix; give a [T, T] affinity of at "
+                       "least one task.")
     return matrix
 
 

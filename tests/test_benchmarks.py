@@ -7,6 +7,7 @@ ran those checks. Timings at these sizes mean nothing and are not asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -60,6 +61,51 @@ def test_benchmark_runs_and_writes_ratios(name, tmp_path):
         assert ratios[key] > 0, (key, ratios[key])
     if name == "model":  # the fused attention's masked check reports instead of raising
         assert payload["results"][0]["attention_masked"].startswith("ok"), payload["results"][0]
+
+
+def _script_main(name, monkeypatch):
+    """A script's `main`, imported in this process (its folder on sys.path, as when it is run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+ARG_ERRORS = [
+    ("divergence", ["--sizes", "1x8x16"], "--sizes: '1x8x16' needs T >= 2"),
+    ("divergence", ["--sizes", "4x24x96", "4x0x16"], "--sizes: '4x0x16' needs T >= 2"),
+    ("divergence", ["--sizes", "4x8x0"], "--sizes: '4x8x0' needs T >= 2"),
+    ("divergence_tiles", ["--size", "1x8x16"], "--size: '1x8x16' needs T >= 2"),
+    ("model", ["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+    ("adapters", ["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+]
+
+
+@pytest.mark.parametrize("name, args, message", ARG_ERRORS,
+                         ids=[f"{n}:{' '.join(a)}" for n, a, _ in ARG_ERRORS])
+def test_bad_arguments_are_refused_by_the_parser(name, args, message, monkeypatch, capsys):
+    main = _script_main(name, monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--repeats", "1"])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err and not out  # nothing ran
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_unwritable_json_path_is_refused_before_the_run(name, tmp_path, monkeypatch, capsys):
+    main = _script_main(name, monkeypatch)
+    target = tmp_path / "missing" / f"{name}.json"
+    with pytest.raises(SystemExit) as exit_:
+        main([*CASES[name][0], "--json", str(target)])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"--json: the folder {target.parent} of {target} does not exist" in err
+    assert not out and not target.parent.exists()  # nothing ran, nothing was created
+    with pytest.raises(SystemExit):
+        main([*CASES[name][0], "--json", str(tmp_path)])
+    assert f"--json: {tmp_path} is a directory" in capsys.readouterr().err
 
 
 def test_accelerator_script_parses_and_names_existing_files():

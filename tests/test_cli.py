@@ -83,3 +83,20 @@ def test_passthrough_commands_answer_a_bare_help(command, names, capsys):
     assert "{" + names + "}" in out and "NAME --help" in out
     assert main(command) == 2
     assert "error: give a" in capsys.readouterr().err
+
+
+def test_mixture_solve_refuses_an_empty_affinity(tmp_path, capsys):
+    np.save(tmp_path / "S0.npy", np.zeros((0, 0)))
+    out = tmp_path / "out"
+    assert main(["mixture", "solve", "--affinity", str(tmp_path / "S0.npy"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--affinity:" in err and "0 x 0" in err and "lam" not in err
+    assert not out.exists()
+
+
+def test_bench_argument_errors_exit_2_with_the_parser_message(capsys):
+    # T = 1 has no pair to compare: refused by the script's parser, not a traceback mid-run.
+    assert main(["bench", "divergence", "--sizes", "1x8x16", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "T >= 2" in err and "Traceback" not in err

@@ -178,7 +178,7 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
     pot = checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, init, tol, max_iter, temperature)
     dtype = pad["M"].dtype
-    optimizer = optimizer or _default_optimizer(opts["max_iter"])
+    optimizer = optimizer or default_softmax_optimizer(opts["max_iter"])
     w, e, it, gap, ok, clipped = _run(pad, opts, method, jnp.asarray(pot.beta, dtype),
                                       jnp.asarray(pot.lam, dtype), _lipschitz(pot), optimizer)
     w = w[:pot.num_tasks]
@@ -218,7 +218,7 @@ def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, ca
     pot = checked_potentials(pot)
     pad, opts = _prepare(pot, method, floor, cap, None, tol, max_iter, temperature)
     dtype = pad["M"].dtype
-    optimizer = optimizer or _default_optimizer(opts["max_iter"])
+    optimizer = optimizer or default_softmax_optimizer(opts["max_iter"])
     lam = jnp.asarray(pot.lam, dtype)
     betas = jnp.asarray(ratios_np, dtype) * lam
 
@@ -241,8 +241,11 @@ def _lipschitz(pot: Potentials):
 
 
 @functools.lru_cache(maxsize=8)
-def _default_optimizer(max_iter: int) -> optax.GradientTransformation:
+def default_softmax_optimizer(max_iter: int) -> optax.GradientTransformation:
+    """The softmax solver's optimiser for a run of `max_iter` steps: Adam with a cosine-decayed
+    step (0.1 to 1e-4), which lets it settle instead of hovering around the optimum. Its
+    schedule depends on `max_iter`: to replay the first k steps of a run, pass this run's
+    optimiser (`optimizer=default_softmax_optimizer(n)`) with `max_iter=k`."""
     # Cached: the optimiser is a static jit argument, and a new object would recompile.
-    # A decaying step lets Adam settle instead of hovering around the optimum.
     schedule = optax.cosine_decay_schedule(0.1, decay_steps=max_iter, alpha=1e-3)
     return optax.adam(schedule)

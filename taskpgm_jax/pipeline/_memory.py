@@ -27,8 +27,11 @@
   pass (probe, eval) holds one layer at a time. Tokens per device are the rows a device holds
   (the batch is split over data x fsdp only when that product divides it, as the real sharding
   does) times the sequence.
-  FSDP gathers each layer's weights at use: two layers in the compute dtype and the embedding
-  table are counted as "gathered weights".
+  FSDP (mesh fsdp > 1) gathers each layer's weights at use: two layers in the compute dtype and
+  the embedding table are counted as "gathered weights". Without FSDP nothing is gathered; when
+  the compute dtype differs from `param_dtype` the layers cast each kernel at use
+  (models/layers.py), counted as "cast weights": one layer and the output head in the compute
+  dtype. With equal dtypes the cast is a no-op and neither part appears.
 * The single-task stage also counts the round's initial adapters, whole (unsplit) on the
   default device beside the trainer's copy; finished rounds wait on the host
   (`StageMemory.single_task`).
@@ -191,7 +194,8 @@ class StageMemory:
     loss_chunk: int | None = None
 
     def activations(self, rows: int, *, train: bool, label: str) -> list[MemoryPart]:
-        """Activations, logits and gathered weights for `rows` x `seq_len` tokens on one device."""
+        """Activations, logits and gathered or cast weights for `rows` x `seq_len` tokens on one
+        device (activations first, logits second)."""
         m, tensor, seq = self.model, self.mesh["tensor"], self.seq_len
         tokens = rows * seq
         c = jnp.dtype(m.dtype).itemsize
@@ -207,16 +211,23 @@ class StageMemory:
         logit_tokens = rows * self.loss_chunk if chunked else tokens
         logits = logit_tokens * copies * 4 * m.vocab_size // _tensor_split(m.vocab_size, tensor)
         which = f", {self.loss_chunk}-position chunks" if chunked else ""
-        fsdp = self.mesh["fsdp"] > 1
-        embed = self.sizes.embed_bytes if fsdp else 0
-        gathered = 2 * self.sizes.layer_params * c // tensor + embed
-        return [
+        parts = [
             MemoryPart(f"activations: {label} ({how})", int(act), int(act)),
             MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"
                        + (", gradient" if train else "") + f"{which})", int(logits), int(logits)),
-            MemoryPart("gathered weights (two layers in compute dtype"
-                       + (" + embedding table)" if fsdp else ")"), gathered, gathered),
         ]
+        if self.mesh["fsdp"] > 1:
+            gathered = 2 * self.sizes.layer_params * c // tensor + self.sizes.embed_bytes
+            parts.append(MemoryPart("gathered weights (two layers in compute dtype + embedding "
+                                    "table)", gathered, gathered))
+        elif jnp.dtype(m.dtype) != jnp.dtype(m.param_dtype):
+            # models/layers.py casts each kernel to the compute dtype at use; with equal dtypes
+            # the cast is a no-op and no copy exists.
+            head = m.vocab_size * m.hidden_size // _tensor_split(m.vocab_size, tensor)
+            cast = (self.sizes.layer_params // tensor + head) * c
+            parts.append(MemoryPart("cast weights (one layer + output head in compute dtype)",
+                                    cast, cast))
+        return parts
 
     def training(self, batch_size: int, grad_accum: int = 1, adapters: int = 0) -> list[MemoryPart]:
         """One training step of `adapters` LoRA adapters side by side (0: the whole model, as in
@@ -244,7 +255,8 @@ class StageMemory:
 
     def probe(self, batch_size: int, t: int, chunk: int) -> list[MemoryPart]:
         """The base and `t` adapters on a probe batch, `chunk` of the t + 1 models per forward;
-        the logits of all t + 1 and their log-softmax are kept."""
+        the raw logits of all t + 1 are kept (eval/score.py scores them with from_logits=True,
+        normalising tile by tile, so no log-softmax copy is stored)."""
         rows = rows_per_device(batch_size, self.mesh)
         seq = self.seq_len
         vocab = self.model.vocab_size // _tensor_split(self.model.vocab_size, self.mesh["tensor"])
@@ -256,7 +268,6 @@ class StageMemory:
             MemoryPart(f"{t} adapters (split like the base)", t * logical, t * per_device),
             MemoryPart(f"logits ({t + 1} models x {rows} row(s) x {seq} x {vocab} float32)",
                        logits, logits),
-            MemoryPart("log-softmax copy", logits, logits),
             *self.activations(chunk * rows, train=False,
                               label=f"{chunk} model(s) x {rows} row(s) x {seq} tokens")[:1],
         ]

@@ -13,9 +13,9 @@ the round's initial adapters kept whole on one device.
 
 Stages: `pretrain` (scratch bases only), `single_task` (T LoRA adapters over one frozen base,
 trained side by side in rounds), `probe` (T single-task models plus the base on each probe batch:
-(T + 1) x rows x S x V float32 logits and a log-softmax copy), `mixture_finetune` (one fine-tune
-per mixture method and seed) and `eval` (a fine-tuned model plus the KV cache of greedy
-generation).
+(T + 1) x rows x S x V float32 logits, scored as they are, with no log-softmax copy),
+`mixture_finetune` (one fine-tune per mixture method and seed) and `eval` (a fine-tuned model plus
+the KV cache of greedy generation).
 
 Two config keys change memory and never results; the plan uses them exactly as the run will:
 
@@ -23,8 +23,8 @@ Two config keys change memory and never results; the plan uses them exactly as t
   adapters side by side per round (adapter t follows the same trajectory whether trained alone or
   beside others, `pipeline/stages.py`).
 * `probe.adapter_chunk` (C; null: all T + 1 at once): the probe forward runs the T + 1 models C at
-  a time (`multi_adapter_forward(..., adapter_chunk=C)`); the logits of all T + 1 are still kept
-  for the divergences.
+  a time (`multi_adapter_forward(..., adapter_chunk=C)`); the raw logits of all T + 1 are still
+  kept for the divergences (eval/score.py normalises them tile by tile, `from_logits=True`).
 
 The plan also finds the largest G and C whose stage fits in `PLAN_FRACTION` of the device memory
 (room for XLA's temporaries and the activation estimate's error). The fit check compares each

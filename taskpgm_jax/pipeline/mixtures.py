@@ -25,6 +25,9 @@ from taskpgm_jax.mrf import (
     temperature_mixture,
     uniform_mixture,
 )
+# solve's default softmax optimiser, passed explicitly so that the trace's re-runs take the
+# final solve's steps.
+from taskpgm_jax.mrf.solve import DEFAULT_MAX_ITER, default_softmax_optimizer
 
 
 class MixtureSet(NamedTuple):
@@ -37,21 +40,35 @@ class MixtureSet(NamedTuple):
     greedy: dict[str, Any]
 
 
+def _solver_options(method: str) -> dict[str, Any]:
+    # softmax: Adam's schedule decays over max_iter steps, so a re-run with max_iter=k under the
+    # default optimiser would take other steps; one optimiser for all keeps k steps a prefix.
+    return ({"optimizer": default_softmax_optimizer(DEFAULT_MAX_ITER["softmax"])}
+            if method == "softmax" else {})
+
+
 def _convergence(pot, method: str, final) -> dict[str, list]:
-    """Energy gap to the converged solution and KKT residual after 1, 2, 4, ... iterations."""
-    if method == "closed_form":  # one linear solve: no iterations to show; trace exact instead
-        method = "exact"
+    """Energy gap to the final solution and KKT residual after 1, 2, 4, ... iterations of the
+    solve that produced `final`, ending with `final` itself (gap 0, its own residual).
+
+    The earlier points re-run the same solver for k < final.iterations steps. closed_form is one
+    linear solve with no iterates: its trace is the single point of `final` (the report says so)
+    rather than an iterate of another solver, which would contradict the mixture's provenance.
+    """
     iters, gaps, kkts = [], [], []
     e_final = float(final.energy)
-    k, last = 1, int(final.iterations)
-    while True:
-        sol = solve(pot, method, max_iter=k, tol=1e-30)  # run exactly k iterations
+    last = int(final.iterations)
+    opts = _solver_options(method)
+    k = 1
+    while method != "closed_form" and k < last:
+        sol = solve(pot, method, max_iter=k, tol=1e-30, **opts)  # run exactly k iterations
         iters.append(k)
         gaps.append(max(float(sol.energy) - e_final, 0.0))
         kkts.append(float(sol.kkt_residual))
-        if k >= last:
-            break
-        k = min(2 * k, last)
+        k *= 2
+    iters.append(last)
+    gaps.append(0.0)
+    kkts.append(float(final.kkt_residual))
     return {"iterations": iters, "energy_gap": gaps, "kkt_residual": kkts}
 
 
@@ -106,7 +123,7 @@ def compute_mixtures(names: Sequence[str], divergence, cross_likelihood, base_li
         method = f"taskpgm_{kind}"
         if method not in mix.methods:
             continue
-        sol = solve(pot, mrf.solver)
+        sol = solve(pot, mrf.solver, **_solver_options(mrf.solver))
         mixtures[method] = Mixture.from_solution(names, sol, affinity=kind, unary=mrf.unary,
                                                  beta=mrf.beta, lam=lam)
         trace[method] = _convergence(pot, mrf.solver, sol)

@@ -84,6 +84,53 @@ def _json(path: Path, producer: str):
         raise ValueError(f"{path}: not valid JSON ({e}); re-run {producer}.") from None
 
 
+def _malformed(path: Path, producer: str, what: str) -> ValueError:
+    return ValueError(f"{path}: {what}; re-run {producer}.")
+
+
+def _mapping(obj, path: Path, producer: str, what: str, keys=()) -> Mapping:
+    """`obj` as a JSON object holding `keys`, else a ValueError naming the file and the entry."""
+    if not isinstance(obj, Mapping):
+        raise _malformed(path, producer, f"{what} must be a JSON object, got "
+                                         f"{type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise _malformed(path, producer, f"{what} lacks key(s) {missing}")
+    return obj
+
+
+def _numbers(obj, path: Path, producer: str, what: str) -> list:
+    if not isinstance(obj, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in obj):
+        raise _malformed(path, producer, f"{what} must be a list of numbers")
+    return obj
+
+
+def _check_results(results, path: Path, producer: str) -> None:
+    _mapping(results, path, producer, "the file")
+    missing = [k for k in _RESULTS_KEYS if k not in results]
+    if missing or not results.get("methods"):
+        raise _malformed(path, producer, f"missing or empty key(s) {missing or ['methods']}")
+    for key in ("eval_tasks", "seeds"):
+        if not isinstance(results[key], list):
+            raise _malformed(path, producer, f"{key!r} must be a list")
+    _numbers([results["budget"]], path, producer, "'budget'")
+    for method, entry in _mapping(results["methods"], path, producer, "'methods'").items():
+        where = f"methods.{method}"
+        _numbers([_mapping(entry, path, producer, where, ("mean", "std"))[k]
+                  for k in ("mean", "std")], path, producer, f"{where} mean and std")
+        _numbers(entry.get("seeds", []), path, producer, f"{where}.seeds")
+        for task, s in _mapping(entry.get("per_task", {}), path, producer,
+                                f"{where}.per_task").items():
+            _mapping(s, path, producer, f"{where}.per_task.{task}", ("mean", "std"))
+        if entry.get("delta_vs_uniform"):
+            d = _mapping(entry["delta_vs_uniform"], path, producer, f"{where}.delta_vs_uniform",
+                         ("mean", "ci95", "n"))
+            if not isinstance(d["ci95"], list) or len(d["ci95"]) != 2:
+                raise _malformed(path, producer, f"{where}.delta_vs_uniform.ci95 must be "
+                                                 "[low, high]")
+
+
 def _array(path: Path, producer: str, shape: tuple[int, ...]) -> np.ndarray:
     arr = np.load(_require(path, producer), allow_pickle=False).astype(np.float64)
     if arr.shape != shape:
@@ -106,33 +153,57 @@ def load_report_inputs(run_dir) -> ReportInputs:
       >>> inputs = load_report_inputs("runs/demo"); inputs.names[:3]
     """
     run_dir = Path(run_dir)
-    results = _json(run_dir / "results.json", "the evaluation at the end of `taskpgm run`")
-    missing = [k for k in _RESULTS_KEYS if k not in results]
-    if missing or not results.get("methods"):
-        raise ValueError(f"{run_dir / 'results.json'}: missing or empty key(s) "
-                         f"{missing or ['methods']}; re-run the evaluation.")
-    stages = _json(run_dir / "manifest.json", "`taskpgm run`").get("stages", {})
+    evaluation = "the evaluation (`taskpgm run`)"
+    results = _json(run_dir / "results.json", evaluation)
+    _check_results(results, run_dir / "results.json", evaluation)
+    manifest = run_dir / "manifest.json"
+    stages = _mapping(_mapping(_json(manifest, "`taskpgm run`"), manifest, "`taskpgm run`",
+                               "the file").get("stages", {}),
+                      manifest, "`taskpgm run`", "'stages'")
     dirs = {}
     for stage in ("probe", "mixtures"):
         if stage not in stages:
-            raise FileNotFoundError(f"{run_dir / 'manifest.json'}: no {stage!r} stage listed; "
-                                    f"{RUN_HINT}.")
+            raise FileNotFoundError(f"{manifest}: no {stage!r} stage listed; {RUN_HINT}.")
+        if not isinstance(stages[stage], str):
+            raise _malformed(manifest, "`taskpgm run`", f"stages.{stage} must be a directory "
+                                                        "name")
         dirs[stage] = run_dir / stages[stage]
     probe, mix = "the probe stage", "the mixtures stage"
-    names = tuple(_json(dirs["probe"] / "names.json", probe))
+    names_path = dirs["probe"] / "names.json"
+    names = _json(names_path, probe)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _malformed(names_path, probe, "expected a list of task names")
+    names = tuple(names)
     T = len(names)
     if T == 0 or len(set(names)) != T:
-        raise ValueError(f"{dirs['probe'] / 'names.json'}: expected distinct task names, got "
+        raise ValueError(f"{names_path}: expected distinct task names, got "
                          f"{T} names ({T - len(set(names))} repeated).")
-    mixtures = _json(dirs["mixtures"] / "mixtures.json", mix)
+    mix_path = dirs["mixtures"] / "mixtures.json"
+    mixtures = _mapping(_json(mix_path, mix), mix_path, mix, "the file")
     for method, m in mixtures.items():
-        unknown = sorted(set(m["names"]) - set(names))
+        _mapping(m, mix_path, mix, f"mixture {method!r}", ("names", "weights"))
+        _numbers(m["weights"], mix_path, mix, f"mixture {method!r} weights")
+        unknown = sorted(set(map(str, m["names"])) - set(names))
         if unknown or len(m["names"]) != len(m["weights"]):
-            raise ValueError(f"{dirs['mixtures'] / 'mixtures.json'}: mixture {method!r} has "
+            raise ValueError(f"{mix_path}: mixture {method!r} has "
                              f"{len(m['names'])} names for {len(m['weights'])} weights; "
                              f"unknown tasks: {unknown[:5]}.")
+        _mapping(m.get("provenance", {}), mix_path, mix, f"mixture {method!r} provenance")
+    trace_path = dirs["mixtures"] / "solver_trace.json"
+    trace = _mapping(_json(trace_path, mix), trace_path, mix, "the file")
+    for method, tr in trace.items():
+        keys = ("iterations", "energy_gap", "kkt_residual")
+        for key in keys:
+            _numbers(_mapping(tr, trace_path, mix, f"trace {method!r}", keys)[key], trace_path,
+                     mix, f"trace {method!r} {key}")
+    greedy_path = dirs["mixtures"] / "greedy.json"
+    greedy = _mapping(_json(greedy_path, mix), greedy_path, mix, "the file")
+    if greedy:  # {} when the run did not compare the greedy selection
+        _mapping(greedy, greedy_path, mix, "the file",
+                 ("order", "gains", "cumulative_cost", "budget", "value"))
     clusters_path = dirs["mixtures"] / "clusters.json"
-    clusters = json.loads(clusters_path.read_text()) if clusters_path.is_file() else None
+    clusters = (_mapping(_json(clusters_path, mix), clusters_path, mix, "the file")
+                if clusters_path.is_file() else None)
     if clusters is not None and set(names) - set(clusters):
         raise ValueError(f"{clusters_path}: no planted cluster for {sorted(set(names) - set(clusters))[:5]}.")
     return ReportInputs(
@@ -142,10 +213,7 @@ def load_report_inputs(run_dir) -> ReportInputs:
         base_loglik=_array(dirs["probe"] / "base_loglik.npy", probe, (T,)),
         affinity_jsd=_array(dirs["mixtures"] / "affinity_jsd.npy", mix, (T, T)),
         affinity_pmi=_array(dirs["mixtures"] / "affinity_pmi.npy", mix, (T, T)),
-        mixtures=mixtures,
-        solver_trace=_json(dirs["mixtures"] / "solver_trace.json", mix),
-        greedy=_json(dirs["mixtures"] / "greedy.json", mix),
-        clusters=clusters)
+        mixtures=mixtures, solver_trace=trace, greedy=greedy, clusters=clusters)
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -299,6 +367,30 @@ def _greedy_md(g: Mapping, examples, figdir: Path) -> str:
                "curve flattens where new tasks mostly repeat what is already chosen.")])
 
 
+def _solver_md(trace: Mapping, mixtures: Mapping) -> list[str]:
+    """Caption and table of the solver traces; closed_form solves have no iterations."""
+    def solver(m):
+        return (mixtures.get(m, {}).get("provenance") or {}).get("method")
+
+    closed = [m for m in _ordered(trace) if solver(m) == "closed_form"]
+    rows = [[_md(m), "none (closed form)" if m in closed else
+             str(trace[m]["iterations"][-1] if trace[m]["iterations"] else 0),
+             *[f"{trace[m][key][-1]:.3e}" if trace[m][key] else "—"
+               for key in ("energy_gap", "kkt_residual")]] for m in _ordered(trace)]
+    caption = ("The energy gap is measured to the solver's own final solution, so it always "
+               "ends at 0 (▼: exact zeros, which a log axis cannot show); convergence shows in "
+               "the KKT residual, which should fall to the stopping tolerance: one that ends high "
+               "means the solver stopped on its iteration limit.")
+    if closed:
+        caption += (" The closed-form solution (" + ", ".join(_md(m) for m in closed) + ") is "
+                    "one linear solve with no iterations, so it shows as a single point; a KKT "
+                    "residual there well above float rounding means the projection onto the "
+                    "simplex changed the KKT solution, which is then not the constrained "
+                    "minimiser.")
+    return [_embed("solver.png", "solver convergence", caption),
+            _table(["method", "iterations", "final energy gap", "final KKT residual"], rows)]
+
+
 def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
     """Write RUN_DIR/report.md and its figures in RUN_DIR/figures/.
 
@@ -389,18 +481,7 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
     trace = inputs.solver_trace
     if trace:
         _save(figs.solver_figure(trace), figdir / "solver.png")
-        rows = [[_md(m), str(trace[m]["iterations"][-1] if trace[m]["iterations"] else 0),
-                 *[f"{trace[m][key][-1]:.3e}" if trace[m][key] else "—"
-                   for key in ("energy_gap", "kkt_residual")]] for m in _ordered(trace)]
-        parts += ["## Solver convergence",
-                  _embed("solver.png", "solver convergence",
-                         "The energy gap is measured to the solver's own final iterate, so it "
-                         "always ends at 0 (▼: exact zeros, which a log axis cannot show); "
-                         "convergence shows in the KKT residual, which should fall to the "
-                         "stopping tolerance: one that ends high means the solver stopped on "
-                         "its iteration limit."),
-                  _table(["method", "iterations", "final energy gap", "final KKT residual"],
-                         rows)]
+        parts += ["## Solver convergence", *_solver_md(trace, inputs.mixtures)]
 
     if inputs.greedy:  # {} when the run did not compare the greedy selection
         parts.append(_greedy_md(inputs.greedy, res["budget"], figdir))

@@ -455,3 +455,39 @@ def test_loss_chunk_plans_one_chunk_of_training_logits():
                            single_task={"adapters_per_round": 1, "batch_size": 32}), num_devices=8)
     single = next(o for o in tight.over if o.startswith("single_task:"))
     assert "model.loss_chunk=128" in single
+
+
+def test_probe_plans_one_copy_of_the_raw_logits():
+    # eval/score.py scores the raw logits (from_logits=True): no log-softmax copy is stored.
+    report = dry_run(_config(probe={"adapter_chunk": 4, "batch_size": 8}), num_devices=8)
+    t, probe = report.num_tasks, report.stage("probe")
+    logits = (t + 1) * (8 // 4) * 32 * (384 // 2) * 4  # rows over data x fsdp, vocab over tensor
+    held = [p for p in probe.parts if "logit" in p.name or "softmax" in p.name]
+    assert [p.per_device for p in held] == [logits]
+    assert [p.name.split(" (")[0] for p in probe.parts] == [
+        "base params", f"{t} adapters", "logits", "activations: 4 model(s) x 2 row(s) x 32 tokens"]
+
+
+@pytest.mark.parametrize("mesh, dtype, part", [
+    ({"data": 8, "fsdp": 1, "tensor": 1}, "float32", None),
+    ({"data": 8, "fsdp": 1, "tensor": 1}, "bfloat16", "cast weights"),
+    ({"data": 4, "fsdp": 1, "tensor": 2}, "bfloat16", "cast weights"),
+    ({"data": 4, "fsdp": 2, "tensor": 1}, "float32", "gathered weights"),
+])
+def test_gathered_weights_only_with_fsdp_and_cast_weights_only_across_dtypes(mesh, dtype, part):
+    report = dry_run(_config(mesh=mesh, model={**SMALL["model"], "dtype": dtype}), num_devices=8)
+    # One SMALL layer by hand: q, o 64 x 64; k, v 64 x 32; gate, up, down 64 x 96; two norms.
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96 + 2 * 64
+    head, embed = 384 * 64, 384 * 64 * 4  # V x D; the float32 embedding table
+    tensor, c = mesh["tensor"], 2 if dtype == "bfloat16" else 4
+    expected = {"cast weights": (layer // tensor + head // tensor) * c,
+                "gathered weights": 2 * layer * c // tensor + embed}
+    for name in ("pretrain", "single_task", "mixture_finetune"):
+        stage = report.stage(name)
+        found = [p for p in stage.parts if p.name.endswith("in compute dtype)")
+                 or "weights (" in p.name]
+        if part is None:
+            assert not found, (name, [p.name for p in found])
+        else:
+            assert [(p.name.split(" (")[0], p.per_device) for p in found] == \
+                [(part, expected[part])]

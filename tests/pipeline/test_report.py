@@ -309,3 +309,57 @@ def test_public_names_and_figure_scales():
     plain = _figures.weights_figure(names, {"greedy": np.array([0.5, 0.5, 0, 0]),
                                             "uniform": np.full(4, 0.25)}, order)
     assert plain.axes[0].get_ylim()[1] >= 0.5 and not plain.axes[0].texts
+
+
+@pytest.mark.parametrize("relpath, edit, message", [
+    # A mixture without weights, a method without std, a manifest that is a list, as found.
+    ("stages/mixtures-def456/mixtures.json",
+     lambda d: {**d, "uniform": {k: v for k, v in d["uniform"].items() if k != "weights"}},
+     r"mixtures.json: mixture 'uniform' lacks key\(s\) \['weights'\]"),
+    ("results.json",
+     lambda d: {**d, "methods": {**d["methods"], "greedy": {
+         k: v for k, v in d["methods"]["greedy"].items() if k != "std"}}},
+     r"results.json: methods.greedy lacks key\(s\) \['std'\]"),
+    ("manifest.json", lambda d: [d], r"manifest.json: the file must be a JSON object, got list"),
+    ("stages/mixtures-def456/solver_trace.json",
+     lambda d: {**d, "taskpgm_jsd": {**d["taskpgm_jsd"], "kkt_residual": "small"}},
+     r"solver_trace.json: trace 'taskpgm_jsd' kkt_residual must be a list of numbers"),
+    ("stages/mixtures-def456/greedy.json", lambda d: {"order": []},
+     r"greedy.json: the file lacks key\(s\) \['gains', 'cumulative_cost', 'budget', 'value'\]"),
+    ("stages/probe-abc123/names.json", lambda d: {"names": d},
+     r"names.json: expected a list of task names"),
+])
+def test_malformed_json_names_the_file_and_entry(tmp_path, rng, capsys, relpath, edit, message):
+    from taskpgm_jax.cli import main
+
+    run = make_run_dir(tmp_path, rng)
+    path = run / relpath
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=message + r".*; re-run "):
+        load_report_inputs(run)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (run / "report.md").exists()
+
+
+def test_closed_form_solver_section_says_it_has_no_iterations(tmp_path, rng):
+    run = make_run_dir(tmp_path, rng, synthetic=False)
+    mix = run / "stages/mixtures-def456"
+    mixtures = json.loads((mix / "mixtures.json").read_text())
+    trace = json.loads((mix / "solver_trace.json").read_text())
+    # As the mixtures stage writes a closed_form solve: one point, the solution itself.
+    mixtures["taskpgm_jsd"]["provenance"] = {"method": "closed_form", "kkt_residual": 0.25,
+                                             "iterations": 1}
+    trace["taskpgm_jsd"] = {"iterations": [1], "energy_gap": [0.0], "kkt_residual": [0.25]}
+    (mix / "mixtures.json").write_text(json.dumps(mixtures))
+    (mix / "solver_trace.json").write_text(json.dumps(trace))
+    text = write_report(run).read_text()
+    section = _section(text, "Solver convergence")
+    (rows,) = _tables(section)
+    assert rows["taskpgm_jsd"]["iterations"] == "none (closed form)"
+    assert rows["taskpgm_jsd"]["final energy gap"] == "0.000e+00"
+    assert rows["taskpgm_jsd"]["final KKT residual"] == "2.500e-01"
+    assert rows["taskpgm_pmi"]["iterations"] == str(trace["taskpgm_pmi"]["iterations"][-1])
+    assert "closed-form solution (taskpgm_jsd) is one linear solve with no iterations" in section
+    _check_pngs(run, text)
