@@ -31,7 +31,8 @@
   the embedding table are counted as "gathered weights". Without FSDP nothing is gathered; when
   the compute dtype differs from `param_dtype` the layers cast each kernel at use
   (models/layers.py), counted as "cast weights": one layer and the output head in the compute
-  dtype. With equal dtypes the cast is a no-op and neither part appears.
+  dtype. With equal dtypes the cast is a no-op and neither part appears. Every stage counts
+  these, the forward-only probe and eval included.
 * The single-task stage also counts the round's initial adapters, whole (unsplit) on the
   default device beside the trainer's copy; finished rounds wait on the host
   (`StageMemory.single_task`).
@@ -268,8 +269,11 @@ class StageMemory:
             MemoryPart(f"{t} adapters (split like the base)", t * logical, t * per_device),
             MemoryPart(f"logits ({t + 1} models x {rows} row(s) x {seq} x {vocab} float32)",
                        logits, logits),
-            *self.activations(chunk * rows, train=False,
-                              label=f"{chunk} model(s) x {rows} row(s) x {seq} tokens")[:1],
+            # The forward's activations and gathered / cast weights; its logits are the ones
+            # counted above.
+            *(p for p in self.activations(
+                chunk * rows, train=False, label=f"{chunk} model(s) x {rows} row(s) x {seq} tokens")
+              if not p.name.startswith("logits")),
         ]
 
     def eval(self, batch_size: int, max_new_tokens: int, lora: bool) -> list[MemoryPart]:
@@ -284,8 +288,9 @@ class StageMemory:
         if lora:
             parts.append(MemoryPart("adapter", *self.sizes.adapter))
         parts.append(MemoryPart(f"KV cache ({rows} row(s) x {positions} positions)", cache, cache))
+        # Activations, the prefill's logits and, as in training, gathered / cast weights.
         return parts + self.activations(rows, train=False,
-                                        label=f"prefill of {rows} row(s) x {seq} tokens")[:2]
+                                        label=f"prefill of {rows} row(s) x {seq} tokens")
 
 
 def largest_fitting(build: Callable[[int], list[MemoryPart]], upper: int,

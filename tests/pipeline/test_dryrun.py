@@ -465,7 +465,8 @@ def test_probe_plans_one_copy_of_the_raw_logits():
     held = [p for p in probe.parts if "logit" in p.name or "softmax" in p.name]
     assert [p.per_device for p in held] == [logits]
     assert [p.name.split(" (")[0] for p in probe.parts] == [
-        "base params", f"{t} adapters", "logits", "activations: 4 model(s) x 2 row(s) x 32 tokens"]
+        "base params", f"{t} adapters", "logits", "activations: 4 model(s) x 2 row(s) x 32 tokens",
+        "gathered weights"]  # this mesh has fsdp 2
 
 
 @pytest.mark.parametrize("mesh, dtype, part", [
@@ -482,7 +483,8 @@ def test_gathered_weights_only_with_fsdp_and_cast_weights_only_across_dtypes(mes
     tensor, c = mesh["tensor"], 2 if dtype == "bfloat16" else 4
     expected = {"cast weights": (layer // tensor + head // tensor) * c,
                 "gathered weights": 2 * layer * c // tensor + embed}
-    for name in ("pretrain", "single_task", "mixture_finetune"):
+    # Every stage runs the model's forward: the probe and eval forwards gather / cast too.
+    for name in ("pretrain", "single_task", "mixture_finetune", "probe", "eval"):
         stage = report.stage(name)
         found = [p for p in stage.parts if p.name.endswith("in compute dtype)")
                  or "weights (" in p.name]
