@@ -541,19 +541,10 @@ def _freeze(value):
     return value
 
 
-def thaw(value):
-    """A frozen config value as written: mappings as dicts, sequences as lists."""
-    if isinstance(value, _Pairs):
-        return {k: thaw(v) for k, v in value}
-    if isinstance(value, tuple):
-        return [thaw(v) for v in value]
-    return value
-
-
 def hub_specs(entries: tuple[tuple[tuple[str, Any], ...], ...]) -> list[dict[str, Any]]:
     """`data.hub.train` / `heldout` entries as the dicts a user passes to `load_hub_tasks`
     (nested mappings such as `data_files` and `columns` as dicts, not frozen pairs)."""
-    return [{k: thaw(v) for k, v in entry} for entry in entries]
+    return [{k: to_dict(v) for k, v in entry} for entry in entries]
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -636,30 +627,42 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def to_dict(obj) -> Any:
-    """A JSON/YAML-able view of a config (tuples become lists, pair tuples stay lists)."""
+    """A JSON/YAML-able view of a config: tuples become lists (pair tuples stay lists), and a
+    mapping written under an `Any` key (e.g. a hub entry's `data_files`) a dict again."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, _Pairs):  # a mapping the user wrote under an `Any` key
+        return {k: to_dict(v) for k, v in obj}
     if isinstance(obj, (tuple, list)):
         return [to_dict(v) for v in obj]
     return obj
 
 
+def _view_at_defaults(section, names: tuple[str, ...]) -> dict:
+    """`to_dict(section)` with the fields `names` at their defaults: settings that never change
+    results hash as if unset, so a run resumes across them, and keys of configs that left them
+    at their defaults are those of earlier versions, which hashed them."""
+    view = to_dict(section)
+    for f in dataclasses.fields(section):
+        if f.name in names:
+            view[f.name] = to_dict(f.default)
+    return view
+
+
 def results_view(model: BaseModelConfig) -> dict:
-    """The `model` section as stage keys hash it: without `attention_impl`, `loss_chunk` and
-    `remat`, which change how the model runs (speed, memory) and never its results (beyond
-    float32 rounding), so a run resumes across them."""
-    view = to_dict(model)
-    del view["attention_impl"], view["loss_chunk"], view["remat"]
+    """The `model` section as stage keys hash it: without `attention_impl` and `loss_chunk`
+    (added after the first keys, so dropped), and with `remat` at its default: they change how
+    the model runs (speed, memory), never its results (beyond float32 rounding)."""
+    view = _view_at_defaults(model, ("remat",))
+    del view["attention_impl"], view["loss_chunk"]
     return view
 
 
 def finetune_view(ft: FinetuneConfig) -> dict:
-    """A `single_task` / `finetune` section as stage keys hash it: without `checkpoint_every`
-    (when a resumable checkpoint is saved, not what is trained) and `adapters_per_round`
-    (memory only for single_task; finetune never reads it)."""
-    view = to_dict(ft)
-    del view["checkpoint_every"], view["adapters_per_round"]
-    return view
+    """A `single_task` / `finetune` section as stage keys hash it: `checkpoint_every` (when a
+    resumable checkpoint is saved, not what is trained) and `adapters_per_round` (memory only
+    for single_task; finetune never reads it) at their defaults."""
+    return _view_at_defaults(ft, ("checkpoint_every", "adapters_per_round"))
 
 
 def config_hash(*parts: Any) -> str:

@@ -163,9 +163,11 @@ def test_attention_and_loss_chunk_reach_the_model_and_stay_out_of_the_stage_keys
     assert scratch_config(cfg.model, 300).attention_impl == "xla"
     assert cfg.model.loss_chunk == 16
     # The key of the model section is the hash of every other field: what it was before these
-    # fields existed, and the same for every attention_impl and loss_chunk.
+    # fields existed, and the same for every attention_impl and loss_chunk (the demo leaves
+    # remat at its default, which the view keeps).
+    assert not cfg.model.remat
     others = {f.name: to_dict(getattr(cfg.model, f.name)) for f in dataclasses.fields(cfg.model)
-              if f.name not in ("attention_impl", "loss_chunk", "remat")}
+              if f.name not in ("attention_impl", "loss_chunk")}
     assert config_hash(results_view(cfg.model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO).model)) == config_hash(others)
     assert config_hash(results_view(load_config(DEMO, ["model.seq_len=72"]).model)) \
@@ -179,7 +181,9 @@ def test_hub_entries_reach_the_loader_as_written(tmp_path, rng):
     user wrote, not as frozen pairs (which crashed `load_dataset`)."""
     import json
 
-    from taskpgm_jax.config import config_from_dict, hub_specs
+    import yaml
+
+    from taskpgm_jax.config import config_from_dict, dump_config, hub_specs
     from taskpgm_jax.pipeline.inputs import load_pools
 
     rows = {}
@@ -198,6 +202,10 @@ def test_hub_entries_reach_the_loader_as_written(tmp_path, rng):
     cfg = config_from_dict({"data": {"source": "hub", "hub": {"train": [entry("pool")],
                                                               "heldout": [entry("held")]}}})
     assert hub_specs(cfg.data.hub.train) == [entry("pool")]
+    # The run directory's config.yaml keeps the nested ones as mappings: reloaded, the same
+    # config (they once came back as lists of pairs).
+    reloaded = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert hub_specs(reloaded.data.hub.train) == [entry("pool")] and reloaded == cfg
     pools = load_pools(cfg.data)
     for pool, part in ((pools.train, "pool"), (pools.heldout, "held")):
         want = {}
@@ -212,7 +220,7 @@ def test_memory_only_settings_stay_out_of_the_stage_keys(rng):
     that changes results."""
     import dataclasses
 
-    from taskpgm_jax.config import config_hash, finetune_view, results_view
+    from taskpgm_jax.config import config_hash, finetune_view, results_view, to_dict
     from taskpgm_jax.pipeline.run import finetune_key, single_task_key
 
     tok, data = f"tok{rng.integers(1 << 30)}", f"data{rng.integers(1 << 30)}"
@@ -226,6 +234,17 @@ def test_memory_only_settings_stay_out_of_the_stage_keys(rng):
                 finetune_key(cfg, weights, seed, base, data))
 
     ref = keys([])
+    # A config that leaves these settings at their defaults keeps the keys of the versions that
+    # hashed them (the formulas run_pipeline used before), so its run directory resumes.
+    cfg = load_config(DEMO)
+    old_base = config_hash({f.name: to_dict(getattr(cfg.model, f.name)) for f in dataclasses.fields(
+        cfg.model) if f.name not in ("attention_impl", "loss_chunk")}, tok, data)
+    old_single = config_hash(dataclasses.replace(cfg.single_task, adapters_per_round=None),
+                             cfg.lora, old_base, data, cfg.model.seq_len)
+    old_ft = config_hash(cfg.finetune, cfg.lora if cfg.finetune.trainable == "lora" else None,
+                         sorted(weights.items()), cfg.mixture.budget, seed, old_base, data,
+                         cfg.model.seq_len)
+    assert ref == (old_base, old_single, old_ft)
     every = int(rng.integers(1, 1000))
     for same in (["model.remat=true"], [f"single_task.checkpoint_every={every}"],
                  [f"finetune.checkpoint_every={every}"],
