@@ -104,8 +104,11 @@ def _pair_sums(logprobs, weights, config: _KernelConfig):
         fill = 0.0 if offset is not None else -math.log(logprobs.shape[2])
         logprobs = jnp.pad(logprobs, ((0, 0), (0, pad), (0, 0)), constant_values=fill)
         weights = jnp.pad(weights, ((0, pad), (0, 0)))
-        if offset is not None:
-            offset = jnp.pad(offset, ((0, 0), (0, 0), (0, pad)))
+        if offset is not None:  # zero logits minus (0, log V): uniform rows there too
+            offset = jnp.concatenate([
+                jnp.pad(offset[:1], ((0, 0), (0, 0), (0, pad))),
+                jnp.pad(offset[1:], ((0, 0), (0, 0), (0, pad)),
+                        constant_values=math.log(logprobs.shape[2]))])
     by_position = PartitionSpec(None, axes)
 
     def local(lp, w, off):

@@ -240,8 +240,8 @@ class Mixture:
         if as_fractions and sizes is None:
             raise ValueError(f"sizes: the values of {as_fractions} are <= 1, which open-instruct "
                              "reads as fractions of those datasets; pass sizes={name: examples}.")
-        n = dict(zip(mixer, _sizes(tuple(mixer), _sizes_by_name(sizes, tuple(mixer))),
-                     strict=True)) if as_fractions else {}
+        frac = tuple(as_fractions)  # only these need a size
+        n = dict(zip(frac, _sizes(frac, _sizes_by_name(sizes, frac)), strict=True)) if frac else {}
         return cls.from_counts({k: (v if v > 1 or v == 0 else v * n[k])
                                 for k, v in mixer.items()}, **kw)
 

@@ -194,9 +194,10 @@ class StageMemory:
     param_dtype: str
     loss_chunk: int | None = None
 
-    def activations(self, rows: int, *, train: bool, label: str) -> list[MemoryPart]:
-        """Activations, logits and gathered or cast weights for `rows` x `seq_len` tokens on one
-        device (activations first, logits second)."""
+    def activations(self, rows: int, *, train: bool, label: str,
+                    logits: bool = True) -> list[MemoryPart]:
+        """Activations, logits (unless `logits=False`: a caller that counts them itself) and
+        gathered or cast weights for `rows` x `seq_len` tokens on one device."""
         m, tensor, seq = self.model, self.mesh["tensor"], self.seq_len
         tokens = rows * seq
         c = jnp.dtype(m.dtype).itemsize
@@ -210,13 +211,14 @@ class StageMemory:
         copies = 3 if train else 2
         chunked = train and self.loss_chunk is not None and self.loss_chunk < seq
         logit_tokens = rows * self.loss_chunk if chunked else tokens
-        logits = logit_tokens * copies * 4 * m.vocab_size // _tensor_split(m.vocab_size, tensor)
+        logit_bytes = (logit_tokens * copies * 4 * m.vocab_size
+                       // _tensor_split(m.vocab_size, tensor))
         which = f", {self.loss_chunk}-position chunks" if chunked else ""
-        parts = [
-            MemoryPart(f"activations: {label} ({how})", int(act), int(act)),
-            MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"
-                       + (", gradient" if train else "") + f"{which})", int(logits), int(logits)),
-        ]
+        parts = [MemoryPart(f"activations: {label} ({how})", int(act), int(act))]
+        if logits:
+            parts.append(MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"
+                                    + (", gradient" if train else "") + f"{which})",
+                                    int(logit_bytes), int(logit_bytes)))
         if self.mesh["fsdp"] > 1:
             gathered = 2 * self.sizes.layer_params * c // tensor + self.sizes.embed_bytes
             parts.append(MemoryPart("gathered weights (two layers in compute dtype + embedding "
@@ -271,9 +273,8 @@ class StageMemory:
                        logits, logits),
             # The forward's activations and gathered / cast weights; its logits are the ones
             # counted above.
-            *(p for p in self.activations(
-                chunk * rows, train=False, label=f"{chunk} model(s) x {rows} row(s) x {seq} tokens")
-              if not p.name.startswith("logits")),
+            *self.activations(chunk * rows, train=False, logits=False,
+                              label=f"{chunk} model(s) x {rows} row(s) x {seq} tokens"),
         ]
 
     def eval(self, batch_size: int, max_new_tokens: int, lora: bool) -> list[MemoryPart]:

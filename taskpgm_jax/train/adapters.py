@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, check_adapters_like, stack_adapters
 from taskpgm_jax.sharding import Rules, logical_to_spec, named_sharding
+from taskpgm_jax.train.checkpoint import has_position
 from taskpgm_jax.train.step import (
     _STEP_CACHE,
     LossFn,
@@ -256,10 +257,6 @@ class AdapterTrainer(Trainer):
         return self._compiled()(state, self.frozen, batch, self.mesh)
 
 
-def _has_position(it) -> bool:
-    return callable(getattr(it, "state", None)) and callable(getattr(it, "restore", None))
-
-
 class StackedIterator:
     """Zips T per-task iterators into [T, B, S] batches, with a joint resumable position.
 
@@ -285,7 +282,7 @@ class StackedIterator:
     def __next__(self) -> Batch:
         # When a finite task iterator stops, the ones before it have already given a batch that
         # is never yielded: roll them back so that state() stays where training stopped.
-        saved = [it.state() if _has_position(it) else None for it in self.iterators]
+        saved = [it.state() if has_position(it) else None for it in self.iterators]
         batches = []
         for it in self.iterators:
             try:
@@ -304,10 +301,10 @@ class StackedIterator:
     def resumable(self) -> bool:
         """Whether every task iterator has `state()` and `restore()` (so this one has a
         position); plain iterators (generators, `iter(list)`) do not."""
-        return all(_has_position(it) for it in self.iterators)
+        return all(has_position(it) for it in self.iterators)
 
     def _check_resumable(self, method: str) -> None:
-        plain = [t for t, it in enumerate(self.iterators) if not _has_position(it)]
+        plain = [t for t, it in enumerate(self.iterators) if not has_position(it)]
         if plain:
             raise ValueError(f"StackedIterator.{method}(): task iterators {plain} have no "
                              "state()/restore(), so this iterator has no position; use "

@@ -184,3 +184,9 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def has_position(data) -> bool:
+    """Whether an iterator has `state()` and `restore()`: a position a checkpoint can hold (a
+    wrapper of other iterators may also need its `resumable`, see `loop.finetune`)."""
+    return callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))

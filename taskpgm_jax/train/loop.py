@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taskpgm_jax.data import Batch
-from taskpgm_jax.train.checkpoint import Checkpointer
+from taskpgm_jax.train.checkpoint import Checkpointer, has_position
 from taskpgm_jax.train.step import Trainer, TrainState, check_int, check_seed
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
@@ -155,10 +155,8 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     ckpt = None
     if checkpoint_dir is not None:
         if resume and not _resumable(data):
-            has_methods = callable(getattr(data, "state", None)) and \
-                callable(getattr(data, "restore", None))
             what = ("has state()/restore() but resumable=False (a StackedIterator: a task "
-                    "iterator without them)" if has_methods else "has no state()/restore()")
+                    "iterator without them)" if has_position(data) else "has no state()/restore()")
             raise ValueError(
                 f"data ({type(data).__name__}) {what}, so a run checkpointed to "
                 f"checkpoint_dir={checkpoint_dir!r} with resume=True could not continue its data "
@@ -185,8 +183,7 @@ def _resumable(data) -> bool:
     """Whether `data` has a position to save and restore. A wrapper of other iterators
     (`StackedIterator`) has state()/restore() methods even when its children have none: its
     `resumable` property says whether they all do."""
-    return (callable(getattr(data, "state", None)) and callable(getattr(data, "restore", None))
-            and bool(getattr(data, "resumable", True)))
+    return has_position(data) and bool(getattr(data, "resumable", True))
 
 
 def _raise_nonfinite(bad: np.ndarray, ckpt: Checkpointer | None) -> None:

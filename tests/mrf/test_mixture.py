@@ -206,6 +206,9 @@ def test_open_instruct_values_take_examples_in_proportion_to_the_weights(rng):
         mix.to_open_instruct(sizes={n: 5 for n in names[1:]})
     with pytest.raises(ValueError, match=r"sizes: the values of \['a'\] are <= 1"):
         Mixture.from_open_instruct({"a": 0.5, "b": 300})
+    # Only the fractions need sizes: 0.5 of 400 examples against 1000 given as a count.
+    mixed = Mixture.from_open_instruct({"a": 0.5, "b": 1000}, sizes={"a": 400})
+    assert mixed.weights == pytest.approx((200 / 1200, 1000 / 1200), rel=1e-12)
     with pytest.raises(ValueError, match="mixer: expected numbers"):
         Mixture.from_open_instruct({"a": "0.5"})
 
