@@ -70,6 +70,9 @@ class FilesData:
     path: str | None = None
     heldout_path: str | None = None
     columns: tuple[tuple[str, str], ...] = ()  # our field -> the file's column
+    # The same for the held-out files when their columns differ (empty: `columns` for both);
+    # a mapped column must exist in the files it is applied to.
+    heldout_columns: tuple[tuple[str, str], ...] = ()
     kind: str | None = None
     task_column: str = "task"
 

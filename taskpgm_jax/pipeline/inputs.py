@@ -90,6 +90,8 @@ def load_pools(cfg: DataConfig) -> Pools:
         if f.heldout_path is None:
             raise ConfigError("config key 'data.files.heldout_path': give the held-out "
                               "evaluation tasks (e.g. a BBH directory of JSONL files)")
+        if f.heldout_columns:
+            kw["columns"] = dict(f.heldout_columns)
         heldout = load_task_files(f.heldout_path, split=eval_only, **kw)
     else:
         pool = load_hub_tasks(hub_specs(cfg.hub.train), split=split)

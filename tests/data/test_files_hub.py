@@ -189,6 +189,15 @@ def test_a_mapped_column_that_is_absent_is_refused(tmp_path, rng):
     pool = load_task_files(tmp_path / "multi.jsonl", columns={**base, "references": "alts"})
     assert pool["t1"].examples["references"] == [rows[0]["alts"]]
     assert pool["t2"].examples["references"] == [["y"]]
+    # The same in a directory of files, one task each.
+    (tmp_path / "dir").mkdir()
+    _write_jsonl(tmp_path / "dir" / "t1.jsonl", rows)
+    _write_jsonl(tmp_path / "dir" / "t2.jsonl", [{"q": "x", "a": "y"}])
+    pool = load_task_files(tmp_path / "dir", columns={**base, "references": "alts"})
+    assert pool["t1"].examples["references"] == [r["alts"] for r in rows]
+    assert pool["t2"].examples["references"] == [["y"]]
+    with pytest.raises(DataError, match="names a column that is not there"):
+        load_task_files(tmp_path / "dir", columns={**base, "references": "alt"})
 
 
 def test_json_array_errors_name_the_element(tmp_path, rng):

@@ -260,3 +260,34 @@ def test_memory_only_settings_stay_out_of_the_stage_keys(rng):
     # finetune.adapters_per_round is refused at load; the key would ignore it all the same.
     ft = load_config(DEMO).finetune
     assert finetune_view(dataclasses.replace(ft, adapters_per_round=4)) == finetune_view(ft)
+
+
+def test_heldout_files_take_their_own_column_mapping(tmp_path, rng):
+    """A pool whose files carry an `idx` column and a held-out suite without it: one mapping
+    for both is refused by name (the held-out files lack the column); heldout_columns maps
+    the held-out files on their own."""
+    import json
+
+    from taskpgm_jax.config import config_from_dict
+    from taskpgm_jax.data import DataError
+    from taskpgm_jax.pipeline.inputs import load_pools
+
+    for part, extra in (("pool", True), ("held", False)):
+        (tmp_path / part).mkdir()
+        for t in range(2):
+            with open(tmp_path / part / f"{part}{t}.jsonl", "w") as f:
+                for i in range(40):
+                    row = {"q": f"q{t} {i} {rng.integers(1 << 30)}", "a": f"a{rng.integers(9)}"}
+                    f.write(json.dumps({**row, "idx": f"{part}{t}-{i}"} if extra else row) + "\n")
+    files = {"path": str(tmp_path / "pool"), "heldout_path": str(tmp_path / "held"),
+             "columns": {"prompt": "q", "target": "a", "id": "idx"}}
+    cfg = config_from_dict({"data": {"source": "files", "files": files}})
+    with pytest.raises(DataError, match=r"held0.jsonl.*names a column that is not there"):
+        load_pools(cfg.data)
+    cfg = config_from_dict({"data": {"source": "files", "files": {
+        **files, "heldout_columns": {"prompt": "q", "target": "a"}}}})
+    pools = load_pools(cfg.data)
+    assert sorted(pools.heldout.names) == ["held0", "held1"]
+    ids = [i for name in pools.train.names for split in ("train", "probe", "eval")
+           for i in getattr(pools.train, split)(name)["id"]]
+    assert sorted(ids) == sorted(f"pool{t}-{i}" for t in range(2) for i in range(40))

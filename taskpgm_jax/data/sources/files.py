@@ -167,7 +167,8 @@ def task_from_records(name: str, records: list[dict], lines: Sequence[int | str]
                        columns: Mapping[str, str] | None, kind: str | None,
                        metric: str | None, file_columns: set[str] | None = None) -> Task:
     """One task from its records; `file_columns`: the columns of the whole source when it
-    holds several tasks (a mapped column need only be in some of them)."""
+    holds several tasks (a file with a task column, a directory of files): a mapped column
+    need only be in some of them."""
     if not records:
         raise data_error("the task has no examples", task=name, source=source)
     present = set().union(*(r.keys() for r in records))
@@ -238,10 +239,12 @@ def load_task_files(path: str | os.PathLike, *, columns: Mapping[str, str] | Non
         raise data_error("no such file or directory", source=str(path))
     built: list[Task] = []
     if path.is_dir():
-        for file in _files_in(path):
-            records, lines = read_records(file)
+        loaded = [(file, *read_records(file)) for file in _files_in(path)]
+        # A mapped column need only be in some of the files (an optional field such as `id`).
+        dir_columns = set().union(*(r.keys() for _, records, _ in loaded for r in records))
+        for file, records, lines in loaded:
             built.append(task_from_records(file.stem, records, lines, str(file), columns, kind,
-                                            metric))
+                                            metric, dir_columns))
     else:
         records, lines = read_records(path)
         # Any row with a task column makes the file multi-task (not just the first row's),
