@@ -269,15 +269,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config keys 'data.probe_fraction' and 'data.eval_fraction': must sum "
                           f"to less than 1 (the rest is the training split), got "
                           f"{d.probe_fraction} + {d.eval_fraction}")
-    if d.source == "files":
-        need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
-        need(d.files.heldout_path is not None, "data.files.heldout_path",
-             "source 'files' needs the held-out evaluation tasks (e.g. a BBH directory of "
-             "JSONL files)")
-    if d.source == "hub":
-        need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
-        need(len(d.hub.heldout) > 0, "data.hub.heldout",
-             "source 'hub' needs at least one held-out evaluation dataset")
+    check_source_data(d)
     # An empty list would read as "no selection" (every task): say which is meant.
     need(d.bigbench.tasks is None or len(d.bigbench.tasks) > 0, "data.bigbench.tasks",
          "an empty list selects no task; leave it out (null) for every JSON task not held out")
@@ -342,6 +334,25 @@ def _validate(cfg: RunConfig) -> None:
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
          f"axis sizes must be positive, with at most one -1; got {sizes}")
+
+
+def check_source_data(d: DataConfig) -> None:
+    """The data the chosen source needs: a pool and a held-out suite (`files`, `hub`). Checked
+    when a config loads and again by `load_pools`, which also takes a `DataConfig` built in
+    code."""
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {what}")
+
+    if d.source == "files":
+        need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
+        need(d.files.heldout_path is not None, "data.files.heldout_path",
+             "source 'files' needs the held-out evaluation tasks (e.g. a BBH directory of "
+             "JSONL files)")
+    if d.source == "hub":
+        need(len(d.hub.train) > 0, "data.hub.train", "source 'hub' needs at least one dataset")
+        need(len(d.hub.heldout) > 0, "data.hub.heldout",
+             "source 'hub' needs at least one held-out evaluation dataset")
 
 
 def _validate_unused(cfg: RunConfig, need) -> None:

@@ -20,6 +20,7 @@ from taskpgm_jax.config import (
     BaseModelConfig,
     ConfigError,
     DataConfig,
+    check_source_data,
     config_hash,
     hub_specs,
 )
@@ -65,6 +66,7 @@ def load_pools(cfg: DataConfig) -> Pools:
       ConfigError: an empty pool, fewer than two tasks, or a held-out suite that overlaps it.
       DataError: from the sources (a bad file names the file and line).
     """
+    check_source_data(cfg)
     split = SplitSpec(probe=cfg.probe_fraction, eval=cfg.eval_fraction, seed=cfg.split_seed)
     eval_only = SplitSpec(probe=0.0, eval=1.0, seed=cfg.split_seed)
     clusters = None
@@ -87,16 +89,11 @@ def load_pools(cfg: DataConfig) -> Pools:
         f = cfg.files
         kw = {"columns": dict(f.columns) or None, "kind": f.kind, "task_column": f.task_column}
         pool = load_task_files(f.path, split=split, **kw)
-        if f.heldout_path is None:
-            raise ConfigError("config key 'data.files.heldout_path': give the held-out "
-                              "evaluation tasks (e.g. a BBH directory of JSONL files)")
         if f.heldout_columns:
             kw["columns"] = dict(f.heldout_columns)
         heldout = load_task_files(f.heldout_path, split=eval_only, **kw)
     else:
         pool = load_hub_tasks(hub_specs(cfg.hub.train), split=split)
-        if not cfg.hub.heldout:
-            raise ConfigError("config key 'data.hub.heldout': give at least one held-out dataset")
         heldout = load_hub_tasks(hub_specs(cfg.hub.heldout), split=eval_only)
     if len(pool) < 2:
         raise ConfigError(f"config key 'data.source' ({cfg.source}): the task pool has "

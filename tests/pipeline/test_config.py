@@ -291,3 +291,12 @@ def test_heldout_files_take_their_own_column_mapping(tmp_path, rng):
     ids = [i for name in pools.train.names for split in ("train", "probe", "eval")
            for i in getattr(pools.train, split)(name)["id"]]
     assert sorted(ids) == sorted(f"pool{t}-{i}" for t in range(2) for i in range(40))
+
+
+def test_load_pools_checks_a_data_config_built_in_code(tmp_path):
+    """`load_pools` takes a DataConfig that never went through a config file: the same check."""
+    from taskpgm_jax.config import DataConfig, FilesData
+    from taskpgm_jax.pipeline.inputs import load_pools
+
+    with pytest.raises(ConfigError, match="config key 'data.files.heldout_path': source 'files'"):
+        load_pools(DataConfig(source="files", files=FilesData(path=str(tmp_path))))
