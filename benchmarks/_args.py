@@ -11,21 +11,27 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_json_path(parser: argparse.ArgumentParser, path: str | None) -> None:
-    """--json is written after the whole run: refuse a path it could not be written to now, so
-    the figures are never lost at the end."""
-    if path is None:
-        return
+def _writable_json_path(path: str) -> str:
+    """--json is written after the whole run: a path it could not be written to is refused
+    now (argparse reports it as a usage error), so the figures are never lost at the end."""
     target = Path(path)
     if path.endswith(os.sep) or target.is_dir():
-        parser.error(f"--json: {path} is a directory; give a file path such as {path.rstrip(os.sep)}"
-                     f"{os.sep}results.json")
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file path such as "
+                                         f"{path.rstrip(os.sep)}{os.sep}results.json")
     folder = target.parent
     if not folder.is_dir():
-        parser.error(f"--json: the folder {folder} of {path} does not exist; create it "
-                     f"(mkdir -p {folder}) or give another path")
+        raise argparse.ArgumentTypeError(f"the folder {folder} of {path} does not exist; create "
+                                         f"it (mkdir -p {folder}) or give another path")
     if not os.access(folder, os.W_OK):
-        parser.error(f"--json: the folder {folder} of {path} is not writable; give another path")
+        raise argparse.ArgumentTypeError(f"the folder {folder} of {path} is not writable; give "
+                                         "another path")
+    return path
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    """The `--json PATH` option every benchmark has, its path checked as it is parsed."""
+    parser.add_argument("--json", metavar="PATH", type=_writable_json_path,
+                        help="write the figures here (the folder must exist)")
 
 
 def parse_sizes(parser: argparse.ArgumentParser, flag: str, text: str, example: str

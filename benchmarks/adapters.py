@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _args import DTYPES, check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import DTYPES, add_json_arg  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import commit_state, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.data import Batch, Encoded, pad_batch
 from taskpgm_jax.models import (
@@ -163,11 +163,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    add_json_arg(parser)
     args = parser.parse_args(argv)
     if args.adapters <= 0 or args.repeats <= 0:
         parser.error("--adapters and --repeats must be positive")
-    check_json_path(parser, args.json)
 
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind

@@ -38,7 +38,7 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _args import check_json_path, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import add_json_arg, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import timed, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence import streaming  # noqa: E402
@@ -169,14 +169,13 @@ def main(argv=None):
     parser.add_argument("--scipy-budget", type=float, default=SCIPY_BUDGET_S, metavar="SECONDS",
                         help="longest scipy loop per size before it is timed on a subset of pairs "
                              "and scaled (default %(default)s; lower it to save accelerator time)")
-    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    add_json_arg(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if not args.scipy_budget > 0:
         parser.error(f"--scipy-budget must be positive, got {args.scipy_budget}")
     sizes = [parse_sizes(parser, "--sizes", s, "16x256x4096") for s in args.sizes]
-    check_json_path(parser, args.json)
 
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
           f"jax={jax.__version__} cpu_count={os.cpu_count()} machine={platform.machine()}")

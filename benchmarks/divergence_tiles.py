@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _args import check_json_path, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import add_json_arg, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence.streaming import default_tiles  # noqa: E402
@@ -34,12 +34,11 @@ def main(argv=None):
     parser.add_argument("--position-blocks", type=int, nargs="+", default=[4, 8, 32])
     parser.add_argument("--vocab-chunks", type=int, nargs="+", default=[4096, 32000])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", metavar="PATH")
+    add_json_arg(parser)
     args = parser.parse_args(argv)
     t, n, v = parse_sizes(parser, "--size", args.size, "32x512x32000")
     if min(args.position_blocks + args.vocab_chunks + [args.repeats]) < 1:
         parser.error("--position-blocks, --vocab-chunks and --repeats must be positive")
-    check_json_path(parser, args.json)
 
     lp = jax.nn.log_softmax(2.0 * jax.random.normal(jax.random.PRNGKey(0), (t, n, v)), axis=-1)
     lp = jax.block_until_ready(lp)

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _args import DTYPES, check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import DTYPES, add_json_arg  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import commit_state, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.hf import load_hf_checkpoint  # noqa: E402
 from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state,  # noqa: E402
@@ -286,11 +286,10 @@ def main(argv=None):
     parser.add_argument("--attention", default="dot", choices=["dot", "chunked", "xla", "cudnn"],
                         help="our ModelConfig.attention_impl (checked against 'dot' first)")
     parser.add_argument("--skip-torch", action="store_true", help="leave PyTorch out")
-    parser.add_argument("--json", metavar="PATH", help="write the figures here")
+    add_json_arg(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    check_json_path(parser, args.json)
 
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind

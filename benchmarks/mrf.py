@@ -29,7 +29,7 @@ from scipy.optimize import minimize
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import _timing  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
-from _args import check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import add_json_arg  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.mrf import affinity_from_jsd, potentials, select_tasks, solve  # noqa: E402
 
 PMI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "authors_pmi_316.npy")
@@ -146,7 +146,7 @@ def _sizes(ap, flag, text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", help="write the figures here")
+    add_json_arg(ap)
     ap.add_argument("--sizes", default="100,316,1000,5000")
     ap.add_argument("--greedy-sizes", default="1000,10000")
     ap.add_argument("--repeats", type=int, default=5)
@@ -157,7 +157,6 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     sizes, gsizes = (_sizes(ap, flag, text) for flag, text in
                      (("--sizes", args.sizes), ("--greedy-sizes", args.greedy_sizes)))
-    check_json_path(ap, args.json)
     srows, sratios = solver_rows(sizes, args.repeats, rng)
     grows, gratios = greedy_rows(gsizes, args.repeats, rng)
 

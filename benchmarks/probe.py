@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from _args import check_json_path  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from _args import add_json_arg  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from taskpgm_jax.data import Batch  # noqa: E402
 from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward  # noqa: E402
 from taskpgm_jax.models import (CausalLM, LoraConfig, ModelConfig, add_lora,  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--json", metavar="PATH")
+    add_json_arg(parser)
     args = parser.parse_args(argv)
     for name in ("adapters", "batches", "batch_size"):
         value = getattr(args, name)
@@ -67,7 +67,6 @@ def main(argv=None):
         parser.error(f"--seq-len must be at least 4, got {args.seq_len}")
     if args.vocab < 4:  # token ids are drawn from [3, vocab)
         parser.error(f"--vocab must be at least 4, got {args.vocab}")
-    check_json_path(parser, args.json)
     rng = np.random.default_rng(0)
     t = args.adapters
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=128, intermediate_size=256,
