@@ -17,6 +17,7 @@ puts a different number of sequences in each host's rows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ import numpy as np
 from taskpgm_jax.data.batch import Batch, rows_to_batch
 from taskpgm_jax.data.tasks import DataError, check_int, check_seed
 from taskpgm_jax.data.tokenize import Encoded, encode_example
+
+FINGERPRINT_SAMPLES = 16
 
 __all__ = ["HostIterator", "LazyEncoded", "global_batch"]
 
@@ -109,6 +112,7 @@ class HostIterator:
         self._per_epoch = len(seqs) // process_count
         self._epoch, self._cursor, self._step = 0, 0, 0
         self._share_cache: tuple[int, np.ndarray] | None = None
+        self._fingerprint: str | None = None
 
     def _share(self, epoch: int) -> np.ndarray:
         """This host's sequence indices, in reading order, for one epoch."""
@@ -163,7 +167,24 @@ class HostIterator:
     def _config(self) -> dict[str, Any]:
         return {"seed": self.seed, "num_sequences": len(self._seqs), "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "pack": self.pack, "shuffle": self.shuffle,
-                "process_index": self.process_index, "process_count": self.process_count}
+                "process_index": self.process_index, "process_count": self.process_count,
+                "fingerprint": self.fingerprint}
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of FINGERPRINT_SAMPLES sequences spread over the data (token ids and target
+        masks): a resume onto other data of the same length is refused instead of continuing
+        silently. A sample, not all: a `LazyEncoded` of millions of rows would tokenize them
+        all."""
+        if self._fingerprint is None:
+            n = len(self._seqs)
+            h = hashlib.sha256()
+            for i in sorted({int(i) for i in np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES))}):
+                s = self._seqs[i]
+                h.update(np.asarray(s.input_ids, np.int64).tobytes())
+                h.update(np.asarray(s.target_mask, np.bool_).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable position: save it with the model checkpoint."""
@@ -180,6 +201,8 @@ class HostIterator:
         if not isinstance(state, Mapping):
             raise DataError(f"state must be a dict from state(), got {type(state).__name__}")
         mine = self._config()
+        if "fingerprint" not in state:  # saved before states carried one: not compared
+            del mine["fingerprint"]
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise ValueError(f"iterator state does not match this iterator (saved, now): {diff}")

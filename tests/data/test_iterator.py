@@ -55,6 +55,16 @@ def test_resume_reproduces_batches(rng, pack):
     assert not all(_same(next(other), b) for b in stream[:5])
     with pytest.raises(ValueError, match="does not match"):
         HostIterator(seqs, **{**kw, "seq_len": 40}).restore(state)
+    # Other data of the same length (one sequence edited) is refused too: it once resumed.
+    edited = list(seqs)
+    edited[0] = Encoded(seqs[0].input_ids + 1, seqs[0].target_mask, example=0)
+    with pytest.raises(ValueError, match="does not match.*fingerprint"):
+        HostIterator(edited, **kw).restore(state)
+    # A state saved before states carried a fingerprint still resumes.
+    legacy = {k: v for k, v in state.items() if k != "fingerprint"}
+    older = HostIterator(seqs, **kw)
+    older.restore(legacy)
+    assert _same(next(older), stream[cut])
 
 
 def test_epochs_cover_every_sequence_once(rng):
