@@ -250,10 +250,14 @@ class RunConfig:
 
 # -- validation of values (types are checked while parsing) -------------------------------------
 
+def _need(ok: bool, key: str, what: str) -> None:
+    """The config checks' one way to refuse a value: a ConfigError naming the dotted key."""
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {what}")
+
+
 def _validate(cfg: RunConfig) -> None:
-    def need(ok: bool, key: str, what: str):
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {what}")
+    need = _need
 
     d, m = cfg.data, cfg.model
     need(len(cfg.seeds) > 0 and len(set(cfg.seeds)) == len(cfg.seeds), "seeds",
@@ -340,9 +344,7 @@ def check_source_data(d: DataConfig) -> None:
     """The data the chosen source needs: a pool and a held-out suite (`files`, `hub`). Checked
     when a config loads and again by `load_pools`, which also takes a `DataConfig` built in
     code."""
-    def need(ok: bool, key: str, what: str):
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {what}")
+    need = _need
 
     if d.source == "files":
         need(d.files.path is not None, "data.files.path", "source 'files' needs a path")
