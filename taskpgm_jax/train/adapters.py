@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, check_adapters_like, stack_adapters
-from taskpgm_jax.sharding import Rules, logical_to_spec, named_sharding
+from taskpgm_jax.sharding import Rules, named_sharding
 from taskpgm_jax.train.checkpoint import has_position
 from taskpgm_jax.train.step import (
     _STEP_CACHE,
@@ -36,6 +36,7 @@ from taskpgm_jax.train.step import (
     TrainState,
     _CompiledStep,
     attach_shardings,
+    batch_rows_sharding,
     check_int,
     check_seed,
     make_optimizer,
@@ -159,9 +160,7 @@ class AdapterTrainer(Trainer):
         """Sharding of a [T, B, S] batch: the adapter axis replicated, rows over the data axes."""
         if self.mesh is None:
             return self._default_sharding()
-        spec = logical_to_spec(("adapters", "batch", "seq"), self.rules,
-                               mesh_shape=dict(self.mesh.shape), shape=shape)
-        return NamedSharding(self.mesh, spec)
+        return batch_rows_sharding(self.mesh, self.rules, ("adapters", "batch", "seq"), shape, 1)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -334,7 +333,8 @@ class StackedIterator:
 def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iterator[Batch]], *,
                         num_steps: int | None = None, seed: int = 0,
                         checkpoint_root: str | None = None, mesh: Mesh | None = None,
-                        rules: Rules | None = None, **loop_kwargs) -> list[nnx.State]:
+                        rules: Rules | None = None, loss_fn: LossFn | None = None,
+                        **loop_kwargs) -> list[nnx.State]:
     """Full (or LoRA) fine-tuning of one model per task, one task after another.
 
     Every task starts from the same initial `model` (which is not modified) and uses seed
@@ -347,7 +347,8 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
       num_steps: steps per task (default `cfg.total_steps`).
       seed: the first task's seed.
       checkpoint_root: if given, task t checkpoints under `<checkpoint_root>/task_<t>`.
-      mesh, rules: as for `Trainer`.
+      mesh, rules, loss_fn: as for `Trainer` (one loss for every task; default
+        `target_token_loss`).
       **loop_kwargs: passed on to `finetune` (log_every, progress, checkpoint_every, ...).
 
     Returns:
@@ -359,7 +360,7 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
 
     data = list(data)
     seed = check_seed(seed, max(len(data), 1), "task")
-    trainer = Trainer(model, cfg, mesh=mesh, rules=rules)
+    trainer = Trainer(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
     out = []
     for t, task_data in enumerate(data):
         ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"task_{t}")

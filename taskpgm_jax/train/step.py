@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -306,6 +307,24 @@ def chunked_target_token_loss(chunk: int) -> LossFn:
     return loss
 
 
+def batch_rows_sharding(mesh: Mesh, rules: Rules | None, logical_axes: tuple[str, ...],
+                        shape: tuple[int, ...], rows_dim: int) -> NamedSharding:
+    """The sharding of a batch array with its rows over the mesh's data axes; warns when the
+    rows do not divide over them, as the array is then replicated and every device computes
+    the whole batch (correct, but no data parallelism)."""
+    mesh_shape = dict(mesh.shape)
+    spec = logical_to_spec(logical_axes, rules, mesh_shape=mesh_shape, shape=shape)
+    wanted = logical_to_spec(logical_axes, rules, mesh_shape=mesh_shape)[rows_dim]
+    if wanted is not None and spec[rows_dim] is None:
+        names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+        size = int(np.prod([mesh_shape[n] for n in names]))
+        warnings.warn(f"a batch of {shape[rows_dim]} rows does not divide over the mesh's data "
+                      f"axes {names} (size {size}): it is replicated, so every device computes "
+                      f"the whole batch; use a batch size that is a multiple of {size}",
+                      stacklevel=3)
+    return NamedSharding(mesh, spec)
+
+
 def _micro_batches(batch: Batch, k: int) -> Batch:
     """[B, ...] -> [k, B/k, ...]; micro-batch i holds rows i, i + k, ... (strided, so a batch split
     over devices in contiguous blocks gives every device a share of every micro-batch)."""
@@ -518,9 +537,7 @@ class Trainer:
         """Sharding of a [B, S] batch array: rows over the data axes of the mesh."""
         if self.mesh is None:
             return self._default_sharding()
-        spec = logical_to_spec(("batch", "seq"), self.rules, mesh_shape=dict(self.mesh.shape),
-                               shape=shape)
-        return NamedSharding(self.mesh, spec)
+        return batch_rows_sharding(self.mesh, self.rules, ("batch", "seq"), shape, 0)
 
     # -- state -------------------------------------------------------------------------------------
 

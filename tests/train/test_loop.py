@@ -271,6 +271,16 @@ def test_adapters_and_sequential_full_through_the_loop(tmp_path):
     states = sequential_finetune(plain, full_cfg, [iterator(t, offset=t + 1) for t in range(2)],
                                  num_steps=2, log_every=2, progress=False)
     assert len(states) == 2 and tree_max_diff(tree_copy(states[0]), tree_copy(states[1])) > 0
+    # Each task equals its own `finetune` from the same start, seed `seed + t` and the given loss.
+    states = sequential_finetune(plain, full_cfg, [iterator(t, offset=t + 1) for t in range(2)],
+                                 num_steps=2, seed=5, loss_fn=embedding_loss, progress=False)
+    for t in range(2):
+        alone = finetune(Trainer(plain, full_cfg, loss_fn=embedding_loss),
+                         iterator(t, offset=t + 1), num_steps=2, seed=5 + t, progress=False)
+        assert tree_max_diff(tree_copy(states[t]), tree_copy(alone.state.params)) == 0
+    default = finetune(Trainer(plain, full_cfg), iterator(1, offset=2), num_steps=2, seed=6,
+                       progress=False)
+    assert tree_max_diff(tree_copy(states[1]), tree_copy(default.state.params)) > 0
 
 
 @pytest.mark.parametrize("kwargs,match", [

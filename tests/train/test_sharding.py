@@ -90,3 +90,23 @@ def test_trainer_keeps_the_base_as_it_was_when_built(sharded, cpu_mesh_devices):
     assert tree_max_diff(tree_copy(trainer.frozen), before) == 0.0
     if not sharded:
         assert all(a is b for a, b in zip(jax.tree.leaves(trainer.frozen), arrays, strict=True))
+
+
+def test_a_batch_the_data_axes_do_not_divide_warns(cpu_mesh_devices):
+    """data x fsdp = 4 devices share the rows; 6 rows cannot be split, so the batch is replicated
+    (every device computes all of it) and the user is told, by name of the axes and the size."""
+    import warnings
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=cpu_mesh_devices)
+    model = random_model(seed=12, lora=LORA)
+    trainer = Trainer(model, LORA_CFG, mesh=mesh)
+    with pytest.warns(UserWarning, match=r"a batch of 6 rows does not divide over the mesh's "
+                                         r"data axes \('data', 'fsdp'\) \(size 4\).*multiple of 4"):
+        assert trainer.batch_sharding((6, 16)).spec == P(None, None)
+    adapters = AdapterTrainer(model, LORA_CFG, stack_adapters([lora_state(model)] * 2), mesh=mesh)
+    with pytest.warns(UserWarning, match="a batch of 10 rows does not divide"):
+        assert adapters.batch_sharding((2, 10, 16)).spec == P(None, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rows that divide: split, silently
+        assert trainer.batch_sharding((8, 16)).spec == P(("data", "fsdp"), None)
+        assert adapters.batch_sharding((2, 4, 16)).spec == P(None, ("data", "fsdp"), None)
