@@ -75,6 +75,11 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+def tree_bytes(path: Path) -> int:
+    """Total size of the files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def _barrier(name: str) -> None:
     import jax
 
@@ -142,6 +147,14 @@ class RunDir:
                 remove_tree(final / scratch)
         _barrier(f"taskpgm finished {name}-{key}")
         return final
+
+    def unused_partials(self) -> list[Path]:
+        """Unfinished stage folders that no stage recorded in this invocation uses: left by a
+        run of other settings, they resume only if those settings come back, so they are kept
+        (a 7B checkpoint is not deleted behind the user's back) and reported instead."""
+        used = {Path(p).name for p in self.manifest.values()}
+        return sorted(p for p in self.stages.glob("*.partial")
+                      if p.is_dir() and p.name[:-len(".partial")] not in used)
 
     def record(self, label: str, name: str, key: str) -> None:
         """Notes which artifact directory a stage label uses (written by `write_manifest`)."""

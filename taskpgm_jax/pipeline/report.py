@@ -240,9 +240,20 @@ def _save(fig: Figure, path: Path) -> None:
 # ----------------------------------------------------------------------------- formatting
 
 
-def fmt_mean_std(mean: float, std: float) -> str:
-    """The table format of a seed summary, e.g. '0.6123 ± 0.0100'."""
+def fmt_mean_std(mean: float, std: float, n: int | None = None) -> str:
+    """The table format of a seed summary, e.g. '0.6123 ± 0.0100'; with n = 1 seed,
+    '0.6123 (1 seed)': a spread of one value is unknown, not 0."""
+    if n == 1:
+        return f"{mean:.4f} (1 seed)"
     return f"{mean:.4f} ± {std:.4f}"
+
+
+def _seed_count(summary: Mapping) -> int | None:
+    """n of a results.json seed summary ("n", else the length of "seeds"; None if neither)."""
+    n, seeds = summary.get("n"), summary.get("seeds")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    return len(seeds) if isinstance(seeds, list) else None
 
 
 def fmt_delta(delta: Mapping | None) -> str:
@@ -282,7 +293,7 @@ def _weights(inputs: ReportInputs, method: str) -> np.ndarray:
 
 def _results_md(res: Mapping, methods: list[str]) -> str:
     metric = _md(res["metric"])
-    rows = [[_md(m), fmt_mean_std(s["mean"], s["std"]),
+    rows = [[_md(m), fmt_mean_std(s["mean"], s["std"], _seed_count(s)),
              "(reference)" if m == "uniform" else fmt_delta(s.get("delta_vs_uniform")),
              ", ".join(f"{v:.4f}" for v in s.get("seeds", []))]
             for m, s in ((m, res["methods"][m]) for m in methods)]
@@ -296,7 +307,7 @@ def _results_md(res: Mapping, methods: list[str]) -> str:
         cells = []
         for m in methods:
             s = res["methods"][m].get("per_task", {}).get(t)
-            cells.append(fmt_mean_std(s["mean"], s["std"]) if s else "—")
+            cells.append(fmt_mean_std(s["mean"], s["std"], _seed_count(s)) if s else "—")
         per_task.append([_md(t), *cells])
     return "\n\n".join([
         "## Results", main,

@@ -35,6 +35,7 @@ from taskpgm_jax.pipeline.cache import (
     RunDir,
     is_writer,
     read_json,
+    tree_bytes,
     write_json,
     write_npy,
     write_text,
@@ -251,6 +252,12 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     if is_writer():
         write_json(run.root / "results.json", results)
         run.write_manifest({"config": to_dict(cfg)})
+        stale = run.unused_partials()
+        if stale:
+            size = sum(tree_bytes(p) for p in stale) / 2**20
+            echo(f"[note] kept {len(stale)} unfinished stage folder(s) of other settings "
+                 f"({size:,.1f} MiB) in {run.stages}: {', '.join(p.name for p in stale)}; they "
+                 "resume if those settings come back, else delete them to free the space")
         if report:
             from taskpgm_jax.pipeline.report import write_report
 

@@ -65,6 +65,21 @@ def test_a_partial_stage_keeps_its_checkpoints_across_restarts(tmp_path):
     assert (work / "rounds" / "00000-00004.json").exists()
 
 
+def test_unused_partials_are_the_unfinished_stages_this_run_does_not_record(tmp_path, rng):
+    run = RunDir(tmp_path)
+    keys = [f"{int(k):08x}" for k in rng.choice(1 << 30, size=4, replace=False)]
+    for name, key in (("probe", keys[0]), ("probe", keys[1]), ("finetune", keys[2])):
+        _fill_scratch(run.begin(name, key))
+    run.begin("eval", keys[3])
+    run.finish("eval", keys[3])  # finished: never a partial
+    run.record("probe", "probe", keys[1])
+    run.record("eval/x", "eval", keys[3])
+    assert [p.name for p in run.unused_partials()] == sorted(
+        [f"probe-{keys[0]}.partial", f"finetune-{keys[2]}.partial"])
+    # Two scratch folders of a 1-byte file and a 2-byte json each, and an 8-byte artifact.
+    assert cache.tree_bytes(run.stages / f"probe-{keys[0]}.partial") == 2 * (1 + 2) + 8
+
+
 def test_file_digest_sees_a_replaced_weight_file_of_the_same_size(tmp_path, rng):
     """Weight files above 64 MiB are hashed by size and three samples, not read whole: another
     fine-tune of the same architecture (same size, same header) must still change the digest,

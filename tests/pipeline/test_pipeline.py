@@ -260,8 +260,17 @@ def test_kill_after_a_save_and_changed_rounds_resume_to_the_same_artifacts(finis
         if left:
             assert sorted(p.name for p in rounds.iterdir()) == left
     monkeypatch.undo()
-    results = run()
-    assert not list(run_dir.glob("stages/*.partial"))
+    # A stage left unfinished by a run of other settings: kept (it resumes if they come back)
+    # and reported with its size once the run is done.
+    stale = run_dir / "stages" / "probe-0123abcd.partial" / "checkpoints"
+    stale.mkdir(parents=True)
+    (stale / "state.bin").write_bytes(bytes(3 * 2**20))
+    lines = Lines()
+    results = run_pipeline(_tiny(), run_dir, progress=False, echo=lines, report=False)
+    assert [p.name for p in run_dir.glob("stages/*.partial")] == ["probe-0123abcd.partial"]
+    assert lines[-1] == (f"[note] kept 1 unfinished stage folder(s) of other settings (3.0 MiB) "
+                         f"in {run_dir.absolute() / 'stages'}: probe-0123abcd.partial; they "
+                         "resume if those settings come back, else delete them to free the space")
     for label, name in (("single_task", "adapters"), ("finetune/uniform/seed0", "params")):
         got = _tree(_stage_dir(run_dir, label) / name)
         want = _tree(_stage_dir(ref_dir, label) / name)

@@ -295,6 +295,9 @@ def test_public_names_and_figure_scales():
     assert METHOD_ORDER[0] == "taskpgm_jsd" and set(METHOD_LABELS) == set(METHOD_ORDER)
     assert ReportInputs.__dataclass_fields__["names"]
     assert fmt_mean_std(0.5, 0.01) == "0.5000 ± 0.0100" and fmt_delta(None) == "—"
+    # One seed has no spread to show (its std is stored as 0.0, which is not a measured 0).
+    assert fmt_mean_std(0.5, 0.0, n=1) == "0.5000 (1 seed)"
+    assert fmt_mean_std(0.5, 0.0, n=2) == "0.5000 ± 0.0000"
     # One far-off row (as a task whose model transfers to nothing): symmetric-log colours.
     off = np.array([-10.3, -0.5, 0.4, 1.2, -1.0, 0.8])
     assert _figures.symlog_threshold(off) == pytest.approx(np.median(np.abs(off)))
@@ -363,3 +366,23 @@ def test_closed_form_solver_section_says_it_has_no_iterations(tmp_path, rng):
     assert rows["taskpgm_pmi"]["iterations"] == str(trace["taskpgm_pmi"]["iterations"][-1])
     assert "closed-form solution (taskpgm_jsd) is one linear solve with no iterations" in section
     _check_pngs(run, text)
+
+
+def test_results_table_of_one_seed_shows_no_spread(rng):
+    from taskpgm_jax.pipeline.analysis import paired_difference, seed_summary
+    v = {m: [float(rng.uniform(0.2, 0.9))] for m in ("uniform", "taskpgm_jsd")}
+    task = [float(rng.uniform(0.2, 0.9))]
+    methods = {m: {**seed_summary(v[m]), "seeds": v[m],
+                   "per_task": {"t0": {**seed_summary(task), "seeds": task}}} for m in v}
+    methods["taskpgm_jsd"]["delta_vs_uniform"] = paired_difference(v["taskpgm_jsd"], v["uniform"])
+    md = report._results_md({"metric": "accuracy", "eval_tasks": ["t0"], "methods": methods},
+                            ["taskpgm_jsd", "uniform"])
+    assert f"| taskpgm_jsd | {v['taskpgm_jsd'][0]:.4f} (1 seed) |" in md
+    assert f"| t0 | {task[0]:.4f} (1 seed) | {task[0]:.4f} (1 seed) |" in md
+    assert "±" not in md.replace("(mean ± std", "")
+    # Two seeds show their sample standard deviation (ddof = 1), as NumPy computes it.
+    two = [0.25, float(rng.uniform(0.3, 0.9))]
+    methods["uniform"] = {**seed_summary(two), "seeds": two, "per_task": {}}
+    md = report._results_md({"metric": "accuracy", "eval_tasks": ["t0"], "methods": methods},
+                            ["uniform"])
+    assert f"{np.mean(two):.4f} ± {np.std(two, ddof=1):.4f}" in md
