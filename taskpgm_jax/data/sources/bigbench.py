@@ -187,7 +187,13 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
                                 f"bigbench` (or fetch_bigbench()) first")
     side = archive.with_name(archive.name + ".index.json")
     stat = archive.stat()
-    stamp = [_INDEX_FORMAT, stat.st_size, int(stat.st_mtime)]
+    # Size and mtime alone miss an archive replaced by another of the same size within the
+    # clock's resolution (then the old offsets and sizes read garbage); gzip's trailer, the
+    # CRC-32 and length of the whole uncompressed tar, tells any two contents apart for 8 bytes.
+    with open(archive, "rb") as f:
+        f.seek(max(stat.st_size - 8, 0))
+        trailer = f.read(8).hex()
+    stamp = [_INDEX_FORMAT, stat.st_size, stat.st_mtime_ns, trailer]
     if side.exists():
         index = json.loads(side.read_text())
         if index.get("stamp") == stamp:
