@@ -13,6 +13,13 @@ For each (T, N, V) it times, on whatever backend JAX runs on (CPU here, unchange
            log per element fused with a sum: no output written, the strictest bound);
   log      the same with a plain jitted `jnp.log(x)` that writes its [T, N, V] output, the
            literal "jitted elementwise log" (slower than the fused ceiling: it stores a result).
+  formula  the kernel's per-element pair term alone (`_kernel.jsd_terms_sum`, the KL form the
+           issue mandates) as one fused broadcast of all T x T ordered pairs per block of
+           positions, on P and log 2P computed beforehand (untimed), on the first (at most)
+           FORMULA_POSITIONS positions, scaled to all N and to the T(T-1)/2 pairs: the
+           arithmetic floor of the mandated form on this backend, without the kernel's
+           schedule, exps, weights or checks. ours/formula is what the schedule costs;
+           formula/ceiling what the form itself costs against one log.
 ours and the two ceilings are timed in alternating rounds (machine drift cancels in their ratios);
 the naive broadcast just before them, in a block of its own (freeing its gigabytes keeps the OS
 busy for a while and would slow the next call in a round); the scipy loop once, right after them.
@@ -22,6 +29,7 @@ It prints a table and, with --json, writes the figures with a top-level `ratios`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -40,10 +48,13 @@ from scipy.spatial.distance import jensenshannon
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _args import add_json_arg, parse_sizes  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from _timing import timed, timed_together  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
-from taskpgm_jax.divergence import pairwise_jsd  # noqa: E402
+from taskpgm_jax.divergence import _kernel, pairwise_jsd  # noqa: E402
 from taskpgm_jax.divergence import streaming  # noqa: E402
 
 SCIPY_BUDGET_S = 60.0
+# The pair-formula reference is timed on this many positions and scaled (its work per position is
+# the same everywhere): all of them would double the run time at 32 x 512 x 32000.
+FORMULA_POSITIONS = 64
 
 
 def _available_bytes():
@@ -75,6 +86,24 @@ def _naive(lp):
     lm = jnp.log(0.5 * (a + b))
     terms = jnp.where(a > 0, a * (la - lm), 0.0) + jnp.where(b > 0, b * (lb - lm), 0.0)
     return jnp.mean(0.5 * jnp.sum(terms, -1), -1)
+
+
+def _pair_formula(n):
+    """The jitted pair-term reference (see the module docstring): P and log 2P in, a scalar out
+    (the sum over all ordered pairs, positions and tokens, so nothing of size pairs x positions
+    is written). Positions in blocks as the kernel's CPU tiles, so the broadcast stays small."""
+    block = next(b for b in (4, 2, 1) if n % b == 0)
+
+    def run(p, l2p):
+        def step(total, i):
+            pb = jax.lax.dynamic_slice_in_dim(p, i * block, block, axis=1)
+            lb = jax.lax.dynamic_slice_in_dim(l2p, i * block, block, axis=1)
+            terms = _kernel.jsd_terms_sum(pb[:, None], lb[:, None], pb[None], lb[None])
+            return total + jnp.sum(terms), None
+
+        return jax.lax.scan(step, jnp.float32(0), jnp.arange(n // block))[0]
+
+    return jax.jit(run)
 
 
 def _scipy_loop(lp, pairs):
@@ -109,9 +138,14 @@ def bench_size(t, n, v, repeats, scipy_budget=SCIPY_BUDGET_S):
     x = jax.block_until_ready(jnp.exp(lp))
     fused_log = jax.jit(lambda a: jnp.sum(jnp.log(a), axis=-1))
     elementwise_log = jax.jit(jnp.log)
-    got = timed_together({"ours": lambda: pairwise_jsd(lp), "ceiling": lambda: fused_log(x),
-                          "log": lambda: elementwise_log(x)}, repeats)
-    del x
+    m = min(n, FORMULA_POSITIONS)
+    p, l2p = jax.block_until_ready(_kernel.probs_and_safe_logs(lp[:, :m]))
+    formula = _pair_formula(m)
+    got = timed_together({"ours": lambda: pairwise_jsd(lp),
+                          "ceiling": functools.partial(fused_log, x),
+                          "log": functools.partial(elementwise_log, x),
+                          "formula": functools.partial(formula, p, l2p)}, repeats)
+    del x, p, l2p  # the only references left (the partials went with their dict): frees them
     first, ours_s, ours_range, ours_out = got["ours"]
     row.update(ours_s=ours_s, ours_range_s=ours_range, ours_compile_s=max(first - ours_s, 0.0),
                elements_per_s=pair_elements / ours_s)
@@ -119,8 +153,15 @@ def bench_size(t, n, v, repeats, scipy_budget=SCIPY_BUDGET_S):
     row["ceiling_s"] = got["ceiling"][1] * num_pairs / t
     row["ceiling_elements_per_s"] = lp.size / got["ceiling"][1]
     row["elementwise_log_s"] = got["log"][1] * num_pairs / t
+    # formula: T * T ordered pairs on m positions per call, scaled to the T(T-1)/2 pairs the
+    # kernel evaluates on all N.
+    row["formula_s"] = got["formula"][1] * num_pairs / (t * t) * n / m
     if naive_out is not None:
         np.testing.assert_allclose(np.asarray(naive_out), np.asarray(ours_out), atol=1e-5)
+    # The reference computes what we do: on its m positions, the ordered-pair terms' total / m
+    # is the sum of all entries of our symmetric matrix of mean JSDs (its diagonal terms are 0).
+    on_m = np.sum(np.asarray(pairwise_jsd(lp[:, :m]), np.float64))
+    np.testing.assert_allclose(float(got["formula"][3]) / m, on_m, rtol=1e-4, atol=1e-6)
 
     # Peak memory of the compiled kernel program (arguments + temporaries + outputs).
     acc = streaming.StreamingJSD(t)
@@ -181,8 +222,8 @@ def main(argv=None):
           f"jax={jax.__version__} cpu_count={os.cpu_count()} machine={platform.machine()}")
     rows, ratios = [], {}
     header = (f"{'T x N x V':>16} {'ours s':>8} {'compile':>8} {'scipy s':>9} {'naive s':>8} "
-              f"{'ceil s':>7} {'x scipy':>8} {'x naive':>8} {'/ceil':>6} {'/log':>6} {'Gelem/s':>8} "
-              f"{'peak/in':>8} {'err':>8}")
+              f"{'ceil s':>7} {'x scipy':>8} {'x naive':>8} {'/ceil':>6} {'/log':>6} {'/form':>6} "
+              f"{'form/ceil':>9} {'Gelem/s':>8} {'peak/in':>8} {'err':>8}")
     print(header)
     for t, n, v in sizes:
         row = bench_size(t, n, v, args.repeats, args.scipy_budget)
@@ -196,6 +237,8 @@ def main(argv=None):
             ratios[f"naive_over_ours[{tag}]"] = speed_naive
         ratios[f"ours_over_ceiling[{tag}]"] = over_ceiling
         ratios[f"ours_over_elementwise_log[{tag}]"] = row["ours_s"] / row["elementwise_log_s"]
+        ratios[f"ours_over_pair_formula[{tag}]"] = row["ours_s"] / row["formula_s"]
+        ratios[f"pair_formula_over_ceiling[{tag}]"] = row["formula_s"] / row["ceiling_s"]
         if "peak_over_input" in row:
             ratios[f"peak_memory_over_input[{tag}]"] = row["peak_over_input"]
         naive_txt = f"{row['naive_s']:8.3f}" if row["naive_s"] else f"{'n/a':>8}"
@@ -203,7 +246,9 @@ def main(argv=None):
         print(f"{tag:>16} {row['ours_s']:8.3f} {row['ours_compile_s']:8.2f} "
               f"{row['scipy_s']:9.2f} {naive_txt} {row['ceiling_s']:7.3f} {speed_scipy:8.1f} "
               f"{speed_naive_txt} {over_ceiling:6.2f} "
-              f"{row['ours_s'] / row['elementwise_log_s']:6.2f} {row['elements_per_s'] / 1e9:8.2f} "
+              f"{row['ours_s'] / row['elementwise_log_s']:6.2f} "
+              f"{row['ours_s'] / row['formula_s']:6.2f} {row['formula_s'] / row['ceiling_s']:9.2f} "
+              f"{row['elements_per_s'] / 1e9:8.2f} "
               f"{row.get('peak_over_input', math.nan):8.2f} "
               f"{row['max_abs_error_vs_scipy']:8.1e}")
         if row["scipy_pairs_timed"] < row["pairs"]:
