@@ -4,11 +4,14 @@ Multiple-choice tasks: log-likelihood of every choice given the prompt, in stati
 of one row per choice; accuracy by the summed and by the length-normalised log-likelihood.
 Generative tasks: batched greedy decoding with the KV cache from left-padded prompts, cut at EOS
 or a stop string, exact match after normalisation (strip, case, whitespace).
+A task whose `metric` is none of these (BIG-bench's "bleu", "rougeLsum", ...) is refused
+(`EVAL_METRICS`), never scored with another metric under its name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ from flax import nnx
 from taskpgm_jax.data import (
     Batch, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
 )
-from taskpgm_jax.data.tasks import check_int, check_names
+from taskpgm_jax.data.tasks import DataError, check_int, check_names
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
 from taskpgm_jax.models import greedy_generator
@@ -45,11 +48,90 @@ def _row_loglik(model, batch: Batch):
     return jnp.sum(lp, axis=-1), jnp.sum(batch.loss_mask, axis=-1)
 
 
+# The metrics `evaluate` computes, by task kind, with the names other sources give the same
+# computation: BIG-bench's generative preferred_score "exact_str_match" is scored as this module's
+# exact match (after normalisation, so a case or whitespace difference still counts as a hit).
+EVAL_METRICS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("multiple_choice_grade",),
+    "generate": ("exact_match", "exact_str_match"),
+}
+
+
 def _check_examples(examples) -> list:
+    if isinstance(examples, (str, bytes, Mapping)):
+        # A dict of columns would be read as its keys, a string as its characters.
+        raise DataError(f"examples: expected a list of example dicts (or a datasets.Dataset), "
+                        f"got one {type(examples).__name__}; pass one dict per example")
     examples = list(examples)
     if not examples:
         raise ValueError("examples: no examples to score.")
     return examples
+
+
+def _check_choice_example(ex: Any, k: int) -> None:
+    """The rules `make_task` applies to a multiple-choice row, as a `DataError` naming
+    `examples[k]` and the field: a bad row would otherwise score silently wrong (an answer given
+    as text never equals the int prediction, an empty choice scores log-likelihood 0 and always
+    wins, one string is scored as its characters)."""
+    at = f"examples[{k}]"
+    if not isinstance(ex, Mapping):
+        raise DataError(f"{at}: expected a dict with 'prompt', 'choices' and 'answer', got "
+                        f"{type(ex).__name__}")
+    for field in ("prompt", "choices", "answer"):
+        if field not in ex or ex[field] is None:
+            raise DataError(f"{at}: missing {field!r}; a multiple-choice example needs "
+                            f"'prompt', 'choices' and 'answer' (the 0-based index of the correct "
+                            f"choice)")
+    if not isinstance(ex["prompt"], str):
+        raise DataError(f"{at}['prompt']: expected a string, got {type(ex['prompt']).__name__}")
+    choices = ex["choices"]
+    if isinstance(choices, str):
+        raise DataError(f"{at}['choices']: one string {choices!r}, which would be scored as its "
+                        f"characters; pass a list of choice strings")
+    if not isinstance(choices, (Sequence, np.ndarray)) or \
+            not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{at}['choices']: expected a list of strings, got {choices!r}")
+    if len(choices) < 2:
+        raise DataError(f"{at}['choices']: a multiple-choice example needs at least 2 choices, "
+                        f"got {len(choices)}")
+    first: dict[str, int] = {}
+    for j, c in enumerate(choices):
+        if c == "":
+            raise DataError(f"{at}['choices']: choice {j} is empty: it has no tokens to score "
+                            f"(log-likelihood 0), so it would always win; remove it or give it "
+                            f"text")
+        if c in first:
+            raise DataError(f"{at}['choices']: choices {first[c]} and {j} are both {c!r}: the "
+                            f"answer is ambiguous; make the choices distinct")
+        first[c] = j
+    answer = ex["answer"]
+    if isinstance(answer, str):
+        if answer in first:
+            raise DataError(f"{at}['answer']: {answer!r} is a choice text; pass its index "
+                            f"(0-based) into choices: {first[answer]}")
+        raise DataError(f"{at}['answer']: {answer!r} is not among the choices "
+                        f"{list(choices)!r}; pass the 0-based index of the correct choice")
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
+        raise DataError(f"{at}['answer']: expected the 0-based index (an int) of the correct "
+                        f"choice, got {answer!r}")
+    if not 0 <= answer < len(choices):
+        raise DataError(f"{at}['answer']: {answer} is not an index into its {len(choices)} "
+                        f"choices; pass a 0-based index in [0, {len(choices)})")
+
+
+def _check_metrics(tasks: TaskPool) -> None:
+    """Refuses tasks whose metric `evaluate` does not compute, all named at once, before any
+    scoring."""
+    bad = [f"{t.name!r} ({t.kind}) asks for {t.metric!r}" for t in tasks.tasks
+           if t.metric not in EVAL_METRICS.get(t.kind, ())]
+    if bad:
+        supported = "; ".join(f"{kind} tasks: {', '.join(map(repr, names))}"
+                              for kind, names in EVAL_METRICS.items())
+        raise DataError(
+            f"tasks: evaluate cannot compute the metric of {len(bad)} task(s): "
+            f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}. It computes, for "
+            f"{supported}. Leave those tasks out (tasks.select(...)) or rebuild them with a "
+            f"supported metric (make_task(..., metric=...)).")
 
 
 def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
@@ -80,8 +162,13 @@ def jax_batch(batch: Batch) -> Batch:
 
 def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
                           separator: str = "") -> dict[str, Any]:
-    """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`)."""
+    """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`).
+
+    Every row is checked first (`DataError` naming `examples[k]` and the field): `choices` a
+    list of 2+ distinct non-empty strings, `answer` the 0-based int index of the correct one."""
     examples = _check_examples(examples)
+    for k, ex in enumerate(examples):
+        _check_choice_example(ex, k)
     rows, owner, truncated = [], [], 0
     for k, ex in enumerate(examples):
         enc = encode_choices(tokenizer, ex["prompt"], ex["choices"], max_length=seq_len,
@@ -96,8 +183,8 @@ def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_siz
     for k, ex in enumerate(examples):
         pick, pick_norm = choice_predictions(sums[owner == k], counts[owner == k])
         predictions.append(pick)
-        correct += pick == ex["answer"]
-        correct_norm += pick_norm == ex["answer"]
+        correct += pick == int(ex["answer"])
+        correct_norm += pick_norm == int(ex["answer"])
     n = len(predictions)
     return {"metric": "multiple_choice_grade", "value": correct / n,
             "accuracy_length_normalised": correct_norm / n, "count": n,
@@ -182,9 +269,19 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
 
     Returns:
       An `EvalResult` with per-task metrics and counts and the macro-mean aggregate.
+
+    Raises:
+      ValueError: `tasks` is not a `TaskPool` or has no tasks, a task has no examples in
+        `split`, or a task's `metric` is not one `evaluate` computes (`EVAL_METRICS`:
+        "multiple_choice_grade" for multiple-choice tasks, "exact_match" or BIG-bench's
+        "exact_str_match" for generative ones); bad arguments.
     """
     if not isinstance(tasks, TaskPool):
         raise ValueError(f"tasks: expected a TaskPool, got {type(tasks).__name__}.")
+    if len(tasks) == 0:
+        raise ValueError("tasks: the pool has no tasks to evaluate; pass a TaskPool with at "
+                         "least one task (e.g. the held-out suite).")
+    _check_metrics(tasks)
     check_int(seq_len, "seq_len", 2)
     check_int(batch_size, "batch_size", 1)
     check_int(max_new_tokens, "max_new_tokens", 1)

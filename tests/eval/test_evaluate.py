@@ -209,3 +209,110 @@ def test_model_smaller_than_the_tokenizer_is_refused(tokenizer, rng):
 def test_eval_helpers_refuse_bad_arguments_by_name(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _random_choice_examples(rng, n):
+    examples = []
+    for _ in range(n):
+        choices = [str(c) for c in rng.choice(WORDS, size=int(rng.integers(2, 5)), replace=False)]
+        examples.append({"prompt": f"question {rng.choice(WORDS)}? answer ", "choices": choices,
+                         "answer": int(rng.integers(len(choices)))})
+    return examples
+
+
+# Rows `make_task` refuses; before, each scored silently wrong (an int prediction never equals a
+# text answer or an index past the choices, an empty choice scores 0 and always wins, "yn" is two
+# choices) or failed deep inside tokenization.
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda ex: {**ex, "answer": ex["choices"][ex["answer"]]},
+     r"\['answer'\]: '\w+' is a choice text; pass its index \(0-based\) into choices: {answer}"),
+    (lambda ex: {**ex, "answer": len(ex["choices"]) + 3},
+     r"\['answer'\]: \d+ is not an index into its {n} choices; pass a 0-based index in \[0, {n}\)"),
+    (lambda ex: {**ex, "answer": -1}, r"\['answer'\]: -1 is not an index into its {n} choices"),
+    (lambda ex: {**ex, "answer": float(ex["answer"])}, r"\['answer'\]: expected the 0-based index"),
+    (lambda ex: {**ex, "answer": "zebra"}, r"\['answer'\]: 'zebra' is not among the choices"),
+    (lambda ex: {**ex, "choices": [""] + ex["choices"], "answer": ex["answer"] + 1},
+     r"\['choices'\]: choice 0 is empty: it has no tokens to score"),
+    (lambda ex: {**ex, "choices": "yn", "answer": 0},
+     r"\['choices'\]: one string 'yn', which would be scored as its characters"),
+    (lambda ex: {**ex, "choices": ex["choices"] + ex["choices"][:1]},
+     r"\['choices'\]: choices 0 and {n} are both"),
+    (lambda ex: {**ex, "choices": ex["choices"][:1], "answer": 0},
+     r"\['choices'\]: a multiple-choice example needs at least 2 choices, got 1"),
+    (lambda ex: {k: v for k, v in ex.items() if k != "answer"}, r": missing 'answer'"),
+])
+def test_multiple_choice_refuses_rows_make_task_refuses(tokenizer, rng, corrupt, match):
+    """The bad row is named by its index, wherever it sits; nothing is scored before."""
+    examples = _random_choice_examples(rng, 6)
+    k = int(rng.integers(len(examples)))
+    good = examples[k]
+    examples[k] = corrupt(good)
+    model = Bigram(rng.normal(size=(len(tokenizer), len(tokenizer))))
+    pattern = rf"examples\[{k}\]" + match.format(answer=good["answer"], n=len(good["choices"]))
+    with pytest.raises(ValueError, match=pattern):
+        score_multiple_choice(model, tokenizer, examples, seq_len=16, batch_size=4)
+
+
+def test_multiple_choice_refuses_columns_and_accepts_numpy_answers(tokenizer, rng):
+    examples = _random_choice_examples(rng, 3)
+    columns = {f: [ex[f] for ex in examples] for f in examples[0]}
+    with pytest.raises(ValueError, match=r"examples: expected a list of example dicts \(or a "
+                                         r"datasets.Dataset\), got one dict"):
+        score_multiple_choice(None, tokenizer, columns, seq_len=16, batch_size=4)
+    # NumPy integer answers (a pandas or NumPy source) are indices like ints.
+    table = rng.normal(size=(len(tokenizer), len(tokenizer)))
+    as_np = [{**ex, "answer": np.int64(ex["answer"])} for ex in examples]
+    got = score_multiple_choice(Bigram(table), tokenizer, as_np, seq_len=16, batch_size=4)
+    picks = [int(np.argmax([_reference_loglik(table, tokenizer, ex["prompt"], c)[0]
+                            for c in ex["choices"]])) for ex in examples]
+    assert got["predictions"] == picks
+    assert got["value"] == pytest.approx(np.mean([p == ex["answer"]
+                                                  for p, ex in zip(picks, examples)]))
+
+
+def _bigbench_generative(preferred, inputs, targets):
+    """A BIG-bench task.json with `preferred` as its preferred_score, through the converter
+    (prompts "question <input>? answer ")."""
+    from taskpgm_jax.data.sources.bigbench import convert_task
+
+    data = {"preferred_score": preferred, "example_input_prefix": "question ",
+            "example_output_prefix": "? answer ",
+            "examples": [{"input": i, "target": t} for i, t in zip(inputs, targets, strict=True)]}
+    return convert_task(data, f"bb_{preferred}", "test")
+
+
+def test_evaluate_refuses_metrics_it_cannot_compute(tokenizer, rng):
+    """A BIG-bench task preferring BLEU (or a choice task preferring macro F1) was scored with
+    exact match / choice accuracy under its own name; now the pool is refused before any
+    scoring. BIG-bench's exact_str_match is scored as exact match."""
+    model = _tiny_lm(len(tokenizer), rng)
+    inputs = [str(w) for w in rng.choice(WORDS, size=5, replace=False)]
+    with jax.default_matmul_precision("highest"):
+        preds = [_greedy_without_cache(model, tokenizer, f"question {w}? answer ", 6)
+                 for w in inputs]
+    # Hits for the first three (the model's own output), misses for the rest.
+    targets = [(p if k < 3 else "zebra") or "zebra" for k, p in enumerate(preds)]
+    exact = _bigbench_generative("exact_str_match", inputs, targets)
+    mc = make_task("mc_f1", "multiple_choice", _random_choice_examples(rng, 4), metric="macro_f1")
+    bad = TaskPool([_bigbench_generative("bleu", inputs, targets), exact, mc],
+                   SplitSpec(probe=0.0, eval=1.0))
+    with pytest.raises(ValueError, match=r"tasks: evaluate cannot compute the metric of 2 "
+                                         r"task\(s\): 'bb_bleu' \(generate\) asks for 'bleu', "
+                                         r"'mc_f1' \(multiple_choice\) asks for 'macro_f1'\. It "
+                                         r"computes, for multiple_choice tasks: "
+                                         r"'multiple_choice_grade'; generate tasks: "
+                                         r"'exact_match', 'exact_str_match'"):
+        evaluate(model, tokenizer, bad, seq_len=12, batch_size=4, max_new_tokens=6, stop=())
+    with jax.default_matmul_precision("highest"):
+        result = evaluate(model, tokenizer, bad.select([exact.name]), seq_len=12, batch_size=4,
+                          max_new_tokens=6, stop=())
+    assert list(exact.examples["prompt"]) == [f"question {w}? answer " for w in inputs]
+    expect = np.mean([exact_match(p, [t]) for p, t in zip(preds, targets, strict=True)])
+    assert result.per_task[exact.name]["value"] == pytest.approx(expect)
+    assert result.per_task[exact.name]["metric"] == "exact_match"
+
+
+def test_evaluate_refuses_an_empty_pool():
+    with pytest.raises(ValueError, match=r"tasks: the pool has no tasks to evaluate; pass a "
+                                         r"TaskPool with at least one task"):
+        evaluate(None, None, TaskPool([]))
