@@ -2,7 +2,7 @@
 match) and the single-task models on the shared probe set, streamed into the divergence
 accumulators."""
 
-from taskpgm_jax.eval.evaluate import (EvalResult, choice_logliks, evaluate, generate_texts,
+from taskpgm_jax.eval.evaluate import (EVAL_METRICS, EvalResult, choice_logliks, evaluate, generate_texts,
                                        score_generation, score_multiple_choice)
 from taskpgm_jax.eval.metrics import (choice_predictions, cut_at_stop, exact_match, macro_mean,
                                       normalize_text)
@@ -10,7 +10,7 @@ from taskpgm_jax.eval.score import (ProbeResult, ProbeScorer, ProbeState, adapte
                                     segment_sums, token_logprobs)
 
 __all__ = [
-    "EvalResult", "ProbeResult", "ProbeScorer", "ProbeState", "adapter_probe_forward",
+    "EVAL_METRICS", "EvalResult", "ProbeResult", "ProbeScorer", "ProbeState", "adapter_probe_forward",
     "choice_logliks", "choice_predictions", "cut_at_stop", "evaluate", "exact_match",
     "generate_texts", "macro_mean", "normalize_text", "score_generation",
     "score_multiple_choice", "segment_sums", "token_logprobs",
