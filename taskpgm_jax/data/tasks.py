@@ -226,13 +226,29 @@ def _check_example(ex: Mapping[str, Any], kind: str, task: str, source: str,
                 fail(f"choices {first[c]} and {j} are both {c!r}: the answer is ambiguous; "
                      f"make the choices distinct", "choices")
             first[c] = j
-        if not 0 <= ex["answer"] < len(choices):
-            fail(f"answer index {ex['answer']} is not among the {len(choices)} choices",
+        answer = ex["answer"]
+        if not 0 <= answer < len(choices):
+            # One past the last choice is what a 1-based label column gives for the last one.
+            hint = (" (answers are 0-based indices: subtract 1 from a 1-based label column)"
+                    if answer == len(choices) else "")
+            fail(f"answer index {answer} is not among the {len(choices)} choices{hint}",
                  "answer")
-        if ex["target"] != choices[ex["answer"]]:
-            fail("target differs from choices[answer]", "target")
+        if ex["target"] != choices[answer]:
+            fail(_target_mismatch(ex["target"], choices, answer), "target")
     if ex["target"] == "":
         fail("empty target: an example needs text to learn and score", "target")
+
+
+def _target_mismatch(target: str, choices: Sequence[str], answer: int) -> str:
+    """Why a multiple-choice row's own target is refused, with the likely cause."""
+    msg = (f"target {target!r} differs from choices[answer] = choices[{answer}] = "
+           f"{choices[answer]!r}")
+    if answer >= 1 and choices[answer - 1] == target:
+        return (msg + f" but is choices[{answer - 1}]: the answer looks 1-based (answers are "
+                "0-based indices); subtract 1 from the answer column, or give the answer as the "
+                "choice text")
+    return (msg + "; fix the answer (a 0-based index: a 1-based label column is the usual "
+            "cause) or the target, or leave the target out (it defaults to choices[answer])")
 
 
 def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric: str | None = None,
@@ -244,7 +260,8 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
       name: task name.
       kind: "generate" or "multiple_choice".
       rows: dicts with `prompt` and `target` (generate), or `prompt`, `choices` and `answer`
-        (an int index, or the correct choice's text); optional `id` and `references`.
+        (a 0-based index, or the correct choice's text) and optionally `target` (which must
+        then be choices[answer]); optional `id` and `references`.
       metric: defaults to "exact_match" / "multiple_choice_grade" by kind.
       source, description, keywords, canary: provenance, see `Task`.
       lines: for error messages, the source line (or row) number of each row, or a label per
@@ -256,6 +273,7 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     Raises:
       DataError: no name, empty task, unknown kind, a missing field, a target that is not a
         string, an empty target or choice, repeated choices, an answer not among the choices,
+        a multiple-choice target that is not choices[answer],
         references that are not strings, a repeated id, keywords given as one string, or not one
         entry of `lines` per row; the message names the source, task, field and line.
     """
@@ -367,7 +385,11 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
         raise data_error(f"answer must be an index or a choice text, got {answer!r}",
                          task=task, source=source, line=line, field="answer")
     answer = int(answer)
-    target = choices[answer] if 0 <= answer < len(choices) else ""
+    # A target given with the row is kept, so that `_check_example` can refuse one that is not
+    # choices[answer] (typically a 1-based label) rather than have it silently replaced.
+    target = row.get("target")
+    if target is None:
+        target = choices[answer] if 0 <= answer < len(choices) else ""
     return {"prompt": prompt, "target": target, "choices": list(choices), "answer": answer,
             "references": [target]}
 

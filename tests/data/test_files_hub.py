@@ -28,7 +28,7 @@ def test_directory_of_jsonl_and_parquet(tmp_path, rng):
     _write_jsonl(tmp_path / "alpha.jsonl", a)
     pq.write_table(pa.Table.from_pylist(b), tmp_path / "beta.parquet")
     _write_jsonl(tmp_path / "gamma.jsonl", mc)
-    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0")  # hidden: skipped
     pool = load_task_files(tmp_path, split=SplitSpec(probe=0.2, eval=0.2))
     assert pool.names == ("alpha", "beta", "gamma")
     assert pool.sizes == {"alpha": 40, "beta": 25, "gamma": 30}
@@ -210,3 +210,166 @@ def test_json_array_errors_name_the_element(tmp_path, rng):
     with pytest.raises(DataError, match=rf"arr.json element {bad + 1}, task 'arr', "
                                         r"field 'target': missing required field"):
         load_task_files(tmp_path / "arr.json")
+
+
+def test_directory_shards_are_grouped_by_the_task_column(tmp_path, rng):
+    """FLAN-style shards: files with a task column are grouped by it, a task named in several
+    files gets their rows in file then line order, a file without the column is one task."""
+    names = [f"task{j}" for j in range(int(rng.integers(2, 6)))]
+    shards = []
+    for s in range(int(rng.integers(2, 5))):
+        rows = [{"task": str(rng.choice(names)), "inputs": f"s{s} q{i} {rng.integers(1 << 30)}",
+                 "targets": f"a{rng.integers(99)}"} for i in range(int(rng.integers(5, 30)))]
+        shards.append(rows)
+        _write_jsonl(tmp_path / f"shard_{s}.jsonl", rows)
+    whole = _gen_rows(rng, int(rng.integers(1, 9)))
+    _write_jsonl(tmp_path / "zz_whole.jsonl", whole)  # sorts after the shards
+    spec = SplitSpec(probe=0.3, eval=0.3, seed=int(rng.integers(1 << 30)))
+    pool = load_task_files(tmp_path, columns={"prompt": "inputs", "target": "targets"},
+                           split=spec)
+    everything = [r for rows in shards for r in rows]
+    want = list(dict.fromkeys(r["task"] for r in everything))
+    assert pool.names == (*want, "zz_whole")
+    for name in want:
+        assert pool[name].examples["prompt"] == [r["inputs"] for r in everything
+                                                 if r["task"] == name]
+        files = [s for s, rows in enumerate(shards) if any(r["task"] == name for r in rows)]
+        assert pool[name].source == (str(tmp_path / f"shard_{files[0]}.jsonl")
+                                     if len(files) == 1 else f"{tmp_path} ({len(files)} files)")
+    assert pool["zz_whole"].examples["target"] == [r["targets"] for r in whole]
+    # The same rows as one file with a task column: the same tasks, examples and splits.
+    _write_jsonl(tmp_path / "one.jsonl", everything)
+    single = load_task_files(tmp_path / "one.jsonl", split=spec,
+                             columns={"prompt": "inputs", "target": "targets"})
+    assert single.names == tuple(want)
+    for name in want:
+        assert single[name].examples[:] == pool[name].examples[:]
+        for split in ("train", "probe", "eval"):
+            assert single.indices(name, split).tolist() == pool.indices(name, split).tolist()
+    (tmp_path / "one.jsonl").unlink()
+    # task_column=None: every file is one task, whatever its columns.
+    flat = load_task_files(tmp_path, columns={"prompt": "inputs", "target": "targets"},
+                           task_column=None)
+    assert flat.names == (*(f"shard_{s}" for s in range(len(shards))), "zz_whole")
+    assert flat.sizes["shard_0"] == len(shards[0])
+
+
+def test_directory_shards_that_disagree_are_refused(tmp_path, rng):
+    line = int(rng.integers(1, 6))
+    rows = [{"task": "a", "prompt": f"p{i}", "target": "t"} for i in range(5)]
+    _write_jsonl(tmp_path / "s0.jsonl", rows)
+    # A task file whose name is also a task of the column: merging would be a guess.
+    _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "target": "t"}])
+    with pytest.raises(DataError, match=r"a.jsonl: task 'a' is both this whole file .* and rows "
+                                        r"of the 'task' column of .*s0.jsonl"):
+        load_task_files(tmp_path)
+    (tmp_path / "a.jsonl").unlink()
+    # The integer 1 and the string "1" would both name task "1", across files too.
+    bad = [dict(r) for r in rows]
+    bad[line - 1]["task"] = 1
+    _write_jsonl(tmp_path / "s1.jsonl", bad)
+    _write_jsonl(tmp_path / "s2.jsonl", [{"task": "1", "prompt": "q", "target": "t"}])
+    with pytest.raises(DataError, match=rf"s2.jsonl line 1, field 'task': task name '1' is "
+                                        rf"written as a string here but as an integer at "
+                                        rf".*s1.jsonl line {line}"):
+        load_task_files(tmp_path)
+    (tmp_path / "s2.jsonl").unlink()
+    # A shard's error names that shard and its line, not the first file of the task.
+    bad[line - 1] = {"task": "a", "prompt": "q"}
+    _write_jsonl(tmp_path / "s1.jsonl", bad)
+    with pytest.raises(DataError, match=rf"s1.jsonl line {line}, task 'a', field 'target': "
+                                        r"missing required field"):
+        load_task_files(tmp_path)
+    _write_jsonl(tmp_path / "s1.jsonl", [{"task": "a", "prompt": "q", "choices": ["x", "y"],
+                                          "answer": 0}])
+    with pytest.raises(DataError, match=r"s1.jsonl, task 'a': the task is multiple_choice here "
+                                        r"but generate in .*s0.jsonl"):
+        load_task_files(tmp_path)
+
+
+def test_directory_refuses_files_it_would_not_read(tmp_path, rng):
+    _write_jsonl(tmp_path / "t1.jsonl", _gen_rows(rng, 4))
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    others = ["t2.JSONL", "t3.csv", "t4.jsonl.txt", "t5.jsonl.gz", "README.md"]
+    chosen = sorted(rng.choice(others, size=int(rng.integers(1, len(others) + 1)),
+                               replace=False).tolist())
+    for name in chosen:
+        (tmp_path / name).write_text('{"prompt": "q", "target": "a"}\n')
+    listed = sorted([*chosen, "sub/"]) if rng.integers(2) else chosen
+    if "sub/" in listed:
+        (tmp_path / "sub").mkdir()
+    with pytest.raises(DataError) as err:
+        load_task_files(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path}: not task files: {listed}")
+    assert ".jsonl, .json, .parquet" in msg
+    for name in chosen:
+        (tmp_path / name).unlink()
+    if "sub/" in listed:
+        (tmp_path / "sub").rmdir()
+    assert load_task_files(tmp_path).names == ("t1",)
+
+
+def test_multiple_choice_target_must_be_the_answer(tmp_path, rng):
+    """A target column beside choices/answer is checked, not replaced by choices[answer]."""
+    n = int(rng.integers(3, 12))
+    rows = []
+    for i in range(n):
+        k = int(rng.integers(2, 5))
+        choices = [f"c{i}_{j}_{rng.integers(1 << 20)}" for j in range(k)]
+        a = int(rng.integers(k - 1))
+        rows.append({"question": f"q{i}", "options": choices, "label": a, "target": choices[a]})
+    _write_jsonl(tmp_path / "mc.jsonl", rows)
+    pool = load_task_files(tmp_path / "mc.jsonl")
+    assert pool["mc"].examples["target"] == [r["target"] for r in rows]
+    bad = int(rng.integers(n))
+    # A 1-based label: the target is the choice before the one the label points at.
+    shifted = [dict(r) for r in rows]
+    shifted[bad]["label"] += 1
+    _write_jsonl(tmp_path / "mc.jsonl", shifted)
+    with pytest.raises(DataError, match=rf"mc.jsonl line {bad + 1}, task 'mc', field 'target': "
+                                        rf"target '{rows[bad]['target']}' differs from "
+                                        rf"choices\[answer\] = choices\[{rows[bad]['label'] + 1}\]"
+                                        r".*the answer looks 1-based"):
+        load_task_files(tmp_path / "mc.jsonl")
+    other = [dict(r) for r in rows]
+    other[bad]["target"] = "none of them"
+    _write_jsonl(tmp_path / "mc.jsonl", other)
+    with pytest.raises(DataError, match=rf"mc.jsonl line {bad + 1}, task 'mc', field 'target'"
+                                        r".*a 1-based label column is the usual cause"):
+        load_task_files(tmp_path / "mc.jsonl")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kind": "multiple-choice"},
+     r"^unknown kind 'multiple-choice'; expected generate or multiple_choice"),
+    ({"columns": "prompt"}, r"^columns must be a mapping \{field: column\}.*got str 'prompt'"),
+    ({"columns": [("prompt", "q")]}, r"^columns must be a mapping \{field: column\}"),
+    ({"columns": {"prompt": 3}}, r"^columns must map field names to column names.*'prompt': 3"),
+    ({"task_column": 0}, r"^task_column must be a column name .* or None, got 0"),
+])
+def test_bad_arguments_are_named_before_reading(tmp_path, kwargs, match):
+    _write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "q", "choices": ["x", "y"], "answer": 0}])
+    with pytest.raises(DataError, match=match):
+        load_task_files(tmp_path / "mc.jsonl", **kwargs)
+
+
+def test_task_names_are_written_one_way(tmp_path, rng):
+    n = int(rng.integers(2, 9))
+    first, second = sorted(rng.choice(n, size=2, replace=False).tolist())
+    label = int(rng.integers(100))
+    rows = [{"task": f"t{i}", "prompt": f"p{i}", "target": "x"} for i in range(n)]
+    rows[first]["task"], rows[second]["task"] = str(label), label
+    _write_jsonl(tmp_path / "mix.jsonl", rows)
+    with pytest.raises(DataError, match=rf"mix.jsonl line {second + 1}, field 'task': task name "
+                                        rf"'{label}' is written as an integer here but as a "
+                                        rf"string at .*mix.jsonl line {first + 1}"):
+        load_task_files(tmp_path / "mix.jsonl")
+    rows[second]["task"] = float(label)
+    _write_jsonl(tmp_path / "mix.jsonl", rows)
+    with pytest.raises(DataError, match=rf"line {second + 1}, field 'task': a task name must be "
+                                        r"a string or an integer label, got float"):
+        load_task_files(tmp_path / "mix.jsonl")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable Parquet file"):
+        load_task_files(tmp_path / "bad.parquet")

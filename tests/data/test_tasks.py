@@ -210,3 +210,25 @@ def test_probe_size_must_be_a_count(size, match):
     assert len(pool.probe("t", size=np.int64(3))) == 3
     with pytest.raises(DataError, match=match):
         pool.probe("t", size=size)
+
+
+def test_a_multiple_choice_target_is_checked_not_replaced(rng):
+    rows = _mc_rows(rng, int(rng.integers(3, 10)))
+    rows = [{**r, "target": r["choices"][r["answer"]]} for r in rows]  # consistent: kept
+    assert make_task("m", "multiple_choice", rows).examples["target"] == \
+        [r["target"] for r in rows]
+    bad = int(rng.integers(len(rows)))
+    row = rows[bad]
+    wrong = next(c for c in row["choices"] if c != row["target"])
+    rows[bad] = {**row, "target": wrong}
+    with pytest.raises(DataError, match=rf"line {bad + 1}, task 'm', field 'target': target "
+                                        rf"'{wrong}' differs from choices\[answer\] = "
+                                        rf"choices\[{row['answer']}\] = '{row['target']}'"):
+        make_task("m", "multiple_choice", rows)
+    # One past the last choice: what a 1-based label gives for the last one.
+    rows[bad] = {k: v for k, v in row.items() if k != "target"}
+    rows[bad]["answer"] = len(row["choices"])
+    with pytest.raises(DataError, match=rf"line {bad + 1}, task 'm', field 'answer': answer "
+                                        r"index \d+ is not among the \d+ choices \(answers are "
+                                        r"0-based indices"):
+        make_task("m", "multiple_choice", rows)
