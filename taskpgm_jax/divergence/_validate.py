@@ -33,9 +33,29 @@ def normalisation_tolerance(dtype, vocab_size: int) -> float:
     return max(1e-4, eps * (1.0 + math.log(max(vocab_size, 1))))
 
 
+def as_array(x, name: str, expected: str, strings_hint: str = ""):
+    """`x` as an array, or a ValueError naming `name` for None, ragged nesting, strings or other
+    non-numbers (which would otherwise fail inside jnp.asarray with an unnamed TypeError).
+    Arrays and tracers pass through unchanged; the caller checks shape and numeric kind."""
+    if x is None:
+        raise ValueError(f"{name}: expected {expected}, got None.")
+    given = type(x).__name__
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError):
+            raise ValueError(f"{name}: expected {expected}, got a {given} that is not a "
+                             "rectangular array of numbers.") from None
+    if x.dtype.kind in "US":
+        raise ValueError(f"{name}: expected {expected}, got strings{strings_hint}.")
+    if x.dtype.kind == "O":  # e.g. None among numbers, or a dict
+        raise ValueError(f"{name}: expected {expected}, got a {given} that holds non-numbers.")
+    return x
+
+
 def _as_float_array(x, name: str):
     if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
+        x = as_array(x, name, "an array of floating-point log-probabilities or logits")
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise ValueError(f"{name}: expected an array, got {type(x).__name__}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -125,9 +145,15 @@ def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False,
     `allow_all_zero` is for one streaming batch that is entirely padding. `rescale` divides the
     weights by their maximum (in float64, before the float32 cast) where only their ratios matter
     (a one-shot weighted mean), so that any finite scale works.
+
+    Returns the weights as float32 (a NumPy array outside a jit; tracers are returned as given).
     """
     if isinstance(w, (list, tuple)):
-        w = np.asarray(w, dtype=np.float32)
+        # float64, as a NumPy array of the same values: a float32 cast here would turn 1e40
+        # into inf and 1e-46 into 0 before the rescale below could fix their scale.
+        w = as_array(w, name, f"numeric weights of shape ({n},)")
+        if w.dtype.kind in "biuf":
+            w = w.astype(np.float64)
     if not hasattr(w, "shape"):
         raise ValueError(f"{name}: expected an array of shape [{n}], got {type(w).__name__}.")
     if tuple(w.shape) != (n,):
@@ -157,7 +183,9 @@ def check_weights(w, name: str, n: int, *, allow_all_zero: bool = False,
     if np.any(wn > 0) and not np.any(w32 >= np.finfo(np.float32).tiny):
         raise ValueError(f"{name}: every positive weight underflows to 0 in float32 (max "
                          f"{wn.max():.3g}); rescale them.")
-    return w32 if rescale else w
+    # The checked float32 copy, not `w`: jnp.asarray would wrap int64 weights above 2**31
+    # around (x64 off) without a word.
+    return w32
 
 
 def check_models_and_positions(x, name: str) -> None:

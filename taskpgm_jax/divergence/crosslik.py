@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskpgm_jax.divergence._kernel import kahan_add
-from taskpgm_jax.divergence._validate import check_positive_int, is_traced
+from taskpgm_jax.divergence._validate import as_array, check_positive_int, is_traced
 
 
 class CrossLikState(NamedTuple):
@@ -77,8 +77,11 @@ class CrossLikelihood:
           num_tokens: [B] target-token counts; required with `per_token=True`.
         """
         self._check_state(state)
-        scores = jnp.asarray(scores)
-        task_ids = jnp.asarray(task_ids)
+        # Kept as given (NumPy stays NumPy) until the value checks have run: jnp.asarray would
+        # turn float64 1e40 into inf and wrap int64 ids past 2**31 first (x64 off).
+        scores = as_array(scores, "scores", f"float log-likelihoods [{self.num_models}, B]")
+        task_ids = as_array(task_ids, "task_ids", "integer task indices [B]",
+                            "; map task names to their indices first")
         if scores.ndim != 2 or scores.shape[0] != self.num_models:
             raise ValueError(f"scores: expected shape ({self.num_models}, B), got "
                              f"{tuple(scores.shape)}.")
@@ -91,10 +94,15 @@ class CrossLikelihood:
         if self.per_token:
             if num_tokens is None:
                 raise ValueError("num_tokens: required when per_token=True.")
-            num_tokens = jnp.asarray(num_tokens)
+            num_tokens = as_array(num_tokens, "num_tokens", "target-token counts [B]")
             if num_tokens.shape != (batch,):
                 raise ValueError(f"num_tokens: expected shape ({batch},), got "
                                  f"{tuple(num_tokens.shape)}.")
+            # bool or complex "counts" would be read as 0/1 or lose their imaginary part.
+            if not (jnp.issubdtype(num_tokens.dtype, jnp.integer)
+                    or jnp.issubdtype(num_tokens.dtype, jnp.floating)):
+                raise ValueError(f"num_tokens: expected integer (or whole float) token counts, "
+                                 f"got dtype {num_tokens.dtype}.")
         elif num_tokens is not None:
             raise ValueError("num_tokens: given, but this accumulator sums log-likelihoods per "
                              "example; build it with CrossLikelihood(..., per_token=True) to "
@@ -110,6 +118,9 @@ class CrossLikelihood:
             if np.any(vals > 1e-3 * max(1.0, np.abs(vals).max(initial=0.0))):
                 raise ValueError("scores: log-likelihoods must be <= 0; got positive values "
                                  "(did you pass losses? negate them).")
+            if np.any(vals < -np.finfo(np.float32).max):
+                raise ValueError(f"scores: {vals.min():.3g} is beyond float32's range (the "
+                                 "accumulator's dtype); it would be summed as -inf.")
             if self.per_token and not is_traced(num_tokens):
                 counts = np.asarray(num_tokens, np.float64)[ids >= 0]
                 if not np.all(np.isfinite(counts)) or np.any(counts != np.round(counts)):
@@ -118,7 +129,10 @@ class CrossLikelihood:
                 if np.any(counts < 1):
                     raise ValueError("num_tokens: every non-padding example needs >= 1 target "
                                      "token.")
-        scores = scores.astype(jnp.float32)
+        scores = jnp.asarray(scores).astype(jnp.float32)
+        task_ids = jnp.asarray(task_ids)
+        if self.per_token:
+            num_tokens = jnp.asarray(num_tokens)
         # Padding columns may hold anything (even NaN): zero them before the one-hot product.
         scores = jnp.where(task_ids[None, :] >= 0, scores, 0.0)
         if self.per_token:

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from taskpgm_jax.divergence import _kernel
-from taskpgm_jax.divergence._validate import (check_distribution, check_positive_int,
+from taskpgm_jax.divergence._validate import (as_array, check_distribution, check_positive_int,
                                               check_weights, is_traced)
 
 # Tile sizes per platform. CPU: 4 positions x 4096 tokens was fastest on a 2-core EPYC in a
@@ -252,7 +252,9 @@ class StreamingJSD:
         if groups is None:
             raise ValueError(f"groups: required (a group id per position) since the "
                              f"accumulator was built with num_groups={self.config.num_groups}.")
-        groups = jnp.asarray(groups)
+        # Checked before jnp.asarray, which would wrap int64 ids past 2**31 (x64 off).
+        groups = as_array(groups, "groups", f"integer group ids [{batch}]",
+                          "; map group names to their indices first")
         if groups.shape != (batch,) or not jnp.issubdtype(groups.dtype, jnp.integer):
             raise ValueError(f"groups: expected integer shape ({batch},), got "
                              f"{tuple(groups.shape)} {groups.dtype}.")
@@ -261,7 +263,7 @@ class StreamingJSD:
             if np.any(g < -1) or np.any(g >= self.config.num_groups):
                 raise ValueError(f"groups: ids must lie in [0, {self.config.num_groups}) or be "
                                  f"-1 (ignored); got range [{g.min()}, {g.max()}].")
-        return groups.astype(jnp.int32)
+        return jnp.asarray(groups).astype(jnp.int32)
 
     def result(self, state: JSDState):
         """[T, T] float32 symmetric matrix of weighted mean JSD (nats), zero diagonal.

@@ -20,6 +20,7 @@ pair kernel over [T, N, T*k + 1] instead of [T, N, V].
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -28,11 +29,17 @@ import jax.numpy as jnp
 from taskpgm_jax.divergence._kernel import LN2
 from taskpgm_jax.divergence._validate import (check_distribution, check_models_and_positions,
                                               check_positive_int, check_weights)
-from taskpgm_jax.divergence.pairwise import pairwise_jsd_unchecked
+from taskpgm_jax.divergence.pairwise import pairwise_jsd, pairwise_jsd_unchecked
 
 # The absolute float32 accuracy of `pairwise_jsd` (the tests hold it to this against scipy in
 # float64); both bounds are widened by it.
 ROUNDING_ALLOWANCE = 1e-6
+
+# The kernel options `pairwise_jsd` takes (its keyword-only arguments but `from_logits`, which
+# is this function's own): read from its signature so the two cannot drift apart.
+_KERNEL_OPTIONS = tuple(
+    name for name, p in inspect.signature(pairwise_jsd).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "from_logits")
 
 
 class TruncatedJSD(NamedTuple):
@@ -85,6 +92,10 @@ def truncated_pairwise_jsd(logprobs, weights=None, *, top_k: int = 64, from_logi
     Returns:
       A `TruncatedJSD` with lower and upper bound matrices and the tail masses.
     """
+    unknown = [name for name in kernel_options if name not in _KERNEL_OPTIONS]
+    if unknown:
+        raise ValueError(f"kernel_options: unknown option {unknown[0]!r}; expected "
+                         f"{', '.join(_KERNEL_OPTIONS)}.")
     logprobs = check_distribution(logprobs, "logprobs", rank=3, from_logits=from_logits)
     check_models_and_positions(logprobs, "logprobs")
     top_k = check_positive_int(top_k, "top_k")

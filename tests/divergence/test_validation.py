@@ -9,7 +9,8 @@ from jax.sharding import Mesh  # noqa: F401  (documents the accepted mesh type)
 from taskpgm_jax.divergence import (CrossLikelihood, StreamingJSD, entropy, jsd, kl,
                                     pairwise_jsd, task_balanced_weights,
                                     truncated_pairwise_jsd)
-from tests.divergence.distributions import random_logprobs
+from tests.divergence.distributions import (assert_close_to_reference, random_logprobs,
+                                            reference_pairwise)
 
 
 @pytest.fixture
@@ -155,3 +156,88 @@ def test_empty_axes_foreign_states_and_counts_are_named(call, match):
 def test_task_balanced_weights_takes_numpy_integers():
     np.testing.assert_allclose(np.asarray(task_balanced_weights([0, 1, 1], np.int64(3))),
                                [0.5, 0.25, 0.25])
+
+
+@pytest.mark.parametrize("scale", [1e40, 1e-46])
+def test_weight_lists_are_read_in_float64_like_arrays(lp, rng, scale):
+    """A list of weights once went through float32 before the rescale: 1e40 became inf
+    ("contains NaN or inf") and 1e-46 became 0 ("all weights are zero")."""
+    w = (rng.random(4) + 0.1) * scale
+    ref = reference_pairwise(lp, w / w.max())
+    assert_close_to_reference(pairwise_jsd(lp, w.tolist()), ref, "list weights")
+    bounds = truncated_pairwise_jsd(lp, w.tolist(), top_k=3)
+    assert np.all(np.asarray(bounds.lower) <= ref + 1e-6)
+    assert np.all(np.asarray(bounds.upper) >= ref - 1e-6)
+    # A streaming batch has no rescale: the list is refused for what float32 does to it.
+    acc = StreamingJSD(3)
+    message = "the weights overflow float32" if scale > 1 else "every positive weight underflows"
+    with pytest.raises(ValueError, match=f"weights: {message}"):
+        acc.update(acc.init(), lp, w.tolist())
+
+
+def test_large_integer_weights_are_not_wrapped(lp, rng):
+    """int64 weights past 2**31 once reached the kernel through jnp.asarray, which wraps them
+    (x64 off): 2**40 counted as 0."""
+    w = rng.integers(1, 10, size=4)
+    w[rng.integers(4)] = 2**40
+    acc = StreamingJSD(3)
+    assert_close_to_reference(acc.result(acc.update(acc.init(), lp, w)),
+                              reference_pairwise(lp, w.astype(np.float64)), "int64 weights")
+
+
+_STRINGS = "got strings"
+
+
+@pytest.mark.parametrize("call, match", [
+    # Task names instead of indices, strings or None once failed inside jnp.asarray.
+    (lambda: CrossLikelihood(3).update(CrossLikelihood(3).init(), -np.ones((3, 2)),
+                                       ["arith", "logic"]),
+     f"task_ids: expected integer task indices .*{_STRINGS}; map task names to their indices"),
+    (lambda: CrossLikelihood(3).update(CrossLikelihood(3).init(), None, [0, 1]),
+     "scores: expected float log-likelihoods .*got None"),
+    (lambda: CrossLikelihood(3).update(CrossLikelihood(3).init(), "x", [0, 1]),
+     f"scores: .*{_STRINGS}"),
+    (lambda: CrossLikelihood(3, per_token=True).update(
+        CrossLikelihood(3, per_token=True).init(), -np.ones((3, 2)), [0, 1], "12"),
+     f"num_tokens: .*{_STRINGS}"),
+    (lambda: CrossLikelihood(3, per_token=True).update(
+        CrossLikelihood(3, per_token=True).init(), -np.ones((3, 2)), [0, 1], [4, None]),
+     "num_tokens: .*holds non-numbers"),
+    (lambda: CrossLikelihood(3, per_token=True).update(
+        CrossLikelihood(3, per_token=True).init(), -np.ones((3, 2)), [0, 1], [True, True]),
+     "num_tokens: expected integer .*got dtype bool"),
+    (lambda: StreamingJSD(3, num_groups=2).update(StreamingJSD(3, num_groups=2).init(),
+                                                  np.log(np.full((3, 2, 4), 0.25)), None,
+                                                  ["a", "b"]),
+     f"groups: .*{_STRINGS}; map group names to their indices"),
+    (lambda: pairwise_jsd(np.log(np.full((3, 2, 4), 0.25)), ["1", "1"]),
+     f"weights: .*{_STRINGS}"),
+    (lambda: pairwise_jsd([[[0.0]], [[0.0], [0.0]]]),
+     "logprobs: .*not a rectangular array"),
+    # Ids past 2**31 once wrapped around in jnp.asarray (2**32 read as task 0) and passed.
+    (lambda: CrossLikelihood(3).update(CrossLikelihood(3).init(), -np.ones((3, 2)),
+                                       np.array([2**32, 1])),
+     r"task_ids: ids must lie in \[0, 3\)"),
+    (lambda: StreamingJSD(3, num_groups=2).update(StreamingJSD(3, num_groups=2).init(),
+                                                  np.log(np.full((3, 2, 4), 0.25)), None,
+                                                  np.array([2**32, 0])),
+     r"groups: ids must lie in \[0, 2\)"),
+    # float64 scores past float32's range were blamed as "NaN or inf" after the cast.
+    (lambda: CrossLikelihood(3).update(CrossLikelihood(3).init(), np.full((3, 2), -1e40),
+                                       [0, 1]),
+     "scores: -1e\\+40 is beyond float32's range"),
+])
+def test_non_numeric_and_out_of_range_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_unknown_kernel_option_is_named(lp):
+    with pytest.raises(ValueError, match="kernel_options: unknown option 'block'; expected "
+                                         "pair_block, position_block, vocab_chunk, mesh"):
+        truncated_pairwise_jsd(lp, top_k=2, block=4)
+    # The known ones still reach the kernel.
+    bounds = truncated_pairwise_jsd(lp, top_k=2, pair_block=1, vocab_chunk=3)
+    ref = reference_pairwise(lp)
+    assert np.all(np.asarray(bounds.lower) <= ref + 1e-6)
+    assert np.all(np.asarray(bounds.upper) >= ref - 1e-6)
