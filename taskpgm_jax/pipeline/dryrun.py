@@ -251,10 +251,32 @@ def _count_tasks(cfg: RunConfig) -> tuple[int, bool, str]:
         return len(d.hub.train), True, "one task per data.hub.train entry"
     path = Path(d.files.path).expanduser()
     if path.is_dir():
-        t = sum(1 for f in path.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
-        if t:
-            return t, True, f"task files in {path}"
+        files = sorted(f for f in path.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
+        # A file that holds the task column is split by it (FLAN-style shards): then T is only
+        # known once the files are read. Files without it are one task each.
+        if files and not any(_may_hold_column(f, d.files.task_column) for f in files):
+            return len(files), True, f"task files in {path}, none with a {d.files.task_column!r} column"
+        if files:
+            return max(PLANNING_TASKS, len(files)), False, (
+                f"{len(files)} task files in {path}, some with a {d.files.task_column!r} column: "
+                f"{unknown}")
     return PLANNING_TASKS, False, f"data.files.path {path}: {unknown}"
+
+
+def _may_hold_column(path: Path, column: str | None) -> bool:
+    """Whether a task file may hold `column`: a Parquet file's schema names it, a JSON file
+    mentions `"column"` in its first MiB (a planning estimate, not a parse of every row)."""
+    if not column:
+        return False
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return column in pq.read_schema(path).names
+        except (OSError, ValueError):  # unreadable here: the data stage names the problem
+            return True
+    with open(path, "rb") as f:
+        return f'"{column}"'.encode() in f.read(1 << 20)
 
 
 def _lora_config(cfg: RunConfig) -> LoraConfig:

@@ -367,11 +367,24 @@ def test_task_counts(tmp_path):
     assert tasks({"source": "hub", "hub": {"train": hub, "heldout": held}}) == (3, True)
     assert tasks({"source": "hub", "hub": {"train": [{"path": "a/b", "task_column": "task"}],
                                            "heldout": held}}) == (PLANNING_TASKS, False)
-    for name in ("a.jsonl", "b.parquet", "c.jsonl", "README.md"):
-        (tmp_path / name).write_text("")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = '{"prompt": "p", "target": "t"}\n'
+    (tmp_path / "a.jsonl").write_text(row)
+    (tmp_path / "c.jsonl").write_text(row * 2)
+    pq.write_table(pa.table({"prompt": ["p"], "target": ["t"]}), tmp_path / "b.parquet")
+    (tmp_path / "README.md").write_text("not a task file")
     held = str(tmp_path / "bbh")
-    assert tasks({"source": "files", "files": {"path": str(tmp_path), "heldout_path": held}}) \
-        == (3, True)
+    files = {"source": "files", "files": {"path": str(tmp_path), "heldout_path": held}}
+    assert tasks(files) == (3, True)  # no file has a task column: one task per file
+    # A FLAN-style shard with a task column holds any number of tasks: unknown until read.
+    pq.write_table(pa.table({"prompt": ["p"], "target": ["t"], "task": ["x"]}),
+                   tmp_path / "d.parquet")
+    assert tasks(files) == (max(PLANNING_TASKS, 4), False)
+    (tmp_path / "d.parquet").unlink()
+    (tmp_path / "e.jsonl").write_text('{"prompt": "p", "target": "t", "task": "y"}\n')
+    assert tasks(files) == (max(PLANNING_TASKS, 4), False)
     report = dry_run(_config(data={"source": "files", "files": {"path": str(tmp_path / "x"),
                                                                 "heldout_path": held}}),
                      num_devices=8)
