@@ -3,6 +3,7 @@
     taskpgm run CONFIG.yaml [--run-dir DIR] [--dry-run [--devices N]] [key=value ...]
     taskpgm report RUN_DIR
     taskpgm mixture solve --affinity S.npy [--names names.txt] [--method exact] [--budget N]
+                          [--out DIR [--overwrite]]
     taskpgm data fetch bigbench [--cache-dir DIR]
     taskpgm bench divergence|divergence_tiles|mrf|model|adapters|probe [benchmark options]
 
@@ -48,6 +49,15 @@ def _load_affinity(path: str):
     import numpy as np
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise CliError(f"--affinity: cannot read {path} ({e.strerror}).") from None
+    # np.load reads anything else as a pickle and then advises allow_pickle, which is not the fix.
+    if magic != b"\x93NUMPY":
+        raise CliError(f"--affinity: {path} is not a .npy file; save the matrix with "
+                       "numpy.save(path, S).")
+    try:
         matrix = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise CliError(f"--affinity: cannot read {path} as a .npy array ({e}).") from None
@@ -58,6 +68,24 @@ def _load_affinity(path: str):
         raise CliError(f"--affinity: {path} holds a 0 x 0 matrix; give a [T, T] affinity of at "
                        "least one task.")
     return matrix
+
+
+# Every file a solve may write; what marks a directory as holding a solve.
+EXPORTS = ("mixture.json", "levanter.json", "seqio.json", "counts.json", "open_instruct.json")
+# The messages of `potentials` name its parameters; the user typed these options.
+_OPTION_OF = {"beta": "--beta", "lam": "--lam"}
+
+
+def _check_out(out: Path, overwrite: bool) -> list[str]:
+    """The exports of an earlier solve in `out` (refused without --overwrite: they would be
+    replaced, or outlive this solve beside its files)."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: {out} is a file; give a directory.")
+    earlier = [name for name in EXPORTS if (out / name).exists()]
+    if earlier and not overwrite:
+        raise CliError(f"--out: {out} already holds {', '.join(earlier)} from another solve; "
+                       "pass --overwrite to replace them, or choose another --out.")
+    return earlier
 
 
 def _write(path: Path, text: str) -> None:
@@ -83,7 +111,13 @@ def mixture_solve(args) -> int:
         pot = potentials(matrix, "centrality", beta=args.beta, lam=lam)
         sol = solve(pot, args.method)
     except ValueError as e:
-        raise CliError(str(e)) from None
+        message = str(e)
+        name = message.partition(":")[0]
+        if name in _OPTION_OF:
+            message = _OPTION_OF[name] + message[len(name):]
+        elif name == "affinity":
+            message = f"--affinity: {args.affinity}" + message[len(name):]
+        raise CliError(message) from None
     mixture = Mixture.from_solution(names, sol, unit="examples", beta=args.beta, lam=lam,
                                     affinity=str(args.affinity))
     # Every export is built before the first file is written: an error leaves nothing behind.
@@ -100,8 +134,16 @@ def mixture_solve(args) -> int:
         except ValueError as e:
             raise CliError(str(e).replace("budget:", "--budget:", 1)) from None
     out = Path(args.out)
+    earlier = _check_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
+    # mixture.json goes first and comes back last: an interrupt never leaves a mixture.json
+    # beside exports of another solve (a rerun with --overwrite finishes the job).
+    if "mixture.json" in earlier:
+        (out / "mixture.json").unlink()
+    for name in earlier:
+        if name not in files:
+            (out / name).unlink()
+    for name, text in sorted(files.items(), key=lambda item: item[0] == "mixture.json"):
         _write(out / name, text)
     weights = np.asarray(mixture.weights)
     order = np.argsort(-weights)
@@ -110,7 +152,9 @@ def mixture_solve(args) -> int:
           f"{int(np.sum(weights > 0))} of {len(names)} tasks with weight > 0")
     for i in order[:min(10, len(order))]:
         print(f"  {weights[i]:.4f}  {names[i]}")
-    print(f"wrote {out}/mixture.json and the exports beside it")
+    removed = [name for name in earlier if name not in files]
+    print(f"wrote {out}/mixture.json and the exports beside it"
+          + (f"; removed {', '.join(removed)} of the earlier solve" if removed else ""))
     return 0
 
 
@@ -187,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_p = sub.add_parser("run", help="run (or resume) an experiment config end to end")
     run_p.add_argument("config", help="experiment YAML, e.g. experiments/configs/demo.yaml")
-    run_p.add_argument("overrides", nargs="*", metavar="key=value",
+    # default=[]: without one argparse counts a "*" positional as required in its usage error.
+    run_p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                        help="dotted config overrides, e.g. single_task.steps=50 seeds=[0]")
     run_p.add_argument("--run-dir", help="run directory (default runs/<name>); reusing one "
                        "skips finished stages")
@@ -216,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     solve_p.add_argument("--budget", type=int, default=None,
                          help="also write integer example counts summing to this budget")
     solve_p.add_argument("--out", default="mixture", help="output directory")
+    solve_p.add_argument("--overwrite", action="store_true",
+                         help="replace the files of an earlier solve in --out (and remove its "
+                         "exports this solve does not write)")
 
     data = sub.add_parser("data", help="task data")
     dsub = data.add_subparsers(dest="action", required=True)

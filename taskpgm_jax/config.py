@@ -31,6 +31,9 @@ ATTENTION_IMPLS = ("dot", "chunked", "xla", "cudnn")
 SCRATCH_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 SOURCES = ("synthetic", "bigbench", "files", "hub")
+# len(taskpgm_jax.data.sources.synthetic.SKILLS), kept here: importing the data package would
+# cost seconds per config load (a test keeps the two equal).
+SYNTHETIC_SKILLS = 10
 MIXTURE_METHODS = ("taskpgm_jsd", "taskpgm_pmi", "greedy", "uniform", "size_proportional",
                    "temperature")
 
@@ -463,6 +466,18 @@ def _validate_ranges(cfg: RunConfig, need) -> None:
     lo, hi = syn.examples
     need(1 <= lo <= hi, "data.synthetic.examples",
          f"give [min, max] examples per task with 1 <= min <= max; got {[lo, hi]}")
+    # Each cluster and each unique task takes its own skill; the pipeline needs two tasks.
+    keys = "config keys 'data.synthetic.cluster_sizes' and 'data.synthetic.n_unique'"
+    n_skills = len(syn.cluster_sizes) + syn.n_unique
+    if n_skills > SYNTHETIC_SKILLS:
+        raise ConfigError(f"{keys}: {len(syn.cluster_sizes)} clusters + {syn.n_unique} unique "
+                          f"tasks need {n_skills} skills; the synthetic suite has "
+                          f"{SYNTHETIC_SKILLS} (give at most {SYNTHETIC_SKILLS} together)")
+    n_tasks = sum(syn.cluster_sizes) + syn.n_unique + syn.n_noise
+    if n_tasks < 2:
+        raise ConfigError(f"config keys 'data.synthetic.cluster_sizes', 'data.synthetic.n_unique' "
+                          f"and 'data.synthetic.n_noise': the suite would have {n_tasks} task(s); "
+                          "TaskPGM needs at least two")
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -590,6 +605,56 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _key(loader, node):
+    """A mapping key as YAML reads it (so `1` and `1.0` are one key, as in the loaded dict)."""
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_object(node)
+    return f"<{node.id} at line {node.start_mark.line + 1}>"  # a complex key: never equal
+
+
+def _check_duplicates(loader, node, path: str, seen: set[int]) -> None:
+    """Raises ConfigError for a key given twice in one mapping, at any depth: YAML loaders keep
+    the later silently, which would drop a whole section."""
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[Any, Any] = {}  # key -> where it first appears
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding is its point
+                _check_duplicates(loader, value_node, path, seen)
+                continue
+            key = _key(loader, key_node)
+            dotted = f"{path}.{key}" if path else str(key)
+            mark = key_node.start_mark
+            if key in lines:
+                first = lines[key]
+                where = (f"lines {first.line + 1} and {mark.line + 1}" if first.line != mark.line
+                         else f"line {mark.line + 1}, columns {first.column + 1} and "
+                         f"{mark.column + 1}")
+                fix = ("merge the two sections into one" if isinstance(value_node, yaml.MappingNode)
+                       else "keep one of the two values")
+                raise ConfigError(f"key {dotted!r} appears twice ({where}); {fix}")
+            lines[key] = mark
+            _check_duplicates(loader, value_node, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(loader, item, f"{path}[{i}]", seen)
+
+
+def _safe_load(text: str):
+    """`yaml.safe_load`, refusing duplicate keys (ConfigError)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(loader, node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict:
     """`["a.b=1", "c=[0, 1]"]` -> nested dict; values are parsed as YAML scalars / lists."""
     tree: dict = {}
@@ -599,9 +664,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected dotted.key=value (e.g. "
                               "single_task.steps=50)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -624,8 +691,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML config, applies `key=value` overrides and validates the result.
 
     Raises:
-      ConfigError: unreadable file, invalid YAML, unknown key, wrong type or impossible value;
-        the message names the file and the dotted key.
+      ConfigError: unreadable file, invalid YAML, a key given twice, unknown key, wrong type or
+        impossible value; the message names the file and the dotted key.
     """
     path = Path(path)
     try:
@@ -633,9 +700,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     except OSError as e:
         raise ConfigError(f"config file {str(path)!r}: cannot read it ({e.strerror}).") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r}: not valid YAML ({e}).") from None
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(path)!r}: {e}") from None
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as e:

@@ -100,3 +100,67 @@ def test_bench_argument_errors_exit_2_with_the_parser_message(capsys):
     assert main(["bench", "divergence", "--sizes", "1x8x16", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert "--sizes" in err and "T >= 2" in err and "Traceback" not in err
+
+
+def _affinity(rng, t):
+    feats = rng.normal(size=(t, 3))
+    return np.exp(-((feats[:, None] - feats[None]) ** 2).sum(-1))  # an RBF affinity (PSD)
+
+
+def test_mixture_solve_refuses_an_earlier_solve_and_overwrite_removes_its_stale_exports(
+        tmp_path, rng, capsys):
+    t1, t2 = int(rng.integers(3, 7)), int(rng.integers(3, 7))
+    np.save(tmp_path / "A.npy", _affinity(rng, t1))
+    np.save(tmp_path / "B.npy", _affinity(rng, t2))
+    names = [f"b{i}_{rng.integers(1 << 20)}" for i in range(t2)]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "out"
+    assert main(["mixture", "solve", "--affinity", str(tmp_path / "A.npy"), "--budget",
+                 str(int(rng.integers(1000, 5000))), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's own file")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"counts.json", "open_instruct.json"} <= set(first)
+    capsys.readouterr()
+    # Another solve, without --budget: refused, nothing touched.
+    second = ["mixture", "solve", "--affinity", str(tmp_path / "B.npy"), "--names",
+              str(tmp_path / "names.txt"), "--out", str(out)]
+    assert main(second) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--overwrite" in err and "mixture.json" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    # With --overwrite: this solve's files only, and the user's own file kept.
+    assert main([*second, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "levanter.json", "mixture.json", "notes.txt", "seqio.json"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    mix = json.loads((out / "mixture.json").read_text())
+    assert mix["names"] == names
+    assert set(json.loads((out / "levanter.json").read_text())["train_weights"]) == set(names)
+
+
+def test_mixture_solve_messages_name_the_options(tmp_path, rng, capsys):
+    t = int(rng.integers(2, 6))
+    np.save(tmp_path / "S.npy", _affinity(rng, t))
+    out = tmp_path / "out"
+    base = ["mixture", "solve", "--affinity", str(tmp_path / "S.npy"), "--out", str(out)]
+    beta = -float(rng.uniform(0.1, 5))
+    assert main([*base, "--beta", str(beta)]) == 2
+    err = capsys.readouterr().err
+    assert f"--beta: must be positive and finite, got {beta}" in err
+    assert main([*base, "--lam", "0"]) == 2
+    assert "error: --lam: must be positive" in capsys.readouterr().err
+    # A task-name list given as the matrix: not a .npy file (np.load would advise allow_pickle).
+    text = tmp_path / "names.txt"
+    text.write_text("\n".join(f"task{i}" for i in range(t)) + "\n")
+    assert main(["mixture", "solve", "--affinity", str(text), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--affinity: {text} is not a .npy file" in err and "pickle" not in err
+    assert not out.exists()
+
+
+def test_run_usage_names_only_config_as_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("the following arguments are required: config")

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -215,3 +216,108 @@ def test_materialise_checks_extra_before_writing(tmp_path, rng):
                                extra={"beta": np.float32(0.5), "w": np.array([1, 2])})
     manifest = json.loads(path.read_text())
     assert manifest["beta"] == 0.5 and manifest["w"] == [1, 2] and manifest["seed"] == 3
+
+
+def _written(out):
+    """The prompts of a materialised mixture in order, read without `load_materialized`."""
+    lines = [json.loads(x) for x in (out / "mixture.jsonl").read_text().splitlines()]
+    return [r["prompt"] for r in lines]
+
+
+def test_an_interrupted_overwrite_leaves_one_whole_mixture(tmp_path, rng, monkeypatch):
+    """Ctrl-C at each rename of an overwrite: the directory reads back as the old mixture or the
+    new one, never the new data against the old manifest; the next write finishes the job."""
+    import taskpgm_jax.data.materialize as mat
+
+    pool = _pool(rng, [int(rng.integers(20, 40)) for _ in range(3)])
+    old = sample_mixture(pool, [1, 0, 0], int(rng.integers(5, 15)), seed=int(rng.integers(99)))
+    new = sample_mixture(pool, [0, 1, 1], int(rng.integers(16, 30)), seed=int(rng.integers(99)))
+    want = {"old": [r["prompt"] for r in old.rows(pool)],
+            "new": [r["prompt"] for r in new.rows(pool)]}
+    real = os.replace
+    for cut in (1, 2, 3):
+        out = tmp_path / f"mix{cut}"
+        materialize_mixture(pool, old, out)
+        assert _written(out) == want["old"]
+        calls = []
+
+        def replace(src, dst, calls=calls, cut=cut):
+            calls.append(dst)
+            if len(calls) == cut:
+                raise KeyboardInterrupt
+            real(src, dst)
+
+        with monkeypatch.context() as m:
+            m.setattr(mat.os, "replace", replace)
+            with pytest.raises(KeyboardInterrupt):
+                materialize_mixture(pool, new, out, overwrite=True)
+        # The old data file stays until the new manifest is complete; once the new data file
+        # is in place, the new manifest beside it is the one that is read.
+        expect = "new" if cut == 3 else "old"
+        ds, manifest = load_materialized(out)
+        assert ds["prompt"] == want[expect], cut
+        assert manifest["counts"] == (new if expect == "new" else old).counts
+        # Not an overwrite: refused, whichever mixture is there.
+        with pytest.raises(DataError, match="overwrite=True"):
+            materialize_mixture(pool, new, out)
+        assert load_materialized(out)[0]["prompt"] == want[expect]
+        materialize_mixture(pool, new, out, overwrite=True)
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "mixture.jsonl"]
+        assert load_materialized(out)[0]["prompt"] == want["new"] == _written(out)
+
+
+def test_a_sample_from_another_pool_is_refused_before_writing(tmp_path, rng):
+    tasks = [make_task(f"t{i}", "generate",
+                       [{"prompt": f"q{j} {rng.integers(1 << 40)}", "target": "a"}
+                        for j in range(int(rng.integers(20, 60)))]) for i in range(3)]
+    pool = TaskPool(tasks, SplitSpec(seed=0))
+    # Another split seed: the same tasks, other train splits (find one of another size).
+    for seed in range(1, 200):
+        other = TaskPool(tasks, SplitSpec(seed=seed))
+        sizes, other_sizes = pool.split_sizes("train"), other.split_sizes("train")
+        differ = [n for n in pool.names if other_sizes[n] > sizes[n]]
+        if differ:
+            break
+    name = differ[0]
+    # Every row of that task's (larger) split: some index lies past this pool's split.
+    s = sample_mixture(other, {name: 1.0}, other_sizes[name], seed=int(rng.integers(99)))
+    out = tmp_path / "mix"
+    with pytest.raises(DataError, match=rf"task '{name}'.*{sizes[name]} rows in this pool.*"
+                                        "another pool"):
+        materialize_mixture(pool, s, out)
+    assert not out.exists()
+    # Drawn with repetition from a split of another size: refused too, naming the task.
+    s = sample_mixture(other, {name: 1.0}, 3 * other_sizes[name], seed=0)
+    with pytest.raises(DataError, match=rf"task '{name}'.*drawn from {other_sizes[name]}"):
+        materialize_mixture(pool, s, out)
+    assert not out.exists()
+    # Into a directory with a mixture: that one untouched, no temporary file left.
+    good = sample_mixture(pool, {name: 1.0}, sizes[name], seed=1)
+    materialize_mixture(pool, good, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="another pool"):
+        materialize_mixture(pool, s, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_damaged_manifest_is_named(tmp_path, rng):
+    pool = _pool(rng, [20, 30])
+    out = tmp_path / "mix"
+    materialize_mixture(pool, sample_mixture(pool, [1, 1], int(rng.integers(5, 40))), out)
+    path = out / "manifest.json"
+    text = path.read_text()
+    path.write_text(text[:int(rng.integers(1, len(text) - 1))])  # truncated
+    with pytest.raises(DataError, match=rf"{path}: not valid JSON.*overwrite=True"):
+        load_materialized(out)
+    manifest = json.loads(text)
+    del manifest["sha256"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"{path}: the manifest lacks \['sha256'\]"):
+        load_materialized(out)
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match=rf"{path}: expected a JSON object"):
+        load_materialized(out)
+    path.write_text(text)
+    (out / "mixture.jsonl").unlink()
+    with pytest.raises(DataError, match=r"mixture\.jsonl: cannot read the data file"):
+        load_materialized(out)

@@ -140,3 +140,46 @@ def test_tasks_do_not_depend_on_other_tasks(rng):
 def test_bad_seed_is_refused_before_generating(seed, match):
     with pytest.raises(DataError, match=match):
         synthetic_suite(seed)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"examples": (10, 5)}, r"examples must be \(min, max\) with min <= max, got \(10, 5\)"),
+    ({"examples": (0, 5)}, r"examples\[0\] \(min\) must be >= 1, got 0"),
+    ({"examples": 5}, r"examples must be \(min, max\)"),
+    ({"n_unique": -1}, r"n_unique must be >= 0, got -1"),
+    ({"n_unique": 1.5}, r"n_unique must be an int, got 1.5"),
+    ({"n_noise": -3}, r"n_noise must be >= 0, got -3"),
+    ({"cluster_sizes": 3}, r"cluster_sizes must be a list of ints"),
+    ({"cluster_sizes": "44"}, r"cluster_sizes must be a list of ints"),
+    ({"cluster_sizes": (2, 0)}, r"cluster_sizes\[1\] must be >= 1, got 0"),
+    ({"cluster_sizes": (5,)}, r"cluster_sizes: each cluster has at most 4 tasks"),
+    ({"cluster_sizes": (), "n_unique": 0, "n_noise": 0}, r"no skill"),
+    ({"cluster_sizes": (), "n_unique": 0, "n_noise": 3}, r"no skill"),
+    ({"cluster_sizes": [4] * 10}, r"12 skills needed; there are 10"),
+    ({"heldout_examples": 0}, r"heldout_examples must be >= 1, got 0"),
+    ({"split": None}, r"split must be a SplitSpec"),
+])
+def test_bad_arguments_are_refused_by_name(rng, kwargs, match):
+    with pytest.raises(DataError, match=match):
+        synthetic_suite(int(rng.integers(1 << 20)), **kwargs)
+
+
+def test_smallest_suites_hold_exactly_what_was_asked(rng):
+    seed = int(rng.integers(1 << 20))
+    lo = int(rng.integers(5, 20))
+    # No skill at all is no suite (noise tasks draw their inputs from the skills used).
+    with pytest.raises(DataError, match="no skill"):
+        synthetic_suite(seed, cluster_sizes=(), n_unique=0, n_noise=int(rng.integers(0, 3)))
+    pool = synthetic_suite(seed, cluster_sizes=(), n_unique=1, n_noise=0, examples=(lo, lo),
+                           heldout_examples=7)
+    assert len(pool) == 1 and len(pool.heldout) == 1 and pool.sizes == {pool.names[0]: lo}
+    # NumPy integers are ints too.
+    pool = synthetic_suite(seed, cluster_sizes=np.array([2]), n_unique=np.int64(0), n_noise=1,
+                           examples=np.array([lo, lo]), heldout_examples=7)
+    assert sorted(pool.cluster_labels.values()).count("noise_0") == 1 and len(pool) == 3
+
+
+def test_config_knows_how_many_skills_there_are():
+    from taskpgm_jax.config import SYNTHETIC_SKILLS
+
+    assert SYNTHETIC_SKILLS == len(SKILLS)

@@ -506,3 +506,32 @@ def test_gathered_weights_only_with_fsdp_and_cast_weights_only_across_dtypes(mes
         else:
             assert [(p.name.split(" (")[0], p.per_device) for p in found] == \
                 [(part, expected[part])]
+
+
+DEMO = str(Path(__file__).parents[2] / "experiments" / "configs" / "demo.yaml")
+
+
+def test_impossible_synthetic_suites_are_refused_at_load_by_key(rng, capsys):
+    """More clusters + unique tasks than the suite has skills (10), or fewer than two tasks:
+    refused by the config (and so by --dry-run), naming the keys, not by the data stage."""
+    n_clusters = int(rng.integers(1, 11))
+    sizes = [int(s) for s in rng.integers(1, 5, size=n_clusters)]
+    n_unique = 11 - n_clusters + int(rng.integers(0, 90))  # always one skill too many or more
+    over = [f"data.synthetic.cluster_sizes={sizes}", f"data.synthetic.n_unique={n_unique}"]
+    assert main(["run", DEMO, "--dry-run", "--devices", "1", *over]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'data.synthetic.n_unique'" in err
+    assert "'data.synthetic.cluster_sizes'" in err
+    assert f"need {n_clusters + n_unique} skills" in err
+    for bad in (["data.synthetic.cluster_sizes=[4,4,4,4,4,4,4,4,4,4]"],
+                ["data.synthetic.n_unique=100"]):
+        with pytest.raises(ConfigError, match=r"'data\.synthetic\.n_unique'.*skills"):
+            load_config(DEMO, bad)
+    with pytest.raises(ConfigError, match=r"'data\.synthetic\.n_noise'.*1 task"):
+        load_config(DEMO, ["data.synthetic={cluster_sizes: [1], n_unique: 0, n_noise: 0}"])
+    # At the limit: ten skills and two tasks are a suite.
+    k = int(rng.integers(1, 10))
+    cfg = load_config(DEMO, [f"data.synthetic.cluster_sizes={[1] * k}",
+                             f"data.synthetic.n_unique={10 - k}"])
+    assert len(cfg.data.synthetic.cluster_sizes) + cfg.data.synthetic.n_unique == 10
+    load_config(DEMO, ["data.synthetic={cluster_sizes: [1], n_unique: 0, n_noise: 1}"])

@@ -22,11 +22,13 @@ tasks never changes the examples of the others.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, check_seed, make_task
+from taskpgm_jax.data.tasks import (
+    DataError, SplitSpec, Task, TaskPool, check_int, check_seed, make_task,
+)
 
 __all__ = ["SKILLS", "synthetic_suite"]
 
@@ -152,6 +154,42 @@ def _make(name: str, skill: str, word: str, sep: str, n: int, rng, *, noise: boo
                      keywords=(skill, "noise" if noise else "skill"))
 
 
+def _check_suite(cluster_sizes, n_unique, n_noise, examples, heldout_examples, split):
+    """The suite's arguments as plain ints, or a DataError naming the argument (before any
+    generation: NumPy's and zip's errors would name none)."""
+    if isinstance(cluster_sizes, (str, bytes, Mapping)) or not isinstance(cluster_sizes, Iterable):
+        raise DataError(f"cluster_sizes must be a list of ints (tasks per cluster), got "
+                        f"{cluster_sizes!r}")
+    sizes = tuple(check_int(c, f"cluster_sizes[{i}]", 1) for i, c in enumerate(cluster_sizes))
+    if any(c > 4 for c in sizes):
+        raise DataError(f"cluster_sizes: each cluster has at most 4 tasks (4 prompt forms per "
+                        f"skill); got {list(sizes)}")
+    n_unique = check_int(n_unique, "n_unique")
+    n_noise = check_int(n_noise, "n_noise")
+    n_skills = len(sizes) + n_unique
+    if n_skills > len(SKILLS):
+        raise DataError(f"cluster_sizes has {len(sizes)} clusters and n_unique is {n_unique}: "
+                        f"{n_skills} skills needed; there are {len(SKILLS)} (one per cluster or "
+                        f"unique task: give at most {len(SKILLS)} together)")
+    # Noise tasks draw their inputs from the skills used, and the held-out suite has one task
+    # per skill: without a skill there is no suite.
+    if n_skills == 0:
+        raise DataError("cluster_sizes is empty and n_unique is 0: the suite would have no "
+                        "skill (and no task); give at least one cluster or unique task")
+    pair = tuple(examples) if isinstance(examples, Iterable) and not isinstance(
+        examples, (str, bytes, Mapping)) else None
+    if pair is None or len(pair) != 2:
+        raise DataError(f"examples must be (min, max) examples per task, got {examples!r}")
+    lo = check_int(pair[0], "examples[0] (min)", 1)
+    hi = check_int(pair[1], "examples[1] (max)", 1)
+    if lo > hi:
+        raise DataError(f"examples must be (min, max) with min <= max, got {(lo, hi)}")
+    heldout_examples = check_int(heldout_examples, "heldout_examples", 1)
+    if not isinstance(split, SplitSpec):
+        raise DataError(f"split must be a SplitSpec, got {type(split).__name__}")
+    return sizes, n_unique, n_noise, (lo, hi), heldout_examples
+
+
 def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2, 2),
                     n_unique: int = 2, n_noise: int = 2, examples: tuple[int, int] = (150, 400),
                     heldout_examples: int = 100, split: SplitSpec = SplitSpec()) -> TaskPool:
@@ -174,20 +212,19 @@ def synthetic_suite(seed: int = 0, *, cluster_sizes: Sequence[int] = (4, 3, 3, 2
       task per skill used (`heldout_<skill>`: the skill's first instruction word with a separator
       no training task uses), labelled by skill.
 
+    Raises:
+      DataError (a ValueError): an argument of the wrong type or out of range, naming it; more
+        clusters and unique tasks than there are skills (10); no skill at all.
+
     Example:
       >>> pool = synthetic_suite(seed=0)
       >>> pool.cluster_labels["add_0"] == pool.cluster_labels["add_1"]
       True
     """
     seed = check_seed(seed)
+    cluster_sizes, n_unique, n_noise, (lo, hi), heldout_examples = _check_suite(
+        cluster_sizes, n_unique, n_noise, examples, heldout_examples, split)
     n_skills = len(cluster_sizes) + n_unique
-    if n_skills > len(SKILLS):
-        raise ValueError(f"{len(cluster_sizes)} clusters + {n_unique} unique tasks need "
-                         f"{n_skills} skills; there are {len(SKILLS)}")
-    if any(not 1 <= c <= 4 for c in cluster_sizes):
-        raise ValueError(f"cluster sizes must be in [1, 4] (4 prompt forms per skill); got "
-                         f"{tuple(cluster_sizes)}")
-    lo, hi = examples
     rng = np.random.default_rng(seed)
     skills = [str(s) for s in rng.permutation(list(SKILLS))[:n_skills]]
     sizes = list(cluster_sizes) + [1] * n_unique
