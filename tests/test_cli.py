@@ -164,3 +164,23 @@ def test_run_usage_names_only_config_as_required(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.rstrip().endswith("the following arguments are required: config")
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_run_prints_each_method_with_its_spread_or_one_seed(tmp_path, rng, capsys, monkeypatch,
+                                                              seeds):
+    from pathlib import Path
+
+    from taskpgm_jax.pipeline import run as run_module
+    from taskpgm_jax.pipeline.analysis import seed_summary
+
+    values = {m: rng.uniform(0.2, 0.9, seeds).tolist() for m in ("taskpgm_jsd", "uniform")}
+    results = {"metric": "exact_match",
+               "methods": {m: {**seed_summary(v), "seeds": v} for m, v in values.items()}}
+    monkeypatch.setattr(run_module, "run_pipeline", lambda *a, **k: results)
+    demo = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "demo.yaml"
+    assert main(["run", str(demo), "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    for m, v in values.items():
+        spread = "(1 seed)" if seeds == 1 else f"+- {np.std(v, ddof=1):.4f}"
+        assert f"  {m:18s} exact_match {np.mean(v):.4f} {spread}" in out
