@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from taskpgm_jax.config import (
     SCRATCH_SIZE,
     BaseModelConfig,
+    BigbenchData,
     ConfigError,
     DataConfig,
     check_source_data,
@@ -34,6 +35,7 @@ from taskpgm_jax.data import (
     synthetic_suite,
 )
 from taskpgm_jax.data.materialize import task_fingerprint
+from taskpgm_jax.data.sources.bigbench import TaskSelectionError
 from taskpgm_jax.models import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,7 +65,8 @@ def load_pools(cfg: DataConfig) -> Pools:
     """The training pool and the held-out suite described by `cfg`.
 
     Raises:
-      ConfigError: an empty pool, fewer than two tasks, or a held-out suite that overlaps it.
+      ConfigError: an empty pool, fewer than two tasks, or a held-out suite that overlaps it
+        (BIG-bench: a task named in both lists; task names or keywords that select nothing).
       DataError: from the sources (a bad file names the file and line).
     """
     check_source_data(cfg)
@@ -77,14 +80,7 @@ def load_pools(cfg: DataConfig) -> Pools:
                                heldout_examples=s.heldout_examples, split=split)
         heldout, clusters = pool.heldout, dict(pool.cluster_labels)
     elif cfg.source == "bigbench":
-        b = cfg.bigbench
-        kw = {"cache_dir": b.cache_dir, "archive": b.archive}
-        held_spec = b.heldout[0] if b.heldout == ("bbh",) else list(b.heldout)
-        heldout = load_bigbench(held_spec, split=eval_only, **kw)
-        pool = load_bigbench(list(b.tasks) if b.tasks else None, keywords=b.keywords,
-                             split=split, **kw)
-        keep = [n for n in sorted(pool.names) if n not in set(heldout.names)]
-        pool = pool.select(keep[:b.max_tasks] if b.max_tasks else keep)
+        pool, heldout = _bigbench_pools(cfg.bigbench, split, eval_only)
     elif cfg.source == "files":
         f = cfg.files
         kw = {"columns": dict(f.columns) or None, "kind": f.kind, "task_column": f.task_column}
@@ -118,6 +114,47 @@ def load_pools(cfg: DataConfig) -> Pools:
     held_prints = [(n, _task_print(heldout, n)) for n in heldout.names]
     key = config_hash(prints, held_prints, dataclasses.asdict(split), clusters)
     return Pools(pool, heldout, clusters, key)
+
+
+def _bigbench_pools(b: BigbenchData, split: SplitSpec, eval_only: SplitSpec) -> tuple[TaskPool, TaskPool]:
+    """The BIG-bench training pool and held-out suite. A suite (tasks null: every JSON task, or
+    [bbh]) loses its held-out tasks, as `data.bigbench.tasks` documents; a task named in both
+    lists is refused, since one of the two lists is not what the user meant."""
+    kw = {"cache_dir": b.cache_dir, "archive": b.archive}
+    for key, names in (("data.bigbench.heldout", b.heldout), ("data.bigbench.tasks", b.tasks)):
+        if names is not None and len(names) == 0:
+            fix = ("leave it out for the default [bbh]" if key.endswith("heldout")
+                   else "leave it out (null) for every JSON task not held out")
+            raise ConfigError(f"config key {key!r}: an empty list selects no task; {fix}")
+        if names is not None and "bbh" in names and len(names) > 1:
+            raise ConfigError(f"config key {key!r}: 'bbh' names the whole suite and must stand "
+                              f"alone, got {list(names)}; list the tasks by path to combine "
+                              "some of them with others")
+    try:
+        heldout = load_bigbench(list(b.heldout), split=eval_only, **kw)
+    except TaskSelectionError as e:
+        raise ConfigError(f"config key 'data.bigbench.heldout': {e}") from None
+    suite = b.tasks is None or tuple(b.tasks) == ("bbh",)
+    try:
+        pool = load_bigbench(None if b.tasks is None else list(b.tasks), keywords=b.keywords,
+                             split=split, **kw)
+    except TaskSelectionError as e:
+        keys = "'data.bigbench.tasks'" + (" / 'data.bigbench.keywords'" if b.keywords else "")
+        raise ConfigError(f"config key {keys}: {e}") from None
+    held = set(heldout.names)
+    if b.tasks is not None:
+        clash = ["bbh"] if "bbh" in b.tasks and "bbh" in b.heldout else []
+        for n in () if suite else b.tasks:  # a name, or a container standing for its sub-tasks
+            subs = [p for p in pool.names if p in held and (p == n or p.startswith(n + "/"))]
+            if subs:
+                clash.append(n if subs == [n] else f"{n} (its sub-tasks {', '.join(subs)})")
+        if clash:
+            one = len(clash) == 1
+            raise ConfigError(f"config key 'data.bigbench.tasks': {', '.join(clash)} "
+                              f"{'is' if one else 'are'} held out (data.bigbench.heldout); "
+                              f"remove {'it' if one else 'them'} from one of the two")
+    keep = [n for n in sorted(pool.names) if n not in held]
+    return pool.select(keep[:b.max_tasks] if b.max_tasks else keep), heldout
 
 
 def _task_print(pool: TaskPool, name: str) -> str:

@@ -284,3 +284,145 @@ def test_fetch_from_a_package_index(tmp_path, rng, capsys):
         assert "unknown dataset 'glue'" in capsys.readouterr().err
     finally:
         server.shutdown()
+
+
+def test_keywords_filter_a_suite_and_never_drop_a_named_task(tmp_path, rng):
+    """Keywords once dropped a task the caller named (["navigate", "word_sorting"] with "logic"
+    gave navigate alone): they filter "bbh" or every task; a named task without them is refused."""
+    tasks = _fixture_tasks(rng)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    leaves = [p for p, d in tasks.items() if d.get("examples")]
+    kw = str(rng.choice(["logic", "kw_mc", "kw_gen"]))
+    having = sorted(p for p in leaves if kw in tasks[p]["keywords"])
+    lacking = sorted(set(leaves) - set(having))
+    assert set(load_bigbench(None, archive=archive, keywords=[kw]).names) == set(having)
+    assert set(load_bigbench("bbh", archive=archive, keywords=[kw]).names) == set(having)
+    named = [str(p) for p in rng.permutation(having)]
+    assert load_bigbench(named, archive=archive, keywords=[kw]).names == tuple(named)
+    bad = str(rng.choice(lacking))
+    mixed = [str(p) for p in rng.permutation([*having[:1], bad])]
+    with pytest.raises(bb.TaskSelectionError,
+                       match=rf"named explicitly lack keywords \['{kw}'\]: {bad} .*drop these"):
+        load_bigbench(mixed, archive=archive, keywords=[kw])
+
+
+def test_task_lists_are_checked_before_they_are_read(tmp_path, rng):
+    """"bbh" inside a list was reported as an unknown task, an empty list as "no task matches
+    names=[]", and a non-string name as a TypeError from str.startswith."""
+    tasks = _fixture_tasks(rng)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    other = str(rng.choice(["navigate", "word_sorting", "causal_judgment"]))
+    with pytest.raises(bb.TaskSelectionError, match="'bbh' names the whole suite and must stand "
+                                                    "alone"):
+        load_bigbench([other, "bbh"][::int(rng.choice([1, -1]))], archive=archive)
+    with pytest.raises(bb.TaskSelectionError, match="names_or_suite is an empty list"):
+        load_bigbench([], archive=archive)
+    with pytest.raises(DataError, match=r"names_or_suite must be a list of strings; not: \[7\]"):
+        load_bigbench([other, 7], archive=archive)
+    # ["bbh"] alone is the suite, as "bbh" is.
+    assert load_bigbench(["bbh"], archive=archive).names == load_bigbench("bbh",
+                                                                          archive=archive).names
+
+
+@pytest.mark.parametrize("field", ["task_prefix", "example_input_prefix", "example_output_prefix",
+                                   "choice_prefix"])
+def test_a_null_prefix_names_the_task_and_field(rng, field):
+    """BIG-bench itself fails on a null prefix (str + None) and turns a null task_prefix into
+    the text "None"; here each names the task and field instead."""
+    task = _mc_task(rng, "t", int(rng.integers(2, 6)))
+    task[field] = None
+    with pytest.raises(DataError, match=rf"task 'x/y', field '{field}': must be a string, got "
+                                        r"null; leave the field out"):
+        bb.convert_task(task, "x/y", "bigbench:1.0.0/x/y")
+
+
+def test_damaged_archives_name_the_archive(tmp_path, rng):
+    """A cut-off archive raised a bare EOFError and a non-gzip one tarfile's "not a gzip file",
+    neither naming the archive nor a ValueError (which the CLI reports in one line)."""
+    tasks = _fixture_tasks(rng)
+    good = _build_archive(tmp_path / "good.tar.gz", tasks).read_bytes()
+    damaged = {"cut": good[:int(rng.integers(0, len(good) - 32))],
+               "noise": rng.bytes(int(rng.integers(1, 4096)))}
+    # Corrupt one byte of the compressed data: gzip's CRC-32 catches it while indexing. (Not the
+    # header's file name, ending in a NUL, nor the deflate stream's last byte: its padding bits.)
+    flipped = bytearray(good)
+    pos = int(rng.integers(good.index(b"\0", 10) + 1, len(good) - 9))
+    flipped[pos] ^= int(rng.integers(1, 256))
+    damaged["flip"] = bytes(flipped)
+    for kind, data in damaged.items():
+        (tmp_path / kind).mkdir()
+        archive = tmp_path / kind / "bigbench-1.0.0.tar.gz"
+        archive.write_bytes(data)
+        with pytest.raises(DataError) as err:
+            load_bigbench(None, archive=archive)
+        msg = str(err.value)
+        assert msg.startswith(f"{archive}: not a complete gzip archive"), (kind, pos, msg)
+        assert msg.endswith("delete it and run `taskpgm data fetch bigbench` "
+                            "(or fetch_bigbench())"), (kind, msg)
+        assert not (tmp_path / kind / "bigbench-1.0.0.tar.gz.index.json").exists()
+    # An archive that was indexed whole and then cut short is found out too.
+    archive = tmp_path / "bigbench-1.0.0.tar.gz"
+    archive.write_bytes(good)
+    assert load_bigbench("navigate", archive=archive).names == ("navigate",)
+    archive.write_bytes(good[:int(rng.integers(0, len(good) - 32))])
+    with pytest.raises(DataError, match="not a complete gzip archive"):
+        load_bigbench("navigate", archive=archive)
+
+
+def test_a_half_written_index_is_rebuilt(tmp_path, rng, monkeypatch):
+    """The index beside the archive was written in place: a run killed mid-write left half a
+    JSON file, and every later load failed with a bare JSONDecodeError."""
+    tasks = _fixture_tasks(rng)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    side = tmp_path / "bigbench-1.0.0.tar.gz.index.json"
+    names = ["navigate", "word_sorting"]
+    load_bigbench(names, archive=archive)
+    whole = side.read_text()
+    # Half a file from an older version, then the same loaded again: rebuilt, the same content.
+    side.write_text(whole[:int(rng.integers(1, len(whole) - 1))])
+    _check_fixture(load_bigbench(names, archive=archive), tasks)
+    assert json.loads(side.read_text())["tasks"] == json.loads(whole)["tasks"]
+
+    # A write interrupted half-way (Ctrl-C) leaves the previous index, not half of the new one.
+    from pathlib import Path
+
+    real_write = Path.write_text
+
+    def interrupted(self, text, *a, **k):
+        real_write(self, text[:len(text) // 2], *a, **k)
+        raise KeyboardInterrupt
+
+    side.write_text('{"stamp": "stale", "tasks": {}, "programmatic": []}')
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_bigbench(names, archive=archive)
+    monkeypatch.undo()
+    assert json.loads(side.read_text())["stamp"] == "stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name, side.name]
+    _check_fixture(load_bigbench(names, archive=archive), tasks)
+
+
+def test_fetch_replaces_a_damaged_archive_of_an_unpinned_version(tmp_path, rng):
+    """With no pinned hash to check a cached archive by, one that does not read is downloaded
+    again (it used to raise EOFError from the cache check)."""
+    served = tmp_path / "served"
+    (served / "simple" / "bigbench").mkdir(parents=True)
+    name = "bigbench-9.9.9.tar.gz"
+    _build_archive(served / name, _fixture_tasks(rng))
+    good = (served / name).read_bytes()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    listing = {"files": [{"filename": name, "url": f"{url}/{name}",
+                          "hashes": {"sha256": hashlib.sha256(good).hexdigest()}}]}
+    (served / "simple" / "bigbench" / "index.html").write_text(json.dumps(listing))
+    try:
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        (cache / name).write_bytes(good[:int(rng.integers(0, len(good) - 32))])
+        got = fetch_bigbench(cache, version="9.9.9", index_url=f"{url}/simple")
+        assert got.read_bytes() == good
+        assert load_bigbench("navigate", archive=got).names == ("navigate",)
+    finally:
+        server.shutdown()

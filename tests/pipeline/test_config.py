@@ -301,3 +301,90 @@ def test_load_pools_checks_a_data_config_built_in_code(tmp_path):
 
     with pytest.raises(ConfigError, match="config key 'data.files.heldout_path': source 'files'"):
         load_pools(DataConfig(source="files", files=FilesData(path=str(tmp_path))))
+
+
+def _bigbench_config_archive(tmp_path, rng):
+    """A fixture BIG-bench archive whose tasks are large enough for the default splits."""
+    from tests.data.test_bigbench import _build_archive, _gen_task, _mc_task
+
+    tasks = {n: _mc_task(rng, n, 60) for n in ("navigate", "snarks", "anachronisms",
+                                              "logical_deduction/three_objects",
+                                              "logical_deduction/five_objects")}
+    tasks.update({n: _gen_task(rng, n, 60) for n in ("word_sorting", "tense")})
+    tasks["logical_deduction"] = {"name": "logical_deduction", "keywords": ["logic"]}
+    return _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks), tasks
+
+
+def test_bigbench_a_task_named_in_both_lists_is_refused(tmp_path, rng):
+    """A training task that was also held out was dropped from the pool without a word, so the
+    overlap check never fired for BIG-bench. Named in both lists it is refused; a suite (tasks
+    left out: every JSON task) still leaves out what is held out, as documented."""
+    from taskpgm_jax.config import BigbenchData, DataConfig
+    from taskpgm_jax.pipeline.inputs import load_pools
+
+    archive, tasks = _bigbench_config_archive(tmp_path, rng)
+    leaves = sorted(p for p, d in tasks.items() if d.get("examples"))
+    plain = [p for p in leaves if "/" not in p]
+
+    def pools(**kw):
+        return load_pools(DataConfig(source="bigbench",
+                                     bigbench=BigbenchData(archive=str(archive), **kw)))
+
+    named = [str(p) for p in rng.choice(plain, size=int(rng.integers(3, len(plain) + 1)),
+                                        replace=False)]
+    both = str(rng.choice(named))
+    rest = [p for p in plain if p not in named]
+    held = [both, *rest[:int(rng.integers(0, len(rest) + 1))]]
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config key 'data.bigbench.tasks': {both} is held out (data.bigbench.heldout); "
+            "remove it from one of the two")):
+        pools(tasks=tuple(named), heldout=tuple(held))
+    # A container stands for all its sub-tasks: holding out one of them is an overlap too.
+    sub = str(rng.choice(["logical_deduction/three_objects", "logical_deduction/five_objects"]))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"'data.bigbench.tasks': logical_deduction (its sub-tasks {sub}) is held out")):
+        pools(tasks=("logical_deduction", *rest[:1], named[0]), heldout=(sub,))
+    with pytest.raises(ConfigError, match=re.escape("'data.bigbench.tasks': bbh is held out")):
+        pools(tasks=("bbh",), heldout=("bbh",))
+    # Every JSON task, less the held-out ones (sorted by name).
+    got = pools(heldout=tuple(held))
+    assert got.train.names == tuple(sorted(set(leaves) - set(held)))
+    assert set(got.heldout.names) == set(held)
+    # Disjoint lists load as given.
+    disjoint = pools(tasks=tuple(n for n in named if n != both), heldout=(both,))
+    assert set(disjoint.train.names) == set(named) - {both}
+
+
+def test_bigbench_task_lists_name_their_config_key(tmp_path, rng):
+    """An empty or mixed-with-bbh held-out list, an unknown name, or a named task without the
+    configured keywords: each error names its config key (they used to name none, or say
+    "task 'bbh': no such BIG-bench JSON task", or drop the task)."""
+    from taskpgm_jax.config import BigbenchData, DataConfig
+    from taskpgm_jax.pipeline.inputs import load_pools
+
+    archive, _ = _bigbench_config_archive(tmp_path, rng)
+
+    def pools(**kw):
+        return load_pools(DataConfig(source="bigbench",
+                                     bigbench=BigbenchData(archive=str(archive), **kw)))
+
+    with pytest.raises(ConfigError, match=r"config key 'data.bigbench.heldout': an empty list "
+                                          r"selects no task; leave it out for the default"):
+        pools(heldout=())
+    other = str(rng.choice(["word_sorting", "tense", "anachronisms"]))
+    mixed = ["bbh", other][::int(rng.choice([1, -1]))]
+    with pytest.raises(ConfigError, match=r"config key 'data.bigbench.heldout': 'bbh' names the "
+                                          r"whole suite and must stand alone"):
+        pools(heldout=tuple(mixed))
+    with pytest.raises(ConfigError, match=r"config key 'data.bigbench.tasks': 'bbh' names the "
+                                          r"whole suite"):
+        pools(tasks=tuple(mixed), heldout=("snarks",))
+    unknown = f"no_such_{rng.integers(1000)}"
+    with pytest.raises(ConfigError, match=rf"config key 'data.bigbench.heldout': .*task "
+                                          rf"'{unknown}': no such BIG-bench JSON task"):
+        pools(heldout=(unknown,))
+    gen = str(rng.choice(["word_sorting", "tense"]))  # no "kw_mc" keyword
+    with pytest.raises(ConfigError, match=rf"config key 'data.bigbench.tasks' / "
+                                          rf"'data.bigbench.keywords': .*lack keywords "
+                                          rf"\['kw_mc'\]: {gen} "):
+        pools(tasks=("navigate", gen, "anachronisms"), keywords=("kw_mc",), heldout=("snarks",))

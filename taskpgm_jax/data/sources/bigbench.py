@@ -30,21 +30,45 @@ import os
 import sys
 import tarfile
 import urllib.request
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from taskpgm_jax.data.tasks import SplitSpec, Task, TaskPool, check_names, data_error, make_task
+from taskpgm_jax.data.tasks import (
+    DataError,
+    SplitSpec,
+    Task,
+    TaskPool,
+    check_names,
+    data_error,
+    make_task,
+)
 
 __all__ = [
-    "BBH_MISSING", "BBH_SOURCES", "BIGBENCH_SHA256", "BIGBENCH_VERSION", "archive_index",
-    "bbh_names", "convert_task", "default_cache_dir", "fetch_bigbench", "load_bigbench", "main",
+    "BBH_MISSING", "BBH_SOURCES", "BIGBENCH_SHA256", "BIGBENCH_VERSION", "TaskSelectionError",
+    "archive_index", "bbh_names", "convert_task", "default_cache_dir", "fetch_bigbench",
+    "load_bigbench", "main",
 ]
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 _TASKS_DIR = "bigbench/benchmark_tasks/"
 _INDEX_FORMAT = 1
+_SUITE = "bbh"
+# What a damaged .tar.gz raises while it is read: a cut-off stream (EOFError), bytes that are not
+# gzip (tarfile.ReadError), a bad CRC or length (BadGzipFile), corrupt deflate data (zlib.error).
+_DAMAGED = (EOFError, tarfile.TarError, gzip.BadGzipFile, zlib.error)
+
+
+class TaskSelectionError(DataError):
+    """Task names or keywords that select no task or the wrong ones (not a malformed task file):
+    `load_pools` re-raises it as a `ConfigError` naming the config key."""
+
+
+def _damaged(archive: Path, e: BaseException) -> DataError:
+    return DataError(f"{archive}: not a complete gzip archive ({type(e).__name__}: {e}); delete "
+                     "it and run `taskpgm data fetch bigbench` (or fetch_bigbench())")
 
 # BIG-Bench Hard task -> its BIG-bench source task.
 BBH_SOURCES: dict[str, str] = {
@@ -132,10 +156,14 @@ def fetch_bigbench(cache_dir: str | os.PathLike | None = None, *, version: str =
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / _archive_name(version)
     pinned = BIGBENCH_SHA256 if version == BIGBENCH_VERSION else None
-    if target.exists() and not force:
-        if pinned is None or target.stat().st_size and _sha256(target) == pinned:
+    if target.exists() and not force and (
+            pinned is None or target.stat().st_size and _sha256(target) == pinned):
+        try:
             archive_index(target)
             return target
+        except DataError:  # no pinned hash to check it by and it does not read: fetch again
+            if pinned is not None:
+                raise
     index_url = index_url or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
     tmp = target.with_suffix(".part")
     try:
@@ -163,6 +191,10 @@ def _members(archive: Path) -> Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]]
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar:
             yield tar, m
+        # The tar ends before the gzip stream does: reading the rest (padding, cheap) makes gzip
+        # check its CRC-32 and length, so a cut-off or corrupted archive is never indexed.
+        while tar.fileobj.read(1 << 20):
+            pass
 
 
 def _task_path(member_name: str) -> str | None:
@@ -180,6 +212,11 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
       {"tasks": {path: {"offset", "size", "name", "keywords", "description", "examples"}},
        "programmatic": [paths with a task.py and no task.json]}. Paths are "navigate" or
       "logical_deduction/three_objects"; a container task (sub-tasks only) has examples 0.
+
+    Raises:
+      FileNotFoundError: no archive (the message says how to fetch it).
+      DataError: a cut-off or corrupted archive (checked against gzip's CRC-32 while indexing;
+        the message says to delete it and fetch again), or an unreadable task.json.
     """
     archive = Path(archive)
     if not archive.exists():
@@ -194,38 +231,79 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
         f.seek(max(stat.st_size - 8, 0))
         trailer = f.read(8).hex()
     stamp = [_INDEX_FORMAT, stat.st_size, stat.st_mtime_ns, trailer]
-    if side.exists():
-        index = json.loads(side.read_text())
-        if index.get("stamp") == stamp:
-            return index
-    tasks, code = {}, set()
-    for tar, m in _members(archive):
-        _, _, rest = m.name.partition("/")
-        if rest.startswith(_TASKS_DIR) and rest.endswith("/task.py"):
-            code.add(rest[len(_TASKS_DIR):-len("/task.py")])
-        path = _task_path(m.name)
-        if path is None or not m.isfile():
-            continue
-        data = json.loads(tar.extractfile(m).read())
-        tasks[path] = {"offset": m.offset_data, "size": m.size, "name": data.get("name", path),
-                       "keywords": list(data.get("keywords", [])),
-                       "description": data.get("description", ""),
-                       "examples": len(data.get("examples", []))}
-    index = {"stamp": stamp, "tasks": tasks, "programmatic": sorted(code - set(tasks))}
+    index = _read_index(side)
+    if index is not None and index.get("stamp") == stamp:
+        return index
+    tasks, code, unreadable = {}, set(), None
     try:
-        side.write_text(json.dumps(index))
+        for tar, m in _members(archive):
+            _, _, rest = m.name.partition("/")
+            if rest.startswith(_TASKS_DIR) and rest.endswith("/task.py"):
+                code.add(rest[len(_TASKS_DIR):-len("/task.py")])
+            path = _task_path(m.name)
+            if path is None or not m.isfile():
+                continue
+            try:
+                data = json.loads(tar.extractfile(m).read())
+                if not isinstance(data, dict):
+                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            except (ValueError, TypeError) as e:  # ValueError: JSON or UTF-8 decoding
+                # Raised once the whole stream has passed gzip's check: a corrupted archive
+                # then says so rather than blame one of its members.
+                unreadable = unreadable or data_error(f"unreadable task.json ({e})", task=path,
+                                                      source=f"{archive}:{m.name}")
+                continue
+            tasks[path] = {"offset": m.offset_data, "size": m.size,
+                           "name": data.get("name", path),
+                           "keywords": list(data.get("keywords", [])),
+                           "description": data.get("description", ""),
+                           "examples": len(data.get("examples", []))}
+    except _DAMAGED as e:
+        raise _damaged(archive, e) from e
+    if unreadable is not None:
+        raise unreadable
+    index = {"stamp": stamp, "tasks": tasks, "programmatic": sorted(code - set(tasks))}
+    _write_index(side, index)
+    return index
+
+
+def _read_index(side: Path) -> dict[str, Any] | None:
+    """The cached index, or None when there is none or it does not read (written by a run that
+    was killed before the atomic write existed, or edited by hand): it is then rebuilt."""
+    try:
+        index = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(index, dict) and isinstance(index.get("tasks"), dict) \
+        and isinstance(index.get("programmatic"), list)
+    return index if ok else None
+
+
+def _write_index(side: Path, index: dict[str, Any]) -> None:
+    # A temporary file renamed into place: a run killed mid-write leaves the old index or none,
+    # never half of one.
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, side)
     except OSError:  # a read-only cache still works, it just re-indexes next time
         pass
-    return index
+    finally:  # nothing left behind by a failed or interrupted write
+        tmp.unlink(missing_ok=True)
 
 
 def _read_members(archive: Path, entries: dict[str, dict]) -> dict[str, bytes]:
     """Reads several members in one forward pass (gzip cannot seek backwards cheaply)."""
     out = {}
-    with gzip.open(archive, "rb") as f:
-        for path, e in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
-            f.seek(e["offset"])
-            out[path] = f.read(e["size"])
+    try:
+        with gzip.open(archive, "rb") as f:
+            for path, e in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
+                f.seek(e["offset"])
+                out[path] = f.read(e["size"])
+                if len(out[path]) != e["size"]:
+                    raise EOFError(f"the stream ends inside {_TASKS_DIR}{path}/task.json")
+    except _DAMAGED as e:
+        raise _damaged(archive, e) from e
     return out
 
 
@@ -234,6 +312,12 @@ def _prompt(example: dict, fmt: dict, choices: Sequence[str] | None) -> str:
     if choices is not None and fmt["append_choices"]:
         text = text + fmt["choice_prefix"] + fmt["choice_prefix"].join(choices)
     return fmt["task_prefix"] + fmt["input_prefix"] + text + fmt["output_prefix"]
+
+
+# (key in the format, task.json field, BIG-bench's default)
+_PREFIXES = (("task_prefix", "task_prefix", ""), ("input_prefix", "example_input_prefix", "\nQ: "),
+             ("output_prefix", "example_output_prefix", "\nA: "),
+             ("choice_prefix", "choice_prefix", "\n  choice: "))
 
 
 def convert_task(data: dict, path: str, source: str) -> Task:
@@ -249,17 +333,23 @@ def convert_task(data: dict, path: str, source: str) -> Task:
       `target_scores`), else a generative one.
 
     Raises:
-      DataError: no examples, an example without input/target/target_scores, or no correct choice.
+      DataError: no examples, an example without input/target/target_scores, no correct choice,
+        or a prefix field that is not a string.
     """
     examples = data.get("examples") or []
     if not examples:
         raise data_error("no examples (a container of sub-tasks? name one, e.g. "
                          f"'{path}/<subtask>')", task=path, source=source, field="examples")
-    fmt = {"task_prefix": str(data.get("task_prefix", "")),
-           "input_prefix": data.get("example_input_prefix", "\nQ: "),
-           "output_prefix": data.get("example_output_prefix", "\nA: "),
-           "choice_prefix": data.get("choice_prefix", "\n  choice: "),
-           "append_choices": data.get("append_choices_to_input", True)}
+    fmt = {"append_choices": data.get("append_choices_to_input", True)}
+    for key, field, default in _PREFIXES:
+        value = data.get(field, default)
+        # BIG-bench itself fails on a null prefix (and prints "None" for a null task_prefix);
+        # no task in 1.0.0 has a non-string one, so one here is an edited file.
+        if not isinstance(value, str):
+            raise data_error(f"must be a string, got {json.dumps(value)}; leave the field out "
+                             f"for BIG-bench's default {default!r}", task=path, source=source,
+                             field=field)
+        fmt[key] = value
     preferred = data.get("preferred_score", "")
     all_scores = all("target_scores" in ex for ex in examples)
     all_targets = all("target" in ex for ex in examples)
@@ -313,29 +403,51 @@ def bbh_names(index: dict[str, Any]) -> tuple[list[str], list[str]]:
     return present, missing
 
 
-def _resolve(index: dict[str, Any], names: Sequence[str] | None,
+def _resolve(index: dict[str, Any], names: Sequence[str] | None, suite: bool,
              keywords: Sequence[str] | None, archive: Path) -> list[str]:
+    """The task paths `names` select (None: every JSON task). Keywords filter a suite (`suite`
+    or None); a task named explicitly, alone or as a container's sub-tasks, is never dropped by
+    them: one that lacks a keyword is refused."""
     tasks = index["tasks"]
     leaves = [p for p, e in tasks.items() if e["examples"]]
+    want = set(keywords or ())
+
+    def lacking(p):
+        return not want <= set(tasks[p]["keywords"])
+
     if names is None:
-        chosen = sorted(leaves)
-    else:
-        chosen = []
-        for n in names:
-            subs = sorted(p for p in leaves if p.startswith(n + "/"))
-            if n in tasks and tasks[n]["examples"]:
-                chosen.append(n)
-            elif subs:  # a container: all of its sub-tasks
-                chosen.extend(subs)
-            elif n in index["programmatic"]:
-                raise data_error("a programmatic BIG-bench task (examples generated by task.py); "
-                                 "it has no JSON to read", task=n, source=str(archive))
-            else:
-                raise data_error("no such BIG-bench JSON task", task=n, source=str(archive))
-    if keywords:
-        want = set(keywords)
-        chosen = [p for p in chosen if want <= set(tasks[p]["keywords"])]
-    return list(dict.fromkeys(chosen))
+        return [p for p in sorted(leaves) if not lacking(p)]
+    chosen = []
+    for n in names:
+        subs = sorted(p for p in leaves if p.startswith(n + "/"))
+        if n in tasks and tasks[n]["examples"]:
+            chosen.append(n)
+        elif subs:  # a container: all of its sub-tasks
+            chosen.extend(subs)
+        elif n in index["programmatic"]:
+            raise TaskSelectionError(_where_task(
+                "a programmatic BIG-bench task (examples generated by task.py); it has no JSON "
+                "to read", n, archive))
+        elif n == _SUITE:
+            raise TaskSelectionError(f"{n!r} names the whole suite and must stand alone; list "
+                                     "the tasks by path to combine some of them with others")
+        else:
+            raise TaskSelectionError(_where_task("no such BIG-bench JSON task", n, archive))
+    chosen = list(dict.fromkeys(chosen))
+    if suite:
+        return [p for p in chosen if not lacking(p)]
+    bad = [p for p in chosen if lacking(p)]
+    if bad:
+        shown = ", ".join(f"{p} {tasks[p]['keywords']}" for p in bad[:5])
+        raise TaskSelectionError(
+            f"tasks named explicitly lack keywords {sorted(want)}: {shown}"
+            f"{' ...' if len(bad) > 5 else ''}. Keywords filter only a suite ('{_SUITE}' or "
+            "every task); drop these tasks or the keywords")
+    return chosen
+
+
+def _where_task(message: str, task: str | None, archive: Path) -> str:
+    return str(data_error(message, task=task, source=str(archive)))
 
 
 def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
@@ -348,8 +460,10 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
       names_or_suite: "bbh" (the BIG-Bench Hard sources that exist as JSON; see `BBH_MISSING`),
         a task path ("navigate", "logical_deduction/three_objects"; a container such as
         "logical_deduction" means all its sub-tasks), a list of them, or None for every JSON task.
+        "bbh" must stand alone (["bbh"] is the suite too).
       cache_dir: where `fetch_bigbench` put the archive (default `default_cache_dir()`).
-      keywords: keep only tasks carrying all these BIG-bench keywords.
+      keywords: keep only tasks carrying all these BIG-bench keywords. They filter a suite
+        ("bbh" or None); a task named explicitly that lacks one is refused, not dropped.
       archive: an explicit archive path (overrides `cache_dir`).
       split: split fractions and seed.
 
@@ -358,27 +472,38 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
 
     Raises:
       FileNotFoundError: the archive is not in the cache (the message says how to fetch it).
-      DataError: an unknown or programmatic task, or a malformed task file.
+      TaskSelectionError (a DataError): an unknown or programmatic task, "bbh" among other
+        names, an empty list, a named task without the keywords, or nothing left to load.
+      DataError: a damaged archive (the message says to delete it and fetch again), or a
+        malformed task file.
 
     Example:
       >>> pool = load_bigbench(["navigate", "logical_deduction/three_objects"])
     """
     if keywords is not None:
         keywords = check_names(keywords, "keywords")
+    if names_or_suite is None or isinstance(names_or_suite, str):
+        given = names_or_suite
+    else:
+        given = list(check_names(names_or_suite, "names_or_suite"))
+        if not given:
+            raise TaskSelectionError("names_or_suite is an empty list, which selects no task; "
+                                     f"name tasks, '{_SUITE}', or None for every JSON task")
+        if given == [_SUITE]:
+            given = _SUITE
     archive = (Path(archive) if archive is not None
                else (Path(cache_dir) if cache_dir is not None else default_cache_dir())
                / _archive_name(BIGBENCH_VERSION))
     index = archive_index(archive)
-    if names_or_suite == "bbh":
+    if given == _SUITE:
         names = bbh_names(index)[0]
-    elif isinstance(names_or_suite, str):
-        names = [names_or_suite]
     else:
-        names = None if names_or_suite is None else list(names_or_suite)
-    paths = _resolve(index, names, keywords, archive)
+        names = [given] if isinstance(given, str) else given
+    paths = _resolve(index, names, given is None or given == _SUITE, keywords, archive)
     if not paths:
-        raise data_error(f"no BIG-bench task matches names={names_or_suite!r}, "
-                         f"keywords={keywords!r}", source=str(archive))
+        raise TaskSelectionError(_where_task(
+            f"no BIG-bench task matches names={names_or_suite!r}, keywords={keywords!r}", None,
+            archive))
     raw = _read_members(archive, {p: index["tasks"][p] for p in paths})
     version = archive.name.removeprefix("bigbench-").removesuffix(".tar.gz")
     tasks = []
@@ -386,7 +511,9 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
         where = f"{archive}:{_TASKS_DIR}{p}/task.json"
         try:
             data = json.loads(raw[p].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        except (ValueError, TypeError) as e:  # ValueError: JSON or UTF-8 decoding
             raise data_error(f"unreadable task.json ({e})", task=p, source=where) from None
         tasks.append(convert_task(data, p, f"bigbench:{version}/{p}"))
     return TaskPool(tasks, split)
