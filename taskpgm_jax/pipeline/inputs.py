@@ -36,6 +36,7 @@ from taskpgm_jax.data import (
 )
 from taskpgm_jax.data.materialize import task_fingerprint
 from taskpgm_jax.data.sources.bigbench import TaskSelectionError
+from taskpgm_jax.eval.evaluate import EVAL_METRICS
 from taskpgm_jax.models import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -59,6 +60,10 @@ def cap_examples(pool: TaskPool, limit: int | None, heldout: TaskPool | None = N
     tasks = [dataclasses.replace(t, examples=t.examples.select(range(min(limit, len(t)))))
              for t in pool.tasks]
     return TaskPool(tasks, pool.split_spec, cluster_labels=pool.cluster_labels, heldout=heldout)
+
+
+_HELDOUT_KEYS = {"synthetic": "data.synthetic", "bigbench": "data.bigbench.heldout",
+                 "files": "data.files.heldout_path", "hub": "data.hub.heldout"}
 
 
 def load_pools(cfg: DataConfig) -> Pools:
@@ -97,6 +102,15 @@ def load_pools(cfg: DataConfig) -> Pools:
                           "list, keywords or paths)")
     if len(heldout) == 0:
         raise ConfigError(f"config key 'data.source' ({cfg.source}): the held-out suite is empty")
+    # Checked here, not when the eval stage reaches them after all the training.
+    unscored = [f"{n} ({heldout[n].kind}, metric {heldout[n].metric!r})" for n in heldout.names
+                if heldout[n].metric not in EVAL_METRICS.get(heldout[n].kind, ())]
+    if unscored:
+        raise ConfigError(
+            f"config key {_HELDOUT_KEYS[cfg.source]!r}: held-out task(s) with a metric the "
+            f"evaluation does not compute: {', '.join(unscored[:5])}"
+            f"{' ...' if len(unscored) > 5 else ''}; it computes {dict(EVAL_METRICS)}: drop them "
+            "from the held-out suite")
     overlap = sorted(set(pool.names) & set(heldout.names))
     if overlap:
         raise ConfigError(f"data: held-out tasks also in the training pool: {overlap[:5]}; "

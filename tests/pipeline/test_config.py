@@ -388,3 +388,27 @@ def test_bigbench_task_lists_name_their_config_key(tmp_path, rng):
                                           rf"'data.bigbench.keywords': .*lack keywords "
                                           rf"\['kw_mc'\]: {gen} "):
         pools(tasks=("navigate", gen, "anachronisms"), keywords=("kw_mc",), heldout=("snarks",))
+
+
+def test_heldout_tasks_with_a_metric_evaluate_cannot_compute_are_refused_at_load(tmp_path, rng):
+    """A held-out BIG-bench task preferring bleu (say) would only fail in the eval stage, after
+    all the training: load_pools refuses it, naming the config key and the task."""
+    from taskpgm_jax.config import BigbenchData, DataConfig
+    from taskpgm_jax.pipeline.inputs import load_pools
+    from tests.data.test_bigbench import _build_archive, _gen_task, _mc_task
+
+    tasks = {n: _mc_task(rng, n, 60) for n in ("navigate", "snarks", "anachronisms")}
+    metric = str(rng.choice(["bleu", "rouge", "log_likelihood"]))
+    tasks["tense"] = _gen_task(rng, "tense", 60, preferred_score=metric)
+    tasks["word_sorting"] = _gen_task(rng, "word_sorting", 60)  # exact_str_match: computed
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+
+    def pools(heldout):
+        return load_pools(DataConfig(source="bigbench", bigbench=BigbenchData(
+            archive=str(archive), tasks=("navigate", "snarks", "anachronisms"), heldout=heldout)))
+
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config key 'data.bigbench.heldout': held-out task(s) with a metric the evaluation "
+            f"does not compute: tense (generate, metric '{metric}')")):
+        pools(("word_sorting", "tense"))
+    assert pools(("word_sorting",)).heldout.names == ("word_sorting",)
