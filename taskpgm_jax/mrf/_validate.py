@@ -38,11 +38,15 @@ def eager_when_concrete(fn):
 
 
 def float_dtype(x):
-    """The float dtype a computation on `x` runs in: x's own float dtype when JAX can hold it
-    (float64 only under `jax.enable_x64`), float32 otherwise."""
+    """The float dtype a computation on `x` runs in: float64 for float64 input under
+    `jax.enable_x64`, float32 otherwise. bfloat16 / float16 inputs are upcast: their 8-11
+    mantissa bits cannot meet the solvers' 1e-6 tolerances (a bf16 solve's weights summed to
+    1.001 and lay 0.03 off), and closed_form's Cholesky has no bf16 kernel."""
     dtype = getattr(x, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-        return jnp.asarray(np.zeros((), dtype)).dtype
+        dtype = jnp.asarray(np.zeros((), dtype)).dtype
+        if dtype.itemsize >= 4:
+            return dtype
     return jnp.zeros((), jnp.float32).dtype
 
 
@@ -101,39 +105,81 @@ def check_vector(x, name: str, size: int, *, dtype) -> jax.Array:
     return x
 
 
+CONCRETE_HINT = {
+    "beta": " To sweep beta / lam use solve_path(pot, ratios), or jax.vmap a function of beta "
+            "that calls solve(pot._replace(beta=beta)).",
+}
+CONCRETE_HINT["lam"] = CONCRETE_HINT["beta"]
+
+
+def _real_scalar(value, name: str, what: str) -> float:
+    """A Python float from a real number: Python, NumPy or 0-d JAX. Strings are refused (float()
+    would parse "1" here while arrays refuse it elsewhere), and so are bools (True would pass as
+    1) and complex numbers and arrays of other shapes."""
+    if is_traced(value):
+        raise ValueError(f"{name}: needs a concrete number, got a traced value (inside jit, vmap "
+                         f"or grad); pass it from outside the transformed function."
+                         f"{CONCRETE_HINT.get(name, '')}")
+    bad = isinstance(value, (str, bytes, bool, np.bool_))
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not bad:
+        bad = (np.ndim(value) != 0 or not (jnp.issubdtype(dtype, jnp.floating)
+                                           or jnp.issubdtype(dtype, jnp.integer)))
+    if not bad:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{name}: expected {what}, got {value!r}.")
+
+
 def check_positive(value, name: str) -> float:
-    """A positive finite Python float (beta, lam, tau, temperature, ...); bools are refused
-    (True would pass as 1)."""
-    try:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a positive number, got {value!r}.") from None
+    """A positive finite Python float (beta, lam, tau, temperature, ...)."""
+    v = _real_scalar(value, name, "a positive number")
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"{name}: must be positive and finite, got {value!r}.")
     return v
 
 
 def check_nonnegative(value, name: str) -> float:
-    try:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a non-negative number, got {value!r}.") from None
+    v = _real_scalar(value, name, "a non-negative number")
     if not np.isfinite(v) or v < 0:
         raise ValueError(f"{name}: must be >= 0 and finite, got {value!r}.")
     return v
 
 
 def checked_potentials(pot):
-    """`pot` (a `Potentials`) in one consistent dtype; raises naming `pot` for anything else."""
+    """`pot` (a `Potentials`) in one consistent dtype; raises naming `pot` for anything else.
+
+    A NamedTuple can be edited with `_replace`, so the shapes and signs are checked here, where
+    every consumer passes: a unary of the wrong length would otherwise be padded with zeros or
+    truncated by the solvers without a word.
+    """
     from taskpgm_jax.mrf.energy import Potentials
 
     if not isinstance(pot, Potentials):
         raise ValueError(f"pot: expected Potentials from taskpgm_jax.mrf.potentials(...), got "
                          f"{type(pot).__name__}.")
+    build = "build it with taskpgm_jax.mrf.potentials(...) (or with_ratio) instead of editing it"
+    for field in ("matrix", "unary"):
+        if not hasattr(getattr(pot, field), "shape"):
+            raise ValueError(f"pot: .{field} is {type(getattr(pot, field)).__name__}, not an "
+                             f"array; {build}.")
+    shape, ushape = tuple(pot.matrix.shape), tuple(pot.unary.shape)
+    if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+        raise ValueError(f"pot: .matrix must be a square [T, T] matrix with T >= 1, got shape "
+                         f"{shape}; {build}.")
+    if ushape != (shape[0],):
+        raise ValueError(f"pot: .unary has shape {ushape} but .matrix is {shape} (one unary per "
+                         f"task: ({shape[0]},)); {build}.")
+    for field in ("beta", "lam"):
+        value = getattr(pot, field)
+        if is_traced(value):
+            continue  # vmapped over beta (pot._replace(beta=...) under jax.vmap): caller's values
+        try:
+            check_positive(value, field)
+        except ValueError as e:
+            raise ValueError(f"pot: .{str(e).rstrip('.')}; {build}.") from None
     return consistent_potentials(pot)
 
 

@@ -20,6 +20,7 @@ from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_nonne
 LN2 = math.log(2.0)
 DEFAULT_RELATIVE_RIDGE = 1e-5
 SYMMETRY_TOL = 1e-5
+SPECTRA = ("auto", "dense", "lanczos")
 
 
 @eager_when_concrete
@@ -35,7 +36,8 @@ def affinity_from_jsd(divergence, kind: str = "linear", tau: float | None = None
       tau: the RBF temperature in nats; only for kind="rbf".
 
     Returns:
-      [T, T] affinity in the input's float dtype.
+      [T, T] affinity: float64 for float64 input under x64, float32 otherwise (bfloat16 and
+      float16 inputs are upcast).
 
     Example:
       >>> S = affinity_from_jsd(pairwise_jsd(logprobs))            # 1 on the diagonal
@@ -137,6 +139,8 @@ def psd_repair(affinity, ridge: float | None = None, *, spectrum: str = "auto") 
       >>> rep = psd_repair(S)                  # S indefinite (e.g. PMI)
       >>> rep.shift, rep.eig_min               # shift = -eig_min + ridge
     """
+    if spectrum not in SPECTRA:  # checked here: the eigenvalue helper calls it `method`
+        raise ValueError(f"spectrum: expected one of {SPECTRA}, got {spectrum!r}.")
     S = symmetric_part(affinity)
     if is_traced(S):
         raise ValueError("affinity: psd_repair reads the spectrum of S, so it runs outside jit; "

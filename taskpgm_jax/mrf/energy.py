@@ -22,7 +22,8 @@ from taskpgm_jax.mrf.affinity import psd_repair
 class Potentials(NamedTuple):
     """Everything the solvers and the selection need; build it with `potentials(...)`.
 
-    matrix:  [T, T] float32 (float64 under x64), S~ = sym(S) + shift * I, positive definite.
+    matrix:  [T, T] float32 (float64 for float64 input under x64; bfloat16 / float16 input is
+             upcast to float32), S~ = sym(S) + shift * I, positive definite.
     unary:   [T] same dtype, u.
     beta, lam: positive floats, weights of the unary and the pairwise term.
     shift, ridge: the PSD repair applied (shift = max(0, -eig_min) + ridge).

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import json
-import math
 import numbers
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from taskpgm_jax.mrf._validate import real_numpy
+from taskpgm_jax.mrf._validate import check_positive, real_numpy
 
 UNITS = ("examples", "tokens")
 
@@ -70,7 +70,7 @@ class Mixture:
 
     def __post_init__(self):
         names = tuple(str(n) for n in _names(self.names))
-        w = np.asarray(self.weights, np.float64).reshape(-1)
+        w = _weights_for(names, self.weights, "weights").reshape(-1)
         if len(names) != w.size:
             raise ValueError(f"weights: {w.size} weights for {len(names)} names; give one weight "
                              "per task.")
@@ -101,7 +101,15 @@ class Mixture:
     def from_solution(cls, names: Sequence[str], solution, *, unit: str = "examples",
                       **provenance) -> "Mixture":
         """From a `solve` result; its method, energy and KKT residual go into provenance."""
-        w = np.asarray(solution.weights, np.float64)
+        fields = ("weights", "method", "energy", "kkt_residual", "iterations")
+        if not all(hasattr(solution, f) for f in fields) or np.ndim(solution.weights) != 1:
+            hint = ("for one ratio of a SolutionPath pass Mixture(names, path.weights[i]); "
+                    if hasattr(solution, "ratios") else "")
+            raise ValueError(f"solution: expected a Solution from solve(pot), got "
+                             f"{type(solution).__name__}; {hint}for plain weights use "
+                             "Mixture(names, weights), for a Selection a mixture over "
+                             "sel.indices (e.g. uniform_mixture of those names).")
+        w = real_numpy(solution.weights, "solution.weights")
         info = {"method": solution.method, "energy": float(solution.energy),
                 "kkt_residual": float(solution.kkt_residual),
                 "iterations": int(solution.iterations)}
@@ -115,7 +123,7 @@ class Mixture:
             raise ValueError(f"counts: expected a mapping {{name: count}}, got "
                              f"{type(counts).__name__}.")
         names = tuple(counts)
-        c = np.asarray([counts[n] for n in names], np.float64)
+        c = real_numpy([counts[n] for n in names], "counts")
         if c.size == 0 or not np.all(np.isfinite(c)) or np.any(c < 0) or c.sum() <= 0:
             raise ValueError("counts: expected finite non-negative numbers, not all zero.")
         return cls(names, tuple(c / c.sum()), unit, provenance)
@@ -143,6 +151,9 @@ class Mixture:
     def from_json(cls, text: str) -> "Mixture":
         d = _load_json(text, "text", "a JSON object with 'names' and 'weights'")
         _require(d, ("names", "weights"), "text", "the output of Mixture.to_json()")
+        if not isinstance(d["weights"], list):
+            raise ValueError(f"weights: expected a JSON list of numbers, one per name (as "
+                             f"Mixture.to_json() writes), got {d['weights']!r}.")
         return cls(_names(d["names"]), tuple(d["weights"]), d.get("unit", "examples"),
                    d.get("provenance", {}))
 
@@ -177,16 +188,30 @@ class Mixture:
         return cls.from_counts(config["train_weights"], **kw)
 
     def to_maxtext(self, paths: Mapping[str, str]) -> str:
-        """MaxText / Grain `grain_train_mixture_config_path` JSON: {name: {path, weight}}."""
+        """MaxText / Grain `grain_train_mixture_config_path` JSON: {name: {path, weight}}.
+
+        paths: {name: path} (str or os.PathLike); entries for other tasks are not used."""
+        if not isinstance(paths, Mapping):
+            raise ValueError(f"paths: expected a mapping {{name: path}}, got "
+                             f"{type(paths).__name__}.")
         missing = [n for n in self.names if n not in paths]
         if missing:
             raise ValueError(f"paths: no data path for tasks {missing}.")
-        return json.dumps({n: {"path": paths[n], "weight": w}
+        out = {}
+        for n in self.names:
+            p = paths[n]
+            if not isinstance(p, (str, os.PathLike)):
+                raise ValueError(f"paths[{n!r}]: expected a path (str or pathlib.Path), got "
+                                 f"{p!r}.")
+            out[n] = os.fspath(p)  # a pathlib.Path is not JSON data
+        return json.dumps({n: {"path": out[n], "weight": w}
                            for n, w in zip(self.names, self.weights, strict=True)}, indent=2)
 
     @classmethod
     def from_maxtext(cls, text: str, **kw) -> tuple["Mixture", dict[str, str]]:
         d = _load_json(text, "text", "a JSON object {name: {path, weight}}")
+        if not d:
+            raise ValueError("text: the JSON object is empty; expected {name: {path, weight}}.")
         for n, v in d.items():
             _require(v, ("path", "weight"), f"text[{n!r}]", "{path, weight}")
         mix = cls.from_counts({n: v["weight"] for n, v in d.items()}, **kw)
@@ -248,12 +273,28 @@ class Mixture:
 
 # -- baselines ------------------------------------------------------------------------------
 def _sizes(names: tuple, sizes):
-    s = np.asarray(sizes, np.float64)
+    s = _weights_for(names, sizes, "sizes")
     if s.shape != (len(names),):
         raise ValueError(f"sizes: expected {len(names)} entries (one per task), got {s.shape}.")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError("sizes: every task needs a positive, finite size.")
     return s
+
+
+def _weights_for(names: tuple, values, name: str) -> np.ndarray:
+    """Per-task numbers in the order of `names`, as float64: a sequence in that order, or a
+    mapping keyed by exactly those names (reordered). Strings and bools are refused."""
+    if isinstance(values, Mapping):
+        keys = [str(k) for k in values]
+        if sorted(keys) != sorted(names) or len(set(keys)) != len(keys):
+            raise ValueError(f"{name}: a mapping must have exactly the task names as keys; "
+                             f"missing {sorted(set(names) - set(keys))}, extra "
+                             f"{sorted(set(keys) - set(names))}.")
+        by_name = {str(k): v for k, v in values.items()}
+        values = [by_name[n] for n in names]
+    elif isinstance(values, (str, bytes)):
+        raise ValueError(f"{name}: expected numbers, one per task, got the string {values!r}.")
+    return real_numpy(values, name)
 
 
 def _sizes_by_name(sizes, names: tuple) -> list:
@@ -278,9 +319,25 @@ def _names(names) -> tuple:
                          f"{type(names).__name__}.") from None
 
 
+def _refuse_duplicate_keys(pairs):
+    """json's object_pairs_hook: a key given twice would otherwise keep only its last value."""
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise _DuplicateKeys(dup)
+    return dict(pairs)
+
+
+class _DuplicateKeys(Exception):
+    pass
+
+
 def _load_json(text, name: str, expected: str) -> dict:
     try:
-        d = json.loads(text)
+        d = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKeys as e:
+        raise ValueError(f"{name}: duplicate keys {e.args[0]} in a JSON object (only the last "
+                         "would be kept); give each key once.") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: not valid JSON ({e}); expected {expected}.") from None
     if not isinstance(d, dict):
@@ -330,10 +387,7 @@ def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examp
 def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
                         unit: str = "examples") -> Mixture:
     """w_i proportional to n_i^(1 / tau): tau = 1 is size-proportional, tau -> inf uniform."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (
-            math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau: must be a positive number, got {tau!r}.")
-    tau = float(tau)
+    tau = check_positive(tau, "tau")  # Python, NumPy or 0-d JAX numbers, as beta / lam
     names = _names(names)
     logits = np.log(_sizes(names, sizes)) / tau
     w = np.exp(logits - logits.max())

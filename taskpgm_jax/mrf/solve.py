@@ -73,15 +73,34 @@ class SolutionPath(NamedTuple):
     clipped: jax.Array | None = None
 
 
-def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temperature):
+def _check_options(method, *, init=None, tol=None, max_iter=None, temperature=None,
+                   optimizer=None):
+    """Refuse options the chosen method would ignore: a caller passing temperature to the
+    exact solver, or a tolerance to the closed form, expects an effect that never happens.
+    Only what the caller passed is refused (the defaults are None)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
+    if method != "softmax":
+        for name, value in (("temperature", temperature), ("optimizer", optimizer)):
+            if value is not None:
+                raise ValueError(f"{name}: only used with method='softmax' (method is "
+                                 f"{method!r}); drop it.")
+    if method == "closed_form":
+        for name, value in (("init", init), ("tol", tol), ("max_iter", max_iter)):
+            if value is not None:
+                raise ValueError(f"{name}: closed_form is a single linear solve (no starting "
+                                 "point, tolerance or iterations); drop it, or use "
+                                 "method='exact'.")
+    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer: expected an optax.GradientTransformation, e.g. "
+                         f"optax.adam(0.1), got {optimizer!r}.")
+
+
+def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temperature):
     T = pot.num_tasks
     dtype = pot.matrix.dtype
     lower, upper, bounded = check_bounds(floor, cap, T, dtype)
     if init is not None:
-        if method == "closed_form":
-            raise ValueError("init: closed_form has no starting point; drop init.")
         init = check_vector(init, "init", T, dtype=dtype)
         if not is_traced(init):
             if method == "softmax" and bool(jnp.any(init <= 0)):
@@ -95,7 +114,7 @@ def _prepare(pot: Potentials, method: str, floor, cap, init, tol, max_iter, temp
         tol = check_positive(tol, "tol")
     if max_iter is not None:  # a Python int: a static jit argument and a cache key
         max_iter = check_int(max_iter, "max_iter", minimum=1, what="a positive integer")
-    temperature = check_positive(temperature, "temperature")
+    temperature = 1.0 if temperature is None else check_positive(temperature, "temperature")
     P = padded_size(T)
     mask = jnp.arange(P) < T
     if init is None and method != "exact":
@@ -147,7 +166,8 @@ def _check_finite_result(weights, method: str):
 
 
 def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=None,
-          tol: float | None = None, max_iter: int | None = None, temperature: float = 1.0,
+          tol: float | None = None, max_iter: int | None = None,
+          temperature: float | None = None,
           optimizer: optax.GradientTransformation | None = None) -> Solution:
     """The mixture minimising E(w) = -beta u^T w + (lam / 2) w^T S~ w over the simplex.
 
@@ -162,10 +182,12 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
         (sum of floors > 1, sum of caps < 1) raise.
       init: starting mixture for exact / softmax (softmax needs all weights > 0). By default
         exact starts at the simplex vertex of lowest energy, softmax at the uniform mixture.
-      tol: relative KKT tolerance (exact 1e-7, softmax 1e-4).
-      max_iter: iteration cap (20000); `.converged` says whether tol was met.
-      temperature: softmax temperature.
-      optimizer: Optax optimiser for softmax (default adam(0.1) with a cosine decay).
+      tol: relative KKT tolerance (exact 1e-7, softmax 1e-4); not for closed_form.
+      max_iter: iteration cap (20000); `.converged` says whether tol was met; not for
+        closed_form.
+      temperature: softmax temperature (default 1.0); softmax only.
+      optimizer: Optax optimiser for softmax (default adam(0.1) with a cosine decay); softmax
+        only. Options a method does not use raise instead of being ignored.
 
     Returns:
       Solution (weights, energy, iterations, kkt_residual, converged, method, clipped).
@@ -176,6 +198,8 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
       >>> float(sol.weights.sum()), bool(sol.converged)     # (1.0, True)
     """
     pot = checked_potentials(pot)
+    _check_options(method, init=init, tol=tol, max_iter=max_iter, temperature=temperature,
+                   optimizer=optimizer)
     pad, opts = _prepare(pot, method, floor, cap, init, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or default_softmax_optimizer(opts["max_iter"])
@@ -188,7 +212,7 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
 
 def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, cap=None,
                tol: float | None = None, max_iter: int | None = None,
-               temperature: float = 1.0,
+               temperature: float | None = None,
                optimizer: optax.GradientTransformation | None = None) -> SolutionPath:
     """Solve for every beta / lam in `ratios` at once (vmapped), to see how the mixture's
     sparsity changes with the ratio.
@@ -205,6 +229,8 @@ def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, ca
       >>> path = solve_path(pot, jnp.geomspace(0.1 / T, 10 / T, 12))
       >>> path.support                          # tasks kept, per ratio
     """
+    # pot first: swapped arguments (solve_path(ratios, pot)) are then named as such.
+    pot = checked_potentials(pot)
     if is_traced(ratios):
         raise ValueError("ratios: needs concrete values (the grid is vmapped here); call "
                          "solve_path outside jit.")
@@ -215,7 +241,8 @@ def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, ca
     ratios_np = ratios_np.reshape(-1)
     if ratios_np.size == 0 or not np.all(np.isfinite(ratios_np)) or np.any(ratios_np <= 0):
         raise ValueError("ratios: expected a non-empty 1-D array of positive, finite beta / lam.")
-    pot = checked_potentials(pot)
+    _check_options(method, tol=tol, max_iter=max_iter, temperature=temperature,
+                   optimizer=optimizer)
     pad, opts = _prepare(pot, method, floor, cap, None, tol, max_iter, temperature)
     dtype = pad["M"].dtype
     optimizer = optimizer or default_softmax_optimizer(opts["max_iter"])
