@@ -173,16 +173,24 @@ def pmi_affinity(cross_likelihood):
     Returns:
       [T, T] symmetric matrix with zero diagonal.
     """
-    L = cross_likelihood
-    if not hasattr(L, "shape"):
-        L = np.asarray(L)
-    if L.ndim != 2 or L.shape[0] != L.shape[1]:
-        raise ValueError(f"cross_likelihood: expected a square [T, T] matrix (model i trained on "
-                         f"task i), got shape {tuple(L.shape)}.")
+    L = as_array(cross_likelihood, "cross_likelihood", "a square [T, T] matrix of numbers")
+    if L.ndim != 2 or L.shape[0] != L.shape[1] or L.shape[0] == 0:
+        raise ValueError(f"cross_likelihood: expected a square [T, T] matrix with T >= 1 (model "
+                         f"i trained on task i), got shape {tuple(L.shape)}.")
+    # Complex values would lose their imaginary part to a float cast, bools read as 0/1.
+    if L.dtype.kind not in "fiu":
+        raise ValueError(f"cross_likelihood: expected real numbers, got dtype {L.dtype}.")
     if not jnp.issubdtype(L.dtype, jnp.floating):
         L = L.astype(np.float32)
-    if not is_traced(L) and not np.all(np.isfinite(np.asarray(L))):
-        raise ValueError("cross_likelihood: contains NaN or inf.")
+    if not is_traced(L):
+        host = np.asarray(L)
+        if not np.all(np.isfinite(host)):
+            raise ValueError("cross_likelihood: contains NaN or inf.")
+        # jnp.asarray would turn float64 beyond float32's range into inf (x64 off) silently.
+        big = float(np.max(np.abs(host)))
+        if jnp.asarray(host[:0]).dtype == np.float32 and big > float(np.finfo(np.float32).max):
+            raise ValueError(f"cross_likelihood: values up to {big:.3g} are beyond float32's "
+                             "range; rescale them or enable float64 (jax.enable_x64)")
     L = jnp.asarray(L)
     gain = L - jnp.diagonal(L)[None, :]  # L[i, j] - L[j, j]
     return 0.5 * (gain + gain.T)

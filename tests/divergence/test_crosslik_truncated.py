@@ -84,6 +84,27 @@ def test_cross_likelihood_errors():
         pmi_affinity(np.full((3, 3), np.inf))
 
 
+def test_pmi_affinity_refuses_what_a_float_cast_would_hide(rng):
+    L = rng.normal(size=(4, 4)) - 20
+    # A complex matrix lost its imaginary part, a 0 x 0 one came back empty, strings and bools
+    # were parsed, and float64 beyond float32's range became inf, all without an error.
+    square = r"expected a square \[T, T\] matrix"
+    cases = [(L + 1j * rng.normal(size=(4, 4)), "expected real numbers, got dtype complex128"),
+             (np.zeros((0, 0)), square + r" with T >= 1 .*\(0, 0\)"),
+             (L.astype(str), square + " of numbers, got strings"),
+             (L > -20, "expected real numbers"),
+             (np.where(np.eye(4, dtype=bool), -1e39, L),
+              r"values up to 1e\+39 are beyond float32's range")]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=f"cross_likelihood: {match}"):
+            pmi_affinity(bad)
+    # Integer log-likelihood sums are real numbers: the formula, in float.
+    Li = rng.integers(-50, 0, size=(4, 4))
+    S = np.asarray(pmi_affinity(Li))
+    want = 0.5 * ((Li - np.diag(Li)[None]) + (Li - np.diag(Li)[None]).T)
+    np.testing.assert_allclose(S, want, atol=1e-5)
+
+
 T, N, V = 6, 24, 50
 
 
