@@ -161,7 +161,7 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
         model_type=model_type,
         **sizes,
         num_key_value_heads=_kv_heads(hf, model_type, heads),
-        head_dim=_int(hf, "head_dim", sizes["hidden_size"] // heads, null_is_default=True),
+        head_dim=_head_dim(hf, sizes["hidden_size"], heads),
         rms_norm_eps=_num("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
         max_position_embeddings=max_positions,
@@ -178,6 +178,20 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     kwargs.update(_window_from_hf(hf, model_type))
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
+
+
+def _head_dim(hf: dict[str, Any], hidden: int, heads: int) -> int:
+    """head_dim as transformers reads it: absent or null, hidden_size // num_attention_heads."""
+    if hf.get("head_dim") is not None:
+        return _int(hf, "head_dim")
+    derived = hidden // heads
+    if derived < 1 or derived % 2:
+        # Without this the error would name a ModelConfig.head_dim the user never wrote.
+        raise ValueError(f"config.json has no head_dim, and hidden_size={hidden} // "
+                         f"num_attention_heads={heads} gives head_dim={derived} (as transformers "
+                         f"derives it), which RoPE cannot use (it must be even and positive); "
+                         f"add head_dim to config.json or fix hidden_size / num_attention_heads")
+    return derived
 
 
 def _kv_heads(hf: dict[str, Any], model_type: str, heads: int) -> int:
@@ -263,8 +277,12 @@ def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     if window is None:
         return dict(sliding_window=None, sliding_window_layers=())
     # Here window came from a non-null key or, absent, from the default.
-    return dict(sliding_window=_int(hf, "sliding_window", _HF_SLIDING_WINDOW),
-                sliding_window_layers=layers)
+    window = _int(hf, "sliding_window", _HF_SLIDING_WINDOW)
+    if not layers:
+        # No layer uses the window (Qwen2 max_window_layers >= num_hidden_layers, layer_types
+        # all full_attention): transformers computes full attention, and so do we.
+        return dict(sliding_window=None, sliding_window_layers=())
+    return dict(sliding_window=window, sliding_window_layers=layers)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -18,9 +19,13 @@ from taskpgm_jax.hf.config import config_to_hf
 from taskpgm_jax.hf.keymap import to_hf
 from taskpgm_jax.hf.load import INDEX_FILE, SINGLE_FILE
 from taskpgm_jax.models.config import float_dtype
+from taskpgm_jax.models.decoder import CausalLM
 from taskpgm_jax.models.lora import merged_kernels
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Temporaries of an export in progress (or of one that was killed).
+_INDEX_TEMP, _CONFIG_TEMP = ".index.json.tmp", ".config.json.tmp"
+_TEMP_NAME = re.compile(r"\.shard-\d{5}\.tmp|\.index\.json\.tmp|\.config\.json\.tmp")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -69,6 +74,7 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
     Yields:
       (HF tensor name, array).
     """
+    _check_model(model, "iter_hf_tensors")
     dtype = _export_dtype(dtype)
     cfg = model.config
     merged = merged_kernels(model)
@@ -87,6 +93,13 @@ def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     return dict(iter_hf_tensors(model, _export_dtype(dtype)))
 
 
+def _check_model(model, where: str) -> None:
+    if not isinstance(model, CausalLM):
+        raise ValueError(f"{where}: model must be a CausalLM (e.g. from load_hf_checkpoint or "
+                         f"init_model), got {type(model).__name__}; to export a state, "
+                         "nnx.update a model with it first")
+
+
 def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                        *, dtype=None) -> list[str]:
     """Writes `model` as a Hugging Face checkpoint loadable by `AutoModelForCausalLM`.
@@ -97,8 +110,10 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
       model: a `CausalLM` (adapters are merged into the written weights).
       path: output directory (created). This is the export's own target: a checkpoint already
         there (config.json, model.safetensors, the index and its model-*-of-*.safetensors
-        shards) is removed first, so no old file is left beside the new ones; other files are
-        kept.
+        shards) is replaced, so no old file is left beside the new ones; other files are kept.
+        Every new file is first written under a temporary name, and the old checkpoint is
+        replaced only once all of them are complete: an export that fails or is interrupted
+        while writing leaves the old checkpoint as it was (and removes its temporaries).
       max_shard_size: largest safetensors file, bytes or a string like "5GB"; above it the
         tensors are split over model-0000i-of-0000n.safetensors with an index.
       dtype: floating tensor dtype in the files, e.g. jnp.bfloat16 or "bfloat16" (default: the
@@ -111,51 +126,93 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
       >>> save_hf_checkpoint(model, "/tmp/export", max_shard_size="2GB", dtype=jnp.bfloat16)
     """
     # Arguments and config are all checked before anything is written or removed.
+    _check_model(model, "save_hf_checkpoint")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"save_hf_checkpoint: path must be a directory (str or os.PathLike), "
+                         f"got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"save_hf_checkpoint: path {path} is an existing file, not a directory; "
+                         "pass a directory to write the checkpoint into")
     limit = parse_size(max_shard_size)
     dtype = _export_dtype(dtype)
     hf_cfg = config_to_hf(model.config)
     if dtype is not None:
         hf_cfg["dtype"] = jnp.dtype(dtype).name
-    path = os.fspath(path)
     writer = jax.process_index() == 0
     os.makedirs(path, exist_ok=True)
     if writer:
-        # Never leave an old checkpoint's files beside the new ones: an old config.json beside
-        # new weights (should this export fail before writing its own) would load as a mix.
-        for stale in os.listdir(path):
-            if stale in ("config.json", INDEX_FILE, SINGLE_FILE) or _SHARD_NAME.fullmatch(stale):
-                os.remove(os.path.join(path, stale))
+        # Temporaries of an export that was killed (no cleanup ran) are ours to remove.
+        for name in os.listdir(path):
+            if _TEMP_NAME.fullmatch(name):
+                os.remove(os.path.join(path, name))
+    temps: list[str] = []  # every temporary written so far, removed if the export fails
+    try:
+        names = _write_temporaries(model, path, limit, dtype, hf_cfg, writer, temps)
+        if writer:
+            _replace_checkpoint(path, names, temps)
+    except BaseException:
+        # Ctrl-C included: the old checkpoint is intact, only our temporaries go.
+        if writer:
+            for temp in temps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, temp))
+        raise
+    return names
+
+
+def _write_temporaries(model, path, limit, dtype, hf_cfg, writer, temps) -> list[str]:
+    """Writes the shards, the index (if sharded) and config.json under temporary names (appended
+    to `temps` in final-name order: shards, then index, then config). Returns the shard names."""
     # Shards are written under temporary names; the final "-of-N" names need the count N.
-    temp_names, weight_map, total = [], {}, 0
+    shard_temps, weight_map, total = [], {}, 0
     shard: dict[str, np.ndarray] = {}
     size = 0
 
     def flush():
-        name = f".shard-{len(temp_names):05d}.tmp"
+        name = f".shard-{len(shard_temps):05d}.tmp"
+        temps.append(name)  # before writing: a half-written file is removed too
         if writer:
             save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        temp_names.append(name)
+        shard_temps.append(name)
 
     for name, arr in iter_hf_tensors(model, dtype):
         if shard and size + arr.nbytes > limit:
             flush()
             shard, size = {}, 0
         shard[name] = arr
-        weight_map[name] = len(temp_names)
+        weight_map[name] = len(shard_temps)
         size += arr.nbytes
         total += arr.nbytes
     flush()
-    n = len(temp_names)
+    n = len(shard_temps)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     if writer:
-        for temp, final in zip(temp_names, names, strict=True):
-            os.replace(os.path.join(path, temp), os.path.join(path, final))
         if n > 1:
             index = {"metadata": {"total_size": int(total)},
                      "weight_map": {t: names[i] for t, i in weight_map.items()}}
-            with open(os.path.join(path, INDEX_FILE), "w") as f:
+            temps.append(_INDEX_TEMP)
+            with open(os.path.join(path, _INDEX_TEMP), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
-        # Written last: a directory with a config.json holds a complete checkpoint.
-        with open(os.path.join(path, "config.json"), "w") as f:
+        temps.append(_CONFIG_TEMP)
+        with open(os.path.join(path, _CONFIG_TEMP), "w") as f:
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
     return names
+
+
+def _replace_checkpoint(path: str, names: list[str], temps: list[str]) -> None:
+    """Moves the complete temporaries over the old checkpoint and removes its stale files (old
+    shards, an index or single file the new checkpoint does not have)."""
+    sharded = len(names) > 1
+    keep = set(names) | ({INDEX_FILE} if sharded else set())
+    stale = [f for f in os.listdir(path)
+             if (f in (INDEX_FILE, SINGLE_FILE) or _SHARD_NAME.fullmatch(f)) and f not in keep]
+    # Only removals and renames from here (no writing that could fail for space). config.json
+    # goes first and comes back last, so a directory caught in between never loads as an old
+    # config beside new weights, nor as new weights beside a stale index or single file.
+    for f in ["config.json"] + stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, f))
+    finals = names + ([INDEX_FILE] if sharded else []) + ["config.json"]
+    for temp, final in zip(temps, finals, strict=True):
+        os.replace(os.path.join(path, temp), os.path.join(path, final))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -71,17 +72,44 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _read_block(handles, tmap: TensorMap, index: tuple, dtype) -> np.ndarray:
-    """The block `index` (into our array) of a parameter, read from its HF tensor(s)."""
+    """The block `index` (into our array) of a parameter, read from its HF tensor(s); a NaN or
+    inf is a ValueError naming the tensor (it would spread to every logit)."""
 
     def one(name, inner):
         sl = handles[name].get_slice(name)
         block = np.asarray(sl[tuple(inner[::-1])] if tmap.transpose else sl[tuple(inner)])
-        return (block.T if tmap.transpose else block).astype(dtype)
+        block = (block.T if tmap.transpose else block).astype(dtype)
+        # A sum is one fast pass (NaN / inf make it non-finite); only then is each value
+        # checked, since finite values can overflow a sum.
+        if block.size and not np.isfinite(block.sum(dtype=np.float32)) \
+                and not np.isfinite(block).all():
+            raise ValueError(f"checkpoint tensor {name} holds NaN or inf values; the checkpoint "
+                             "is damaged (download or save it again)")
+        return block
 
     if not tmap.stacked:
         return one(tmap.hf_names[0], index)
     layers = range(*index[0].indices(len(tmap.hf_names)))
     return np.stack([one(tmap.hf_names[i], index[1:]) for i in layers])
+
+
+_LM_HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _distinct_lm_head(handles, files, held, rows: int = 8192) -> bool:
+    """Whether the checkpoint holds an lm_head.weight unequal to model.embed_tokens.weight
+    (compared `rows` rows at a time, so a large vocabulary is never on the host twice)."""
+    if any(n not in files or n not in held[files[n]] for n in (_LM_HEAD, _EMBED)):
+        return False  # nothing to keep, or reported as missing / misplaced later
+    head, embed = (handles[n].get_slice(n) for n in (_LM_HEAD, _EMBED))
+    if tuple(head.get_shape()) != tuple(embed.get_shape()):
+        return True
+    n = head.get_shape()[0]
+    for start in range(0, n, rows):
+        end = min(start + rows, n)  # safetensors refuses a slice past the end
+        if not np.array_equal(np.asarray(head[start:end]), np.asarray(embed[start:end])):
+            return True
+    return False
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -99,7 +127,34 @@ def load_tokenizer(path: str | os.PathLike):
     # does not need.
     from taskpgm_jax.data.tokenize import load_tokenizer as load
 
-    return load(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_tokenizer: path must be a directory (str or os.PathLike), got "
+                         f"{type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"load_tokenizer: {path} is not a directory; pass a local directory "
+                         "written by save_pretrained (hub names are not fetched here)")
+    try:
+        return load(path)
+    except Exception:
+        # Without any of these transformers guesses a slow tokenizer class and says
+        # "sentencepiece or tiktoken" is missing, which sends the user the wrong way.
+        if not any(_is_tokenizer_file(n) for n in os.listdir(path)):
+            raise ValueError(
+                f"load_tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}, *.tiktoken) "
+                f"in {path}; pass a directory written by the tokenizer's save_pretrained") from None
+        raise
+
+
+# What AutoTokenizer reads: the fast tokenizer, its config, or a slow tokenizer's vocabulary
+# (sentencepiece, BPE, WordPiece, Mistral tekken, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "tekken.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
 
 
 def load_hf_checkpoint(
@@ -145,9 +200,6 @@ def load_hf_checkpoint(
                          remat=remat, attention_impl=attention_impl,
                          attention_chunk=attention_chunk)
     files = checkpoint_files(path)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
 
     with contextlib.ExitStack() as stack:
         # One handle per file, opened once: every parameter (and every layer of a stacked one) reads
@@ -158,6 +210,19 @@ def load_hf_checkpoint(
         # An index may name a file that lacks the tensor; get_slice would then fail with a bare
         # SafetensorError, so membership is checked and reported with the other problems.
         held = {f: set(h.keys()) for f, h in opened.items()}
+        if cfg.tie_word_embeddings and _distinct_lm_head(handles, files, held):
+            # As transformers: a checkpoint whose lm_head differs from the embeddings is loaded
+            # untied (tying would silently replace the trained head).
+            warnings.warn(
+                f"{os.fspath(path)}: config.json says tie_word_embeddings=true, but "
+                f"{os.path.basename(files[_LM_HEAD])} holds an {_LM_HEAD} that differs from "
+                f"{_EMBED}; loaded untied with the file's {_LM_HEAD} (as transformers does). Set "
+                "tie_word_embeddings to false in config.json to silence this warning",
+                stacklevel=2)
+            cfg = cfg.replace(tie_word_embeddings=False)
+        abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
+        graphdef, state = nnx.split(abstract)
+        flat = nnx.to_flat_state(state)
         missing, misplaced, misshaped, used = [], [], [], set()
         plan = []
         for path_, var in flat:

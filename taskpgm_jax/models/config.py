@@ -103,7 +103,8 @@ class ModelConfig:
       o_bias: bias on the output projection (Llama with attention_bias only). Each architecture
         holds only its own bias layout (qwen2: q/k/v only; mistral: none; llama: all four or
         none); any other combination is refused here rather than lost at export.
-      sliding_window: window W (a query sees the W most recent keys including itself) or None.
+      sliding_window: window W (a query sees the W most recent keys including itself) or None;
+        a window needs at least one layer in sliding_window_layers (an empty tuple is refused).
       sliding_window_layers: indices of the layers that use the window (Mistral: all, or those
         of layer_types; Qwen2: those >= max_window_layers when use_sliding_window), no
         duplicates; a list is stored as a tuple (the config is hashable: it is a static argument
@@ -193,6 +194,13 @@ class ModelConfig:
         if self.sliding_window_layers and self.sliding_window is None:
             raise ValueError("ModelConfig.sliding_window_layers is set but sliding_window is None")
         self._check_window_layout()
+        if self.sliding_window is not None and not self.sliding_window_layers:
+            # A window on no layer would be silently ignored (and exported as full attention).
+            raise ValueError(
+                f"ModelConfig.sliding_window={self.sliding_window} applies to no layer: "
+                f"sliding_window_layers is empty. Set sliding_window_layers to the windowed "
+                f"layers (every layer, as in Mistral: tuple(range({self.num_hidden_layers}))), "
+                f"or sliding_window=None for full attention")
         self._check_attention_impl()
 
     def _check_types(self):

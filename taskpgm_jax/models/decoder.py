@@ -111,6 +111,9 @@ class CausalLM(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: Rules | None = None):
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"CausalLM: cfg must be a ModelConfig, got {type(cfg).__name__}; "
+                             "build one with ModelConfig(**fields)")
         self.config = cfg
         self.rules = rules
         self.model = DecoderModel(cfg, rules=rules, rngs=rngs)
@@ -145,11 +148,13 @@ class CausalLM(nnx.Module):
             an out-of-range id is clipped, so junk ids under padding do not reach real tokens.
           attention_mask: optional [B, S], 1 (any non-zero, as in transformers) for real tokens
             and 0 for padding (left or right).
-          segment_ids: optional int [B, S] for packed rows: a token attends only to earlier tokens
-            of its own segment; 0 marks padding.
+          segment_ids: optional int [B, S] for packed rows: a token attends only to earlier
+            tokens of its own segment; 0 marks padding.
           positions: optional int [B, S] RoPE positions. Default: the index inside the segment
             (with segment_ids), else the count of earlier real tokens (with attention_mask), else
             0..S-1.
+          segment_ids and positions must have an int dtype (a float array is refused: it would
+          be truncated); input_ids rows of different lengths are refused (pad them).
 
         Returns:
           [B, S, hidden_size] in the compute dtype. Rows of padding positions are meaningless.
@@ -164,13 +169,14 @@ class CausalLM(nnx.Module):
                 positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0) if attention_mask is not None \
                     else jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         else:
-            seg = self._check_2d(segment_ids, "segment_ids", (b, s)).astype(jnp.int32)
+            seg = self._check_2d(segment_ids, "segment_ids", (b, s), integer=True).astype(
+                jnp.int32)
             if attention_mask is not None:
                 seg = seg * (self._check_2d(attention_mask, "attention_mask", (b, s)) != 0).astype(
                     jnp.int32)
             if positions is None:
                 positions = _segment_positions(seg)
-        positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
+        positions = self._check_2d(positions, "positions", (b, s), integer=True).astype(jnp.int32)
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         if (self.config.attention_impl != "dot" and attention_mask is None and segment_ids is None
                 and self.config.sliding_window is None):
@@ -203,7 +209,7 @@ class CausalLM(nnx.Module):
         self._check_cache(cache, b, s)
         valid_new = jnp.ones((b, s), bool) if token_mask is None else self._check_2d(
             token_mask, "token_mask", (b, s)).astype(bool)
-        positions = self._check_2d(positions, "positions", (b, s)).astype(jnp.int32)
+        positions = self._check_2d(positions, "positions", (b, s), integer=True).astype(jnp.int32)
         at = (0, cache.index)
         valid = jax.lax.dynamic_update_slice(cache.valid, valid_new, at)
         kpos = jax.lax.dynamic_update_slice(cache.pos, positions, at)
@@ -277,7 +283,7 @@ class CausalLM(nnx.Module):
         return shard(logits, ("batch", "seq", "vocab"), self.rules)
 
     def _check_ids(self, input_ids) -> jax.Array:
-        input_ids = jnp.asarray(input_ids)
+        input_ids = as_array(input_ids, "input_ids")
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError("input_ids must be an int array [batch, seq], got "
                              f"{input_ids.dtype}{list(input_ids.shape)}")
@@ -309,8 +315,25 @@ class CausalLM(nnx.Module):
                              "enough for the prompt and every new token")
 
     @staticmethod
-    def _check_2d(x, name: str, shape: tuple[int, int]) -> jax.Array:
-        x = jnp.asarray(x)
+    def _check_2d(x, name: str, shape: tuple[int, int], integer: bool = False) -> jax.Array:
+        x = as_array(x, name)
         if x.shape != shape:
             raise ValueError(f"{name} must have shape {list(shape)} like input_ids, got {list(x.shape)}")
+        # The dtype is static (known under jit too); a float would be truncated silently.
+        if integer and not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an int array, got {x.dtype}; pass integer values "
+                             f"(e.g. {name}.astype(jnp.int32) if they are whole numbers)")
         return x
+
+
+def as_array(x, name: str) -> jax.Array:
+    """`jnp.asarray(x)`, with rows of different lengths (a ragged list) named as such."""
+    try:
+        return jnp.asarray(x)
+    except (ValueError, TypeError):
+        # NumPy's own message ("inhomogeneous shape") does not say what to do.
+        if isinstance(x, (list, tuple)) and len({len(r) if hasattr(r, "__len__") else -1
+                                                 for r in x}) > 1:
+            raise ValueError(f"{name} rows have different lengths; pad them "
+                             "(tokenizer(..., padding=True)) and pass attention_mask") from None
+        raise

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from taskpgm_jax.models.config import check_int
-from taskpgm_jax.models.decoder import CausalLM
+from taskpgm_jax.models.decoder import CausalLM, as_array
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos_token_id"))
@@ -104,8 +104,8 @@ def _checked_arguments(model, input_ids, attention_mask, max_new_tokens, eos_tok
             raise ValueError(f"eos_token_id={eos_token_id} is not below the model's vocab_size="
                              f"{model.config.vocab_size}: the model can never emit it; pass the "
                              "tokenizer that matches the model")
-    attention_mask = jnp.asarray(jnp.ones_like(input_ids) if attention_mask is None
-                                 else attention_mask)
+    attention_mask = (jnp.ones_like(input_ids) if attention_mask is None
+                      else as_array(attention_mask, "attention_mask"))
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
                          f"{list(input_ids.shape)}")

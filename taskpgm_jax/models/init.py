@@ -52,6 +52,10 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
     Returns:
       The model.
     """
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"init_model: cfg must be a ModelConfig, got {type(cfg).__name__}; "
+                         "build one with ModelConfig(**fields), a preset (taskpgm_jax.models."
+                         "PRESETS) or taskpgm_jax.hf.config_from_hf")
     seed = check_int("init_model: seed", seed, minimum=0)
     if seed >= 2**32:  # the uint32 PRNGKey seed: a larger one would wrap around
         raise ValueError(f"init_model: seed must be < 2**32, got {seed}")

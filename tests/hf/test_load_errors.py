@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,9 +103,9 @@ def windows_of(hf_config):
     window = hf_config.sliding_window
     n = hf_config.num_hidden_layers
     types = getattr(hf_config, "layer_types", None) or ["sliding_attention"] * n  # Mistral: all
-    if window is None:
-        return None, ()
-    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    # A window on no layer is full attention: ModelConfig holds that as no window.
+    return (None, ()) if window is None or not layers else (window, layers)
 
 
 @pytest.mark.parametrize("model_type, extra", [
@@ -346,9 +347,14 @@ def test_export_replaces_every_file_of_an_old_checkpoint(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     save_hf_checkpoint(_export_model(1), tmp_path)  # one file now: no old shard may stay
     assert sorted(_files(tmp_path)) == ["config.json", "model.safetensors", "notes.txt"]
+    # And back: no old single file beside the new index (transformers would read either).
+    names = save_hf_checkpoint(_export_model(1), tmp_path, max_shard_size="20KB")
+    assert sorted(_files(tmp_path)) == sorted(["config.json", "model.safetensors.index.json",
+                                               "notes.txt", *names])
 
-    # An export that fails while writing weights leaves no config.json, so the directory never
-    # loads as an old config beside new weights.
+    # An export that fails while writing weights leaves the old checkpoint as it was.
+    before = _files(tmp_path)
+
     def broken(model, dtype=None):
         yield from []
         raise OSError("disk full")
@@ -356,4 +362,97 @@ def test_export_replaces_every_file_of_an_old_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "iter_hf_tensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(_export_model(2), tmp_path)
-    assert sorted(_files(tmp_path)) == ["notes.txt"]
+    assert _files(tmp_path) == before
+
+
+def _tiny_logits(model, ids):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(model(jnp.asarray(ids, jnp.int32)))
+
+
+@pytest.mark.parametrize("fail_at, error", [(1, OSError("No space left on device")),
+                                            (2, KeyboardInterrupt())])
+def test_interrupted_export_keeps_the_old_checkpoint(tmp_path, monkeypatch, rng, fail_at, error):
+    # The writer fails after some shards are on disk: the old sharded checkpoint must still load
+    # with its own weights, and no temporary may be left behind.
+    from safetensors.numpy import save_file as real_save_file
+
+    from taskpgm_jax.hf import export
+
+    old = _export_model(0)
+    save_hf_checkpoint(old, tmp_path, max_shard_size="20KB")
+    before = _files(tmp_path)
+    calls = []
+
+    def failing(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > fail_at:
+            real_save_file(tensors, filename, metadata=metadata)  # written, then interrupted
+            raise error
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(export, "save_file", failing)
+    with pytest.raises(type(error)):
+        save_hf_checkpoint(_export_model(1), tmp_path, max_shard_size="20KB")
+    assert len(calls) == fail_at + 1
+    assert _files(tmp_path) == before
+    ids = rng.integers(0, tiny.VOCAB, size=(2, 7))
+    np.testing.assert_array_equal(_tiny_logits(load_hf_checkpoint(tmp_path, dtype=jnp.float32),
+                                               ids), _tiny_logits(old, ids))
+
+
+def test_export_refuses_what_is_not_a_model_or_a_directory(tmp_path):
+    from flax import nnx
+
+    model = _export_model(0)
+    with pytest.raises(ValueError, match="save_hf_checkpoint: model must be a CausalLM.*State"):
+        save_hf_checkpoint(nnx.state(model), tmp_path / "a")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"save_hf_checkpoint: path .*afile is an existing file"):
+        save_hf_checkpoint(model, afile)
+    assert afile.read_text() == "x" and not (tmp_path / "a").exists()
+
+
+def test_window_on_no_layer_is_no_window_as_transformers_reads_it():
+    # Qwen2 with max_window_layers >= num_hidden_layers, or layer_types without a sliding
+    # layer: transformers attends fully, so the config holds no window (not a window on no layer).
+    qwen = {**_LLAMA, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 3,
+            "max_window_layers": 2}
+    cfg = config_from_hf(qwen)
+    assert (cfg.sliding_window, cfg.sliding_window_layers) == (None, ())
+    assert windows_of(transformers.Qwen2Config.from_dict(qwen)) == (None, ())
+    mistral = {**_LLAMA, "model_type": "mistral", "sliding_window": 3,
+               "layer_types": ["full_attention"] * 2}
+    assert config_from_hf(mistral).sliding_window is None
+    assert config_to_hf(cfg)["use_sliding_window"] is False
+
+
+def test_tensor_with_nan_is_named(llama_dir, tmp_path):
+    path = copy_checkpoint(llama_dir, tmp_path / "nan")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
+    tensors["model.norm.weight"][0] = np.inf
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor (model\.layers\.1\.mlp\.up_proj|model\.norm)"
+                                         r"\.weight holds NaN or inf"):
+        load_hf_checkpoint(path)
+
+
+def test_derived_head_dim_names_the_config_keys():
+    # hidden_size 30 over 4 heads: transformers derives head_dim 7, which RoPE cannot use.
+    with pytest.raises(ValueError, match=r"config.json has no head_dim, and hidden_size=30 // "
+                                         r"num_attention_heads=4 gives head_dim=7"):
+        config_from_hf({**_LLAMA, "hidden_size": 30})
+    assert config_from_hf({**_LLAMA, "hidden_size": 34}).head_dim == 8  # as transformers
+
+
+def test_load_tokenizer_errors_name_the_directory(tmp_path, llama_dir):
+    from taskpgm_jax.hf import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"load_tokenizer: .*nowhere is not a directory"):
+        load_tokenizer(tmp_path / "nowhere")
+    # A checkpoint without tokenizer files: transformers would say sentencepiece is missing.
+    with pytest.raises(ValueError, match=r"no tokenizer files \(tokenizer\.json, "
+                                         r"tokenizer_config\.json, .*\) in .*save_pretrained"):
+        load_tokenizer(llama_dir)

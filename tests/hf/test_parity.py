@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +190,35 @@ def test_export_merges_lora_and_bf16_files(checkpoints, rng, tmp_path):
     assert half.model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     # bf16 weights: only a loose agreement is expected.
     assert np.abs(ours(half, ids, mask) - with_adapter)[mask.astype(bool)].max() < 0.3
+
+
+def test_tied_config_with_a_distinct_lm_head_loads_untied_as_transformers(checkpoints, rng,
+                                                                        tmp_path):
+    # config.json says tied, but the file holds its own lm_head: transformers keeps the file's
+    # head (with a warning); tying would replace the trained head with the embeddings.
+    path, _ = checkpoints("llama_mha_untied")
+    cfg = _linked_copy(path, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    ids, mask = tiny.random_batch(rng)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref = tiny.torch_logits(hf, ids, mask)
+    with pytest.warns(UserWarning, match=r"tie_word_embeddings=true.*model\.safetensors holds an "
+                                         r"lm_head\.weight that differs from "
+                                         r"model\.embed_tokens\.weight.*loaded untied"):
+        model = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert not model.config.tie_word_embeddings
+    assert_close_on_tokens(ours(model, ids, mask), ref, mask)
+
+    # A head stored as a copy of the embeddings is no reason to untie (and no warning).
+    from safetensors.numpy import save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    (tmp_path / "model.safetensors").unlink()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tied = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert tied.config.tie_word_embeddings
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_close_on_tokens(ours(tied, ids, mask), tiny.torch_logits(hf, ids, mask), mask)

@@ -130,6 +130,44 @@ def test_bad_inputs_name_the_argument(tiny_model):
             greedy_generate(tiny_model, ids.at[0, 0].set(bad), max_new_tokens=2)
 
 
+def test_float_positions_and_segment_ids_are_refused(tiny_model, rng):
+    # Truncated to int they ran silently: positions + 0.7 gave the default logits, segment ids
+    # of 0.5 became 0 (all padding). Refused by dtype, which is known under jit too.
+    ids = jnp.asarray(rng.integers(0, 61, size=(1, 6)), jnp.int32)
+    positions = jnp.arange(6.0)[None] + 0.7
+    with pytest.raises(ValueError, match="positions must be an int array, got float32"):
+        tiny_model(ids, positions=positions)
+    with pytest.raises(ValueError, match="segment_ids must be an int array, got float32"):
+        tiny_model(ids, segment_ids=jnp.full((1, 6), 0.5))
+    with pytest.raises(ValueError, match="positions must be an int array"):
+        nnx.jit(lambda m, i, p: m(i, positions=p))(tiny_model, ids, positions)
+    with pytest.raises(ValueError, match="positions must be an int array"):
+        tiny_model.decode(ids, tiny_model.init_cache(1, 6), positions=positions)
+
+
+def test_ragged_rows_are_named(tiny_model):
+    ragged = [[1, 2, 3], [4, 5]]
+    msg = (r"input_ids rows have different lengths; pad them \(tokenizer\(\.\.\., "
+           r"padding=True\)\) and pass attention_mask")
+    with pytest.raises(ValueError, match=msg):
+        tiny_model(ragged)
+    with pytest.raises(ValueError, match=msg):
+        greedy_generate(tiny_model, ragged, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask rows have different lengths"):
+        greedy_generate(tiny_model, [[1, 2, 3], [4, 5, 6]], [[1, 1, 1], [1, 1]],
+                        max_new_tokens=2)
+
+
+def test_models_refuse_a_config_that_is_not_a_model_config(tiny_cfg):
+    from taskpgm_jax.models import CausalLM, init_model
+
+    fields = {f: getattr(tiny_cfg, f) for f in ("vocab_size", "hidden_size")}
+    with pytest.raises(ValueError, match="init_model: cfg must be a ModelConfig, got dict"):
+        init_model(fields)
+    with pytest.raises(ValueError, match="CausalLM: cfg must be a ModelConfig, got dict"):
+        CausalLM(fields, rngs=nnx.Rngs(0))
+
+
 def test_concrete_ids_closed_over_in_a_jit_are_checked_and_run(tiny_model, rng):
     # A concrete array inside someone's jit (a closure constant) still has values: the range
     # check reads them eagerly rather than failing on a traced reduction.
@@ -232,6 +270,27 @@ def test_model_config_refuses_a_llama_window(model_type, layers):
     else:
         assert ModelConfig(**kwargs).sliding_window_layers == layers
     assert ModelConfig(**{**_SIZES, "model_type": model_type}).sliding_window is None
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_model_config_refuses_a_window_on_no_layer(model_type):
+    # It was never applied: the logits equalled the windowless model's, and the export said
+    # full attention on every layer.
+    with pytest.raises(ValueError, match=r"ModelConfig\.sliding_window=2 applies to no layer.*"
+                                         r"sliding_window_layers.*tuple\(range\(2\)\).*"
+                                         r"sliding_window=None"):
+        ModelConfig(**{**_SIZES, "model_type": model_type, "sliding_window": 2})
+
+
+def test_presets_refuse_a_window_on_no_layer():
+    from taskpgm_jax.models import PRESETS
+
+    with pytest.raises(ValueError, match=r"sliding_window=4096 applies to no layer"):
+        PRESETS["qwen2_7b"](sliding_window=4096)
+    with pytest.raises(ValueError, match=r"sliding_window=4096 applies to no layer"):
+        PRESETS["mistral_7b"](sliding_window_layers=())
+    assert PRESETS["qwen2_7b"](sliding_window=4096,
+                               sliding_window_layers=(27,)).sliding_window_layers == (27,)
 
 
 @pytest.mark.parametrize("seed,match", [(-1, "an int >= 0"), (1.5, "an int >= 0"),
