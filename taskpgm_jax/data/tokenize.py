@@ -56,6 +56,12 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
 
+# What AutoTokenizer reads: the fast tokenizer, its config, or a slow tokenizer's vocabulary
+# (sentencepiece, BPE, WordPiece, Mistral tekken, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt", "tekken.json")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """Loads any `transformers.AutoTokenizer` from a local directory (never the hub).
 
@@ -67,11 +73,23 @@ def load_tokenizer(path: str | os.PathLike):
     """
     from transformers import AutoTokenizer
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_tokenizer: path must be a directory (str or os.PathLike), got "
+                         f"{type(path).__name__}")
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a tokenizer directory (pass a local directory "
-                                f"written by save_pretrained; hub names are not fetched here)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        raise ValueError(f"load_tokenizer: {path} is not a directory; pass a local directory "
+                         "written by save_pretrained (hub names are not fetched here)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:
+        # Without any of these transformers guesses a slow tokenizer class and says
+        # "sentencepiece or tiktoken" is missing, which sends the user the wrong way.
+        if not any(n in TOKENIZER_FILES or n.endswith(".tiktoken") for n in os.listdir(path)):
+            raise ValueError(
+                f"load_tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}, *.tiktoken) "
+                f"in {path}; pass a directory written by the tokenizer's save_pretrained") from None
+        raise
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

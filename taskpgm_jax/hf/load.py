@@ -114,8 +114,8 @@ def _distinct_lm_head(handles, files, held, rows: int = 8192) -> bool:
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside a checkpoint: `taskpgm_jax.data.load_tokenizer` (local files only,
-    a missing pad token set to EOS), re-exported here for users who load models and tokenizers
-    together.
+    a missing pad token set to EOS, named errors for a path without tokenizer files),
+    re-exported here for users who load models and tokenizers together.
 
     Args:
       path: the checkpoint directory.
@@ -127,34 +127,7 @@ def load_tokenizer(path: str | os.PathLike):
     # does not need.
     from taskpgm_jax.data.tokenize import load_tokenizer as load
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"load_tokenizer: path must be a directory (str or os.PathLike), got "
-                         f"{type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"load_tokenizer: {path} is not a directory; pass a local directory "
-                         "written by save_pretrained (hub names are not fetched here)")
-    try:
-        return load(path)
-    except Exception:
-        # Without any of these transformers guesses a slow tokenizer class and says
-        # "sentencepiece or tiktoken" is missing, which sends the user the wrong way.
-        if not any(_is_tokenizer_file(n) for n in os.listdir(path)):
-            raise ValueError(
-                f"load_tokenizer: no tokenizer files ({', '.join(TOKENIZER_FILES)}, *.tiktoken) "
-                f"in {path}; pass a directory written by the tokenizer's save_pretrained") from None
-        raise
-
-
-# What AutoTokenizer reads: the fast tokenizer, its config, or a slow tokenizer's vocabulary
-# (sentencepiece, BPE, WordPiece, Mistral tekken, tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt",
-                   "tekken.json")
-
-
-def _is_tokenizer_file(name: str) -> bool:
-    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
+    return load(path)
 
 
 def load_hf_checkpoint(

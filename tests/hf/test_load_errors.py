@@ -447,11 +447,16 @@ def test_derived_head_dim_names_the_config_keys():
     assert config_from_hf({**_LLAMA, "hidden_size": 34}).head_dim == 8  # as transformers
 
 
-def test_load_tokenizer_errors_name_the_directory(tmp_path, llama_dir):
-    from taskpgm_jax.hf import load_tokenizer
+@pytest.mark.parametrize("where", ["hf", "data"])
+def test_load_tokenizer_errors_name_the_directory(tmp_path, llama_dir, where):
+    # Both entry points (the data package's, and its re-export beside the checkpoint loader).
+    import importlib
 
+    load_tokenizer = importlib.import_module(f"taskpgm_jax.{where}").load_tokenizer
     with pytest.raises(ValueError, match=r"load_tokenizer: .*nowhere is not a directory"):
         load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"load_tokenizer: path must be a directory"):
+        load_tokenizer(None)
     # A checkpoint without tokenizer files: transformers would say sentencepiece is missing.
     with pytest.raises(ValueError, match=r"no tokenizer files \(tokenizer\.json, "
                                          r"tokenizer_config\.json, .*\) in .*save_pretrained"):
