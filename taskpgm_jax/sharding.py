@@ -75,7 +75,16 @@ def make_mesh(
     Example:
       >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)   # 8 devices
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is not None and (isinstance(devices, (str, bytes, jax.Device))
+                                or not hasattr(devices, "__iter__")):
+        raise ValueError(f"make_mesh: devices must be a sequence of jax.Device (e.g. "
+                         f"jax.devices()[:4]), got {type(devices).__name__}; for one device "
+                         "write devices=[device]")
+    devices = list(jax.devices() if devices is None else np.ravel(np.asarray(devices, object)))
+    if not all(isinstance(d, jax.Device) for d in devices):
+        bad = next(d for d in devices if not isinstance(d, jax.Device))
+        raise ValueError(f"make_mesh: devices must hold jax.Device objects, got a "
+                         f"{type(bad).__name__}")
     if not devices:
         raise ValueError("make_mesh: devices is empty; pass at least one device (default: all "
                          "of jax.devices()).")
@@ -144,16 +153,26 @@ def logical_to_spec(
 
     Returns:
       The `PartitionSpec`.
+
+    Raises:
+      ValueError: an unknown logical axis, malformed `rules`, custom rules naming an axis the mesh
+        lacks, or the default rules on a mesh with axes (of size > 1) other than
+        ("data", "fsdp", "tensor"), which they would leave unused (everything replicated).
     """
-    if isinstance(logical_axes, str):
+    if isinstance(logical_axes, (str, bytes)) or not isinstance(logical_axes, Sequence):
+        if not isinstance(logical_axes, (str, bytes)):
+            raise ValueError(f"logical_axes: expected a tuple of names (or None) with one entry "
+                             f"per dimension, got {type(logical_axes).__name__}")
         raise ValueError(f"logical_axes: expected one name per dimension, got the string "
                          f"{logical_axes!r}; write ({logical_axes!r},)")
     if shape is not None and len(logical_axes) > len(shape):
         raise ValueError(f"logical_axes: {len(logical_axes)} names {tuple(logical_axes)} for an "
                          f"array of rank {len(shape)} (shape {tuple(shape)}); give one per "
                          "dimension")
-    table = dict(DEFAULT_RULES if rules is None else rules)
-    if rules is not None:
+    if rules is None:
+        table = dict(DEFAULT_RULES)
+    else:
+        table = _rules_table(rules)
         _check_rules(table, mesh_shape)
     used: set[str] = set()
     spec = []
@@ -162,6 +181,9 @@ def logical_to_spec(
             raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
         axis = None if name is None else table[name]
         names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        if rules is None and names and mesh_shape is not None:
+            # Only where a default rule would split: all-None axes are fine on any mesh.
+            _check_default_mesh(mesh_shape)
         if mesh_shape is not None:
             names = tuple(n for n in names if n in mesh_shape and mesh_shape[n] > 1)
         names = tuple(n for n in names if n not in used)
@@ -180,6 +202,38 @@ def logical_to_spec(
         used.update(names)
         spec.append(None if not names else (names[0] if len(names) == 1 else names))
     return PartitionSpec(*spec)
+
+
+def _rules_table(rules) -> dict:
+    """`rules` as a dict, each entry checked: `dict()` of a malformed entry raises a message that
+    names neither the argument nor the entry."""
+    if isinstance(rules, Mapping):
+        rules = tuple(rules.items())
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise ValueError(f"rules: expected a tuple of (logical axis, mesh axis) pairs, got "
+                         f"{type(rules).__name__}")
+    table = {}
+    for entry in rules:
+        ok = (isinstance(entry, Sequence) and not isinstance(entry, (str, bytes))
+              and len(entry) == 2 and isinstance(entry[0], str))
+        axis = entry[1] if ok else None
+        ok = ok and (axis is None or isinstance(axis, str) or (
+            isinstance(axis, (tuple, list)) and all(isinstance(a, str) for a in axis)))
+        if not ok:
+            raise ValueError(f"rules: each entry must be a pair (logical axis name, mesh axis "
+                             f"name, tuple of names or None), got {entry!r}")
+        table[entry[0]] = axis
+    return table
+
+
+def _check_default_mesh(mesh_shape: Mapping[str, int]) -> None:
+    """`DEFAULT_RULES` name the (data, fsdp, tensor) axes: a mesh with other names would match
+    none of them and every array would be silently replicated."""
+    # Axes of size 1 split nothing (a one-device mesh replicates rightly, whatever its names).
+    if any(n not in MESH_AXES and size > 1 for n, size in dict(mesh_shape).items()):
+        raise ValueError(f"mesh axes {tuple(mesh_shape)} are not the {MESH_AXES} axes "
+                         "DEFAULT_RULES uses; build the mesh with make_mesh or pass rules= "
+                         "naming your axes")
 
 
 def _check_rules(table: dict, mesh_shape: Mapping[str, int] | None) -> None:

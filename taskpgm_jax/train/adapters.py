@@ -15,6 +15,7 @@ another with the same loop.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -54,7 +55,9 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
       model: a model with adapters (`add_lora`); only their shapes are used.
       num_adapters: T.
       seed: adapter t draws A from `fold_in(PRNGKey(seed), first + t)`; in [0, 2**32).
-      std: standard deviation of A.
+      std: standard deviation of A, a finite number >= 0. The default 0.02 equals
+        `LoraConfig`'s default `init_std`; the model does not keep its `LoraConfig`, so a
+        non-default `init_std` is not read from it: pass `std=lora_config.init_std`.
       first: the index of the first adapter, so that adapters `first .. first + T - 1` of a
         larger set can be made without the others (training them in rounds).
 
@@ -65,6 +68,11 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     num_adapters = check_int(num_adapters, "num_adapters", 1)
     first = check_int(first, "first", 0)
     seed = check_seed(seed)
+    # NaN would give NaN adapters, a string a TypeError from inside jax.random.
+    if isinstance(std, (bool, np.bool_)) or not isinstance(std, numbers.Real) \
+            or not (np.isfinite(float(std)) and float(std) >= 0):
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+    std = float(std)
     template = nnx.state(model, LoRAParam)
     if not jax.tree.leaves(template):
         raise ValueError("init_adapters: the model has no LoRAParam variables; call add_lora first")
@@ -80,6 +88,17 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     keys = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(
         first + jnp.arange(num_adapters))
     return jax.jit(jax.vmap(one))(keys)
+
+
+def _check_stacked(adapters: nnx.State, own: nnx.State) -> None:
+    """One adapter (leaves of the model's own ranks) instead of a stack: say so, rather than
+    report every leaf's shape as a mismatch."""
+    given, model = jax.tree.leaves(adapters), jax.tree.leaves(own)
+    if given and len(given) == len(model) and all(
+            np.ndim(a) == np.ndim(b) for a, b in zip(given, model, strict=True)):
+        raise ValueError("adapters must be stacked [T, ...] (one leading adapter axis): use "
+                         "init_adapters(model, T) or stack_adapters([...]); got one adapter "
+                         "shaped like the model's own")
 
 
 def stacked_adapter_shardings(adapters: nnx.State, mesh: Mesh, rules: Rules | None = None):
@@ -127,6 +146,7 @@ class AdapterTrainer(Trainer):
         super().__init__(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
         if not isinstance(adapters, nnx.State):
             adapters = stack_adapters(list(adapters))
+        _check_stacked(adapters, self._params)
         check_adapters_like(adapters, self._params, "adapters", "the model's adapters", leading=1)
         sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
         if len(sizes) != 1:
@@ -203,8 +223,13 @@ class AdapterTrainer(Trainer):
         Returns:
           A model sharing the base weights.
         """
-        if index is None or not 0 <= index < self.num_adapters:
-            raise ValueError(f"index must be an adapter in [0, {self.num_adapters}), got {index!r}")
+        # A float or bool would index the stack as something else (1.0: an error inside JAX,
+        # True: adapter 1).
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral) \
+                or not 0 <= index < self.num_adapters:
+            raise ValueError(f"index must be an int adapter index in [0, {self.num_adapters}), "
+                             f"got {index!r}")
+        index = int(index)
         return nnx.merge(self.graphdef, jax.tree.map(lambda x: x[index], state.params), self.frozen)
 
     # -- step --------------------------------------------------------------------------------------
@@ -256,6 +281,28 @@ class AdapterTrainer(Trainer):
         return self._compiled()(state, self.frozen, batch, self.mesh)
 
 
+def check_task_iterators(iterators: Any, name: str) -> list:
+    """A list of per-task iterators, checked before anything consumes it: one iterator given
+    instead (itself iterable, `list()` would drain it, forever if it is endless) or an element
+    that is not an iterator would otherwise hang or fail at the first batch."""
+    if callable(getattr(iterators, "__next__", None)):
+        raise ValueError(f"{name} must be a list of per-task iterators, got one "
+                         f"{type(iterators).__name__}: for one task pass [it]; for a generator "
+                         "of per-task iterators pass list(...) of it")
+    if isinstance(iterators, (str, bytes)) or not hasattr(iterators, "__iter__"):
+        raise ValueError(f"{name} must be a list of per-task iterators, got "
+                         f"{type(iterators).__name__}")
+    out = list(iterators)
+    if not out:
+        raise ValueError(f"{name} is empty: give one iterator per task")
+    for t, it in enumerate(out):
+        if not callable(getattr(it, "__next__", None)):
+            raise ValueError(f"{name}[{t}] must be an iterator of Batch (with __next__), got "
+                             f"{type(it).__name__}: wrap a list of batches in iter(...), or "
+                             "pass a HostIterator")
+    return out
+
+
 class StackedIterator:
     """Zips T per-task iterators into [T, B, S] batches, with a joint resumable position.
 
@@ -271,9 +318,7 @@ class StackedIterator:
     """
 
     def __init__(self, iterators: Sequence[Iterator[Batch]]):
-        if not iterators:
-            raise ValueError("iterators is empty")
-        self.iterators = list(iterators)
+        self.iterators = check_task_iterators(iterators, "iterators")
 
     def __iter__(self):
         return self
@@ -358,8 +403,8 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
 
     from taskpgm_jax.train.loop import finetune
 
-    data = list(data)
-    seed = check_seed(seed, max(len(data), 1), "task")
+    data = check_task_iterators(data, "data")
+    seed = check_seed(seed, len(data), "task")
     trainer = Trainer(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
     out = []
     for t, task_data in enumerate(data):

@@ -10,13 +10,17 @@ next such step, before anything is saved, and the last good checkpoint is kept.
 
 A checkpoint directory belongs to one run: every checkpoint records the settings that define the
 trajectory (seed, `TrainConfig`, trainer kind, the trainable parameters' shapes and dtypes), a
-resume refuses a checkpoint made with other settings, and a fresh run (`resume=False`) refuses a
-directory that already holds checkpoints.
+resume refuses a checkpoint made with other settings or on other weights (a fingerprint of a few
+sampled values of the frozen base and of the initial trainable values), and a fresh run
+(`resume=False`) refuses a directory that already holds checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -106,18 +110,21 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
         resumed; `checkpoint_dir` with `resume=True` requires both (a plain iterator would replay
         its data from the start), with `resume=False` a plain iterator's checkpoints hold no
         position.
-      num_steps: total steps of the run (default `trainer.cfg.total_steps`); a resumed run goes on
-        to the same total.
+      num_steps: total steps of the run (default `trainer.cfg.total_steps`), at most
+        `trainer.cfg.total_steps` (the schedule's end; fewer is fine); a resumed run goes on to
+        the same total.
       seed: the run's seed (the step keys), in [0, 2**32) (for T adapters seed + T - 1 too). A
         resumed run must pass the same seed, and a trainer of the same kind, `TrainConfig` and
         trainable parameter shapes, e.g. LoRA rank and targets (`num_steps` may differ: the
-        schedule is the config's).
+        schedule is the config's), and the same base model and initial trainable values
+        (compared by a fingerprint of a few sampled values of every array).
       log_every: fetch and record metrics every this many steps (and at the end).
-      checkpoint_dir: where to checkpoint (None: no checkpoints); one run's directory.
+      checkpoint_dir: where to checkpoint (None: no checkpoints); one run's directory (a path
+        that is not an existing file).
       checkpoint_every: checkpoint interval, a positive int (default: `log_every`); the last step
         always saves.
       max_to_keep: checkpoints kept.
-      resume: continue from the newest checkpoint in `checkpoint_dir` if there is one. False
+      resume: (a bool) continue from the newest checkpoint in `checkpoint_dir` if there is one. False
         starts afresh and requires a `checkpoint_dir` without checkpoints (it never deletes them).
       progress: show a tqdm progress bar.
       on_log: a callable, called with each history entry (or None).
@@ -137,8 +144,20 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
       >>> result = finetune(Trainer(model, TrainConfig(total_steps=500)), data,
       ...                   checkpoint_dir="/tmp/run/ckpt", checkpoint_every=100)
     """
+    if not isinstance(trainer, Trainer):
+        raise ValueError(f"trainer must be a Trainer or AdapterTrainer, got "
+                         f"{type(trainer).__name__}")
     num_steps = check_int(trainer.cfg.total_steps if num_steps is None else num_steps,
                           "num_steps", 1)
+    if num_steps > trainer.cfg.total_steps:
+        # Steps past the schedule's end would all run at the floor rate: never what was meant.
+        raise ValueError(f"num_steps={num_steps} > TrainConfig.total_steps="
+                         f"{trainer.cfg.total_steps}: the schedule ends at "
+                         f"{trainer.cfg.total_steps}; raise total_steps (fewer steps are fine)")
+    if not isinstance(resume, (bool, np.bool_)):
+        # A string such as "no" would be truthy and resume.
+        raise ValueError(f"resume must be True or False, got {resume!r}")
+    resume = bool(resume)
     log_every = check_int(log_every, "log_every", 1)
     if checkpoint_every is not None:
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
@@ -154,6 +173,13 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
                          f"got {type(on_log).__name__}")
     ckpt = None
     if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got "
+                             f"{type(checkpoint_dir).__name__}")
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            # Else training runs until the first save, which then fails in orbax's thread.
+            raise ValueError(f"checkpoint_dir={os.fspath(checkpoint_dir)!r} is an existing file, "
+                             "not a directory: pass a directory path (it is created if missing)")
         if resume and not _resumable(data):
             what = ("has state()/restore() but resumable=False (a StackedIterator: a task "
                     "iterator without them)" if has_position(data) else "has no state()/restore()")
@@ -200,6 +226,49 @@ def _raise_nonfinite(bad: np.ndarray, ckpt: Checkpointer | None) -> None:
 
 
 _PARAM = "param "  # prefix of the settings keys that hold a trainable parameter's shape
+# Settings keys of the weights' fingerprints: the frozen base, and the trainable values the run
+# starts from (LoRA: the initial adapters; full fine-tuning: the initial weights).
+_BASE, _INITIAL = "fingerprint base", "fingerprint initial"
+_SAMPLES = 16  # values read per array: enough to tell two models apart, cheap at 7B
+
+
+def _sample_index(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """The positions fingerprinted in an array of `shape`: the first, the last and a few fixed
+    pseudo-random ones in between, the same on every process and in every run."""
+    size = int(np.prod(shape))
+    if size <= _SAMPLES:
+        flat = np.arange(size)
+    else:
+        rng = np.random.default_rng(size)
+        flat = np.unique(np.concatenate([[0, size - 1],
+                                         rng.integers(0, size, _SAMPLES - 2)]))
+    return tuple(np.asarray(i, np.int32) for i in np.unravel_index(flat, shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(out_sharding):
+    # One jitted point-gather over all leaves: slice size 1 on every dimension, so the SPMD
+    # partitioner gathers each sample from its own shard and never collects a whole weight.
+    # Replicated outputs: every process reads the same values.
+    return jax.jit(lambda leaves, index: [x[i] for x, i in zip(leaves, index, strict=True)],
+                   out_shardings=out_sharding)
+
+
+def _fingerprint(tree, replicated) -> str:
+    """A short hash of a few sampled values (and the path, shape, dtype) of every array in
+    `tree`: tells another base model or other initial weights apart without reading them all."""
+    leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+              if hasattr(x, "shape") and hasattr(x, "dtype")]
+    if not leaves:
+        return "empty"
+    arrays = [x for _, x in leaves]
+    index = [_sample_index(tuple(x.shape)) if x.ndim else () for x in arrays]
+    values = jax.device_get(_gather_fn(replicated)(arrays, index))
+    h = hashlib.sha256()
+    for (path, x), v in zip(leaves, values, strict=True):
+        h.update(f"{path}|{x.dtype}|{tuple(x.shape)}|".encode())
+        h.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
@@ -216,6 +285,11 @@ def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
     for path, x in jax.tree_util.tree_leaves_with_path(trainer._trainable()):
         name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
         settings[_PARAM + name] = f"{x.dtype}{list(x.shape)}"
+    # Shapes alone would let a run resume onto another base (or, for full fine-tuning, replace
+    # the given initial weights by the checkpoint's) without a word.
+    replicated = trainer._default_sharding()
+    settings[_BASE] = _fingerprint(trainer.frozen, replicated)
+    settings[_INITIAL] = _fingerprint(trainer._trainable(), replicated)
     return settings
 
 
@@ -227,6 +301,16 @@ def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -
         saved, now = {"seed": meta.get("seed")}, {"seed": now["seed"]}
     elif not any(k.startswith(_PARAM) for k in saved):  # written before shapes were stored
         now = {k: v for k, v in now.items() if not k.startswith(_PARAM)}
+    prints = [k for k in (_BASE, _INITIAL) if k in now]
+    if prints and not any(k in saved for k in prints):  # written before fingerprints were stored
+        if "run" in meta:
+            warnings.warn(f"the checkpoint in {directory} does not record a fingerprint of its "
+                          "base model and initial weights; resuming it without checking that "
+                          "they are this run's", stacklevel=4)
+        prints = []
+    fingerprints = {k: (saved.get(k), now[k]) for k in prints}
+    saved = {k: v for k, v in saved.items() if k not in (_BASE, _INITIAL)}
+    now = {k: v for k, v in now.items() if k not in (_BASE, _INITIAL)}
     missing = "<absent>"
     diff = [f"{k}: {saved.get(k, missing)!r} vs {now.get(k, missing)!r}"
             for k in sorted(saved.keys() | now.keys())
@@ -237,6 +321,15 @@ def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -
         raise ValueError(f"the checkpoint in {directory} was made by another run (checkpoint vs "
                          f"this run: {'; '.join(diff)}): resume with the same settings, or give "
                          "the new run another (or an emptied) checkpoint_dir")
+    what = {_BASE: "another base model (frozen weights)",
+            _INITIAL: "other initial trainable weights (the adapters or weights the run starts "
+                      "from)"}
+    other = [what[k] for k, (a, b) in fingerprints.items() if a != b]
+    if other:
+        raise ValueError(f"checkpoint_dir {directory} holds a run on {' and '.join(other)}: "
+                         "resuming it would continue that run's training on this run's model. "
+                         "Use another (or an emptied) checkpoint_dir for this run, or build the "
+                         "trainer from the same model and initial weights to resume")
 
 
 def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log):
@@ -270,8 +363,14 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
             try:
                 batch = next(data)
             except StopIteration:
-                raise ValueError(f"data ran out at step {step} of {num_steps}; use an endless "
-                                 "iterator (HostIterator with num_epochs=None)") from None
+                kept = ("nothing was saved (no checkpoint_dir): the steps trained are lost"
+                        if ckpt is None else
+                        f"the newest checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
+                        if ckpt.latest_step() is not None else
+                        f"no checkpoint was written to {ckpt.directory} yet")
+                raise ValueError(f"data ran out at step {step} of {num_steps}; {kept}. Use an "
+                                 "endless iterator (HostIterator with num_epochs=None), or pass "
+                                 "num_steps the data can cover") from None
             tokens += int(np.sum(np.asarray(batch.segment_ids) > 0))
             state, metrics = trainer.step(state, trainer.place_batch(batch))
             pending.append(metrics)

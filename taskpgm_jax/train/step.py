@@ -466,6 +466,12 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, cfg: TrainConfig, *, mesh: Mesh | None = None,
                  rules: Rules | None = None, loss_fn: LossFn | None = None):
+        if not isinstance(model, nnx.Module):
+            # An nnx.State (e.g. nnx.state(model)) would split into nothing callable and fail only
+            # inside the first step.
+            raise ValueError(f"model must be an nnx.Module (e.g. a CausalLM), got "
+                             f"{type(model).__name__}; to train a State, nnx.update a model with "
+                             "it first")
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         wrt = LoRAParam if cfg.trainable == "lora" else nnx.Param
@@ -489,6 +495,13 @@ class Trainer:
         # (nnx.update) do not reach into this trainer.
         self._params = jax.tree.map(lambda x: x, params)
         self.frozen = self._place(frozen)
+        if mesh is not None:
+            # Checked now, not at init(): a mesh the rules do not fit (e.g. other axis names)
+            # is refused before any work.
+            if not isinstance(mesh, Mesh):
+                raise ValueError(f"mesh must be a jax.sharding.Mesh (make_mesh) or None, got "
+                                 f"{type(mesh).__name__}")
+            Trainer._param_shardings(self)  # the model's own (not the stacked adapters)
 
     # -- shardings ---------------------------------------------------------------------------------
 
