@@ -188,7 +188,8 @@ def run(args) -> int:
     print(f"results: {run_dir / 'results.json'}; report: {run_dir / 'report.md'}")
     for method, entry in results["methods"].items():
         # One seed has no spread to show: its std is stored as 0.0, which is not a measured 0.
-        spread = "(1 seed)" if entry.get("n") == 1 else f"+- {entry['std']:.4f}"
+        n = entry.get("n", len(entry.get("seeds", [])))
+        spread = "(1 seed)" if n == 1 else f"+- {entry['std']:.4f}"
         print(f"  {method:18s} {results['metric']} {entry['mean']:.4f} {spread}")
     return 0
 

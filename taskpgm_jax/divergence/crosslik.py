@@ -178,7 +178,7 @@ def pmi_affinity(cross_likelihood):
         raise ValueError(f"cross_likelihood: expected a square [T, T] matrix with T >= 1 (model "
                          f"i trained on task i), got shape {tuple(L.shape)}.")
     # Complex values would lose their imaginary part to a float cast, bools read as 0/1.
-    if L.dtype.kind not in "fiu":
+    if not (jnp.issubdtype(L.dtype, jnp.floating) or jnp.issubdtype(L.dtype, jnp.integer)):
         raise ValueError(f"cross_likelihood: expected real numbers, got dtype {L.dtype}.")
     if not jnp.issubdtype(L.dtype, jnp.floating):
         L = L.astype(np.float32)

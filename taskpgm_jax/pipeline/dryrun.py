@@ -251,7 +251,11 @@ def _count_tasks(cfg: RunConfig) -> tuple[int, bool, str]:
         return len(d.hub.train), True, "one task per data.hub.train entry"
     path = Path(d.files.path).expanduser()
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
+        from taskpgm_jax.data.sources.files import SUFFIXES
+
+        # As the loader reads a directory: task files by suffix, hidden files skipped.
+        files = sorted(f for f in path.iterdir()
+                       if f.suffix in SUFFIXES and not f.name.startswith("."))
         # A file that holds the task column is split by it (FLAN-style shards): then T is only
         # known once the files are read. Files without it are one task each.
         if files and not any(_may_hold_column(f, d.files.task_column) for f in files):

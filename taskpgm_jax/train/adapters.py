@@ -69,8 +69,9 @@ def init_adapters(model: nnx.Module, num_adapters: int, *, seed: int = 0,
     first = check_int(first, "first", 0)
     seed = check_seed(seed)
     # NaN would give NaN adapters, a string a TypeError from inside jax.random.
-    if isinstance(std, (bool, np.bool_)) or not isinstance(std, numbers.Real) \
-            or not (np.isfinite(float(std)) and float(std) >= 0):
+    # 0-d NumPy / JAX numbers count as numbers (bools and complex do not).
+    kind = None if isinstance(std, (str, bytes)) or np.ndim(std) else np.asarray(std).dtype.kind
+    if kind not in ("f", "i", "u") or not (np.isfinite(float(std)) and float(std) >= 0):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     std = float(std)
     template = nnx.state(model, LoRAParam)
@@ -285,14 +286,22 @@ def check_task_iterators(iterators: Any, name: str) -> list:
     """A list of per-task iterators, checked before anything consumes it: one iterator given
     instead (itself iterable, `list()` would drain it, forever if it is endless) or an element
     that is not an iterator would otherwise hang or fail at the first batch."""
-    if callable(getattr(iterators, "__next__", None)):
-        raise ValueError(f"{name} must be a list of per-task iterators, got one "
-                         f"{type(iterators).__name__}: for one task pass [it]; for a generator "
-                         "of per-task iterators pass list(...) of it")
+    one = (f"{name} must be a list of per-task iterators, got one {type(iterators).__name__} of "
+           "batches: for one task pass [it]")
+    if has_position(iterators):  # a HostIterator / StackedIterator: batches, never tasks
+        raise ValueError(one)
     if isinstance(iterators, (str, bytes)) or not hasattr(iterators, "__iter__"):
         raise ValueError(f"{name} must be a list of per-task iterators, got "
                          f"{type(iterators).__name__}")
-    out = list(iterators)
+    if callable(getattr(iterators, "__next__", None)):
+        # A generator of per-task iterators is fine; one of batches (endless, often) is not:
+        # look at the first element before anything drains it.
+        first = next(iterators, None)
+        if isinstance(first, Batch):
+            raise ValueError(one)
+        out = [] if first is None else [first, *iterators]
+    else:
+        out = list(iterators)
     if not out:
         raise ValueError(f"{name} is empty: give one iterator per task")
     for t, it in enumerate(out):

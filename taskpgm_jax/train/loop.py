@@ -271,7 +271,7 @@ def _fingerprint(tree, replicated) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
+def _run_settings(trainer: Trainer, seed: int, fingerprints: bool = True) -> dict[str, Any]:
     """What defines a run's trajectory besides its data: stored in every checkpoint, compared on
     resume (before orbax restores anything, so a changed LoRA rank or target list is named by
     parameter). `num_steps` is not among them (the schedule is `TrainConfig.total_steps`), so a
@@ -287,9 +287,11 @@ def _run_settings(trainer: Trainer, seed: int) -> dict[str, Any]:
         settings[_PARAM + name] = f"{x.dtype}{list(x.shape)}"
     # Shapes alone would let a run resume onto another base (or, for full fine-tuning, replace
     # the given initial weights by the checkpoint's) without a word.
-    replicated = trainer._default_sharding()
-    settings[_BASE] = _fingerprint(trainer.frozen, replicated)
-    settings[_INITIAL] = _fingerprint(trainer._trainable(), replicated)
+    # Only a run that checkpoints needs them (a compile and a device read otherwise wasted).
+    if fingerprints:
+        replicated = trainer._default_sharding()
+        settings[_BASE] = _fingerprint(trainer.frozen, replicated)
+        settings[_INITIAL] = _fingerprint(trainer._trainable(), replicated)
     return settings
 
 
@@ -336,7 +338,7 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
     history: list[dict[str, Any]] = []
     window: list[dict[str, Any]] = []  # fetched per-step metrics since the last log entry
     resumed_from = None
-    settings = _run_settings(trainer, seed)
+    settings = _run_settings(trainer, seed, fingerprints=ckpt is not None)
     if ckpt is not None and resume and ckpt.latest_step() is not None:
         # The settings first: another trainer's state would fail to restore with a shape error.
         _check_same_run(ckpt.read_meta(), settings, ckpt.directory)

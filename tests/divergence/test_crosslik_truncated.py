@@ -98,6 +98,13 @@ def test_pmi_affinity_refuses_what_a_float_cast_would_hide(rng):
     for bad, match in cases:
         with pytest.raises(ValueError, match=f"cross_likelihood: {match}"):
             pmi_affinity(bad)
+    # bfloat16 (NumPy kind "V") is a float: accepted, the formula within bf16 rounding.
+    import jax.numpy as jnp
+    Lb = jnp.asarray(L, jnp.bfloat16)
+    Lb64 = np.asarray(Lb, np.float64)
+    np.testing.assert_allclose(np.asarray(pmi_affinity(Lb), np.float64),
+                               0.5 * ((Lb64 - np.diag(Lb64)[None]) + (Lb64 - np.diag(Lb64)[None]).T),
+                               atol=0.25)
     # Integer log-likelihood sums are real numbers: the formula, in float.
     Li = rng.integers(-50, 0, size=(4, 4))
     S = np.asarray(pmi_affinity(Li))

@@ -143,6 +143,17 @@ def test_one_iterator_where_a_list_of_task_iterators_is_due():
             call([iterator(0), [batch]])
         with pytest.raises(ValueError, match=rf"{name} is empty"):
             call([])
+        # A plain generator of batches is one task's stream too (seen at its first element).
+        with pytest.raises(ValueError, match=rf"{name} must be a list of per-task iterators, "
+                                             r"got one generator of batches"):
+            call(b for b in iterator(0))
+    # A generator of per-task iterators is a list of tasks, as before (it used to go through
+    # list()): the same batches as the list.
+    stacked = StackedIterator(iterator(t) for t in range(2))
+    want = StackedIterator([iterator(t) for t in range(2)])
+    for _ in range(2):
+        for got, ref in zip(next(stacked), next(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
 def test_argument_errors_named(tmp_path, rng):
@@ -152,8 +163,9 @@ def test_argument_errors_named(tmp_path, rng):
         with pytest.raises(ValueError, match=r"std must be a finite number >= 0, got"):
             init_adapters(model, 2, std=std)
     std = float(rng.uniform(0.5, 2.0))
-    a = np.asarray(jax.tree.leaves(init_adapters(model, 4, std=np.float32(std)))[0])
-    assert abs(a.std() / std - 1) < 0.25
+    for given in (np.float32(std), jnp.float32(std)):  # 0-d NumPy and JAX numbers are numbers
+        a = np.asarray(jax.tree.leaves(init_adapters(model, 4, std=given))[0])
+        assert abs(a.std() / std - 1) < 0.25
     # Unstacked adapters: said so, not a per-leaf shape mismatch.
     with pytest.raises(ValueError, match=r"adapters must be stacked \[T, \.\.\.\].*"
                                          r"init_adapters\(model, T\) or stack_adapters"):
