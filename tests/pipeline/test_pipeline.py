@@ -309,8 +309,10 @@ def test_data_key_covers_what_evaluation_reads(monkeypatch):
         examples = task.examples.map(lambda ex: {"references": [*ex["references"], "also"]})
         return dataclasses.replace(task, examples=examples)
 
-    for edit in (more_refs, lambda t: dataclasses.replace(t, metric="other_metric"),
-                 lambda t: dataclasses.replace(t, kind="multiple_choice")):
+    # Metrics the evaluation computes (another one is refused when the data loads).
+    for edit in (more_refs, lambda t: dataclasses.replace(t, metric="exact_str_match"),
+                 lambda t: dataclasses.replace(t, kind="multiple_choice",
+                                               metric="multiple_choice_grade")):
         monkeypatch.setattr(inputs, "synthetic_suite", edited(edit))
         assert load_pools(cfg).key != key
     monkeypatch.setattr(inputs, "synthetic_suite", edited(lambda t: t))
