@@ -119,11 +119,15 @@ def _check_choice_example(ex: Any, k: int) -> None:
                         f"choices; pass a 0-based index in [0, {len(choices)})")
 
 
+def unscored_tasks(tasks: TaskPool) -> list:
+    """The tasks of `tasks` whose metric `evaluate` does not compute (`EVAL_METRICS`)."""
+    return [t for t in tasks.tasks if t.metric not in EVAL_METRICS.get(t.kind, ())]
+
+
 def _check_metrics(tasks: TaskPool) -> None:
     """Refuses tasks whose metric `evaluate` does not compute, all named at once, before any
     scoring."""
-    bad = [f"{t.name!r} ({t.kind}) asks for {t.metric!r}" for t in tasks.tasks
-           if t.metric not in EVAL_METRICS.get(t.kind, ())]
+    bad = [f"{t.name!r} ({t.kind}) asks for {t.metric!r}" for t in unscored_tasks(tasks)]
     if bad:
         supported = "; ".join(f"{kind} tasks: {', '.join(map(repr, names))}"
                               for kind, names in EVAL_METRICS.items())

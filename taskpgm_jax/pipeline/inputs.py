@@ -36,7 +36,7 @@ from taskpgm_jax.data import (
 )
 from taskpgm_jax.data.materialize import task_fingerprint
 from taskpgm_jax.data.sources.bigbench import TaskSelectionError
-from taskpgm_jax.eval.evaluate import EVAL_METRICS
+from taskpgm_jax.eval.evaluate import EVAL_METRICS, unscored_tasks
 from taskpgm_jax.models import ModelConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -103,8 +103,7 @@ def load_pools(cfg: DataConfig) -> Pools:
     if len(heldout) == 0:
         raise ConfigError(f"config key 'data.source' ({cfg.source}): the held-out suite is empty")
     # Checked here, not when the eval stage reaches them after all the training.
-    unscored = [f"{n} ({heldout[n].kind}, metric {heldout[n].metric!r})" for n in heldout.names
-                if heldout[n].metric not in EVAL_METRICS.get(heldout[n].kind, ())]
+    unscored = [f"{t.name} ({t.kind}, metric {t.metric!r})" for t in unscored_tasks(heldout)]
     if unscored:
         raise ConfigError(
             f"config key {_HELDOUT_KEYS[cfg.source]!r}: held-out task(s) with a metric the "
