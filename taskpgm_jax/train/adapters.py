@@ -37,7 +37,6 @@ from taskpgm_jax.train.step import (
     TrainState,
     _CompiledStep,
     attach_shardings,
-    batch_rows_sharding,
     check_int,
     check_seed,
     make_optimizer,
@@ -179,9 +178,7 @@ class AdapterTrainer(Trainer):
 
     def batch_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding:
         """Sharding of a [T, B, S] batch: the adapter axis replicated, rows over the data axes."""
-        if self.mesh is None:
-            return self._default_sharding()
-        return batch_rows_sharding(self.mesh, self.rules, ("adapters", "batch", "seq"), shape, 1)
+        return self._rows_sharding(("adapters", "batch", "seq"), shape, 1)
 
     # -- state -------------------------------------------------------------------------------------
 

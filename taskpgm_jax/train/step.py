@@ -548,9 +548,20 @@ class Trainer:
 
     def batch_sharding(self, shape: tuple[int, ...]) -> jax.sharding.Sharding:
         """Sharding of a [B, S] batch array: rows over the data axes of the mesh."""
+        return self._rows_sharding(("batch", "seq"), shape, 0)
+
+    def _rows_sharding(self, logical_axes: tuple[str, ...], shape: tuple[int, ...],
+                       rows_dim: int) -> jax.sharding.Sharding:
+        """`batch_rows_sharding`, once per batch shape: `place_batch` asks every step, and an
+        indivisible batch warns once, not every step."""
         if self.mesh is None:
             return self._default_sharding()
-        return batch_rows_sharding(self.mesh, self.rules, ("batch", "seq"), shape, 0)
+        cache = self.__dict__.setdefault("_batch_shardings", {})
+        key = (logical_axes, tuple(shape), rows_dim)
+        if key not in cache:
+            cache[key] = batch_rows_sharding(self.mesh, self.rules, logical_axes, tuple(shape),
+                                             rows_dim)
+        return cache[key]
 
     # -- state -------------------------------------------------------------------------------------
 

@@ -108,5 +108,7 @@ def test_a_batch_the_data_axes_do_not_divide_warns(cpu_mesh_devices):
         assert adapters.batch_sharding((2, 10, 16)).spec == P(None, None, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rows that divide: split, silently
+        # place_batch asks every step: the same shape warns once per trainer, not every step.
+        assert trainer.batch_sharding((6, 16)).spec == P(None, None)
         assert trainer.batch_sharding((8, 16)).spec == P(("data", "fsdp"), None)
         assert adapters.batch_sharding((2, 4, 16)).spec == P(None, ("data", "fsdp"), None)
