@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import runpy
 import sys
 from pathlib import Path
+
+from taskpgm_jax._atomic import write_text_atomic
 
 BENCHMARKS = ("divergence", "divergence_tiles", "mrf", "model", "adapters", "probe")
 DATASETS = ("bigbench",)
@@ -88,13 +89,6 @@ def _check_out(out: Path, overwrite: bool) -> list[str]:
     return earlier
 
 
-def _write(path: Path, text: str) -> None:
-    # Write then rename: an interrupted run never leaves a half-written file behind.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def mixture_solve(args) -> int:
     """Solve the MRF on a user's affinity matrix and write the mixture and its exports."""
     import numpy as np
@@ -144,7 +138,7 @@ def mixture_solve(args) -> int:
         if name not in files:
             (out / name).unlink()
     for name, text in sorted(files.items(), key=lambda item: item[0] == "mixture.json"):
-        _write(out / name, text)
+        write_text_atomic(out / name, text)
     weights = np.asarray(mixture.weights)
     order = np.argsort(-weights)
     print(f"{args.method}: energy {float(sol.energy):.6g}, KKT residual "

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from taskpgm_jax._atomic import write_atomic, write_text_atomic
+
 
 def is_writer() -> bool:
     """Only process 0 writes host-side files (every process writes its part of a checkpoint)."""
@@ -36,10 +38,7 @@ def is_writer() -> bool:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write then rename: an interrupted write never leaves a truncated file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -51,10 +50,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_npy(path: str | os.PathLike, array) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, np.asarray(array))
-    os.replace(tmp, path)
+    array = np.asarray(array)
+    write_atomic(path, lambda fh: np.save(fh, array))
 
 
 # Sub-directories of a stage's work directory that only serve to resume inside the stage.

@@ -10,17 +10,15 @@ interrupted report leaves the previous files or none, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from taskpgm_jax._atomic import write_atomic, write_text_atomic
 from taskpgm_jax.pipeline import _figures as figs
 from taskpgm_jax.pipeline._figures import METHOD_LABELS, METHOD_ORDER
 from taskpgm_jax.pipeline._figures import fmt_num as _num
@@ -219,22 +217,8 @@ def load_report_inputs(run_dir) -> ReportInputs:
 # ----------------------------------------------------------------------------- writing files
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write via a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private to its writer
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _save(fig: Figure, path: Path) -> None:
-    _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI))
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -508,6 +492,6 @@ def write_report(run_dir, inputs: ReportInputs | None = None) -> Path:
 
     path = run_dir / "report.md"
     text = "\n\n".join(parts) + "\n"
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_text_atomic(path, text)
     return path
 

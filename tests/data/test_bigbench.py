@@ -384,16 +384,26 @@ def test_a_half_written_index_is_rebuilt(tmp_path, rng, monkeypatch):
     assert json.loads(side.read_text())["tasks"] == json.loads(whole)["tasks"]
 
     # A write interrupted half-way (Ctrl-C) leaves the previous index, not half of the new one.
-    from pathlib import Path
+    import taskpgm_jax._atomic as atomic
 
-    real_write = Path.write_text
+    real_fdopen = atomic.os.fdopen
 
-    def interrupted(self, text, *a, **k):
-        real_write(self, text[:len(text) // 2], *a, **k)
-        raise KeyboardInterrupt
+    class HalfThenInterrupted:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[:len(data) // 2])
+            raise KeyboardInterrupt
 
     side.write_text('{"stamp": "stale", "tasks": {}, "programmatic": []}')
-    monkeypatch.setattr(Path, "write_text", interrupted)
+    monkeypatch.setattr(atomic.os, "fdopen", lambda *a, **k: HalfThenInterrupted(real_fdopen(*a, **k)))
     with pytest.raises(KeyboardInterrupt):
         load_bigbench(names, archive=archive)
     monkeypatch.undo()

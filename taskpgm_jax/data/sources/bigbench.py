@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from taskpgm_jax._atomic import write_text_atomic
 from taskpgm_jax.data.tasks import (
     DataError,
     SplitSpec,
@@ -282,14 +283,10 @@ def _read_index(side: Path) -> dict[str, Any] | None:
 def _write_index(side: Path, index: dict[str, Any]) -> None:
     # A temporary file renamed into place: a run killed mid-write leaves the old index or none,
     # never half of one.
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, side)
+        write_text_atomic(side, json.dumps(index))
     except OSError:  # a read-only cache still works, it just re-indexes next time
         pass
-    finally:  # nothing left behind by a failed or interrupted write
-        tmp.unlink(missing_ok=True)
 
 
 def _read_members(archive: Path, entries: dict[str, dict]) -> dict[str, bytes]:
