@@ -74,7 +74,9 @@ def _parse_device_ids(value: int | Sequence[int] | str, name: str) -> list[int]:
         if not items:
             raise ValueError(f"{name}={value!r} lists no device ids; expected e.g. '0,1,2,3'")
         ids = [_parse_int(v, name) for v in items]
-    elif isinstance(value, int) and not isinstance(value, bool):
+    elif isinstance(value, bool):  # an int to Python, but not a device id
+        raise ValueError(f"{name}={value!r} must be a non-empty list of ints")
+    elif isinstance(value, int):
         ids = [value]
     else:
         ids = list(value)

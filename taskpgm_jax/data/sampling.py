@@ -14,25 +14,42 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
 from taskpgm_jax.data.tasks import DataError, TaskPool, check_int, check_seed, data_error
+
+if TYPE_CHECKING:  # imported where used at run time (mrf imports are lazy here)
+    from taskpgm_jax.mrf.mixture import Mixture
+
+    # What `weights` may be: name -> weight, an array in pool order, or an mrf.Mixture.
+    Weights = Mapping[str, float] | Sequence[float] | np.ndarray | Mixture
 
 __all__ = [
     "MixtureSample", "baseline_weights", "interleave_mixture", "mixture_counts", "sample_mixture",
 ]
 
 
-def _as_vector(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
-               names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+@overload
+def _as_vector(weights: Weights, names: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]: ...
+
+
+@overload
+def _as_vector(weights: Weights, names: None) -> tuple[np.ndarray, tuple[str, ...] | None]: ...
+
+
+def _as_vector(weights: Weights, names: Sequence[str] | None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """The weights as a float64 vector, and their task names: `names` when given, the
+    mapping's keys, or None for a bare vector."""
     if hasattr(weights, "as_dict") and hasattr(weights, "to_counts"):  # an mrf.Mixture
-        if getattr(weights, "unit", "examples") != "examples":
-            raise data_error(f"this mixture's weights are shares of {weights.unit}; drawing "
+        unit = getattr(weights, "unit", "examples")
+        if unit != "examples":
+            raise data_error(f"this mixture's weights are shares of {unit}; drawing "
                              f"examples needs shares of examples (divide each weight by the "
                              f"task's mean tokens per example and renormalise)")
         weights = weights.as_dict()
+    keys: tuple[str, ...] | None
     if isinstance(weights, Mapping):
         keys = tuple(weights)
         if names is not None:
@@ -51,8 +68,7 @@ def _as_vector(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
     return w, keys
 
 
-def mixture_counts(weights: Mapping[str, float] | Sequence[float] | np.ndarray,
-                   budget: int) -> dict[str, int] | np.ndarray:
+def mixture_counts(weights: Weights, budget: int) -> dict[str, int] | np.ndarray:
     """Integer example counts per task, by largest remainder: they sum exactly to `budget`.
 
     Each task gets floor(w_i / sum(w) * budget); the examples left over go one each to the tasks
@@ -187,8 +203,7 @@ def _draw(rng: np.random.Generator, available: int, count: int, repeat: str) -> 
     return rng.permutation(picks)
 
 
-def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float] | np.ndarray,
-                   budget: int, *, seed: int = 0, split: str = "train",
+def sample_mixture(pool: TaskPool, weights: Weights, budget: int, *, seed: int = 0, split: str = "train",
                    repeat: str = "balanced") -> MixtureSample:
     """Draws `budget` examples from the pool's `split` following `weights`.
 
@@ -234,7 +249,7 @@ def sample_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float
     return MixtureSample(names, w / w.sum(), counts, indices, repeated, order, split, seed)
 
 
-def interleave_mixture(pool: TaskPool, weights: Mapping[str, float] | Sequence[float] | np.ndarray,
+def interleave_mixture(pool: TaskPool, weights: Weights,
                        *, seed: int = 0, split: str = "train", streaming: bool = False,
                        stopping_strategy: str = "all_exhausted") -> Any:
     """The streaming form: `datasets.interleave_datasets` with the weights as probabilities.

@@ -16,7 +16,7 @@ import hashlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import datasets
 import numpy as np
@@ -251,6 +251,10 @@ def _target_mismatch(target: str, choices: Sequence[str], answer: int) -> str:
             "cause) or the target, or leave the target out (it defaults to choices[answer])")
 
 
+def _is_kind(kind: str) -> TypeGuard[Kind]:
+    return kind in KINDS
+
+
 def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric: str | None = None,
               source: str = "", description: str = "", keywords: Iterable[str] = (),
               canary: str = "", lines: Sequence[int | str] | None = None) -> Task:
@@ -279,7 +283,7 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     """
     if not isinstance(name, str) or not name:
         raise data_error(f"name must be a non-empty string, got {name!r}", source=source)
-    if kind not in KINDS:
+    if not _is_kind(kind):
         raise data_error(f"unknown kind {kind!r}; expected one of {KINDS}", task=name,
                          source=source, field="kind")
     if isinstance(rows, (str, bytes, Mapping)):

@@ -245,7 +245,9 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
             if path is None or not m.isfile():
                 continue
             try:
-                data = json.loads(tar.extractfile(m).read())
+                member = tar.extractfile(m)
+                assert member is not None  # a regular file (m.isfile() above)
+                data = json.loads(member.read())
                 if not isinstance(data, dict):
                     raise TypeError(f"a JSON {type(data).__name__}, not an object")
             except (ValueError, TypeError) as e:  # ValueError: JSON or UTF-8 decoding
@@ -479,6 +481,7 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
     """
     if keywords is not None:
         keywords = check_names(keywords, "keywords")
+    given: str | list[str] | None
     if names_or_suite is None or isinstance(names_or_suite, str):
         given = names_or_suite
     else:
@@ -492,6 +495,7 @@ def load_bigbench(names_or_suite: str | Sequence[str] | None = "bbh",
                else (Path(cache_dir) if cache_dir is not None else default_cache_dir())
                / _archive_name(BIGBENCH_VERSION))
     index = archive_index(archive)
+    names: list[str] | None
     if given == _SUITE:
         names = bbh_names(index)[0]
     else:

@@ -64,7 +64,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
                          source=str(path))
     if path.suffix == ".json" and _starts_with_array(path):
         return _read_json_array(path)
-    records, lines = [], []
+    records: list[dict[str, Any]] = []
+    lines: list[int | str] = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -93,7 +94,7 @@ def _starts_with_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[int | str]]:
     """A `.json` file holding one array of objects, labelled "element N" (1-based): an
     element spans several lines, so a line number would point at the wrong place."""
     raw = path.read_bytes()
@@ -115,7 +116,7 @@ def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, [f"element {i}" for i in range(1, len(records) + 1)]
 
 
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int | str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -347,7 +348,8 @@ def _merged_task(name: str, parts: list[tuple[Path, list, list]], path: Path,
     differently); every row is labelled with its file, so errors point at the right one."""
     rows: list[dict] = []
     labels: list[str] = []
-    task_kind = first = None
+    task_kind: str | None = None
+    first: Path | None = None
     for file, recs, lns in parts:
         part_kind, part_rows = _task_rows(recs, str(file), columns, kind, dir_columns)
         if task_kind is None:
@@ -359,6 +361,7 @@ def _merged_task(name: str, parts: list[tuple[Path, list, list]], path: Path,
         rows.extend(part_rows)
         labels.extend(f"{file} {_at(line)}" for line in lns)
     # The labels carry the files; the task's source (provenance, manifests) is the directory.
+    assert task_kind is not None  # parts holds two or more files (see _directory_tasks)
     task = make_task(name, task_kind, rows, metric=metric, lines=labels)
     return dataclasses.replace(task, source=f"{path} ({len(parts)} files)")
 
