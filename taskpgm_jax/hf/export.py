@@ -38,7 +38,7 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
         unit = (match.group(2).upper() or "B") if match else None
-        if unit not in _UNITS:
+        if match is None or unit not in _UNITS:
             raise ValueError(f"max_shard_size={size!r} is not a size like 5GB, 500MB or an int of "
                              "bytes")
         nbytes = int(float(match.group(1)) * _UNITS[unit])
@@ -74,7 +74,7 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
     Yields:
       (HF tensor name, array).
     """
-    _check_model(model, "iter_hf_tensors")
+    model = _check_model(model, "iter_hf_tensors")
     dtype = _export_dtype(dtype)
     cfg = model.config
     merged = merged_kernels(model)
@@ -93,11 +93,12 @@ def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
     return dict(iter_hf_tensors(model, _export_dtype(dtype)))
 
 
-def _check_model(model, where: str) -> None:
+def _check_model(model: nnx.Module, where: str) -> CausalLM:
     if not isinstance(model, CausalLM):
         raise ValueError(f"{where}: model must be a CausalLM (e.g. from load_hf_checkpoint or "
                          f"init_model), got {type(model).__name__}; to export a state, "
                          "nnx.update a model with it first")
+    return model
 
 
 def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
@@ -126,7 +127,7 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
       >>> save_hf_checkpoint(model, "/tmp/export", max_shard_size="2GB", dtype=jnp.bfloat16)
     """
     # Arguments and config are all checked before anything is written or removed.
-    _check_model(model, "save_hf_checkpoint")
+    model = _check_model(model, "save_hf_checkpoint")
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"save_hf_checkpoint: path must be a directory (str or os.PathLike), "
                          f"got {type(path).__name__}")
@@ -165,7 +166,9 @@ def _write_temporaries(model, path, limit, dtype, hf_cfg, writer, temps) -> list
     """Writes the shards, the index (if sharded) and config.json under temporary names (appended
     to `temps` in final-name order: shards, then index, then config). Returns the shard names."""
     # Shards are written under temporary names; the final "-of-N" names need the count N.
-    shard_temps, weight_map, total = [], {}, 0
+    shard_temps: list[str] = []
+    weight_map: dict[str, int] = {}  # tensor name -> shard number
+    total = 0
     shard: dict[str, np.ndarray] = {}
     size = 0
 

@@ -231,6 +231,7 @@ def load_hf_checkpoint(
                              + "\n  ".join(parts))
 
         for _, var, tmap in plan:
+            sharding: jax.sharding.Sharding
             if mesh is not None:
                 axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
                 sharding = named_sharding(mesh, axes, var.shape, rules)

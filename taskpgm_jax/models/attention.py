@@ -11,6 +11,7 @@ with a float32 softmax. `ModelConfig.attention_impl` picks one.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dty
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                    causal: bool, implementation: str) -> jax.Array:
+                    causal: bool, implementation: Literal["xla", "cudnn"]) -> jax.Array:
     """`dot_attention` through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention).
 
     Args:

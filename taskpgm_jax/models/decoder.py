@@ -34,7 +34,8 @@ class KVCache(NamedTuple):
     v: jax.Array
     valid: jax.Array
     pos: jax.Array
-    index: jax.Array
+    # The field shadows tuple.index (a method), which mypy reports; the public name stays.
+    index: jax.Array  # type: ignore[assignment]
 
 
 class Embed(nnx.Module):
@@ -61,6 +62,8 @@ class DecoderModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rules: Rules | None = None, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg, rngs=rngs)
+        # One stacked layer (leading axis L) when scanned, else a list of L layers.
+        self.layers: DecoderLayer | nnx.List[DecoderLayer]
         if cfg.scan_layers:
             self.layers = DecoderLayer(cfg, lead=(cfg.num_hidden_layers,), rules=rules, rngs=rngs)
         else:

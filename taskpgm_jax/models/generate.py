@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from taskpgm_jax.models.config import check_int
 from taskpgm_jax.models.decoder import CausalLM, as_array
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos_token_id"))
+@nnx.jit(static_argnames=("max_new_tokens", "eos_token_id"))
 def _generate(model: CausalLM, input_ids, attention_mask, max_new_tokens: int, eos_token_id):
     b, s = input_ids.shape
     mask = attention_mask.astype(jnp.int32)

@@ -77,6 +77,7 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
+            assert self.lora_b is not None  # add_lora sets both factors, merge_lora clears both
             y = y + self.lora_scale * lora_delta(x, self.lora_a[...].astype(self.dtype),
                                                  self.lora_b[...].astype(self.dtype))
         return y
@@ -176,9 +177,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lead: tuple[int, ...] = (), rules: Rules | None = None,
                  rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Dense(d, n * h, ("embed", "heads"), cfg, use_bias=cfg.qkv_bias, lead=lead, rngs=rngs)
-        self.k_proj = Dense(d, k * h, ("embed", "kv_heads"), cfg, use_bias=cfg.qkv_bias, lead=lead, rngs=rngs)
-        self.v_proj = Dense(d, k * h, ("embed", "kv_heads"), cfg, use_bias=cfg.qkv_bias, lead=lead, rngs=rngs)
+        qkv_bias = cfg.qkv_bias
+        assert qkv_bias is not None  # ModelConfig.__post_init__ resolves None per architecture
+        self.q_proj = Dense(d, n * h, ("embed", "heads"), cfg, use_bias=qkv_bias, lead=lead, rngs=rngs)
+        self.k_proj = Dense(d, k * h, ("embed", "kv_heads"), cfg, use_bias=qkv_bias, lead=lead, rngs=rngs)
+        self.v_proj = Dense(d, k * h, ("embed", "kv_heads"), cfg, use_bias=qkv_bias, lead=lead, rngs=rngs)
         self.o_proj = Dense(n * h, d, ("heads", "embed"), cfg, use_bias=cfg.o_bias, lead=lead, rngs=rngs)
         self.shape = (n, k, h)
         self.dtype = cfg.dtype

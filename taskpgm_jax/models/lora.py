@@ -31,7 +31,8 @@ def _targets(model: nnx.Module, names: Sequence[str]):
 def _place(value: jax.Array, like: jax.Array, axes: tuple, rules) -> jax.Array:
     # New adapter arrays follow the mesh of the kernel they adapt (FSDP / tensor-parallel layouts).
     sharding = getattr(like, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
+    # A concrete array's mesh is concrete (tracers have no `sharding`: getattr gives None).
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
         return jax.device_put(value, named_sharding(sharding.mesh, axes, value.shape, rules))
     return value
 
@@ -118,7 +119,8 @@ def check_adapters_like(state, reference, what: str, against: str, leading: int 
     """Same targets, shapes (less `leading` stacked axes) and dtypes as `reference`, or a
     ValueError naming the first leaf that differs: mixing ranks would run with the wrong
     alpha / rank scale, mixing dtypes would promote silently."""
-    if jax.tree.structure(state) != jax.tree.structure(reference):
+    # jaxlib ships no stub for PyTreeDef, so mypy cannot compare two (ignore below).
+    if jax.tree.structure(state) != jax.tree.structure(reference):  # type: ignore[operator]
         raise ValueError(f"{what} does not have the structure of {against} (same targets, "
                          "scanned or not)")
     got = jax.tree_util.tree_leaves_with_path(state)
@@ -163,7 +165,8 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     Returns:
       float32 logits [T, B, S, V].
     """
-    graphdef, own, rest = nnx.split(model, LoRAParam, ...)
+    # nnx.split gives one State per filter; its annotation cannot count them (ignore below).
+    graphdef, own, rest = nnx.split(model, LoRAParam, ...)  # type: ignore[misc]
     if not jax.tree.leaves(own):
         raise ValueError("multi_adapter_forward: the model has no LoRA adapters; call add_lora first")
     check_adapters_like(adapters, own, "multi_adapter_forward: adapters", "the model's adapters",
@@ -184,7 +187,7 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
                          f"adapter axis but there are {num_adapters} adapters")
     # Shared inputs are broadcast to [T, B, S] (ints: cheap), so every group folds the same way.
     lead = input_ids.shape if per_adapter else (num_adapters, *input_ids.shape)
-    inputs = [input_ids]
+    given: list[jax.Array | None] = [input_ids]
     for name, v in (("attention_mask", attention_mask), ("segment_ids", segment_ids),
                     ("positions", positions)):
         if v is not None:  # [B, S] (shared by the adapters) or [T, B, S]
@@ -192,8 +195,8 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
             if v.shape not in (lead, lead[1:]):
                 raise ValueError(f"multi_adapter_forward: {name} must have shape {list(lead[1:])}"
                                  f" or {list(lead)} like input_ids, got {list(v.shape)}")
-        inputs.append(v)
-    inputs = tuple(None if v is None else jnp.broadcast_to(v, lead) for v in inputs)
+        given.append(v)
+    inputs = tuple(None if v is None else jnp.broadcast_to(v, lead) for v in given)
 
     def run_group(group, group_inputs):
         """Adapters [G, ...] over inputs [G, B, S]: logits [G, B, S, V]."""
@@ -233,6 +236,7 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
     out = {}
     for path, dense in nnx.iter_modules(model):
         if isinstance(dense, Dense) and dense.lora_a is not None:
+            assert dense.lora_b is not None  # add_lora sets both factors, merge_lora clears both
             kernel = dense.kernel[...]
             # HIGHEST: a GPU's default float32 matmul rounds operands to TF32 (2e-4 off in the
             # exported logits on an H200); this one-off product costs nothing at full precision.
@@ -256,7 +260,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     merged = merged_kernels(model)
     for path, dense in list(nnx.iter_modules(model)):
         key = tuple(path) + ("kernel",)
-        if key in merged:
+        if isinstance(dense, Dense) and key in merged:  # merged holds Dense paths only
             dense.kernel[...] = merged[key]
             dense.lora_a = None
             dense.lora_b = None

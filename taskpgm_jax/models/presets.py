@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from taskpgm_jax.models.config import ModelConfig, check_int
 
 
@@ -44,10 +46,11 @@ def mistral_7b(**overrides) -> ModelConfig:
     Unless given, sliding_window_layers follows the final num_hidden_layers and sliding_window
     (every layer, or none when sliding_window=None).
     """
-    fields = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
-                  sliding_window=4096)
+    fields: dict[str, Any] = dict(
+        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
+        sliding_window=4096)
     fields.update(overrides)
     if "sliding_window_layers" not in overrides:
         layers = check_int("ModelConfig.num_hidden_layers", fields["num_hidden_layers"])
