@@ -59,13 +59,14 @@ def padded_model_count(num_models: int) -> int:
     """The smallest T' >= T of the form s * 2^m with s <= 16: the halving schedule below needs the
     model axis to split evenly m times; the dummy rows this adds (at most ~1/8 of T) carry
     probability zero and their pairs are dropped."""
-    best = None
+    best: int | None = None
     for s in range(1, 17):
         m = 0
         while s * 2**m < num_models:
             m += 1
         if best is None or s * 2**m < best:
             best = s * 2**m
+    assert best is not None  # set by the first of the 16 candidates
     return best
 
 
@@ -101,7 +102,8 @@ class PairSchedule:
         while leaf % 2 == 0:
             levels, leaf = levels + 1, leaf // 2
         self.levels, self.leaf = levels, leaf
-        steps, pi, pj = [], [], []
+        steps: list[tuple[str, int | None, int, int, int, int]] = []
+        pi, pj = [], []
         for level in range(levels):
             groups, half = 2**level, t // 2**(level + 1)
             if half * half <= pair_block:  # whole groups per step
@@ -146,6 +148,7 @@ def _evaluate_schedule(p, lp, schedule: PairSchedule):
     outs = []
     for kind, level, g0, gcount, a0, acount in schedule.steps:
         if kind == "level":
+            assert level is not None  # a level step always carries its level
             groups, half = 2**level, t // 2**(level + 1)
             pr = p.reshape(groups, 2, half, nb, vc)[g0:g0 + gcount]
             lr = lp.reshape(groups, 2, half, nb, vc)[g0:g0 + gcount]

@@ -122,11 +122,11 @@ class CrossLikelihood:
                 raise ValueError(f"scores: {vals.min():.3g} is beyond float32's range (the "
                                  "accumulator's dtype); it would be summed as -inf.")
             if self.per_token and not is_traced(num_tokens):
-                counts = np.asarray(num_tokens, np.float64)[ids >= 0]
-                if not np.all(np.isfinite(counts)) or np.any(counts != np.round(counts)):
+                given = np.asarray(num_tokens, np.float64)[ids >= 0]
+                if not np.all(np.isfinite(given)) or np.any(given != np.round(given)):
                     raise ValueError("num_tokens: expected whole token counts; got NaN, inf or "
                                      "a fraction for a non-padding example.")
-                if np.any(counts < 1):
+                if np.any(given < 1):
                     raise ValueError("num_tokens: every non-padding example needs >= 1 target "
                                      "token.")
         scores = jnp.asarray(scores).astype(jnp.float32)

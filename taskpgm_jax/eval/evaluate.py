@@ -114,7 +114,7 @@ def _check_choice_example(ex: Any, k: int) -> None:
     if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
         raise DataError(f"{at}['answer']: expected the 0-based index (an int) of the correct "
                         f"choice, got {answer!r}")
-    if not 0 <= answer < len(choices):
+    if not 0 <= int(answer) < len(choices):
         raise DataError(f"{at}['answer']: {answer} is not an index into its {len(choices)} "
                         f"choices; pass a 0-based index in [0, {len(choices)})")
 
@@ -161,7 +161,8 @@ def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
 
 
 def jax_batch(batch: Batch) -> Batch:
-    return Batch(*(jnp.asarray(x) for x in batch))
+    # A Batch is a pytree: the same fields as device arrays (its annotations name the host form).
+    return Batch(*(jnp.asarray(x) for x in batch))  # type: ignore[arg-type]
 
 
 def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
@@ -181,11 +182,11 @@ def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_siz
         owner.extend([k] * len(enc))
         truncated += any(e.truncated for e in enc)
     sums, counts = choice_logliks(model, rows, seq_len=seq_len, batch_size=batch_size)
-    owner = np.asarray(owner)
+    owners = np.asarray(owner)
     correct = correct_norm = 0
     predictions = []
     for k, ex in enumerate(examples):
-        pick, pick_norm = choice_predictions(sums[owner == k], counts[owner == k])
+        pick, pick_norm = choice_predictions(sums[owners == k], counts[owners == k])
         predictions.append(pick)
         correct += pick == int(ex["answer"])
         correct_norm += pick_norm == int(ex["answer"])

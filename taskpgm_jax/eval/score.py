@@ -189,7 +189,7 @@ class ProbeScorer:
         tokens = counts.reshape(-1) if self.cross.per_token else None
         t = self.num_models
         cross = self.cross.update(state.cross, flat[:t], example_tasks, tokens)
-        base = (self.base.update(state.base, flat[t:t + 1], example_tasks, tokens)
+        base = (self.base.update(self._base_state(state), flat[t:t + 1], example_tasks, tokens)
                 if self.base else None)
         # JSD over target positions only, grouped by the task of the position's sequence.
         pos_task = jnp.take_along_axis(segment_tasks, jnp.maximum(seg - 1, 0), axis=1)
@@ -199,9 +199,17 @@ class ProbeScorer:
                               pos_task)
         return ProbeState(cross, base, jsd)
 
+    @staticmethod
+    def _base_state(state: ProbeState) -> CrossLikState:
+        if state.base is None:
+            raise ValueError("state: has no base-model statistics, but this scorer has "
+                             "include_base=True; pass the state from this scorer's init() or "
+                             "update().")
+        return state.base
+
     def result(self, state: ProbeState) -> ProbeResult:
         """The cross-likelihood matrix, the base row, the JSD matrix and the examples per task."""
-        base_row = self.base.result(state.base)[0] if self.base else None
+        base_row = self.base.result(self._base_state(state))[0] if self.base else None
         t = self.num_models
         jsd = self.jsd.result(state.jsd)[:t, :t]
         return ProbeResult(self.cross.result(state.cross), base_row, jsd, state.cross.counts)
@@ -239,6 +247,8 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
                                      positions=jnp.asarray(batch.positions),
                                      adapter_chunk=adapter_chunk)
 
-    forward.model = model  # its vocabulary, for ProbeScorer.update's id check
-    forward.include_base = bool(include_base)  # ProbeScorer refuses a mismatch by name
+    # Function attributes (mypy does not model them: hence the ignores). The model's vocabulary
+    # is for ProbeScorer.update's id check; ProbeScorer refuses an include_base mismatch by name.
+    forward.model = model  # type: ignore[attr-defined]
+    forward.include_base = bool(include_base)  # type: ignore[attr-defined]
     return forward, (base_state, adapters)

@@ -240,7 +240,7 @@ class Mixture:
                 raise ValueError(f"budget: {budget} gives a count of 1 to {ones}, which "
                                  "open-instruct reads as the whole dataset; raise the budget, or "
                                  "drop those tasks.")
-            return counts
+            return dict(counts)  # dict[str, int] as the declared dict[str, float | int]
         n = _sizes(self.names, _sizes_by_name(sizes, self.names))
         w = np.asarray(self.weights)
         ratio = np.where(w > 0, n / np.where(w > 0, w, 1.0), np.inf)

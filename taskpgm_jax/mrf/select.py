@@ -109,7 +109,9 @@ def _lazy_greedy(pot: Potentials, costs: np.ndarray, budget: float):
     seen = np.zeros(T, np.int64)        # how many chosen tasks penalty[i] covers
     heap = [(-(pot.beta * u[i]) / costs[i], i) for i in range(T)]
     heapq.heapify(heap)
-    chosen, gains, spent, evals = [], [], 0.0, T
+    chosen: list[int] = []
+    gains: list[float] = []
+    spent, evals = 0.0, T
     while heap:
         bound, i = heapq.heappop(heap)
         if -bound <= 0:

@@ -54,13 +54,13 @@ class NonFiniteLossError(FloatingPointError):
                  adapter_steps: dict[int, int] | None = None):
         self.step, self.last_checkpoint = step, last_checkpoint
         self.adapter_steps = adapter_steps
-        self.adapters = (None if adapter_steps is None
-                         else tuple(t for t, s in adapter_steps.items() if s == step))
+        self.adapters: tuple[int, ...] | None = None
         which = ""
         if adapter_steps is not None:
-            first = ", ".join(str(t) for t in self.adapters)
+            adapters = self.adapters = tuple(t for t, s in adapter_steps.items() if s == step)
+            first = ", ".join(str(t) for t in adapters)
             later = [f"adapter {t} at step {s}" for t, s in adapter_steps.items() if s != step]
-            which = f" (adapter{'s' if len(self.adapters) > 1 else ''} {first}" + \
+            which = f" (adapter{'s' if len(adapters) > 1 else ''} {first}" + \
                 (f"; later {', '.join(later)})" if later else ")")
         where = ("no checkpoint was written" if last_checkpoint is None
                  else f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}")
@@ -88,8 +88,8 @@ class FinetuneResult:
 
 def _summarise(window: list[dict[str, Any]]) -> dict[str, Any]:
     loss = np.asarray([w["loss"] for w in window], np.float64)  # [steps] or [steps, T]
-    entry = {"loss": float(loss.mean()), "lr": float(np.mean(window[-1]["lr"])),
-             "grad_norm": float(np.mean(window[-1]["grad_norm"]))}
+    entry: dict[str, Any] = {"loss": float(loss.mean()), "lr": float(np.mean(window[-1]["lr"])),
+                             "grad_norm": float(np.mean(window[-1]["grad_norm"]))}
     if loss.ndim == 2:
         entry["loss_per_adapter"] = [float(x) for x in loss.mean(axis=0)]
     return entry

@@ -475,7 +475,9 @@ class Trainer:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         wrt = LoRAParam if cfg.trainable == "lora" else nnx.Param
-        self.graphdef, params, frozen = nnx.split(model, wrt, ...)
+        self.graphdef: nnx.GraphDef[nnx.Module]
+        # nnx.split gives one State per filter; its annotation cannot count them (ignore below).
+        self.graphdef, params, frozen = nnx.split(model, wrt, ...)  # type: ignore[misc]
         if not jax.tree.leaves(params):
             hint = " (call add_lora first)" if wrt is LoRAParam else ""
             raise ValueError(f"TrainConfig.trainable={cfg.trainable!r} but the model has no "
