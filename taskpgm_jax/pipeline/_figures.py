@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize, SymLogNorm
 from matplotlib.figure import Figure
@@ -145,13 +146,13 @@ def graph_figure(names: Sequence[str], affinity, order, weights: np.ndarray | No
     pos = np.stack([np.cos(angle), np.sin(angle)], axis=1)
     fig = Figure(figsize=(8.5, 6.5), layout="constrained")
     ax = fig.add_subplot()
-    legend = []
+    legend: list[Artist] = []
     if k:
         vals = S[iu[top], ju[top]]
         lo, hi = float(vals.min()), float(vals.max())
         span = hi - lo if hi > lo else 1.0
         widths = 0.6 + 4.4 * (vals - lo) / span
-        ax.add_collection(LineCollection(pos[np.stack([iu[top], ju[top]], 1)], colors="0.45",
+        ax.add_collection(LineCollection(list(pos[np.stack([iu[top], ju[top]], 1)]), colors="0.45",
                                          linewidths=widths, alpha=0.7, zorder=1))
         legend += [Line2D([], [], color="0.45", lw=0.6 + 4.4 * (v - lo) / span,
                           label=f"edge S^JSD = {v:.3f}") for v in sorted({lo, hi})]

@@ -209,11 +209,13 @@ class StageMemory:
         else:
             act, how = tokens * (m.num_hidden_layers + 1) * layer, "no remat"
         copies = 3 if train else 2
-        chunked = train and self.loss_chunk is not None and self.loss_chunk < seq
-        logit_tokens = rows * self.loss_chunk if chunked else tokens
+        # The positions per loss chunk when training chunks the loss, else None.
+        chunk = (self.loss_chunk if train and self.loss_chunk is not None and self.loss_chunk < seq
+                 else None)
+        logit_tokens = rows * chunk if chunk is not None else tokens
         logit_bytes = (logit_tokens * copies * 4 * m.vocab_size
                        // _tensor_split(m.vocab_size, tensor))
-        which = f", {self.loss_chunk}-position chunks" if chunked else ""
+        which = f", {chunk}-position chunks" if chunk is not None else ""
         parts = [MemoryPart(f"activations: {label} ({how})", int(act), int(act))]
         if logits:
             parts.append(MemoryPart(f"logits (float32 x {copies}: logits, log-softmax"

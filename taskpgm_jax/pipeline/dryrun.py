@@ -48,7 +48,7 @@ from pathlib import Path
 
 import jax
 
-from taskpgm_jax.config import ConfigError, RunConfig
+from taskpgm_jax.config import ConfigError, FinetuneConfig, RunConfig
 from taskpgm_jax.hf.config import config_from_hf, read_hf_config
 from taskpgm_jax.models import PRESETS, LoraConfig, ModelConfig
 from taskpgm_jax.pipeline._memory import (
@@ -200,8 +200,11 @@ def _resolve_model(cfg: RunConfig) -> tuple[ModelConfig, str, list[str]]:
         except ValueError as e:
             raise ConfigError(f"config key 'model.size': {e}") from None
         return model, "scratch (pretrained briefly on the pool)", notes
+    # RunConfig validated these on construction: a preset name for 'preset', a checkpoint for 'hf'.
     if m.source == "preset":
+        assert m.preset is not None
         return from_preset(m.preset), f"preset {m.preset} (random weights)", notes
+    assert m.checkpoint is not None
     path = Path(m.checkpoint).expanduser()
     if not path.is_dir():
         if m.preset is not None:
@@ -249,6 +252,7 @@ def _count_tasks(cfg: RunConfig) -> tuple[int, bool, str]:
             return max(PLANNING_TASKS, len(d.hub.train)), False, \
                 f"a hub dataset with a task_column: {unknown}"
         return len(d.hub.train), True, "one task per data.hub.train entry"
+    assert d.files.path is not None  # RunConfig validated it (check_source_data)
     path = Path(d.files.path).expanduser()
     if path.is_dir():
         from taskpgm_jax.data.sources.files import SUFFIXES
@@ -334,7 +338,7 @@ def _suggest(stage: StagePlan, cfg: RunConfig, mesh) -> str:
         tips.append("a shorter model.seq_len")
     if any(w in big for w in ("params", "grads", "moments", "adapters")):
         tips.append(f"a larger mesh.fsdp (now {mesh['fsdp']})")
-        if stage.name in ("single_task", "mixture_finetune") and sec.trainable == "full":
+        if isinstance(sec, FinetuneConfig) and sec.trainable == "full":  # the fine-tune stages
             tips.append(f"LoRA ({section}.trainable=lora)")
     tips.append("more devices")
     return "; ".join(dict.fromkeys(tips))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -83,12 +83,15 @@ def load_pools(cfg: DataConfig) -> Pools:
         pool = synthetic_suite(s.seed, cluster_sizes=s.cluster_sizes, n_unique=s.n_unique,
                                n_noise=s.n_noise, examples=s.examples,
                                heldout_examples=s.heldout_examples, split=split)
+        assert pool.heldout is not None and pool.cluster_labels is not None  # synthetic_suite sets both
         heldout, clusters = pool.heldout, dict(pool.cluster_labels)
     elif cfg.source == "bigbench":
         pool, heldout = _bigbench_pools(cfg.bigbench, split, eval_only)
     elif cfg.source == "files":
         f = cfg.files
-        kw = {"columns": dict(f.columns) or None, "kind": f.kind, "task_column": f.task_column}
+        assert f.path is not None and f.heldout_path is not None  # check_source_data above
+        kw: dict[str, Any] = {"columns": dict(f.columns) or None, "kind": f.kind,
+                              "task_column": f.task_column}
         pool = load_task_files(f.path, split=split, **kw)
         if f.heldout_columns:
             kw["columns"] = dict(f.heldout_columns)
@@ -226,6 +229,9 @@ def tokenizer_digest(directory: Path, tokenizer) -> str:
 
 def checkpoint_dir(cfg: BaseModelConfig) -> Path:
     """The HF checkpoint directory of `model.source: hf`, checked to hold a config and weights."""
+    if cfg.checkpoint is None:
+        raise ConfigError("config key 'model.checkpoint': source 'hf' needs the local checkpoint "
+                          "directory (config.json + *.safetensors)")
     path = Path(cfg.checkpoint).expanduser()
     if not path.is_dir():
         raise ConfigError(f"config key 'model.checkpoint': directory {str(path)!r} does not "
@@ -241,7 +247,7 @@ def checkpoint_dir(cfg: BaseModelConfig) -> Path:
 
 def scratch_config(cfg: BaseModelConfig, vocab_size: int) -> ModelConfig:
     """The from-scratch model: `SCRATCH_SIZE` with the config's sizes on top."""
-    sizes = {**SCRATCH_SIZE, **dict(cfg.size)}
+    sizes: dict[str, Any] = {**SCRATCH_SIZE, **dict(cfg.size)}  # ModelConfig size fields (ints)
     if "intermediate_size" not in dict(cfg.size):
         sizes["intermediate_size"] = 2 * sizes["hidden_size"]
     return ModelConfig(vocab_size=vocab_size, dtype=_DTYPES[cfg.dtype],

@@ -305,6 +305,7 @@ def _results_md(res: Mapping, methods: list[str]) -> str:
 
 def _synthetic_md(inputs: ReportInputs, methods: list[str], figdir: Path) -> str:
     """Planted-cluster section: ARI and budget per cluster (from results.json, else recomputed)."""
+    assert inputs.clusters is not None  # the report adds this section only when there are some
     syn = inputs.results.get("synthetic") or {}
     planted = [inputs.clusters[t] for t in inputs.names]
     k = len(set(map(str, planted)))

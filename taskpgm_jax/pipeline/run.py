@@ -59,7 +59,8 @@ class StageLog:
         self.seconds: dict[str, float] = {}
         self.ran: list[str] = []
 
-    def run(self, run: RunDir, label: str, name: str, key: str, compute: Callable[[Path], dict],
+    def run(self, run: RunDir, label: str, name: str, key: str,
+            compute: Callable[[Path], dict | None],
             describe: Callable[[dict], str] = lambda info: "") -> Path:
         run.record(label, name, key)
         if run.done(name, key):
@@ -162,7 +163,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     else:
         tok_key = config_hash("bpe", cfg.tokenizer, pools.key)
         tok_stage = log.run(run, "tokenizer", "tokenizer", tok_key, lambda work: (
-            stages.train_tokenizer(pool, cfg.tokenizer.vocab_size, work) or {}))
+            stages.train_tokenizer(pool, cfg.tokenizer.vocab_size, work)))
         tokenizer = load_tokenizer(tok_stage / "tokenizer")
         base_key = config_hash(results_view(cfg.model), tok_key, pools.key)
         base_dir = log.run(
@@ -231,12 +232,15 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
         for seed in cfg.seeds:
             tag = f"{method}/seed{seed}"
             ft_key = finetune_key(cfg, weights, seed, base_key, pools.key)
-            ft_dir = log.run(
-                run, f"finetune/{tag}", "finetune", ft_key,
-                lambda work, w=weights, s=seed: stages.finetune_mixture(
+
+            def finetune_mixture(work, w=weights, s=seed):
+                return stages.finetune_mixture(
                     base, tokenizer, pool, w, cfg.mixture.budget, s, cfg.finetune, cfg.lora,
                     seq_len, work, mesh=mesh, progress=progress,
-                    loss_chunk=cfg.model.loss_chunk),
+                    loss_chunk=cfg.model.loss_chunk)
+
+            ft_dir = log.run(
+                run, f"finetune/{tag}", "finetune", ft_key, finetune_mixture,
                 lambda info: f"final loss {info.get('final_loss', float('nan')):.3f}")
             eval_key = config_hash(cfg.eval, ft_key, pools.key, seq_len)
 

@@ -88,7 +88,8 @@ def _restore_tree(path: Path, like):
         raise ValueError(stale.format(f" ({e})")) from e
     # Orbax restores the stored shapes whatever the target says: a mismatch must fail here, not
     # as a wrong-sized array several stages later.
-    if jax.tree.structure(restored) != jax.tree.structure(target):
+    # jaxlib ships no stub for PyTreeDef, so mypy cannot compare two (ignore below).
+    if jax.tree.structure(restored) != jax.tree.structure(target):  # type: ignore[operator]
         raise ValueError(stale.format(""))
     bad = [f"{jax.tree_util.keystr(k)}: stored {x.shape} {x.dtype}, expected {y.shape} {y.dtype}"
            for (k, x), y in zip(jax.tree_util.tree_leaves_with_path(restored),
