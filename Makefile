@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench-divergence clean
+.PHONY: demo test typecheck bench-divergence clean
 
 # Re-install whenever pyproject.toml changes, so the environment follows the project's own files.
 $(STAMP): pyproject.toml
@@ -27,5 +27,9 @@ bench-divergence: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+# Static type check of the package (settings in pyproject.toml's [tool.mypy]).
+typecheck: $(STAMP)
+	$(PY) -m mypy taskpgm_jax
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache
