@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test typecheck bench-divergence clean
+.PHONY: demo test lint typecheck bench-divergence clean
 
 # Re-install whenever pyproject.toml changes, so the environment follows the project's own files.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ test: $(STAMP)
 # Static type check of the package (settings in pyproject.toml's [tool.mypy]).
 typecheck: $(STAMP)
 	$(PY) -m mypy taskpgm_jax
+
+# Lint (settings in pyproject.toml's [tool.ruff]) and the type check.
+lint: typecheck
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache

@@ -6,8 +6,9 @@
 For T in {100, 316, 1000, 5000}: the exact, closed_form and softmax solvers (compile time apart
 from the steady state, median of repeats) and their energy gap to scipy's SLSQP on the same
 problem in the same run (scipy's default ftol; the gap is taken against the better of SLSQP
-and a float64 exact solve at tol 1e-10, so a negative gap means better than SLSQP). T = 316 is the authors' PMI matrix when ../shared/data holds it. SLSQP
-runs once per T and is skipped at T = 5000 (hours). Greedy selection of k = T / 10 tasks for T in {1000, 10000} (plain and lazy).
+and a float64 exact solve at tol 1e-10, so a negative gap means better than SLSQP). T = 316 is
+the authors' PMI matrix when ../shared/data holds it. SLSQP runs once per T and is skipped at
+T = 5000 (hours). Greedy selection of k = T / 10 tasks for T in {1000, 10000} (plain and lazy).
 
 Problem: the affinity 1 - JSD / ln 2 between tasks whose next-token distributions mix a few
 latent skills (as single-task models of related tasks do), centrality unary, beta / lam = 2 / T
@@ -92,8 +93,8 @@ def solver_rows(sizes, repeats, rng):
         e_ref = min(energy(w_ref), energy(w64))
         scale = abs(c @ w_ref) + 0.5 * abs(w_ref @ Q @ w_ref)
         rows.append(dict(T=T, instance=name, method=ref_name, compile_s=None, steady_s=t_ref,
-                         spread_s=0.0, iterations=None, gap=(energy(w_ref) - e_ref) / scale, support=int((w_ref > 1e-6).sum()),
-                         potentials_s=t_pot))
+                         spread_s=0.0, iterations=None, gap=(energy(w_ref) - e_ref) / scale,
+                         support=int((w_ref > 1e-6).sum()), potentials_s=t_pot))
         for method in ("exact", "closed_form", "softmax"):
             reps = repeats if T <= 1000 else max(1, repeats // 2)
             comp, med, spread, sol = timed(lambda: solve(pot, method), reps)

@@ -267,7 +267,7 @@ def test_multiple_choice_refuses_columns_and_accepts_numpy_answers(tokenizer, rn
                             for c in ex["choices"]])) for ex in examples]
     assert got["predictions"] == picks
     assert got["value"] == pytest.approx(np.mean([p == ex["answer"]
-                                                  for p, ex in zip(picks, examples)]))
+                                                  for p, ex in zip(picks, examples, strict=True)]))
 
 
 def _bigbench_generative(preferred, inputs, targets):
