@@ -174,19 +174,19 @@ def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_siz
     examples = _check_examples(examples)
     for k, ex in enumerate(examples):
         _check_choice_example(ex, k)
-    rows, owner, truncated = [], [], 0
+    rows, ends, truncated = [], [], 0
     for k, ex in enumerate(examples):
         enc = encode_choices(tokenizer, ex["prompt"], ex["choices"], max_length=seq_len,
                              separator=separator, example=k)
         rows.extend(enc)
-        owner.extend([k] * len(enc))
+        ends.append(len(rows))  # example k's choices are rows[ends[k-1]:ends[k]]
         truncated += any(e.truncated for e in enc)
     sums, counts = choice_logliks(model, rows, seq_len=seq_len, batch_size=batch_size)
-    owners = np.asarray(owner)
     correct = correct_norm = 0
     predictions = []
     for k, ex in enumerate(examples):
-        pick, pick_norm = choice_predictions(sums[owners == k], counts[owners == k])
+        rows_k = slice(ends[k - 1] if k else 0, ends[k])
+        pick, pick_norm = choice_predictions(sums[rows_k], counts[rows_k])
         predictions.append(pick)
         correct += pick == int(ex["answer"])
         correct_norm += pick_norm == int(ex["answer"])
