@@ -90,7 +90,7 @@ def _diagnose(x):
 
 
 def check_distribution(x, name: str, *, from_logits: bool, rank: int | None = None,
-                       min_rank: int = 1):
+                       min_rank: int = 1) -> jax.Array | np.ndarray:
     """Validate log-probs (or logits) over the last axis and return them as given.
 
     Raises:

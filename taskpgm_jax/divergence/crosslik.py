@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from taskpgm_jax.divergence._kernel import kahan_add
 from taskpgm_jax.divergence._validate import as_array, check_positive_int, is_traced
@@ -159,7 +160,7 @@ class CrossLikelihood:
         return state.sums / jnp.maximum(state.counts, 1.0)[None, :]
 
 
-def pmi_affinity(cross_likelihood):
+def pmi_affinity(cross_likelihood: ArrayLike | Sequence[Sequence[float]]) -> jax.Array:
     """The authors' PMI task affinity from a square cross-likelihood matrix (DESIGN.md 4):
 
         S[i, j] = 1/2 [(L[i, j] - L[j, j]) + (L[j, i] - L[i, i])],   S[i, i] = 0.

@@ -7,8 +7,11 @@ follow 0 * log 0 = 0 exactly: zeros are handled with `jnp.where`, never with an 
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from taskpgm_jax.divergence._kernel import LN2, jsd_terms_sum, probs_and_safe_logs
 from taskpgm_jax.divergence._validate import check_distribution
@@ -28,7 +31,8 @@ def _broadcastable(a, b, names: str):
                          f"{tuple(b.shape[:-1])} do not broadcast.") from None
 
 
-def jsd(logp, logq, *, from_logits: bool = False):
+def jsd(logp: ArrayLike | Sequence[Any], logq: ArrayLike | Sequence[Any], *,
+        from_logits: bool = False) -> jax.Array:
     """Jensen-Shannon divergence JSD(P, Q) in nats, over the last axis.
 
     Computed as 1/2 sum P (log P - log M) + 1/2 sum Q (log Q - log M), M = (P + Q) / 2, which keeps
@@ -64,7 +68,8 @@ def _jsd(lp, lq):
     return jnp.clip(jsd_terms_sum(p, slp, q, slq), 0.0, LN2)
 
 
-def kl(logp, logq, *, from_logits: bool = False):
+def kl(logp: ArrayLike | Sequence[Any], logq: ArrayLike | Sequence[Any], *,
+       from_logits: bool = False) -> jax.Array:
     """Kullback-Leibler divergence KL(P || Q) = sum P (log P - log Q) in nats, over the last axis.
 
     +inf where P puts mass on a token that Q gives probability zero (log Q = -inf): that is the
@@ -94,7 +99,7 @@ def _kl(lp, lq):
     return jnp.maximum(jnp.sum(terms, axis=-1), 0.0)
 
 
-def entropy(logp, *, from_logits: bool = False):
+def entropy(logp: ArrayLike | Sequence[Any], *, from_logits: bool = False) -> jax.Array:
     """Shannon entropy H(P) = -sum P log P in nats, over the last axis.
 
     Args:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from jax.typing import ArrayLike
 
 from taskpgm_jax.divergence import streaming
 from taskpgm_jax.divergence._validate import (check_distribution, check_models_and_positions,
@@ -11,9 +15,11 @@ from taskpgm_jax.divergence._validate import (check_distribution, check_models_a
 from taskpgm_jax.divergence.streaming import StreamingJSD
 
 
-def pairwise_jsd(logprobs, weights=None, *, from_logits: bool = False,
-                 pair_block: int | None = None, position_block: int | None = None,
-                 vocab_chunk: int | None = None, mesh: Mesh | None = None):
+def pairwise_jsd(logprobs: ArrayLike | Sequence[Any],
+                 weights: ArrayLike | Sequence[float] | None = None, *,
+                 from_logits: bool = False, pair_block: int | None = None,
+                 position_block: int | None = None, vocab_chunk: int | None = None,
+                 mesh: Mesh | None = None) -> jax.Array:
     """Weighted mean JSD between every pair of T models over N shared positions.
 
     D[i, j] = sum_n w_n JSD(P_i(.|n), P_j(.|n)) / sum_n w_n. Each unordered pair is evaluated

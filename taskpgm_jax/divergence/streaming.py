@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
 from taskpgm_jax.divergence import _kernel
 from taskpgm_jax.divergence._validate import (as_array, check_distribution, check_positive_int,
@@ -288,7 +289,8 @@ class StreamingJSD:
         return _result_impl(state, config=self.config)
 
 
-def task_balanced_weights(task_ids, num_tasks: int | None = None):
+def task_balanced_weights(task_ids: ArrayLike | Sequence[int],
+                          num_tasks: int | None = None) -> jax.Array:
     """Position weights that give each task's probe positions equal total weight (DESIGN.md 4),
     so large tasks do not dominate the mean. Padding positions carry task id -1 and weight 0.
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.typing import ArrayLike
 
 from taskpgm_jax.divergence._kernel import LN2
 from taskpgm_jax.divergence._validate import (check_distribution, check_models_and_positions,
@@ -40,6 +42,19 @@ ROUNDING_ALLOWANCE = 1e-6
 _KERNEL_OPTIONS = tuple(
     name for name, p in inspect.signature(pairwise_jsd).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "from_logits")
+
+
+class _KernelOptions(TypedDict, total=False):
+    """The `**kernel_options` of `truncated_pairwise_jsd`, as typed in `pairwise_jsd`."""
+
+    pair_block: int | None
+    position_block: int | None
+    vocab_chunk: int | None
+    mesh: Mesh | None
+
+
+# The typed options and the ones accepted at run time are the same names.
+assert set(_KernelOptions.__annotations__) == set(_KERNEL_OPTIONS), _KERNEL_OPTIONS
 
 
 class TruncatedJSD(NamedTuple):
@@ -77,8 +92,10 @@ def _truncate(logprobs, *, top_k: int, from_logits: bool):
     return kept, tail
 
 
-def truncated_pairwise_jsd(logprobs, weights=None, *, top_k: int = 64, from_logits: bool = False,
-                           **kernel_options) -> TruncatedJSD:
+def truncated_pairwise_jsd(logprobs: ArrayLike | Sequence[Any],
+                           weights: ArrayLike | Sequence[float] | None = None, *,
+                           top_k: int = 64, from_logits: bool = False,
+                           **kernel_options: Unpack[_KernelOptions]) -> TruncatedJSD:
     """Bounds on `pairwise_jsd` computed on the union of the models' top-k tokens per position.
 
     Args:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Callable, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def is_traced(x) -> bool:
@@ -20,7 +24,7 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def eager_when_concrete(fn):
+def eager_when_concrete(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run `fn` eagerly when none of its array arguments is a tracer.
 
     Functions that read values on the host (spectra, range checks, greedy choices) work on
@@ -29,7 +33,7 @@ def eager_when_concrete(fn):
     trace time gives the same result as outside the jit, baked in as a constant.
     """
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if any(is_traced(leaf) for leaf in jax.tree.leaves((args, kwargs))):
             return fn(*args, **kwargs)
         with jax.ensure_compile_time_eval():

@@ -7,10 +7,11 @@ re-exported by `taskpgm_jax.mrf`; it is not redefined here.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._spectrum import extreme_eigenvalues
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_nonnegative,
@@ -24,7 +25,9 @@ SPECTRA = ("auto", "dense", "lanczos")
 
 
 @eager_when_concrete
-def affinity_from_jsd(divergence, kind: str = "linear", tau: float | None = None):
+def affinity_from_jsd(divergence: ArrayLike | Sequence[Sequence[float]],
+                      kind: str = "linear",
+                      tau: float | None = None) -> jax.Array:
     """Task affinity from a task-level JSD matrix D (nats).
 
     kind="linear": S = 1 - D / ln 2, in [0, 1], no hyperparameter (the default).
@@ -120,7 +123,8 @@ def _add_to_diagonal(S, shift):
 
 
 @eager_when_concrete
-def psd_repair(affinity, ridge: float | None = None, *, spectrum: str = "auto") -> PSDRepair:
+def psd_repair(affinity: ArrayLike | Sequence[Sequence[float]], ridge: float | None = None, *,
+               spectrum: Literal["auto", "dense", "lanczos"] = "auto") -> PSDRepair:
     """Symmetrise S and shift its spectrum so that S~ is positive definite (DESIGN.md 4).
 
     S~ = sym(S) + (max(0, -eig_min) + ridge) I. A shift of exactly |eig_min| leaves S~ singular

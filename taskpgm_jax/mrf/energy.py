@@ -9,10 +9,11 @@ matrix and the base model's row) or an array. Only beta / lam matters for the mi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_positive,
                                        check_vector, checked_potentials, eager_when_concrete)
@@ -62,7 +63,8 @@ class Potentials(NamedTuple):
         return self._replace(beta=check_positive(ratio, "ratio") * self.lam)
 
 
-def utility_unary(cross_likelihood, base_likelihood):
+def utility_unary(cross_likelihood: ArrayLike | Sequence[Sequence[float]],
+                  base_likelihood: ArrayLike | Sequence[float]) -> jax.Array:
     """Transfer gain of each task's model: u_i = mean over j != i of L[i, j] - L_base[j].
 
     Args:
@@ -87,9 +89,12 @@ def utility_unary(cross_likelihood, base_likelihood):
 
 
 @eager_when_concrete
-def potentials(affinity, unary="centrality", *, beta: float = 1.0, lam: float = 1.0,
-               ridge: float | None = None, cross_likelihood=None, base_likelihood=None,
-               spectrum: str = "auto") -> Potentials:
+def potentials(affinity: ArrayLike | Sequence[Sequence[float]],
+               unary: str | ArrayLike | Sequence[float] = "centrality",
+               *, beta: float = 1.0, lam: float = 1.0, ridge: float | None = None,
+               cross_likelihood: ArrayLike | Sequence[Sequence[float]] | None = None,
+               base_likelihood: ArrayLike | Sequence[float] | None = None,
+               spectrum: Literal["auto", "dense", "lanczos"] = "auto") -> Potentials:
     """Build the MRF potentials from a task affinity matrix.
 
     Args:
@@ -136,7 +141,7 @@ def potentials(affinity, unary="centrality", *, beta: float = 1.0, lam: float = 
                       rep.eig_min, rep.eig_max, kind, rep.spectrum)
 
 
-def energy(weights, pot: Potentials):
+def energy(weights: ArrayLike | Sequence[Any], pot: Potentials) -> jax.Array:
     """E(w) = -beta * u^T w + (lam / 2) * w^T S~ w for one mixture or a batch [..., T].
 
     Args:

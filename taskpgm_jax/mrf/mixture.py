@@ -13,9 +13,10 @@ import fractions
 import json
 import numbers
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._validate import check_positive, real_numpy
 
@@ -368,7 +369,8 @@ def _json_value(value, key):
                          "lists, dicts).") from None
 
 
-def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
+def uniform_mixture(names: Iterable[str], *,
+                    unit: Literal["examples", "tokens"] = "examples") -> Mixture:
     """Every task the same weight."""
     names = _names(names)
     n = len(names)
@@ -377,15 +379,18 @@ def uniform_mixture(names: Sequence[str], *, unit: str = "examples") -> Mixture:
     return Mixture(names, (1.0 / n,) * n, unit, {"method": "uniform"})
 
 
-def size_proportional_mixture(names: Sequence[str], sizes, *, unit: str = "examples") -> Mixture:
+def size_proportional_mixture(names: Iterable[str],
+                              sizes: ArrayLike | Sequence[float] | Mapping[str, float], *,
+                              unit: Literal["examples", "tokens"] = "examples") -> Mixture:
     """w_i proportional to n_i (examples or tokens per task)."""
     names = _names(names)  # once: a generator would be empty the second time
     s = _sizes(names, sizes)
     return Mixture(names, tuple(s / s.sum()), unit, {"method": "size_proportional"})
 
 
-def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
-                        unit: str = "examples") -> Mixture:
+def temperature_mixture(names: Iterable[str],
+                        sizes: ArrayLike | Sequence[float] | Mapping[str, float], tau: float, *,
+                        unit: Literal["examples", "tokens"] = "examples") -> Mixture:
     """w_i proportional to n_i^(1 / tau): tau = 1 is size-proportional, tau -> inf uniform."""
     tau = check_positive(tau, "tau")  # Python, NumPy or 0-d JAX numbers, as beta / lam
     names = _names(names)
@@ -394,7 +399,8 @@ def temperature_mixture(names: Sequence[str], sizes, tau: float, *,
     return Mixture(names, tuple(w / w.sum()), unit, {"method": "temperature", "tau": tau})
 
 
-def random_mixture(names: Sequence[str], seed: int, *, unit: str = "examples") -> Mixture:
+def random_mixture(names: Iterable[str], seed: int, *,
+                   unit: Literal["examples", "tokens"] = "examples") -> Mixture:
     """A Dirichlet(1) draw: uniform over the simplex, reproducible from the seed."""
     names = _names(names)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:

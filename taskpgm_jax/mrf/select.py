@@ -11,11 +11,12 @@ of S~ from every gain, O(T) per step instead of re-evaluating F. The guarantee l
 from __future__ import annotations
 
 import heapq
-from typing import NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
 from taskpgm_jax.mrf._validate import (check_positive, checked_potentials, eager_when_concrete,
@@ -46,7 +47,7 @@ class Selection(NamedTuple):
     evaluations: int
 
 
-def set_value(pot: Potentials, subset) -> float:
+def set_value(pot: Potentials, subset: ArrayLike | Iterable[int]) -> float:
     """F(A) for a list of task indices (float64 on the host).
 
     Example:
@@ -187,7 +188,9 @@ def check_costs(costs, num_tasks: int, budget) -> tuple[np.ndarray, float]:
 
 
 @eager_when_concrete
-def select_tasks(pot: Potentials, budget, costs=None, *, lazy: bool = False) -> Selection:
+def select_tasks(pot: Potentials, budget: float,
+                 costs: ArrayLike | Sequence[float] | None = None, *,
+                 lazy: bool = False) -> Selection:
     """Greedy budgeted selection of tasks maximising F (DESIGN.md 4).
 
     Args:

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf import _solvers
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
@@ -165,8 +166,11 @@ def _check_finite_result(weights, method: str):
                          "method='exact'.")
 
 
-def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=None,
-          tol: float | None = None, max_iter: int | None = None,
+def solve(pot: Potentials, method: str = "exact", *,
+          floor: ArrayLike | Sequence[float] | None = None,
+          cap: ArrayLike | Sequence[float] | None = None,
+          init: ArrayLike | Sequence[float] | None = None, tol: float | None = None,
+          max_iter: int | None = None,
           temperature: float | None = None,
           optimizer: optax.GradientTransformation | None = None) -> Solution:
     """The mixture minimising E(w) = -beta u^T w + (lam / 2) w^T S~ w over the simplex.
@@ -210,8 +214,11 @@ def solve(pot: Potentials, method: str = "exact", *, floor=None, cap=None, init=
     return Solution(w, e, it, gap, ok, method, clipped if method == "closed_form" else None)
 
 
-def solve_path(pot: Potentials, ratios, method: str = "exact", *, floor=None, cap=None,
-               tol: float | None = None, max_iter: int | None = None,
+def solve_path(pot: Potentials, ratios: ArrayLike | Sequence[float],
+               method: str = "exact", *,
+               floor: ArrayLike | Sequence[float] | None = None,
+               cap: ArrayLike | Sequence[float] | None = None, tol: float | None = None,
+               max_iter: int | None = None,
                temperature: float | None = None,
                optimizer: optax.GradientTransformation | None = None) -> SolutionPath:
     """Solve for every beta / lam in `ratios` at once (vmapped), to see how the mixture's

@@ -7,9 +7,10 @@ and for a monotone F greedy under a cardinality constraint k reaches (1 - e^-gam
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
+from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._validate import check_int, checked_potentials
 from taskpgm_jax.mrf.energy import Potentials
@@ -91,7 +92,8 @@ def _sampled_ratio(S, u, beta, lam, k, num_samples, seed, chain):
     return gamma, monotone
 
 
-def submodularity_ratio(pot: Potentials, k: int | None = None, *, costs=None,
+def submodularity_ratio(pot: Potentials, k: int | None = None, *,
+                        costs: ArrayLike | Sequence[float] | None = None,
                         selection: Selection | None = None, num_samples: int = 4096,
                         seed: int = 0) -> RatioReport:
     """The submodularity ratio of F on this instance and the greedy guarantee it implies.
