@@ -154,7 +154,7 @@ def pack_batches(seqs: Sequence[Encoded], seq_len: int, batch_size: int,
     return batches
 
 
-def check_batch_values(batch, vocab_size: int | None = None, name: str = "batch") -> None:
+def check_batch_values(batch: Batch, vocab_size: int | None = None, name: str = "batch") -> None:
     """Checks a host batch's values before a jitted step (inside, nothing can be checked: an
     out-of-range input id is clipped and an out-of-range target gathers NaN).
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from taskpgm_jax.data.batch import Batch, rows_to_batch
 from taskpgm_jax.data.tasks import DataError, check_int, check_seed
 from taskpgm_jax.data.tokenize import Encoded, encode_example
+
+if TYPE_CHECKING:  # jax is imported where global arrays are made, not with the data package
+    from jax.sharding import Sharding
 
 FINGERPRINT_SAMPLES = 16
 
@@ -215,7 +218,7 @@ class HostIterator:
             raise DataError(f"{e}; pass a state saved by state()") from None
 
 
-def global_batch(batch: Batch, sharding) -> Batch:
+def global_batch(batch: Batch, sharding: Sharding) -> Batch:
     """Assembles each host's `Batch` into global `jax.Array`s sharded along the batch axis.
 
     Args:

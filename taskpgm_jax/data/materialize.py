@@ -16,12 +16,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from taskpgm_jax.data.sampling import MixtureSample
 from taskpgm_jax.data.tasks import DataError, TaskPool, _example_key, data_error
+
+if TYPE_CHECKING:  # datasets is imported where a mixture is read back
+    import datasets
 
 __all__ = ["FORMAT", "load_materialized", "materialize_mixture", "task_fingerprint"]
 
@@ -252,7 +255,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_materialized(out_dir: str | os.PathLike):
+def load_materialized(out_dir: str | os.PathLike) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Reads a materialised mixture back, checking the file against its manifest.
 
     Returns:

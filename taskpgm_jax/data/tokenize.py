@@ -21,11 +21,14 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from taskpgm_jax.data.tasks import DataError
+
+if TYPE_CHECKING:  # transformers (and tokenizers) are imported where a tokenizer is made
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "Encoded", "encode_choices", "encode_example", "encode_task", "load_tokenizer",
@@ -62,7 +65,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt", "tekken.json")
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Loads any `transformers.AutoTokenizer` from a local directory (never the hub).
 
     Args:
@@ -96,7 +99,7 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def train_byte_bpe(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
-                   min_frequency: int = 2):
+                   min_frequency: int = 2) -> PreTrainedTokenizerBase:
     """Trains a small byte-level BPE tokenizer and saves it as a standard tokenizer directory.
 
     Args:
@@ -185,9 +188,9 @@ def _lead(tokenizer, prompt_ids: list[int], what: str) -> list[int]:
     return [tokenizer.bos_token_id]
 
 
-def encode_example(tokenizer, prompt: str, target: str, *, max_length: int | None = None,
-                   add_eos: bool = True, separator: str = "", example: int = -1,
-                   choice: int = -1) -> Encoded:
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, *,
+                   max_length: int | None = None, add_eos: bool = True, separator: str = "",
+                   example: int = -1, choice: int = -1) -> Encoded:
     """Tokenizes one (prompt, target) pair with the loss mask on the target only.
 
     Args:
@@ -237,7 +240,7 @@ def _build(tokenizer, prompt_ids: list[int], target_ids: list[int], max_length: 
     return Encoded(ids, mask, example=example, choice=choice, truncated=cut)
 
 
-def encode_prompt(tokenizer, prompt: str, *, max_length: int | None = None,
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_length: int | None = None,
                   separator: str = "") -> tuple[list[int], int]:
     """A generation prompt tokenized exactly as training rows tokenize theirs: `prompt +
     separator` with the special tokens, cut from the left to `max_length` keeping a leading BOS;
@@ -256,7 +259,7 @@ def encode_prompt(tokenizer, prompt: str, *, max_length: int | None = None,
     return ids, cut
 
 
-def encode_choices(tokenizer, prompt: str, choices: Sequence[str], *,
+def encode_choices(tokenizer: PreTrainedTokenizerBase, prompt: str, choices: Sequence[str], *,
                    max_length: int | None = None, add_eos: bool = False, separator: str = "",
                    example: int = -1) -> list[Encoded]:
     """One row per choice, for multiple-choice log-likelihood scoring.
@@ -272,9 +275,9 @@ def encode_choices(tokenizer, prompt: str, choices: Sequence[str], *,
             for i, c in enumerate(choices)]
 
 
-def encode_task(tokenizer, examples: Iterable[Mapping[str, Any]], *, max_length: int | None = None,
-                mode: str = "train", add_eos: bool | None = None,
-                separator: str = "") -> list[Encoded]:
+def encode_task(tokenizer: PreTrainedTokenizerBase, examples: Iterable[Mapping[str, Any]], *,
+                max_length: int | None = None, mode: Literal["train", "choices"] = "train",
+                add_eos: bool | None = None, separator: str = "") -> list[Encoded]:
     """Encodes a split (any iterable of rows with the task columns).
 
     Args:

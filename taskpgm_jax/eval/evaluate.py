@@ -11,20 +11,23 @@ A task whose `metric` is none of these (BIG-bench's "bleu", "rougeLsum", ...) is
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from taskpgm_jax.data import (
-    Batch, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
+    Batch, Encoded, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
 )
 from taskpgm_jax.data.tasks import DataError, check_int, check_names
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
-from taskpgm_jax.models import greedy_generator
+from taskpgm_jax.models import CausalLM, greedy_generator
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, never with this module
+    from transformers import PreTrainedTokenizerBase
 
 
 class EvalResult(NamedTuple):
@@ -138,7 +141,8 @@ def _check_metrics(tasks: TaskPool) -> None:
             f"supported metric (make_task(..., metric=...)).")
 
 
-def choice_logliks(model, rows, *, seq_len: int, batch_size: int):
+def choice_logliks(model: nnx.Module, rows: Sequence[Encoded], *, seq_len: int,
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed target log-likelihood and target-token count of each encoded row, in order.
 
     Rows are scored `batch_size` at a time, padded to `seq_len` (one compiled shape). A
@@ -165,8 +169,9 @@ def jax_batch(batch: Batch) -> Batch:
     return Batch(*(jnp.asarray(x) for x in batch))  # type: ignore[arg-type]
 
 
-def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_size: int,
-                          separator: str = "") -> dict[str, Any]:
+def score_multiple_choice(model: nnx.Module, tokenizer: PreTrainedTokenizerBase,
+                          examples: Iterable[Mapping[str, Any]], *, seq_len: int,
+                          batch_size: int, separator: str = "") -> dict[str, Any]:
     """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`).
 
     Every row is checked first (`DataError` naming `examples[k]` and the field): `choices` a
@@ -196,9 +201,9 @@ def score_multiple_choice(model, tokenizer, examples, *, seq_len: int, batch_siz
             "truncated": truncated, "predictions": predictions}
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], *, prompt_len: int,
-                   max_new_tokens: int, batch_size: int, stop: Sequence[str] = (),
-                   separator: str = "") -> list[str]:
+def generate_texts(model: CausalLM, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                   prompt_len: int, max_new_tokens: int, batch_size: int,
+                   stop: Sequence[str] = (), separator: str = "") -> list[str]:
     """Greedy continuations of `prompts`, `batch_size` at a time, each cut at EOS and at the
     first stop string. Each prompt is `prompt + separator` tokenized as in training
     (`data.encode_prompt`: a long prompt loses its left, never its BOS), left-padded to
@@ -240,8 +245,9 @@ def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_si
     return out, truncated
 
 
-def score_generation(model, tokenizer, examples, *, prompt_len: int, max_new_tokens: int,
-                     batch_size: int, stop: Sequence[str] = (),
+def score_generation(model: CausalLM, tokenizer: PreTrainedTokenizerBase,
+                     examples: Iterable[Mapping[str, Any]], *, prompt_len: int,
+                     max_new_tokens: int, batch_size: int, stop: Sequence[str] = (),
                      separator: str = "") -> dict[str, Any]:
     """Exact match of a generative split (rows with `prompt`, `target`, `references`)."""
     examples = _check_examples(examples)
@@ -254,8 +260,9 @@ def score_generation(model, tokenizer, examples, *, prompt_len: int, max_new_tok
             "truncated": truncated, "predictions": preds}
 
 
-def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len: int = 256,
-             batch_size: int = 8, max_new_tokens: int = 32, stop: Sequence[str] = ("\n",),
+def evaluate(model: nnx.Module, tokenizer: PreTrainedTokenizerBase, tasks: TaskPool, *,
+             split: str = "eval", seq_len: int = 256, batch_size: int = 8,
+             max_new_tokens: int = 32, stop: Sequence[str] = ("\n",),
              separator: str = "") -> EvalResult:
     """Scores every task of `tasks` on its `split` and the macro mean over tasks.
 
@@ -302,8 +309,10 @@ def evaluate(model, tokenizer, tasks: TaskPool, *, split: str = "eval", seq_len:
             per_task[name] = score_multiple_choice(model, tokenizer, examples, seq_len=seq_len,
                                                    batch_size=batch_size, separator=separator)
         else:
-            per_task[name] = score_generation(model, tokenizer, examples, prompt_len=seq_len,
-                                              max_new_tokens=max_new_tokens,
+            # Generation needs a CausalLM's KV cache ("KV-cache support" above); the model is
+            # passed on as it is (a module without it fails there).
+            per_task[name] = score_generation(cast(CausalLM, model), tokenizer, examples,
+                                              prompt_len=seq_len, max_new_tokens=max_new_tokens,
                                               batch_size=batch_size, stop=stop,
                                               separator=separator)
     return EvalResult(per_task, macro_mean({k: v["value"] for k, v in per_task.items()}),

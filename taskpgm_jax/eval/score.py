@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from taskpgm_jax.data import check_batch_values
 from taskpgm_jax.data.tasks import check_int
@@ -36,10 +37,10 @@ from taskpgm_jax.models import multi_adapter_forward, stack_adapters, target_log
 Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
 
 
-def token_logprobs(logits, targets):
+def token_logprobs(logits: ArrayLike, targets: ArrayLike) -> jax.Array:
     """log p(targets[b, s] | prefix) from logits [..., B, S, V]: float32 [..., B, S]
     (`models.target_logprobs`: no normalised copy of the logits is stored)."""
-    return target_logprobs(logits, targets)
+    return target_logprobs(jnp.asarray(logits), jnp.asarray(targets))
 
 
 def _vocab_size(model) -> int | None:
@@ -47,7 +48,8 @@ def _vocab_size(model) -> int | None:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def segment_sums(values, loss_mask, segment_ids, max_segments: int):
+def segment_sums(values: ArrayLike, loss_mask: ArrayLike, segment_ids: ArrayLike,
+                 max_segments: int) -> jax.Array:
     """Sum of `values * loss_mask` over each segment of each row.
 
     Args:
@@ -59,6 +61,7 @@ def segment_sums(values, loss_mask, segment_ids, max_segments: int):
     Returns:
       [..., B, max_segments] sums (0 for segments that do not exist).
     """
+    values, loss_mask, segment_ids = (jnp.asarray(x) for x in (values, loss_mask, segment_ids))
     onehot = (segment_ids[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)
     # where, not multiply: a target under padding (HF's -100, say) gathers NaN, and 0 * NaN
     # is NaN.
@@ -215,8 +218,10 @@ class ProbeScorer:
         return ProbeResult(self.cross.result(state.cross), base_row, jsd, state.cross.counts)
 
 
-def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = True,
-                          adapter_chunk: int | None = None):
+def adapter_probe_forward(
+        model: nnx.Module, adapters: nnx.State | list[nnx.State] | tuple[nnx.State, ...], *,
+        include_base: bool = True, adapter_chunk: int | None = None,
+) -> tuple[Forward, tuple[nnx.State, nnx.State]]:
     """A probe forward for T LoRA adapters over one base model (one multi-adapter call).
 
     Args:
@@ -230,12 +235,11 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
       to `ProbeScorer.update`, and the same `include_base` to `ProbeScorer` (recorded as
       `forward.include_base`, checked there).
     """
-    if isinstance(adapters, (list, tuple)):
-        adapters = stack_adapters(adapters)
+    rows: nnx.State = stack_adapters(adapters) if isinstance(adapters, (list, tuple)) else adapters
     if include_base:
         # The base model is the adapter whose B factors are zero (A x B = 0): append it as row T.
-        zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), adapters)
-        adapters = jax.tree.map(lambda a, z: jnp.concatenate([a, z]), adapters, zero)
+        zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), rows)
+        rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z]), rows, zero)
     # The model's own adapter values are ignored: multi_adapter_forward substitutes `stacked`.
     graphdef, base_state = nnx.split(model)
 
@@ -251,4 +255,4 @@ def adapter_probe_forward(model: nnx.Module, adapters, *, include_base: bool = T
     # is for ProbeScorer.update's id check; ProbeScorer refuses an include_base mismatch by name.
     forward.model = model  # type: ignore[attr-defined]
     forward.include_base = bool(include_base)  # type: ignore[attr-defined]
-    return forward, (base_state, adapters)
+    return forward, (base_state, rows)

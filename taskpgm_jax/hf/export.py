@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 from safetensors.numpy import save_file
 
 from taskpgm_jax.hf.config import config_to_hf
@@ -61,7 +62,7 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(model: nnx.Module, dtype: DTypeLike | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields every parameter as (HF name, NumPy array), one parameter on the host at a time.
 
     Weights come out [out, in] and stacked layers one tensor per layer. LoRA adapters, if any, are
@@ -88,7 +89,7 @@ def iter_hf_tensors(model: nnx.Module, dtype=None) -> Iterator[tuple[str, np.nda
             yield name, np.ascontiguousarray(block.T if tmap.transpose else block)
 
 
-def hf_tensors(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
+def hf_tensors(model: nnx.Module, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """All of `iter_hf_tensors` as a dict {HF tensor name: array} (holds the whole model on the host)."""
     return dict(iter_hf_tensors(model, _export_dtype(dtype)))
 
@@ -102,7 +103,7 @@ def _check_model(model: nnx.Module, where: str) -> CausalLM:
 
 
 def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
-                       *, dtype=None) -> list[str]:
+                       *, dtype: DTypeLike | None = None) -> list[str]:
     """Writes `model` as a Hugging Face checkpoint loadable by `AutoModelForCausalLM`.
 
     Tensors are streamed: at most one shard (plus one parameter) is held on the host at a time.

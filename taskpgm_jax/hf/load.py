@@ -12,18 +12,23 @@ import contextlib
 import json
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+from jax.typing import DTypeLike
 from safetensors import safe_open
 
 from taskpgm_jax.hf.config import config_from_hf
 from taskpgm_jax.hf.keymap import IGNORABLE_SUFFIXES, TensorMap, hf_shape, to_hf
 from taskpgm_jax.models.decoder import CausalLM
 from taskpgm_jax.sharding import Rules, named_sharding
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, never with this module
+    from transformers import PreTrainedTokenizerBase
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -112,7 +117,7 @@ def _distinct_lm_head(handles, files, held, rows: int = 8192) -> bool:
     return False
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a checkpoint: `taskpgm_jax.data.load_tokenizer` (local files only,
     a missing pad token set to EOS, named errors for a path without tokenizer files),
     re-exported here for users who load models and tokenizers together.
@@ -134,9 +139,9 @@ def load_hf_checkpoint(
     path: str | os.PathLike,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
-    dtype=jnp.bfloat16,
+    dtype: DTypeLike = jnp.bfloat16,
     *,
-    param_dtype=jnp.float32,
+    param_dtype: DTypeLike = jnp.float32,
     scan_layers: bool = True,
     remat: bool = False,
     attention_impl: str = "dot",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from taskpgm_jax.models.config import check_int
 from taskpgm_jax.models.decoder import CausalLM, as_array
@@ -37,7 +40,14 @@ def _generate(model: CausalLM, input_ids, attention_mask, max_new_tokens: int, e
     return jnp.concatenate([token[:, None], rest.T], axis=1)
 
 
-def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+class GreedyGenerator(Protocol):
+    """What `greedy_generator` returns: `greedy_generate` with its model bound."""
+
+    def __call__(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None, *,
+                 max_new_tokens: int, eos_token_id: int | None = None) -> jax.Array: ...
+
+
+def greedy_generate(model: CausalLM, input_ids: ArrayLike, attention_mask: ArrayLike | None = None, *,
                     max_new_tokens: int, eos_token_id: int | None = None) -> jax.Array:
     """Greedy decoding: one prefill over the prompt, then one cached step per new token.
 
@@ -63,7 +73,7 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.A
     return _generate(model, *args)
 
 
-def greedy_generator(model: CausalLM):
+def greedy_generator(model: CausalLM) -> GreedyGenerator:
     """`greedy_generate` bound to one model, for a loop over many prompt batches.
 
     `greedy_generate(model, ...)` walks the model's module graph on every call (milliseconds on
@@ -80,8 +90,8 @@ def greedy_generator(model: CausalLM):
     """
     run = nnx.cached_partial(_generate, model)
 
-    def generate(input_ids, attention_mask=None, *, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> jax.Array:
+    def generate(input_ids: ArrayLike, attention_mask: ArrayLike | None = None, *,
+                 max_new_tokens: int, eos_token_id: int | None = None) -> jax.Array:
         return run(*_checked_arguments(model, input_ids, attention_mask, max_new_tokens,
                                        eos_token_id))
 

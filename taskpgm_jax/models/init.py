@@ -69,7 +69,7 @@ def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
     return nnx.merge(graphdef, state)
 
 
-def count_params(model_or_state) -> int:
+def count_params(model_or_state: nnx.Module | nnx.State) -> int:
     """Number of scalars in the `nnx.Param` variables (abstract models count too).
 
     Args:

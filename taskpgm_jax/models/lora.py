@@ -115,7 +115,8 @@ def stack_adapters(adapters: Sequence[nnx.State]) -> nnx.State:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *adapters)
 
 
-def check_adapters_like(state, reference, what: str, against: str, leading: int = 0) -> None:
+def check_adapters_like(state: nnx.State, reference: nnx.State, what: str, against: str,
+                        leading: int = 0) -> None:
     """Same targets, shapes (less `leading` stacked axes) and dtypes as `reference`, or a
     ValueError naming the first leaf that differs: mixing ranks would run with the wrong
     alpha / rank scale, mixing dtypes would promote silently."""

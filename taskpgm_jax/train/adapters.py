@@ -101,7 +101,8 @@ def _check_stacked(adapters: nnx.State, own: nnx.State) -> None:
                          "shaped like the model's own")
 
 
-def stacked_adapter_shardings(adapters: nnx.State, mesh: Mesh, rules: Rules | None = None):
+def stacked_adapter_shardings(adapters: nnx.State, mesh: Mesh,
+                              rules: Rules | None = None) -> nnx.State:
     """Shardings of stacked adapters ([T, ...] leaves): the adapter axis replicated, each
     adapter's matrices split like the base weights they adapt (their logical axes).
 
