@@ -267,8 +267,10 @@ def evaluate(model: nnx.Module, tokenizer: PreTrainedTokenizerBase, tasks: TaskP
     """Scores every task of `tasks` on its `split` and the macro mean over tasks.
 
     Args:
-      model: a `CausalLM` (any module with the same call signature and KV-cache support for
-        generative tasks).
+      model: a `CausalLM`. Multiple-choice tasks use only its call,
+        `model(input_ids, attention_mask=...)` -> float32 logits, so any module with that call
+        scores them; generative tasks decode with the `CausalLM`'s KV cache (`TypeError`
+        otherwise).
       tokenizer: the model's tokenizer.
       tasks: a `TaskPool`; its `split` of each task is scored.
       split: "eval" (held-out) by default.

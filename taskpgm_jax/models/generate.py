@@ -63,6 +63,7 @@ def greedy_generate(model: CausalLM, input_ids: ArrayLike, attention_mask: Array
       int32 [B, max_new_tokens] generated tokens.
 
     Raises:
+      TypeError: a model that is not a `CausalLM`.
       ValueError: empty prompts (S = 0, or a row of attention_mask without a 1), a mask that is
         not 0/1, or an argument of the wrong type or range (naming it).
 
@@ -88,6 +89,7 @@ def greedy_generator(model: CausalLM) -> GreedyGenerator:
       >>> generate = greedy_generator(model)
       >>> outputs = [generate(ids, mask, max_new_tokens=16) for ids, mask in prompt_batches]
     """
+    _check_model(model)
     run = nnx.cached_partial(_generate, model)
 
     def generate(input_ids: ArrayLike, attention_mask: ArrayLike | None = None, *,
@@ -98,9 +100,18 @@ def greedy_generator(model: CausalLM) -> GreedyGenerator:
     return generate
 
 
+def _check_model(model: object) -> None:
+    # Decoding needs the KV cache (init_cache / decode) and the id checks of a CausalLM: another
+    # module would fail deep inside with an AttributeError.
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model: greedy decoding needs a taskpgm_jax.models.CausalLM (it uses its "
+                        f"KV cache), got {type(model).__name__}")
+
+
 def _checked_arguments(model, input_ids, attention_mask, max_new_tokens, eos_token_id):
     """greedy_generate's arguments checked (values too: inside _generate they are traced) and
     normalised: (input_ids, attention_mask, max_new_tokens, eos_token_id)."""
+    _check_model(model)
     input_ids = model._check_ids(input_ids)  # values too: inside _generate they are traced
     if input_ids.shape[1] == 0:
         raise ValueError(f"input_ids has no tokens (shape {list(input_ids.shape)}): each prompt "

@@ -98,6 +98,17 @@ def test_generate_refuses_bad_arguments(tiny_model, kwargs, match):
         greedy_generate(tiny_model, args.pop("input_ids"), args.pop("attention_mask"), **args)
 
 
+def test_generate_refuses_a_module_without_a_kv_cache():
+    class LogitsOnly(nnx.Module):  # the call of a CausalLM, no cache
+        def __call__(self, input_ids, attention_mask=None):
+            return jnp.zeros((*jnp.shape(input_ids), 7))
+
+    for call in (lambda m: greedy_generate(m, np.ones((1, 2), np.int32), max_new_tokens=1),
+                 greedy_generator):
+        with pytest.raises(TypeError, match="model: greedy decoding needs a .*CausalLM.*LogitsOnly"):
+            call(LogitsOnly())
+
+
 def test_generate_converts_scalar_arguments_to_static_ints(tiny_model, monkeypatch):
     # jit's static arguments must be hashable: a JAX or NumPy scalar is passed on as an int.
     seen = {}
