@@ -53,10 +53,6 @@ class _KernelOptions(TypedDict, total=False):
     mesh: Mesh | None
 
 
-# The typed options and the ones accepted at run time are the same names.
-assert set(_KernelOptions.__annotations__) == set(_KERNEL_OPTIONS), _KERNEL_OPTIONS
-
-
 class TruncatedJSD(NamedTuple):
     """Result of `truncated_pairwise_jsd`.
 

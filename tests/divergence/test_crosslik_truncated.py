@@ -177,3 +177,16 @@ def test_truncated_and_cross_likelihood_products_use_highest_precision(rng):
     for name, jaxpr in (("truncated", bounds), ("cross-likelihood", crosslik)):
         precisions = dot_precisions(jaxpr)
         assert precisions and all(p == HIGHEST for p in precisions), (name, precisions)
+
+
+def test_truncated_kernel_options_are_typed_as_pairwise_jsd_takes_them():
+    """`**kernel_options` is typed by a TypedDict: its keys must stay the keyword-only options
+    that `pairwise_jsd` accepts (and that `truncated_pairwise_jsd` forwards at run time)."""
+    import inspect
+    import typing
+
+    from taskpgm_jax.divergence import pairwise_jsd, truncated
+
+    taken = {name for name, p in inspect.signature(pairwise_jsd).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "from_logits"}
+    assert set(typing.get_type_hints(truncated._KernelOptions)) == taken == set(truncated._KERNEL_OPTIONS)
