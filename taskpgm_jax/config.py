@@ -21,12 +21,19 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-# The values of `ModelConfig.attention_impl` (kept here too: this module imports no JAX).
-ATTENTION_IMPLS = ("dot", "chunked", "xla", "cudnn")
+# The string options, as the library types them (kept here too: this module imports no JAX; a
+# test keeps them equal): `ModelConfig.attention_impl`, `mrf.solve(method=)`,
+# `mrf.potentials(unary=)` and `mrf.affinity_from_jsd(kind=)`. YAML values are checked against
+# them as they load.
+AttentionImpl = Literal["dot", "chunked", "xla", "cudnn"]
+SolveMethod = Literal["exact", "closed_form", "softmax"]
+UnaryKind = Literal["centrality", "utility"]
+AffinityKind = Literal["linear", "rbf"]
+ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 
 SCRATCH_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
@@ -143,7 +150,7 @@ class BaseModelConfig:
     # "dot", "chunked" (keys 512 at a time, online softmax), "xla" or "cudnn" (flash attention:
     # NVIDIA GPUs, dtype bfloat16); the same results, so it stays out of the stage keys
     # (`results_view`). See `ModelConfig.attention_impl`.
-    attention_impl: str = "dot"
+    attention_impl: AttentionImpl = "dot"
     # Every training stage applies the LM head and the loss this many positions at a time
     # (`TrainConfig.loss_chunk`): the [B, S, V] logits never exist at once. Memory only: out of
     # the stage keys too. None: all positions at once.
@@ -189,15 +196,15 @@ class ProbeConfig:
 class MrfConfig:
     """Potentials, solver and the budgeted selection (DESIGN.md 4)."""
 
-    unary: str = "centrality"  # or "utility" (measured transfer gain)
+    unary: UnaryKind = "centrality"  # or "utility" (measured transfer gain)
     beta: float = 1.0
     # None: 2T. Only beta / lam matters: at 1/T the centrality mixture is exactly uniform, at 0
     # it is the inverse-affinity weights S~^-1 1 (one share per redundant cluster); 1/(2T) is
     # halfway. Ratios above 1/T move towards central (redundant) tasks instead.
     lam: float | None = None
     ridge: float | None = None
-    solver: str = "exact"  # "exact", "closed_form" or "softmax"
-    jsd_affinity: str = "linear"  # "linear" (1 - D / ln 2) or "rbf" (exp(-D / tau))
+    solver: SolveMethod = "exact"
+    jsd_affinity: AffinityKind = "linear"  # "linear" (1 - D / ln 2) or "rbf" (exp(-D / tau))
     jsd_tau: float | None = None
     select_tasks: int | None = None  # greedy cardinality budget (None: half the tasks)
     # The selection's pairwise weight (None: beta). The set function F(A) = beta sum_A u -
@@ -328,11 +335,10 @@ def _validate(cfg: RunConfig) -> None:
     need(not bad and len(cfg.mixture.methods) > 0, "mixture.methods",
          f"unknown {bad}; choose from {MIXTURE_METHODS}")
     need(cfg.mixture.budget > 0, "mixture.budget", "must be > 0 (training examples per mixture)")
-    need(cfg.mrf.solver in ("exact", "closed_form", "softmax"), "mrf.solver",
-         f"must be 'exact', 'closed_form' or 'softmax', got {cfg.mrf.solver!r}")
-    need(cfg.mrf.unary in ("centrality", "utility"), "mrf.unary",
-         f"must be 'centrality' or 'utility', got {cfg.mrf.unary!r}")
-    need(cfg.mrf.jsd_affinity in ("linear", "rbf"), "mrf.jsd_affinity", "must be linear or rbf")
+    for name, value, kind in (("solver", cfg.mrf.solver, SolveMethod),
+                              ("unary", cfg.mrf.unary, UnaryKind),
+                              ("jsd_affinity", cfg.mrf.jsd_affinity, AffinityKind)):
+        need(value in typing.get_args(kind), f"mrf.{name}", _not_one_of(kind, value))
     if cfg.mrf.jsd_affinity == "rbf":
         need(cfg.mrf.jsd_tau is not None and cfg.mrf.jsd_tau > 0, "mrf.jsd_tau",
              "the rbf affinity needs a temperature > 0 (nats)")
@@ -483,7 +489,13 @@ def _validate_ranges(cfg: RunConfig, need) -> None:
 # -- parsing ------------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _not_one_of(tp, value: Any) -> str:
+    return f"must be {_type_name(tp)}, got {value!r}"
 
 
 def _convert(value: Any, tp, key: str):
@@ -510,6 +522,10 @@ def _convert(value: Any, tp, key: str):
         return _build(tp, value, key)
     if tp is Any:
         return _freeze(value)
+    if origin is Literal:
+        if any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"config key {key!r}: {_not_one_of(tp, value)}")
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:

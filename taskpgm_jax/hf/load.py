@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from taskpgm_jax.hf.config import config_from_hf
 from taskpgm_jax.hf.keymap import IGNORABLE_SUFFIXES, TensorMap, hf_shape, to_hf
+from taskpgm_jax.models.config import AttentionImpl
 from taskpgm_jax.models.decoder import CausalLM
 from taskpgm_jax.sharding import Rules, named_sharding
 
@@ -144,7 +145,7 @@ def load_hf_checkpoint(
     param_dtype: DTypeLike = jnp.float32,
     scan_layers: bool = True,
     remat: bool = False,
-    attention_impl: str = "dot",
+    attention_impl: AttentionImpl = "dot",
     attention_chunk: int = 512,
 ) -> CausalLM:
     """Loads a Llama / Qwen2 / Mistral checkpoint directory as a `CausalLM`.

@@ -7,14 +7,15 @@ import math
 import numbers
 import operator
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 import numpy as np
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = ("dot", "chunked", "xla", "cudnn")
+AttentionImpl = Literal["dot", "chunked", "xla", "cudnn"]
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -159,7 +160,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: bool = False
-    attention_impl: str = "dot"
+    attention_impl: AttentionImpl = "dot"
     attention_chunk: int = 512
     init_std: float = 0.02
 

@@ -22,11 +22,13 @@ LN2 = math.log(2.0)
 DEFAULT_RELATIVE_RIDGE = 1e-5
 SYMMETRY_TOL = 1e-5
 SPECTRA = ("auto", "dense", "lanczos")
+# The task-level affinities `affinity_from_jsd` builds from a JSD matrix.
+AffinityKind = Literal["linear", "rbf"]
 
 
 @eager_when_concrete
 def affinity_from_jsd(divergence: ArrayLike | Sequence[Sequence[float]],
-                      kind: str = "linear",
+                      kind: AffinityKind = "linear",
                       tau: float | None = None) -> jax.Array:
     """Task affinity from a task-level JSD matrix D (nats).
 

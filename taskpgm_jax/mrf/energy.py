@@ -20,6 +20,10 @@ from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_posit
 from taskpgm_jax.mrf.affinity import psd_repair
 
 
+# The unaries `potentials` computes itself (or pass a [T] array).
+UnaryKind = Literal["centrality", "utility"]
+
+
 class Potentials(NamedTuple):
     """Everything the solvers and the selection need; build it with `potentials(...)`.
 
@@ -90,7 +94,7 @@ def utility_unary(cross_likelihood: ArrayLike | Sequence[Sequence[float]],
 
 @eager_when_concrete
 def potentials(affinity: ArrayLike | Sequence[Sequence[float]],
-               unary: str | ArrayLike | Sequence[float] = "centrality",
+               unary: UnaryKind | ArrayLike | Sequence[float] = "centrality",
                *, beta: float = 1.0, lam: float = 1.0, ridge: float | None = None,
                cross_likelihood: ArrayLike | Sequence[Sequence[float]] | None = None,
                base_likelihood: ArrayLike | Sequence[float] | None = None,

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,8 @@ from taskpgm_jax.mrf._validate import (check_bounds, check_int, check_positive, 
                                        checked_potentials, is_traced, real_numpy)
 from taskpgm_jax.mrf.energy import Potentials
 
-METHODS = ("exact", "closed_form", "softmax")
+SolveMethod = Literal["exact", "closed_form", "softmax"]
+METHODS: tuple[str, ...] = get_args(SolveMethod)
 # exact: 10x below the 1e-6 relative energy accuracy promised, since the gap is measured
 # against the current iterate's energy scale, not the optimum's.
 DEFAULT_TOL = {"exact": 1e-7, "softmax": 1e-4}
@@ -166,7 +167,7 @@ def _check_finite_result(weights, method: str):
                          "method='exact'.")
 
 
-def solve(pot: Potentials, method: str = "exact", *,
+def solve(pot: Potentials, method: SolveMethod = "exact", *,
           floor: ArrayLike | Sequence[float] | None = None,
           cap: ArrayLike | Sequence[float] | None = None,
           init: ArrayLike | Sequence[float] | None = None, tol: float | None = None,
@@ -215,7 +216,7 @@ def solve(pot: Potentials, method: str = "exact", *,
 
 
 def solve_path(pot: Potentials, ratios: ArrayLike | Sequence[float],
-               method: str = "exact", *,
+               method: SolveMethod = "exact", *,
                floor: ArrayLike | Sequence[float] | None = None,
                cap: ArrayLike | Sequence[float] | None = None, tol: float | None = None,
                max_iter: int | None = None,

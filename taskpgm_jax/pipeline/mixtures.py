@@ -27,7 +27,7 @@ from taskpgm_jax.mrf import (
 )
 # solve's default softmax optimiser, passed explicitly so that the trace's re-runs take the
 # final solve's steps.
-from taskpgm_jax.mrf.solve import DEFAULT_MAX_ITER, default_softmax_optimizer
+from taskpgm_jax.mrf.solve import DEFAULT_MAX_ITER, SolveMethod, default_softmax_optimizer
 
 
 class MixtureSet(NamedTuple):
@@ -47,7 +47,7 @@ def _solver_options(method: str) -> dict[str, Any]:
             if method == "softmax" else {})
 
 
-def _convergence(pot, method: str, final) -> dict[str, list]:
+def _convergence(pot, method: SolveMethod, final) -> dict[str, list]:
     """Energy gap to the final solution and KKT residual after 1, 2, 4, ... iterations of the
     solve that produced `final`, ending with `final` itself (gap 0, its own residual).
 

@@ -1,9 +1,11 @@
 """Config values: every impossible one is refused at load time, naming its dotted key, so a run
 and `--dry-run` stop before any work; numbers in the forms people write them are accepted."""
 
+import dataclasses
 import re
 
 import pytest
+import yaml
 
 from taskpgm_jax.cli import main
 from taskpgm_jax.config import ConfigError, load_config
@@ -55,6 +57,45 @@ BAD = [
     ("data.eval_fraction=0", "data.eval_fraction"),
     ("data.probe_fraction=-0.1", "data.probe_fraction"),
 ]
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("mrf.solver=newton", "mrf.solver", "'exact', 'closed_form', 'softmax'"),
+    ("mrf.unary=degree", "mrf.unary", "'centrality', 'utility'"),
+    ("mrf.jsd_affinity=1", "mrf.jsd_affinity", "'linear', 'rbf'"),  # YAML reads 1 as an int
+    ("model.attention_impl=Dot", "model.attention_impl", "'dot', 'chunked', 'xla', 'cudnn'"),
+])
+def test_a_string_option_outside_its_choices_lists_them(override, key, allowed, tmp_path):
+    msg = f"config key '{re.escape(key)}': must be one of {re.escape(allowed)}, got"
+    with pytest.raises(ConfigError, match=msg):
+        load_config(DEMO, [override])
+    # The same in a file, and for a config built in Python (no YAML conversion: the validator).
+    section, field = key.split(".")
+    value = override.split("=")[1]
+    doc = yaml.safe_load(DEMO.read_text())
+    doc.setdefault(section, {})[field] = yaml.safe_load(value)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=msg):
+        load_config(path)
+    cfg = load_config(DEMO)
+    bad = dataclasses.replace(getattr(cfg, section), **{field: value})
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+        dataclasses.replace(cfg, **{section: bad})
+
+
+def test_the_config_types_its_string_options_as_the_library_does():
+    import typing
+
+    from taskpgm_jax import config
+    from taskpgm_jax.models.config import AttentionImpl
+    from taskpgm_jax.mrf.affinity import AffinityKind
+    from taskpgm_jax.mrf.energy import UnaryKind
+    from taskpgm_jax.mrf.solve import SolveMethod
+
+    for ours, theirs in ((config.AttentionImpl, AttentionImpl), (config.SolveMethod, SolveMethod),
+                         (config.UnaryKind, UnaryKind), (config.AffinityKind, AffinityKind)):
+        assert typing.get_args(ours) == typing.get_args(theirs)
 
 
 def test_an_empty_bigbench_task_list_is_refused():
