@@ -369,7 +369,9 @@ def test_bigbench_a_task_named_in_both_lists_is_refused(tmp_path, rng):
     plain = [p for p in leaves if "/" not in p]
 
     def pools(**kw):
-        return load_pools(DataConfig(source="bigbench",
+        # 30% probe examples: at the default 10% a 60-example task's hashed probe split is
+        # empty for 0.2% of seeds, and these pools hold up to 7 of them.
+        return load_pools(DataConfig(source="bigbench", probe_fraction=0.3,
                                      bigbench=BigbenchData(archive=str(archive), **kw)))
 
     named = [str(p) for p in rng.choice(plain, size=int(rng.integers(3, len(plain) + 1)),
@@ -407,7 +409,9 @@ def test_bigbench_task_lists_name_their_config_key(tmp_path, rng):
     archive, _ = _bigbench_config_archive(tmp_path, rng)
 
     def pools(**kw):
-        return load_pools(DataConfig(source="bigbench",
+        # 30% probe examples: at the default 10% a 60-example task's hashed probe split is
+        # empty for 0.2% of seeds, and these pools hold up to 7 of them.
+        return load_pools(DataConfig(source="bigbench", probe_fraction=0.3,
                                      bigbench=BigbenchData(archive=str(archive), **kw)))
 
     with pytest.raises(ConfigError, match=r"config key 'data.bigbench.heldout': an empty list "
