@@ -309,7 +309,7 @@ def _validate(cfg: RunConfig) -> None:
     need(m.loss_chunk is None or m.loss_chunk > 0, "model.loss_chunk",
          "must be > 0 (positions per chunk), or null: all at once")
     need(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
-         f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+         _not_one_of(AttentionImpl, m.attention_impl))
     need(m.attention_impl != "cudnn" or m.dtype == "bfloat16", "model.attention_impl",
          f"'cudnn' (flash attention) needs model.dtype 'bfloat16', got {m.dtype!r}")
     for section in ("single_task", "finetune"):
