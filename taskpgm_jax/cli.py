@@ -17,13 +17,15 @@ import argparse
 import json
 import runpy
 import sys
+import typing
 from pathlib import Path
 
 from taskpgm_jax._atomic import write_text_atomic
+from taskpgm_jax.config import SolveMethod
 
 BENCHMARKS = ("divergence", "divergence_tiles", "mrf", "model", "adapters", "probe")
 DATASETS = ("bigbench",)
-METHODS = ("exact", "closed_form", "softmax")
+METHODS = typing.get_args(SolveMethod)  # the solvers of mrf.solve, as the run config types them
 
 
 class CliError(Exception):
