@@ -122,6 +122,31 @@ def _check_choice_example(ex: Any, k: int) -> None:
                         f"choices; pass a 0-based index in [0, {len(choices)})")
 
 
+def _generation_references(ex: Any, k: int) -> list[str]:
+    """The references a generative row is scored against, by `make_task`'s rules (`references`
+    one string or a list of strings; absent or empty: [target]), or a `DataError` naming
+    `examples[k]` and the field: one string passed through `list` would be scored as its
+    characters, and a missing field or a prompt that is not text would fail deep inside."""
+    at = f"examples[{k}]"
+    if not isinstance(ex, Mapping):
+        raise DataError(f"{at}: expected a dict with 'prompt' and 'references' (or 'target'), "
+                        f"got {type(ex).__name__}")
+    if not isinstance(ex.get("prompt"), str):
+        raise DataError(f"{at}['prompt']: expected a string, got {ex.get('prompt')!r}")
+    refs = ex.get("references")
+    if isinstance(refs, str):
+        refs = [refs]
+    elif refs is None or (isinstance(refs, (Sequence, np.ndarray)) and len(refs) == 0):
+        if not isinstance(ex.get("target"), str):
+            raise DataError(f"{at}: no 'references' and no 'target' string to score against, "
+                            f"got target {ex.get('target')!r}; give the acceptable answers")
+        refs = [ex["target"]]
+    if not isinstance(refs, (Sequence, np.ndarray)) or not all(isinstance(r, str) for r in refs):
+        raise DataError(f"{at}['references']: expected a string or a list of strings, got "
+                        f"{refs!r}")
+    return list(refs)
+
+
 def unscored_tasks(tasks: TaskPool) -> list:
     """The tasks of `tasks` whose metric `evaluate` does not compute (`EVAL_METRICS`)."""
     return [t for t in tasks.tasks if t.metric not in EVAL_METRICS.get(t.kind, ())]
@@ -249,13 +274,17 @@ def score_generation(model: CausalLM, tokenizer: PreTrainedTokenizerBase,
                      examples: Iterable[Mapping[str, Any]], *, prompt_len: int,
                      max_new_tokens: int, batch_size: int, stop: Sequence[str] = (),
                      separator: str = "") -> dict[str, Any]:
-    """Exact match of a generative split (rows with `prompt`, `target`, `references`)."""
+    """Exact match of a generative split (rows with `prompt`, `target`, `references`).
+
+    Every row is checked first (`DataError` naming `examples[k]` and the field), by `make_task`'s
+    rules: `prompt` a string; `references` one string or a list of strings, or absent / empty
+    for [`target`]."""
     examples = _check_examples(examples)
+    references = [_generation_references(ex, k) for k, ex in enumerate(examples)]
     preds, truncated = _generate(model, tokenizer, [ex["prompt"] for ex in examples],
                                  prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, stop=stop, separator=separator)
-    hits = [exact_match(p, list(ex["references"]) or [ex["target"]])
-            for p, ex in zip(preds, examples, strict=True)]
+    hits = [exact_match(p, refs) for p, refs in zip(preds, references, strict=True)]
     return {"metric": "exact_match", "value": float(np.mean(hits)), "count": len(hits),
             "truncated": truncated, "predictions": preds}
 

@@ -316,3 +316,31 @@ def test_evaluate_refuses_an_empty_pool():
     with pytest.raises(ValueError, match=r"tasks: the pool has no tasks to evaluate; pass a "
                                          r"TaskPool with at least one task"):
         evaluate(None, None, TaskPool([]))
+
+
+def test_generation_rows_are_checked_and_one_string_is_one_reference(tokenizer, rng):
+    """`references` given as one string was scored as its characters (the model's own output
+    as the reference scored 0); a row without references or prompt failed with a KeyError or a
+    TypeError from inside tokenization. Rows follow make_task's rules now."""
+    model = _tiny_lm(len(tokenizer), rng)
+    prompts = [f"question {w}? answer " for w in rng.choice(WORDS, size=4, replace=False)]
+    with jax.default_matmul_precision("highest"):
+        preds = [_greedy_without_cache(model, tokenizer, p, 6) for p in prompts]
+    refs = [p if k < 2 else "zebra" for k, p in enumerate(preds)]
+    rows = [{"prompt": p, "target": "x", "references": r}  # one string each
+            for p, r in zip(prompts, refs, strict=True)]
+    rows[3] = {"prompt": prompts[3], "target": refs[3]}  # no references: the target
+    with jax.default_matmul_precision("highest"):
+        out = score_generation(model, tokenizer, rows, prompt_len=12, max_new_tokens=6,
+                               batch_size=4, stop=())
+    expect = np.mean([" ".join(p.lower().split()) == " ".join(r.lower().split())
+                      for p, r in zip(preds, refs, strict=True)])
+    assert out["predictions"] == preds and out["value"] == pytest.approx(expect)
+    k = int(rng.integers(4))
+    for bad, match in [({"prompt": None, "references": ["a"]}, r"\['prompt'\]: expected a string"),
+                       ({"prompt": "a"}, r": no 'references' and no 'target' string"),
+                       ({"prompt": "a", "references": ["a", 3]},
+                        r"\['references'\]: expected a string or a list of strings")]:
+        with pytest.raises(ValueError, match=rf"examples\[{k}\]" + match):
+            score_generation(model, tokenizer, rows[:k] + [bad] + rows[k + 1:], prompt_len=12,
+                             max_new_tokens=6, batch_size=4)
