@@ -263,6 +263,10 @@ def interleave_mixture(pool: TaskPool, weights: Weights,
 
     Returns:
       A `datasets.Dataset` (or `IterableDataset`) whose rows carry a `task` column.
+
+    Raises:
+      DataError: weights on unknown tasks, a positive weight on a task whose split is empty
+        (naming it), or a seed that is not an int in [0, 2**32).
     """
     import datasets
 
@@ -272,6 +276,10 @@ def interleave_mixture(pool: TaskPool, weights: Weights,
     parts = []
     for i in keep:
         ds = pool.split(names[i], split)
+        if not ds.num_rows:  # `datasets` would refuse it by position, or fail to shard it
+            raise data_error(f"weight {w[i]:g} on an empty {split} split: nothing to draw; give "
+                             f"the task weight 0 or more examples", task=names[i],
+                             source=pool[names[i]].source)
         ds = ds.add_column("task", [names[i]] * ds.num_rows)
         parts.append(ds.to_iterable_dataset() if streaming else ds)
     probs = (w[keep] / w[keep].sum()).tolist()

@@ -321,3 +321,14 @@ def test_a_damaged_manifest_is_named(tmp_path, rng):
     (out / "mixture.jsonl").unlink()
     with pytest.raises(DataError, match=r"mixture\.jsonl: cannot read the data file"):
         load_materialized(out)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_interleave_names_a_weighted_task_with_an_empty_split(rng, streaming):
+    """`datasets` refused it as "datasets at indices [0] are empty", or (streaming) with
+    "Unable to shard a dataset of size 0"; sample_mixture names the task, and so does this.
+    The empty t0 weighs 0, so it is not named."""
+    pool = _pool(rng, [40, 30])
+    pool = TaskPool(pool.tasks, SplitSpec(probe=0.0, eval=1.0, seed=0))  # train splits empty
+    with pytest.raises(DataError, match=r"task 't1': weight 2 on an empty train split"):
+        interleave_mixture(pool, [0.0, 2.0], split="train", streaming=streaming)
