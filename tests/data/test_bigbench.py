@@ -436,3 +436,62 @@ def test_fetch_replaces_a_damaged_archive_of_an_unpinned_version(tmp_path, rng):
         assert load_bigbench("navigate", archive=got).names == ("navigate",)
     finally:
         server.shutdown()
+
+
+def _bigbench_format(task, ex):
+    """BIG-bench's own zero-shot formatting of one example (json_task.default_format_fn, with
+    the appended choices unpermuted): choices are shown for any example with target_scores,
+    whatever the task's metric, and the first highest-scored choice is the default target."""
+    text = ex["input"]
+    if "target_scores" in ex and task.get("append_choices_to_input", True):
+        cp = task.get("choice_prefix", "\n  choice: ")
+        text += cp + cp.join(ex["target_scores"])
+    prompt = (task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ") + text
+              + task.get("example_output_prefix", "\nA: "))
+    target = ex.get("target")
+    if target is None:
+        best = max(ex["target_scores"].values())
+        target = [k for k, v in ex["target_scores"].items() if v == best][0]
+    return prompt, target if isinstance(target, list) else [target]
+
+
+@pytest.mark.parametrize("append", [True, False])
+def test_generative_examples_with_target_scores_are_formatted_as_bigbench_does(rng, append):
+    """A generative task (preferred exact_str_match) whose examples also carry target_scores
+    lost their choices from the prompt, and one without a target was refused; BIG-bench shows
+    the choices and takes the highest-scored choice as the target."""
+    task = _gen_task(rng, "gen", 12, append_choices_to_input=append, choice_prefix="\n- ")
+    for k, ex in enumerate(task["examples"]):
+        if k % 3:
+            scores = {f"c{j}_{rng.integers(1000)}": int(rng.integers(3)) for j in range(3)}
+            scores[f"top{k}"] = 5
+            ex["target_scores"] = dict(sorted(scores.items(), key=lambda _: rng.random()))
+            if k % 3 == 2:
+                del ex["target"]
+    got = bb.convert_task(task, "gen", "bigbench:1.0.0/gen")
+    assert got.kind == "generate"
+    for row, ex in zip(got.examples, task["examples"], strict=True):
+        prompt, refs = _bigbench_format(task, ex)
+        assert (row["prompt"], row["references"], row["target"]) == (prompt, refs, refs[0])
+
+
+def test_malformed_targets_and_examples_are_named():
+    """A number or an object as the target raised TypeError ('int' object is not iterable) or
+    was read as the object's keys; examples that are not objects raised AttributeError."""
+    def convert(examples):
+        return bb.convert_task({"examples": examples}, "x/y", "bigbench:1.0.0/x/y")
+
+    good = {"input": "q", "target": "a"}
+    for target, shown in [(5, "int 5"), ({"a": 1}, r"dict \{'a': 1\}"), ([], r"list \[\]"),
+                          (["a", 3], r"list \['a', 3\]")]:
+        with pytest.raises(DataError, match=r"^bigbench:1.0.0/x/y example 1, task 'x/y', field "
+                                            r"'target': the target must be a string or a "
+                                            rf"non-empty list of strings, got {shown}$"):
+            convert([good, {"input": "r", "target": target}])
+    with pytest.raises(DataError, match=r"example 1, task 'x/y', field 'examples': expected an "
+                                        r"object with input and target or target_scores, got "
+                                        r"str 'q'"):
+        convert([good, "q"])
+    with pytest.raises(DataError, match=r"task 'x/y', field 'examples': expected a list of "
+                                        r"example objects, got dict"):
+        convert({"0": good})

@@ -10,10 +10,11 @@ why the file comes from the package index directly.
 
 Prompt format, as BIG-bench's JSON tasks define it (zero-shot):
 `task_prefix + example_input_prefix + input [+ choice_prefix + choice_prefix.join(choices)]
-+ example_output_prefix`, with defaults "\\nQ: ", "\\nA: ", "\\n  choice: " and choices appended
-unless `append_choices_to_input` is false. BIG-bench lists the appended choices in a seeded
++ example_output_prefix`, with defaults "\\nQ: ", "\\nA: ", "\\n  choice: ", the choices of any
+example with `target_scores` appended (generative tasks' too, as BIG-bench formats them) unless
+`append_choices_to_input` is false. BIG-bench lists the appended choices in a seeded
 permutation; here they keep the file's order. A multiple-choice example's answer is its first
-highest-scored choice.
+highest-scored choice, which is also the target of a generative example without a `target`.
 
 Canary: every BIG-bench task carries a canary string. It is kept on each `Task` and written into
 every manifest of data drawn from it; never copy BIG-bench examples outside a run directory.
@@ -339,6 +340,14 @@ def convert_task(data: dict, path: str, source: str) -> Task:
     if not examples:
         raise data_error("no examples (a container of sub-tasks? name one, e.g. "
                          f"'{path}/<subtask>')", task=path, source=source, field="examples")
+    if not isinstance(examples, list):
+        raise data_error(f"expected a list of example objects, got {type(examples).__name__}",
+                         task=path, source=source, field="examples")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict):
+            raise data_error(f"expected an object with input and target or target_scores, got "
+                             f"{type(ex).__name__} {ex!r:.60}", task=path,
+                             source=source, line=f"example {i}", field="examples")
     fmt = {"append_choices": data.get("append_choices_to_input", True)}
     for key, field, default in _PREFIXES:
         value = data.get(field, default)
@@ -363,35 +372,53 @@ def convert_task(data: dict, path: str, source: str) -> Task:
 
         if not isinstance(ex.get("input"), str):
             raise fail("missing or non-string input", "input")
+        scores = ex.get("target_scores")
         if kind == "multiple_choice":
-            scores = ex.get("target_scores")
             if not isinstance(scores, dict) or len(scores) < 2:
                 raise fail("a multiple-choice example needs target_scores with 2+ choices",
                            "target_scores")
-            choices = list(scores)
-            try:
-                values = [float(v) for v in scores.values()]
-            except (TypeError, ValueError):
-                raise fail(f"scores must be numbers, got {list(scores.values())!r}",
-                           "target_scores") from None
-            if not all(math.isfinite(v) for v in values):
-                raise fail(f"scores must be finite, got {values}", "target_scores")
-            if max(values) <= min(values):
+            choices, best = list(scores), _best_choice(scores, fail)
+            if best is None:
                 raise fail("no correct choice (all target_scores equal)", "target_scores")
             rows.append({"prompt": _prompt(ex, fmt, choices), "choices": choices,
-                         "answer": values.index(max(values)), "id": f"{path}:{i}"})
+                         "answer": best, "id": f"{path}:{i}"})
         else:
+            # As BIG-bench formats every example: its target_scores' choices are shown in the
+            # prompt (unless append_choices_to_input is false) whatever the task's metric, and
+            # without a target the highest-scored choice is the target.
+            shown = list(scores) if isinstance(scores, dict) and scores else None
             target = ex.get("target")
-            refs = [target] if isinstance(target, str) else list(target or [])
-            if not refs or not all(isinstance(r, str) for r in refs):
-                raise fail("missing target (a string or a list of strings)", "target")
-            rows.append({"prompt": _prompt(ex, fmt, None), "target": refs[0], "references": refs,
-                         "id": f"{path}:{i}"})
+            if target is None and shown is not None:
+                best = _best_choice(scores, fail)
+                target = shown[0 if best is None else best]
+            if isinstance(target, str):
+                refs = [target]
+            elif isinstance(target, list) and target and all(isinstance(r, str) for r in target):
+                refs = list(target)
+            else:
+                got = "none" if target is None else f"{type(target).__name__} {target!r}"
+                raise fail(f"the target must be a string or a non-empty list of strings, got "
+                           f"{got}", "target")
+            rows.append({"prompt": _prompt(ex, fmt, shown), "target": refs[0],
+                         "references": refs, "id": f"{path}:{i}"})
     # Examples are numbered from 0, as in the file's "examples" list (there are no lines).
     return make_task(path, kind, rows, metric=preferred or None, source=source,
                      description=data.get("description", ""), keywords=data.get("keywords", []),
                      canary=data.get("canary", ""),
                      lines=[f"example {i}" for i in range(len(rows))])
+
+
+def _best_choice(scores: dict, fail) -> int | None:
+    """The index of the first highest-scored choice (None when all scores are equal), or the
+    `fail(message, field)` error for scores that are not finite numbers."""
+    try:
+        values = [float(v) for v in scores.values()]
+    except (TypeError, ValueError):
+        raise fail(f"scores must be numbers, got {list(scores.values())!r}",
+                   "target_scores") from None
+    if not all(math.isfinite(v) for v in values):
+        raise fail(f"scores must be finite, got {values}", "target_scores")
+    return values.index(max(values)) if max(values) > min(values) else None
 
 
 def bbh_names(index: dict[str, Any]) -> tuple[list[str], list[str]]:
