@@ -373,3 +373,23 @@ def test_task_names_are_written_one_way(tmp_path, rng):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"bad.parquet: not a readable Parquet file"):
         load_task_files(tmp_path / "bad.parquet")
+
+
+def test_json_files_with_a_byte_order_mark_are_read(tmp_path, rng):
+    """UTF-8 with a BOM (as Notepad and PowerShell write it; `datasets`' JSON builder reads it)
+    failed with "not valid JSON (Unexpected UTF-8 BOM ...)" at line 1, both as JSON Lines and
+    as a .json array."""
+    rows = _gen_rows(rng, int(rng.integers(2, 9)))
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "lines.jsonl").write_bytes(
+        bom + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    (tmp_path / "array.json").write_bytes(bom + json.dumps(rows, indent=1).encode())
+    pool = load_task_files(tmp_path)
+    for name in ("lines", "array"):
+        assert pool[name].examples["prompt"] == [r["inputs"] for r in rows]
+        assert pool[name].examples["target"] == [r["targets"] for r in rows]
+    # Only a leading one: inside a line it is still an error with its line number.
+    (tmp_path / "lines.jsonl").write_bytes(
+        json.dumps(rows[0]).encode() + b"\n" + bom + json.dumps(rows[1]).encode() + b"\n")
+    with pytest.raises(DataError, match=r"lines.jsonl line 2: not valid JSON"):
+        load_task_files(tmp_path / "lines.jsonl")

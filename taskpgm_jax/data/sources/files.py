@@ -47,7 +47,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
 
     Args:
       path: a `.jsonl` / `.json` (JSON Lines, or a `.json` holding one array of objects) or a
-        `.parquet` file.
+        `.parquet` file. UTF-8 text, with or without a byte-order mark.
 
     Returns:
       (records, lines): one dict per non-blank line / row, and its 1-based line or row number
@@ -73,6 +73,8 @@ def read_records(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[in
             except UnicodeDecodeError as e:
                 raise data_error(f"undecodable text: byte {e.start} is not valid UTF-8",
                                  source=str(path), line=line_no) from None
+            if line_no == 1:  # a byte-order mark, as Windows tools write (datasets reads it)
+                text = text.removeprefix("\ufeff")
             if not text.strip():
                 continue
             try:
@@ -105,7 +107,7 @@ def _read_json_array(path: Path) -> tuple[list[dict[str, Any]], list[int | str]]
         raise data_error(f"undecodable text: byte {e.start} is not valid UTF-8",
                          source=str(path), line=line) from None
     try:
-        records = json.loads(text)
+        records = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark is not JSON
     except json.JSONDecodeError as e:
         raise data_error(f"not valid JSON ({e.msg} at column {e.colno})", source=str(path),
                          line=e.lineno) from None
