@@ -21,19 +21,27 @@ every batch a function of where in the stream it starts, which the iterator need
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import numpy as np
 
 from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.data.tokenize import Encoded
 
+if TYPE_CHECKING:  # jax is imported where batches are placed on devices, not with the data package
+    import jax
+
+# A batch field: a host array as built here, or a `jax.Array` once placed (`global_batch`, the
+# trainers' `place_batch`, `eval`), the same pytree either way.
+BatchArray: TypeAlias = "np.ndarray | jax.Array"
+
 __all__ = ["Batch", "check_batch_values", "pack_batches", "pack_rows", "pad_batch",
            "rows_to_batch"]
 
 
 class Batch(NamedTuple):
-    """One static-shape batch (a pytree of NumPy arrays; see the module docstring).
+    """One static-shape batch (see the module docstring): a pytree of NumPy arrays as built
+    here, of `jax.Array`s once placed on devices (`global_batch`, the trainers' `place_batch`).
 
     Attributes:
       input_ids: int32 [batch, seq].
@@ -43,14 +51,14 @@ class Batch(NamedTuple):
       positions: int32 [batch, seq], restarting at 0 per segment.
     """
 
-    input_ids: np.ndarray
-    targets: np.ndarray
-    loss_mask: np.ndarray
-    segment_ids: np.ndarray
-    positions: np.ndarray
+    input_ids: BatchArray
+    targets: BatchArray
+    loss_mask: BatchArray
+    segment_ids: BatchArray
+    positions: BatchArray
 
     @property
-    def attention_mask(self) -> np.ndarray:
+    def attention_mask(self) -> BatchArray:
         """int32 [batch, seq]: 1 on real tokens (for models that take only a padding mask)."""
         return (self.segment_ids > 0).astype(np.int32)
 

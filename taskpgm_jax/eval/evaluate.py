@@ -190,8 +190,8 @@ def choice_logliks(model: nnx.Module, rows: Sequence[Encoded], *, seq_len: int,
 
 
 def jax_batch(batch: Batch) -> Batch:
-    # A Batch is a pytree: the same fields as device arrays (its annotations name the host form).
-    return Batch(*(jnp.asarray(x) for x in batch))  # type: ignore[arg-type]
+    # A Batch is a pytree: the same fields as device arrays.
+    return Batch(*(jnp.asarray(x) for x in batch))
 
 
 def score_multiple_choice(model: nnx.Module, tokenizer: PreTrainedTokenizerBase,
