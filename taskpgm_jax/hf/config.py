@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from taskpgm_jax.models.config import ModelConfig
+from taskpgm_jax.models.config import ModelConfig, check_token_ids
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -29,7 +29,7 @@ _IMPLEMENTED = {
 }
 # Keys with no effect on the forward computation (token ids, bookkeeping, output switches).
 _INERT = {
-    "_name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+    "_name_or_path", "dtype", "torch_dtype",
     "transformers_version", "initializer_range", "use_cache", "id2label", "label2id",
     "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type",
     "return_dict", "chunk_size_feed_forward", "tokenizer_class", "task_specific_params",
@@ -38,6 +38,11 @@ _INERT = {
     "cross_attention_hidden_size", "is_decoder", "bad_words_ids", "max_length", "temperature",
     "max_sequence_length",  # LLaMA-1 configs: a copy of max_position_embeddings, read by nothing
 }
+# Keys with no effect on the logits that ModelConfig carries to the export: without them there,
+# transformers takes its config class's defaults (Llama: eos 2, which a Llama 3 vocabulary holds
+# as an ordinary token) or none at all, and `generate` of the exported model stops at the wrong
+# token or never.
+_CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id")
 # transformers 5 defaults of keys a config.json may omit (LlamaConfig, Qwen2Config,
 # MistralConfig); read as constants because importing those classes imports torch.
 _HF_SLIDING_WINDOW = 4096
@@ -106,6 +111,8 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     num_key_value_heads = heads / 32 / 8 for llama / qwen2 / mistral). A mistral config with
     `layer_types` is read as `AutoModelForCausalLM` reads it (as MinistralForCausalLM: the window
     on the sliding_attention layers only); without it the window is on every layer.
+    The special token ids (bos/eos/pad_token_id) do not change the logits; they are kept in the
+    config so that `config_to_hf` writes them back.
 
     Args:
       hf: the parsed config.json, or where to read it.
@@ -132,7 +139,8 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     if bad_arch:
         raise ValueError(f"config.json architectures={bad_arch} not supported; supported: "
                          f"{sorted(SUPPORTED.values())}")
-    unknown = sorted(k for k in hf if k not in _IMPLEMENTED and k not in _INERT)
+    unknown = sorted(k for k in hf if k not in _IMPLEMENTED and k not in _INERT
+                     and k not in _CARRIED)
     if unknown:
         raise ValueError(f"config.json attributes not implemented (they may change the model): {unknown}")
 
@@ -176,6 +184,8 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, **overrides) -> Model
     else:
         kwargs.update(qkv_bias=False, o_bias=False)
     kwargs.update(_window_from_hf(hf, model_type))
+    kwargs.update({key: check_token_ids(f"config.json {key}", hf.get(key),
+                                        several=key == "eos_token_id") for key in _CARRIED})
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
 
@@ -317,6 +327,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_parameters=rope,
         dtype=jnp.dtype(cfg.param_dtype).name,
     )
+    for key in _CARRIED:  # unset ones are left out: transformers then takes its defaults
+        value = getattr(cfg, key)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value
     n = cfg.num_hidden_layers
     # ModelConfig has already refused bias and window layouts the architecture cannot hold.
     if cfg.model_type == "llama":

@@ -67,6 +67,30 @@ def _name(owner: str, name: str, value) -> str:
     return value
 
 
+def check_token_ids(name: str, value, several: bool = False):
+    """A special token id: None, an int (NumPy ints too; negative ones are kept, as LLaMA-1's
+    pad_token_id -1), or, when `several`, a list or tuple of ints stored as a tuple; else a
+    ValueError naming `name`."""
+    def one(x):
+        if isinstance(x, (bool, np.bool_)):
+            return None
+        try:
+            return operator.index(x)
+        except TypeError:
+            return None
+
+    if value is None:
+        return None
+    if several and isinstance(value, (list, tuple)):
+        ids = tuple(one(x) for x in value)
+        if None not in ids:
+            return ids
+    elif one(value) is not None:
+        return one(value)
+    what = "an int, a list of ints" if several else "an int"
+    raise ValueError(f"{name} must be {what} or None, got {value!r}")
+
+
 def float_dtype(value, name: str) -> np.dtype:
     """`value` (a floating dtype, its scalar type or its name) as a `jnp.dtype`, else a ValueError
     naming `name`."""
@@ -130,6 +154,10 @@ class ModelConfig:
           when traced), `dtype` bfloat16 or float16 and head_dim a multiple of 8 (checked here).
       attention_chunk: keys per step of "chunked" attention (a positive int; unused otherwise).
       init_std: standard deviation of random initialisation.
+      bos_token_id, eos_token_id, pad_token_id: the checkpoint's special token ids (None: not
+        set). They do not change the logits; they are read from config.json and written back on
+        export, where transformers' `generate` takes its stopping token from eos_token_id (one
+        int, or a tuple of ints as in Llama 3.1 Instruct; a list is stored as a tuple).
 
     Sizes are ints (NumPy ints are accepted and stored as int, bools are refused); the flags are
     bools. Anything else raises a ValueError naming the field.
@@ -163,6 +191,9 @@ class ModelConfig:
     attention_impl: AttentionImpl = "dot"
     attention_chunk: int = 512
     init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         self._check_types()
@@ -218,6 +249,9 @@ class ModelConfig:
                      "rope_high_freq_factor"):
             put(name, _real(own, name, getattr(self, name)))
         put("init_std", _real(own, "init_std", self.init_std, positive=False))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            put(name, check_token_ids(f"{own}.{name}", getattr(self, name),
+                                      several=name == "eos_token_id"))
         for name in ("tie_word_embeddings", "o_bias", "scan_layers", "remat"):
             put(name, _bool(own, name, getattr(self, name)))
         if self.qkv_bias is not None:

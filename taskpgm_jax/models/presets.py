@@ -11,7 +11,8 @@ def llama2_7b(**overrides) -> ModelConfig:
     """meta-llama/Llama-2-7b-hf: 32 layers, multi-head attention, 32k vocabulary."""
     fields = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+                  bos_token_id=1, eos_token_id=2)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -19,7 +20,8 @@ def llama3_8b(**overrides) -> ModelConfig:
     """meta-llama/Meta-Llama-3-8B: grouped queries (8 kv heads), 128k vocabulary, theta 5e5."""
     fields = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192)
+                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+                  bos_token_id=128000, eos_token_id=128001)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -36,7 +38,7 @@ def qwen2_7b(**overrides) -> ModelConfig:
     fields = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
                   rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,
-                  qkv_bias=True)
+                  qkv_bias=True, bos_token_id=151643, eos_token_id=151643)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -50,7 +52,7 @@ def mistral_7b(**overrides) -> ModelConfig:
         model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
-        sliding_window=4096)
+        sliding_window=4096, bos_token_id=1, eos_token_id=2)
     fields.update(overrides)
     if "sliding_window_layers" not in overrides:
         layers = check_int("ModelConfig.num_hidden_layers", fields["num_hidden_layers"])

@@ -220,6 +220,8 @@ _LLAMA = {**tiny.BASE, "model_type": "llama", "num_key_value_heads": 2}
     ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
     ({"model_type": "mistral", "sliding_window": 4.7}, "sliding_window must be an int"),
     ({"model_type": "mistral", "layer_types": "fs"}, "layer_types must be a list"),
+    ({"eos_token_id": "</s>"}, "eos_token_id must be an int, a list of ints or None"),
+    ({"bos_token_id": 1.0}, "bos_token_id must be an int or None"),
 ])
 def test_bad_config_values_name_the_key(extra, match):
     with pytest.raises(ValueError, match=f"config.json {match}"):

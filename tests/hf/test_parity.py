@@ -158,6 +158,23 @@ def test_default_model_config_exports_the_tensors_transformers_expects(model_typ
     assert load_hf_checkpoint(tmp_path).config == cfg
 
 
+def test_export_keeps_the_special_token_ids(checkpoints, tmp_path):
+    # Llama 3.1 Instruct stops on any of three eos ids. Left out of the exported config.json,
+    # transformers would take LlamaConfig's bos 1 / eos 2 and its generate would stop at the
+    # wrong token (eos 2) or never (no eos in the generation config).
+    path, _ = checkpoints("llama_mha_untied")
+    (tmp_path / "in").mkdir()
+    cfg = _linked_copy(path, tmp_path / "in")
+    cfg.update(bos_token_id=90, eos_token_id=[91, 92, 93], pad_token_id=94)
+    (tmp_path / "in" / "config.json").write_text(json.dumps(cfg))
+    source = transformers.AutoConfig.from_pretrained(tmp_path / "in")
+    save_hf_checkpoint(load_hf_checkpoint(tmp_path / "in"), tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(back.config, key) == getattr(source, key) == cfg[key], key
+    assert back.generation_config.eos_token_id == [91, 92, 93]
+
+
 @pytest.mark.parametrize("case", ["qwen2_window_tied", "llama3_rope_mqa"])
 def test_export_round_trip_sharded_files(case, checkpoints, rng, tmp_path):
     path, torch_model = checkpoints(case)

@@ -234,6 +234,10 @@ _SIZES = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_la
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),
     ({"dtype": jnp.int32}, "dtype"),
     ({"param_dtype": "float33"}, "param_dtype"),
+    ({"eos_token_id": "</s>"}, "eos_token_id"),
+    ({"eos_token_id": [2, 2.5]}, "eos_token_id"),
+    ({"bos_token_id": [1]}, "bos_token_id"),
+    ({"pad_token_id": True}, "pad_token_id"),
 ])
 def test_model_config_refuses_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\b"):
@@ -249,6 +253,8 @@ def test_model_config_normalises_accepted_values():
     same = ModelConfig(**{**_SIZES, "model_type": "qwen2", "dtype": jnp.bfloat16,
                           "sliding_window": 2, "sliding_window_layers": (1, 0)})
     assert cfg == same and hash(cfg) == hash(same)  # usable as a static jit argument
+    ids = ModelConfig(**_SIZES, eos_token_id=[np.int64(2), 7], pad_token_id=-1)
+    assert ids.eos_token_id == (2, 7) and ids.pad_token_id == -1 and hash(ids)
     lora = LoraConfig(targets=["q_proj", "v_proj"])
     assert lora.targets == ("q_proj", "v_proj") and hash(lora) == hash(LoraConfig())
     with pytest.raises(ValueError, match="LoraConfig.targets has duplicates"):
