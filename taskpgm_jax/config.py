@@ -753,10 +753,19 @@ def _view_at_defaults(section, names: tuple[str, ...]) -> dict:
 def results_view(model: BaseModelConfig) -> dict:
     """The `model` section as stage keys hash it: without `attention_impl` and `loss_chunk`
     (added after the first keys, so dropped), and with `remat` at its default: they change how
-    the model runs (speed, memory), never its results (beyond float32 rounding)."""
-    view = _view_at_defaults(model, ("remat",))
+    the model runs (speed, memory), never its results (beyond float32 rounding). A base that is
+    not trained from scratch (`hf`: its weights are the checkpoint's) reads neither `size` nor
+    `pretrain`, so they hash at their defaults there too."""
+    unread = ("remat",) if model.source == "scratch" else ("remat", "size", "pretrain")
+    view = _view_at_defaults(model, unread)
     del view["attention_impl"], view["loss_chunk"]
     return view
+
+
+def tokenizer_view(tokenizer: TokenizerConfig) -> dict:
+    """The `tokenizer` section as stage keys hash it: a pretrained tokenizer is loaded as it
+    is, so `vocab_size` (the size of a bpe tokenizer to train) hashes at its default."""
+    return _view_at_defaults(tokenizer, ("vocab_size",) if tokenizer.kind == "pretrained" else ())
 
 
 def finetune_view(ft: FinetuneConfig) -> dict:

@@ -27,6 +27,7 @@ from taskpgm_jax.config import (
     finetune_view,
     results_view,
     to_dict,
+    tokenizer_view,
 )
 from taskpgm_jax.data import load_tokenizer
 from taskpgm_jax.mrf import Mixture
@@ -104,7 +105,7 @@ def hf_base(cfg: RunConfig):
     tok_dir = Path(cfg.tokenizer.path).expanduser() if cfg.tokenizer.path else base_dir
     tokenizer = load_tokenizer(tok_dir)
     weights = file_digest([base_dir / "config.json", *base_dir.glob("*.safetensors")])
-    key = config_hash(results_view(cfg.model), weights, cfg.tokenizer,
+    key = config_hash(results_view(cfg.model), weights, tokenizer_view(cfg.tokenizer),
                       tokenizer_digest(tok_dir, tokenizer))
     return base_dir, tokenizer, key
 

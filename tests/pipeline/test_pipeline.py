@@ -346,6 +346,31 @@ def test_hf_base_key_covers_the_tokenizer(finished, tmp_path):
     assert key() != base   # the checkpoint's own tokenizer, edited in place
 
 
+def test_hf_base_key_ignores_settings_an_hf_base_never_reads(finished, tmp_path, rng):
+    """A checkpoint base neither trains a tokenizer (vocab_size) nor pretrains (model.pretrain,
+    model.size): changing those must not rerun every stage of a 7B run; what an hf base does
+    read still changes the key."""
+    ref_dir, _, _ = finished
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(next(ref_dir.glob("stages/tokenizer-*")) / "tokenizer", ckpt)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(rng.bytes(64))
+
+    def key(*extra):
+        return hf_base(_tiny("model.source=hf", f"model.checkpoint={ckpt}",
+                             "tokenizer.kind=pretrained", *extra))[2]
+
+    base = key()
+    unread = [f"tokenizer.vocab_size={int(rng.integers(300, 5000))}",
+              f"model.pretrain.steps={int(rng.integers(9, 500))}",
+              f"model.pretrain.learning_rate={float(rng.uniform(1e-4, 1e-2))!r}",
+              f"model.size={{hidden_size: {16 * int(rng.integers(3, 9))}}}"]
+    for extra in unread:
+        assert key(extra) == base, extra
+    assert key("model.seq_len=48") != base
+    assert key("model.dtype=bfloat16") != base
+
+
 def test_changed_setting_reruns_only_its_dependants(finished, tmp_path):
     ref_dir, _, _ = finished
     run_dir = tmp_path / "copy"
