@@ -73,10 +73,12 @@ def count_params(model_or_state: nnx.Module | nnx.State) -> int:
     """Number of scalars in the `nnx.Param` variables (abstract models count too).
 
     Args:
-      model_or_state: a module (for example from `nnx.eval_shape`) or a state.
+      model_or_state: a module (for example from `nnx.eval_shape`) or a state; LoRA adapters
+        (`LoRAParam`) and any other non-`nnx.Param` variables are not counted in either.
 
     Returns:
       The parameter count.
     """
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    state = (nnx.filter_state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.State)
+             else nnx.state(model_or_state, nnx.Param))
     return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state, is_leaf=_is_var)))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, lora_state, merge_lora,
-                                multi_adapter_forward, stack_adapters)
+from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, count_params, lora_state,
+                                merge_lora, multi_adapter_forward, stack_adapters)
 from taskpgm_jax.models.lora import merged_kernels
 from tests.models.conftest import TINY, forward, random_model
 
@@ -37,6 +37,13 @@ def test_fresh_adapters_leave_the_model_unchanged(tiny_model, adapted, rng):
     mask = jnp.ones_like(ids)
     assert len(jax.tree.leaves(lora_state(adapted))) == 2 * 5
     np.testing.assert_allclose(forward(adapted, ids, mask), forward(tiny_model, ids, mask), atol=1e-6)
+
+
+def test_count_params_leaves_adapters_out(tiny_model, adapted):
+    # The base parameters only, whether given the model or its whole state (adapters included).
+    base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(tiny_model, nnx.Param)))
+    assert jax.tree.leaves(lora_state(adapted))
+    assert count_params(adapted) == count_params(nnx.state(adapted)) == base
 
 
 def test_multi_adapter_equals_separate_forwards(adapted, rng):
