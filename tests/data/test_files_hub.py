@@ -393,3 +393,21 @@ def test_json_files_with_a_byte_order_mark_are_read(tmp_path, rng):
         json.dumps(rows[0]).encode() + b"\n" + bom + json.dumps(rows[1]).encode() + b"\n")
     with pytest.raises(DataError, match=r"lines.jsonl line 2: not valid JSON"):
         load_task_files(tmp_path / "lines.jsonl")
+
+
+@pytest.mark.parametrize("specs,match", [
+    ("org/name", r"^specs must be a HubSpec, a dict of its fields, or a list of them; got str "
+                 r"'org/name'; a dataset name goes in HubSpec\('org/name', \.\.\.\)"),
+    (None, r"^specs must be a HubSpec, a dict of its fields, or a list of them; got NoneType"),
+    ([HubSpec("nobody-here/x"), "org/name"], r"^specs\[1\] must be a HubSpec or a dict of its "
+                                             r"fields, got str 'org/name'"),
+    ([{"path": "json", "column": "a"}], r"^specs\[0\]: unknown field\(s\) \['column'\]; HubSpec "
+                                        r"fields are \['path', 'name', "),
+    ({"name": "navigate"}, r"^specs\[0\]: no 'path'; HubSpec fields are"),
+])
+def test_hub_specs_that_are_not_hub_specs_are_named(specs, match):
+    """A bare dataset name raised "HubSpec() argument after ** must be a mapping, not str", a
+    misspelt field "unexpected keyword argument"; every spec is checked before any is loaded
+    (the valid-looking first spec here would fail offline)."""
+    with pytest.raises(DataError, match=match):
+        load_hub_tasks(specs)

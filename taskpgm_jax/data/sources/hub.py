@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from taskpgm_jax.data.sources.files import task_from_records, task_name
@@ -111,7 +111,9 @@ def load_hub_tasks(specs: HubSpec | Mapping[str, Any] | Sequence[HubSpec | Mappi
 
     Raises:
       HubUnavailableError: offline or unreachable, with how to use local files instead.
-      DataError: missing columns, empty or duplicate tasks, bad answers (naming the row).
+      DataError: missing columns, empty or duplicate tasks, bad answers (naming the row); a
+        spec that is not a HubSpec or a dict of its fields (e.g. a bare dataset name), or a
+        dict with an unknown field or no `path` (naming `specs[i]`), before anything is loaded.
 
     Example:
       >>> load_hub_tasks([HubSpec("lukaemon/bbh", "navigate", split="test",
@@ -119,8 +121,32 @@ def load_hub_tasks(specs: HubSpec | Mapping[str, Any] | Sequence[HubSpec | Mappi
     """
     if isinstance(specs, (HubSpec, Mapping)):
         specs = [specs]
+    if isinstance(specs, str) or not isinstance(specs, Iterable):
+        raise DataError(f"specs must be a HubSpec, a dict of its fields, or a list of them; got "
+                        f"{type(specs).__name__} {specs!r:.80}" + _spec_hint(specs))
+    checked = [_as_spec(s, f"specs[{i}]") for i, s in enumerate(specs)]
     tasks: list[Task] = []
-    for s in specs:
-        spec = s if isinstance(s, HubSpec) else HubSpec(**s)
+    for spec in checked:
         tasks.extend(_spec_tasks(spec))
     return TaskPool(tasks, split)
+
+
+def _spec_hint(value: Any) -> str:
+    return (f"; a dataset name goes in HubSpec({value!r}, ...) (or {{'path': {value!r}}})"
+            if isinstance(value, str) else "")
+
+
+def _as_spec(value: Any, name: str) -> HubSpec:
+    """A `HubSpec`, or one built from a dict of its fields; a `DataError` naming `name` for
+    anything else (a bare dataset name, an unknown field)."""
+    if isinstance(value, HubSpec):
+        return value
+    if not isinstance(value, Mapping):
+        raise DataError(f"{name} must be a HubSpec or a dict of its fields, got "
+                        f"{type(value).__name__} {value!r:.80}" + _spec_hint(value))
+    fields = [f.name for f in dataclasses.fields(HubSpec)]
+    unknown = [k for k in value if k not in fields]
+    if unknown or "path" not in value:
+        what = f"unknown field(s) {unknown}" if unknown else "no 'path'"
+        raise DataError(f"{name}: {what}; HubSpec fields are {fields} ('path' required)")
+    return HubSpec(**value)
