@@ -165,8 +165,9 @@ def pmi_affinity(cross_likelihood: ArrayLike | Sequence[Sequence[float]]) -> jax
 
         S[i, j] = 1/2 [(L[i, j] - L[j, j]) + (L[j, i] - L[i, i])],   S[i, i] = 0.
 
-    Symmetric and usually indefinite. The result keeps the input's float dtype (float64 under
-    `with jax.enable_x64(True):`).
+    Symmetric and usually indefinite. Computed in float32 (float64 for float64 input under
+    `with jax.enable_x64(True):`); bfloat16 / float16 input is upcast first, since the sum of two
+    gains overflows float16 (to -inf) and bf16 rounds it to 8 bits.
 
     Args:
       cross_likelihood: [T, T] L, with model i trained on task i.
@@ -181,8 +182,8 @@ def pmi_affinity(cross_likelihood: ArrayLike | Sequence[Sequence[float]]) -> jax
     # Complex values would lose their imaginary part to a float cast, bools read as 0/1.
     if not (jnp.issubdtype(L.dtype, jnp.floating) or jnp.issubdtype(L.dtype, jnp.integer)):
         raise ValueError(f"cross_likelihood: expected real numbers, got dtype {L.dtype}.")
-    if not jnp.issubdtype(L.dtype, jnp.floating):
-        L = L.astype(np.float32)
+    if not jnp.issubdtype(L.dtype, jnp.floating) or jnp.dtype(L.dtype).itemsize < 4:
+        L = L.astype(np.float32)  # integers, and bf16 / float16 (too narrow for the gains)
     if not is_traced(L):
         host = np.asarray(L)
         if not np.all(np.isfinite(host)):

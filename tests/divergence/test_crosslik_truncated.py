@@ -98,18 +98,28 @@ def test_pmi_affinity_refuses_what_a_float_cast_would_hide(rng):
     for bad, match in cases:
         with pytest.raises(ValueError, match=f"cross_likelihood: {match}"):
             pmi_affinity(bad)
-    # bfloat16 (NumPy kind "V") is a float: accepted, the formula within bf16 rounding.
-    import jax.numpy as jnp
-    Lb = jnp.asarray(L, jnp.bfloat16)
-    Lb64 = np.asarray(Lb, np.float64)
-    np.testing.assert_allclose(np.asarray(pmi_affinity(Lb), np.float64),
-                               0.5 * ((Lb64 - np.diag(Lb64)[None]) + (Lb64 - np.diag(Lb64)[None]).T),
-                               atol=0.25)
     # Integer log-likelihood sums are real numbers: the formula, in float.
     Li = rng.integers(-50, 0, size=(4, 4))
     S = np.asarray(pmi_affinity(Li))
     want = 0.5 * ((Li - np.diag(Li)[None]) + (Li - np.diag(Li)[None]).T)
     np.testing.assert_allclose(S, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("low", ["bfloat16", "float16"])
+def test_pmi_affinity_of_low_precision_input_is_computed_in_float32(rng, low):
+    # bfloat16 (NumPy kind "V") and float16 are floats: accepted, and upcast like every other
+    # divergence function's input. In their own dtype the gains were rounded to 8 bits (bf16)
+    # and their sum overflowed float16 to -inf (-40000 nats: a long target of a bad model).
+    import jax.numpy as jnp
+    L = -rng.uniform(1.0, 400.0, size=(5, 5))
+    L[0, 1] = L[1, 0] = -rng.uniform(35000.0, 40000.0)
+    Lb = jnp.asarray(L, low)
+    Lb64 = np.asarray(Lb.astype(jnp.float32), np.float64)  # the values the caller passed
+    gain = Lb64 - np.diag(Lb64)[None]
+    S = pmi_affinity(Lb)
+    assert S.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(S, np.float64), 0.5 * (gain + gain.T), rtol=1e-6,
+                               atol=1e-5)
 
 
 T, N, V = 6, 24, 50
