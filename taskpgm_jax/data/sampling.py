@@ -57,15 +57,28 @@ def _as_vector(weights: Weights, names: Sequence[str] | None) -> tuple[np.ndarra
             if unknown:
                 raise data_error(f"weights name tasks that are not in the pool: {unknown}")
             keys = tuple(names)
-        w = np.array([float(weights.get(k, 0.0)) for k in keys], dtype=np.float64)
+        w = _numbers([weights.get(k, 0.0) for k in keys], weights)
     else:
-        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        w = _numbers(weights, weights)
         keys = tuple(names) if names is not None else None
         if keys is not None and len(keys) != w.size:
             raise data_error(f"{w.size} weights for {len(keys)} tasks")
     if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise data_error(f"weights must be finite, non-negative and not all zero; got {w}")
     return w, keys
+
+
+def _numbers(values: Any, weights: Any) -> np.ndarray:
+    """`values` as a flat float64 vector, or a `DataError` showing `weights` (text or an object
+    among them failed in NumPy without naming the weights; None became NaN)."""
+    if not (values is None or (isinstance(values, (list, tuple))
+                               and any(v is None for v in values))):
+        try:
+            return np.asarray(values, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            pass
+    raise data_error(f"weights must be numbers (a mapping task -> weight, an array in pool "
+                     f"order, or an mrf.Mixture); got {weights!r:.200}")
 
 
 def mixture_counts(weights: Weights, budget: int) -> dict[str, int] | np.ndarray:

@@ -332,3 +332,18 @@ def test_interleave_names_a_weighted_task_with_an_empty_split(rng, streaming):
     pool = TaskPool(pool.tasks, SplitSpec(probe=0.0, eval=1.0, seed=0))  # train splits empty
     with pytest.raises(DataError, match=r"task 't1': weight 2 on an empty train split"):
         interleave_mixture(pool, [0.0, 2.0], split="train", streaming=streaming)
+
+
+def test_weights_that_are_not_numbers_are_named(rng):
+    """A weight given as text or an object failed in NumPy ("could not convert string to float:
+    'high'", "float() argument must be ..."), naming neither the weights nor the value; None
+    became NaN."""
+    pool = _pool(rng, [20, 20])
+    for bad in ({"t0": "high", "t1": 1.0}, [1.0, None], {"t0": None}, [object(), 1.0],
+                [[1.0, 2.0], [3.0]], None):
+        with pytest.raises(DataError, match=r"^weights must be numbers \(a mapping task -> "
+                                            r"weight, an array in pool order, or an "
+                                            r"mrf\.Mixture\); got "):
+            sample_mixture(pool, bad, 10)
+    with pytest.raises(DataError, match=r"^weights must be numbers .* got \{'a': 'x'\}"):
+        mixture_counts({"a": "x"}, 3)
