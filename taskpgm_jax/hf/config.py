@@ -60,9 +60,15 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise TypeError("the Hugging Face config must be a dict, a checkpoint directory or a "
                         f"config.json path, got {type(path).__name__}")
     path = os.fspath(path)
+    if not os.path.exists(path):
+        # A Hugging Face Hub id ("meta-llama/Llama-2-7b-hf") lands here too: nothing is fetched.
+        raise ValueError(f"{path} does not exist: pass a local checkpoint directory (config.json "
+                         "and safetensors) or its config.json; a Hub model is read after a "
+                         "download, e.g. huggingface_hub.snapshot_download(repo_id)")
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise ValueError(f"no config.json at {file}")
+        raise ValueError(f"no config.json in {path}: a checkpoint directory holds config.json "
+                         "beside its safetensors (save_pretrained writes both)")
     with open(file) as f:
         try:
             hf = json.load(f)

@@ -182,6 +182,15 @@ def test_missing_unexpected_and_misshaped_reported_together(llama_dir, tmp_path)
     assert "model.norm.weight: checkpoint [7], model expects [32]" in msg
 
 
+def test_a_path_without_a_checkpoint_says_what_to_pass(tmp_path):
+    # A Hub id is the natural first try; nothing is downloaded, and the error says so.
+    with pytest.raises(ValueError, match=r"meta-llama/Llama-2-7b-hf does not exist: pass a local "
+                                         r"checkpoint directory.*snapshot_download"):
+        load_hf_checkpoint("meta-llama/Llama-2-7b-hf")
+    with pytest.raises(ValueError, match=r"no config\.json in .*save_pretrained writes both"):
+        load_hf_checkpoint(tmp_path)
+
+
 def test_no_weights_file(llama_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(read_hf_config(llama_dir)))
     with pytest.raises(ValueError, match="model.safetensors"):
