@@ -72,7 +72,15 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
         return {k: os.path.join(path, v) for k, v in weight_map.items()}
     single = os.path.join(path, SINGLE_FILE)
     if not os.path.exists(single):
-        raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+        if any(os.path.exists(os.path.join(path, f))
+               for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            # Older checkpoints (Vicuna, many fine-tunes) hold pickled PyTorch weights only.
+            raise ValueError(
+                f"{path} holds PyTorch .bin weights only, no {SINGLE_FILE} or {INDEX_FILE}: "
+                "convert them once with transformers, AutoModelForCausalLM.from_pretrained(path)"
+                ".save_pretrained(out_dir) (safetensors by default), and load out_dir")
+        raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: a checkpoint directory "
+                         "holds its weights as safetensors (save_pretrained writes them)")
     with _safe_open(single) as f:
         return {k: single for k in f.keys()}
 

@@ -195,6 +195,10 @@ def test_no_weights_file(llama_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(read_hf_config(llama_dir)))
     with pytest.raises(ValueError, match="model.safetensors"):
         load_hf_checkpoint(tmp_path)
+    # Older checkpoints ship pickled PyTorch weights only: the error says how to convert them.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"PyTorch \.bin weights only.*save_pretrained\(out_dir\)"):
+        load_hf_checkpoint(tmp_path)
 
 
 def test_unreadable_and_missing_weight_files_are_named(llama_dir, tmp_path):
