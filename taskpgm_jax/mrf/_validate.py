@@ -184,7 +184,25 @@ def checked_potentials(pot):
             check_positive(value, field)
         except ValueError as e:
             raise ValueError(f"pot: .{str(e).rstrip('.')}; {build}.") from None
-    return consistent_potentials(pot)
+    pot = consistent_potentials(pot)
+    # `potentials(...)` refuses NaN / inf, but an edited unary or matrix is only seen here: a NaN
+    # made the exact solve stop at its start vertex, softmax return the uniform mixture and the
+    # selection and its guarantee skip the task, all without an error.
+    for field in ("matrix", "unary"):
+        value = getattr(pot, field)
+        if is_traced(value):
+            continue
+        with jax.ensure_compile_time_eval():  # eager for a concrete array inside a caller's jit
+            finite = bool(_all_finite(value))
+        if not finite:
+            raise ValueError(f"pot: .{field} contains NaN or inf; every entry must be finite; "
+                             f"{build}.")
+    return pot
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def check_int(value, name: str, *, minimum: int, what: str = "integer") -> int:

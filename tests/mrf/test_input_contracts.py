@@ -14,7 +14,7 @@ import pytest
 
 from taskpgm_jax.mrf import (Mixture, affinity_from_jsd, energy, potentials, psd_repair,
                              select_tasks, set_value, size_proportional_mixture, solve,
-                             solve_path, temperature_mixture)
+                             solve_path, submodularity_ratio, temperature_mixture)
 from tests.mrf.conftest import random_affinity
 from tests.mrf.reference import active_set_simplex_qp, energy64
 
@@ -68,11 +68,16 @@ def _edits(pot, T):
         "beta 0": pot._replace(beta=0.0),
         "lam negative": pot._replace(lam=-1.0),
         "beta string": pot._replace(beta="1"),
+        # NaN / inf: the exact solve stopped at its start vertex, softmax gave the uniform
+        # mixture, and the selection and its guarantee skipped the task, without an error.
+        "unary NaN": pot._replace(unary=pot.unary.at[T // 2].set(jnp.nan)),
+        "matrix inf": pot._replace(matrix=pot.matrix.at[1, 2].set(jnp.inf)),
     }
 
 
 @pytest.mark.parametrize("edit", ["unary short", "unary long", "unary 2-D", "matrix not square",
-                                  "beta 0", "lam negative", "beta string"])
+                                  "beta 0", "lam negative", "beta string", "unary NaN",
+                                  "matrix inf"])
 def test_inconsistent_potentials_are_refused_everywhere(rng, edit):
     T = 6
     pot = potentials(random_affinity(rng, T, "signed"), rng.normal(size=T))
@@ -80,7 +85,8 @@ def test_inconsistent_potentials_are_refused_everywhere(rng, edit):
     w = rng.dirichlet(np.ones(T))
     for call in (lambda: solve(bad), lambda: solve(bad, "closed_form"),
                  lambda: solve_path(bad, [0.5, 1.0]), lambda: energy(w, bad),
-                 lambda: select_tasks(bad, 3), lambda: set_value(bad, [0, 1])):
+                 lambda: solve(bad, "softmax"), lambda: select_tasks(bad, 3),
+                 lambda: set_value(bad, [0, 1]), lambda: submodularity_ratio(bad)):
         with pytest.raises(ValueError, match=r"^pot: .*potentials\(\.\.\.\)"):
             call()
 
