@@ -218,10 +218,30 @@ def check_int(value, name: str, *, minimum: int, what: str = "integer") -> int:
     return v
 
 
+def host_array(value, name: str) -> np.ndarray:
+    """`value` as a NumPy array, for checks and choices made on the host; a traced value
+    (inside the caller's jit, vmap or grad) gets a ValueError naming `name`, not JAX's
+    TracerArrayConversionError from inside our code."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"{name}: needs concrete values, got a traced value (inside jit, vmap "
+                         "or grad); they are checked on the host, so pass them from outside the "
+                         "transformed function.") from None
+
+
+def require_concrete_potentials(pot, what: str) -> None:
+    """Host-side consumers (greedy choices, set values, the ratio) read `pot`'s values."""
+    if is_traced(pot.matrix) or is_traced(pot.unary):
+        raise ValueError(f"pot: {what} reads the potentials' values on the host, so it needs "
+                         "concrete potentials, got traced ones (inside jit, vmap or grad); "
+                         "build them outside your transformed function, or close over them.")
+
+
 def real_numpy(value, name: str) -> np.ndarray:
     """`value` as a float64 NumPy array; strings, bools and other non-numbers are refused
-    (NumPy would parse "0.1" silently)."""
-    arr = np.asarray(value)
+    (NumPy would parse "0.1" silently), and so are traced values (see `host_array`)."""
+    arr = host_array(value, name)
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise ValueError(f"{name}: expected numbers, got {value!r} (dtype {arr.dtype}).")
     return arr.astype(np.float64)

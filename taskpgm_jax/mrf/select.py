@@ -20,7 +20,7 @@ from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
 from taskpgm_jax.mrf._validate import (check_positive, checked_potentials, eager_when_concrete,
-                                       real_numpy)
+                                       host_array, real_numpy, require_concrete_potentials)
 from taskpgm_jax.mrf.energy import Potentials
 
 
@@ -54,6 +54,7 @@ def set_value(pot: Potentials, subset: ArrayLike | Iterable[int]) -> float:
       >>> set_value(pot, [0, 3, 5])
     """
     pot = checked_potentials(pot)
+    require_concrete_potentials(pot, "set_value")
     A = check_indices(subset, pot.num_tasks, "subset")
     if A.size == 0:
         return 0.0
@@ -144,7 +145,7 @@ def check_indices(subset, num_tasks: int, name: str) -> np.ndarray:
             subset = list(subset)
         except TypeError:
             raise ValueError(f"{name}: expected a list of task indices, got {subset!r}.") from None
-    A = np.asarray(subset)
+    A = host_array(subset, name)
     if A.size == 0:
         return np.zeros((0,), np.int64)
     if A.dtype == bool:
@@ -209,6 +210,7 @@ def select_tasks(pot: Potentials, budget: float,
       >>> sel.indices, sel.value, sel.gains
     """
     pot = checked_potentials(pot)
+    require_concrete_potentials(pot, "select_tasks")
     T = pot.num_tasks
     costs, budget = check_costs(costs, T, budget)
     if lazy:

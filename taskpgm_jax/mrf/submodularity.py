@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from jax.typing import ArrayLike
 
-from taskpgm_jax.mrf._validate import check_int, checked_potentials
+from taskpgm_jax.mrf._validate import check_int, checked_potentials, require_concrete_potentials
 from taskpgm_jax.mrf.energy import Potentials
 from taskpgm_jax.mrf.select import Selection, check_cost_vector, check_indices
 
@@ -115,6 +115,7 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
       >>> rep.gamma, rep.bound, rep.theorem
     """
     pot = checked_potentials(pot)
+    require_concrete_potentials(pot, "submodularity_ratio")
     T = pot.num_tasks
     k = T if k is None else check_int(k, "k", minimum=1, what="a positive set size")
     k = min(k, T)

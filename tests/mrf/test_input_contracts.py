@@ -152,6 +152,34 @@ def test_traced_beta_explains_what_to_do(rng):
         assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-6 * scale
 
 
+def test_traced_host_side_arguments_are_named(rng):
+    """Bounds, costs, subsets and the potentials of the selection are read on the host; traced
+    (inside the caller's jit or vmap) they raised JAX's TracerArrayConversionError or
+    ConcretizationTypeError from inside our code instead of naming the argument."""
+    T = 4
+    pot = potentials(random_affinity(rng, T, "psd"), rng.normal(size=T))
+    floor = rng.uniform(0.0, 0.2, size=T)
+    cases = [
+        (lambda: jax.jit(lambda f: solve(pot, floor=f).weights)(floor), "floor"),
+        (lambda: jax.jit(lambda f: solve(pot, floor=[f[0], 0.0, 0.0, 0.0]).weights)(floor),
+         "floor"),
+        (lambda: jax.vmap(lambda c: solve(pot, "closed_form", cap=c).weights)(
+            jnp.full((2,), 0.6)), "cap"),
+        (lambda: jax.jit(lambda c: select_tasks(pot, 2.0, c).indices)(jnp.ones(T)), "costs"),
+        (lambda: jax.jit(lambda c: submodularity_ratio(pot, costs=c).gamma)(jnp.ones(T)),
+         "costs"),
+        (lambda: jax.jit(lambda a: set_value(pot, a))(jnp.arange(2)), "subset"),
+        (lambda: jax.jit(lambda m: select_tasks(pot._replace(matrix=m), 2).value)(pot.matrix),
+         "pot"),
+        (lambda: jax.jit(lambda u: set_value(pot._replace(unary=u), [0]))(pot.unary), "pot"),
+        (lambda: jax.jit(lambda u: submodularity_ratio(pot._replace(unary=u)).gamma)(
+            pot.unary), "pot"),
+    ]
+    for call, name in cases:
+        with pytest.raises(ValueError, match=rf"^{name}: .*(concrete|traced)"):
+            call()
+
+
 # -- numbers: strings and bools refused, 0-d arrays accepted ----------------------------------
 def test_strings_are_refused_where_numbers_are_expected(rng):
     S = random_affinity(rng, 4, "psd")
