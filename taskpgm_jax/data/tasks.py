@@ -4,9 +4,10 @@ Every source (local files, the Hugging Face hub, BIG-bench, the synthetic suite)
 objects whose examples are a `datasets.Dataset` with the same columns (`EXAMPLE_FEATURES`), so the
 tokenizer, the samplers and the materialiser never care where a task came from.
 
-Splits are decided per example by a seeded hash of its content, not by its index: they never
-overlap, they do not move when examples are reordered or other tasks are added, and exact
-duplicates inside a task always land in the same split (no train/eval leakage through copies).
+Splits are decided by a seeded hash of content, not by index: they never overlap, and they do
+not move when examples are reordered or other tasks are added. Rows are split by prompt: every
+row of one prompt (exact duplicates, or one prompt listed with several acceptable answers) lands
+in the same split, so no evaluation prompt is trained on.
 """
 
 from __future__ import annotations
@@ -154,8 +155,20 @@ def _hash_unit(seed: int, task: str, key: bytes) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
+def _split_label(u: float, spec: SplitSpec) -> str:
+    if u < spec.eval:
+        return "eval"
+    if u < spec.eval + spec.probe:
+        return "probe"
+    return "train"
+
+
 def split_of(example: Mapping[str, Any], task: str, spec: SplitSpec) -> str:
-    """The split ("train", "probe" or "eval") of one example of `task` under `spec`.
+    """The split ("train", "probe" or "eval") of one example of `task` under `spec`, taken alone.
+
+    A `TaskPool` splits by prompt: rows sharing a non-empty prompt all take the split of the one
+    among them with the smallest content key (so a prompt with one row, or with exact copies of
+    one row, gets this function's split).
 
     Args:
       example: a mapping with the `EXAMPLE_FEATURES` columns.
@@ -166,12 +179,24 @@ def split_of(example: Mapping[str, Any], task: str, spec: SplitSpec) -> str:
     Returns:
       The split name.
     """
-    u = _hash_unit(spec.seed, task, _example_key(example))
-    if u < spec.eval:
-        return "eval"
-    if u < spec.eval + spec.probe:
-        return "probe"
-    return "train"
+    return _split_label(_hash_unit(spec.seed, task, _example_key(example)), spec)
+
+
+def _split_keys(examples: Mapping[str, Sequence[Any]]) -> list[bytes]:
+    """The key each row is split by, from the columns `prompt`, `target`, `choices`, `answer`.
+
+    A row's key is the smallest content key (`_example_key`, compared as bytes) among the rows
+    sharing its prompt: the group's split then depends on its content only (not on row order),
+    and a prompt with a single distinct row keeps the split of its own content. Rows with an
+    empty prompt are not grouped (the target is then the whole example)."""
+    keys = [_example_key({"prompt": p, "target": t, "choices": c, "answer": a})
+            for p, t, c, a in zip(examples["prompt"], examples["target"], examples["choices"],
+                                  examples["answer"], strict=True)]
+    least: dict[str, bytes] = {}
+    for prompt, key in zip(examples["prompt"], keys, strict=True):
+        if prompt and (prompt not in least or key < least[prompt]):
+            least[prompt] = key
+    return [least[p] if p else k for p, k in zip(examples["prompt"], keys, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -476,16 +501,16 @@ class TaskPool:
             raise KeyError(f"no task {name!r} in the pool; tasks: {list(self.names)}") from None
 
     def indices(self, name: str, split: str) -> np.ndarray:
-        """Row indices (into the task's `examples`) of one split, ascending; cached."""
+        """Row indices (into the task's `examples`) of one split, ascending; cached. Rows sharing
+        a prompt are in the same split (`_split_keys`)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         if name not in self._split_index:
             task = self[name]
             # Column lists, not row iteration: a Dataset row access costs far more than a hash.
-            ex = task.examples[:]
-            rows = zip(ex["prompt"], ex["target"], ex["choices"], ex["answer"], strict=True)
-            labels = np.array([split_of({"prompt": p, "target": t, "choices": c, "answer": a},
-                                        name, self.split_spec) for p, t, c, a in rows])
+            spec = self.split_spec
+            labels = np.array([_split_label(_hash_unit(spec.seed, name, key), spec)
+                               for key in _split_keys(task.examples[:])])
             self._split_index[name] = {s: np.flatnonzero(labels == s) for s in SPLITS}
         return self._split_index[name][split]
 

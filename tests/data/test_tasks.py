@@ -232,3 +232,43 @@ def test_a_multiple_choice_target_is_checked_not_replaced(rng):
                                         r"index \d+ is not among the \d+ choices \(answers are "
                                         r"0-based indices"):
         make_task("m", "multiple_choice", rows)
+
+
+def test_rows_sharing_a_prompt_share_a_split(rng):
+    # Generative data often lists a prompt's acceptable answers as separate rows: they must all
+    # land in one split, or an evaluation prompt is trained on. Splits then follow the fractions
+    # over prompts (a binomial draw per prompt, 5 standard deviations).
+    spec = SplitSpec(probe=0.2, eval=0.25, seed=int(rng.integers(1 << 30)))
+    n = 1500
+    rows = []
+    for i in range(n):
+        prompt = f"q {rng.integers(1 << 40)} {i}"
+        rows += [{"prompt": prompt, "target": f"a{j} {rng.integers(1 << 30)}"}
+                 for j in range(int(rng.integers(1, 5)))]
+    order = rng.permutation(len(rows))
+    pool = TaskPool([make_task("g", "generate", [rows[i] for i in order])], spec)
+    label: dict[str, str] = {}
+    for split in ("train", "probe", "eval"):
+        for p in pool.split("g", split)["prompt"]:
+            assert label.setdefault(p, split) == split, f"prompt {p!r} in {label[p]} and {split}"
+    assert len(label) == n
+    for split, frac in (("probe", 0.2), ("eval", 0.25)):
+        got = sum(s == split for s in label.values())
+        assert abs(got - frac * n) < 5 * np.sqrt(n * frac * (1 - frac)), (split, got)
+    # The rule, recomputed: a prompt's rows take the hashed split of their smallest content key
+    # (so a prompt with one row keeps its own split); rows with an empty prompt are not grouped.
+    least: dict[str, bytes] = {}
+    for r in rows:
+        key = repr((r["prompt"], r["target"], (), -1)).encode()
+        least[r["prompt"]] = min(key, least.get(r["prompt"], key))
+    for prompt, key in least.items():
+        digest = hashlib.blake2b(f"{spec.seed}\0g\0".encode() + key, digest_size=8).digest()
+        u = int.from_bytes(digest, "little") / 2.0**64
+        assert label[prompt] == ("eval" if u < 0.25 else "probe" if u < 0.45 else "train")
+    bare = [{"prompt": "", "target": f"text {rng.integers(1 << 40)} {i}"} for i in range(400)]
+    pool = TaskPool([make_task("lm", "generate", bare)], spec)
+    assert {s: len(pool.indices("lm", s)) > 0 for s in ("train", "probe", "eval")} == \
+        {"train": True, "probe": True, "eval": True}
+    for split in ("train", "probe", "eval"):
+        for ex in pool.split("lm", split):
+            assert split_of(ex, "lm", spec) == split
