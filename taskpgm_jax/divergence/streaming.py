@@ -301,6 +301,11 @@ def task_balanced_weights(task_ids: ArrayLike | Sequence[int],
     Returns:
       [N] float32 weights summing to 1 (each present task's positions sum to 1 / tasks present).
     """
+    if is_traced(task_ids):  # np.asarray would raise JAX's TracerArrayConversionError
+        raise ValueError("task_ids: needs concrete values (the weights count each task's "
+                         "positions on the host), got a traced array inside jit, vmap or grad; "
+                         "compute the weights outside, or stream with StreamingJSD(T, "
+                         "num_groups=K) and pass the ids as `groups` to update().")
     ids = np.asarray(task_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"task_ids: expected a 1-D integer array, got shape {ids.shape} "

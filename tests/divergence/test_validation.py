@@ -147,6 +147,9 @@ _STATE_ERROR = "state: expected the .*State returned by this accumulator"
     (lambda: task_balanced_weights([0, 1], num_tasks=2.7), "num_tasks: expected a positive"),
     (lambda: task_balanced_weights([0, 1], num_tasks="3"), "num_tasks: expected a positive"),
     (lambda: task_balanced_weights([0, 1], num_tasks=0), "num_tasks: expected a positive"),
+    # Traced ids (in a jitted probe step) raised JAX's TracerArrayConversionError from inside.
+    (lambda: jax.jit(task_balanced_weights)(jnp.array([0, 1, 1])),
+     r"task_ids: needs concrete values.*num_groups"),
 ])
 def test_empty_axes_foreign_states_and_counts_are_named(call, match):
     with pytest.raises(ValueError, match=match):
