@@ -27,6 +27,9 @@ _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Temporaries of an export in progress (or of one that was killed).
 _INDEX_TEMP, _CONFIG_TEMP = ".index.json.tmp", ".config.json.tmp"
 _TEMP_NAME = re.compile(r"\.shard-\d{5}\.tmp|\.index\.json\.tmp|\.config\.json\.tmp")
+_FIRST_SHARD_TEMP = ".shard-00000.tmp"
+# The old checkpoint's files while the new ones are moved in: ".old." + their name.
+_OLD = ".old."
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -114,8 +117,11 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
         there (config.json, model.safetensors, the index and its model-*-of-*.safetensors
         shards) is replaced, so no old file is left beside the new ones; other files are kept.
         Every new file is first written under a temporary name, and the old checkpoint is
-        replaced only once all of them are complete: an export that fails or is interrupted
-        while writing leaves the old checkpoint as it was (and removes its temporaries).
+        replaced only once all of them are complete, by renames (its files go aside as
+        .old.<name> until the new ones are in): an export that fails or is interrupted, while
+        writing or renaming, leaves the old checkpoint as it was (and removes its temporaries).
+        One killed outright while renaming leaves the old files aside; the next export to
+        `path` puts them back before it starts.
       max_shard_size: largest safetensors file, bytes or a string like "5GB"; above it the
         tensors are split over model-0000i-of-0000n.safetensors with an index.
       dtype: floating tensor dtype in the files, e.g. jnp.bfloat16 or "bfloat16" (default: the
@@ -144,7 +150,9 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
     writer = jax.process_index() == 0
     os.makedirs(path, exist_ok=True)
     if writer:
-        # Temporaries of an export that was killed (no cleanup ran) are ours to remove.
+        # An export killed while swapping files (no cleanup ran) left the old checkpoint aside:
+        # it is put back, then the temporaries are ours to remove.
+        _restore_old_checkpoint(path)
         for name in os.listdir(path):
             if _TEMP_NAME.fullmatch(name):
                 os.remove(os.path.join(path, name))
@@ -154,10 +162,11 @@ def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_siz
         if writer:
             _replace_checkpoint(path, names, temps)
     except BaseException:
-        # Ctrl-C included: the old checkpoint is intact, only our temporaries go.
+        # Ctrl-C included: the old checkpoint is back in place, only our temporaries go (one that
+        # cannot be removed is left for the next export, rather than hide the error).
         if writer:
             for temp in temps:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.remove(os.path.join(path, temp))
         raise
     return names
@@ -204,19 +213,59 @@ def _write_temporaries(model, path, limit, dtype, hf_cfg, writer, temps) -> list
     return names
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    return name in ("config.json", INDEX_FILE, SINGLE_FILE) or bool(_SHARD_NAME.fullmatch(name))
+
+
 def _replace_checkpoint(path: str, names: list[str], temps: list[str]) -> None:
-    """Moves the complete temporaries over the old checkpoint and removes its stale files (old
-    shards, an index or single file the new checkpoint does not have)."""
-    sharded = len(names) > 1
-    keep = set(names) | ({INDEX_FILE} if sharded else set())
-    stale = [f for f in os.listdir(path)
-             if (f in (INDEX_FILE, SINGLE_FILE) or _SHARD_NAME.fullmatch(f)) and f not in keep]
-    # Only removals and renames from here (no writing that could fail for space). config.json
-    # goes first and comes back last, so a directory caught in between never loads as an old
-    # config beside new weights, nor as new weights beside a stale index or single file.
-    for f in ["config.json"] + stale:
+    """Moves the complete temporaries over the old checkpoint, whose files (old shards, an index
+    or single file the new checkpoint does not have included) are first renamed aside and
+    removed last.
+
+    Renames only (no writing that could fail for space). config.json goes aside first and comes
+    in last, so a directory caught in between never loads as an old config beside new weights,
+    nor as new weights beside a stale index or single file. If a rename fails (or Ctrl-C), the
+    old checkpoint is put back, as `_restore_old_checkpoint` does for an export killed here.
+    """
+    old = sorted((f for f in os.listdir(path) if _is_checkpoint_file(f)),
+                 key=lambda f: f != "config.json")
+    finals = names + ([INDEX_FILE] if len(names) > 1 else []) + ["config.json"]
+    try:
+        for f in old:
+            os.replace(os.path.join(path, f), os.path.join(path, _OLD + f))
+        for temp, final in zip(temps, finals, strict=True):
+            os.replace(os.path.join(path, temp), os.path.join(path, final))
+    except BaseException as e:
+        try:
+            _restore_old_checkpoint(path)
+        except BaseException:
+            e.add_note(f"save_hf_checkpoint: the old checkpoint could not be put back; its files "
+                       f"are in {path} as {_OLD}<name>: the next save_hf_checkpoint to {path} "
+                       "puts them back first, or rename them yourself")
+            raise e from None
+        raise
+    for f in old:
         with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, _OLD + f))
+
+
+def _restore_old_checkpoint(path: str) -> None:
+    """Puts back the old checkpoint that `_replace_checkpoint` had moved aside (".old." names),
+    when it stopped before config.json was in place; after that the new checkpoint is complete,
+    and the old files are only removed."""
+    listing = os.listdir(path)
+    aside = [f for f in listing if f.startswith(_OLD) and _is_checkpoint_file(f[len(_OLD):])]
+    if not aside:
+        return
+    if "config.json" not in listing:
+        if _FIRST_SHARD_TEMP not in listing:
+            # New files were being moved in (the first shard goes first): every old file is
+            # aside, so each checkpoint file in place is new, and goes.
+            for f in listing:
+                if _is_checkpoint_file(f):
+                    os.remove(os.path.join(path, f))
+        for f in aside:
+            os.replace(os.path.join(path, f), os.path.join(path, f[len(_OLD):]))
+    else:
+        for f in aside:
             os.remove(os.path.join(path, f))
-    finals = names + ([INDEX_FILE] if sharded else []) + ["config.json"]
-    for temp, final in zip(temps, finals, strict=True):
-        os.replace(os.path.join(path, temp), os.path.join(path, final))

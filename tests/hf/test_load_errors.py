@@ -476,3 +476,77 @@ def test_load_tokenizer_errors_name_the_directory(tmp_path, llama_dir, where):
     with pytest.raises(ValueError, match=r"no tokenizer files \(tokenizer\.json, "
                                          r"tokenizer_config\.json, .*\) in .*save_pretrained"):
         load_tokenizer(llama_dir)
+
+
+def _replace_failing_at(monkeypatch, fail_at, error, dead_after=False):
+    """os.replace raising `error` at its `fail_at`-th call (1-based); with `dead_after`, every
+    later os.replace / os.remove raises too (the process was killed there)."""
+    import os
+
+    real_replace, real_remove = os.replace, os.remove
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at or (dead_after and len(calls) > fail_at):
+            raise error
+        real_replace(src, dst)
+
+    def remove(p):
+        if dead_after and len(calls) >= fail_at:
+            raise error
+        real_remove(p)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "remove", remove)
+    return calls
+
+
+@pytest.mark.parametrize("new_shard_size", ["20KB", "5GB"], ids=["sharded", "single"])
+def test_export_failing_in_its_final_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch,
+                                                                     new_shard_size):
+    # The new files are complete and the old ones are being replaced: whichever rename fails
+    # (disk error, Ctrl-C), the old checkpoint must be left whole, byte for byte.
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    save_hf_checkpoint(_export_model(0), old_dir, max_shard_size="20KB")
+    (old_dir / "notes.txt").write_text("kept")
+    before = _files(old_dir)
+    new = _export_model(1)
+    save_hf_checkpoint(new, new_dir, max_shard_size=new_shard_size)
+    # Each old checkpoint file goes aside, each new one comes in.
+    renames = len(before) - 1 + len(_files(new_dir))
+    for fail_at, error in [(k, OSError(f"rename {k} failed")) for k in range(1, renames + 1)] + [
+            (renames - 1, KeyboardInterrupt())]:
+        with monkeypatch.context() as m:
+            _replace_failing_at(m, fail_at, error)
+            with pytest.raises(type(error)):
+                save_hf_checkpoint(new, old_dir, max_shard_size=new_shard_size)
+        assert _files(old_dir) == before, f"failed at rename {fail_at}"
+    save_hf_checkpoint(new, old_dir, max_shard_size=new_shard_size)  # and it does succeed
+    assert _files(old_dir) == {**_files(new_dir), "notes.txt": b"kept"}
+
+
+@pytest.mark.parametrize("killed_at", [2, 9, 11])  # old files going aside / new ones coming in
+def test_export_killed_in_its_final_renames_is_undone_by_the_next_one(tmp_path, monkeypatch,
+                                                                     killed_at):
+    # Killed outright (no cleanup ran): the next export puts the old checkpoint back before it
+    # starts, so that one failing too still leaves the old checkpoint, not a mix or nothing.
+    from taskpgm_jax.hf import export
+
+    save_hf_checkpoint(_export_model(0), tmp_path, max_shard_size="20KB")  # 6 shards, 8 files
+    before = _files(tmp_path)
+    with monkeypatch.context() as m:
+        _replace_failing_at(m, killed_at, OSError("killed"), dead_after=True)
+        with pytest.raises(OSError, match="killed"):
+            save_hf_checkpoint(_export_model(1), tmp_path, max_shard_size="20KB")
+    assert "config.json" not in _files(tmp_path)  # caught between old and new
+
+    def broken(model, dtype=None):
+        yield from []
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "iter_hf_tensors", broken)
+        with pytest.raises(OSError, match="disk full"):
+            save_hf_checkpoint(_export_model(1), tmp_path)
+    assert _files(tmp_path) == before
