@@ -303,7 +303,8 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
       DataError: no name, empty task, unknown kind, a missing field, a target that is not a
         string, an empty target or choice, repeated choices, an answer not among the choices,
         a multiple-choice target that is not choices[answer],
-        references that are not strings, a repeated id, keywords given as one string, or not one
+        references that are not strings or are empty or blank (a generative target used as the
+        reference too), a repeated id, keywords given as one string, or not one
         entry of `lines` per row; the message names the source, task, field and line.
     """
     if not isinstance(name, str) or not name:
@@ -398,6 +399,14 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
         if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
             raise data_error(f"references must be a string or a list of strings, got {refs!r}",
                              task=task, source=source, line=line, field="references")
+        blank = [r for r in refs if not r.strip()]
+        field = "references" if row.get("references") else "target"
+        if blank and target != "":  # an empty target gets its own error (_check_example)
+            # Exact match compares stripped text: an empty prediction would score as correct.
+            raise data_error(f"{blank[0]!r} is empty or blank: it would match an empty "
+                             f"prediction, so a model that outputs nothing would score; remove "
+                             f"it or give the answer text", task=task, source=source, line=line,
+                             field=field)
         return {"prompt": prompt, "target": target, "choices": [], "answer": -1,
                 "references": list(refs)}
     choices = need("choices")

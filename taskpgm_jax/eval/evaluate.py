@@ -134,16 +134,21 @@ def _generation_references(ex: Any, k: int) -> list[str]:
     if not isinstance(ex.get("prompt"), str):
         raise DataError(f"{at}['prompt']: expected a string, got {ex.get('prompt')!r}")
     refs = ex.get("references")
+    field = "references"
     if isinstance(refs, str):
         refs = [refs]
     elif refs is None or (isinstance(refs, (Sequence, np.ndarray)) and len(refs) == 0):
         if not isinstance(ex.get("target"), str):
             raise DataError(f"{at}: no 'references' and no 'target' string to score against, "
                             f"got target {ex.get('target')!r}; give the acceptable answers")
-        refs = [ex["target"]]
+        refs, field = [ex["target"]], "target"
     if not isinstance(refs, (Sequence, np.ndarray)) or not all(isinstance(r, str) for r in refs):
         raise DataError(f"{at}['references']: expected a string or a list of strings, got "
                         f"{refs!r}")
+    blank = [r for r in refs if not r.strip()]
+    if blank:  # exact match strips: an empty prediction would score as correct
+        raise DataError(f"{at}[{field!r}]: {blank[0]!r} is empty or blank: it would match an "
+                        f"empty prediction; remove it or give the answer text")
     return list(refs)
 
 
@@ -278,7 +283,7 @@ def score_generation(model: CausalLM, tokenizer: PreTrainedTokenizerBase,
 
     Every row is checked first (`DataError` naming `examples[k]` and the field), by `make_task`'s
     rules: `prompt` a string; `references` one string or a list of strings, or absent / empty
-    for [`target`]."""
+    for [`target`]; none of them empty or blank (an empty prediction would match it)."""
     examples = _check_examples(examples)
     references = [_generation_references(ex, k) for k, ex in enumerate(examples)]
     preds, truncated = _generate(model, tokenizer, [ex["prompt"] for ex in examples],

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from taskpgm_jax.data.tasks import check_names
+from taskpgm_jax.data.tasks import DataError, check_names
 
 
 def normalize_text(text: str) -> str:
@@ -27,8 +27,16 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def exact_match(prediction: str, references: Iterable[str]) -> bool:
-    """True when the normalised prediction equals any normalised reference."""
+    """True when the normalised prediction equals any normalised reference.
+
+    Raises:
+      DataError (a ValueError): `references` is one string or not strings, or one of them is
+        empty or blank (it would match an empty prediction)."""
     references = check_names(references, "references")
+    blank = [r for r in references if not normalize_text(r)]
+    if blank:
+        raise DataError(f"references: {blank[0]!r} is empty or blank: it would match an empty "
+                        "prediction; remove it or give the answer text")
     pred = normalize_text(prediction)
     return any(pred == normalize_text(r) for r in references)
 

@@ -272,3 +272,17 @@ def test_rows_sharing_a_prompt_share_a_split(rng):
     for split in ("train", "probe", "eval"):
         for ex in pool.split("lm", split):
             assert split_of(ex, "lm", spec) == split
+
+
+def test_empty_references_are_refused(rng):
+    # Exact match compares stripped text, so an empty or blank reference is hit by an empty
+    # prediction (a model that stops at once): every such example would score as correct.
+    k = int(rng.integers(1, 4))
+    rows = _random_rows(rng, 4)
+    for refs, field in ((["x", ""], "references"), ([" \n"], "references"),
+                        ("\t", "references"), (None, "target")):
+        bad = ({**rows[k], "references": refs} if refs is not None
+               else {"prompt": "p", "target": "  "})
+        with pytest.raises(DataError, match=rf"line {k + 1}, task 'g', field '{field}': .*"
+                                            r"(empty|blank).*would match an empty prediction"):
+            make_task("g", "generate", rows[:k] + [bad] + rows[k + 1:])

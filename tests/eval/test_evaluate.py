@@ -205,6 +205,18 @@ def test_model_smaller_than_the_tokenizer_is_refused(tokenizer, rng):
      "examples: no examples to score"),
     (lambda: score_multiple_choice(None, None, [], seq_len=4, batch_size=1),
      "examples: no examples to score"),
+    # An empty or blank reference equals an empty prediction after normalisation: a model that
+    # outputs nothing scored a hit.
+    (lambda: exact_match("", ["yes", ""]), r"references: '' is empty or blank: it would match "
+                                           r"an empty prediction"),
+    (lambda: exact_match("", [" \n"]), r"references: ' \\n' is empty or blank"),
+    (lambda: score_generation(None, None, [{"prompt": "a", "references": ["b"]},
+                                           {"prompt": "c", "references": ["d", " "]}],
+                              prompt_len=4, max_new_tokens=2, batch_size=1),
+     r"examples\[1\]\['references'\]: ' ' is empty or blank"),
+    (lambda: score_generation(None, None, [{"prompt": "c", "target": ""}],
+                              prompt_len=4, max_new_tokens=2, batch_size=1),
+     r"examples\[0\]\['target'\]: '' is empty or blank"),
 ])
 def test_eval_helpers_refuse_bad_arguments_by_name(call, match):
     with pytest.raises(ValueError, match=match):
