@@ -125,7 +125,7 @@ class PretrainConfig:
 
     steps: int = 200
     learning_rate: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 16  # rows per step, all processes together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ class FinetuneConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    batch_size: int = 8
+    batch_size: int = 8  # rows per step, all processes together (single_task: per adapter)
     grad_accum: int = 1
     checkpoint_every: int = 50  # when to save for a resume, not what is trained: out of the keys
     # single_task only (refused under finetune): train this many adapters side by side per

@@ -140,6 +140,13 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     Returns:
       The results dict (also written to `run_dir/results.json`).
     """
+    # Batch sizes are global, each process training on its share: refused before anything
+    # is written when they do not split over the processes.
+    if cfg.model.source == "scratch":
+        stages.host_rows(cfg.model.pretrain.batch_size, "model.pretrain.batch_size")
+    for section in ("single_task", "finetune"):
+        ft = getattr(cfg, section)
+        stages.host_rows(ft.batch_size, f"{section}.batch_size", ft.grad_accum)
     run = RunDir(run_dir)
     log = StageLog(echo)
     if is_writer():

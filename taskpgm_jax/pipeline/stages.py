@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from taskpgm_jax.config import (
     BaseModelConfig,
+    ConfigError,
     EvalConfig,
     FinetuneConfig,
     LoraSection,
@@ -57,6 +58,23 @@ def _train_config(ft: FinetuneConfig, trainable: str | None = None,
                        warmup_steps=ft.warmup_steps, weight_decay=ft.weight_decay,
                        grad_accum=ft.grad_accum, trainable=trainable or ft.trainable,
                        loss_chunk=loss_chunk)
+
+
+def host_rows(batch_size: int, key: str, grad_accum: int = 1) -> int:
+    """This process's rows of a training batch of `batch_size` rows: the config's batch sizes
+    are global (the dry run plans them so), and each process's `HostIterator` reads its share,
+    so a run on P hosts trains the batches of the same size as on one.
+
+    Raises:
+      ConfigError: `batch_size` does not split evenly over the processes, or a process's share
+        over the `grad_accum` micro-batches (naming the config key `key`).
+    """
+    count = jax.process_count()
+    if batch_size % (count * grad_accum):
+        accum = "" if grad_accum == 1 else f" x {grad_accum} micro-batches (grad_accum)"
+        raise ConfigError(f"config key {key!r}: {batch_size} rows per step do not split over "
+                          f"{count} processes{accum}; use a multiple of {count * grad_accum}")
+    return batch_size // count
 
 
 def _save_tree(path: Path, tree) -> None:
@@ -132,7 +150,8 @@ def pretrain_base(pool: TaskPool, tokenizer, cfg: BaseModelConfig, work: Path, *
     trainer = Trainer(model, TrainConfig(learning_rate=pre.learning_rate, total_steps=pre.steps,
                                          warmup_steps=min(20, pre.steps // 10),
                                          trainable="full", loss_chunk=cfg.loss_chunk), mesh=mesh)
-    data = HostIterator(seqs, batch_size=pre.batch_size, seq_len=cfg.seq_len, seed=0)
+    data = HostIterator(seqs, batch_size=host_rows(pre.batch_size, "model.pretrain.batch_size"),
+                        seq_len=cfg.seq_len, seed=0)
     result = finetune(trainer, data, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=max(pre.steps // 4, 1), progress=progress,
                       log_every=max(pre.steps // 10, 1))
@@ -152,9 +171,12 @@ def load_base(directory: Path, cfg: BaseModelConfig, *, mesh=None):
 
 # -- single-task adapters -----------------------------------------------------------------------
 
-def _task_iterator(tokenizer, rows, seq_len: int, batch_size: int, seed: int) -> HostIterator:
+def _task_iterator(tokenizer, rows, seq_len: int, batch_size: int, seed: int,
+                   grad_accum: int = 1, key: str = "single_task.batch_size") -> HostIterator:
+    """This process's share of batches of `batch_size` rows in all (`host_rows`)."""
     seqs = encode_task(tokenizer, rows, max_length=seq_len)
-    return HostIterator(seqs, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    return HostIterator(seqs, batch_size=host_rows(batch_size, key, grad_accum), seq_len=seq_len,
+                        seed=seed)
 
 
 def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora: LoraSection,
@@ -184,7 +206,8 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
             chunk = init_adapters(model, len(names), seed=0, first=start)
             trainer = AdapterTrainer(model, _train_config(ft, "lora", loss_chunk), chunk, mesh=mesh)
             data = StackedIterator([
-                _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i)
+                _task_iterator(tokenizer, pool.train(n), seq_len, ft.batch_size, start + i,
+                               ft.grad_accum)
                 for i, n in enumerate(names)])
             result = finetune(trainer, data, seed=start,
                               checkpoint_dir=str(work / "checkpoints" / tag),
@@ -278,7 +301,8 @@ def finetune_mixture(base, tokenizer, pool: TaskPool, weights: dict[str, float],
     seqs = encode_task(tokenizer, rows, max_length=seq_len)
     model = _lora(base, lora, seed) if ft.trainable == "lora" else base
     trainer = Trainer(model, _train_config(ft, loss_chunk=loss_chunk), mesh=mesh)
-    data = HostIterator(seqs, batch_size=ft.batch_size, seq_len=seq_len, seed=seed)
+    data = HostIterator(seqs, batch_size=host_rows(ft.batch_size, "finetune.batch_size",
+                                                   ft.grad_accum), seq_len=seq_len, seed=seed)
     result = finetune(trainer, data, seed=seed, checkpoint_dir=str(work / "checkpoints"),
                       checkpoint_every=ft.checkpoint_every, progress=progress,
                       log_every=max(ft.steps // 10, 1))

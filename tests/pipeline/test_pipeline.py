@@ -295,6 +295,26 @@ def test_restore_refuses_other_shapes(tmp_path):
         stages._restore_tree(tmp_path / "tree", {"b": np.zeros((2, 3), np.float32)})
 
 
+def test_config_batch_sizes_are_global_over_the_processes(monkeypatch, rng, tmp_path):
+    """The config's batch sizes are the rows of one step in all (the dry run plans them so): on
+    P processes each `HostIterator` reads batch_size / P rows, so the global batch is the same
+    as on one host (it was P x batch_size: 4x the planned memory on a 4-host v4-32). A size
+    the processes cannot share is refused by key before anything runs."""
+    from tests.train.conftest import SEQ, successor_seqs
+
+    seqs = successor_seqs(rng, 40)
+    monkeypatch.setattr(stages, "encode_task", lambda tok, rows, max_length: seqs)
+    processes = int(rng.choice([2, 4]))  # divides the other batch sizes of TINY
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    rows = processes * int(rng.integers(1, 4))
+    data = stages._task_iterator(None, None, SEQ, rows, 0)
+    assert next(data).input_ids.shape == (rows // processes, SEQ)
+    with pytest.raises(ConfigError, match=r"'finetune.batch_size'.*multiple of"):
+        run_pipeline(_tiny(f"finetune.batch_size={rows + 1}"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"'single_task.batch_size'.*grad_accum"):
+        stages.host_rows(rows, "single_task.batch_size", 2 * rows)
+
+
 def test_data_key_covers_what_evaluation_reads(monkeypatch):
     cfg = _tiny().data
     key = load_pools(cfg).key
