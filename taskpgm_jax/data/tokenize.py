@@ -152,6 +152,15 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _check_separator(separator: Any) -> str:
+    """`separator` itself, or a `DataError` naming it (`prompt + separator` would raise a raw
+    TypeError)."""
+    if not isinstance(separator, str):
+        raise DataError(f"separator must be a string (text appended to every prompt, e.g. \" \"; "
+                        f"\"\" for none), got {type(separator).__name__} {separator!r}")
+    return separator
+
+
 def _assemble(prompt_ids: list[int], target_ids: list[int], max_length: int | None,
               keep_first: bool) -> tuple[list[int], list[int], int]:
     """Concatenates prompt and target, cutting the prompt from the left to fit."""
@@ -208,12 +217,14 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str,
       An `Encoded`.
 
     Raises:
-      DataError: an empty prompt (with the separator) and a tokenizer without a BOS token.
+      DataError: an empty prompt (with the separator) and a tokenizer without a BOS token, or a
+        separator that is not a string.
 
     Example:
       >>> enc = encode_example(tok, "add 2+3 = ", "5", max_length=32)
       >>> tok.decode(enc.input_ids[enc.target_mask])   # '5<|eos|>'
     """
+    separator = _check_separator(separator)
     return _build(tokenizer, _ids(tokenizer, prompt + separator, special=True),
                   _ids(tokenizer, target, special=False), max_length, add_eos, example, choice)
 
@@ -252,6 +263,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, max_length
     Raises:
       DataError: an empty prompt and a tokenizer without a BOS token.
     """
+    separator = _check_separator(separator)
     ids = _lead(tokenizer, _ids(tokenizer, prompt + separator, special=True), "generation prompt")
     keep_first = (tokenizer.bos_token_id is not None and bool(ids)
                   and ids[0] == tokenizer.bos_token_id)
@@ -270,6 +282,7 @@ def encode_choices(tokenizer: PreTrainedTokenizerBase, prompt: str, choices: Seq
     Returns:
       A list of `Encoded` with `choice` set to 0, 1, ...
     """
+    separator = _check_separator(separator)
     return [encode_example(tokenizer, prompt, c, max_length=max_length, add_eos=add_eos,
                            separator=separator, example=example, choice=i)
             for i, c in enumerate(choices)]
@@ -295,6 +308,7 @@ def encode_task(tokenizer: PreTrainedTokenizerBase, examples: Iterable[Mapping[s
     """
     if mode not in ("train", "choices"):
         raise ValueError(f"mode must be 'train' or 'choices', got {mode!r}")
+    separator = _check_separator(separator)
     add_eos = (mode == "train") if add_eos is None else add_eos
     # Tokenize every prompt and every target in two batched calls (the fast tokenizer runs them
     # in Rust), then assemble the rows.

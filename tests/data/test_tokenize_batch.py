@@ -254,3 +254,17 @@ def test_batch_fields_are_annotated_as_host_or_device_arrays():
     hints = typing.get_type_hints(Batch, localns={"jax": jax})
     for field in Batch._fields:
         assert set(typing.get_args(hints[field])) == {np.ndarray, jax.Array}, field
+
+
+@pytest.mark.parametrize("separator", [1, None, b" ", [" "]])
+def test_a_separator_that_is_not_text_is_named(tokenizer, separator):
+    """A non-string separator raised a raw TypeError ('can only concatenate str (not "int") to
+    str') from the prompt concatenation; each encoder now names the argument."""
+    rows = [{"prompt": "a", "target": "b", "choices": []}]
+    match = rf"separator must be a string .*, got {type(separator).__name__}"
+    for call in (lambda: encode_example(tokenizer, "a", "b", separator=separator),
+                 lambda: encode_prompt(tokenizer, "a", separator=separator),
+                 lambda: encode_choices(tokenizer, "a", ["b", "c"], separator=separator),
+                 lambda: encode_task(tokenizer, rows, separator=separator)):
+        with pytest.raises(DataError, match=match):
+            call()
