@@ -304,7 +304,8 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
         string, an empty target or choice, repeated choices, an answer not among the choices,
         a multiple-choice target that is not choices[answer],
         references that are not strings or are empty or blank (a generative target used as the
-        reference too), a repeated id, keywords given as one string, or not one
+        reference too), an id that is not a string or an integer, a source, description or
+        canary that is not a string, a repeated id, keywords given as one string, or not one
         entry of `lines` per row; the message names the source, task, field and line.
     """
     if not isinstance(name, str) or not name:
@@ -320,6 +321,11 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     if lines is not None and len(lines) != len(rows):
         raise data_error(f"lines has {len(lines)} entries for {len(rows)} rows; give one per row",
                          task=name, source=source)
+    for field, value in (("source", source), ("description", description), ("canary", canary)):
+        if not isinstance(value, str):
+            raise data_error(f"{field} must be a string, got {type(value).__name__} {value!r}; "
+                             f"pass \"\" for none", task=name,
+                             source=source if isinstance(source, str) else None)
     try:
         keywords = check_names(keywords, "keywords")
     except DataError as e:
@@ -333,7 +339,7 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
         line = lines[i] if lines is not None else i + 1
         ex = _normalise_row(row, kind, name, source, line)
         _check_example(ex, kind, name, source, line)
-        ex["id"] = str(row["id"]) if row.get("id") is not None else f"{name}:{i}"
+        ex["id"] = _row_id(row.get("id"), name, i, source, line)
         if ex["id"] in id_lines:  # results and manifests are keyed by id
             raise data_error(f"duplicate id {ex['id']!r}, first used at {_at(id_lines[ex['id']])}; "
                              f"give every example its own id (or none)", task=name,
@@ -354,6 +360,21 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     metric = metric or ("multiple_choice_grade" if kind == "multiple_choice" else "exact_match")
     return Task(name=name, kind=kind, metric=metric, examples=examples, source=source,
                 description=description, keywords=keywords, canary=canary)
+
+
+def _row_id(value: Any, task: str, i: int, source: str, line: int | str) -> str:
+    """A row's id as text: a string, an integer (NumPy's too) written in decimal, or
+    "<task>:<row>" when there is none; anything else (a dict, a list, a bool, a float) would be
+    written as its repr and is refused."""
+    if value is None:
+        return f"{task}:{i}"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    raise data_error(f"an id must be a string or an integer, got {type(value).__name__} "
+                     f"{value!r:.60}; give each example a text or integer id (or none)",
+                     task=task, source=source, line=line, field="id")
 
 
 def _raise_unencodable(cols: Mapping[str, list], task: str, source: str,

@@ -495,3 +495,22 @@ def test_malformed_targets_and_examples_are_named():
     with pytest.raises(DataError, match=r"task 'x/y', field 'examples': expected a list of "
                                         r"example objects, got dict"):
         convert({"0": good})
+
+
+def test_null_metadata_is_read_as_absent_and_other_types_are_named(tmp_path, rng):
+    """A null canary or description reached Task as None (annotated str) and null keywords
+    failed indexing with a raw TypeError ('NoneType' object is not iterable); null now reads
+    as the field left out, and a value of another type is a DataError naming the field."""
+    task = _mc_task(rng, "navigate", int(rng.integers(2, 6)))
+    task.update(canary=None, description=None, keywords=None)
+    archive = _build_archive(tmp_path / "bigbench-1.0.0.tar.gz", {"navigate": task})
+    loaded = load_bigbench("navigate", archive=archive)["navigate"]
+    assert (loaded.canary, loaded.description, loaded.keywords) == ("", "", ())
+    assert bb.archive_index(archive)["tasks"]["navigate"]["keywords"] == []
+    for field, value, shown in (("canary", 7, "7"), ("description", ["d"], r'\["d"\]'),
+                                ("keywords", "logic", '"logic"')):
+        bad = {**_mc_task(rng, "t", 3), field: value}
+        with pytest.raises(DataError, match=rf"task 'x/y', field '{field}': must be a "
+                                            rf"{'list of strings' if field == 'keywords' else 'string'}"
+                                            rf", got {shown}"):
+            bb.convert_task(bad, "x/y", "bigbench:1.0.0/x/y")

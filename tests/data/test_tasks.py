@@ -286,3 +286,21 @@ def test_empty_references_are_refused(rng):
         with pytest.raises(DataError, match=rf"line {k + 1}, task 'g', field '{field}': .*"
                                             r"(empty|blank).*would match an empty prediction"):
             make_task("g", "generate", rows[:k] + [bad] + rows[k + 1:])
+
+
+def test_ids_and_provenance_must_be_text(rng):
+    # A dict or list id was silently written as its repr ("{'a': 1}"), a bool as "True";
+    # None as description or canary (a BIG-bench null) ended up on Task, annotated str.
+    rows = _random_rows(rng, 3)
+    k = int(rng.integers(3))
+    good = int(rng.integers(1 << 30))
+    task = make_task("g", "generate", rows[:k] + [{**rows[k], "id": good}] + rows[k + 1:])
+    assert task.examples["id"][k] == str(good)
+    for bad, shown in (({"a": 1}, "dict"), (["x"], "list"), (True, "bool"), (2.5, "float")):
+        with pytest.raises(DataError, match=rf"line {k + 1}, task 'g', field 'id': .*string or "
+                                            rf"an integer, got {shown}"):
+            make_task("g", "generate", rows[:k] + [{**rows[k], "id": bad}] + rows[k + 1:])
+    for field in ("description", "canary", "source"):
+        for bad in (None, 3, ["x"]):
+            with pytest.raises(DataError, match=rf"task 'g'.*{field} must be a string, got"):
+                make_task("g", "generate", rows, **{field: bad})

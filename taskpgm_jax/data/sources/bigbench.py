@@ -34,7 +34,7 @@ import urllib.request
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from taskpgm_jax._atomic import write_text_atomic
 from taskpgm_jax.data.tasks import (
@@ -257,11 +257,16 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
                 unreadable = unreadable or data_error(f"unreadable task.json ({e})", task=path,
                                                       source=f"{archive}:{m.name}")
                 continue
+            # Malformed metadata is indexed as absent; loading the task names the field.
+            keywords, description = data.get("keywords"), data.get("description")
+            examples = data.get("examples")
             tasks[path] = {"offset": m.offset_data, "size": m.size,
                            "name": data.get("name", path),
-                           "keywords": list(data.get("keywords", [])),
-                           "description": data.get("description", ""),
-                           "examples": len(data.get("examples", []))}
+                           "keywords": list(keywords) if _is_names(keywords) else [],
+                           "description": description if isinstance(description, str) else "",
+                           # Not a list: counted so that loading it names the field.
+                           "examples": (len(examples) if isinstance(examples, (list, dict))
+                                        else int(examples is not None))}
     except _DAMAGED as e:
         raise _damaged(archive, e) from e
     if unreadable is not None:
@@ -269,6 +274,10 @@ def archive_index(archive: str | os.PathLike) -> dict[str, Any]:
     index = {"stamp": stamp, "tasks": tasks, "programmatic": sorted(code - set(tasks))}
     _write_index(side, index)
     return index
+
+
+def _is_names(value: Any) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _read_index(side: Path) -> dict[str, Any] | None:
@@ -334,7 +343,8 @@ def convert_task(data: dict, path: str, source: str) -> Task:
 
     Raises:
       DataError: no examples, an example without input/target/target_scores, no correct choice,
-        or a prefix field that is not a string.
+        a prefix field that is not a string, or a description or canary that is not a string
+        (keywords: not a list of strings); null metadata reads as left out.
     """
     examples = data.get("examples") or []
     if not examples:
@@ -401,11 +411,23 @@ def convert_task(data: dict, path: str, source: str) -> Task:
                            f"{got}", "target")
             rows.append({"prompt": _prompt(ex, fmt, shown), "target": refs[0],
                          "references": refs, "id": f"{path}:{i}"})
+    meta: dict[str, Any] = {}
+    defaults: tuple[tuple[str, Any], ...] = (("description", ""), ("canary", ""), ("keywords", []))
+    for field, default in defaults:
+        # null reads as the field left out (BIG-bench's schema wants a string, or a list of
+        # strings for keywords; its reader passes any value through).
+        value = data.get(field)
+        if value is None:
+            value = default
+        elif not (_is_names(value) if field == "keywords" else isinstance(value, str)):
+            want = "a list of strings" if field == "keywords" else "a string"
+            raise data_error(f"must be {want}, got {json.dumps(value)}; fix it or leave the "
+                             f"field out", task=path, source=source, field=field)
+        meta[field] = value
     # Examples are numbered from 0, as in the file's "examples" list (there are no lines).
     return make_task(path, kind, rows, metric=preferred or None, source=source,
-                     description=data.get("description", ""), keywords=data.get("keywords", []),
-                     canary=data.get("canary", ""),
-                     lines=[f"example {i}" for i in range(len(rows))])
+                     description=meta["description"], keywords=meta["keywords"],
+                     canary=meta["canary"], lines=[f"example {i}" for i in range(len(rows))])
 
 
 def _best_choice(scores: dict, fail) -> int | None:
