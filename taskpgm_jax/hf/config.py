@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -302,7 +303,14 @@ def _window_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json of `cfg`, loadable by transformers (v5 `rope_parameters` form).
+    """The config.json of `cfg`, loadable by transformers 5 and 4.x alike.
+
+    Both forms are written, with the same values: transformers 5's `rope_parameters` (and
+    `layer_types` for a window on some layers) and the keys transformers 4.x (which vLLM and many
+    tools pin) reads instead, top-level `rope_theta` / `rope_scaling` (null for the default rope)
+    and Qwen2's `use_sliding_window` / `sliding_window` / `max_window_layers` (the window on the
+    layers from max_window_layers on). transformers 5 reads the two together as the same model.
+    A Qwen2 window on layers that are not the last ones has no 4.x form (a warning says so).
 
     Args:
       cfg: the model config.
@@ -331,6 +339,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
         rope_parameters=rope,
+        # transformers 4.x: rope_theta, and the rest (no rope_theta) in rope_scaling.
+        rope_theta=cfg.rope_theta,
+        rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}
+        if cfg.rope_type != "default" else None,
         dtype=jnp.dtype(cfg.param_dtype).name,
     )
     for key in _CARRIED:  # unset ones are left out: transformers then takes its defaults
@@ -342,8 +354,17 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     elif cfg.model_type == "qwen2":
+        layers = sorted(cfg.sliding_window_layers)
+        # transformers 4.x windows the layers >= max_window_layers (layer_types is v5's form).
+        first = layers[0] if layers else n
+        if layers != list(range(first, n)):
+            warnings.warn(f"config_to_hf: the Qwen2 sliding window is on layers {layers}, not on "
+                          f"the last ones: only readers of layer_types (transformers 5) apply it "
+                          f"there; transformers 4.x reads max_window_layers={n}, no window",
+                          stacklevel=2)
+            first = n
         out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
-                   max_window_layers=n,
+                   max_window_layers=first,
                    layer_types=["sliding_attention" if i in cfg.sliding_window_layers else "full_attention"
                                 for i in range(n)])
     else:

@@ -550,3 +550,61 @@ def test_export_killed_in_its_final_renames_is_undone_by_the_next_one(tmp_path, 
         with pytest.raises(OSError, match="disk full"):
             save_hf_checkpoint(_export_model(1), tmp_path)
     assert _files(tmp_path) == before
+
+
+def read_like_transformers4(hf):
+    """(rope fields, window, windowed layers) as transformers 4.x reads a config.json: rope from
+    the top-level rope_theta (default 1e4) and rope_scaling only, a Qwen2 window from
+    use_sliding_window / sliding_window on the layers >= max_window_layers, a Mistral window on
+    every layer; rope_parameters and layer_types are unknown to it."""
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope = (rope_type, hf.get("rope_theta", 10000.0), scaling.get("factor"),
+            scaling.get("low_freq_factor"), scaling.get("high_freq_factor"),
+            scaling.get("original_max_position_embeddings"))
+    n = hf["num_hidden_layers"]
+    if hf["model_type"] == "qwen2":
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+        layers = tuple(range(hf.get("max_window_layers", 28), n))
+    else:
+        window, layers = hf.get("sliding_window"), tuple(range(n))
+    return rope, ((None, ()) if window is None or not layers else (window, layers))
+
+
+@pytest.mark.parametrize("model_type, rope_type", [
+    ("llama", "llama3"), ("llama", "linear"), ("llama", "default"), ("qwen2", "default"),
+    ("qwen2", "linear"), ("mistral", "default")])
+def test_exported_config_reads_the_same_in_transformers_4(rng, model_type, rope_type):
+    # vLLM and many tools pin transformers 4.x: the export must hold its rope_theta /
+    # rope_scaling and Qwen2's max_window_layers besides the v5 rope_parameters / layer_types,
+    # and transformers 5 must read the two forms together as the same model.
+    n = int(rng.integers(2, 6))
+    rope = {"rope_theta": float(rng.choice([1e4, 5e5, 1e6])) + float(rng.integers(0, 100))}
+    if rope_type != "default":
+        rope["rope_factor"] = float(rng.integers(2, 9))
+    if rope_type == "llama3":
+        rope.update(rope_low_freq_factor=1.0, rope_high_freq_factor=float(rng.integers(2, 5)),
+                    rope_original_max_position=int(rng.integers(8, 64)))
+    window: dict = {}
+    if model_type == "qwen2":
+        window = dict(sliding_window=int(rng.integers(2, 9)),
+                      sliding_window_layers=tuple(range(int(rng.integers(0, n)), n)))
+    elif model_type == "mistral":
+        window = dict(sliding_window=int(rng.integers(2, 9)), sliding_window_layers=tuple(range(n)))
+    sizes = {k: v for k, v in _LLAMA.items() if k != "model_type"}
+    cfg = ModelConfig(**{**sizes, "num_hidden_layers": n}, model_type=model_type, head_dim=8,
+                      rope_type=rope_type, **rope, **window)
+    hf = config_to_hf(cfg)
+    expect_rope = (cfg.rope_type, cfg.rope_theta,
+                   cfg.rope_factor if rope_type != "default" else None,
+                   *((cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                      cfg.rope_original_max_position) if rope_type == "llama3" else (None,) * 3))
+    assert read_like_transformers4(json.loads(json.dumps(hf))) == (
+        expect_rope, (cfg.sliding_window, cfg.sliding_window_layers))
+    # transformers 5 reads both forms together as the same model, as do we.
+    config_cls = SUPPORTED[model_type].replace("ForCausalLM", "Config")
+    ref = getattr(transformers, config_cls).from_dict(hf)
+    assert ref.rope_parameters == hf["rope_parameters"]
+    if model_type != "llama":  # LlamaConfig has no window
+        assert windows_of(ref) == (cfg.sliding_window, cfg.sliding_window_layers)
+    assert config_from_hf(hf) == cfg
