@@ -47,6 +47,15 @@ def _safe_open(file: str):
                          "download or save the checkpoint again") from None
 
 
+def _refuse_a_file(path: str | os.PathLike, where: str) -> None:
+    """A file of the checkpoint (its config.json, a safetensors) is refused, as transformers'
+    from_pretrained refuses it, with the directory to pass instead."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        path = os.fspath(path)
+        raise ValueError(f"{where}: {path} is a file, not a checkpoint directory; pass its "
+                         f"directory, {os.path.dirname(os.path.abspath(path))}")
+
+
 def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> safetensors file for a checkpoint directory (single file or sharded index).
 
@@ -56,6 +65,7 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     Returns:
       {tensor name: absolute file path}.
     """
+    _refuse_a_file(path, "checkpoint_files")
     path = os.fspath(path)
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
@@ -183,6 +193,7 @@ def load_hf_checkpoint(
       >>> mesh = make_mesh(data=1, fsdp=4, tensor=2)
       >>> model = load_hf_checkpoint("/ckpt/Llama-2-7b-hf", mesh=mesh)
     """
+    _refuse_a_file(path, "load_hf_checkpoint")
     cfg = config_from_hf(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                          remat=remat, attention_impl=attention_impl,
                          attention_chunk=attention_chunk)

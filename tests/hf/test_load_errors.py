@@ -608,3 +608,16 @@ def test_exported_config_reads_the_same_in_transformers_4(rng, model_type, rope_
     if model_type != "llama":  # LlamaConfig has no window
         assert windows_of(ref) == (cfg.sliding_window, cfg.sliding_window_layers)
     assert config_from_hf(hf) == cfg
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_file_of_the_checkpoint_is_refused_naming_its_directory(llama_dir, name):
+    # As transformers' from_pretrained, a file is refused; the error names the directory to
+    # pass (not weights looked for inside config.json/, nor a safetensors parsed as JSON).
+    import re
+
+    for load in (load_hf_checkpoint, checkpoint_files):
+        with pytest.raises(ValueError, match=rf"{load.__name__}: .*{name} is a file, not a "
+                                             rf"checkpoint directory; pass its directory, "
+                                             rf"{re.escape(str(llama_dir))}"):
+            load(llama_dir / name)
