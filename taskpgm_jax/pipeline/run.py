@@ -140,6 +140,13 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     Returns:
       The results dict (also written to `run_dir/results.json`).
     """
+    # Settings no stage can run with, refused before anything is loaded or written: every
+    # training stage keeps float32 master weights of what it trains (the trainer refuses
+    # others, at the first training stage); `--dry-run` plans either.
+    if cfg.model.param_dtype != "float32":
+        raise ConfigError(f"config key 'model.param_dtype': the training stages need float32 "
+                          f"master weights, got {cfg.model.param_dtype!r}; use param_dtype "
+                          "float32 (with model.dtype bfloat16 for bf16 compute)")
     # Batch sizes are global, each process training on its share: refused before anything
     # is written when they do not split over the processes.
     if cfg.model.source == "scratch":

@@ -315,6 +315,15 @@ def test_config_batch_sizes_are_global_over_the_processes(monkeypatch, rng, tmp_
         stages.host_rows(rows, "single_task.batch_size", 2 * rows)
 
 
+def test_bfloat16_master_weights_are_refused_by_key_before_anything_runs(tmp_path):
+    """Every training stage needs float32 master weights: the config key is named at once, not
+    as a `ModelConfig` error after the data, the tokenizer (or a 7B checkpoint) have loaded."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"'model.param_dtype'.*float32"):
+        run_pipeline(_tiny("model.param_dtype=bfloat16"), run_dir, echo=print)
+    assert not run_dir.exists()
+
+
 def test_data_key_covers_what_evaluation_reads(monkeypatch):
     cfg = _tiny().data
     key = load_pools(cfg).key
