@@ -41,6 +41,24 @@ def eager_when_concrete(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def register_static_fields(cls, static: tuple[str, ...]):
+    """Register the NamedTuple `cls` as a pytree whose `static` fields (strings: a method name,
+    a unary kind) are auxiliary data instead of leaves, so that it can cross a `jax.jit` or
+    `jax.vmap` boundary (as an argument or a result); the other fields stay leaves."""
+    leaves = tuple(f for f in cls._fields if f not in static)
+
+    def flatten(obj):
+        return (tuple((jax.tree_util.GetAttrKey(f), getattr(obj, f)) for f in leaves),
+                tuple(getattr(obj, f) for f in static))
+
+    def unflatten(aux, children):
+        return cls(**dict(zip(leaves, children, strict=True)),
+                   **dict(zip(static, aux, strict=True)))
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)
+    return cls
+
+
 def float_dtype(x):
     """The float dtype a computation on `x` runs in: float64 for float64 input under
     `jax.enable_x64`, float32 otherwise. bfloat16 / float16 inputs are upcast: their 8-11

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from taskpgm_jax.mrf._validate import (as_float_array, check_finite, check_positive,
-                                       check_vector, checked_potentials, eager_when_concrete)
+                                       check_vector, checked_potentials, eager_when_concrete,
+                                       register_static_fields)
 from taskpgm_jax.mrf.affinity import psd_repair
 
 
@@ -65,6 +66,11 @@ class Potentials(NamedTuple):
     def with_ratio(self, ratio: float) -> "Potentials":
         """The same potentials with beta = ratio * lam."""
         return self._replace(beta=check_positive(ratio, "ratio") * self.lam)
+
+
+# The strings are static, so Potentials can be an argument of the caller's jit; the numbers
+# (beta, lam, the repair's floats) are leaves and are traced there.
+register_static_fields(Potentials, ("unary_kind", "spectrum"))
 
 
 def utility_unary(cross_likelihood: ArrayLike | Sequence[Sequence[float]],

@@ -21,7 +21,8 @@ from jax.typing import ArrayLike
 from taskpgm_jax.mrf import _solvers
 from taskpgm_jax.mrf._projection import pad_matrix, pad_vector, padded_size
 from taskpgm_jax.mrf._validate import (check_bounds, check_int, check_positive, check_vector,
-                                       checked_potentials, is_traced, real_numpy)
+                                       checked_potentials, is_traced, real_numpy,
+                                       register_static_fields)
 from taskpgm_jax.mrf.energy import Potentials
 
 SolveMethod = Literal["exact", "closed_form", "softmax"]
@@ -73,6 +74,12 @@ class SolutionPath(NamedTuple):
     support: jax.Array
     method: str
     clipped: jax.Array | None = None
+
+
+# `method` is a string: as a pytree leaf it made a Solution impossible to return from the
+# caller's jit or vmap ("not a valid JAX type").
+register_static_fields(Solution, ("method",))
+register_static_fields(SolutionPath, ("method",))
 
 
 def _check_options(method, *, init=None, tol=None, max_iter=None, temperature=None,

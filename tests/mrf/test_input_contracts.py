@@ -152,6 +152,32 @@ def test_traced_beta_explains_what_to_do(rng):
         assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-6 * scale
 
 
+def test_potentials_and_solutions_cross_jit_and_vmap_boundaries(rng):
+    """A Solution held its method name as a pytree leaf, so returning it from the caller's jit or
+    vmap failed ("not a valid JAX type"), and so did passing Potentials (unary_kind, spectrum)
+    into a jitted function. The strings are now static; the arrays and numbers are traced.
+    (eval_shape traces like jit without compiling a new program.)"""
+    T = 4
+    pot = potentials(random_affinity(rng, T, "signed"), rng.normal(size=T), lam=2.0)
+    for method in ("exact", "closed_form"):
+        out = jax.eval_shape(lambda p, m=method: solve(p, m), pot)
+        assert out.method == method and out.weights.shape == (T,)
+        assert (out.clipped is None) == (method == "exact")
+    path = jax.eval_shape(lambda m: solve_path(pot._replace(matrix=m), [1.0]), pot.matrix)
+    assert path.method == "exact" and path.weights.shape == (1, T)
+    assert jax.eval_shape(energy, jnp.ones(T) / T, pot).shape == ()
+    # The values, through a vmap over beta (the program test_traced_beta_... compiles).
+    betas = rng.uniform(0.1, 3.0, size=3)
+    batched = jax.vmap(lambda b: solve(pot._replace(beta=b)))(jnp.asarray(betas))
+    assert batched.method == "exact" and batched.clipped is None
+    Q = 2.0 * np.asarray(pot.matrix, np.float64)
+    for b, w in zip(betas, np.asarray(batched.weights, np.float64), strict=True):
+        c = b * np.asarray(pot.unary, np.float64)
+        w_ref, _ = active_set_simplex_qp(Q, c)
+        scale = abs(c @ w_ref) + 0.5 * w_ref @ Q @ w_ref
+        assert energy64(w, Q, c) - energy64(w_ref, Q, c) <= 1e-6 * scale
+
+
 def test_traced_host_side_arguments_are_named(rng):
     """Bounds, costs, subsets and the potentials of the selection are read on the host; traced
     (inside the caller's jit or vmap) they raised JAX's TracerArrayConversionError or
