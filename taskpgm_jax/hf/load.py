@@ -101,14 +101,24 @@ def _read_block(handles, tmap: TensorMap, index: tuple, dtype) -> np.ndarray:
 
     def one(name, inner):
         sl = handles[name].get_slice(name)
-        block = np.asarray(sl[tuple(inner[::-1])] if tmap.transpose else sl[tuple(inner)])
-        block = (block.T if tmap.transpose else block).astype(dtype)
+        raw = np.asarray(sl[tuple(inner[::-1])] if tmap.transpose else sl[tuple(inner)])
+        raw = raw.T if tmap.transpose else raw
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            block = raw.astype(dtype)
         # A sum is one fast pass (NaN / inf make it non-finite); only then is each value
         # checked, since finite values can overflow a sum.
         if block.size and not np.isfinite(block.sum(dtype=np.float32)) \
                 and not np.isfinite(block).all():
-            raise ValueError(f"checkpoint tensor {name} holds NaN or inf values; the checkpoint "
-                             "is damaged (download or save it again)")
+            if not np.isfinite(raw).all():
+                raise ValueError(f"checkpoint tensor {name} holds NaN or inf values; the "
+                                 "checkpoint is damaged (download or save it again)")
+            # Finite in the file: the cast to a narrower param_dtype (float16) overflowed.
+            name_ = np.dtype(dtype).name
+            wider = "jnp.bfloat16 or jnp.float32" if name_ == "float16" else "jnp.float32"
+            raise ValueError(
+                f"checkpoint tensor {name} holds values up to "
+                f"{float(np.abs(raw.astype(np.float64)).max()):.4g} that overflow {name_} "
+                f"(largest {float(jnp.finfo(dtype).max):.4g}); load it with param_dtype={wider}")
         return block
 
     if not tmap.stacked:

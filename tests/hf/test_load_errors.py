@@ -621,3 +621,20 @@ def test_a_file_of_the_checkpoint_is_refused_naming_its_directory(llama_dir, nam
                                              rf"checkpoint directory; pass its directory, "
                                              rf"{re.escape(str(llama_dir))}"):
             load(llama_dir / name)
+
+
+def test_value_overflowing_float16_is_not_called_damage(llama_dir, tmp_path, rng):
+    # A finite weight beyond float16's range (65504) becomes inf only in the cast to
+    # param_dtype=float16: the error must say so and what to load with, not call the file damaged.
+    path = copy_checkpoint(llama_dir, tmp_path / "big")
+    tensors = load_file(path / "model.safetensors")
+    weight = tensors["model.layers.1.mlp.up_proj.weight"]
+    big = float(rng.uniform(1.0, 100.0)) * float(np.finfo(np.float16).max)
+    weight[tuple(rng.integers(0, weight.shape))] = big
+    assert np.isfinite(weight).all() and big > float(np.finfo(np.float16).max)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"checkpoint tensor model\.layers\.1\.mlp\.up_proj\.weight "
+                                         r"holds values .* that overflow float16 .*"
+                                         r"param_dtype=jnp\.bfloat16 or jnp\.float32"):
+        load_hf_checkpoint(path, param_dtype=jnp.float16)
+    assert load_hf_checkpoint(path, param_dtype=jnp.bfloat16) is not None
