@@ -34,6 +34,9 @@ SPLITS = ("train", "probe", "eval")
 # The fixed example schema. `answer` is -1 and `choices` empty for generative tasks; for
 # multiple-choice tasks `target` is the correct choice text, so the training text is the same
 # whatever the kind. `references` holds every acceptable answer for exact-match scoring.
+# `choice_scores` is the credit of each choice (BIG-bench's target_scores: several choices may
+# be correct, or partly): multiple_choice_grade credits the chosen one's score; by default 1 for
+# the answer and 0 for the others. Empty for generative tasks.
 EXAMPLE_FEATURES = datasets.Features({
     "id": datasets.Value("string"),
     "prompt": datasets.Value("string"),
@@ -41,6 +44,7 @@ EXAMPLE_FEATURES = datasets.Features({
     "choices": datasets.Sequence(datasets.Value("string")),
     "answer": datasets.Value("int32"),
     "references": datasets.Sequence(datasets.Value("string")),
+    "choice_scores": datasets.Sequence(datasets.Value("float64")),
 })
 
 
@@ -260,8 +264,33 @@ def _check_example(ex: Mapping[str, Any], kind: str, task: str, source: str,
                  "answer")
         if ex["target"] != choices[answer]:
             fail(_target_mismatch(ex["target"], choices, answer), "target")
+        problem = choice_scores_problem(ex["choice_scores"], len(choices), answer)
+        if problem:
+            fail(problem, "choice_scores")
     if ex["target"] == "":
         fail("empty target: an example needs text to learn and score", "target")
+
+
+def choice_scores_problem(scores: Any, n_choices: int, answer: int) -> str | None:
+    """Why a multiple-choice row's `choice_scores` cannot be scored (None when they can): they
+    must be one finite number per choice (not bools), the answer among the highest, and not all
+    equal. Shared by `eval`."""
+    if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Iterable):
+        return f"expected a list of numbers, one per choice, got {type(scores).__name__}"
+    scores = list(scores)
+    bad = [v for v in scores if isinstance(v, bool) or not isinstance(v, numbers.Real)
+           or not math.isfinite(v)]
+    if bad:
+        return f"expected finite numbers, got {bad[:3]!r}"
+    if len(scores) != n_choices:
+        return f"{len(scores)} scores for {n_choices} choices; give one per choice"
+    if max(scores) == min(scores):
+        return f"every choice scores {scores[0]}: no choice is better than another"
+    if scores[answer] != max(scores):
+        return (f"the answer (choice {answer}) scores {scores[answer]}, below the best "
+                f"{max(scores)} (choice {scores.index(max(scores))}); the answer must be a "
+                f"highest-scored choice")
+    return None
 
 
 def _target_mismatch(target: str, choices: Sequence[str], answer: int) -> str:
@@ -290,7 +319,9 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
       kind: "generate" or "multiple_choice".
       rows: dicts with `prompt` and `target` (generate), or `prompt`, `choices` and `answer`
         (a 0-based index, or the correct choice's text) and optionally `target` (which must
-        then be choices[answer]); optional `id` and `references`.
+        then be choices[answer]) and `choice_scores` (the credit of each choice, the answer's
+        among the highest: several correct choices; default 1 for the answer, 0 otherwise);
+        optional `id` and `references`.
       metric: defaults to "exact_match" / "multiple_choice_grade" by kind.
       source, description, keywords, canary: provenance, see `Task`.
       lines: for error messages, the source line (or row) number of each row, or a label per
@@ -302,7 +333,8 @@ def make_task(name: str, kind: str, rows: Sequence[Mapping[str, Any]], *, metric
     Raises:
       DataError: no name, empty task, unknown kind, a missing field, a target that is not a
         string, an empty target or choice, repeated choices, an answer not among the choices,
-        a multiple-choice target that is not choices[answer],
+        a multiple-choice target that is not choices[answer], choice_scores that are not one
+        finite number per choice with the answer among the highest (or on a generative row),
         references that are not strings or are empty or blank (a generative target used as the
         reference too), an id that is not a string or an integer, a source, description or
         canary that is not a string, a repeated id, keywords given as one string, or not one
@@ -428,8 +460,13 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
                              f"prediction, so a model that outputs nothing would score; remove "
                              f"it or give the answer text", task=task, source=source, line=line,
                              field=field)
+        if not _absent(row.get("choice_scores")):
+            raise data_error("choice_scores apply to multiple-choice examples only (a generative "
+                             "example is scored by exact match against its references); drop "
+                             "them or make the task multiple_choice", task=task, source=source,
+                             line=line, field="choice_scores")
         return {"prompt": prompt, "target": target, "choices": [], "answer": -1,
-                "references": list(refs)}
+                "references": list(refs), "choice_scores": []}
     choices = need("choices")
     if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
         raise data_error("choices must be a list of strings", task=task, source=source,
@@ -449,8 +486,18 @@ def _normalise_row(row: Mapping[str, Any], kind: str, task: str, source: str,
     target = row.get("target")
     if target is None:
         target = choices[answer] if 0 <= answer < len(choices) else ""
+    scores = row.get("choice_scores")
+    if _absent(scores):  # the answer is the one correct choice
+        scores = [float(j == answer) for j in range(len(choices))]
+    elif not isinstance(scores, (str, bytes, Mapping)) and isinstance(scores, Iterable):
+        scores = list(scores)  # checked in _check_example
     return {"prompt": prompt, "target": target, "choices": list(choices), "answer": answer,
-            "references": [target]}
+            "references": [target], "choice_scores": scores}
+
+
+def _absent(value: Any) -> bool:
+    """None, or an empty list / tuple / array (a column a row leaves empty)."""
+    return value is None or (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 0)
 
 
 class TaskPool:

@@ -21,7 +21,7 @@ from flax import nnx
 from taskpgm_jax.data import (
     Batch, Encoded, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
 )
-from taskpgm_jax.data.tasks import DataError, check_int, check_names
+from taskpgm_jax.data.tasks import DataError, check_int, check_names, choice_scores_problem
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
 from taskpgm_jax.models import CausalLM, greedy_generator
@@ -120,6 +120,20 @@ def _check_choice_example(ex: Any, k: int) -> None:
     if not 0 <= int(answer) < len(choices):
         raise DataError(f"{at}['answer']: {answer} is not an index into its {len(choices)} "
                         f"choices; pass a 0-based index in [0, {len(choices)})")
+    scores = ex.get("choice_scores")
+    if scores is not None and (not isinstance(scores, (Sequence, np.ndarray)) or len(scores)):
+        problem = choice_scores_problem(scores, len(choices), int(answer))
+        if problem:
+            raise DataError(f"{at}['choice_scores']: {problem}")
+
+
+def _choice_credit(ex: Mapping[str, Any]) -> list[float]:
+    """The credit of each choice of a checked row: its `choice_scores` (BIG-bench's
+    target_scores), else 1 for the answer and 0 for the others."""
+    scores = ex.get("choice_scores")
+    if scores is None or len(scores) == 0:
+        return [float(j == int(ex["answer"])) for j in range(len(ex["choices"]))]
+    return [float(v) for v in scores]
 
 
 def _generation_references(ex: Any, k: int) -> list[str]:
@@ -202,10 +216,13 @@ def jax_batch(batch: Batch) -> Batch:
 def score_multiple_choice(model: nnx.Module, tokenizer: PreTrainedTokenizerBase,
                           examples: Iterable[Mapping[str, Any]], *, seq_len: int,
                           batch_size: int, separator: str = "") -> dict[str, Any]:
-    """Accuracy of a multiple-choice split (rows with `prompt`, `choices`, `answer`).
+    """BIG-bench's multiple_choice_grade of a multiple-choice split (rows with `prompt`,
+    `choices`, `answer`, optionally `choice_scores`): the mean over examples of the chosen
+    choice's score, which with one correct choice (the default scores) is the accuracy.
 
     Every row is checked first (`DataError` naming `examples[k]` and the field): `choices` a
-    list of 2+ distinct non-empty strings, `answer` the 0-based int index of the correct one."""
+    list of 2+ distinct non-empty strings, `answer` the 0-based int index of the correct one,
+    `choice_scores` (when given) one finite number per choice with the answer's the highest."""
     examples = _check_examples(examples)
     for k, ex in enumerate(examples):
         _check_choice_example(ex, k)
@@ -217,14 +234,16 @@ def score_multiple_choice(model: nnx.Module, tokenizer: PreTrainedTokenizerBase,
         ends.append(len(rows))  # example k's choices are rows[ends[k-1]:ends[k]]
         truncated += any(e.truncated for e in enc)
     sums, counts = choice_logliks(model, rows, seq_len=seq_len, batch_size=batch_size)
-    correct = correct_norm = 0
+    correct = correct_norm = 0.0
     predictions = []
     for k, ex in enumerate(examples):
         rows_k = slice(ends[k - 1] if k else 0, ends[k])
         pick, pick_norm = choice_predictions(sums[rows_k], counts[rows_k])
         predictions.append(pick)
-        correct += pick == int(ex["answer"])
-        correct_norm += pick_norm == int(ex["answer"])
+        # BIG-bench's multiple_choice_grade: the chosen choice's score (1 or 0 with one answer).
+        credit = _choice_credit(ex)
+        correct += credit[pick]
+        correct_norm += credit[pick_norm]
     n = len(predictions)
     return {"metric": "multiple_choice_grade", "value": correct / n,
             "accuracy_length_normalised": correct_norm / n, "count": n,

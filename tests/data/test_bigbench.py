@@ -89,6 +89,7 @@ def _check_fixture(pool, tasks, canary=CANARY):
                 assert row["prompt"] == fmt[0] + fmt[1] + e["input"] + shown + fmt[2]
                 assert row["choices"] == choices
                 assert e["target_scores"][row["target"]] == max(e["target_scores"].values())
+                assert row["choice_scores"] == list(e["target_scores"].values())
             else:
                 targets = e["target"] if isinstance(e["target"], list) else [e["target"]]
                 assert row["prompt"] == fmt[0] + fmt[1] + e["input"] + fmt[2]

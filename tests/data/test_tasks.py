@@ -304,3 +304,38 @@ def test_ids_and_provenance_must_be_text(rng):
         for bad in (None, 3, ["x"]):
             with pytest.raises(DataError, match=rf"task 'g'.*{field} must be a string, got"):
                 make_task("g", "generate", rows, **{field: bad})
+
+
+def test_choice_scores_are_kept_and_checked(rng):
+    # Several correct choices (BIG-bench target_scores): each choice's credit is kept; by default
+    # the answer scores 1 and the others 0.
+    rows = _mc_rows(rng, 6)
+    k = int(rng.integers(6))
+    n = 4
+    rows[k] = {**rows[k], "choices": [f"c{j}" for j in range(n)], "answer": int(rng.integers(n))}
+    scores = rng.choice([0.0, 0.5], size=n)
+    scores[(rows[k]["answer"] + 2) % n] = 0.0
+    scores[rows[k]["answer"]] = 1.0
+    scores[(rows[k]["answer"] + 1) % n] = 1.0
+    rows[k] = {**rows[k], "choice_scores": scores.tolist()}
+    task = make_task("mc", "multiple_choice", rows)
+    for i, row in enumerate(rows):
+        want = (scores.tolist() if i == k else
+                [float(j == row["answer"]) for j in range(len(row["choices"]))])
+        assert task.examples[i]["choice_scores"] == want
+    assert make_task("g", "generate", _random_rows(rng, 2)).examples["choice_scores"] == [[], []]
+    worse = [1.0] * n
+    worse[rows[k]["answer"]] = 0.0
+    for bad, match in ((scores.tolist()[:-1], rf"{n - 1} scores for {n} choices"),
+                       ([True] + [False] * (n - 1), "expected finite numbers"),
+                       ([float("nan")] * n, "expected finite numbers"),
+                       ("1 0", "expected a list of numbers"),
+                       ([0.5] * n, "every choice scores 0.5: no choice is better"),
+                       (worse, rf"the answer \(choice {rows[k]['answer']}\) scores 0.0, below")):
+        with pytest.raises(DataError, match=rf"line {k + 1}, task 'mc', field 'choice_scores': "
+                                            + match):
+            make_task("mc", "multiple_choice", rows[:k] + [{**rows[k], "choice_scores": bad}]
+                      + rows[k + 1:])
+    with pytest.raises(DataError, match=r"line 1, task 'g', field 'choice_scores': choice_scores "
+                                        r"apply to multiple-choice examples only"):
+        make_task("g", "generate", [{"prompt": "p", "target": "t", "choice_scores": [1, 0]}])

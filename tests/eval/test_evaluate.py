@@ -252,6 +252,10 @@ def _random_choice_examples(rng, n):
     (lambda ex: {**ex, "choices": ex["choices"][:1], "answer": 0},
      r"\['choices'\]: a multiple-choice example needs at least 2 choices, got 1"),
     (lambda ex: {k: v for k, v in ex.items() if k != "answer"}, r": missing 'answer'"),
+    (lambda ex: {**ex, "choice_scores": [1.0] * (len(ex["choices"]) + 1)},
+     r"\['choice_scores'\]: {n1} scores for {n} choices"),
+    (lambda ex: {**ex, "choice_scores": [float(j != ex["answer"]) for j in range(len(ex["choices"]))]},
+     r"\['choice_scores'\]: the answer \(choice {answer}\) scores 0.0, below the best 1.0"),
 ])
 def test_multiple_choice_refuses_rows_make_task_refuses(tokenizer, rng, corrupt, match):
     """The bad row is named by its index, wherever it sits; nothing is scored before."""
@@ -260,7 +264,8 @@ def test_multiple_choice_refuses_rows_make_task_refuses(tokenizer, rng, corrupt,
     good = examples[k]
     examples[k] = corrupt(good)
     model = Bigram(rng.normal(size=(len(tokenizer), len(tokenizer))))
-    pattern = rf"examples\[{k}\]" + match.format(answer=good["answer"], n=len(good["choices"]))
+    pattern = rf"examples\[{k}\]" + match.format(answer=good["answer"], n=len(good["choices"]),
+                                                   n1=len(good["choices"]) + 1)
     with pytest.raises(ValueError, match=pattern):
         score_multiple_choice(model, tokenizer, examples, seq_len=16, batch_size=4)
 
@@ -356,3 +361,41 @@ def test_generation_rows_are_checked_and_one_string_is_one_reference(tokenizer, 
         with pytest.raises(ValueError, match=rf"examples\[{k}\]" + match):
             score_generation(model, tokenizer, rows[:k] + [bad] + rows[k + 1:], prompt_len=12,
                              max_new_tokens=6, batch_size=4)
+
+
+def test_multiple_choice_grade_is_bigbench_s_on_several_correct_choices(tokenizer, rng):
+    """BIG-bench's multiple_choice_grade credits the target_scores value of the chosen choice
+    (several choices may score 1, or fractions); only the first highest-scored choice was
+    credited before. Reference: BIG-bench's formula over NumPy float64 bigram log-likelihoods."""
+    from taskpgm_jax.data.sources.bigbench import convert_task
+
+    v = len(tokenizer)
+    table = rng.normal(size=(v, v)) * 2
+    examples = []
+    for _ in range(8):
+        choices = [str(c) for c in rng.choice(WORDS, size=int(rng.integers(3, 6)), replace=False)]
+        scores = rng.choice([0.0, 0.25, 0.5, 1.0], size=len(choices))
+        pick = rng.choice(len(choices), size=3, replace=False)
+        scores[pick[:2]], scores[pick[2]] = 1.0, 0.0  # two correct choices, one wrong
+        examples.append({"input": f"question {rng.choice(WORDS)}?",
+                         "target_scores": dict(zip(choices, scores.tolist(), strict=True))})
+    task = convert_task({"examples": examples, "preferred_score": "multiple_choice_grade",
+                         "example_input_prefix": "", "example_output_prefix": " answer ",
+                         "append_choices_to_input": False}, "t", "bigbench:1.0.0/t")
+    rows = list(task.examples)
+    out = score_multiple_choice(Bigram(table), tokenizer, rows, seq_len=16, batch_size=4)
+    grade = grade_norm = 0.0
+    for ex, row in zip(examples, rows, strict=True):
+        ref = np.array([_reference_loglik(table, tokenizer, row["prompt"], c)
+                        for c in ex["target_scores"]])
+        grade += list(ex["target_scores"].values())[int(np.argmax(ref[:, 0]))]
+        grade_norm += list(ex["target_scores"].values())[int(np.argmax(ref[:, 0] / ref[:, 1]))]
+    assert out["value"] == pytest.approx(grade / len(rows))
+    assert out["accuracy_length_normalised"] == pytest.approx(grade_norm / len(rows))
+    # One correct choice, scored 1 (every single-answer task): the grade is the accuracy.
+    plain = _random_choice_examples(rng, 5)
+    one_hot = [{**ex, "choice_scores": [float(j == ex["answer"]) for j in range(len(ex["choices"]))]}
+               for ex in plain]
+    a = score_multiple_choice(Bigram(table), tokenizer, plain, seq_len=16, batch_size=4)
+    b = score_multiple_choice(Bigram(table), tokenizer, one_hot, seq_len=16, batch_size=4)
+    assert a == b

@@ -14,7 +14,9 @@ Prompt format, as BIG-bench's JSON tasks define it (zero-shot):
 example with `target_scores` appended (generative tasks' too, as BIG-bench formats them) unless
 `append_choices_to_input` is false. BIG-bench lists the appended choices in a seeded
 permutation; here they keep the file's order. A multiple-choice example's answer is its first
-highest-scored choice, which is also the target of a generative example without a `target`.
+highest-scored choice, which is also the target of a generative example without a `target`;
+its `choice_scores` keep every choice's score, which multiple_choice_grade credits as BIG-bench
+does (the chosen choice's score: several choices may be correct).
 
 Canary: every BIG-bench task carries a canary string. It is kept on each `Task` and written into
 every manifest of data drawn from it; never copy BIG-bench examples outside a run directory.
@@ -390,8 +392,11 @@ def convert_task(data: dict, path: str, source: str) -> Task:
             choices, best = list(scores), _best_choice(scores, fail)
             if best is None:
                 raise fail("no correct choice (all target_scores equal)", "target_scores")
+            # Every choice's score: multiple_choice_grade credits the chosen one's, as
+            # BIG-bench does (several choices may be correct, or partly).
             rows.append({"prompt": _prompt(ex, fmt, choices), "choices": choices,
-                         "answer": best, "id": f"{path}:{i}"})
+                         "answer": best, "choice_scores": [float(v) for v in scores.values()],
+                         "id": f"{path}:{i}"})
         else:
             # As BIG-bench formats every example: its target_scores' choices are shown in the
             # prompt (unless append_choices_to_input is false) whatever the task's metric, and

@@ -38,6 +38,7 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "answer": ("answer", "label"),
     "id": ("id",),
     "references": ("references",),
+    "choice_scores": ("choice_scores",),
 }
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
