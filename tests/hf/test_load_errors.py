@@ -638,3 +638,15 @@ def test_value_overflowing_float16_is_not_called_damage(llama_dir, tmp_path, rng
                                          r"param_dtype=jnp\.bfloat16 or jnp\.float32"):
         load_hf_checkpoint(path, param_dtype=jnp.float16)
     assert load_hf_checkpoint(path, param_dtype=jnp.bfloat16) is not None
+
+
+@pytest.mark.parametrize("arch", ["LLaMAForCausalLM", "LlamaForCausalLM"])
+def test_architectures_are_read_as_transformers_auto_classes_read_them(llama_dir, tmp_path, arch):
+    # LLaMA-1-era config.json files name "LLaMAForCausalLM": AutoModelForCausalLM builds the
+    # class of model_type (the architectures name only picks among several), so must we.
+    hf = {**read_hf_config(llama_dir), "architectures": [arch]}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    auto = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(tmp_path))
+    assert type(auto).__name__ == SUPPORTED["llama"]
+    assert config_from_hf(tmp_path) == config_from_hf(llama_dir)
