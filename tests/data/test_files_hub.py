@@ -411,3 +411,22 @@ def test_hub_specs_that_are_not_hub_specs_are_named(specs, match):
     (the valid-looking first spec here would fail offline)."""
     with pytest.raises(DataError, match=match):
         load_hub_tasks(specs)
+
+
+def test_choice_scores_are_read_from_files(tmp_path, rng):
+    """Per-choice scores (several correct choices) come from a `choice_scores` column, or one
+    mapped with columns=; rows without them score 1 for the answer, 0 for the others."""
+    rows = []
+    for i in range(int(rng.integers(3, 7))):
+        answer = int(rng.integers(3))
+        scores = [0.0, 0.0, 0.0]
+        scores[answer], scores[(answer + 1) % 3] = 1.0, float(rng.choice([0.5, 1.0]))
+        rows.append({"question": f"q{i}", "options": ["x", "y", "z"], "label": answer,
+                     "credit": scores})
+    _write_jsonl(tmp_path / "t.jsonl", rows)
+    pool = load_task_files(tmp_path / "t.jsonl", columns={"choice_scores": "credit"})
+    assert pool["t"].examples["choice_scores"] == [r["credit"] for r in rows]
+    renamed = [{"choice_scores" if k == "credit" else k: v for k, v in r.items()} for r in rows]
+    _write_jsonl(tmp_path / "u.jsonl", renamed)
+    assert load_task_files(tmp_path / "u.jsonl")["u"].examples["choice_scores"] == \
+        [r["credit"] for r in rows]
