@@ -89,12 +89,15 @@ class StageLog:
 def _mesh(cfg: RunConfig):
     import jax
 
+    from taskpgm_jax.pipeline.dryrun import resolve_mesh
     from taskpgm_jax.sharding import make_mesh
 
     if jax.device_count() == 1:
         return None
-    m = cfg.mesh
-    return make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    # The sizes checked against the devices as `--dry-run` checks them (a ConfigError naming
+    # `mesh` and the fix, rather than make_mesh's own message).
+    sizes = resolve_mesh(cfg, jax.device_count())
+    return make_mesh(data=sizes["data"], fsdp=sizes["fsdp"], tensor=sizes["tensor"])
 
 
 def hf_base(cfg: RunConfig):
@@ -154,11 +157,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
     for section in ("single_task", "finetune"):
         ft = getattr(cfg, section)
         stages.host_rows(ft.batch_size, f"{section}.batch_size", ft.grad_accum)
+    mesh = _mesh(cfg)
     run = RunDir(run_dir)
     log = StageLog(echo)
     if is_writer():
         write_text(run.root / "config.yaml", dump_config(cfg))
-    mesh = _mesh(cfg)
     seq_len = cfg.model.seq_len
 
     start = time.perf_counter()

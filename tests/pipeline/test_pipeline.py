@@ -324,6 +324,16 @@ def test_bfloat16_master_weights_are_refused_by_key_before_anything_runs(tmp_pat
     assert not run_dir.exists()
 
 
+def test_a_mesh_the_devices_do_not_fill_is_refused_by_key_before_anything_runs(tmp_path):
+    """As `--dry-run` refuses it: naming `mesh` and the fix (was make_mesh's own message, after
+    the run directory was written)."""
+    run_dir = tmp_path / "run"
+    n = jax.device_count()
+    with pytest.raises(ConfigError, match=rf"config key 'mesh'.*multiply to {n} .*-1"):
+        run_pipeline(_tiny(f"mesh.fsdp={n - 1}"), run_dir, echo=print)
+    assert not run_dir.exists()
+
+
 def test_data_key_covers_what_evaluation_reads(monkeypatch):
     cfg = _tiny().data
     key = load_pools(cfg).key
