@@ -27,9 +27,9 @@ bench-divergence: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# Static type check of the package (settings in pyproject.toml's [tool.mypy]).
+# Static type check of the package and of tests/typing (settings in pyproject.toml's [tool.mypy]).
 typecheck: $(STAMP)
-	$(PY) -m mypy taskpgm_jax
+	$(PY) -m mypy
 
 # Lint (settings in pyproject.toml's [tool.ruff]) and the type check.
 lint: typecheck

@@ -1,6 +1,7 @@
 """The code checks `make lint` runs (settings in pyproject.toml), kept green by the suite: ruff over
 the repository and mypy over the package, which ships `py.typed`, so its annotations are part of
-what users' type checkers read."""
+what users' type checkers read, and over `tests/typing/usage.py`, which states (`assert_type`)
+what those checkers must see of the public API."""
 
 import subprocess
 import sys

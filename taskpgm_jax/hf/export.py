@@ -105,7 +105,7 @@ def _check_model(model: nnx.Module, where: str) -> CausalLM:
     return model
 
 
-def save_hf_checkpoint(model: nnx.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+def save_hf_checkpoint(model: CausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                        *, dtype: DTypeLike | None = None) -> list[str]:
     """Writes `model` as a Hugging Face checkpoint loadable by `AutoModelForCausalLM`.
 

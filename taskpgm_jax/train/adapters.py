@@ -32,6 +32,7 @@ from taskpgm_jax.train.checkpoint import has_position
 from taskpgm_jax.train.step import (
     _STEP_CACHE,
     LossFn,
+    ModelT,
     TrainConfig,
     Trainer,
     TrainState,
@@ -116,7 +117,7 @@ def stacked_adapter_shardings(adapters: nnx.State, mesh: Mesh,
     return jax.tree.map(one, adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-class AdapterTrainer(Trainer):
+class AdapterTrainer(Trainer[ModelT]):
     """Trains T LoRA adapters of one base model side by side (one jitted, donating step).
 
     The interface is `Trainer`'s (so `finetune` drives both), with a leading adapter axis T on
@@ -135,7 +136,7 @@ class AdapterTrainer(Trainer):
       >>> state, m = trainer.step(state, trainer.place_batch(stacked_batch))   # m["loss"]: [8]
     """
 
-    def __init__(self, model: nnx.Module, cfg: TrainConfig,
+    def __init__(self, model: ModelT, cfg: TrainConfig,
                  adapters: nnx.State | Sequence[nnx.State], *, mesh: Mesh | None = None,
                  rules: Rules | None = None, loss_fn: LossFn | None = None):
         if not isinstance(cfg, TrainConfig):
@@ -212,7 +213,7 @@ class AdapterTrainer(Trainer):
         """The trained adapters, stacked [T, ...] (what `multi_adapter_forward` takes)."""
         return state.params
 
-    def model(self, state: TrainState, index: int | None = None) -> nnx.Module:
+    def model(self, state: TrainState, index: int | None = None) -> ModelT:
         """The base model carrying adapter `index` (required: there are T of them).
 
         Args:

@@ -24,7 +24,7 @@ import functools
 import numbers
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,10 @@ def check_seed(seed: Any, span: int = 1, what: str = "adapter") -> int:
     all lie in [0, 2**32), the uint32 `PRNGKey` seed (a larger one would wrap around)."""
     why = f"{what} t uses seed + t, for t < {span}" if span > 1 else ""
     return check_int(seed, "seed", 0, 2**32 - span + 1, why)
+
+
+# The model type a trainer was built with, which `Trainer.model` gives back.
+ModelT = TypeVar("ModelT", bound=nnx.Module)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,7 +443,7 @@ def _check_master_dtype(params: nnx.State) -> None:
                          "float32 (ModelConfig.dtype sets the compute dtype)")
 
 
-class Trainer:
+class Trainer(Generic[ModelT]):
     """Binds one model, a `TrainConfig` and an optional mesh to a jitted, donating step.
 
     One code path for one and many devices: without a mesh everything stays on the default
@@ -464,7 +468,7 @@ class Trainer:
       >>> state, metrics = trainer.step(state, trainer.place_batch(batch))
     """
 
-    def __init__(self, model: nnx.Module, cfg: TrainConfig, *, mesh: Mesh | None = None,
+    def __init__(self, model: ModelT, cfg: TrainConfig, *, mesh: Mesh | None = None,
                  rules: Rules | None = None, loss_fn: LossFn | None = None):
         if not isinstance(model, nnx.Module):
             # An nnx.State (e.g. nnx.state(model)) would split into nothing callable and fail only
@@ -475,7 +479,7 @@ class Trainer:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         wrt = LoRAParam if cfg.trainable == "lora" else nnx.Param
-        self.graphdef: nnx.GraphDef[nnx.Module]
+        self.graphdef: nnx.GraphDef[ModelT]
         # nnx.split gives one State per filter; its annotation cannot count them (ignore below).
         self.graphdef, params, frozen = nnx.split(model, wrt, ...)  # type: ignore[misc]
         if not jax.tree.leaves(params):
@@ -590,7 +594,7 @@ class Trainer:
         shapes = jax.eval_shape(self._init_fn, self._params, jnp.uint32(0))
         return attach_shardings(shapes, self.state_shardings())
 
-    def model(self, state: TrainState) -> nnx.Module:
+    def model(self, state: TrainState) -> ModelT:
         """The model with the state's trained values (shares arrays with the state: use it before
         the next `step`, which donates them, or copy it with `nnx.clone`)."""
         return nnx.merge(self.graphdef, state.params, self.frozen)
