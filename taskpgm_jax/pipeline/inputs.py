@@ -2,8 +2,11 @@
 
 `load_pools` reads the data every time (it is cheap next to training) and keys it by content:
 the fingerprint of every task's examples in pool order, with everything evaluation reads
-(references, kind, metric), so an edited file or a reordered pool
-reruns what depends on it while an unchanged one does not.
+(references, kind, metric), so an edited file or a reordered pool reruns what depends on it
+while an unchanged one does not. Splits follow from the content and the split spec, by a rule
+that changed once (rows are now split by prompt, no longer each on its own): a task where that
+change moved a row also hashes its split assignment, so stages computed on its old splits are
+not reused; other tasks keep their keys.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from taskpgm_jax.config import (
     SCRATCH_SIZE,
@@ -32,10 +36,12 @@ from taskpgm_jax.data import (
     load_bigbench,
     load_hub_tasks,
     load_task_files,
+    split_of,
     synthetic_suite,
 )
 from taskpgm_jax.data.materialize import task_fingerprint
 from taskpgm_jax.data.sources.bigbench import TaskSelectionError
+from taskpgm_jax.data.tasks import SPLITS
 from taskpgm_jax.eval.evaluate import EVAL_METRICS, unscored_tasks
 from taskpgm_jax.models import ModelConfig
 
@@ -128,7 +134,12 @@ def load_pools(cfg: DataConfig) -> Pools:
                                 f"all): {fix}, or drop the task")
     prints = [(n, _task_print(pool, n)) for n in pool.names]
     held_prints = [(n, _task_print(heldout, n)) for n in heldout.names]
-    key = config_hash(prints, held_prints, dataclasses.asdict(split), clusters)
+    parts: list[Any] = [prints, held_prints, dataclasses.asdict(split), clusters]
+    # Only where splitting by prompt moved a row: one-row-per-prompt data keeps its key.
+    regrouped = {n: d for n in pool.names if (d := _regrouped_split(pool, n)) is not None}
+    if regrouped:
+        parts.append({"split_by_prompt": regrouped})
+    key = config_hash(*parts)
     return Pools(pool, heldout, clusters, key)
 
 
@@ -179,6 +190,23 @@ def _task_print(pool: TaskPool, name: str) -> str:
     task = pool[name]
     refs = [list(r) for r in task.examples[:]["references"]]
     return config_hash(task_fingerprint(pool, name), task.kind, task.metric, refs)
+
+
+def _regrouped_split(pool: TaskPool, name: str) -> str | None:
+    """A digest of the task's split assignment when splitting rows by prompt (`TaskPool`) puts a
+    row in another split than its own content alone gives it (`split_of`, the rule before
+    rows were grouped by prompt), else None: stages computed on the old splits must not be
+    reused for such a task, and the others keep their keys."""
+    cols = pool[name].examples[:]
+    labels = np.empty(len(cols["prompt"]), dtype=object)
+    for part in SPLITS:
+        labels[pool.indices(name, part)] = part
+    rows = zip(cols["prompt"], cols["target"], cols["choices"], cols["answer"], strict=True)
+    alone = [split_of({"prompt": p, "target": t, "choices": c, "answer": a}, name, pool.split_spec)
+             for p, t, c, a in rows]
+    if list(labels) == alone:
+        return None
+    return hashlib.sha256("\n".join(labels).encode()).hexdigest()
 
 
 def training_texts(pool: TaskPool):

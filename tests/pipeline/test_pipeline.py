@@ -452,3 +452,81 @@ def test_clear_errors(tmp_path, capsys):
     assert str(empty) in err and "no task files" in err
     assert main(["run", str(DEMO), "--run-dir", str(tmp_path / "r"), "seeds"]) == 2
     assert "dotted.key=value" in capsys.readouterr().err
+
+
+def _write_tasks(root, tasks):
+    """JSONL task files `root/<name>.jsonl`, one row per dict."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in tasks.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _files_config(tmp_path, **files):
+    from taskpgm_jax.config import config_from_dict
+
+    return config_from_dict({"data": {"source": "files", "files": {
+        "path": str(tmp_path / "pool"), "heldout_path": str(tmp_path / "held"), **files}}}).data
+
+
+def _data_key_before_prompt_splits(pools, cfg):
+    """The data key as it was computed before rows were split by prompt: content, references,
+    kind and metric, the split spec and the clusters."""
+    import hashlib
+
+    from taskpgm_jax.config import config_hash
+    from taskpgm_jax.data import SplitSpec
+
+    def prints(pool):
+        out = []
+        for n in pool.names:
+            cols = pool[n].examples[:]
+            h = hashlib.sha256()
+            for row in zip(cols["prompt"], cols["target"], cols["choices"], cols["answer"],
+                           strict=True):
+                h.update(repr((row[0], row[1], tuple(row[2]), int(row[3]))).encode() + b"\n")
+            refs = [list(r) for r in cols["references"]]
+            out.append((n, config_hash(h.hexdigest(), pool[n].kind, pool[n].metric, refs)))
+        return out
+
+    split = SplitSpec(probe=cfg.probe_fraction, eval=cfg.eval_fraction, seed=cfg.split_seed)
+    return config_hash(prints(pools.train), prints(pools.heldout), dataclasses.asdict(split),
+                       None)
+
+
+def test_data_key_changes_exactly_where_splitting_by_prompt_moved_a_row(tmp_path, rng):
+    """Rows sharing a prompt now take one split: a task where that moved a row (compared with
+    each row's own split, `split_of`) gets another data key, so an old run directory does not
+    reuse stages computed on the old splits; one-row-per-prompt data keeps its old key."""
+    from taskpgm_jax.data import SplitSpec, split_of
+
+    cfg = _files_config(tmp_path)
+    spec = SplitSpec(probe=cfg.probe_fraction, eval=cfg.eval_fraction, seed=cfg.split_seed)
+    tasks = {f"pool{t}": [{"prompt": f"q{t} {i} {rng.integers(1 << 30)}",
+                           "target": f"a{rng.integers(1 << 20)}"} for i in range(200)]
+             for t in range(2)}
+    _write_tasks(tmp_path / "held", {"held0": [{"prompt": f"h {i}", "target": "x"}
+                                               for i in range(8)]})
+
+    def alone(task, row):
+        return split_of({**row, "choices": [], "answer": -1}, task, spec)
+
+    def key_with_second_answer(moves):
+        """The key with one prompt of pool0 given a second answer, which moves (or keeps)
+        a row's split under splitting by prompt."""
+        for row in tasks["pool0"]:
+            for _ in range(200):
+                extra = {"prompt": row["prompt"], "target": f"b{rng.integers(1 << 20)}"}
+                if (alone("pool0", extra) != alone("pool0", row)) == moves:
+                    _write_tasks(tmp_path / "pool", {**tasks, "pool0": [*tasks["pool0"], extra]})
+                    pools = load_pools(cfg)
+                    return pools, _data_key_before_prompt_splits(pools, cfg)
+        raise AssertionError("no second answer found")
+
+    _write_tasks(tmp_path / "pool", tasks)
+    pools = load_pools(cfg)
+    assert pools.key == _data_key_before_prompt_splits(pools, cfg)
+    pools, old = key_with_second_answer(moves=True)
+    assert pools.key != old
+    pools, old = key_with_second_answer(moves=False)
+    assert pools.key == old
+
