@@ -2,11 +2,11 @@
 
 `load_pools` reads the data every time (it is cheap next to training) and keys it by content:
 the fingerprint of every task's examples in pool order, with everything evaluation reads
-(references, kind, metric), so an edited file or a reordered pool reruns what depends on it
-while an unchanged one does not. Splits follow from the content and the split spec, by a rule
-that changed once (rows are now split by prompt, no longer each on its own): a task where that
-change moved a row also hashes its split assignment, so stages computed on its old splits are
-not reused; other tasks keep their keys.
+(references, kind, metric, choice scores other than the default), so an edited file or a
+reordered pool reruns what depends on it while an unchanged one does not. Splits follow from
+the content and the split spec, by a rule that changed once (rows are now split by prompt, no
+longer each on its own): a task where that change moved a row also hashes its split
+assignment, so stages computed on its old splits are not reused; other tasks keep their keys.
 """
 
 from __future__ import annotations
@@ -186,9 +186,18 @@ def _bigbench_pools(b: BigbenchData, split: SplitSpec, eval_only: SplitSpec) -> 
 
 def _task_print(pool: TaskPool, name: str) -> str:
     """A task's content hash: `task_fingerprint` covers prompt, target, choices and answer only,
-    and evaluation also reads the references, the kind and the metric."""
+    and evaluation also reads the references, the kind, the metric and the choice scores. The
+    scores count only where they differ from the default (1 for the answer, 0 for the other
+    choices; empty means the default), so single-answer tasks keep the key they had before
+    there were scores."""
     task = pool[name]
-    refs = [list(r) for r in task.examples[:]["references"]]
+    cols = task.examples[:]
+    refs = [list(r) for r in cols["references"]]
+    scores = [(i, [float(v) for v in s]) for i, (s, choices, answer) in enumerate(zip(
+        cols["choice_scores"], cols["choices"], cols["answer"], strict=True))
+        if len(s) and list(s) != [float(j == answer) for j in range(len(choices))]]
+    if scores:
+        return config_hash(task_fingerprint(pool, name), task.kind, task.metric, refs, scores)
     return config_hash(task_fingerprint(pool, name), task.kind, task.metric, refs)
 
 

@@ -469,8 +469,8 @@ def _files_config(tmp_path, **files):
 
 
 def _data_key_before_prompt_splits(pools, cfg):
-    """The data key as it was computed before rows were split by prompt: content, references,
-    kind and metric, the split spec and the clusters."""
+    """The data key as it was computed before rows were split by prompt and before choice
+    scores: content, references, kind and metric, the split spec and the clusters."""
     import hashlib
 
     from taskpgm_jax.config import config_hash
@@ -530,3 +530,31 @@ def test_data_key_changes_exactly_where_splitting_by_prompt_moved_a_row(tmp_path
     pools, old = key_with_second_answer(moves=False)
     assert pools.key == old
 
+
+def test_data_key_covers_choice_scores_other_than_the_default(tmp_path, rng):
+    """Evaluation credits each choice's score (BIG-bench's target_scores): held-out scores with
+    several correct choices change the data key (and so every evaluation key); scores equal to
+    the default (1 for the answer, 0 elsewhere), given or not, keep the key they had before."""
+    n = int(rng.integers(3, 6))
+    rows = [{"prompt": f"q {i} {rng.integers(1 << 30)}", "choices": [f"c{j}" for j in range(n)],
+             "answer": int(rng.integers(n))} for i in range(6)]
+    pool = {f"pool{t}": [{"prompt": f"p{t} {i}", "target": f"t{i}"} for i in range(60)]
+            for t in range(2)}
+    _write_tasks(tmp_path / "pool", pool)
+    cfg = _files_config(tmp_path)
+
+    def key(scores):
+        held = [dict(r, choice_scores=s) if s is not None else r
+                for r, s in zip(rows, scores, strict=True)]
+        _write_tasks(tmp_path / "held", {"held0": held})
+        return load_pools(cfg)
+
+    plain = key([None] * len(rows))
+    assert plain.key == _data_key_before_prompt_splits(plain, cfg)
+    default = [[float(j == r["answer"]) for j in range(n)] for r in rows]
+    assert key(default).key == plain.key
+    k = int(rng.integers(len(rows)))
+    other = int((rows[k]["answer"] + rng.integers(1, n)) % n)
+    credit = [*default[:k], [1.0 if j in (rows[k]["answer"], other) else 0.0 for j in range(n)],
+              *default[k + 1:]]
+    assert key(credit).key != plain.key
