@@ -2,7 +2,9 @@
 
 Das and Kempe (2011): gamma = min over disjoint L, S (|L|, |S| <= k, F(S | L) > 0) of
 sum_{x in S} F(x | L) / F(S | L). gamma = 1 for a submodular F (a singleton S already gives 1),
-and for a monotone F greedy under a cardinality constraint k reaches (1 - e^-gamma) x OPT.
+and for a monotone F greedy under a cardinality constraint k reaches (1 - e^-gamma) x OPT
+(their Theorem 3.2; its proof uses monotonicity only as F(OPT) <= F(OPT + greedy's first i < k
+tasks), so F(A + B) >= F(A) for disjoint |A| <= k, |B| <= k - 1 is what is checked for it).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class RatioReport(NamedTuple):
     """gamma: the ratio (exact, or the minimum over samples: then an upper estimate).
     exact: enumeration over every pair of sets; samples: pairs drawn otherwise (None if exact).
     monotone: no negative marginal gain was found (over all sets when exact, else on the
-    greedy chain and the samples). bound: the fraction of OPT that greedy is guaranteed
-    (0.0 when none applies). theorem: which result gives it, or why none does.
+    greedy chain and the samples). bound: the fraction of OPT (the best set within the same
+    budget) that greedy is guaranteed (0.0 when none applies). theorem: which result gives it,
+    or why none does.
     """
 
     gamma: float
@@ -42,37 +45,42 @@ def _subset_values(S, u, beta, lam, masks):
 
 
 def _exact_ratio(S, u, beta, lam, k):
+    """gamma over |L|, |S| <= k; whether F is monotone (over all sets); and whether
+    F(A + B) >= F(A) for every disjoint A, B with |A| <= k, |B| <= k - 1: the only monotonicity
+    the proof of Das and Kempe's Theorem 3.2 uses (F(OPT) <= F(OPT + greedy's first i < k)).
+    """
     T = len(u)
     ids = np.arange(1 << T)
     masks = ((ids[:, None] >> np.arange(T)) & 1).astype(np.float64)
     sizes = masks.sum(1)
     F = _subset_values(S, u, beta, lam, masks)
     off = S - np.diag(np.diag(S))
-    gamma, monotone = np.inf, True
+    G = beta * u - lam * masks @ off                      # F(x | L) for every L and x
+    monotone = not np.any((G < -1e-12 * (np.abs(G).max() + 1e-300)) & (masks == 0))
+    ftol = 1e-12 * (np.abs(F).max() + 1e-300)
+    gamma, unions_ok = np.inf, True
     for L in ids[sizes <= k]:
-        g = beta * u - lam * off @ masks[L]               # F(x | L) for every x
-        outside = masks[L] == 0
-        if np.any(g[outside] < -1e-12 * (np.abs(g).max() + 1e-300)):
-            monotone = False
         cand = ids[((ids & L) == 0) & (sizes <= k) & (ids > 0)]
         joint = F[cand | L] - F[L]
-        singles = masks[cand] @ g
-        pos = joint > 1e-12 * (np.abs(F).max() + 1e-300)
+        if np.any(joint[sizes[cand] <= k - 1] < -ftol):
+            unions_ok = False
+        singles = masks[cand] @ G[L]
+        pos = joint > ftol
         if np.any(pos):
             gamma = min(gamma, float(np.min(singles[pos] / joint[pos])))
-    return gamma, monotone
+    return gamma, monotone, unions_ok
 
 
 def _sampled_ratio(S, u, beta, lam, k, num_samples, seed, chain):
     rng = np.random.default_rng(seed)
     T = len(u)
     off = S - np.diag(np.diag(S))
-    gamma, monotone = np.inf, True
+    gamma, monotone, unions_ok = np.inf, True, True
     if chain is not None and len(chain):
         chosen = np.zeros(T)
         for i in chain:   # marginal gains along the greedy chain
             if beta * u[i] - lam * off[i] @ chosen < 0:
-                monotone = False
+                monotone = unions_ok = False
             chosen[i] = 1
     for _ in range(num_samples):
         a, b = rng.integers(0, k + 1), rng.integers(1, k + 1)
@@ -85,11 +93,14 @@ def _sampled_ratio(S, u, beta, lam, k, num_samples, seed, chain):
         g = beta * u - lam * off @ mL
         if np.any(g[Sx] < 0):
             monotone = False
+        B = Sx[:k - 1]    # F(B | L) >= 0 for |B| <= k - 1: what Das and Kempe's proof uses
+        if B.size and g[B].sum() - 0.5 * lam * off[np.ix_(B, B)].sum() < 0:
+            unions_ok = False
         sub = off[np.ix_(Sx, Sx)]
         joint = g[Sx].sum() - 0.5 * lam * sub.sum()
         if joint > 0:
             gamma = min(gamma, float(g[Sx].sum() / joint))
-    return gamma, monotone
+    return gamma, monotone, unions_ok
 
 
 def submodularity_ratio(pot: Potentials, k: int | None = None, *,
@@ -131,27 +142,40 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
     S = np.asarray(pot.matrix, np.float64)
     u = np.asarray(pot.unary, np.float64)
     if T <= EXACT_MAX_TASKS:
-        gamma, monotone = _exact_ratio(S, u, pot.beta, pot.lam, k)
+        gamma, monotone, unions_ok = _exact_ratio(S, u, pot.beta, pot.lam, k)
         exact, samples = True, None
     else:
         chain = None if selection is None else selection.indices
-        gamma, monotone = _sampled_ratio(S, u, pot.beta, pot.lam, k, num_samples, seed, chain)
+        gamma, monotone, unions_ok = _sampled_ratio(S, u, pot.beta, pot.lam, k, num_samples,
+                                                    seed, chain)
         exact, samples = False, int(num_samples)
     gamma = 1.0 if not np.isfinite(gamma) else min(gamma, 1.0)
     # Relative only: allclose's absolute 1e-8 would call any costs below 1e-8 (shares of a
     # budget, say) uniform and claim the cardinality bound for a knapsack.
     uniform = costs is None or np.allclose(costs, costs[0], rtol=1e-9, atol=0.0)
-    if not monotone:
+    if uniform:
+        if not unions_ok:
+            bound, theorem = 0.0, (
+                f"none: adding at most k - 1 = {k - 1} tasks to a set of at most k = {k} can "
+                "lower F (F is not monotone where the proof of Das and Kempe's Theorem 3.2 "
+                "needs F(OPT) <= F(OPT + greedy's first tasks)), and the weak-submodularity "
+                "bounds assume monotone F")
+        elif gamma <= 0:
+            bound, theorem = 0.0, "none: gamma <= 0"
+        else:
+            bound = float(1.0 - np.exp(-gamma))
+            theorem = (f"1 - exp(-gamma): Das and Kempe (2011, Theorem 3.2), greedy under a "
+                       f"cardinality constraint k = {k} for monotone F with submodularity ratio "
+                       "gamma")
+            if not monotone:
+                theorem += ("; F is not monotone, but adding at most k - 1 tasks to a set of at "
+                            "most k never lowers it, which is all the proof uses of monotonicity")
+            if not exact:
+                theorem += (" (gamma estimated from samples: an upper estimate, not a "
+                            "certificate; monotonicity only checked on the samples)")
+    elif not monotone:
         bound, theorem = 0.0, ("none: F is not monotone (a marginal gain is negative), and the "
-                               "weak-submodularity bounds assume monotone F")
-    elif gamma <= 0:
-        bound, theorem = 0.0, "none: gamma <= 0"
-    elif uniform:
-        bound = float(1.0 - np.exp(-gamma))
-        theorem = ("1 - exp(-gamma): Das and Kempe (2011), greedy under a cardinality "
-                   "constraint for monotone F with submodularity ratio gamma")
-        if not exact:
-            theorem += " (gamma estimated from samples: an upper estimate, not a certificate)"
+                               "knapsack bounds assume monotone F")
     elif gamma >= 1.0 - 1e-12:
         bound = float(0.5 * (1.0 - np.exp(-1.0)))
         theorem = ("(1 - 1/e) / 2: Khuller, Moss and Naor (1999), cost-benefit greedy plus the "

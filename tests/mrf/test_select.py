@@ -167,3 +167,60 @@ def test_knapsack_bound_is_claimed_for_tiny_costs_too(rng):
 def test_a_bool_budget_is_refused():
     with pytest.raises(ValueError, match="budget: expected a positive number"):
         select_tasks(potentials(np.eye(3)), True)
+
+
+def _brute_force_report(pot, k):
+    """gamma over |L|, |S| <= k; monotone over all sets; F(A + B) >= F(A) for |A| <= k,
+    |B| <= k - 1 (what Das and Kempe's proof uses), by enumeration in float64."""
+    S = np.asarray(pot.matrix, np.float64)
+    u = np.asarray(pot.unary, np.float64)
+    T = len(u)
+    members = [[i for i in range(T) if m >> i & 1] for m in range(1 << T)]
+    F = [ref_set_value(A, pot.beta, u, pot.lam, S) for A in members]
+    tol = 1e-9 * max(1.0, max(abs(f) for f in F))
+    gamma, monotone, unions_ok = np.inf, True, True
+    for L in range(1 << T):
+        gains = {x: F[L | 1 << x] - F[L] for x in range(T) if not L >> x & 1}
+        monotone &= all(g >= -tol for g in gains.values())
+        if len(members[L]) > k:
+            continue
+        for B in range(1, 1 << T):
+            if B & L or len(members[B]) > k:
+                continue
+            joint = F[L | B] - F[L]
+            if len(members[B]) <= k - 1 and joint < -tol:
+                unions_ok = False
+            if joint > tol:
+                gamma = min(gamma, sum(gains[x] for x in members[B]) / joint)
+    return min(gamma, 1.0), monotone, unions_ok
+
+
+def test_ratio_monotonicity_and_bound_match_brute_force(rng):
+    """Affinities near 1 (or 4) and a unary near 3 make F monotone on small sets only: the
+    report once called F monotone when only sets of at most k + 1 tasks were (a larger one has
+    a negative gain), and denied the bound at k = 1, where the proof of Das and Kempe's Theorem
+    3.2 needs no monotonicity; the bound now rests on F(A + B) >= F(A) for |A| <= k,
+    |B| <= k - 1, checked here by enumeration along with gamma and F(greedy) >= bound x OPT."""
+    T = 6
+    S = rng.uniform(0.9, 1.1, size=(T, T))
+    S = 0.5 * (S + S.T)
+    u = rng.uniform(2.5, 3.5, size=T)
+    for scale in (1.0, 4.0):
+        pot = potentials(scale * S, u, beta=1.0, lam=1.0, ridge=0.0)
+        U = np.asarray(pot.unary, np.float64)
+        M = np.asarray(pot.matrix, np.float64)
+        for k in range(1, T + 1):
+            rep = submodularity_ratio(pot, k=k)
+            gamma, monotone, unions_ok = _brute_force_report(pot, k)
+            assert rep.exact and rep.gamma == pytest.approx(gamma, rel=1e-9, abs=1e-12)
+            assert rep.monotone == monotone
+            expected = 1 - np.exp(-gamma) if unions_ok and gamma > 0 else 0.0
+            assert rep.bound == pytest.approx(expected, rel=1e-12, abs=0.0)
+            sel = select_tasks(pot, k)
+            opt, _ = best_subset(pot.beta, U, pot.lam, M, np.ones(T), float(k))
+            assert sel.value >= rep.bound * opt - 1e-9 * max(1.0, abs(opt))
+        assert not monotone  # the case the test is about: F is not monotone on all sets
+        assert submodularity_ratio(pot, k=1).bound == pytest.approx(1 - np.exp(-1))
+    assert submodularity_ratio(pot, k=2).bound == 0.0      # scale 4: u - 2 x 4 < 0
+    pot = potentials(S, u, beta=1.0, lam=1.0, ridge=0.0)
+    assert submodularity_ratio(pot, k=2).bound > 0 and not submodularity_ratio(pot, k=2).monotone
