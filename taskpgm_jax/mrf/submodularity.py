@@ -24,10 +24,10 @@ EXACT_MAX_TASKS = 12
 class RatioReport(NamedTuple):
     """gamma: the ratio (exact, or the minimum over samples: then an upper estimate).
     exact: enumeration over every pair of sets; samples: pairs drawn otherwise (None if exact).
-    monotone: no negative marginal gain was found (over all sets when exact, else on the
-    greedy chain and the samples). bound: the fraction of OPT (the best set within the same
-    budget) that greedy is guaranteed (0.0 when none applies). theorem: which result gives it,
-    or why none does.
+    monotone: no negative marginal gain was found (over all sets when exact or when F is
+    submodular, else on the greedy chain and the samples). bound: the fraction of OPT (the
+    best set within the same budget) that greedy is guaranteed (0.0 when none applies).
+    theorem: which result gives it, or why none does.
     """
 
     gamma: float
@@ -113,7 +113,8 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
       pot: from `potentials(...)`.
       k: largest set size considered (the cardinality budget); default T.
       costs: the task costs used for selection; non-uniform costs (a knapsack) change which
-        theorem applies.
+        theorem applies: (1 - 1/e) / 2 when F is monotone and submodular (S~ >= 0 off the
+        diagonal, decided from S~ itself, whatever k), none otherwise.
       selection: a `select_tasks` result whose chain is also checked for monotonicity.
       num_samples: pairs (L, S) drawn when T > 12.
       seed: of the sampling.
@@ -150,6 +151,14 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
                                                     seed, chain)
         exact, samples = False, int(num_samples)
     gamma = 1.0 if not np.isfinite(gamma) else min(gamma, 1.0)
+    # lam > 0: F is submodular exactly when no off-diagonal affinity is negative (-lam S~_ij is
+    # the second difference of F in tasks i, j), whatever k; and then a task's smallest gain is
+    # the one given all the other tasks, so monotonicity is decided exactly at any T as well.
+    off = S - np.diag(np.diag(S))
+    submodular = not np.any(off < 0)
+    if submodular and not exact:
+        last = pot.beta * u - pot.lam * off.sum(1)
+        monotone = bool(np.all(last >= -1e-12 * (np.abs(last).max() + 1e-300)))
     # Relative only: allclose's absolute 1e-8 would call any costs below 1e-8 (shares of a
     # budget, say) uniform and claim the cardinality bound for a knapsack.
     uniform = costs is None or np.allclose(costs, costs[0], rtol=1e-9, atol=0.0)
@@ -173,14 +182,15 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
             if not exact:
                 theorem += (" (gamma estimated from samples: an upper estimate, not a "
                             "certificate; monotonicity only checked on the samples)")
+    elif not submodular:
+        bound, theorem = 0.0, ("none stated: knapsack costs and F is not submodular (an "
+                               "off-diagonal affinity S~_ij < 0), and the cited budgeted bounds "
+                               "assume a submodular F")
     elif not monotone:
         bound, theorem = 0.0, ("none: F is not monotone (a marginal gain is negative), and the "
                                "knapsack bounds assume monotone F")
-    elif gamma >= 1.0 - 1e-12:
+    else:
         bound = float(0.5 * (1.0 - np.exp(-1.0)))
         theorem = ("(1 - 1/e) / 2: Khuller, Moss and Naor (1999), cost-benefit greedy plus the "
                    "best single element for a monotone submodular F under a knapsack budget")
-    else:
-        bound, theorem = 0.0, ("none stated: knapsack costs with gamma < 1 (the cited budgeted "
-                               "bounds assume a submodular F)")
     return RatioReport(float(gamma), exact, samples, bool(monotone), bound, theorem)

@@ -224,3 +224,34 @@ def test_ratio_monotonicity_and_bound_match_brute_force(rng):
     assert submodularity_ratio(pot, k=2).bound == 0.0      # scale 4: u - 2 x 4 < 0
     pot = potentials(S, u, beta=1.0, lam=1.0, ridge=0.0)
     assert submodularity_ratio(pot, k=2).bound > 0 and not submodularity_ratio(pot, k=2).monotone
+
+
+def test_knapsack_bound_needs_a_submodular_F_whatever_k(rng):
+    """A complementary pair (S~_01 < 0) makes F supermodular there. With k = 1 gamma is 1 over
+    single tasks, and at T = 13 a few samples miss the pair: the knapsack bound (1 - 1/e) / 2
+    was claimed for both, yet the cost-benefit greedy takes the dear task that fills the budget
+    while the pair is worth several times more. Submodularity is now read from S~ itself."""
+    for T in (4, 13):
+        S = np.zeros((T, T))
+        S[0, 1] = S[1, 0] = -rng.uniform(5.0, 10.0)
+        u = np.concatenate([rng.uniform(0.01, 0.02, 2), [1.0], rng.uniform(0.0, 0.01, T - 3)])
+        costs = np.concatenate([[1.0, 1.0, 2.0], rng.uniform(3.0, 4.0, T - 3)])
+        pot = potentials(S, u, beta=1.0, lam=1.0)
+        sel = select_tasks(pot, 2.0, costs)
+        opt, _ = best_subset(pot.beta, np.asarray(pot.unary, np.float64), pot.lam,
+                             np.asarray(pot.matrix, np.float64), costs, 2.0)
+        for k in (1, None):
+            rep = submodularity_ratio(pot, k=k, costs=costs, selection=sel, num_samples=1)
+            assert sel.value >= rep.bound * opt - 1e-9 * opt
+            assert rep.bound == 0 and "not submodular" in rep.theorem
+    # Submodular and monotone at T = 13: the bound is claimed, from S~ rather than samples.
+    T = 13
+    pot = potentials(0.1 * random_affinity(rng, T, "lowrank"), rng.uniform(1.0, 2.0, size=T),
+                     beta=1.0, lam=1.0, ridge=0.0)
+    costs = rng.uniform(1.0, 3.0, size=T)
+    sel = select_tasks(pot, 5.0, costs)
+    rep = submodularity_ratio(pot, costs=costs, selection=sel, num_samples=1)
+    opt, _ = best_subset(pot.beta, np.asarray(pot.unary, np.float64), pot.lam,
+                         np.asarray(pot.matrix, np.float64), costs, 5.0)
+    assert rep.monotone and rep.bound == pytest.approx(0.5 * (1 - np.exp(-1)))
+    assert sel.value >= rep.bound * opt
