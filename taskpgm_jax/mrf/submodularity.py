@@ -138,6 +138,18 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
             raise ValueError(f"selection: expected the Selection from select_tasks(pot, ...), "
                              f"got {type(selection).__name__}.")
         check_indices(selection.indices, T, "selection")
+        # Summed in the order chosen, as select_tasks does: the same float64 total when the
+        # costs are the selection's own. A knapsack selection checked under unit costs would
+        # get the cardinality bound, which its greedy never had.
+        spent = 0.0
+        for i in np.asarray(selection.indices):
+            spent += 1.0 if costs is None else float(costs[i])
+        if not np.isclose(spent, float(selection.cost), rtol=1e-9, atol=0.0):
+            given = "unit costs (costs=None)" if costs is None else "the costs given"
+            raise ValueError(f"costs: the selection's {len(selection.indices)} tasks cost "
+                             f"{float(selection.cost):g}, but {spent:g} under {given}; pass "
+                             "the costs the selection was made with (select_tasks(pot, budget, "
+                             "costs)): they decide which bound applies.")
     num_samples = check_int(num_samples, "num_samples", minimum=1, what="a positive integer")
     seed = check_int(seed, "seed", minimum=0, what="a non-negative integer")
     S = np.asarray(pot.matrix, np.float64)

@@ -228,30 +228,51 @@ def test_ratio_monotonicity_and_bound_match_brute_force(rng):
 
 def test_knapsack_bound_needs_a_submodular_F_whatever_k(rng):
     """A complementary pair (S~_01 < 0) makes F supermodular there. With k = 1 gamma is 1 over
-    single tasks, and at T = 13 a few samples miss the pair: the knapsack bound (1 - 1/e) / 2
+    single tasks, and at T = 30 a few samples miss the pair: the knapsack bound (1 - 1/e) / 2
     was claimed for both, yet the cost-benefit greedy takes the dear task that fills the budget
     while the pair is worth several times more. Submodularity is now read from S~ itself."""
-    for T in (4, 13):
+    def fitting_opt(pot, costs, budget):   # tasks dearer than the budget never fit
+        fit = np.flatnonzero(costs <= budget)
+        M = np.asarray(pot.matrix, np.float64)[np.ix_(fit, fit)]
+        return best_subset(pot.beta, np.asarray(pot.unary, np.float64)[fit], pot.lam, M,
+                           costs[fit], budget)[0]
+
+    for T in (4, 30):
         S = np.zeros((T, T))
         S[0, 1] = S[1, 0] = -rng.uniform(5.0, 10.0)
         u = np.concatenate([rng.uniform(0.01, 0.02, 2), [1.0], rng.uniform(0.0, 0.01, T - 3)])
         costs = np.concatenate([[1.0, 1.0, 2.0], rng.uniform(3.0, 4.0, T - 3)])
         pot = potentials(S, u, beta=1.0, lam=1.0)
         sel = select_tasks(pot, 2.0, costs)
-        opt, _ = best_subset(pot.beta, np.asarray(pot.unary, np.float64), pot.lam,
-                             np.asarray(pot.matrix, np.float64), costs, 2.0)
+        opt = fitting_opt(pot, costs, 2.0)
         for k in (1, None):
             rep = submodularity_ratio(pot, k=k, costs=costs, selection=sel, num_samples=1)
             assert sel.value >= rep.bound * opt - 1e-9 * opt
             assert rep.bound == 0 and "not submodular" in rep.theorem
-    # Submodular and monotone at T = 13: the bound is claimed, from S~ rather than samples.
-    T = 13
+    # Submodular and monotone at T = 30: the bound is claimed, from S~ rather than samples.
     pot = potentials(0.1 * random_affinity(rng, T, "lowrank"), rng.uniform(1.0, 2.0, size=T),
                      beta=1.0, lam=1.0, ridge=0.0)
-    costs = rng.uniform(1.0, 3.0, size=T)
+    costs = np.concatenate([rng.uniform(1.0, 3.0, size=8), rng.uniform(6.0, 9.0, size=T - 8)])
     sel = select_tasks(pot, 5.0, costs)
     rep = submodularity_ratio(pot, costs=costs, selection=sel, num_samples=1)
-    opt, _ = best_subset(pot.beta, np.asarray(pot.unary, np.float64), pot.lam,
-                         np.asarray(pot.matrix, np.float64), costs, 5.0)
     assert rep.monotone and rep.bound == pytest.approx(0.5 * (1 - np.exp(-1)))
-    assert sel.value >= rep.bound * opt
+    assert sel.value >= rep.bound * fitting_opt(pot, costs, 5.0)
+
+
+def test_ratio_of_a_knapsack_selection_needs_its_costs(rng):
+    """A knapsack selection checked without its costs (as the README example once did) got the
+    cardinality bound 1 - e^-1 for a modular F, although its greedy spent the budget on a cheap
+    task and reached about half of the exhaustive optimum; such a call is now refused by name,
+    as are costs that do not add up to the selection's cost."""
+    pot = potentials(np.eye(4), np.array([rng.uniform(0.02, 0.03), 1.0, 1.0, 5.0]), beta=1.0,
+                     lam=1.0, ridge=0.0)
+    costs = np.array([rng.uniform(0.005, 0.01), 1.0, 1.0, 3.0])   # the last one never fits
+    sel = select_tasks(pot, 2.0, costs)
+    opt, _ = best_subset(pot.beta, np.asarray(pot.unary, np.float64), pot.lam,
+                         np.asarray(pot.matrix, np.float64), costs, 2.0)
+    assert sel.value < (1 - np.exp(-1)) * opt
+    for bad in (None, 2 * costs):
+        with pytest.raises(ValueError, match="costs: the selection's 2 tasks cost"):
+            submodularity_ratio(pot, k=2, costs=bad, selection=sel)
+    rep = submodularity_ratio(pot, costs=costs, selection=sel)
+    assert "knapsack" in rep.theorem and sel.value >= rep.bound * opt
