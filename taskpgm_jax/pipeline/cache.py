@@ -86,6 +86,20 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def process_0_decides(flag: bool) -> bool:
+    """Process 0's `flag` on every process (itself on one process). For a decision taken from
+    files, such as whether a step is done: each process looking for itself can see a shared
+    filesystem differently, and a process that skips work the others do (with collectives)
+    hangs them."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(int(bool(flag)), np.int32)))
+
+
 class RunDir:
     """Stage bookkeeping in one run directory.
 

@@ -40,7 +40,13 @@ from taskpgm_jax.data import (
 from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward, evaluate
 from taskpgm_jax.hf import load_hf_checkpoint, save_hf_checkpoint
 from taskpgm_jax.models import LoraConfig, LoRAParam, add_lora, init_model
-from taskpgm_jax.pipeline.cache import is_writer, write_json, write_npy
+from taskpgm_jax.pipeline.cache import (
+    _barrier,
+    is_writer,
+    process_0_decides,
+    write_json,
+    write_npy,
+)
 from taskpgm_jax.pipeline.inputs import dtypes, scratch_config, training_texts
 from taskpgm_jax.train import (
     AdapterTrainer,
@@ -201,8 +207,9 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
         tag = f"{start:05d}-{len(names):05d}"
         done, loss_file = work / "rounds" / tag, work / "rounds" / f"{tag}.json"
         # The losses are written last, so they mark a complete round; a round killed after its
-        # save is redone, which resumes from its final checkpoint (no training steps).
-        if not loss_file.exists():
+        # save is redone, which resumes from its final checkpoint (no training steps). Process 0
+        # decides for all: a process skipping a round the others train would hang them.
+        if not process_0_decides(loss_file.exists()):
             chunk = init_adapters(model, len(names), seed=0, first=start)
             trainer = AdapterTrainer(model, _train_config(ft, "lora", loss_chunk), chunk, mesh=mesh)
             data = StackedIterator([
@@ -217,6 +224,8 @@ def train_single_task(base, tokenizer, pool: TaskPool, ft: FinetuneConfig, lora:
             if is_writer():
                 write_json(loss_file,
                            dict(zip(names, map(float, result.history[-1]["loss_per_adapter"]), strict=True)))
+        # Only process 0 writes the loss file: no process reads it before it is there.
+        _barrier(f"taskpgm single_task round {tag}")
         shapes = nnx.to_pure_dict(jax.eval_shape(functools.partial(
             init_adapters, model, len(names), seed=0, first=start)))
         finished.append(_restore_tree(done, jax.tree.map(

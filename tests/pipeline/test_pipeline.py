@@ -558,3 +558,68 @@ def test_data_key_covers_choice_scores_other_than_the_default(tmp_path, rng):
     credit = [*default[:k], [1.0 if j in (rows[k]["answer"], other) else 0.0 for j in range(n)],
               *default[k + 1:]]
     assert key(credit).key != plain.key
+
+
+def test_single_task_rounds_are_decided_by_process_0_and_its_loss_files_awaited(
+        monkeypatch, tmp_path, rng):
+    """Only process 0 writes a round's loss file. Seen from process 1 of 2: it must not read
+    the file before process 0 has written it (was a FileNotFoundError), nor decide on its own
+    look at the rounds directory whether a round is done (a stale or lagging view of a shared
+    filesystem: a process skipping a round the others train hangs them in its collectives).
+    The training is stubbed; `sync_global_devices` stands for process 0 arriving with its loss
+    files written and `broadcast_one_to_all` for process 0's view (no round done)."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    T, per_round = 4, 2
+    names = [f"task{i}" for i in range(T)]
+    work = tmp_path / "single_task.partial"
+    rounds = work / "rounds"
+    trained, saved = {}, {}
+
+    class Trainer:
+        def __init__(self, model, cfg, chunk, mesh=None):
+            self.chunk = chunk
+
+        def adapters(self, state):
+            return state
+
+    def finetune(trainer, data, *, checkpoint_dir, **kw):
+        n = len(trainer.chunk["A"])
+        trained[Path(checkpoint_dir).name] = dict(zip(
+            names[kw["seed"]:kw["seed"] + n], rng.random(n).tolist(), strict=True))
+        return SimpleNamespace(state=trainer.chunk, history=[
+            {"loss_per_adapter": list(trained[Path(checkpoint_dir).name].values())}])
+
+    def process_0_at_barrier(name):
+        for tag, losses in trained.items():
+            (rounds / f"{tag}.json").write_text(json.dumps(losses))
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", process_0_at_barrier)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x, is_source=None: jax.tree.map(np.zeros_like, x))
+    monkeypatch.setattr(stages, "_lora", lambda base, lora, seed=0: None)
+    monkeypatch.setattr(stages, "init_adapters", lambda model, n, seed=0, first=0: nnx.State(
+        {"A": np.full((n, 2), first, np.float32)}))
+    monkeypatch.setattr(stages, "AdapterTrainer", Trainer)
+    monkeypatch.setattr(stages, "StackedIterator", lambda its: None)
+    monkeypatch.setattr(stages, "_task_iterator", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "finetune", finetune)
+    monkeypatch.setattr(stages, "_save_tree", lambda path, tree: saved.__setitem__(path, tree))
+    monkeypatch.setattr(stages, "_restore_tree", lambda path, like: saved[path])
+    # A stale view on process 1: round 0 looks done (its loss file and adapters are there).
+    rounds.mkdir(parents=True)
+    stale = {n: 9.0 for n in names[:per_round]}
+    (rounds / f"00000-{per_round:05d}.json").write_text(json.dumps(stale))
+    saved[rounds / f"00000-{per_round:05d}"] = {"A": np.zeros((per_round, 2), np.float32)}
+
+    pool = type("Pool", (), {"names": names, "train": lambda self, n: None,
+                             "__len__": lambda self: T})()
+    ft = dataclasses.replace(_tiny().single_task, adapters_per_round=per_round)
+    info = stages.train_single_task(None, None, pool, ft, _tiny().lora, 16, work, progress=False)
+    assert sorted(trained) == [f"{s:05d}-{per_round:05d}" for s in range(0, T, per_round)]
+    assert info["final_loss_per_task"] == {n: v for r in trained.values() for n, v in r.items()}
