@@ -103,6 +103,26 @@ def _sampled_ratio(S, u, beta, lam, k, num_samples, seed, chain):
     return gamma, monotone, unions_ok
 
 
+def _check_chain_budget(S, u, beta, lam, chain, k, eps):
+    """A greedy chain shorter than k that still had a positive gain stopped at its budget, not
+    at F's top: the bound for k would compare it with the best k tasks, which it never had."""
+    m, T = len(chain), len(u)
+    if m >= k or m == T:
+        return
+    off = S - np.diag(np.diag(S))
+    chosen = np.zeros(T)
+    chosen[chain] = 1
+    gains = beta * u - lam * off @ chosen
+    # What the greedy's own arithmetic (M's dtype, m + 1 terms) may have rounded to <= 0.
+    slack = 4 * eps * (m + 2) * (np.abs(beta * u) + lam * np.abs(off) @ chosen)
+    left = np.flatnonzero((chosen == 0) & (gains > slack))
+    if left.size:
+        raise ValueError(
+            f"k: the selection holds {m} tasks and stopped at its budget (task {left[0]} still "
+            f"gains {gains[left[0]]:.3g}), so the guarantee for k = {k} (against the best {k} "
+            f"tasks) is not its own; pass k={m}, the budget it was selected under.")
+
+
 def submodularity_ratio(pot: Potentials, k: int | None = None, *,
                         costs: ArrayLike | Sequence[float] | None = None,
                         selection: Selection | None = None, num_samples: int = 4096,
@@ -111,7 +131,9 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
 
     Args:
       pot: from `potentials(...)`.
-      k: largest set size considered (the cardinality budget); default T.
+      k: largest set size considered (the cardinality budget); default T. With unit costs
+        and a `selection`, k must be the budget the selection was made under: a shorter chain
+        that stopped with a positive gain left is refused.
       costs: the task costs used for selection; non-uniform costs (a knapsack) change which
         theorem applies: (1 - 1/e) / 2 when F is monotone and submodular (S~ >= 0 off the
         diagonal, decided from S~ itself, whatever k), none otherwise.
@@ -154,6 +176,12 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
     seed = check_int(seed, "seed", minimum=0, what="a non-negative integer")
     S = np.asarray(pot.matrix, np.float64)
     u = np.asarray(pot.unary, np.float64)
+    # Relative only: allclose's absolute 1e-8 would call any costs below 1e-8 (shares of a
+    # budget, say) uniform and claim the cardinality bound for a knapsack.
+    uniform = costs is None or np.allclose(costs, costs[0], rtol=1e-9, atol=0.0)
+    if uniform and selection is not None and not selection.used_single:
+        _check_chain_budget(S, u, pot.beta, pot.lam, np.asarray(selection.indices), k,
+                            np.finfo(np.asarray(pot.matrix).dtype).eps)
     if T <= EXACT_MAX_TASKS:
         gamma, monotone, unions_ok = _exact_ratio(S, u, pot.beta, pot.lam, k)
         exact, samples = True, None
@@ -171,9 +199,6 @@ def submodularity_ratio(pot: Potentials, k: int | None = None, *,
     if submodular and not exact:
         last = pot.beta * u - pot.lam * off.sum(1)
         monotone = bool(np.all(last >= -1e-12 * (np.abs(last).max() + 1e-300)))
-    # Relative only: allclose's absolute 1e-8 would call any costs below 1e-8 (shares of a
-    # budget, say) uniform and claim the cardinality bound for a knapsack.
-    uniform = costs is None or np.allclose(costs, costs[0], rtol=1e-9, atol=0.0)
     if uniform:
         if not unions_ok:
             bound, theorem = 0.0, (

@@ -276,3 +276,27 @@ def test_ratio_of_a_knapsack_selection_needs_its_costs(rng):
             submodularity_ratio(pot, k=2, costs=bad, selection=sel)
     rep = submodularity_ratio(pot, costs=costs, selection=sel)
     assert "knapsack" in rep.theorem and sel.value >= rep.bound * opt
+
+
+def test_ratio_of_a_selection_is_for_its_own_cardinality_budget(rng):
+    """A selection of 2 tasks checked with the default k = T got the bound 1 - e^-1 against the
+    best T tasks, which it falls far below; k must now be the budget it was made under (a chain
+    that stopped because no gain was positive may be checked with any larger k)."""
+    T = 6
+    pot = potentials(np.eye(T), rng.uniform(0.5, 1.5, size=T), beta=1.0, lam=1.0, ridge=0.0)
+    U, M = np.asarray(pot.unary, np.float64), np.asarray(pot.matrix, np.float64)
+    sel = select_tasks(pot, 2)
+    opt_all, _ = best_subset(pot.beta, U, pot.lam, M, np.ones(T), float(T))
+    assert sel.value < (1 - np.exp(-1)) * opt_all
+    for k in (None, 3):
+        with pytest.raises(ValueError, match="k: the selection holds 2 tasks and stopped at its"):
+            submodularity_ratio(pot, k=k, selection=sel)
+    rep = submodularity_ratio(pot, k=2, selection=sel)
+    opt, _ = best_subset(pot.beta, U, pot.lam, M, np.ones(T), 2.0)
+    assert rep.bound > 0 and sel.value >= rep.bound * opt
+    # A chain that stopped at F's top: every further gain is negative, any k is its own.
+    crowded = potentials(np.ones((T, T)), rng.uniform(0.5, 1.5, size=T), beta=1.0, lam=2.0,
+                         ridge=0.0)
+    sel = select_tasks(crowded, T)
+    assert len(sel.indices) == 1
+    assert submodularity_ratio(crowded, selection=sel).gamma > 0
