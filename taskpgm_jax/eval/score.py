@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from taskpgm_jax.data import check_batch_values
+from taskpgm_jax.data import Batch, check_batch_values
 from taskpgm_jax.data.tasks import check_int
 from taskpgm_jax.divergence import (
     CrossLikelihood,
@@ -32,6 +32,7 @@ from taskpgm_jax.divergence import (
     JSDState,
     StreamingJSD,
 )
+from taskpgm_jax.eval._multihost import local_pieces
 from taskpgm_jax.models import multi_adapter_forward, stack_adapters, target_logprobs
 
 Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
@@ -152,15 +153,23 @@ class ProbeScorer:
           state: from `init` or a previous `update`.
           params: the forward's parameters (passed through to `forward`).
           batch: a `taskpgm_jax.data.Batch` (input_ids, targets, loss_mask, segment_ids,
-            positions), all [B, S].
+            positions), all [B, S]. On several processes: the same host arrays on every
+            process (JAX takes a host input to be identical everywhere), or global `jax.Array`s
+            (`data.global_batch`) of which each process holds its own rows; each process then
+            checks the rows it holds.
           segment_tasks: int [B, max_segments], the task of each packed sequence (-1 where a
-            row has fewer sequences).
+            row has fewer sequences); host or global like `batch`.
 
         Raises:
           ValueError: ids outside the model's vocabulary (see `check_batch_values`), a
             `loss_mask` outside [0, 1], or bad `segment_tasks`.
         """
-        check_batch_values(batch, _vocab_size(getattr(self.forward, "model", None)))
+        # Global arrays (`data.global_batch` on several processes) are checked piece by piece:
+        # each process the rows it holds (np.asarray of the whole would raise).
+        vocab = _vocab_size(getattr(self.forward, "model", None))
+        for ids, targets, mask, seg in local_pieces(
+                [batch.input_ids, batch.targets, batch.loss_mask, batch.segment_ids]):
+            check_batch_values(Batch(ids, targets, mask, seg, seg), vocab)  # positions unused
         segment_tasks = jnp.asarray(segment_tasks)
         b = batch.input_ids.shape[0]
         if segment_tasks.shape != (b, self.max_segments) or not jnp.issubdtype(
@@ -168,11 +177,11 @@ class ProbeScorer:
             raise ValueError(f"segment_tasks: expected integer shape ({b}, {self.max_segments}) "
                              f"(rows x max_segments), got {tuple(segment_tasks.shape)} "
                              f"{segment_tasks.dtype}.")
-        tasks = np.asarray(segment_tasks)
+        tasks = np.concatenate([p[0].ravel() for p in local_pieces([segment_tasks])])
         if np.any(tasks < -1) or np.any(tasks >= self.num_tasks):
             raise ValueError(f"segment_tasks: task ids must lie in [0, {self.num_tasks}) or be -1 "
                              f"(no sequence); got range [{tasks.min()}, {tasks.max()}].")
-        most = int(np.max(np.asarray(batch.segment_ids), initial=0))
+        most = max(int(np.max(p[0], initial=0)) for p in local_pieces([batch.segment_ids]))
         if most > self.max_segments:
             raise ValueError(f"batch.segment_ids: a row holds {most} sequences, more than "
                              f"max_segments={self.max_segments}.")

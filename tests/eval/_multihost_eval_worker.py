@@ -1,0 +1,137 @@
+"""One process of the multi-host evaluation test (`test_multihost_eval.py`), or its reference.
+
+    python tests/eval/_multihost_eval_worker.py OUT_DIR multi    # 2 local CPU devices; JAX_* set
+    python tests/eval/_multihost_eval_worker.py OUT_DIR single   # 4 local CPU devices, one process
+
+Both modes put the same tiny LoRA decoder (vocabulary 40) and T=2 adapters on a data=1 x fsdp=2
+x tensor=2 mesh (fsdp across the processes in "multi" mode, tensor inside each) and run:
+
+* "probe": `ProbeScorer` over the same host batches on every process, as the pipeline's
+  `stages.run_probe` feeds them;
+* "global": `ProbeScorer` over global batches (`data.global_batch`): each process feeds only its
+  half of every batch's rows ("single" feeds all of them).
+
+Process 0 (or the single process) writes `result.npz`; in "multi" mode every
+process writes `rows<process index>.npy`, the input ids of its share of the "global" batches.
+"""
+# ruff: noqa: E402  (JAX is configured and initialised before the other imports)
+
+import os
+import sys
+import traceback
+
+MODE = sys.argv[2] if len(sys.argv) > 2 else ""
+if MODE not in ("multi", "single"):
+    sys.exit("usage: _multihost_eval_worker.py OUT_DIR multi|single")
+
+
+def _fail_fast(kind, value, tb):
+    # An uncaught error would then wait minutes in jax.distributed's shutdown for the other
+    # process; exit at once, so the test fails with this traceback right away.
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+sys.excepthook = _fail_fast
+# Unoptimised XLA:CPU code: the compiles take half the time, and both modes compile alike.
+os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={2 if MODE == 'multi' else 4}"
+                           " --xla_backend_optimization_level=0")
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+from taskpgm_jax.distributed import maybe_initialize
+
+assert maybe_initialize() is (MODE == "multi"), "JAX_* variables and the mode disagree"
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from taskpgm_jax.data import Batch, Encoded, global_batch, pad_batch
+from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward
+from taskpgm_jax.models import LoraConfig, ModelConfig, lora_state, stack_adapters
+from taskpgm_jax.models.init import state_shardings
+from taskpgm_jax.sharding import make_mesh
+from taskpgm_jax.train.adapters import stacked_adapter_shardings
+from tests.models.conftest import random_model
+
+OUT = sys.argv[1]
+T = 2                # adapters = tasks
+B, S = 4, 16         # probe batch rows (global) and length
+HOSTS = 2
+CFG = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, dtype=jnp.float32)
+
+assert jax.device_count() == 4, jax.devices()
+assert jax.process_count() == (HOSTS if MODE == "multi" else 1)
+
+
+def spans_both_processes(x):
+    return {d.process_index for d in x.sharding.device_set} == set(range(jax.process_count()))
+
+
+mesh = make_mesh(data=1, fsdp=2, tensor=2)
+model = random_model(CFG, seed=3, lora=LoraConfig(rank=2, targets=("q_proj", "v_proj", "up_proj")),
+                     std=0.5)
+state = nnx.state(model)
+nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+rng = np.random.default_rng(7)
+adapters = stack_adapters([jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape),
+                                                              x.dtype), lora_state(model))
+                           for _ in range(T)])
+adapters = jax.device_put(adapters, stacked_adapter_shardings(adapters, mesh))
+weights = jax.tree.leaves(nnx.state(model, nnx.Param))
+assert all(spans_both_processes(x) and x.is_fully_addressable == (MODE == "single")
+           for x in weights)
+assert any(not x.is_fully_replicated for x in weights)  # split, not copied
+
+# -- probe: the same batches everywhere (the pipeline), then each process its own rows ------------
+seqs, tasks = [], []
+for i in range(3 * B):
+    n = int(rng.integers(5, S + 1))
+    mask = np.zeros(n, bool)
+    mask[n // 2:] = True
+    seqs.append(Encoded(rng.integers(4, 33, n).astype(np.int32), mask, example=i))
+    tasks.append(int(rng.integers(T)))
+batches = [(pad_batch(seqs[i:i + B], S, B), np.asarray(tasks[i:i + B], np.int32)[:, None])
+           for i in range(0, len(seqs), B)]
+forward, params = adapter_probe_forward(model, adapters)
+scorer = ProbeScorer(forward, T, T)
+results = {}
+
+
+def score(feed):
+    state = jax.device_put(scorer.init(), NamedSharding(mesh, P()))
+    for batch, seg_tasks in feed:
+        state = scorer.update(state, params, batch, seg_tasks)
+    return {k: np.asarray(v) for k, v in scorer.result(state)._asdict().items()}
+
+
+results.update({f"probe/{k}": v for k, v in score(batches).items()})
+
+rows_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+mine = slice(jax.process_index() * B // HOSTS, (jax.process_index() + 1) * B // HOSTS)
+if MODE == "single":
+    mine = slice(0, B)
+local = [(Batch(*(x[mine] for x in batch)), seg[mine]) for batch, seg in batches]
+feed = [(global_batch(batch, rows_sharding),
+         jax.make_array_from_process_local_data(rows_sharding, seg)) for batch, seg in local]
+assert feed[0][0].input_ids.shape == (B, S)
+assert feed[0][0].input_ids.is_fully_addressable == (MODE == "single")
+if MODE == "multi":
+    np.save(os.path.join(OUT, f"rows{jax.process_index()}.npy"),
+            np.stack([np.asarray(batch.input_ids) for batch, _ in local]))
+results.update({f"global/{k}": v for k, v in score(feed).items()})
+
+if jax.process_index() == 0:
+    np.savez(os.path.join(OUT, "result.npz"), **results)
+if MODE == "multi":
+    jax.distributed.shutdown()
+print(f"worker {MODE} {jax.process_index()} done", flush=True)
