@@ -22,6 +22,7 @@ from taskpgm_jax.data import (
     Batch, Encoded, TaskPool, check_batch_values, encode_choices, encode_prompt, pad_batch,
 )
 from taskpgm_jax.data.tasks import DataError, check_int, check_names, choice_scores_problem
+from taskpgm_jax.eval._multihost import to_host
 from taskpgm_jax.eval.metrics import choice_predictions, cut_at_stop, exact_match, macro_mean
 from taskpgm_jax.eval.score import _vocab_size, token_logprobs
 from taskpgm_jax.models import CausalLM, greedy_generator
@@ -203,8 +204,9 @@ def choice_logliks(model: nnx.Module, rows: Sequence[Encoded], *, seq_len: int,
         batch = pad_batch(chunk, seq_len, batch_size)
         check_batch_values(batch, _vocab_size(model), f"rows[{start}:{start + len(chunk)}]")
         s, c = row_loglik(jax_batch(batch))
-        sums.append(np.asarray(s)[:len(chunk)])
-        counts.append(np.asarray(c)[:len(chunk)])
+        # to_host: under jax.set_mesh on several processes the rows come back split over them.
+        sums.append(to_host(s)[:len(chunk)])
+        counts.append(to_host(c)[:len(chunk)])
     return np.concatenate(sums), np.concatenate(counts)
 
 
@@ -284,8 +286,8 @@ def _generate(model, tokenizer, prompts, *, prompt_len, max_new_tokens, batch_si
             ids[r, prompt_len - len(toks):] = toks
             mask[r, prompt_len - len(toks):] = 1
         mask[len(chunk):, -1] = 1  # filler rows: one token, so no row is empty
-        gen = np.asarray(generate(jnp.asarray(ids), jnp.asarray(mask),
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos))
+        gen = to_host(generate(jnp.asarray(ids), jnp.asarray(mask),
+                               max_new_tokens=max_new_tokens, eos_token_id=eos))
         for row in gen[:len(chunk)]:
             row = row.tolist()
             if eos is not None and eos in row:
@@ -333,6 +335,10 @@ def evaluate(model: nnx.Module, tokenizer: PreTrainedTokenizerBase, tasks: TaskP
       stop: stop strings for generation (the text is cut at the first).
       separator: text between prompt and answer, as used in training (appended to choice and
         generation prompts alike).
+
+    On several processes (a pod slice) every process calls `evaluate` with the same arguments:
+    each batch is one SPMD computation over the model's mesh, and every process gets the whole
+    result (outputs split over the processes, as under `jax.set_mesh`, are gathered).
 
     Returns:
       An `EvalResult` with per-task metrics and counts and the macro-mean aggregate.

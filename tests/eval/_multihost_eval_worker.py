@@ -9,9 +9,12 @@ x tensor=2 mesh (fsdp across the processes in "multi" mode, tensor inside each) 
 * "probe": `ProbeScorer` over the same host batches on every process, as the pipeline's
   `stages.run_probe` feeds them;
 * "global": `ProbeScorer` over global batches (`data.global_batch`): each process feeds only its
-  half of every batch's rows ("single" feeds all of them).
+  half of every batch's rows ("single" feeds all of them);
+* "eval": `evaluate` (a multiple-choice and a generative task) and `choice_logliks` under
+  `jax.set_mesh(mesh)`, which turns on the models' activation sharding (rows split over the
+  processes).
 
-Process 0 (or the single process) writes `result.npz`; in "multi" mode every
+Process 0 (or the single process) writes `result.npz` and `eval.json`; in "multi" mode every
 process writes `rows<process index>.npy`, the input ids of its share of the "global" batches.
 """
 # ruff: noqa: E402  (JAX is configured and initialised before the other imports)
@@ -34,7 +37,8 @@ def _fail_fast(kind, value, tb):
 
 
 sys.excepthook = _fail_fast
-# Unoptimised XLA:CPU code: the compiles take half the time, and both modes compile alike.
+# Unoptimised XLA:CPU code: the compiles (probe step, scoring, decoding) take half the time, and
+# both modes compile alike.
 os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={2 if MODE == 'multi' else 4}"
                            " --xla_backend_optimization_level=0")
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -48,14 +52,19 @@ from taskpgm_jax.distributed import maybe_initialize
 
 assert maybe_initialize() is (MODE == "multi"), "JAX_* variables and the mode disagree"
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import PreTrainedTokenizerFast
 
-from taskpgm_jax.data import Batch, Encoded, global_batch, pad_batch
-from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward
+from taskpgm_jax.data import (Batch, Encoded, SplitSpec, TaskPool, encode_choices, global_batch,
+                              make_task, pad_batch)
+from taskpgm_jax.eval import ProbeScorer, adapter_probe_forward, choice_logliks, evaluate
 from taskpgm_jax.models import LoraConfig, ModelConfig, lora_state, stack_adapters
 from taskpgm_jax.models.init import state_shardings
 from taskpgm_jax.sharding import make_mesh
@@ -71,6 +80,19 @@ CFG = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidde
 
 assert jax.device_count() == 4, jax.devices()
 assert jax.process_count() == (HOSTS if MODE == "multi" else 1)
+
+
+def char_tokenizer():
+    """One token per character (vocabulary 33 <= 40), BOS first, as `train_byte_bpe` does."""
+    chars = "abcdefghijklmnopqrstuvwxyz ?:"
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3,
+             **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
 
 
 def spans_both_processes(x):
@@ -130,8 +152,25 @@ if MODE == "multi":
             np.stack([np.asarray(batch.input_ids) for batch, _ in local]))
 results.update({f"global/{k}": v for k, v in score(feed).items()})
 
+# -- evaluate under jax.set_mesh ------------------------------------------------------------------
+tokenizer = char_tokenizer()
+words = ["yes", "no", "red", "blue", "cat"]
+mc = [{"prompt": f"{w}? ", "choices": ["yes", "no", "maybe"], "answer": int(rng.integers(3))}
+      for w in words]
+gen = [{"prompt": f"say {w}: ", "target": w} for w in words]
+pool = TaskPool([make_task("mc", "multiple_choice", mc), make_task("gen", "generate", gen)],
+                SplitSpec(probe=0.0, eval=1.0))
+rows = [r for ex in mc for r in encode_choices(tokenizer, ex["prompt"], ex["choices"],
+                                                 max_length=S)]
+with jax.set_mesh(mesh):
+    out = evaluate(model, tokenizer, pool, seq_len=S, batch_size=B, max_new_tokens=3, stop=())
+    sums, counts = choice_logliks(model, rows, seq_len=S, batch_size=B)
+results.update({"eval/choice_loglik": sums, "eval/choice_tokens": counts})
+
 if jax.process_index() == 0:
     np.savez(os.path.join(OUT, "result.npz"), **results)
+    with open(os.path.join(OUT, "eval.json"), "w") as f:
+        json.dump({"aggregate": out.aggregate, "per_task": out.per_task}, f)
 if MODE == "multi":
     jax.distributed.shutdown()
 print(f"worker {MODE} {jax.process_index()} done", flush=True)

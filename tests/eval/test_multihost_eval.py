@@ -1,14 +1,17 @@
-"""Two real JAX processes on the CPU (2 devices each, gloo collectives) score the probe set
-exactly like one process with 4 devices.
+"""Two real JAX processes on the CPU (2 devices each, gloo collectives) score the probe set and
+the held-out suite exactly like one process with 4 devices.
 
 `_multihost_eval_worker.py` runs twice as two processes brought up by `maybe_initialize` from the
 JAX_* variables, and once as a single process (the process start-up and the three-process
 runner are `tests/train/test_multihost.py`'s). The model's weights are split across the
 processes. `ProbeScorer` gets the same batches on every process (as the pipeline feeds it) and,
-separately, global batches of which each process feeds only its own rows. L, the base row and
-the JSD agree with the single process.
+separately, global batches of which each process feeds only its own rows; `evaluate` and
+`choice_logliks` run under `jax.set_mesh`, where the model splits each batch's rows over the
+processes. L, the base row, the JSD, the choice log-likelihoods and every metric and prediction
+agree with the single process.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from tests.train import test_multihost as runner
 WORKER = Path(__file__).with_name("_multihost_eval_worker.py")
 
 
-def test_two_processes_score_like_one(tmp_path, monkeypatch):
+def test_two_processes_score_and_evaluate_like_one(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "WORKER", WORKER)
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
@@ -40,7 +43,7 @@ def test_two_processes_score_like_one(tmp_path, monkeypatch):
     for feed in ("probe", "global"):
         assert {f"{feed}/{k}" for k in ("cross_likelihood", "base_row", "jsd", "examples")} <= \
             set(got.files)
-    assert got["probe/cross_likelihood"].shape == (2, 2)
+    assert got["probe/cross_likelihood"].shape == (2, 2) and got["eval/choice_loglik"].shape == (15,)
     assert np.max(want["probe/jsd"]) > 1e-3  # the adapters really differ
     for name in got.files:
         assert np.all(np.isfinite(got[name])), name
@@ -49,3 +52,8 @@ def test_two_processes_score_like_one(tmp_path, monkeypatch):
     for k in ("cross_likelihood", "base_row", "jsd", "examples"):
         np.testing.assert_allclose(want[f"global/{k}"], want[f"probe/{k}"], rtol=1e-5, atol=1e-5)
 
+    got_eval = json.loads((multi / "eval.json").read_text())
+    want_eval = json.loads((single / "eval.json").read_text())
+    assert set(want_eval["per_task"]) == {"mc", "gen"}
+    assert want_eval["per_task"]["gen"]["count"] == want_eval["per_task"]["mc"]["count"] == 5
+    assert got_eval == want_eval
