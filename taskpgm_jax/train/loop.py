@@ -75,9 +75,11 @@ class FinetuneResult:
 
     Attributes:
       state: the final `TrainState` (for adapters: leaves with a leading axis T).
-      history: one dict per logging step: "step", "loss" (mean over the steps since the last log,
-        and over adapters), "lr", "grad_norm" (last step's), "tokens_per_s" (real tokens, from the
-        host batches), and "loss_per_adapter" for an `AdapterTrainer`.
+      history: one dict per logging step: "step", "loss" (mean over every target token of the
+        steps since the last log, i.e. each step's loss weighted by its token count; for an
+        `AdapterTrainer` over every adapter's tokens), "lr", "grad_norm" (last step's),
+        "tokens_per_s" (real tokens, from the host batches), and "loss_per_adapter" (each
+        adapter's own token-weighted mean) for an `AdapterTrainer`.
       resumed_from: the checkpoint step the run continued from, or None.
     """
 
@@ -86,12 +88,24 @@ class FinetuneResult:
     resumed_from: int | None = None
 
 
+def _token_mean(loss: np.ndarray, tokens: np.ndarray, axis=None) -> np.ndarray:
+    """The mean of per-step mean losses weighted by their token counts: the loss over every
+    token of the steps (a plain mean where the steps hold no tokens at all)."""
+    total = np.sum(tokens, axis=axis)
+    weighted = np.sum(loss * tokens, axis=axis) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, weighted, np.mean(loss, axis=axis))
+
+
 def _summarise(window: list[dict[str, Any]]) -> dict[str, Any]:
     loss = np.asarray([w["loss"] for w in window], np.float64)  # [steps] or [steps, T]
-    entry: dict[str, Any] = {"loss": float(loss.mean()), "lr": float(np.mean(window[-1]["lr"])),
+    # Each step's loss is the mean over its own tokens: weighted by them, the entry's loss is the
+    # mean over the window's tokens, as one batch of all of them would report it.
+    tokens = np.asarray([w.get("tokens", np.ones_like(w["loss"])) for w in window], np.float64)
+    entry: dict[str, Any] = {"loss": float(_token_mean(loss, tokens)),
+                             "lr": float(np.mean(window[-1]["lr"])),
                              "grad_norm": float(np.mean(window[-1]["grad_norm"]))}
     if loss.ndim == 2:
-        entry["loss_per_adapter"] = [float(x) for x in loss.mean(axis=0)]
+        entry["loss_per_adapter"] = [float(x) for x in _token_mean(loss, tokens, axis=0)]
     return entry
 
 

@@ -316,3 +316,36 @@ def test_loop_accepts_numpy_ints():
     trainer = Trainer(random_model(seed=0, lora=LORA), LORA_CFG)
     with pytest.raises(ValueError, match="data ran out at step 1 of 1"):  # got past the checks
         finetune(trainer, iter([]), num_steps=np.int64(1), log_every=np.int32(1), progress=False)
+
+
+def test_logged_loss_is_the_mean_over_target_tokens_not_over_steps():
+    """A history entry's loss covers every target token since the last log: steps with more
+    target tokens weigh more (the mean of per-step means is not the window's loss). Reference:
+    the per-step losses of the same run logged every step, weighted by each batch's target
+    tokens counted on the host. Likewise per adapter, and pooled over adapters."""
+    model = random_model(seed=8, lora=LORA)
+    kw = {"num_steps": 4, "seed": 3, "progress": False}
+    every = finetune(Trainer(model, LORA_CFG), iterator(0), log_every=1, **kw).history
+    window = finetune(Trainer(model, LORA_CFG), iterator(0), log_every=4, **kw).history
+    data = iterator(0)
+    tokens = np.asarray([next(data).loss_mask.sum() for _ in range(4)], np.float64)
+    assert len(set(tokens.tolist())) > 1  # unequal steps: the two means differ
+    losses = np.asarray([h["loss"] for h in every], np.float64)
+    want = np.sum(losses * tokens) / np.sum(tokens)
+    assert abs(want - losses.mean()) > 1e-4
+    np.testing.assert_allclose(window[-1]["loss"], want, rtol=1e-6)
+
+    trainer = AdapterTrainer(model, LORA_CFG, init_adapters(model, 2, seed=0))
+
+    def stacked():
+        return StackedIterator([iterator(t, offset=t + 1) for t in range(2)])
+
+    every = finetune(trainer, stacked(), log_every=1, **kw).history
+    window = finetune(trainer, stacked(), log_every=4, **kw).history
+    data = stacked()
+    tokens = np.asarray([next(data).loss_mask.sum(axis=(1, 2)) for _ in range(4)], np.float64)
+    losses = np.asarray([h["loss_per_adapter"] for h in every], np.float64)  # [steps, T]
+    np.testing.assert_allclose(window[-1]["loss_per_adapter"],
+                               np.sum(losses * tokens, 0) / np.sum(tokens, 0), rtol=1e-6)
+    np.testing.assert_allclose(window[-1]["loss"], np.sum(losses * tokens) / np.sum(tokens),
+                               rtol=1e-6)
