@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -147,7 +147,17 @@ class AdapterTrainer(Trainer[ModelT]):
                              "fine-tuning per task)")
         super().__init__(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
         if not isinstance(adapters, nnx.State):
-            adapters = stack_adapters(list(adapters))
+            # Anything else fails inside list() or jnp.stack, naming no argument.
+            items = None if isinstance(adapters, (str, bytes, Mapping)) or \
+                not isinstance(adapters, Iterable) else list(adapters)
+            kinds = None if items is None else \
+                sorted({type(a).__name__ for a in items if not isinstance(a, nnx.State)})
+            if kinds is None or kinds:
+                got = type(adapters).__name__ if kinds is None else \
+                    f"a {type(adapters).__name__} holding {', '.join(kinds)}"
+                raise ValueError(f"adapters must be a stacked nnx.State (init_adapters, "
+                                 f"stack_adapters) or a list of nnx.State (lora_state), got {got}")
+            adapters = stack_adapters(items or [])
         _check_stacked(adapters, self._params)
         check_adapters_like(adapters, self._params, "adapters", "the model's adapters", leading=1)
         sizes = {x.shape[0] for x in jax.tree.leaves(adapters)}
@@ -248,12 +258,16 @@ class AdapterTrainer(Trainer[ModelT]):
             batch = Batch(*(np.asarray(x) for x in batch))  # host values, checked
         self._check_batch(batch, 1, values=True)
         shape = np.shape(batch.input_ids)
-        if shape[0] != self.num_adapters:
-            raise ValueError(f"batch has {shape[0]} task rows on axis 0, expected "
-                             f"num_adapters={self.num_adapters}")
         glob = (shape[0], shape[1] * jax.process_count(), shape[2])
         sharding = self.batch_sharding(glob)
         return Batch(*(jax.make_array_from_process_local_data(sharding, x, glob) for x in batch))
+
+    def _check_batch(self, batch, lead: int, *, values: bool) -> None:
+        super()._check_batch(batch, lead, values=values)
+        rows = np.shape(batch.input_ids)[0]
+        if rows != self.num_adapters:  # step() would fail inside vmap, naming no argument
+            raise ValueError(f"batch has {rows} task rows on axis 0, expected "
+                             f"num_adapters={self.num_adapters}")
 
     def _cache_key(self):
         return ("adapters", self.num_adapters) + super()._cache_key()[1:]

@@ -144,3 +144,18 @@ def test_init_adapters_in_rounds_equals_all_at_once(rng):
                           ({"num_adapters": True}, "num_adapters must be an int, got True")):
         with pytest.raises(ValueError, match=match):
             init_adapters(model, **{"num_adapters": 2, **kwargs})
+
+
+def test_adapter_trainer_names_bad_adapters_and_batches_of_another_t():
+    """Adapters that are neither a stacked State nor a list of States, and a NumPy batch given
+    straight to step() with another number of task rows, are refused by name (were a TypeError
+    from inside jnp.asarray / list(), and vmap's "inconsistent sizes")."""
+    model = random_model(seed=0, lora=LORA)
+    for bad, what in ((5, "int"), ({"q": 1}, "dict"), (["x"], r"a list holding str")):
+        with pytest.raises(ValueError, match=rf"adapters must be a stacked nnx\.State .*{what}"):
+            AdapterTrainer(model, CFG, bad)
+    trainer = AdapterTrainer(model, CFG, stack_adapters([lora_state(model)] * 2))
+    b = batches(np.random.default_rng(0), 1)[0]
+    with pytest.raises(ValueError, match="batch has 3 task rows on axis 0, expected "
+                                         "num_adapters=2"):
+        trainer.step(None, Batch(*(np.stack([x] * 3) for x in b)))
