@@ -490,6 +490,10 @@ class Trainer(Generic[ModelT]):
         # For the id checks of host batches (under jit ids cannot be checked).
         self._vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        if loss_fn is not None and not callable(loss_fn):
+            # Else a TypeError from inside the first jitted step.
+            raise ValueError(f"loss_fn must be a callable (model, batch, rng) -> (loss sum, token "
+                             f"count) or None, got {type(loss_fn).__name__}")
         if loss_fn is not None and cfg.loss_chunk is not None:
             raise ValueError("TrainConfig.loss_chunk chunks the default loss only; with a custom "
                              "loss_fn drop loss_chunk (or pass chunked_target_token_loss(n) as "

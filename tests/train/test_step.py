@@ -320,3 +320,13 @@ def test_loss_stores_no_normalised_copy_of_the_logits():
     mem = trainer._compiled()._fn.lower(state, trainer.frozen, batch).compile().memory_analysis()
     logits_bytes = b * s * cfg.vocab_size * 4
     assert mem.temp_size_in_bytes < 3.2 * logits_bytes, mem.temp_size_in_bytes / logits_bytes
+
+
+def test_a_loss_fn_that_is_not_callable_is_refused_when_built():
+    """Was a TypeError "'str' object is not callable" from inside the first jitted step."""
+    model = random_model(seed=0)
+    for bad in ("target_token_loss", 3):
+        with pytest.raises(ValueError, match=r"loss_fn must be a callable \(model, batch, rng\) "
+                                             rf"-> \(loss sum, token count\) or None, got "
+                                             rf"{type(bad).__name__}"):
+            Trainer(model, CFG, loss_fn=bad)
