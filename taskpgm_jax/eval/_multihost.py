@@ -6,12 +6,14 @@ devices raises (unless it is replicated). Two cases come up here:
 * results to bring to the host (`to_host`): gathered from every process, which is a collective,
   so every process must make the same call, as SPMD code does;
 * a global input batch to check (`local_pieces`): each process checks the pieces it holds; the
-  processes together check every row, and nothing is moved between them.
+  processes together check every row, and nothing is moved between them;
+* host inputs, which JAX takes to be the same on every process (`differing_on_processes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -59,3 +61,24 @@ def local_pieces(arrays: Sequence) -> list[list[np.ndarray]]:
         pieces = [_pieces(a) for a in arrays]
         return [[p[key] for p in pieces] for key in pieces[0]]
     return [[to_host(a) for a in arrays]]
+
+
+def _fingerprint(x) -> int:
+    x = np.asarray(x)
+    crc = zlib.crc32(repr((x.shape, x.dtype.str)).encode())
+    return zlib.crc32(np.ascontiguousarray(x).tobytes(), crc)
+
+
+def differing_on_processes(arrays: Mapping[str, object]) -> list[str]:
+    """The names of the host arrays whose values are not the same on every process.
+
+    A host (NumPy) input to a computation over a mesh that spans several processes is taken to
+    be one replicated value, identical everywhere; each process's own rows passed that way would
+    each be taken for the whole. A collective (a checksum per array from every process): every
+    process must make the same call. Empty on one process, or for arrays that span processes."""
+    names = [k for k, x in arrays.items() if not spans_processes(x)]
+    if jax.process_count() == 1 or not names:
+        return []
+    mine = np.asarray([_fingerprint(arrays[k]) for k in names], np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, arrays]
+    return [k for j, k in enumerate(names) if np.any(every[:, j] != every[0, j])]

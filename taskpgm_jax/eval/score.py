@@ -32,7 +32,7 @@ from taskpgm_jax.divergence import (
     JSDState,
     StreamingJSD,
 )
-from taskpgm_jax.eval._multihost import local_pieces
+from taskpgm_jax.eval._multihost import differing_on_processes, local_pieces
 from taskpgm_jax.models import multi_adapter_forward, stack_adapters, target_logprobs
 
 Forward = Callable[[Any, Any], jax.Array]  # (params, batch) -> float32 logits [M, B, S, V]
@@ -141,6 +141,7 @@ class ProbeScorer:
         self.jsd = StreamingJSD(num_models + self.include_base, num_groups=num_tasks,
                                 from_logits=True, **jsd_options)
         self._step = jax.jit(self._step_impl)
+        self._same_everywhere = jax.process_count() == 1  # checked on the first update
 
     def init(self) -> ProbeState:
         return ProbeState(self.cross.init(), self.base.init() if self.base else None,
@@ -156,7 +157,8 @@ class ProbeScorer:
             positions), all [B, S]. On several processes: the same host arrays on every
             process (JAX takes a host input to be identical everywhere), or global `jax.Array`s
             (`data.global_batch`) of which each process holds its own rows; each process then
-            checks the rows it holds.
+            checks the rows it holds. The first update checks that host arrays are the same on
+            every process (ValueError otherwise, on every process).
           segment_tasks: int [B, max_segments], the task of each packed sequence (-1 where a
             row has fewer sequences); host or global like `batch`.
 
@@ -185,6 +187,21 @@ class ProbeScorer:
         if most > self.max_segments:
             raise ValueError(f"batch.segment_ids: a row holds {most} sequences, more than "
                              f"max_segments={self.max_segments}.")
+        if not self._same_everywhere:
+            # Once per scorer (a collective): host rows that differ between the processes.
+            fields = {f"batch.{k}": getattr(batch, k) for k in Batch._fields}
+            differ = differing_on_processes({**fields, "segment_tasks": segment_tasks})
+            if differ:
+                raise ValueError(
+                    f"{', '.join(differ)}: the host arrays differ between the "
+                    f"{jax.process_count()} processes, but a host array is taken to be the same "
+                    f"on every process: each process's rows would be scored as the whole batch, "
+                    f"and every process would get its own partial L and JSD. Pass the same host "
+                    f"batch on every process, or each process's rows as global arrays: "
+                    f"data.global_batch(batch, sharding) and jax.make_array_from_process_local_"
+                    f"data(sharding, segment_tasks), e.g. with sharding = "
+                    f"NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))).")
+            self._same_everywhere = True
         return self._step(state, params, batch, segment_tasks.astype(jnp.int32))
 
     def _step_impl(self, state: ProbeState, params, batch, segment_tasks) -> ProbeState:

@@ -9,7 +9,8 @@ x tensor=2 mesh (fsdp across the processes in "multi" mode, tensor inside each) 
 * "probe": `ProbeScorer` over the same host batches on every process, as the pipeline's
   `stages.run_probe` feeds them;
 * "global": `ProbeScorer` over global batches (`data.global_batch`): each process feeds only its
-  half of every batch's rows ("single" feeds all of them);
+  half of every batch's rows ("single" feeds all of them); the same halves as host arrays are
+  refused (ValueError on every process);
 * "eval": `evaluate` (a multiple-choice and a generative task) and `choice_logliks` under
   `jax.set_mesh(mesh)`, which turns on the models' activation sharding (rows split over the
   processes).
@@ -151,6 +152,17 @@ if MODE == "multi":
     np.save(os.path.join(OUT, f"rows{jax.process_index()}.npy"),
             np.stack([np.asarray(batch.input_ids) for batch, _ in local]))
 results.update({f"global/{k}": v for k, v in score(feed).items()})
+
+# Each process its own rows as host arrays: taken for the whole batch, they would give every
+# process its own partial L; refused on every process, before any compile.
+if MODE == "multi":
+    try:
+        ProbeScorer(forward, T, T).update(scorer.init(), params, *local[0])
+    except ValueError as e:
+        refused = str(e)
+    else:
+        raise AssertionError("per-process host rows were taken for the whole batch")
+    assert "batch.input_ids" in refused and "global_batch" in refused, refused
 
 # -- evaluate under jax.set_mesh ------------------------------------------------------------------
 tokenizer = char_tokenizer()
