@@ -413,7 +413,9 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
       data: one batch iterator per task.
       num_steps: steps per task (default `cfg.total_steps`).
       seed: the first task's seed.
-      checkpoint_root: if given, task t checkpoints under `<checkpoint_root>/task_<t>`.
+      checkpoint_root: if given, task t checkpoints under `<checkpoint_root>/task_<t>`; unless
+        `resume=False`, every task's iterator must then have `state()`/`restore()` (checked for
+        all tasks before the first trains).
       mesh, rules, loss_fn: as for `Trainer` (one loss for every task; default
         `target_token_loss`).
       **loop_kwargs: passed on to `finetune` (log_every, progress, checkpoint_every, ...).
@@ -423,10 +425,34 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
     """
     import os
 
-    from taskpgm_jax.train.loop import finetune
+    from taskpgm_jax.train.loop import _resumable, finetune
 
     data = check_task_iterators(data, "data")
     seed = check_seed(seed, len(data), "task")
+    # Checked for every task now: `finetune` would check task t only after tasks 0 .. t - 1 trained.
+    if "checkpoint_dir" in loop_kwargs:
+        raise ValueError("sequential_finetune takes checkpoint_root (task t checkpoints under "
+                         "<checkpoint_root>/task_<t>), not checkpoint_dir")
+    if checkpoint_root is None:
+        if loop_kwargs.get("checkpoint_every") is not None:
+            raise ValueError("checkpoint_every is set but checkpoint_root is None")
+    else:
+        if not isinstance(checkpoint_root, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_root must be a path (str or os.PathLike) or None, got "
+                             f"{type(checkpoint_root).__name__}")
+        if os.path.exists(checkpoint_root) and not os.path.isdir(checkpoint_root):
+            raise ValueError(f"checkpoint_root={os.fspath(checkpoint_root)!r} is an existing file, "
+                             "not a directory: pass a directory path (it is created if missing)")
+        resume = loop_kwargs.get("resume", True)  # a non-bool is refused by `finetune`
+        if isinstance(resume, (bool, np.bool_)) and resume:
+            for t, task_data in enumerate(data):
+                if not _resumable(task_data):
+                    raise ValueError(
+                        f"data[{t}] ({type(task_data).__name__}) has no state()/restore(), so task "
+                        f"{t} checkpointed under checkpoint_root={os.fspath(checkpoint_root)!r} "
+                        "with resume=True could not continue its data where it stopped: pass "
+                        "iterators with both (HostIterator), or resume=False to write checkpoints "
+                        "that are never resumed")
     trainer = Trainer(model, cfg, mesh=mesh, rules=rules, loss_fn=loss_fn)
     out = []
     for t, task_data in enumerate(data):

@@ -194,3 +194,28 @@ def test_argument_errors_named(tmp_path, rng):
     with pytest.raises(ValueError, match=r"data ran out at step 2 of 2; nothing was saved \(no "
                                          r"checkpoint_dir\)"):
         finetune(plain, iter([next(iterator(0))]), num_steps=2, progress=False)
+
+
+def test_sequential_finetune_checks_every_task_before_training_any(tmp_path):
+    """A task iterator that cannot be resumed (checkpoint_root, resume=True) was refused only
+    when its turn came, after every task before it had trained; checkpoint arguments are named
+    as sequential_finetune takes them (checkpoint_root), not as finetune does."""
+    model = random_model(seed=0)
+    root = tmp_path / "root"
+    batch = next(iterator(1))
+    with pytest.raises(ValueError, match=r"data\[1\] \(list_iterator\) has no state\(\)/restore\(\)"
+                                         r".*or resume=False"):
+        sequential_finetune(model, FULL_CFG, [iterator(0), iter([batch] * 2)], num_steps=2,
+                            progress=False, checkpoint_root=str(root))
+    assert not root.exists()  # nothing trained or written
+    with pytest.raises(ValueError, match="checkpoint_every is set but checkpoint_root is None"):
+        sequential_finetune(model, FULL_CFG, [iterator(0)], num_steps=1, progress=False,
+                            checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"takes checkpoint_root .*task_<t>.*not checkpoint_dir"):
+        sequential_finetune(model, FULL_CFG, [iterator(0)], num_steps=1, progress=False,
+                            checkpoint_dir=str(root))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint_root=.*afile' is an existing file"):
+        sequential_finetune(model, FULL_CFG, [iterator(0)], num_steps=1, progress=False,
+                            checkpoint_root=str(afile))
