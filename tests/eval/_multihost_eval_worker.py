@@ -1,7 +1,9 @@
 """One process of the multi-host evaluation test (`test_multihost_eval.py`), or its reference.
 
-    python tests/eval/_multihost_eval_worker.py OUT_DIR multi    # 2 local CPU devices; JAX_* set
-    python tests/eval/_multihost_eval_worker.py OUT_DIR single   # 4 local CPU devices, one process
+    python tests/eval/_multihost_eval_worker.py OUT_DIR multi SEED   # 2 local CPU devices; JAX_*
+    python tests/eval/_multihost_eval_worker.py OUT_DIR single SEED  # 4 local CPU devices
+
+SEED draws the model, the adapters and the data (the same in all three processes).
 
 Both modes put the same tiny LoRA decoder (vocabulary 40) and T=2 adapters on a data=1 x fsdp=2
 x tensor=2 mesh (fsdp across the processes in "multi" mode, tensor inside each) and run:
@@ -26,7 +28,7 @@ import traceback
 
 MODE = sys.argv[2] if len(sys.argv) > 2 else ""
 if MODE not in ("multi", "single"):
-    sys.exit("usage: _multihost_eval_worker.py OUT_DIR multi|single")
+    sys.exit("usage: _multihost_eval_worker.py OUT_DIR multi|single SEED")
 
 
 def _fail_fast(kind, value, tb):
@@ -73,6 +75,7 @@ from taskpgm_jax.train.adapters import stacked_adapter_shardings
 from tests.models.conftest import random_model
 
 OUT = sys.argv[1]
+SEED = int(sys.argv[3])
 T = 2                # adapters = tasks
 B, S = 4, 16         # probe batch rows (global) and length
 HOSTS = 2
@@ -101,11 +104,11 @@ def spans_both_processes(x):
 
 
 mesh = make_mesh(data=1, fsdp=2, tensor=2)
-model = random_model(CFG, seed=3, lora=LoraConfig(rank=2, targets=("q_proj", "v_proj", "up_proj")),
-                     std=0.5)
+rng = np.random.default_rng(SEED)
+model = random_model(CFG, seed=int(rng.integers(2**31)), std=0.5,
+                     lora=LoraConfig(rank=2, targets=("q_proj", "v_proj", "up_proj")))
 state = nnx.state(model)
 nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
-rng = np.random.default_rng(7)
 adapters = stack_adapters([jax.tree.map(lambda x: jnp.asarray(0.5 * rng.standard_normal(x.shape),
                                                               x.dtype), lora_state(model))
                            for _ in range(T)])

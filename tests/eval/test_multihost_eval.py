@@ -21,7 +21,7 @@ from tests.train import test_multihost as runner
 WORKER = Path(__file__).with_name("_multihost_eval_worker.py")
 
 
-def test_two_processes_score_and_evaluate_like_one(tmp_path, monkeypatch):
+def test_two_processes_score_and_evaluate_like_one(tmp_path, monkeypatch, rng):
     monkeypatch.setattr(runner, "WORKER", WORKER)
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
@@ -29,9 +29,10 @@ def test_two_processes_score_and_evaluate_like_one(tmp_path, monkeypatch):
     base = runner._base_env()
     cluster = {**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{runner._free_port()}",
                "JAX_NUM_PROCESSES": "2"}
-    runner._run_all({"process0": ([str(multi), "multi"], {**cluster, "JAX_PROCESS_ID": "0"}),
-                     "process1": ([str(multi), "multi"], {**cluster, "JAX_PROCESS_ID": "1"}),
-                     "single": ([str(single), "single"], base)}, tmp_path)
+    seed = str(rng.integers(2**31))
+    runner._run_all({"process0": ([str(multi), "multi", seed], {**cluster, "JAX_PROCESS_ID": "0"}),
+                     "process1": ([str(multi), "multi", seed], {**cluster, "JAX_PROCESS_ID": "1"}),
+                     "single": ([str(single), "single", seed], base)}, tmp_path)
 
     # Each process fed different rows of the "global" batches.
     rows = [np.load(multi / f"rows{p}.npy") for p in (0, 1)]  # [batches, 2, S]
