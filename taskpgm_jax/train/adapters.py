@@ -36,6 +36,7 @@ from taskpgm_jax.train.step import (
     TrainConfig,
     Trainer,
     TrainState,
+    _check_no_mesh_needed,
     _CompiledStep,
     attach_shardings,
     check_int,
@@ -165,6 +166,8 @@ class AdapterTrainer(Trainer[ModelT]):
             raise ValueError("adapters must be stacked along one leading axis T; adapter axis "
                              f"sizes {sorted(sizes)}")
         self.num_adapters = sizes.pop()
+        if mesh is None:
+            _check_no_mesh_needed(adapters, "the adapters' arrays")
         # Fresh Variables around the same arrays, as `Trainer._place` does for the model: a
         # later in-place update of the caller's State must not change what `init` starts from.
         self._stacked = jax.tree.map(lambda x: x, adapters)

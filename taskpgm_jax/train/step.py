@@ -435,6 +435,16 @@ def attach_shardings(shapes, shardings):
                         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
+def _check_no_mesh_needed(tree, what: str) -> None:
+    """Without a mesh the state lives on one device: arrays spread over several (a model built
+    on a mesh) would fail inside `init` with JAX's "incompatible devices", naming no argument."""
+    spread = max((len(x.sharding.device_set) for x in jax.tree.leaves(tree)
+                  if isinstance(x, jax.Array)), default=1)
+    if spread > 1:
+        raise ValueError(f"mesh=None but {what} lie on {spread} devices (placed on a mesh, e.g. "
+                         "init_model(..., mesh=mesh)): pass that mesh: mesh=mesh")
+
+
 def _check_master_dtype(params: nnx.State) -> None:
     dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
     if dtypes - {"float32"}:
@@ -512,6 +522,8 @@ class Trainer(Generic[ModelT]):
                 raise ValueError(f"mesh must be a jax.sharding.Mesh (make_mesh) or None, got "
                                  f"{type(mesh).__name__}")
             Trainer._param_shardings(self)  # the model's own (not the stacked adapters)
+        else:
+            _check_no_mesh_needed((params, frozen), "the model's arrays")
 
     # -- shardings ---------------------------------------------------------------------------------
 

@@ -112,3 +112,19 @@ def test_a_batch_the_data_axes_do_not_divide_warns(cpu_mesh_devices):
         assert trainer.batch_sharding((6, 16)).spec == P(None, None)
         assert trainer.batch_sharding((8, 16)).spec == P(("data", "fsdp"), None)
         assert adapters.batch_sharding((2, 4, 16)).spec == P(None, ("data", "fsdp"), None)
+
+
+def test_a_model_on_a_mesh_needs_the_mesh(cpu_mesh_devices):
+    """A model placed on a mesh (init_model(..., mesh=mesh)) given to a trainer without mesh=:
+    named when the trainer is built (was JAX's "Received incompatible devices for jitted
+    computation" from inside init())."""
+    from jax.sharding import NamedSharding
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=cpu_mesh_devices)
+    model = random_model(seed=12, lora=LORA)
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    for build in (lambda: Trainer(model, LORA_CFG),
+                  lambda: AdapterTrainer(model, LORA_CFG, stack_adapters([lora_state(model)] * 2))):
+        with pytest.raises(ValueError, match=r"mesh=None but the model's arrays lie on 8 devices"
+                                             r".*pass that mesh: mesh=mesh"):
+            build()
