@@ -335,10 +335,10 @@ def test_logged_loss_is_the_mean_over_target_tokens_not_over_steps():
     assert abs(want - losses.mean()) > 1e-4
     np.testing.assert_allclose(window[-1]["loss"], want, rtol=1e-6)
 
-    trainer = AdapterTrainer(model, LORA_CFG, init_adapters(model, 2, seed=0))
+    trainer = AdapterTrainer(model, LORA_CFG, init_adapters(model, 3, seed=0))
 
     def stacked():
-        return StackedIterator([iterator(t, offset=t + 1) for t in range(2)])
+        return StackedIterator([iterator(t, offset=t + 1) for t in range(3)])
 
     every = finetune(trainer, stacked(), log_every=1, **kw).history
     window = finetune(trainer, stacked(), log_every=4, **kw).history
