@@ -59,6 +59,16 @@ def _all_positions(data_state: Any) -> list[Any]:
     return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes, strict=True)]
 
 
+def _check_step(step: Any) -> int:
+    """A checkpoint step as a Python int >= 0 (a 0-d integer array such as `state.step` too):
+    a string would fail inside `should_save` naming nothing, a float or negative step be written
+    as checkpoint "2.0" / "-2"."""
+    if isinstance(step, (jax.Array, np.ndarray)) and step.ndim == 0 \
+            and np.issubdtype(step.dtype, np.integer):
+        step = int(step)
+    return check_int(step, "step", 0)
+
+
 class Checkpointer:
     """Saves every `every` steps (plus forced saves) and restores into sharded targets.
 
@@ -97,14 +107,14 @@ class Checkpointer:
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write without `force`."""
-        return step % self.every == 0
+        return _check_step(step) % self.every == 0
 
     def save(self, step: int, state: TrainState, *, data_state: Any = None,
              meta: dict[str, Any] | None = None, force: bool = False) -> bool:
         """Saves `state` (and the data position and metadata) as checkpoint `step`.
 
         Args:
-          step: the number of steps taken (`state.step`).
+          step: the number of steps taken (`state.step`), an int >= 0.
           state: the `TrainState`.
           data_state: this process's data iterator position, JSON-serialisable (None if it has
             none); every process passes its own.
@@ -119,6 +129,7 @@ class Checkpointer:
           ValueError: `data_state` or `meta` is not JSON-serialisable (checked before anything
             is written).
         """
+        step = _check_step(step)
         if not (force or self.should_save(step)):
             return False
         data_state = _plain_json(data_state, "data_state")
@@ -160,7 +171,7 @@ class Checkpointer:
 
     def _existing_step(self, step: int | None) -> int:
         """`step`, or the latest when None; FileNotFoundError when there is no such checkpoint."""
-        step = self.latest_step() if step is None else step
+        step = self.latest_step() if step is None else _check_step(step)
         if step is None or step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
                                     f"in {self.directory}")

@@ -349,3 +349,24 @@ def test_logged_loss_is_the_mean_over_target_tokens_not_over_steps():
                                np.sum(losses * tokens, 0) / np.sum(tokens, 0), rtol=1e-6)
     np.testing.assert_allclose(window[-1]["loss"], np.sum(losses * tokens) / np.sum(tokens),
                                rtol=1e-6)
+
+
+def test_checkpointer_steps_are_ints_named_when_not(tmp_path):
+    """A step given as a string failed with "not all arguments converted during string
+    formatting"; a negative or float step was written as checkpoint "-2" / "2.0". A 0-d integer
+    array (`int(state.step)` not called) is a step like its int."""
+    trainer = Trainer(random_model(seed=8, lora=LORA), LORA_CFG)
+    state = trainer.init(seed=0)
+    manager = Checkpointer(tmp_path, every=2)
+    for step, why in (("2", "must be an int, got '2'"), (2.0, "must be an int, got 2.0"),
+                      (-2, "must be >= 0, got -2"), (np.zeros(2, np.int32), "must be an int")):
+        with pytest.raises(ValueError, match=rf"step {why}"):
+            manager.save(step, state)
+    assert manager.save(state.step, state)  # int32 [] array: step 0
+    manager.wait()
+    assert manager.all_steps() == [0]
+    for step in ("0", -1):
+        with pytest.raises(ValueError, match="step must be"):
+            manager.restore(trainer.abstract_state(), step=step)
+    assert int(manager.restore(trainer.abstract_state(), step=np.int64(0))[0].step) == 0
+    manager.close()
