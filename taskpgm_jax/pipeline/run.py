@@ -35,6 +35,7 @@ from taskpgm_jax.pipeline import stages
 from taskpgm_jax.pipeline.cache import (
     RunDir,
     is_writer,
+    process_0_decides,
     read_json,
     tree_bytes,
     write_json,
@@ -64,7 +65,10 @@ class StageLog:
             compute: Callable[[Path], dict | None],
             describe: Callable[[dict], str] = lambda info: "") -> Path:
         run.record(label, name, key)
-        if run.done(name, key):
+        # Process 0 decides for all: a process with a lagging view of a shared filesystem that
+        # skipped a stage the others run (or ran one they skip) would hang them in its
+        # collectives.
+        if process_0_decides(run.done(name, key)):
             info_file = run.path(name, key) / "stage.json"
             info = read_json(info_file) if info_file.exists() else {}
             # The time it took when it ran: a cached rerun still reports every stage's cost.

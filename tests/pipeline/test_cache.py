@@ -106,3 +106,34 @@ def test_file_digest_sees_a_replaced_weight_file_of_the_same_size(tmp_path, rng)
     before = file_digest([small])
     small.write_bytes(header[:-1] + bytes([header[-1] ^ 1]))
     assert file_digest([small]) != before
+
+
+@pytest.mark.parametrize("process_0_sees_done", [False, True])
+def test_stage_log_runs_a_stage_as_process_0_sees_it(tmp_path, monkeypatch, rng,
+                                                     process_0_sees_done):
+    """Seen from process 1 of 2 with a lagging view of a shared filesystem: whether a stage is
+    done must be process 0's answer, not its own (a process skipping a stage whose collectives
+    the others enter hangs them; one entering a stage the others skip hangs too).
+    `broadcast_one_to_all` stands for process 0's view, `sync_global_devices` for the others
+    arriving at the stage's barriers."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from taskpgm_jax.pipeline.run import StageLog
+
+    run = RunDir(tmp_path)
+    key = f"{int(rng.integers(1 << 30)):08x}"
+    if not process_0_sees_done:
+        # Process 1's stale view: the stage directory of an earlier run, deleted since.
+        (run.path("probe", key)).mkdir()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    fill = np.ones_like if process_0_sees_done else np.zeros_like
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x, is_source=None: jax.tree.map(fill, x))
+    computed = []
+    StageLog(echo=lambda line: None).run(run, "probe", "probe", key,
+                                         lambda work: computed.append(work) or {})
+    assert len(computed) == (0 if process_0_sees_done else 1)
