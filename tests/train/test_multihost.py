@@ -55,21 +55,26 @@ def _run_all(jobs: dict[str, tuple[list[str], dict[str, str]]], logs: Path) -> N
             procs[name] = subprocess.Popen([sys.executable, str(WORKER), *args], env=env,
                                            stdout=out, stderr=err, cwd=logs)
     deadline = time.monotonic() + TIMEOUT
-    failed = None
+    ended: dict[str, int | None] = {}
     try:
-        while any(p.poll() is None for p in procs.values()):
-            failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
-            if failed or time.monotonic() > deadline:
+        while True:
+            ended = {n: p.poll() for n, p in procs.items()}
+            if (any(c not in (None, 0) for c in ended.values()) or None not in ended.values()
+                    or time.monotonic() > deadline):
                 break
             time.sleep(0.2)
     finally:
+        # The jobs that ended on their own, before the rest are stopped: a failure among them
+        # is the cause (jobs all ending within one poll included); else it was the time limit.
+        ended = {n: p.poll() for n, p in procs.items()}
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
     codes = {n: p.returncode for n, p in procs.items()}
     if any(codes.values()):
-        why = f"{failed} failed" if failed else f"timed out after {TIMEOUT} s"
+        failed = [n for n, c in ended.items() if c not in (None, 0)]
+        why = f"{', '.join(failed)} failed" if failed else f"timed out after {TIMEOUT} s"
         tails = "\n".join(f"--- {n} (exit {codes[n]}) stderr tail ---\n{_tail(logs / f'{n}.err')}"
                           for n in procs)
         raise AssertionError(f"{why}; exit codes {codes}\n{tails}")
@@ -101,3 +106,20 @@ def test_two_processes_train_like_one(tmp_path):
     for name in got.files:
         assert np.all(np.isfinite(got[name])), name
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_run_all_names_the_job_that_failed_when_all_end_at_once(tmp_path, monkeypatch):
+    """Jobs that all end within one poll, one of them failing, failed; they did not time out."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys\nprint('boom in', sys.argv[1], file=sys.stderr)\n"
+                      "sys.exit(3 if sys.argv[1] == 'bad' else 0)\n")
+    monkeypatch.setattr(sys.modules[__name__], "WORKER", worker)
+    jobs = {name: ([name], _base_env()) for name in ("good", "bad")}
+    try:
+        _run_all(jobs, tmp_path)
+    except AssertionError as e:
+        message = str(e)
+    else:
+        raise AssertionError("a failing job passed")
+    assert message.startswith("bad failed"), message
+    assert "timed out" not in message and "boom in bad" in message, message
