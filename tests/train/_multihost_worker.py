@@ -20,10 +20,23 @@ writes `result.npz` (gathered final parameters, logged losses); every process wr
 
 import os
 import sys
+import traceback
 
 MODE = sys.argv[2] if len(sys.argv) > 2 else ""
 if MODE not in ("multi", "single"):
     sys.exit("usage: _multihost_worker.py OUT_DIR multi|single")
+
+
+def _fail_fast(kind, value, tb):
+    # An uncaught error would otherwise wait in jax.distributed's shutdown for the other
+    # process, itself stuck in a collective, until the test's time limit: exit at once, so the
+    # test fails with this traceback right away.
+    traceback.print_exception(kind, value, tb)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+sys.excepthook = _fail_fast
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if MODE == 'multi' else 4}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
