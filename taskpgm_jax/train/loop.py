@@ -12,7 +12,10 @@ A checkpoint directory belongs to one run: every checkpoint records the settings
 trajectory (seed, `TrainConfig`, trainer kind, the trainable parameters' shapes and dtypes), a
 resume refuses a checkpoint made with other settings or on other weights (a fingerprint of a few
 sampled values of the frozen base and of the initial trainable values), and a fresh run
-(`resume=False`) refuses a directory that already holds checkpoints.
+(`resume=False`) refuses a directory that already holds checkpoints. The optimiser's settings
+(learning rate and schedule, Adam's b1, b2, eps, weight decay, the clipping norm) may change on
+resume, with a warning: that is how a run that went non-finite goes on from its last good
+checkpoint with a lower learning rate.
 """
 
 from __future__ import annotations
@@ -62,11 +65,17 @@ class NonFiniteLossError(FloatingPointError):
             later = [f"adapter {t} at step {s}" for t, s in adapter_steps.items() if s != step]
             which = f" (adapter{'s' if len(adapters) > 1 else ''} {first}" + \
                 (f"; later {', '.join(later)})" if later else ")")
-        where = ("no checkpoint was written" if last_checkpoint is None
-                 else f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}")
+        if last_checkpoint is None:
+            where = "no checkpoint was written"
+            todo = "Lower TrainConfig.learning_rate (or check the data) and start again."
+        else:
+            where = f"the last good checkpoint (step {last_checkpoint}) is kept in {directory}"
+            todo = ("To go on from it, resume (the same checkpoint_dir, resume=True) with a lower "
+                    "TrainConfig.learning_rate, or a longer warmup_steps or smaller max_grad_norm: "
+                    "a resume accepts changed optimiser settings, with a warning. Or check the "
+                    "data of the steps after it.")
         super().__init__(f"non-finite loss, gradient or parameters at step {step}{which}; "
-                         f"training stopped and {where}. Lower TrainConfig.learning_rate or "
-                         "check the data.")
+                         f"training stopped and {where}. {todo}")
 
 
 @dataclasses.dataclass
@@ -131,7 +140,12 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
         resumed run must pass the same seed, and a trainer of the same kind, `TrainConfig` and
         trainable parameter shapes, e.g. LoRA rank and targets (`num_steps` may differ: the
         schedule is the config's), and the same base model and initial trainable values
-        (compared by a fingerprint of a few sampled values of every array).
+        (compared by a fingerprint of a few sampled values of every array). The optimiser
+        settings `TrainConfig.learning_rate`, `total_steps`, `warmup_steps`, `end_lr_ratio`,
+        `weight_decay`, `b1`, `b2`, `eps` and `max_grad_norm` (a number for another number,
+        not None for one or back) may differ, with a warning: the run goes on from the
+        checkpoint under the new settings (e.g. a lower learning rate after a
+        `NonFiniteLossError`), and its later checkpoints record them.
       log_every: fetch and record metrics every this many steps (and at the end).
       checkpoint_dir: where to checkpoint (None: no checkpoints); one run's directory (a path
         that is not an existing file).
@@ -288,8 +302,9 @@ def _fingerprint(tree, replicated) -> str:
 def _run_settings(trainer: Trainer, seed: int, fingerprints: bool = True) -> dict[str, Any]:
     """What defines a run's trajectory besides its data: stored in every checkpoint, compared on
     resume (before orbax restores anything, so a changed LoRA rank or target list is named by
-    parameter). `num_steps` is not among them (the schedule is `TrainConfig.total_steps`), so a
-    run may stop early and be continued further."""
+    parameter; changed optimiser settings, `_TUNABLE`, only warn). `num_steps` is not among them
+    (the schedule is `TrainConfig.total_steps`), so a run may stop early and be continued
+    further."""
     settings = {"seed": seed, "trainer": type(trainer).__name__,
                 "num_adapters": getattr(trainer, "num_adapters", None)}
     # loss_chunk changes only the float32 summation order: a run may resume with it changed
@@ -307,6 +322,20 @@ def _run_settings(trainer: Trainer, seed: int, fingerprints: bool = True) -> dic
         settings[_BASE] = _fingerprint(trainer.frozen, replicated)
         settings[_INITIAL] = _fingerprint(trainer._trainable(), replicated)
     return settings
+
+
+# Optimiser settings that leave the state's structure as it is: a resume may change them, with a
+# warning (a run that went non-finite goes on from its last good checkpoint with a lower learning
+# rate; a run is continued past its planned end). max_grad_norm only from one number to another:
+# None <-> a number changes the optimiser state's structure.
+_TUNABLE = frozenset(f"TrainConfig.{k}" for k in (
+    "learning_rate", "total_steps", "warmup_steps", "end_lr_ratio", "weight_decay", "b1", "b2",
+    "eps", "max_grad_norm"))
+
+
+def _tunable(key: str, saved: Any, now: Any) -> bool:
+    return key in _TUNABLE and (key != "TrainConfig.max_grad_norm"
+                                or (saved is not None and now is not None))
 
 
 def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -> None:
@@ -328,9 +357,11 @@ def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -
     saved = {k: v for k, v in saved.items() if k not in (_BASE, _INITIAL)}
     now = {k: v for k, v in now.items() if k not in (_BASE, _INITIAL)}
     missing = "<absent>"
+    changed = [k for k in sorted(saved.keys() | now.keys())
+               if saved.get(k, missing) != now.get(k, missing)]
+    tuned = [k for k in changed if k in saved and k in now and _tunable(k, saved[k], now[k])]
     diff = [f"{k}: {saved.get(k, missing)!r} vs {now.get(k, missing)!r}"
-            for k in sorted(saved.keys() | now.keys())
-            if saved.get(k, missing) != now.get(k, missing)]
+            for k in changed if k not in tuned]
     if len(diff) > 8:
         diff = diff[:8] + [f"... {len(diff) - 8} more"]
     if diff:
@@ -346,6 +377,12 @@ def _check_same_run(meta: dict[str, Any], now: dict[str, Any], directory: str) -
                          "resuming it would continue that run's training on this run's model. "
                          "Use another (or an emptied) checkpoint_dir for this run, or build the "
                          "trainer from the same model and initial weights to resume")
+    if tuned:
+        changes = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in tuned)
+        warnings.warn(f"resuming the checkpoint in {directory} with changed optimiser settings "
+                      f"(checkpoint -> this run: {changes}): training goes on from the checkpoint "
+                      "under this run's settings, and its next checkpoints record them",
+                      stacklevel=4)
 
 
 def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log):

@@ -4,6 +4,7 @@ fine-tuning through the same loop."""
 
 import dataclasses
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -172,9 +173,11 @@ def test_checkpoint_dir_belongs_to_one_run(tmp_path):
     assert manager.all_steps() == [2]
     with pytest.raises(ValueError, match="resume=False but checkpoint_dir .* holds checkpoints"):
         finetune(Trainer(model, LORA_CFG), iterator(0), **kw, resume=False)
-    with pytest.raises(ValueError, match=r"another run .*TrainConfig\.learning_rate: 0\.01 vs 0\.05"
-                                         r"; TrainConfig\.total_steps: 40 vs 50\)"):
-        finetune(Trainer(model, LORA_CFG.replace(learning_rate=0.05, total_steps=50)), iterator(0),
+    # The optimiser's settings may change on resume (with a warning), the micro-batching not:
+    # only that is named.
+    with pytest.raises(ValueError, match=r"another run \(checkpoint vs this run: "
+                                         r"TrainConfig\.grad_accum: 1 vs 2\)"):
+        finetune(Trainer(model, LORA_CFG.replace(learning_rate=0.05, grad_accum=2)), iterator(0),
                  **{**kw, "num_steps": 4})
     with pytest.raises(ValueError, match=r"another run .*seed: 3 vs 4\)"):
         finetune(Trainer(model, LORA_CFG), iterator(0), **{**kw, "seed": 4, "num_steps": 4})
@@ -370,3 +373,59 @@ def test_checkpointer_steps_are_ints_named_when_not(tmp_path):
             manager.restore(trainer.abstract_state(), step=step)
     assert int(manager.restore(trainer.abstract_state(), step=np.int64(0))[0].step) == 0
     manager.close()
+
+
+def _warmup_cosine(cfg, step):
+    """The learning rate of 0-based `step` under `cfg`, by the formula (NumPy float64)."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / (cfg.total_steps - cfg.warmup_steps)
+    end = cfg.learning_rate * cfg.end_lr_ratio
+    return end + (cfg.learning_rate - end) * 0.5 * (1 + np.cos(np.pi * t))
+
+
+def test_a_run_that_went_non_finite_resumes_its_last_checkpoint_with_a_lower_learning_rate(
+        tmp_path):
+    """The error advises a lower learning rate; the kept checkpoint must accept it (a resume used
+    to refuse any TrainConfig change): optimiser settings may change on resume, with a warning
+    naming them, and the run goes on from the checkpoint under the new schedule. What shapes the
+    state (max_grad_norm None <-> a number, trainable) or the micro-batches is still refused."""
+    model = random_model(seed=9)
+    cfg = TrainConfig(learning_rate=3e38, total_steps=10, warmup_steps=1, weight_decay=10.0,
+                      max_grad_norm=None)
+    ckpt = str(tmp_path / "ckpt")
+    kw = {"num_steps": 4, "checkpoint_dir": ckpt, "checkpoint_every": 1, "log_every": 1,
+          "progress": False}
+    with pytest.raises(NonFiniteLossError, match=r"resume .*lower TrainConfig\.learning_rate"):
+        finetune(Trainer(model, cfg, loss_fn=embedding_loss), iterator(1), **kw)
+    lower = cfg.replace(learning_rate=1e-2, warmup_steps=2)
+    for refused, name in ((lower.replace(max_grad_norm=1.0), "max_grad_norm: None vs 1.0"),
+                          (lower.replace(grad_accum=2), "grad_accum: 1 vs 2")):
+        with pytest.raises(ValueError, match=r"another run .*TrainConfig\." + re.escape(name)):
+            finetune(Trainer(model, refused, loss_fn=embedding_loss), iterator(1), **kw)
+    # Reference: the checkpoint's state (the initial weights: lr 0 at step 1) stepped by hand
+    # over batches 2..4 under the new settings.
+    trainer = Trainer(model, lower, loss_fn=embedding_loss)
+    manager = Checkpointer(ckpt, every=1)
+    state, _, _ = manager.restore(trainer.abstract_state())
+    manager.close()
+    assert int(state.step) == 1
+    data = iterator(1)
+    next(data)
+    for _ in range(3):
+        state, _ = trainer.step(state, trainer.place_batch(next(data)))
+    with pytest.warns(UserWarning, match=r"TrainConfig\.learning_rate: 3e\+38 -> 0\.01; "
+                                         r"TrainConfig\.warmup_steps: 1 -> 2"):
+        result = finetune(Trainer(model, lower, loss_fn=embedding_loss), iterator(1), **kw)
+    assert result.resumed_from == 1 and int(result.state.step) == 4
+    # Steps 2..4 ran at the new schedule's rates (0-based steps 1..3).
+    np.testing.assert_allclose([h["lr"] for h in result.history[-3:]],
+                               [_warmup_cosine(lower, s) for s in (1, 2, 3)], rtol=1e-6)
+    assert tree_max_diff(tree_copy(state.params), tree_copy(result.state.params)) <= 1e-6
+    # The checkpoints written since record the new settings: resuming them again is silent.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = finetune(Trainer(model, lower, loss_fn=embedding_loss), iterator(1),
+                         **{**kw, "num_steps": 5})
+    assert again.resumed_from == 4
+
