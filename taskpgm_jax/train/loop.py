@@ -165,6 +165,8 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
         checkpoint is kept.
       ValueError: bad arguments, data that ends early or cannot be resumed, a checkpoint made
         with other settings, or `resume=False` with checkpoints already in `checkpoint_dir`.
+      A background checkpoint save that failed raises its error when the run ends; when the run
+      stopped on an error of its own, that error is raised, with the save's failure as a note.
 
     Example:
       >>> data = HostIterator(encode_task(tok, pool[name].train, max_length=128), batch_size=8,
@@ -227,10 +229,21 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
                 f"resume=False but checkpoint_dir {ckpt.directory} already holds checkpoints "
                 f"(steps {ckpt.all_steps()}): pass resume=True to continue that run, or give the "
                 "new run another (or an emptied) checkpoint_dir")
-        return _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log)
-    finally:
+        result = _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_log)
+    except BaseException as err:
+        # Closing waits for the pending saves; if one failed, close() raises too, and raised
+        # from a `finally` it would replace the error that stopped the run: attach it instead.
         if ckpt is not None:
-            ckpt.close()
+            try:
+                ckpt.close()
+            except Exception as close_err:
+                err.add_note(f"closing the checkpoints in {ckpt.directory} failed too (a "
+                             f"checkpoint save may be incomplete): {type(close_err).__name__}: "
+                             f"{close_err}")
+        raise
+    if ckpt is not None:
+        ckpt.close()  # a failed background save surfaces here
+    return result
 
 
 def _resumable(data) -> bool:

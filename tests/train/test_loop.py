@@ -429,3 +429,25 @@ def test_a_run_that_went_non_finite_resumes_its_last_checkpoint_with_a_lower_lea
                          **{**kw, "num_steps": 5})
     assert again.resumed_from == 4
 
+
+def test_a_failed_background_save_does_not_hide_the_error_that_stopped_the_run(
+        tmp_path, monkeypatch):
+    """When training stops with an error and closing the checkpointer then fails too (an async
+    save that could not be written), the user gets the training error, the close failure as a
+    note on it; with no training error the close failure itself is raised."""
+    trainer = Trainer(random_model(seed=8, lora=LORA), LORA_CFG)
+
+    real_close = Checkpointer.close
+
+    def failing_close(self):  # waits for the pending saves, then reports one that failed
+        real_close(self)
+        raise OSError("[Errno 28] No space left on device (background checkpoint write)")
+
+    monkeypatch.setattr(Checkpointer, "close", failing_close)
+    kw = {"num_steps": 4, "checkpoint_every": 2, "progress": False, "seed": 3}
+    with pytest.raises(Killed) as err:
+        finetune(trainer, DiesAt(iterator(0), 3), checkpoint_dir=str(tmp_path / "a"), **kw)
+    assert any("No space left on device" in note for note in getattr(err.value, "__notes__", []))
+    with pytest.raises(OSError, match="No space left on device"):
+        finetune(trainer, iterator(0), checkpoint_dir=str(tmp_path / "b"), **kw)
+
