@@ -327,18 +327,26 @@ class LoraConfig:
       targets: projection names that get an adapter (subset of `LORA_TARGETS`, no duplicates; a
         list is stored as a tuple so the config stays hashable).
       init_std: std of A's random init; B starts at zero so a fresh adapter changes nothing.
+      param_dtype: storage dtype of A and B, float32 by default whatever the base's
+        `ModelConfig.param_dtype` (the trainer needs float32 master weights, and a bfloat16 base
+        is the usual way to fit a large model for LoRA). Any floating dtype `jnp.dtype`
+        understands, stored as a `jnp.dtype`. The adapters compute in the model's compute dtype
+        (`ModelConfig.dtype`), as the base does.
     """
 
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_std: float = 0.02
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         object.__setattr__(self, "rank", _int("LoraConfig", "rank", self.rank))
         object.__setattr__(self, "alpha", _real("LoraConfig", "alpha", self.alpha))
         object.__setattr__(self, "init_std", _real("LoraConfig", "init_std", self.init_std,
                                                    positive=False))
+        object.__setattr__(self, "param_dtype", float_dtype(self.param_dtype,
+                                                            "LoraConfig.param_dtype"))
         if isinstance(self.targets, str):
             raise ValueError(f"LoraConfig.targets must be a tuple of projection names, got the "
                              f"string {self.targets!r}; write ({self.targets!r},)")

@@ -41,7 +41,9 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs | int) -> nnx
     """Adds a LoRA adapter to every targeted projection of `model` (in place).
 
     A: [*lead, in, R] random normal(init_std); B: [*lead, R, out] zeros, so the model's output is
-    unchanged until B is trained. Works for scanned (stacked) and unscanned layers.
+    unchanged until B is trained. Works for scanned (stacked) and unscanned layers. Both are
+    stored in `cfg.param_dtype` (float32 by default), not the base kernel's dtype: a bfloat16 base
+    gets float32 adapters the trainer can train; they compute in the model's compute dtype.
 
     Args:
       model: a `CausalLM` (or any module built from `Dense`).
@@ -83,8 +85,9 @@ def add_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs | int) -> nnx
         lead_axes = ("layers",) * len(lead)
         axes_a = lead_axes + (dense.axes[0], "lora_rank")
         axes_b = lead_axes + ("lora_rank", dense.axes[1])
-        a = nnx.initializers.normal(cfg.init_std)(rngs.params(), (*lead, d_in, cfg.rank), kernel.dtype)
-        b = jnp.zeros((*lead, cfg.rank, d_out), kernel.dtype)
+        a = nnx.initializers.normal(cfg.init_std)(rngs.params(), (*lead, d_in, cfg.rank),
+                                                  cfg.param_dtype)
+        b = jnp.zeros((*lead, cfg.rank, d_out), cfg.param_dtype)
         dense.lora_a = LoRAParam(_place(a, kernel, axes_a, rules), logical_axes=axes_a)
         dense.lora_b = LoRAParam(_place(b, kernel, axes_b, rules), logical_axes=axes_b)
         dense.lora_scale = float(cfg.scale)

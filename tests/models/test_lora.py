@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from taskpgm_jax.models import (LoraConfig, LoRAParam, add_lora, count_params, lora_state,
-                                merge_lora, multi_adapter_forward, stack_adapters)
+from taskpgm_jax.data import Encoded, pad_batch
+from taskpgm_jax.models import (CausalLM, LoraConfig, LoRAParam, add_lora, count_params,
+                                lora_state, merge_lora, multi_adapter_forward, stack_adapters)
 from taskpgm_jax.models.lora import merged_kernels
+from taskpgm_jax.train import TrainConfig, Trainer
 from tests.models.conftest import TINY, forward, random_model
+from tests.train.conftest import TINY as TRAIN_TINY
 
 T = 3
 LORA = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
@@ -181,3 +184,99 @@ def test_multi_adapter_refuses_bad_arguments(adapted, kwargs, match):
     stacked = stack_adapters([lora_state(adapted)] * 2)
     with pytest.raises(ValueError, match=f"multi_adapter_forward: {match}"):
         multi_adapter_forward(adapted, stacked, jnp.zeros((1, 4), jnp.int32), **kwargs)
+
+
+
+# The training tests' smaller unscanned model (a train step on it compiles in half the time).
+BF16 = TRAIN_TINY.replace(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_adapted():
+    """A bfloat16 base (as `load_hf_checkpoint(path, param_dtype=jnp.bfloat16)` gives) with
+    adapters of `add_lora`'s default param_dtype (A and B drawn by NumPy in their dtype)."""
+    return random_model(BF16, seed=4, lora=LORA)
+
+
+def test_bf16_base_gets_float32_adapters_that_merge_like_float64(bf16_adapted, rng):
+    """Adapters used to take the base kernel's dtype: a bf16 base got bf16 adapters, which the
+    trainer refuses (float32 master weights), so a bf16 base could not be LoRA-trained."""
+    assert {x.dtype for x in jax.tree.leaves(lora_state(bf16_adapted))} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16_adapted, nnx.Param))} == \
+        {jnp.dtype(jnp.bfloat16)}
+    half = nnx.eval_shape(lambda: add_lora(CausalLM(BF16, rngs=nnx.Rngs(0)),
+                                           dataclasses.replace(LORA, param_dtype="bfloat16"),
+                                           rngs=nnx.Rngs(3)))
+    assert {x.dtype for x in jax.tree.leaves(lora_state(half))} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="LoraConfig.param_dtype"):
+        LoraConfig(param_dtype=jnp.int32)
+    model = nnx.clone(bf16_adapted)
+    nnx.update(model, random_adapter(model, rng))
+    # Merged into the bf16 kernels: W + scale A B in float64, rounded once to bf16 (the f32 sum
+    # rounded again to bf16 is at most a hair beyond half a bf16 ulp, 2**-8 relative).
+    merged = nnx.jit(merged_kernels)(model)
+    assert len(merged) == len(LORA.targets) * BF16.num_hidden_layers  # unscanned
+    for path, dense in nnx.iter_modules(model):
+        key = tuple(path) + ("kernel",)
+        if key not in merged:
+            continue
+        w = np.asarray(dense.kernel[...], np.float64)
+        a, b = (np.asarray(x[...], np.float64) for x in (dense.lora_a, dense.lora_b))
+        want = w + LORA.scale * np.einsum("...ir,...ro->...io", a, b)
+        assert merged[key].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(merged[key], np.float64), want,
+                                   rtol=2.0 ** -8 * 1.001, atol=1e-30)
+        assert np.abs(want - w).max() > 0.1  # the adapter really moved the kernel
+    # The adapters compute in the compute dtype, as the base does: the same values stored in
+    # bf16 give the very same bf16 output (layer 0's q_proj, run eagerly: no model compile).
+    x = jnp.asarray(rng.standard_normal((3, BF16.hidden_size)), jnp.float32)
+    outs = []
+    for cast in (False, True):
+        graphdef, state = nnx.split(model.model.layers[0].self_attn.q_proj)
+        if cast:
+            state = jax.tree.map(lambda v: v.astype(jnp.bfloat16), state)
+        y = nnx.merge(graphdef, state)(x)
+        assert y.dtype == jnp.bfloat16
+        outs.append(np.asarray(y, np.float32))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    merge_lora(model)
+    assert not jax.tree.leaves(lora_state(model))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bf16_base_multi_adapter_equals_each_adapter(bf16_adapted, rng):
+    model = bf16_adapted
+    ids = jnp.asarray(rng.integers(0, BF16.vocab_size, size=(2, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3], jnp.int32)
+    adapters = [random_adapter(model, rng) for _ in range(T)]
+    out = np.asarray(multi(model, stack_adapters(adapters), ids, mask))
+    real = np.asarray(mask) > 0
+    for t in range(T):
+        one = nnx.clone(model)
+        nnx.update(one, adapters[t])
+        single = np.asarray(forward(one, ids, mask))[real]
+        # bf16 compute: the grouped LoRA products round differently from the per-model ones.
+        np.testing.assert_allclose(out[t][real], single, atol=0.05 * np.abs(single).max())
+    assert np.abs(out[0] - out[1])[real].max() > 0.3 * np.abs(out[0][real]).max()
+
+
+def test_trainer_lora_step_on_bf16_base(bf16_adapted, rng):
+    """Trainer(trainable="lora") on a bf16 base: the float32 check accepts the adapters, one step
+    moves them and leaves the bf16 base bit-identical."""
+    model = bf16_adapted
+    trainer = Trainer(model, TrainConfig(trainable="lora", learning_rate=1e-2, total_steps=2,
+                                         warmup_steps=0))
+    state = trainer.init(seed=0)
+    seqs = [Encoded(rng.integers(1, BF16.vocab_size, size=7).astype(np.int32),
+                    np.array([0, 0, 0, 1, 1, 1, 1], bool), example=i) for i in range(2)]
+    state, metrics = trainer.step(state, trainer.place_batch(pad_batch(seqs, 7, 2)))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    trained = trainer.model(state)
+    assert {x.dtype for x in jax.tree.leaves(lora_state(trained))} == {jnp.dtype(jnp.float32)}
+    moved = [float(jnp.abs(x - y).max()) for x, y in
+             zip(jax.tree.leaves(lora_state(trained)), jax.tree.leaves(lora_state(model)), strict=True)]
+    assert max(moved) > 1e-4
+    for x, y in zip(jax.tree.leaves(nnx.state(trained, nnx.Param)),
+                    jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
