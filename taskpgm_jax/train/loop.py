@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -87,7 +88,7 @@ class FinetuneResult:
       history: one dict per logging step: "step", "loss" (mean over every target token of the
         steps since the last log, i.e. each step's loss weighted by its token count; for an
         `AdapterTrainer` over every adapter's tokens), "lr", "grad_norm" (last step's),
-        "tokens_per_s" (real tokens, from the host batches), and "loss_per_adapter" (each
+        "tokens_per_s" (real tokens of the global batches: every process's rows), and "loss_per_adapter" (each
         adapter's own token-weighted mean) for an `AdapterTrainer`.
       resumed_from: the checkpoint step the run continued from, or None.
     """
@@ -116,6 +117,14 @@ def _summarise(window: list[dict[str, Any]]) -> dict[str, Any]:
     if loss.ndim == 2:
         entry["loss_per_adapter"] = [float(x) for x in _token_mean(loss, tokens, axis=0)]
     return entry
+
+
+@functools.lru_cache(maxsize=None)
+def _count_fn(out_sharding):
+    # The real tokens of a placed (global) batch: every process's rows, where the host batch holds
+    # this process's only. Replicated, so every process reads the same count.
+    return jax.jit(lambda segment_ids: jnp.sum(segment_ids > 0, dtype=jnp.int32),
+                   out_shardings=out_sharding)
 
 
 def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None = None,
@@ -422,6 +431,8 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
         raise ValueError(f"the checkpoint is at step {start}, beyond num_steps={num_steps}")
 
     pending: list[dict[str, jax.Array]] = []  # device metrics not yet fetched
+    counts: list[jax.Array] = []  # device token counts of the global batches not yet fetched
+    count = _count_fn(trainer._default_sharding())
     tokens, clock = 0, time.perf_counter()
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="finetune", unit="step")
     try:
@@ -437,8 +448,9 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                 raise ValueError(f"data ran out at step {step} of {num_steps}; {kept}. Use an "
                                  "endless iterator (HostIterator with num_epochs=None), or pass "
                                  "num_steps the data can cover") from None
-            tokens += int(np.sum(np.asarray(batch.segment_ids) > 0))
-            state, metrics = trainer.step(state, trainer.place_batch(batch))
+            placed = trainer.place_batch(batch)
+            counts.append(count(placed.segment_ids))
+            state, metrics = trainer.step(state, placed)
             pending.append(metrics)
             log_now = step % log_every == 0 or step == num_steps
             save_now = ckpt is not None and (ckpt.should_save(step) or step == num_steps)
@@ -451,7 +463,8 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                 _raise_nonfinite(bad, ckpt)
             window += [{k: np.asarray(v).tolist() for k, v in m.items()}
                        for m in jax.device_get(pending)]
-            pending = []
+            tokens += int(np.sum(jax.device_get(counts)))
+            pending, counts = [], []
             if log_now:
                 elapsed = time.perf_counter() - clock
                 entry = {"step": step, **_summarise(window),
