@@ -428,7 +428,7 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
     """
     import os
 
-    from taskpgm_jax.train.loop import _resumable, finetune
+    from taskpgm_jax.train.loop import _resumable, check_directory_path, finetune
 
     data = check_task_iterators(data, "data")
     seed = check_seed(seed, len(data), "task")
@@ -440,12 +440,7 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
         if loop_kwargs.get("checkpoint_every") is not None:
             raise ValueError("checkpoint_every is set but checkpoint_root is None")
     else:
-        if not isinstance(checkpoint_root, (str, os.PathLike)):
-            raise ValueError(f"checkpoint_root must be a path (str or os.PathLike) or None, got "
-                             f"{type(checkpoint_root).__name__}")
-        if os.path.exists(checkpoint_root) and not os.path.isdir(checkpoint_root):
-            raise ValueError(f"checkpoint_root={os.fspath(checkpoint_root)!r} is an existing file, "
-                             "not a directory: pass a directory path (it is created if missing)")
+        check_directory_path(checkpoint_root, "checkpoint_root")
         resume = loop_kwargs.get("resume", True)  # a non-bool is refused by `finetune`
         if isinstance(resume, (bool, np.bool_)) and resume:
             for t, task_data in enumerate(data):

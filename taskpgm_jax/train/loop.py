@@ -212,13 +212,7 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
                          f"got {type(on_log).__name__}")
     ckpt = None
     if checkpoint_dir is not None:
-        if not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise ValueError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got "
-                             f"{type(checkpoint_dir).__name__}")
-        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-            # Else training runs until the first save, which then fails in orbax's thread.
-            raise ValueError(f"checkpoint_dir={os.fspath(checkpoint_dir)!r} is an existing file, "
-                             "not a directory: pass a directory path (it is created if missing)")
+        check_directory_path(checkpoint_dir, "checkpoint_dir")
         if resume and not _resumable(data):
             what = ("has state()/restore() but resumable=False (a StackedIterator: a task "
                     "iterator without them)" if has_position(data) else "has no state()/restore()")
@@ -253,6 +247,18 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     if ckpt is not None:
         ckpt.close()  # a failed background save surfaces here
     return result
+
+
+def check_directory_path(path: Any, name: str) -> None:
+    """Refuses a `path` argument (named `name`) that is not a str / PathLike, or that names an
+    existing file: else training would run until the first save, which then fails in orbax's
+    thread."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path (str or os.PathLike) or None, got "
+                         f"{type(path).__name__}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}={os.fspath(path)!r} is an existing file, not a directory: pass a "
+                         "directory path (it is created if missing)")
 
 
 def _resumable(data) -> bool:
