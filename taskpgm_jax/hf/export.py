@@ -81,7 +81,7 @@ def iter_hf_tensors(model: nnx.Module, dtype: DTypeLike | None = None) -> Iterat
     model = _check_model(model, "iter_hf_tensors")
     dtype = _export_dtype(dtype)
     cfg = model.config
-    merged = merged_kernels(model)
+    merged = merged_kernels(model, dtype)  # rounded once, to the file dtype
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = merged.pop(tuple(path), None)
         value = var[...] if value is None else value

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
-from taskpgm_jax.models.config import LoraConfig, check_int
+from taskpgm_jax.models.config import LoraConfig, check_int, float_dtype
 from taskpgm_jax.models.layers import Dense, LoRAParam
 from taskpgm_jax.sharding import named_sharding
 
@@ -228,15 +229,20 @@ def multi_adapter_forward(model: nnx.Module, adapters: nnx.State, input_ids: jax
     return logits
 
 
-def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
+def merged_kernels(model: nnx.Module, dtype: DTypeLike | None = None) -> dict[tuple, jax.Array]:
     """Kernels with their adapter folded in, W + scale * A B, by module path (model unchanged).
 
     Args:
       model: a model with adapters.
+      dtype: floating dtype of the merged kernels (default: each base kernel's dtype). The sum is
+        rounded once, to this dtype: a float32 export of a bfloat16 base keeps its float32
+        adapters' precision, which a bfloat16 merge cast up afterwards would lose.
 
     Returns:
       {path of the kernel variable: merged kernel} for every adapted projection.
     """
+    if dtype is not None:
+        dtype = float_dtype(dtype, "merged_kernels: dtype")
     out = {}
     for path, dense in nnx.iter_modules(model):
         if isinstance(dense, Dense) and dense.lora_a is not None:
@@ -248,7 +254,8 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
                                dense.lora_b[...].astype(jnp.float32),
                                precision=jax.lax.Precision.HIGHEST)
             out[tuple(path) + ("kernel",)] = (kernel.astype(jnp.float32)
-                                               + dense.lora_scale * delta).astype(kernel.dtype)
+                                               + dense.lora_scale * delta).astype(
+                                                   kernel.dtype if dtype is None else dtype)
     return out
 
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 from taskpgm_jax.data import Encoded, pad_batch
+from taskpgm_jax.hf import save_hf_checkpoint
 from taskpgm_jax.models import (CausalLM, LoraConfig, LoRAParam, add_lora, count_params,
                                 lora_state, merge_lora, multi_adapter_forward, stack_adapters)
 from taskpgm_jax.models.lora import merged_kernels
@@ -242,6 +244,32 @@ def test_bf16_base_gets_float32_adapters_that_merge_like_float64(bf16_adapted, r
     merge_lora(model)
     assert not jax.tree.leaves(lora_state(model))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_float32_export_of_a_bf16_base_keeps_the_float32_adapters(bf16_adapted, rng, tmp_path):
+    """save_hf_checkpoint(dtype=float32) of a bf16 base with float32 adapters used to write the
+    bf16-rounded merge cast up (2e-3 off): the merge is now rounded once, to the file dtype."""
+    model = nnx.clone(bf16_adapted)
+    nnx.update(model, random_adapter(model, rng))
+    save_hf_checkpoint(model, tmp_path, dtype=jnp.float32)
+    files = load_file(tmp_path / "model.safetensors")
+    merged = merged_kernels(model, "float32")
+    for layer in range(BF16.num_hidden_layers):
+        dense = model.model.layers[layer].self_attn.q_proj
+        w = np.asarray(dense.kernel[...], np.float64)  # the bf16 base, exactly
+        a, b = (np.asarray(x[...], np.float64) for x in (dense.lora_a, dense.lora_b))
+        want = w + LORA.scale * a @ b
+        got = files[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        assert got.dtype == np.float32
+        tol = 4 * np.finfo(np.float32).eps * np.abs(want).max()
+        np.testing.assert_allclose(got.T, want, rtol=0, atol=tol)
+        key = ("model", "layers", layer, "self_attn", "q_proj", "kernel")
+        assert merged[key].dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(merged[key]), want, rtol=0, atol=tol)
+    # The default still gives the base kernel's dtype; a non-float dtype is refused by name.
+    assert {x.dtype for x in merged_kernels(model).values()} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="merged_kernels: dtype must be a floating dtype"):
+        merged_kernels(model, jnp.int8)
 
 
 def test_bf16_base_multi_adapter_equals_each_adapter(bf16_adapted, rng):
