@@ -339,6 +339,37 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _refold_key(key: jax.Array, data: jax.Array) -> jax.Array:
+    """`fold_in(k, data)` for every key k of a key array of any shape (typed keys, or raw uint32
+    keys with their trailing data axis)."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    flat = key.reshape((-1,) + (() if typed else key.shape[-1:]))
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
+
+
+def _step_rngs(frozen: nnx.State, key: jax.Array) -> nnx.State:
+    """The frozen variables with the module's own RNG streams (`nnx.Rngs`, e.g. held by an
+    `nnx.Dropout`) made fresh for this step and micro-batch: every key folded with bits of `key`
+    (itself from the run's seed, the step and the micro-batch), in new Variables a stream may
+    advance while the loss traces. Without this the streams were the frozen, never-updated values
+    of the model the trainer was built with (the same dropout mask every step), and advancing one
+    raised Flax's TraceContextError. Resumable with nothing more in the state: the keys follow
+    from `TrainState.rng` and `step`. Other variables are passed as they are."""
+    if not any(isinstance(v, nnx.RngState)
+               for v in jax.tree.leaves(frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))):
+        return frozen
+    data = jax.random.bits(key, (), jnp.uint32)
+
+    def one(v):
+        if isinstance(v, nnx.RngKey):
+            return v.replace(_refold_key(v[...], data))
+        if isinstance(v, nnx.RngState):  # the count: a fresh Variable the stream may advance
+            return v.replace(v[...])
+        return v
+
+    return jax.tree.map(one, frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: TrainConfig,
                  loss_fn: LossFn, state: TrainState, frozen: nnx.State,
                  batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -362,7 +393,8 @@ def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: 
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_sum_fn(params, mb, key):
-        loss_sum, count = loss_fn(nnx.merge(graphdef, params, frozen), mb, key)
+        model = nnx.merge(graphdef, params, _step_rngs(frozen, key))
+        loss_sum, count = loss_fn(model, mb, key)
         return jnp.asarray(loss_sum, jnp.float32), jnp.asarray(count, jnp.float32)
 
     # Gradients of the *sums*, divided once by the loss's own total count: k micro-batches add up
@@ -470,7 +502,10 @@ class Trainer(Generic[ModelT]):
       cfg: the train config.
       mesh: optional `jax.sharding.Mesh` from `taskpgm_jax.sharding.make_mesh`.
       rules: logical -> mesh rules (default `DEFAULT_RULES`).
-      loss_fn: `(model, batch, rng) -> (loss sum, tokens)`; default `target_token_loss`.
+      loss_fn: `(model, batch, rng) -> (loss sum, tokens)`; default `target_token_loss`. `rng`
+        is new for every step and micro-batch; RNG streams the model holds itself (`nnx.Rngs`,
+        e.g. in an `nnx.Dropout(rate, rngs=rngs)`) are refolded from it likewise, so their
+        dropout masks also change every step and follow from the seed on resume.
 
     Example:
       >>> trainer = Trainer(model, TrainConfig(learning_rate=1e-3, total_steps=100))

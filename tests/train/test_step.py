@@ -330,3 +330,51 @@ def test_a_loss_fn_that_is_not_callable_is_refused_when_built():
                                              rf"-> \(loss sum, token count\) or None, got "
                                              rf"{type(bad).__name__}"):
             Trainer(model, CFG, loss_fn=bad)
+
+
+class _DropoutModule(nnx.Module):
+    """A user's module holding its own RNG stream (`nnx.Rngs`) in an `nnx.Dropout`."""
+
+    def __init__(self, seed):
+        self.w = nnx.Param(jnp.ones((64,), jnp.float32))
+        self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=seed))
+
+    def __call__(self, x):
+        return self.drop(x * self.w[...])
+
+
+def test_a_modules_own_dropout_stream_draws_new_masks_every_step_and_resumes(rng):
+    """The module's RNG stream was in the trainer's frozen part: advancing it inside the step
+    raised Flax's TraceContextError (and a stream read without advancing would repeat its mask
+    every step). Now it is refolded per step and micro-batch from the run's key."""
+    masks = []
+
+    def loss_fn(model, batch, key):
+        del key
+        y = model(jnp.ones((64,)))
+        jax.debug.callback(lambda m: masks.append(np.asarray(m)), y != 0)
+        return jnp.sum(y), jnp.asarray(1.0)
+
+    data = batches(rng, 1)[0]
+    model = _DropoutModule(int(rng.integers(0, 2**31)))
+
+    def run(trainer, state, n):
+        start = len(masks)
+        for _ in range(n):
+            state, metrics = trainer.step(state, data)
+            jax.block_until_ready(metrics)
+        return state, np.stack(masks[start:])
+
+    trainer = Trainer(model, CFG.replace(grad_accum=2), loss_fn=loss_fn)
+    seed = int(rng.integers(0, 2**31))
+    _, first = run(trainer, trainer.init(seed=seed), 3)  # 3 steps x 2 micro-batches
+    assert first.shape == (6, 64)
+    assert len({m.tobytes() for m in first}) == 6, "a dropout mask repeated"
+    assert 0.2 < first.mean() < 0.8  # rate 0.5 drops about half
+    # Same seed: the same masks; resumed from a host copy of the state after step 1 (as from a
+    # checkpoint): the same masks for steps 2 and 3, with nothing more in the state.
+    state, again = run(trainer, trainer.init(seed=seed), 1)
+    _, rest = run(trainer, jax.device_put(tree_copy(state)), 2)
+    np.testing.assert_array_equal(np.concatenate([again, rest]), first)
+    _, other = run(trainer, trainer.init(seed=seed + 1), 1)
+    assert not np.array_equal(other, first[:2])
