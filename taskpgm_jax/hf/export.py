@@ -81,11 +81,15 @@ def iter_hf_tensors(model: nnx.Module, dtype: DTypeLike | None = None) -> Iterat
     model = _check_model(model, "iter_hf_tensors")
     dtype = _export_dtype(dtype)
     cfg = model.config
-    merged = merged_kernels(model, dtype)  # rounded once, to the file dtype
+    # The cast runs on the device where JAX holds `dtype`; float64 without jax_enable_x64 is cast
+    # on the host (JAX would give float32 files under a config.json that says float64).
+    device_dtype = None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+    merged = merged_kernels(model, device_dtype)  # rounded once, to the file dtype
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = merged.pop(tuple(path), None)
         value = var[...] if value is None else value
-        arr = _host(value if dtype is None else value.astype(dtype))
+        arr = _host(value if dtype is None else value.astype(device_dtype))
+        arr = arr if dtype is None else arr.astype(dtype, copy=False)
         tmap = to_hf(tuple(path), cfg.num_hidden_layers)
         blocks = list(arr) if tmap.stacked else [arr]
         for name, block in zip(tmap.hf_names, blocks, strict=True):

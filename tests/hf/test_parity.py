@@ -158,6 +158,24 @@ def test_default_model_config_exports_the_tensors_transformers_expects(model_typ
     assert load_hf_checkpoint(tmp_path).config == cfg
 
 
+def test_float64_export_without_x64_writes_float64_files(rng, tmp_path):
+    # JAX without jax_enable_x64 casts float64 to float32 (a warning only): the files were
+    # float32 under a config.json saying float64. The cast now happens on the host.
+    cfg = ModelConfig(model_type="llama", vocab_size=tiny.VOCAB, hidden_size=32,
+                      intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    model = random_model(cfg, seed=int(rng.integers(1 << 30)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "float64 ... will be truncated to float32"
+        save_hf_checkpoint(model, tmp_path, dtype="float64")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float64"
+    files = load_file(tmp_path / "model.safetensors")
+    assert {x.dtype for x in files.values()} == {np.dtype(np.float64)}
+    np.testing.assert_array_equal(files["model.layers.1.mlp.up_proj.weight"],
+                                  np.asarray(model.model.layers.mlp.up_proj.kernel[...][1],
+                                             np.float64).T)
+
+
 def test_export_keeps_the_special_token_ids(checkpoints, tmp_path):
     # Llama 3.1 Instruct stops on any of three eos ids. Left out of the exported config.json,
     # transformers would take LlamaConfig's bos 1 / eos 2 and its generate would stop at the
