@@ -38,9 +38,9 @@ from taskpgm_jax.train.step import (
     TrainState,
     _check_no_mesh_needed,
     _CompiledStep,
-    attach_shardings,
     check_int,
     check_seed,
+    check_state_type,
     make_optimizer,
     train_update,
 )
@@ -217,11 +217,6 @@ class AdapterTrainer(Trainer[ModelT]):
             stacked = jax.device_put(stacked, self._stacked_shardings(stacked))
         return init(stacked, jnp.uint32(seed))
 
-    def abstract_state(self) -> TrainState:
-        """`jax.ShapeDtypeStruct` leaves with shardings: the restore target of a checkpoint."""
-        shapes = jax.eval_shape(self._init_fn, self._stacked, jnp.uint32(0))
-        return attach_shardings(shapes, self.state_shardings())
-
     def adapters(self, state: TrainState) -> nnx.State:
         """The trained adapters, stacked [T, ...] (what `multi_adapter_forward` takes)."""
         return state.params
@@ -281,7 +276,7 @@ class AdapterTrainer(Trainer[ModelT]):
                                        self.cfg, self.loss_fn)
             vmapped = jax.vmap(update, in_axes=(0, None, 0))
             out = None if self.mesh is None else (self.state_shardings(), None)
-            _STEP_CACHE[key] = _CompiledStep(vmapped, out)
+            _STEP_CACHE[key] = _CompiledStep(vmapped, out, self._abstract_shapes())
         return _STEP_CACHE[key]
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -295,6 +290,7 @@ class AdapterTrainer(Trainer[ModelT]):
           (new state, metrics of shape [T]).
         """
         self._check_batch(batch, 1, values=True)
+        check_state_type(state)
         return self._compiled()(state, self.frozen, batch, self.mesh)
 
 

@@ -432,15 +432,52 @@ def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: 
     return new, metrics
 
 
+def check_state_type(state: Any) -> None:
+    """A `TrainState` (a plain tuple or dict of its fields failed inside the step)."""
+    if not isinstance(state, TrainState):
+        raise ValueError(f"state must be a TrainState (from the trainer's init() or a restored "
+                         f"checkpoint), got {type(state).__name__}")
+
+
+def _check_state_fits(state: TrainState, expected: TrainState) -> None:
+    """`state` has the leaves (paths, shapes, dtypes) of `expected`, this trainer's abstract state;
+    a state of another trainer (another model, trainable setting or adapter count) failed deep
+    inside the step with an unrelated JAX error. Called when the step traces: a new structure or
+    shape always retraces, so a fitting state is checked once, not every step."""
+    def leaves(tree):
+        return {jax.tree_util.keystr(p): (tuple(np.shape(x)), str(x.dtype))
+                for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    got, want = leaves(state), leaves(expected)
+    if got == want:
+        return
+    def order(path):  # the parameters first: they name the difference best
+        return not path.startswith(".params"), path
+
+    missing = sorted(want.keys() - got.keys(), key=order)
+    extra = sorted(got.keys() - want.keys(), key=order)
+    if missing or extra:
+        diff = "; ".join(f"{what} {len(paths)} leaves, e.g. {paths[0]}" for what, paths in
+                         (("lacks", missing), ("has another", extra)) if paths)
+    else:
+        path = min((p for p in want if got[p] != want[p]), key=order)
+        diff = f"{path} is {got[path][1]}{list(got[path][0])}, expected " \
+               f"{want[path][1]}{list(want[path][0])}"
+    raise ValueError(f"state does not fit this trainer ({diff}): pass a state from this "
+                     "trainer's init() or a checkpoint restored into its abstract_state(), not one "
+                     "of a trainer of another model, trainable setting or number of adapters")
+
+
 class _CompiledStep:
     """A jitted, state-donating step shared by every trainer with the same structure, config and
     mesh: a new `Trainer` for the same model shape reuses the compiled executable."""
 
-    def __init__(self, update: Callable, out_shardings):
+    def __init__(self, update: Callable, out_shardings, expected: TrainState):
         self.traces = 0
 
         def counted(state, frozen, batch):
             self.traces += 1
+            _check_state_fits(state, expected)  # at trace time: free on every other step
             return update(state, frozen, batch)
 
         self._fn = jax.jit(counted, donate_argnums=0, out_shardings=out_shardings)
@@ -640,10 +677,13 @@ class Trainer(Generic[ModelT]):
         init = jax.jit(self._init_fn, out_shardings=self.state_shardings())
         return init(self._place(self._params), jnp.uint32(seed))
 
+    def _abstract_shapes(self) -> TrainState:
+        """The state's leaves as `jax.ShapeDtypeStruct`s, without shardings."""
+        return jax.eval_shape(self._init_fn, self._trainable(), jnp.uint32(0))
+
     def abstract_state(self) -> TrainState:
         """`jax.ShapeDtypeStruct` leaves with shardings: the restore target of a checkpoint."""
-        shapes = jax.eval_shape(self._init_fn, self._params, jnp.uint32(0))
-        return attach_shardings(shapes, self.state_shardings())
+        return attach_shardings(self._abstract_shapes(), self.state_shardings())
 
     def model(self, state: TrainState) -> ModelT:
         """The model with the state's trained values (shares arrays with the state: use it before
@@ -713,7 +753,7 @@ class Trainer(Generic[ModelT]):
             update = functools.partial(train_update, self.graphdef, make_optimizer(self.cfg),
                                        self.cfg, self.loss_fn)
             out = None if self.mesh is None else (self.state_shardings(), None)
-            _STEP_CACHE[key] = _CompiledStep(update, out)
+            _STEP_CACHE[key] = _CompiledStep(update, out, self._abstract_shapes())
         return _STEP_CACHE[key]
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -728,4 +768,5 @@ class Trainer(Generic[ModelT]):
           (new state, metrics dict of device scalars; fetch them only when logging).
         """
         self._check_batch(batch, 0, values=True)
+        check_state_type(state)
         return self._compiled()(state, self.frozen, batch, self.mesh)

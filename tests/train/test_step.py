@@ -378,3 +378,24 @@ def test_a_modules_own_dropout_stream_draws_new_masks_every_step_and_resumes(rng
     np.testing.assert_array_equal(np.concatenate([again, rest]), first)
     _, other = run(trainer, trainer.init(seed=seed + 1), 1)
     assert not np.array_equal(other, first[:2])
+
+
+def test_a_state_of_another_trainer_is_refused_by_name(lora_trainers):
+    """Was a raw JAX error from inside the step ("truth value of an array ... is ambiguous",
+    "fold_in accepts a single key", a dot_general shape mismatch)."""
+    single, side_by_side = lora_trainers
+    b = batches(np.random.default_rng(0), 1)[0]
+    stacked = type(b)(*(np.stack([x, x]) for x in b))
+    full = Trainer(random_model(seed=0, lora=LORA), CFG)
+    fit = r"state does not fit this trainer \("
+    with pytest.raises(ValueError, match=fit + r"\.params\[.*lora_a.* is float32\[2, .*\], "
+                                             r"expected float32\[\d+, \d+\]\).*init\(\)"):
+        single.step(side_by_side.init(), b)
+    with pytest.raises(ValueError, match=fit + r"\.params\[.*lora_a.* is float32\[\d+, \d+\], "
+                                             r"expected float32\[2, \d+, \d+\]"):
+        side_by_side.step(single.init(), stacked)
+    with pytest.raises(ValueError, match=fit + r"lacks \d+ leaves, e\.g\. \.params\[.*kernel"
+                                             r".*has another \d+ leaves, e\.g\. \.params.*lora"):
+        full.step(single.init(), b)
+    with pytest.raises(ValueError, match="state must be a TrainState .* got tuple"):
+        single.step(tuple(single.init()), b)
