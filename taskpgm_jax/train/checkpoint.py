@@ -90,7 +90,16 @@ class Checkpointer:
         every = check_int(every, "every", 1)
         if max_to_keep is not None:
             max_to_keep = check_int(max_to_keep, "max_to_keep", 1)
-        self.directory = os.path.abspath(os.fspath(directory))
+        # Checked here: os.fspath would raise a TypeError naming no argument, and an existing
+        # file is only found by the first save, in orbax's background thread.
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ValueError(f"directory must be a path (str or os.PathLike), got "
+                             f"{type(directory).__name__}")
+        directory = os.fspath(directory)
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"directory={directory!r} is an existing file, not a directory: pass "
+                             "a directory path (it is created if missing)")
+        self.directory = os.path.abspath(directory)
         self.every = every
         # The interval is ours (`should_save`): orbax's own policy also saves the first step.
         options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=max_to_keep,

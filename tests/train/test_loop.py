@@ -376,6 +376,19 @@ def test_checkpointer_steps_are_ints_named_when_not(tmp_path):
     manager.close()
 
 
+def test_checkpointer_directory_is_checked_by_name(tmp_path):
+    """`Checkpointer(None)` failed with os.fspath's TypeError naming no argument, and a directory
+    that is an existing file was accepted, to fail only at the first save in orbax's thread."""
+    for bad in (None, 3):
+        with pytest.raises(ValueError, match=rf"directory must be a path .*got {type(bad).__name__}"):
+            Checkpointer(bad, every=1)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=r"directory=.*afile' is an existing file"):
+        Checkpointer(afile, every=1)
+    assert afile.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def _warmup_cosine(cfg, step):
     """The learning rate of 0-based `step` under `cfg`, by the formula (NumPy float64)."""
     if step < cfg.warmup_steps:
