@@ -201,8 +201,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self.manager.wait_until_finished()
+        """Waits for pending saves and releases the manager (its threads and files), also when a
+        save failed: then that save's error is raised after the release."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # not KeyboardInterrupt: releasing waits for the saves again
+            try:
+                self.manager.close()
+            except Exception as close_err:
+                err.add_note(f"releasing the checkpoint manager of {self.directory} failed too: "
+                             f"{type(close_err).__name__}: {close_err}")
+            raise
         self.manager.close()
 
 

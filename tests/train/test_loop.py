@@ -389,6 +389,26 @@ def test_checkpointer_directory_is_checked_by_name(tmp_path):
     assert afile.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_checkpointer_close_releases_the_manager_when_a_save_failed(tmp_path):
+    """A failed background save is raised by orbax's wait (once, as its finalize thread does):
+    close() then skipped the manager's release, leaving its threads and files open."""
+    manager = Checkpointer(tmp_path, every=1)
+    real_wait, released = manager.manager.wait_until_finished, []
+    failures = [OSError("[Errno 28] No space left on device (background checkpoint write)")]
+
+    def wait_once_failing():
+        if failures:
+            raise failures.pop()
+        real_wait()
+
+    real_release = manager.manager.close
+    manager.manager.wait_until_finished = wait_once_failing
+    manager.manager.close = lambda: (released.append(True), real_release())[1]
+    with pytest.raises(OSError, match="No space left on device"):
+        manager.close()
+    assert released == [True]
+
+
 def _warmup_cosine(cfg, step):
     """The learning rate of 0-based `step` under `cfg`, by the formula (NumPy float64)."""
     if step < cfg.warmup_steps:
