@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from taskpgm_jax.data import Batch
 from taskpgm_jax.models import LoRAParam, check_adapters_like, stack_adapters
 from taskpgm_jax.sharding import Rules, named_sharding
-from taskpgm_jax.train.checkpoint import has_position
+from taskpgm_jax.train.checkpoint import check_directory_path, has_position
 from taskpgm_jax.train.step import (
     _STEP_CACHE,
     LossFn,
@@ -424,7 +424,7 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
     """
     import os
 
-    from taskpgm_jax.train.loop import _resumable, check_directory_path, finetune
+    from taskpgm_jax.train.loop import _resumable, finetune
 
     data = check_task_iterators(data, "data")
     seed = check_seed(seed, len(data), "task")
@@ -436,7 +436,7 @@ def sequential_finetune(model: nnx.Module, cfg: TrainConfig, data: Sequence[Iter
         if loop_kwargs.get("checkpoint_every") is not None:
             raise ValueError("checkpoint_every is set but checkpoint_root is None")
     else:
-        check_directory_path(checkpoint_root, "checkpoint_root")
+        check_directory_path(checkpoint_root, "checkpoint_root", optional=True)
         resume = loop_kwargs.get("resume", True)  # a non-bool is refused by `finetune`
         if isinstance(resume, (bool, np.bool_)) and resume:
             for t, task_data in enumerate(data):

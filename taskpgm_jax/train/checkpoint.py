@@ -69,6 +69,21 @@ def _check_step(step: Any) -> int:
     return check_int(step, "step", 0)
 
 
+def check_directory_path(path: Any, name: str, *, optional: bool = False) -> str:
+    """`path` (the argument `name`) as a str, refused by name when it is not a str / PathLike
+    (os.fspath's TypeError names no argument) or names an existing file (else only the first
+    save finds it, in orbax's background thread). `optional`: the message says None is allowed."""
+    if not isinstance(path, (str, os.PathLike)):
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be a path (str or os.PathLike){none}, got "
+                         f"{type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} is an existing file, not a directory: pass a directory "
+                         "path (it is created if missing)")
+    return path
+
+
 class Checkpointer:
     """Saves every `every` steps (plus forced saves) and restores into sharded targets.
 
@@ -90,16 +105,7 @@ class Checkpointer:
         every = check_int(every, "every", 1)
         if max_to_keep is not None:
             max_to_keep = check_int(max_to_keep, "max_to_keep", 1)
-        # Checked here: os.fspath would raise a TypeError naming no argument, and an existing
-        # file is only found by the first save, in orbax's background thread.
-        if not isinstance(directory, (str, os.PathLike)):
-            raise ValueError(f"directory must be a path (str or os.PathLike), got "
-                             f"{type(directory).__name__}")
-        directory = os.fspath(directory)
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise ValueError(f"directory={directory!r} is an existing file, not a directory: pass "
-                             "a directory path (it is created if missing)")
-        self.directory = os.path.abspath(directory)
+        self.directory = os.path.abspath(check_directory_path(directory, "directory"))
         self.every = every
         # The interval is ours (`should_save`): orbax's own policy also saves the first step.
         options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=max_to_keep,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from taskpgm_jax.data import Batch
-from taskpgm_jax.train.checkpoint import Checkpointer, has_position
+from taskpgm_jax.train.checkpoint import Checkpointer, check_directory_path, has_position
 from taskpgm_jax.train.step import Trainer, TrainState, check_int, check_seed
 
 __all__ = ["FinetuneResult", "NonFiniteLossError", "finetune"]
@@ -212,7 +211,7 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
                          f"got {type(on_log).__name__}")
     ckpt = None
     if checkpoint_dir is not None:
-        check_directory_path(checkpoint_dir, "checkpoint_dir")
+        check_directory_path(checkpoint_dir, "checkpoint_dir", optional=True)
         if resume and not _resumable(data):
             what = ("has state()/restore() but resumable=False (a StackedIterator: a task "
                     "iterator without them)" if has_position(data) else "has no state()/restore()")
@@ -247,18 +246,6 @@ def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None =
     if ckpt is not None:
         ckpt.close()  # a failed background save surfaces here
     return result
-
-
-def check_directory_path(path: Any, name: str) -> None:
-    """Refuses a `path` argument (named `name`) that is not a str / PathLike, or that names an
-    existing file: else training would run until the first save, which then fails in orbax's
-    thread."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{name} must be a path (str or os.PathLike) or None, got "
-                         f"{type(path).__name__}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name}={os.fspath(path)!r} is an existing file, not a directory: pass a "
-                         "directory path (it is created if missing)")
 
 
 def _resumable(data) -> bool:
