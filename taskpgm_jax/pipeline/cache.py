@@ -18,6 +18,7 @@ stage (swept on the next start) but never a half-deleted checkpoint that a resum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,31 @@ def process_0_decides(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(int(bool(flag)), np.int32)))
+
+
+def check_same_key_everywhere(name: str, key: str) -> None:
+    """Raises on every process when the processes computed different keys for stage `name`.
+
+    Keys hash each process's own view of the inputs (data files, checkpoint, tokenizer): hosts
+    that see different files would otherwise run, or skip, different stage directories under
+    process 0's decision. Every process gathers every key, so all raise together (one raising
+    alone would leave the others waiting in the next collective)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    mine = np.frombuffer(digest, np.int32)  # two int32 words: JAX's default ints are 32-bit
+    seen = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    differ = [p for p in range(len(seen)) if not np.array_equal(seen[p], seen[0])]
+    if differ:
+        raise RuntimeError(
+            f"stage {name!r}: processes {differ} computed another key than process 0 ({key} here, "
+            f"on process {jax.process_index()}): the hosts see different inputs (task files, "
+            "checkpoint or tokenizer). Give every host the same files at the same paths, e.g. on "
+            "the shared mount")
 
 
 class RunDir:

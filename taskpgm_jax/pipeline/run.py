@@ -34,6 +34,7 @@ from taskpgm_jax.mrf import Mixture
 from taskpgm_jax.pipeline import stages
 from taskpgm_jax.pipeline.cache import (
     RunDir,
+    check_same_key_everywhere,
     is_writer,
     process_0_decides,
     read_json,
@@ -65,6 +66,7 @@ class StageLog:
             compute: Callable[[Path], dict | None],
             describe: Callable[[dict], str] = lambda info: "") -> Path:
         run.record(label, name, key)
+        check_same_key_everywhere(name, key)
         # Process 0 decides for all: a process with a lagging view of a shared filesystem that
         # skipped a stage the others run (or ran one they skip) would hang them in its
         # collectives.

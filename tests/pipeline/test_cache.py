@@ -133,7 +133,44 @@ def test_stage_log_runs_a_stage_as_process_0_sees_it(tmp_path, monkeypatch, rng,
     fill = np.ones_like if process_0_sees_done else np.zeros_like
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
                         lambda x, is_source=None: jax.tree.map(fill, x))
+    # Both processes computed the same key (the stage keys must agree: test below).
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
     computed = []
     StageLog(echo=lambda line: None).run(run, "probe", "probe", key,
                                          lambda work: computed.append(work) or {})
     assert len(computed) == (0 if process_0_sees_done else 1)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_stage_keys_must_agree_on_every_process(tmp_path, monkeypatch, rng, same):
+    """Keys hash each process's own files: hosts that see different task files or checkpoints
+    must stop, every process alike, before any runs or skips a stage under process 0's decision.
+    `process_allgather` stands for the other process's key (an independent blake2b here)."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from taskpgm_jax.pipeline.run import StageLog
+
+    key = f"{int(rng.integers(1 << 62)):016x}"
+    other = key if same else f"{int(rng.integers(1 << 62)) | 1:016x}"
+    words = [np.frombuffer(hashlib.blake2b(k.encode(), digest_size=8).digest(), np.int32)
+             for k in (other, key)]  # process 0 saw `other`, this process (1) `key`
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x, is_source=None: jax.tree.map(np.zeros_like, x))
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack(words))
+    computed = []
+    log = StageLog(echo=lambda line: None)
+    run = RunDir(tmp_path)
+    if same:
+        log.run(run, "probe", "probe", key, lambda work: computed.append(work) or {})
+        assert len(computed) == 1
+    else:
+        with pytest.raises(RuntimeError, match=r"stage 'probe': processes \[1\] computed another key"):
+            log.run(run, "probe", "probe", key, lambda work: computed.append(work) or {})
+        assert computed == [] and not run.path("probe", key).exists()
