@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -116,14 +115,6 @@ def _summarise(window: list[dict[str, Any]]) -> dict[str, Any]:
     if loss.ndim == 2:
         entry["loss_per_adapter"] = [float(x) for x in _token_mean(loss, tokens, axis=0)]
     return entry
-
-
-@functools.lru_cache(maxsize=None)
-def _count_fn(out_sharding):
-    # The real tokens of a placed (global) batch: every process's rows, where the host batch holds
-    # this process's only. Replicated, so every process reads the same count.
-    return jax.jit(lambda segment_ids: jnp.sum(segment_ids > 0, dtype=jnp.int32),
-                   out_shardings=out_sharding)
 
 
 def finetune(trainer: Trainer, data: Iterator[Batch], *, num_steps: int | None = None,
@@ -424,8 +415,6 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
         raise ValueError(f"the checkpoint is at step {start}, beyond num_steps={num_steps}")
 
     pending: list[dict[str, jax.Array]] = []  # device metrics not yet fetched
-    counts: list[jax.Array] = []  # device token counts of the global batches not yet fetched
-    count = _count_fn(trainer._default_sharding())
     tokens, clock = 0, time.perf_counter()
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="finetune", unit="step")
     try:
@@ -442,7 +431,6 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
                                  "endless iterator (HostIterator with num_epochs=None), or pass "
                                  "num_steps the data can cover") from None
             placed = trainer.place_batch(batch)
-            counts.append(count(placed.segment_ids))
             state, metrics = trainer.step(state, placed)
             pending.append(metrics)
             log_now = step % log_every == 0 or step == num_steps
@@ -454,10 +442,12 @@ def _run(trainer, data, num_steps, seed, log_every, ckpt, resume, progress, on_l
             bad = np.asarray(jax.device_get(state.nonfinite_step))  # [] or [T]; -1: fine
             if np.any(bad >= 0):
                 _raise_nonfinite(bad, ckpt)
-            window += [{k: np.asarray(v).tolist() for k, v in m.items()}
-                       for m in jax.device_get(pending)]
-            tokens += int(np.sum(jax.device_get(counts)))
-            pending, counts = [], []
+            fetched = jax.device_get(pending)
+            # The global batches' real tokens (every process's rows; the host batch holds this
+            # process's only), summed over adapters.
+            tokens += int(sum(np.sum(m.pop("real_tokens")) for m in fetched))
+            window += [{k: np.asarray(v).tolist() for k, v in m.items()} for m in fetched]
+            pending = []
             if log_now:
                 elapsed = time.perf_counter() - clock
                 entry = {"step": step, **_summarise(window),

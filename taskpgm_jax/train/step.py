@@ -427,8 +427,11 @@ def train_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: 
                                                    for x in jax.tree.leaves(params)]))
     bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
     new = TrainState(state.step + 1, params, opt_state, state.rng, bad.astype(jnp.int32))
+    # real_tokens: every non-padding token of the global batch (all processes' rows), for the
+    # loop's tokens/s; computed here, not by a second program per step.
     metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm.astype(jnp.float32),
-               "lr": jnp.asarray(lr_schedule(cfg)(state.step), jnp.float32)}
+               "lr": jnp.asarray(lr_schedule(cfg)(state.step), jnp.float32),
+               "real_tokens": jnp.sum(batch.segment_ids > 0, dtype=jnp.int32)}
     return new, metrics
 
 
